@@ -1,0 +1,471 @@
+//! The producer: configuration, sending records, and reporting deliveries.
+//!
+//! ```text
+//!  send(record, token) ──▶ librdkafka queue (bounded) ──▶ broker (acks=all, idempotent)
+//!                                                            │
+//!  DeliveryListener::on_delivery(token, result) ◀── poll thread ◀┘
+//! ```
+//!
+//! Invariant: every record accepted by [`Sink::send`] produces exactly one `on_delivery` call
+//! for its token — success only after the broker acknowledged it with `acks=all`. Nothing is
+//! awaited per record; records stay in flight together and the listener sees each outcome.
+//! Per-partition order is kept by the idempotent producer, retries included.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::ClientContext;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{
+    BaseRecord, DeliveryResult, Producer, ProducerContext, PurgeConfig, ThreadedProducer,
+};
+
+/// Receives the outcome of every record accepted by [`Sink::send`].
+///
+/// Called on librdkafka's polling thread: implementations must be quick and must not block.
+pub trait DeliveryListener: Send + Sync + 'static {
+    /// `token` is the value given to [`Sink::send`]; `result` is final (librdkafka has already
+    /// retried what it could).
+    fn on_delivery(&self, token: usize, result: Result<(), DeliveryError>);
+}
+
+/// What to do about a failed delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// The broker or cluster state may recover: restart from the last confirmed position.
+    Transient,
+    /// This record can never be accepted (too large, invalid): a bad-row decision.
+    Record,
+    /// Configuration or permissions are wrong: stop and explain.
+    Fatal,
+}
+
+/// A record that the producer gave up on.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("Kafka did not accept a record for topic {topic:?} partition {partition}: {error}")]
+pub struct DeliveryError {
+    /// Topic of the record.
+    pub topic: String,
+    /// Partition (-1 when unassigned).
+    pub partition: i32,
+    /// The librdkafka error.
+    pub error: KafkaError,
+}
+
+impl DeliveryError {
+    /// How the pipeline should react.
+    pub fn class(&self) -> ErrorClass {
+        classify(&self.error)
+    }
+}
+
+/// Sorts librdkafka errors by what to do next.
+pub fn classify(error: &KafkaError) -> ErrorClass {
+    use RDKafkaErrorCode as C;
+    match error.rdkafka_error_code() {
+        Some(
+            C::MessageSizeTooLarge
+            | C::InvalidMessage
+            | C::InvalidMessageSize
+            | C::InvalidRecord
+            | C::InvalidTimestamp,
+        ) => ErrorClass::Record,
+        Some(
+            C::TopicAuthorizationFailed
+            | C::ClusterAuthorizationFailed
+            | C::TransactionalIdAuthorizationFailed
+            | C::SaslAuthenticationFailed
+            | C::Authentication
+            | C::InvalidConfig
+            | C::InvalidArgument
+            | C::InvalidTopic
+            | C::UnsupportedVersion
+            | C::InvalidRequiredAcks,
+        ) => ErrorClass::Fatal,
+        _ => ErrorClass::Transient,
+    }
+}
+
+/// A record to send; everything borrowed (librdkafka copies what it keeps).
+#[derive(Debug, Clone, Copy)]
+pub struct Record<'a> {
+    /// Destination topic.
+    pub topic: &'a str,
+    /// Key (the aggregate id): decides the partition.
+    pub key: &'a [u8],
+    /// Value; `None` sends a tombstone.
+    pub payload: Option<&'a [u8]>,
+    /// Headers, in order.
+    pub headers: &'a [(&'a str, Option<&'a [u8]>)],
+    /// Record timestamp (ms since the Unix epoch); the commit time.
+    pub timestamp_ms: Option<i64>,
+}
+
+/// Why [`Sink::send`] did not accept a record.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// The producer queue is full: wait for deliveries, then send again (backpressure).
+    #[error("producer queue is full")]
+    QueueFull,
+    /// The producer refused the record.
+    #[error("producing to topic {topic:?}: {error}")]
+    Rejected {
+        /// Topic.
+        topic: String,
+        /// The error.
+        error: KafkaError,
+    },
+}
+
+/// Kafka connection and producer settings.
+#[derive(Debug, Clone)]
+pub struct SinkSettings {
+    /// `bootstrap.servers`.
+    pub brokers: String,
+    /// `client.id`.
+    pub client_id: String,
+    /// Create missing topics through the admin API.
+    pub create_topics: bool,
+    /// Partitions of created topics.
+    pub topic_partitions: i32,
+    /// Replication factor of created topics.
+    pub topic_replication_factor: i32,
+    /// Raw librdkafka properties, applied last (the escape hatch).
+    pub librdkafka: BTreeMap<String, String>,
+    /// librdkafka properties whose values are secrets (never logged).
+    pub secret_properties: BTreeMap<String, String>,
+}
+
+impl SinkSettings {
+    /// The producer configuration: walship's defaults, then the user's overrides.
+    pub fn client_config(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.brokers)
+            .set("client.id", &self.client_id)
+            // G1/G2: acknowledged by all in-sync replicas, no duplicates or reordering on retry.
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            // Java-client-compatible partitioning: the same key lands in the same partition
+            // whichever client produces it.
+            .set("partitioner", "murmur2_random")
+            // Never give up on an event: during a broker outage records wait (bounded by the
+            // queue limits below) instead of failing and being re-read from the slot.
+            .set("message.timeout.ms", "0")
+            .set("linger.ms", "5")
+            .set("queue.buffering.max.messages", "100000")
+            .set("queue.buffering.max.kbytes", "65536")
+            .set("allow.auto.create.topics", "false");
+        for (k, v) in self.librdkafka.iter().chain(&self.secret_properties) {
+            c.set(k, v);
+        }
+        c.set_log_level(RDKafkaLogLevel::Warning);
+        c
+    }
+}
+
+/// Routes librdkafka callbacks to tracing and the listener.
+pub struct Context<L> {
+    listener: Arc<L>,
+}
+
+impl<L: DeliveryListener> ClientContext for Context<L> {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        match level {
+            RDKafkaLogLevel::Emerg
+            | RDKafkaLogLevel::Alert
+            | RDKafkaLogLevel::Critical
+            | RDKafkaLogLevel::Error => {
+                tracing::error!(target: "librdkafka", "{fac}: {message}")
+            }
+            RDKafkaLogLevel::Warning => tracing::warn!(target: "librdkafka", "{fac}: {message}"),
+            RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
+                tracing::info!(target: "librdkafka", "{fac}: {message}")
+            }
+            RDKafkaLogLevel::Debug => tracing::debug!(target: "librdkafka", "{fac}: {message}"),
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::warn!(target: "librdkafka", "Kafka client error: {error}: {reason}");
+    }
+}
+
+impl<L: DeliveryListener> ProducerContext for Context<L> {
+    type DeliveryOpaque = usize;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, token: usize) {
+        use rdkafka::Message;
+        let outcome = match result {
+            Ok(_) => Ok(()),
+            Err((error, msg)) => Err(DeliveryError {
+                topic: msg.topic().to_owned(),
+                partition: msg.partition(),
+                error: error.clone(),
+            }),
+        };
+        self.listener.on_delivery(token, outcome);
+    }
+}
+
+/// The producer plus topic management.
+pub struct Sink<L: DeliveryListener> {
+    producer: Arc<ThreadedProducer<Context<L>>>,
+    settings: SinkSettings,
+    known_topics: HashSet<String>,
+}
+
+/// A problem with a topic: missing and not creatable, or the broker refused to create it.
+#[derive(Debug, thiserror::Error)]
+pub enum TopicError {
+    /// Missing and `kafka.create_topics` is false.
+    #[error(
+        "topic {0:?} does not exist and kafka.create_topics is false: create it, or set kafka.create_topics = true"
+    )]
+    Missing(String),
+    /// The broker refused to create it.
+    #[error(
+        "creating topic {topic:?}: {error}; check the broker's permissions and kafka.topic_partitions / kafka.topic_replication_factor"
+    )]
+    CreateFailed {
+        /// Topic.
+        topic: String,
+        /// Broker's answer.
+        error: String,
+    },
+    /// The broker did not answer (down or unreachable).
+    #[error("looking up topic {topic:?} on {brokers}: {error}")]
+    Unreachable {
+        /// Topic.
+        topic: String,
+        /// bootstrap.servers.
+        brokers: String,
+        /// Client error.
+        error: KafkaError,
+    },
+}
+
+impl TopicError {
+    /// True when retrying later can succeed without a change.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, TopicError::Unreachable { .. })
+    }
+}
+
+impl<L: DeliveryListener> Sink<L> {
+    /// Creates the producer (connecting happens in the background).
+    pub fn new(settings: SinkSettings, listener: Arc<L>) -> Result<Self, KafkaError> {
+        let producer = settings
+            .client_config()
+            .create_with_context(Context { listener })?;
+        Ok(Sink {
+            producer: Arc::new(producer),
+            settings,
+            known_topics: HashSet::new(),
+        })
+    }
+
+    /// Hands a record to the producer; its outcome reaches the listener with `token`.
+    pub fn send(&self, record: &Record<'_>, token: usize) -> Result<(), SendError> {
+        let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
+        for (key, value) in record.headers {
+            headers = headers.insert(Header { key, value: *value });
+        }
+        let mut rec: BaseRecord<'_, [u8], [u8], usize> =
+            BaseRecord::with_opaque_to(record.topic, token)
+                .key(record.key)
+                .headers(headers);
+        if let Some(p) = record.payload {
+            rec = rec.payload(p);
+        }
+        if let Some(ts) = record.timestamp_ms {
+            rec = rec.timestamp(ts);
+        }
+        match self.producer.send(rec) {
+            Ok(()) => Ok(()),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                Err(SendError::QueueFull)
+            }
+            Err((error, _)) => Err(SendError::Rejected {
+                topic: record.topic.to_owned(),
+                error,
+            }),
+        }
+    }
+
+    /// Records handed to librdkafka and not yet reported.
+    pub fn in_flight(&self) -> i32 {
+        self.producer.in_flight_count()
+    }
+
+    /// Makes sure `topic` exists, creating it if configured to. Remembers topics it has seen.
+    pub async fn ensure_topic(&mut self, topic: &str) -> Result<(), TopicError> {
+        if self.known_topics.contains(topic) {
+            return Ok(());
+        }
+        ensure_topic(&self.settings, topic).await?;
+        self.known_topics.insert(topic.to_owned());
+        Ok(())
+    }
+
+    /// Waits up to `timeout` for every record in flight to be reported. Returns how many are
+    /// still outstanding.
+    pub async fn flush(&self, timeout: Duration) -> i32 {
+        let producer = Arc::clone(&self.producer);
+        tokio::task::spawn_blocking(move || {
+            let _ = producer.flush(timeout);
+            producer.in_flight_count()
+        })
+        .await
+        .unwrap_or(-1)
+    }
+
+    /// Drops every queued and in-flight record (their deliveries report an error). Used when
+    /// restarting the pipeline: those records will be re-read from the slot.
+    pub fn purge(&self) {
+        self.producer
+            .purge(PurgeConfig::default().queue().inflight());
+    }
+}
+
+/// Makes sure `topic` exists, creating it if `settings.create_topics`.
+pub async fn ensure_topic(settings: &SinkSettings, topic: &str) -> Result<(), TopicError> {
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", &settings.brokers)
+        .set("client.id", &settings.client_id);
+    for (k, v) in settings
+        .librdkafka
+        .iter()
+        .chain(&settings.secret_properties)
+    {
+        // Connection and security settings apply to the admin client too; producer-only
+        // properties would make librdkafka warn, so only the shared families are copied.
+        if k.starts_with("security.")
+            || k.starts_with("sasl.")
+            || k.starts_with("ssl.")
+            || k.starts_with("socket.")
+        {
+            config.set(k, v);
+        }
+    }
+    config.set_log_level(RDKafkaLogLevel::Error);
+    let admin: AdminClient<DefaultClientContext> =
+        config.create().map_err(|error| TopicError::Unreachable {
+            topic: topic.to_owned(),
+            brokers: settings.brokers.clone(),
+            error,
+        })?;
+    let admin = Arc::new(admin);
+    let exists = {
+        let admin = Arc::clone(&admin);
+        let name = topic.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let md = admin
+                .inner()
+                .fetch_metadata(Some(&name), Duration::from_secs(10))?;
+            Ok::<bool, KafkaError>(
+                md.topics()
+                    .iter()
+                    .any(|t| t.name() == name && t.error().is_none() && !t.partitions().is_empty()),
+            )
+        })
+        .await
+        .map_err(|e| TopicError::CreateFailed {
+            topic: topic.to_owned(),
+            error: e.to_string(),
+        })?
+        .map_err(|error| TopicError::Unreachable {
+            topic: topic.to_owned(),
+            brokers: settings.brokers.clone(),
+            error,
+        })?
+    };
+    if exists {
+        return Ok(());
+    }
+    if !settings.create_topics {
+        return Err(TopicError::Missing(topic.to_owned()));
+    }
+    let new = NewTopic::new(
+        topic,
+        settings.topic_partitions,
+        TopicReplication::Fixed(settings.topic_replication_factor),
+    );
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    let results =
+        admin
+            .create_topics(&[new], &opts)
+            .await
+            .map_err(|error| TopicError::Unreachable {
+                topic: topic.to_owned(),
+                brokers: settings.brokers.clone(),
+                error,
+            })?;
+    for r in results {
+        match r {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((_, code)) => {
+                return Err(TopicError::CreateFailed {
+                    topic: topic.to_owned(),
+                    error: code.to_string(),
+                });
+            }
+        }
+    }
+    tracing::info!(
+        topic,
+        partitions = settings.topic_partitions,
+        "created topic"
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classifies_errors() {
+        let e = |c| KafkaError::MessageProduction(c);
+        assert_eq!(
+            classify(&e(RDKafkaErrorCode::MessageSizeTooLarge)),
+            ErrorClass::Record
+        );
+        assert_eq!(
+            classify(&e(RDKafkaErrorCode::TopicAuthorizationFailed)),
+            ErrorClass::Fatal
+        );
+        assert_eq!(
+            classify(&e(RDKafkaErrorCode::UnknownTopicOrPartition)),
+            ErrorClass::Transient
+        );
+        assert_eq!(
+            classify(&e(RDKafkaErrorCode::MessageTimedOut)),
+            ErrorClass::Transient
+        );
+    }
+
+    #[test]
+    fn user_overrides_apply_last() {
+        let mut librdkafka = BTreeMap::new();
+        librdkafka.insert("linger.ms".to_owned(), "50".to_owned());
+        let s = SinkSettings {
+            brokers: "b:9092".into(),
+            client_id: "walship".into(),
+            create_topics: true,
+            topic_partitions: 3,
+            topic_replication_factor: 1,
+            librdkafka,
+            secret_properties: BTreeMap::new(),
+        };
+        let c = s.client_config();
+        assert_eq!(c.get("linger.ms"), Some("50"));
+        assert_eq!(c.get("enable.idempotence"), Some("true"));
+        assert_eq!(c.get("partitioner"), Some("murmur2_random"));
+    }
+}

@@ -1,0 +1,18 @@
+//! walship's PostgreSQL side: everything that talks to the database, nothing that knows Kafka.
+//!
+//! # Layout
+//!
+//! - [`replication`] — the streaming-replication connection and its frames.
+//! - [`slot`] — the SQL connection: preflight checks, slot and publication setup, slot state.
+//! - [`outbox`] — the relation cache and outbox-row extraction.
+//! - [`error`] — errors split into transient (reconnect) and definite (stop and explain).
+
+pub mod error;
+pub mod outbox;
+pub mod replication;
+pub mod slot;
+
+pub use error::{PgError, ServerError};
+pub use outbox::{OutboxRow, OutboxSpec, Relations, RowError, RowTarget};
+pub use replication::{ConnectParams, Frame, ReplicationStream};
+pub use slot::{SlotState, TableName};

@@ -1,0 +1,519 @@
+//! Outbox extraction: the relation cache and turning an outbox row into an [`OutboxRow`].
+//!
+//! ```text
+//!  Relation msg ──▶ Relations (oid → columns, outbox layout) ──┐
+//!  Insert msg ─────────────────────────────────────────────────┴─▶ extract ─▶ OutboxRow<'_>
+//! ```
+//!
+//! Invariant: a row of the outbox table either becomes an [`OutboxRow`] or an [`RowError`] that
+//! names the column and what was wrong; it is never dropped. The layout (which column index
+//! plays which role) is recomputed whenever PostgreSQL sends a new Relation message, so `ALTER
+//! TABLE` on the outbox mid-stream is picked up at the exact point in the stream it happened.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use pgoutput::{Column, Relation, TupleData};
+
+use crate::slot::TableName;
+
+/// Type OIDs walship treats specially.
+mod oid {
+    pub const BYTEA: u32 = 17;
+}
+
+/// The outbox table and which of its columns play which role (Debezium's names by default).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxSpec {
+    /// The outbox table.
+    pub table: TableName,
+    /// Event id column → header `id`; empty to disable.
+    pub id: String,
+    /// Aggregate type column (routes the topic); empty when the topic template does not use it.
+    pub aggregate_type: String,
+    /// Aggregate id column → Kafka key.
+    pub aggregate_id: String,
+    /// Event type column → header `type`; empty to disable.
+    pub event_type: String,
+    /// Payload column → message value.
+    pub payload: String,
+    /// Further columns copied into headers of the same name.
+    pub header_columns: Vec<String>,
+}
+
+impl OutboxSpec {
+    /// Debezium-compatible defaults for `public.outbox`.
+    pub fn debezium(table: TableName) -> Self {
+        OutboxSpec {
+            table,
+            id: "id".into(),
+            aggregate_type: "aggregatetype".into(),
+            aggregate_id: "aggregateid".into(),
+            event_type: "type".into(),
+            payload: "payload".into(),
+            header_columns: Vec::new(),
+        }
+    }
+}
+
+/// Column positions of the outbox roles in the current table definition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Layout {
+    id: Option<usize>,
+    aggregate_type: Option<usize>,
+    aggregate_id: usize,
+    event_type: Option<usize>,
+    payload: usize,
+    payload_is_bytea: bool,
+    headers: Vec<(Arc<str>, usize)>,
+    ncolumns: usize,
+}
+
+/// Why an outbox row cannot become an event. Carries no position: the caller adds the LSN.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RowError {
+    /// A configured column is not in the table.
+    #[error(
+        "column {column:?} (outbox.{role}) is not in table {table}; add it, or set outbox.{role} to the right column name"
+    )]
+    MissingColumn {
+        /// Table.
+        table: String,
+        /// Configuration key.
+        role: &'static str,
+        /// Configured column name.
+        column: String,
+    },
+    /// A required value is NULL.
+    #[error("column {column:?} of table {table} is NULL but is required ({role})")]
+    Null {
+        /// Table.
+        table: String,
+        /// Role of the column.
+        role: &'static str,
+        /// Column name.
+        column: String,
+    },
+    /// The row does not have the columns the Relation message announced.
+    #[error("row of table {table} has {got} columns but its relation describes {expected}")]
+    ColumnCount {
+        /// Table.
+        table: String,
+        /// From the Relation message.
+        expected: usize,
+        /// In the row.
+        got: usize,
+    },
+    /// A bytea payload's text form is not valid hex.
+    #[error(
+        "column {column:?} of table {table} is bytea but its value is not in hex format (\\x...)"
+    )]
+    BadBytea {
+        /// Table.
+        table: String,
+        /// Column.
+        column: String,
+    },
+    /// A row arrived for a relation never described.
+    #[error("row for unknown relation OID {0}: the server sent no Relation message for it")]
+    UnknownRelation(u32),
+}
+
+/// An outbox row, borrowing from the replication message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxRow<'a> {
+    /// Event id (text form, e.g. a UUID).
+    pub id: Option<&'a [u8]>,
+    /// Aggregate type (routes the topic).
+    pub aggregate_type: Option<&'a [u8]>,
+    /// Aggregate id: the Kafka key.
+    pub aggregate_id: &'a [u8],
+    /// Event type.
+    pub event_type: Option<&'a [u8]>,
+    /// Payload bytes as stored; `None` is a tombstone.
+    pub payload: Option<Cow<'a, [u8]>>,
+    /// Extra header columns: (name, value or NULL).
+    pub headers: Vec<(Arc<str>, Option<&'a [u8]>)>,
+}
+
+struct Entry {
+    relation: Relation,
+    /// `None`: not the outbox table. `Some(Err)`: the outbox table, but unusable as configured.
+    outbox: Option<Result<Layout, RowError>>,
+}
+
+/// What a row message refers to.
+pub enum RowTarget<'r> {
+    /// A table other than the outbox (ignored by walship).
+    Other(&'r Relation),
+    /// The outbox table.
+    Outbox(&'r Relation),
+}
+
+/// The relation cache: relation OID → definition and outbox layout.
+pub struct Relations {
+    spec: OutboxSpec,
+    map: HashMap<u32, Entry>,
+}
+
+impl Relations {
+    /// An empty cache for the given outbox definition.
+    pub fn new(spec: OutboxSpec) -> Self {
+        Relations {
+            spec,
+            map: HashMap::new(),
+        }
+    }
+
+    /// The outbox definition.
+    pub fn spec(&self) -> &OutboxSpec {
+        &self.spec
+    }
+
+    /// Records (or replaces) a relation's definition.
+    pub fn update(&mut self, relation: Relation) {
+        let is_outbox =
+            relation.namespace == self.spec.table.schema && relation.name == self.spec.table.name;
+        let outbox = is_outbox.then(|| layout(&self.spec, &relation));
+        if let Some(Err(e)) = &outbox {
+            tracing::warn!("outbox table definition changed and is no longer usable: {e}");
+        }
+        self.map.insert(relation.id, Entry { relation, outbox });
+    }
+
+    /// Looks up a relation OID.
+    pub fn target(&self, relation_id: u32) -> Result<RowTarget<'_>, RowError> {
+        let e = self
+            .map
+            .get(&relation_id)
+            .ok_or(RowError::UnknownRelation(relation_id))?;
+        Ok(match e.outbox {
+            Some(_) => RowTarget::Outbox(&e.relation),
+            None => RowTarget::Other(&e.relation),
+        })
+    }
+
+    /// True when the OID is the outbox table.
+    pub fn is_outbox(&self, relation_id: u32) -> bool {
+        self.map
+            .get(&relation_id)
+            .is_some_and(|e| e.outbox.is_some())
+    }
+
+    /// Extracts an outbox row from an Insert's tuple. The relation must be the outbox table.
+    pub fn extract<'a>(
+        &self,
+        relation_id: u32,
+        tuple: &'a TupleData,
+    ) -> Result<OutboxRow<'a>, RowError> {
+        let entry = self
+            .map
+            .get(&relation_id)
+            .ok_or(RowError::UnknownRelation(relation_id))?;
+        let layout = match &entry.outbox {
+            Some(Ok(l)) => l,
+            Some(Err(e)) => return Err(e.clone()),
+            None => return Err(RowError::UnknownRelation(relation_id)),
+        };
+        if tuple.len() != layout.ncolumns {
+            return Err(RowError::ColumnCount {
+                table: self.spec.table.to_string(),
+                expected: layout.ncolumns,
+                got: tuple.len(),
+            });
+        }
+        let mut id = None;
+        let mut aggregate_type = None;
+        let mut aggregate_id = None;
+        let mut event_type = None;
+        let mut payload = None;
+        let mut headers = Vec::with_capacity(layout.headers.len());
+        for (i, col) in tuple.iter().enumerate() {
+            let v = col.bytes();
+            if Some(i) == layout.id {
+                id = v;
+            }
+            if Some(i) == layout.aggregate_type {
+                aggregate_type = v;
+            }
+            if i == layout.aggregate_id {
+                aggregate_id = v;
+            }
+            if Some(i) == layout.event_type {
+                event_type = v;
+            }
+            if i == layout.payload {
+                payload = match col {
+                    Column::Text(b) if layout.payload_is_bytea => {
+                        Some(Cow::Owned(decode_bytea_hex(b).ok_or_else(|| {
+                            RowError::BadBytea {
+                                table: self.spec.table.to_string(),
+                                column: self.spec.payload.clone(),
+                            }
+                        })?))
+                    }
+                    _ => v.map(Cow::Borrowed),
+                };
+            }
+            for (name, idx) in &layout.headers {
+                if *idx == i {
+                    headers.push((Arc::clone(name), v));
+                }
+            }
+        }
+        let null = |role: &'static str, column: &str| RowError::Null {
+            table: self.spec.table.to_string(),
+            role,
+            column: column.to_owned(),
+        };
+        let aggregate_id = aggregate_id.ok_or_else(|| {
+            null(
+                "aggregate_id_column: the Kafka key",
+                &self.spec.aggregate_id,
+            )
+        })?;
+        if layout.aggregate_type.is_some() && aggregate_type.is_none() {
+            return Err(null(
+                "aggregate_type_column: routes the topic",
+                &self.spec.aggregate_type,
+            ));
+        }
+        if layout.id.is_some() && id.is_none() {
+            return Err(null(
+                "id_column: the event id header consumers deduplicate on",
+                &self.spec.id,
+            ));
+        }
+        Ok(OutboxRow {
+            id,
+            aggregate_type,
+            aggregate_id,
+            event_type,
+            payload,
+            headers,
+        })
+    }
+}
+
+fn layout(spec: &OutboxSpec, rel: &Relation) -> Result<Layout, RowError> {
+    let find = |role: &'static str, name: &str| -> Result<Option<usize>, RowError> {
+        if name.is_empty() {
+            return Ok(None);
+        }
+        rel.columns
+            .iter()
+            .position(|c| c.name == name)
+            .map(Some)
+            .ok_or_else(|| RowError::MissingColumn {
+                table: spec.table.to_string(),
+                role,
+                column: name.to_owned(),
+            })
+    };
+    let required = |role: &'static str, name: &str| {
+        find(role, name)?.ok_or_else(|| RowError::MissingColumn {
+            table: spec.table.to_string(),
+            role,
+            column: name.to_owned(),
+        })
+    };
+    let payload = required("payload_column", &spec.payload)?;
+    let mut headers = Vec::with_capacity(spec.header_columns.len());
+    for h in &spec.header_columns {
+        headers.push((Arc::from(h.as_str()), required("header_columns", h)?));
+    }
+    Ok(Layout {
+        id: find("id_column", &spec.id)?,
+        aggregate_type: find("aggregate_type_column", &spec.aggregate_type)?,
+        aggregate_id: required("aggregate_id_column", &spec.aggregate_id)?,
+        event_type: find("type_column", &spec.event_type)?,
+        payload_is_bytea: rel.columns[payload].type_oid == oid::BYTEA,
+        payload,
+        headers,
+        ncolumns: rel.columns.len(),
+    })
+}
+
+/// Decodes bytea's text output (`\x` + hex) into bytes.
+fn decode_bytea_hex(text: &[u8]) -> Option<Vec<u8>> {
+    let hex = text.strip_prefix(b"\\x")?;
+    if hex.len() % 2 != 0 {
+        return None;
+    }
+    let nibble = |c: u8| match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        b'A'..=b'F' => Some(c - b'A' + 10),
+        _ => None,
+    };
+    hex.chunks_exact(2)
+        .map(|p| Some((nibble(p[0])? << 4) | nibble(p[1])?))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use pgoutput::{Decoder, Message, RelationColumn};
+
+    fn rel(cols: &[(&str, u32)]) -> Relation {
+        Relation {
+            xid: None,
+            id: 7,
+            namespace: "public".into(),
+            name: "outbox".into(),
+            replica_identity: b'd',
+            columns: cols
+                .iter()
+                .map(|(n, t)| RelationColumn {
+                    flags: 0,
+                    name: (*n).into(),
+                    type_oid: *t,
+                    type_modifier: -1,
+                })
+                .collect(),
+        }
+    }
+
+    fn insert(values: &[Option<&[u8]>]) -> TupleData {
+        let mut raw = vec![b'I'];
+        raw.extend_from_slice(&7u32.to_be_bytes());
+        raw.push(b'N');
+        raw.extend_from_slice(&(values.len() as u16).to_be_bytes());
+        for v in values {
+            match v {
+                None => raw.push(b'n'),
+                Some(b) => {
+                    raw.push(b't');
+                    raw.extend_from_slice(&(b.len() as i32).to_be_bytes());
+                    raw.extend_from_slice(b);
+                }
+            }
+        }
+        match Decoder::new(1).decode(Bytes::from(raw)) {
+            Ok(Message::Insert(i)) => i.tuple,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    const COLS: &[(&str, u32)] = &[
+        ("id", 2950),
+        ("aggregatetype", 25),
+        ("aggregateid", 25),
+        ("type", 25),
+        ("payload", 3802),
+        ("tenant", 25),
+    ];
+
+    #[test]
+    fn extracts_debezium_columns_and_headers() {
+        let mut spec = OutboxSpec::debezium(TableName::parse("outbox"));
+        spec.header_columns = vec!["tenant".into()];
+        let mut r = Relations::new(spec);
+        r.update(rel(COLS));
+        let t = insert(&[
+            Some(b"u1"),
+            Some(b"order"),
+            Some(b"42"),
+            Some(b"created"),
+            Some(b"{}"),
+            None,
+        ]);
+        let row = r.extract(7, &t).unwrap();
+        assert_eq!(row.id, Some(&b"u1"[..]));
+        assert_eq!(row.aggregate_type, Some(&b"order"[..]));
+        assert_eq!(row.aggregate_id, b"42");
+        assert_eq!(row.event_type, Some(&b"created"[..]));
+        assert_eq!(row.payload.as_deref(), Some(&b"{}"[..]));
+        assert_eq!(row.headers, vec![(Arc::from("tenant"), None)]);
+    }
+
+    #[test]
+    fn null_payload_is_a_tombstone_but_null_key_is_an_error() {
+        let mut r = Relations::new(OutboxSpec::debezium(TableName::parse("outbox")));
+        r.update(rel(COLS));
+        let t = insert(&[
+            Some(b"u1"),
+            Some(b"order"),
+            Some(b"42"),
+            Some(b"created"),
+            None,
+            None,
+        ]);
+        assert_eq!(r.extract(7, &t).unwrap().payload, None);
+        let t = insert(&[
+            Some(b"u1"),
+            Some(b"order"),
+            None,
+            Some(b"created"),
+            Some(b"{}"),
+            None,
+        ]);
+        let err = r.extract(7, &t).unwrap_err().to_string();
+        assert!(
+            err.contains("\"aggregateid\"") && err.contains("NULL"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn missing_column_names_column_and_key() {
+        let mut spec = OutboxSpec::debezium(TableName::parse("outbox"));
+        spec.event_type = "kind".into();
+        let mut r = Relations::new(spec);
+        r.update(rel(COLS));
+        let t = insert(&[
+            Some(b"u1"),
+            Some(b"order"),
+            Some(b"42"),
+            Some(b"created"),
+            Some(b"{}"),
+            None,
+        ]);
+        let err = r.extract(7, &t).unwrap_err().to_string();
+        assert!(
+            err.contains("\"kind\"") && err.contains("outbox.type_column"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn bytea_payload_is_decoded_from_hex() {
+        let mut r = Relations::new(OutboxSpec::debezium(TableName::parse("outbox")));
+        let mut cols = COLS.to_vec();
+        cols[4].1 = oid::BYTEA;
+        r.update(rel(&cols));
+        let t = insert(&[
+            Some(b"u1"),
+            Some(b"order"),
+            Some(b"42"),
+            Some(b"x"),
+            Some(b"\\x00ff41"),
+            None,
+        ]);
+        assert_eq!(
+            r.extract(7, &t).unwrap().payload.as_deref(),
+            Some(&[0u8, 0xff, b'A'][..])
+        );
+        let t = insert(&[
+            Some(b"u1"),
+            Some(b"order"),
+            Some(b"42"),
+            Some(b"x"),
+            Some(b"\\x0"),
+            None,
+        ]);
+        assert!(matches!(r.extract(7, &t), Err(RowError::BadBytea { .. })));
+    }
+
+    #[test]
+    fn other_tables_are_not_outbox() {
+        let mut r = Relations::new(OutboxSpec::debezium(TableName::parse("outbox")));
+        let mut other = rel(COLS);
+        other.name = "orders".into();
+        r.update(other);
+        assert!(!r.is_outbox(7));
+    }
+}

@@ -1,0 +1,328 @@
+//! The management (SQL) connection: preflight, slot and publication setup, slot state.
+//!
+//! Invariant: walship never creates a slot to replace one that existed and disappeared or was
+//! invalidated. Creating a slot starts streaming at the server's *current* position, so doing
+//! that silently would skip every event committed in between. Missing-at-first-start is the only
+//! case that creates one, and only when configured to.
+
+use pgoutput::Lsn;
+use tokio_postgres::types::PgLsn;
+use tokio_postgres::{Client, NoTls};
+
+use crate::error::PgError;
+use crate::replication::ConnectParams;
+
+/// A schema-qualified table name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct TableName {
+    /// Schema (namespace).
+    pub schema: String,
+    /// Table.
+    pub name: String,
+}
+
+impl TableName {
+    /// Parses `schema.table` or `table` (schema `public`). Quoting is not needed: names are
+    /// taken literally, as they appear in `pg_class`.
+    pub fn parse(s: &str) -> TableName {
+        match s.split_once('.') {
+            Some((schema, name)) => TableName {
+                schema: schema.to_owned(),
+                name: name.to_owned(),
+            },
+            None => TableName {
+                schema: "public".to_owned(),
+                name: s.to_owned(),
+            },
+        }
+    }
+
+    /// The name quoted for SQL.
+    pub fn quoted(&self) -> String {
+        format!("{}.{}", quote_ident(&self.schema), quote_ident(&self.name))
+    }
+}
+
+impl std::fmt::Display for TableName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.schema, self.name)
+    }
+}
+
+/// Quotes an SQL identifier.
+pub fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// What `pg_replication_slots` says about a slot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotState {
+    /// Slot name.
+    pub name: String,
+    /// Output plugin (`pgoutput` for walship's slots).
+    pub plugin: Option<String>,
+    /// Database the slot belongs to.
+    pub database: Option<String>,
+    /// Position up to which the consumer has confirmed; streaming resumes here.
+    pub confirmed_flush_lsn: Option<Lsn>,
+    /// Oldest WAL the slot still needs.
+    pub restart_lsn: Option<Lsn>,
+    /// `reserved`, `extended`, `unreserved` or `lost`.
+    pub wal_status: Option<String>,
+    /// PID of the walsender using the slot, if any.
+    pub active_pid: Option<i32>,
+}
+
+/// Opens a management connection.
+pub async fn connect(params: &ConnectParams, password: Option<&[u8]>) -> Result<Client, PgError> {
+    let mut config = params.config.clone();
+    if let Some(pw) = password {
+        config.password(pw);
+    }
+    if config.get_application_name().is_none() {
+        config.application_name("walship");
+    }
+    let (client, connection) = config.connect(NoTls).await.map_err(|source| PgError::Sql {
+        context: format!("connecting to {}", params.describe()),
+        source,
+    })?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!("management connection closed: {e}");
+        }
+    });
+    Ok(client)
+}
+
+fn sql_err(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> PgError {
+    let context = context.into();
+    move |source| PgError::Sql { context, source }
+}
+
+fn lsn(v: Option<PgLsn>) -> Option<Lsn> {
+    v.map(|l| Lsn(u64::from(l)))
+}
+
+/// Fails unless `wal_level` is `logical`.
+pub async fn check_wal_level(client: &Client) -> Result<(), PgError> {
+    let row = client
+        .query_one("SHOW wal_level", &[])
+        .await
+        .map_err(sql_err("reading wal_level"))?;
+    let level: String = row.get(0);
+    if level != "logical" {
+        return Err(PgError::Setup(format!(
+            "PostgreSQL wal_level is {level:?} but logical replication needs \"logical\": run \
+             ALTER SYSTEM SET wal_level = logical; and restart PostgreSQL"
+        )));
+    }
+    Ok(())
+}
+
+/// The server's current WAL insert position.
+pub async fn current_wal_lsn(client: &Client) -> Result<Lsn, PgError> {
+    let row = client
+        .query_one("SELECT pg_current_wal_lsn()", &[])
+        .await
+        .map_err(sql_err("reading pg_current_wal_lsn()"))?;
+    Ok(lsn(row.get(0)).unwrap_or_default())
+}
+
+/// Reads a slot's state, or `None` if it does not exist.
+pub async fn slot_state(client: &Client, slot: &str) -> Result<Option<SlotState>, PgError> {
+    let row = client
+        .query_opt(
+            "SELECT slot_name::text, plugin::text, database::text, confirmed_flush_lsn, restart_lsn, \
+                    wal_status, active_pid \
+             FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(sql_err(format!("reading replication slot {slot:?}")))?;
+    Ok(row.map(|r| SlotState {
+        name: r.get(0),
+        plugin: r.get(1),
+        database: r.get(2),
+        confirmed_flush_lsn: lsn(r.get(3)),
+        restart_lsn: lsn(r.get(4)),
+        wal_status: r.get(5),
+        active_pid: r.get(6),
+    }))
+}
+
+/// Makes sure the slot exists and is usable; creates it when missing and `create` is set.
+pub async fn ensure_slot(client: &Client, slot: &str, create: bool) -> Result<SlotState, PgError> {
+    let state = match slot_state(client, slot).await? {
+        Some(s) => s,
+        None if create => {
+            client
+                .execute(
+                    "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+                    &[&slot],
+                )
+                .await
+                .map_err(sql_err(format!("creating replication slot {slot:?}")))?;
+            tracing::info!(slot, "created logical replication slot (pgoutput)");
+            slot_state(client, slot).await?.ok_or_else(|| {
+                PgError::Setup(format!(
+                    "replication slot {slot:?} vanished right after creation"
+                ))
+            })?
+        }
+        None => {
+            return Err(PgError::Setup(format!(
+                "replication slot {slot:?} does not exist and postgres.create_slot is false: create it \
+                 with SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput'); or set \
+                 postgres.create_slot = true"
+            )));
+        }
+    };
+    validate_slot(&state)?;
+    Ok(state)
+}
+
+/// Rejects slots walship cannot stream from.
+pub fn validate_slot(state: &SlotState) -> Result<(), PgError> {
+    let slot = &state.name;
+    if state.plugin.as_deref() != Some("pgoutput") {
+        return Err(PgError::Setup(format!(
+            "replication slot {slot:?} uses output plugin {:?}, walship needs pgoutput: use another \
+             slot name, or drop it with SELECT pg_drop_replication_slot('{slot}'); if nothing else uses it",
+            state.plugin.as_deref().unwrap_or("(none: physical slot)")
+        )));
+    }
+    if state.wal_status.as_deref() == Some("lost") {
+        return Err(PgError::Setup(format!(
+            "replication slot {slot:?} has been invalidated (wal_status = lost, restart_lsn {}): \
+             PostgreSQL removed WAL it still needed, so events committed after its confirmed position \
+             {} may be gone. walship will not re-create it silently. Reconcile the outbox table with \
+             Kafka, then drop the slot (SELECT pg_drop_replication_slot('{slot}');) and start walship \
+             again to create a new one; raise max_slot_wal_keep_size to prevent this",
+            state
+                .restart_lsn
+                .map(|l| l.to_string())
+                .unwrap_or_else(|| "unknown".into()),
+            state
+                .confirmed_flush_lsn
+                .map(|l| l.to_string())
+                .unwrap_or_else(|| "unknown".into()),
+        )));
+    }
+    Ok(())
+}
+
+/// Makes sure the publication exists and publishes `table`; creates it when missing and
+/// `create` is set (publishing inserts only: walship ignores updates and deletes).
+pub async fn ensure_publication(
+    client: &Client,
+    publication: &str,
+    table: &TableName,
+    create: bool,
+) -> Result<(), PgError> {
+    let exists = client
+        .query_opt(
+            "SELECT 1 FROM pg_publication WHERE pubname = $1",
+            &[&publication],
+        )
+        .await
+        .map_err(sql_err(format!("reading publication {publication:?}")))?
+        .is_some();
+    let table_exists = client
+        .query_opt(
+            "SELECT 1 FROM pg_tables WHERE schemaname = $1 AND tablename = $2",
+            &[&table.schema, &table.name],
+        )
+        .await
+        .map_err(sql_err(format!("looking up table {table}")))?
+        .is_some();
+    if !table_exists {
+        return Err(PgError::Setup(format!(
+            "outbox table {table} does not exist: create it (walship init-sql prints a definition) or \
+             set outbox.table to the right schema.table"
+        )));
+    }
+    if !exists {
+        if !create {
+            return Err(PgError::Setup(format!(
+                "publication {publication:?} does not exist and postgres.create_publication is false: \
+                 run CREATE PUBLICATION {} FOR TABLE {} WITH (publish = 'insert');",
+                quote_ident(publication),
+                table.quoted()
+            )));
+        }
+        let sql = format!(
+            "CREATE PUBLICATION {} FOR TABLE {} WITH (publish = 'insert')",
+            quote_ident(publication),
+            table.quoted()
+        );
+        client
+            .batch_execute(&sql)
+            .await
+            .map_err(sql_err(format!("creating publication {publication:?}")))?;
+        tracing::info!(publication, %table, "created publication");
+        return Ok(());
+    }
+    let includes = client
+        .query_opt(
+            "SELECT 1 FROM pg_publication_tables WHERE pubname = $1 AND schemaname = $2 AND tablename = $3",
+            &[&publication, &table.schema, &table.name],
+        )
+        .await
+        .map_err(sql_err(format!("reading tables of publication {publication:?}")))?
+        .is_some();
+    if !includes {
+        return Err(PgError::Setup(format!(
+            "publication {publication:?} does not include the outbox table {table}, so no event would \
+             ever arrive: run ALTER PUBLICATION {} ADD TABLE {};",
+            quote_ident(publication),
+            table.quoted()
+        )));
+    }
+    let publishes_insert = client
+        .query_one(
+            "SELECT pubinsert FROM pg_publication WHERE pubname = $1",
+            &[&publication],
+        )
+        .await
+        .map_err(sql_err(format!("reading publication {publication:?}")))?
+        .get::<_, bool>(0);
+    if !publishes_insert {
+        return Err(PgError::Setup(format!(
+            "publication {publication:?} does not publish inserts, so no outbox row would arrive: run \
+             ALTER PUBLICATION {} SET (publish = 'insert');",
+            quote_ident(publication)
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_names() {
+        assert_eq!(TableName::parse("outbox").to_string(), "public.outbox");
+        let t = TableName::parse("app.Out\"box");
+        assert_eq!(t.schema, "app");
+        assert_eq!(t.quoted(), "\"app\".\"Out\"\"box\"");
+    }
+
+    #[test]
+    fn lost_slot_is_refused_with_fix() {
+        let s = SlotState {
+            name: "w".into(),
+            plugin: Some("pgoutput".into()),
+            database: None,
+            confirmed_flush_lsn: Some(Lsn(5)),
+            restart_lsn: None,
+            wal_status: Some("lost".into()),
+            active_pid: None,
+        };
+        let msg = validate_slot(&s).unwrap_err().to_string();
+        assert!(
+            msg.contains("invalidated") && msg.contains("pg_drop_replication_slot('w')"),
+            "{msg}"
+        );
+    }
+}

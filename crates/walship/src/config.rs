@@ -1,0 +1,531 @@
+//! Configuration: the TOML file, `WALSHIP_<SECTION>__<KEY>` environment overrides, validation.
+//!
+//! Invariant: every key that is accepted has an effect, and every key that is not known is an
+//! error that names it (`deny_unknown_fields`). Secrets never live in this structure's `Debug`
+//! output or in logs: passwords are read from the environment or files at start-up and held in
+//! [`Secret`].
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::Deserialize;
+use walship_kafka::{SinkSettings, TopicRouter};
+use walship_postgres::{OutboxSpec, TableName};
+
+/// A configuration problem: what, where, and how to fix it.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+/// A secret value: never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The value, for handing to a client library.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where the outbox lives.
+    pub postgres: PostgresConfig,
+    /// The outbox table and how rows become records.
+    #[serde(default)]
+    pub outbox: OutboxConfig,
+    /// Where records go.
+    pub kafka: KafkaConfig,
+    /// Process behaviour.
+    #[serde(default)]
+    pub run: RunConfig,
+}
+
+/// `[postgres]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresConfig {
+    /// libpq-style connection string or URL, without the password (required).
+    pub url: String,
+    /// Name of an environment variable holding the password.
+    pub password_env: Option<String>,
+    /// Path of a file holding the password (trailing newline ignored).
+    pub password_file: Option<PathBuf>,
+    /// Logical replication slot (created with pgoutput when missing and `create_slot`).
+    #[serde(default = "default_slot")]
+    pub slot: String,
+    /// Publication that includes the outbox table.
+    #[serde(default = "default_publication")]
+    pub publication: String,
+    /// Create the slot if it does not exist.
+    #[serde(default = "yes")]
+    pub create_slot: bool,
+    /// Create the publication if it does not exist.
+    #[serde(default = "yes")]
+    pub create_publication: bool,
+    /// Most milliseconds between standby status updates while streaming.
+    #[serde(default = "default_status_interval_ms")]
+    pub status_interval_ms: u64,
+}
+
+/// `[outbox]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutboxConfig {
+    /// `schema.table` of the outbox.
+    #[serde(default = "default_table")]
+    pub table: String,
+    /// Event id column → header `id` (empty string: no id header).
+    #[serde(default = "default_id")]
+    pub id_column: String,
+    /// Aggregate type column (routes the topic).
+    #[serde(default = "default_aggregate_type")]
+    pub aggregate_type_column: String,
+    /// Aggregate id column → record key.
+    #[serde(default = "default_aggregate_id")]
+    pub aggregate_id_column: String,
+    /// Event type column → header `type` (empty string: no type header).
+    #[serde(default = "default_type")]
+    pub type_column: String,
+    /// Payload column → record value.
+    #[serde(default = "default_payload")]
+    pub payload_column: String,
+    /// Extra columns copied to headers of the same name.
+    #[serde(default)]
+    pub header_columns: Vec<String>,
+    /// Topic template; `{aggregatetype}` is replaced by the row's aggregate type.
+    #[serde(default = "default_topic")]
+    pub topic: String,
+}
+
+impl Default for OutboxConfig {
+    fn default() -> Self {
+        OutboxConfig {
+            table: default_table(),
+            id_column: default_id(),
+            aggregate_type_column: default_aggregate_type(),
+            aggregate_id_column: default_aggregate_id(),
+            type_column: default_type(),
+            payload_column: default_payload(),
+            header_columns: Vec::new(),
+            topic: default_topic(),
+        }
+    }
+}
+
+/// `[kafka]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// `bootstrap.servers` (required).
+    pub brokers: String,
+    /// `client.id`.
+    #[serde(default = "default_client_id")]
+    pub client_id: String,
+    /// Create missing topics.
+    #[serde(default = "yes")]
+    pub create_topics: bool,
+    /// Partitions of created topics.
+    #[serde(default = "default_partitions")]
+    pub topic_partitions: i32,
+    /// Replication factor of created topics.
+    #[serde(default = "default_replication_factor")]
+    pub topic_replication_factor: i32,
+    /// Raw librdkafka properties (applied after walship's defaults). No secrets here.
+    #[serde(default)]
+    pub librdkafka: BTreeMap<String, String>,
+    /// librdkafka properties whose values come from environment variables:
+    /// `{ "sasl.password" = "KAFKA_PASSWORD" }`.
+    #[serde(default)]
+    pub secret_env: BTreeMap<String, String>,
+    /// librdkafka properties whose values come from files.
+    #[serde(default)]
+    pub secret_files: BTreeMap<String, PathBuf>,
+}
+
+/// `[run]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    /// On shutdown, how long to wait for in-flight records to be acknowledged.
+    #[serde(default = "default_shutdown_timeout_ms")]
+    pub shutdown_timeout_ms: u64,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        RunConfig {
+            shutdown_timeout_ms: default_shutdown_timeout_ms(),
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_slot() -> String {
+    "walship".into()
+}
+fn default_publication() -> String {
+    "walship_outbox".into()
+}
+fn default_status_interval_ms() -> u64 {
+    1000
+}
+fn default_table() -> String {
+    "public.outbox".into()
+}
+fn default_id() -> String {
+    "id".into()
+}
+fn default_aggregate_type() -> String {
+    "aggregatetype".into()
+}
+fn default_aggregate_id() -> String {
+    "aggregateid".into()
+}
+fn default_type() -> String {
+    "type".into()
+}
+fn default_payload() -> String {
+    "payload".into()
+}
+fn default_topic() -> String {
+    "outbox.event.{aggregatetype}".into()
+}
+fn default_client_id() -> String {
+    "walship".into()
+}
+fn default_partitions() -> i32 {
+    6
+}
+fn default_replication_factor() -> i32 {
+    1
+}
+fn default_shutdown_timeout_ms() -> u64 {
+    30_000
+}
+
+/// Prefix of environment overrides: `WALSHIP_KAFKA__BROKERS` sets `kafka.brokers`.
+pub const ENV_PREFIX: &str = "WALSHIP_";
+
+impl Config {
+    /// Reads, overrides from the process environment, and validates.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(format!("cannot read config file {}: {e}", path.display())))?;
+        Self::from_toml(&text, std::env::vars(), &path.display().to_string())
+    }
+
+    /// Parses `text`, applies `WALSHIP_<SECTION>__<KEY>` overrides from `env`, and validates.
+    /// `origin` names the source in errors.
+    pub fn from_toml(
+        text: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+        origin: &str,
+    ) -> Result<Config, ConfigError> {
+        let mut table: toml::Table =
+            toml::from_str(text).map_err(|e| ConfigError(format!("in {origin}: {e}")))?;
+        let mut applied = Vec::new();
+        for (name, value) in env {
+            let Some(path) = name.strip_prefix(ENV_PREFIX) else {
+                continue;
+            };
+            let Some((section, key)) = path.split_once("__") else {
+                continue;
+            };
+            let section = section.to_ascii_lowercase();
+            let key = key.to_ascii_lowercase();
+            let entry = table
+                .entry(section.clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            let toml::Value::Table(t) = entry else {
+                return Err(ConfigError(format!("{name}: [{section}] is not a section")));
+            };
+            t.insert(key, env_value(&value));
+            applied.push(name);
+        }
+        let config: Config = Config::deserialize(toml::Value::Table(table)).map_err(|e| {
+            let env_note = if applied.is_empty() {
+                String::new()
+            } else {
+                format!(" (environment overrides applied: {})", applied.join(", "))
+            };
+            ConfigError(format!("in {origin}{env_note}: {}", e.message()))
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let slot = &self.postgres.slot;
+        if slot.is_empty()
+            || slot.len() > 63
+            || !slot
+                .bytes()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'_')
+        {
+            return Err(ConfigError(format!(
+                "postgres.slot {slot:?} is not a valid replication slot name: use 1-63 lower-case letters, digits and '_'"
+            )));
+        }
+        if self.postgres.publication.is_empty() {
+            return Err(ConfigError("postgres.publication must not be empty".into()));
+        }
+        self.connect_config()?;
+        if self.postgres.status_interval_ms == 0 {
+            return Err(ConfigError(
+                "postgres.status_interval_ms must be at least 1".into(),
+            ));
+        }
+        let router = TopicRouter::new(&self.outbox.topic)
+            .map_err(|e| ConfigError(format!("outbox.topic: {e}")))?;
+        if router.uses_aggregate_type() && self.outbox.aggregate_type_column.is_empty() {
+            return Err(ConfigError(
+                "outbox.topic uses {aggregatetype} but outbox.aggregate_type_column is empty: name the column or use a fixed topic".into(),
+            ));
+        }
+        for (role, v) in [
+            ("aggregate_id_column", &self.outbox.aggregate_id_column),
+            ("payload_column", &self.outbox.payload_column),
+        ] {
+            if v.is_empty() {
+                return Err(ConfigError(format!("outbox.{role} must name a column")));
+            }
+        }
+        if self.kafka.brokers.trim().is_empty() {
+            return Err(ConfigError(
+                "kafka.brokers must list at least one host:port".into(),
+            ));
+        }
+        if self.kafka.topic_partitions < 1 {
+            return Err(ConfigError(
+                "kafka.topic_partitions must be at least 1".into(),
+            ));
+        }
+        for key in self.kafka.librdkafka.keys() {
+            if is_secret_property(key) {
+                return Err(ConfigError(format!(
+                    "kafka.librdkafka.{key:?} holds a secret: do not put secrets in the config file; use \
+                     kafka.secret_env = {{ {key:?} = \"ENV_VAR_NAME\" }} or kafka.secret_files"
+                )));
+            }
+            if key == "enable.idempotence" || key == "acks" || key == "bootstrap.servers" {
+                return Err(ConfigError(format!(
+                    "kafka.librdkafka.{key:?} is managed by walship (idempotent, acks=all, kafka.brokers): remove it"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The parsed PostgreSQL connection parameters (password applied separately).
+    pub fn connect_config(&self) -> Result<tokio_postgres::Config, ConfigError> {
+        tokio_postgres::Config::from_str(&self.postgres.url).map_err(|e| {
+            ConfigError(format!(
+                "postgres.url is not a valid connection string ({e}); expected e.g. postgres://walship@db.example:5432/app"
+            ))
+        })
+    }
+
+    /// Resolves the PostgreSQL password: `password_file`, then `password_env`, then the URL's,
+    /// then `PGPASSWORD`.
+    pub fn postgres_password(&self) -> Result<Option<Secret>, ConfigError> {
+        if let Some(path) = &self.postgres.password_file {
+            return read_secret_file(path, "postgres.password_file").map(Some);
+        }
+        if let Some(var) = &self.postgres.password_env {
+            return std::env::var(var).map(|v| Some(Secret(v))).map_err(|_| {
+                ConfigError(format!(
+                    "postgres.password_env names {var:?} but that environment variable is not set"
+                ))
+            });
+        }
+        let url_password = self
+            .connect_config()?
+            .get_password()
+            .map(|p| Secret(String::from_utf8_lossy(p).into_owned()));
+        Ok(url_password.or_else(|| std::env::var("PGPASSWORD").ok().map(Secret)))
+    }
+
+    /// The outbox definition for the PostgreSQL side.
+    pub fn outbox_spec(&self) -> OutboxSpec {
+        let router_uses_type = self
+            .outbox
+            .topic
+            .contains(walship_kafka::route::AGGREGATE_TYPE);
+        OutboxSpec {
+            table: TableName::parse(&self.outbox.table),
+            id: self.outbox.id_column.clone(),
+            aggregate_type: if router_uses_type {
+                self.outbox.aggregate_type_column.clone()
+            } else {
+                String::new()
+            },
+            aggregate_id: self.outbox.aggregate_id_column.clone(),
+            event_type: self.outbox.type_column.clone(),
+            payload: self.outbox.payload_column.clone(),
+            header_columns: self.outbox.header_columns.clone(),
+        }
+    }
+
+    /// Producer settings, with secrets resolved.
+    pub fn sink_settings(&self) -> Result<SinkSettings, ConfigError> {
+        let mut secret_properties = BTreeMap::new();
+        for (prop, var) in &self.kafka.secret_env {
+            let v = std::env::var(var).map_err(|_| {
+                ConfigError(format!("kafka.secret_env.{prop:?} names {var:?} but that environment variable is not set"))
+            })?;
+            secret_properties.insert(prop.clone(), v);
+        }
+        for (prop, path) in &self.kafka.secret_files {
+            let v = read_secret_file(path, &format!("kafka.secret_files.{prop:?}"))?;
+            secret_properties.insert(prop.clone(), v.0);
+        }
+        Ok(SinkSettings {
+            brokers: self.kafka.brokers.clone(),
+            client_id: self.kafka.client_id.clone(),
+            create_topics: self.kafka.create_topics,
+            topic_partitions: self.kafka.topic_partitions,
+            topic_replication_factor: self.kafka.topic_replication_factor,
+            librdkafka: self.kafka.librdkafka.clone(),
+            secret_properties,
+        })
+    }
+
+    /// How often to send standby status while streaming.
+    pub fn status_interval(&self) -> Duration {
+        Duration::from_millis(self.postgres.status_interval_ms)
+    }
+
+    /// How long shutdown waits for acknowledgements.
+    pub fn shutdown_timeout(&self) -> Duration {
+        Duration::from_millis(self.run.shutdown_timeout_ms)
+    }
+}
+
+fn is_secret_property(key: &str) -> bool {
+    let k = key.to_ascii_lowercase();
+    k.contains("password")
+        || k.contains("secret")
+        || k == "ssl.key.pem"
+        || k == "sasl.oauthbearer.config"
+}
+
+fn read_secret_file(path: &Path, key: &str) -> Result<Secret, ConfigError> {
+    let v = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError(format!("{key}: cannot read {}: {e}", path.display())))?;
+    Ok(Secret(v.trim_end_matches(['\n', '\r']).to_owned()))
+}
+
+/// An environment value as TOML when it parses as a scalar or array, else as a string.
+fn env_value(raw: &str) -> toml::Value {
+    match toml::from_str::<toml::Table>(&format!("v = {raw}")) {
+        Ok(mut t) => t
+            .remove("v")
+            .unwrap_or_else(|| toml::Value::String(raw.to_owned())),
+        Err(_) => toml::Value::String(raw.to_owned()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = "[postgres]\nurl = \"postgres://walship@localhost/app\"\n[kafka]\nbrokers = \"localhost:9092\"\n";
+
+    fn parse(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        Config::from_toml(
+            text,
+            env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+            "test.toml",
+        )
+    }
+
+    #[test]
+    fn minimal_config_gets_debezium_defaults() {
+        let c = parse(MINIMAL, &[]).unwrap();
+        assert_eq!(c.postgres.slot, "walship");
+        assert_eq!(c.outbox.topic, "outbox.event.{aggregatetype}");
+        assert_eq!(c.outbox_spec().aggregate_id, "aggregateid");
+        assert_eq!(c.kafka.topic_partitions, 6);
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let e = parse(&format!("{MINIMAL}[run]\nshutdown_timout_ms = 5\n"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("shutdown_timout_ms"), "{e}");
+        let e = parse(&format!("{MINIMAL}[bogus]\nx = 1\n"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("bogus"), "{e}");
+    }
+
+    #[test]
+    fn missing_required_key_is_named() {
+        let e = parse("[postgres]\nurl = \"postgres://a@b/c\"\n[kafka]\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("brokers"), "{e}");
+    }
+
+    #[test]
+    fn env_overrides_apply_with_types() {
+        let c = parse(
+            MINIMAL,
+            &[
+                ("WALSHIP_KAFKA__TOPIC_PARTITIONS", "3"),
+                ("WALSHIP_POSTGRES__SLOT", "other"),
+                ("HOME", "/x"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.kafka.topic_partitions, 3);
+        assert_eq!(c.postgres.slot, "other");
+        let e = parse(MINIMAL, &[("WALSHIP_KAFKA__BROKRS", "x")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("brokrs") && e.contains("WALSHIP_KAFKA__BROKRS"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn secrets_are_refused_in_the_file_and_never_printed() {
+        let e = parse(
+            &format!("{MINIMAL}[kafka.librdkafka]\n\"sasl.password\" = \"hunter2\"\n"),
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("secret_env") && !e.contains("hunter2"), "{e}");
+        assert_eq!(format!("{:?}", Secret("hunter2".into())), "Secret(***)");
+    }
+
+    #[test]
+    fn invalid_values_explain_the_fix() {
+        let e = parse(MINIMAL, &[("WALSHIP_POSTGRES__SLOT", "Bad-Slot")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("postgres.slot"), "{e}");
+        let e = parse(MINIMAL, &[("WALSHIP_OUTBOX__TOPIC", "has space")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("outbox.topic"), "{e}");
+    }
+}

@@ -1,0 +1,67 @@
+//! Errors of a walship run, split by meaning: transient (reconnect and resume) or definite
+//! (stop, explain, exit non-zero).
+
+use pgoutput::Lsn;
+use walship_kafka::{DeliveryError, ErrorClass, RouteError, TopicError};
+use walship_postgres::{PgError, RowError};
+
+use crate::config::ConfigError;
+
+/// Why a run stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The configuration is wrong.
+    #[error("configuration: {0}")]
+    Config(#[from] ConfigError),
+    /// PostgreSQL side.
+    #[error(transparent)]
+    Postgres(#[from] PgError),
+    /// An outbox row cannot become a record. Nothing at or after `lsn` was confirmed.
+    #[error(
+        "outbox row at LSN {lsn} (transaction {xid}): {error}. Nothing from this row on has been \
+             confirmed; fix the row's data or the configuration and restart walship"
+    )]
+    Row {
+        /// WAL position of the row.
+        lsn: Lsn,
+        /// Transaction id.
+        xid: u32,
+        /// What was wrong.
+        error: RowError,
+    },
+    /// A row's topic cannot be formed.
+    #[error(
+        "outbox row at LSN {lsn} (transaction {xid}): {error}. Nothing from this row on has been confirmed"
+    )]
+    Route {
+        /// WAL position of the row.
+        lsn: Lsn,
+        /// Transaction id.
+        xid: u32,
+        /// What was wrong.
+        error: RouteError,
+    },
+    /// A topic problem.
+    #[error(transparent)]
+    Topic(#[from] TopicError),
+    /// The broker gave up on a record.
+    #[error("{0}; the slot was not confirmed past it")]
+    Delivery(DeliveryError),
+    /// The producer could not be created or refused a record outright.
+    #[error("Kafka producer: {0}")]
+    Producer(String),
+}
+
+impl Error {
+    /// True when reconnecting and resuming from the slot can succeed without a change.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Postgres(e) => e.is_transient(),
+            Error::Topic(e) => e.is_transient(),
+            Error::Delivery(e) => e.class() == ErrorClass::Transient,
+            Error::Config(_) | Error::Row { .. } | Error::Route { .. } | Error::Producer(_) => {
+                false
+            }
+        }
+    }
+}

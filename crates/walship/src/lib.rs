@@ -1,0 +1,24 @@
+//! walship streams transactional-outbox events from a PostgreSQL logical replication slot to
+//! Kafka, keyed by aggregate id, in commit order, confirming the slot only behind broker acks.
+//!
+//! # Layout
+//!
+//! - [`config`] — the TOML configuration, environment overrides, validation, secrets.
+//! - [`run`] — the supervisor: preflight, sessions, reconnect with backoff. Wiring only.
+//! - [`pipeline`] — one streaming session: decode, extract, route, produce, report status.
+//! - [`progress`] — the progress tracker: which LSN is safe to confirm.
+//! - [`cli`] — the command line (`walship run`, …); `main.rs` only calls it.
+//! - [`error`] — run errors, transient or definite.
+//!
+//! The protocol code lives in the `pgoutput`, `walship-postgres` and `walship-kafka` crates.
+
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod pipeline;
+pub mod progress;
+pub mod run;
+
+pub use config::Config;
+pub use error::Error;
+pub use run::{run, run_until_cancelled};

@@ -1,0 +1,353 @@
+//! One streaming session: replication stream → decode → extract → produce, on one task.
+//!
+//! ```text
+//!  fill() ─▶ try_next() ─▶ Decoder ─▶ Relations::extract ─▶ TopicRouter ─▶ Sink::send ──▶ broker
+//!    ▲                                                                         │ ack (poll thread)
+//!    └─ standby status (flush = Progress::safe_lsn) ◀── Progress ◀────────────┘
+//! ```
+//!
+//! Invariants:
+//! - Only committed transactions arrive here (protocol v1 without streaming decodes a
+//!   transaction when it commits), so rows are produced as they arrive and only the LSN waits
+//!   for the commit and the acks.
+//! - The position reported to PostgreSQL is always [`Progress::safe_lsn`]: never a position
+//!   whose events are not all acknowledged.
+//! - When the producer queue is full the loop stops reading (TCP backpressure reaches the
+//!   walsender) but keeps sending standby status, so `wal_sender_timeout` never fires.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use pgoutput::{Begin, Decoder, Lsn, Message};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use walship_kafka::{Record, SendError, Sink, TopicRouter};
+use walship_postgres::{Frame, OutboxRow, PgError, Relations, ReplicationStream};
+
+use crate::error::Error;
+use crate::progress::{Progress, TxnToken};
+
+/// The transaction currently being decoded.
+struct OpenTxn {
+    begin: Begin,
+    token: Option<TxnToken>,
+    sent: u64,
+}
+
+/// Counters of one session, for logs and tests.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SessionStats {
+    /// Outbox events handed to the producer.
+    pub events_sent: u64,
+    /// Committed transactions seen.
+    pub transactions: u64,
+}
+
+/// A streaming session's state.
+pub struct Session {
+    pub(crate) stream: ReplicationStream,
+    pub(crate) decoder: Decoder,
+    pub(crate) relations: Relations,
+    pub(crate) router: TopicRouter,
+    pub(crate) sink: Sink<Progress>,
+    pub(crate) progress: Arc<Progress>,
+    pub(crate) status_interval: Duration,
+    pub(crate) shutdown_timeout: Duration,
+    txn: Option<OpenTxn>,
+    last_reported: Lsn,
+    next_status: Instant,
+    stats: SessionStats,
+    /// Set once cancellation is seen: finish the open transaction by then.
+    stop_deadline: Option<Instant>,
+    /// The open transaction could not be finished; stop without sealing it.
+    abandoned: bool,
+}
+
+impl Session {
+    /// Wires a started stream to a sink. Contains no processing logic.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        stream: ReplicationStream,
+        relations: Relations,
+        router: TopicRouter,
+        sink: Sink<Progress>,
+        progress: Arc<Progress>,
+        status_interval: Duration,
+        shutdown_timeout: Duration,
+    ) -> Self {
+        Session {
+            stream,
+            decoder: Decoder::new(1),
+            relations,
+            router,
+            sink,
+            last_reported: progress.safe_lsn(),
+            progress,
+            status_interval,
+            shutdown_timeout,
+            txn: None,
+            next_status: Instant::now() + status_interval,
+            stats: SessionStats::default(),
+            stop_deadline: None,
+            abandoned: false,
+        }
+    }
+
+    /// Streams until `cancel` fires (then drains and confirms) or an error occurs.
+    ///
+    /// On cancellation the transaction being decoded is finished first (bounded by the shutdown
+    /// timeout), so a graceful stop leaves nothing half-sent to be duplicated on restart.
+    pub async fn run(mut self, cancel: &CancellationToken) -> Result<SessionStats, Error> {
+        loop {
+            while let Some(frame) = self.stream.try_next()? {
+                self.handle(frame, cancel).await?;
+                if self.abandoned
+                    || ((self.stop_deadline.is_some() || cancel.is_cancelled())
+                        && self.txn.is_none())
+                {
+                    return self.shutdown().await;
+                }
+            }
+            self.check_failure()?;
+            if cancel.is_cancelled() && self.stop_deadline.is_none() {
+                if self.txn.is_none() {
+                    return self.shutdown().await;
+                }
+                self.stop_deadline = Some(Instant::now() + self.shutdown_timeout);
+            }
+            if self.stop_deadline.is_some_and(|d| Instant::now() >= d) {
+                return self.shutdown().await;
+            }
+            if Instant::now() >= self.next_status {
+                self.report(false).await?;
+            }
+            let wake = self
+                .stop_deadline
+                .map_or(self.next_status, |d| d.min(self.next_status));
+            let stopping = self.stop_deadline.is_some();
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled(), if !stopping => {}
+                r = self.stream.fill() => r?,
+                _ = tokio::time::sleep_until(wake) => {}
+            }
+        }
+    }
+
+    async fn handle(&mut self, frame: Frame, cancel: &CancellationToken) -> Result<(), Error> {
+        match frame {
+            Frame::Keepalive {
+                wal_end,
+                reply_requested,
+                ..
+            } => {
+                // Everything before wal_end has been sent to us and processed; outside a
+                // transaction nothing of it is pending here, so an idle or filtered stream can
+                // confirm it (after any earlier transactions are acknowledged).
+                if self.txn.is_none() {
+                    self.progress.complete_empty(wal_end);
+                }
+                if reply_requested || self.progress.safe_lsn() > self.last_reported {
+                    self.report(reply_requested).await?;
+                }
+                Ok(())
+            }
+            Frame::XLogData {
+                wal_start, data, ..
+            } => {
+                let msg = self.decoder.decode(data).map_err(|error| PgError::Decode {
+                    lsn: wal_start,
+                    error,
+                })?;
+                self.handle_message(msg, wal_start, cancel).await
+            }
+        }
+    }
+
+    async fn handle_message(
+        &mut self,
+        msg: Message,
+        lsn: Lsn,
+        cancel: &CancellationToken,
+    ) -> Result<(), Error> {
+        match msg {
+            Message::Begin(begin) => {
+                self.txn = Some(OpenTxn {
+                    begin,
+                    token: None,
+                    sent: 0,
+                });
+            }
+            Message::Commit(commit) => {
+                let txn = self
+                    .txn
+                    .take()
+                    .ok_or_else(|| PgError::Protocol(format!("Commit at {lsn} without Begin")))?;
+                match txn.token {
+                    Some(token) => self.progress.seal(token, txn.sent, commit.end_lsn),
+                    None => self.progress.complete_empty(commit.end_lsn),
+                }
+                self.stats.transactions += 1;
+            }
+            Message::Relation(rel) => self.relations.update(rel),
+            Message::Insert(insert) if self.relations.is_outbox(insert.relation_id) => {
+                let Some(txn) = self.txn.as_ref() else {
+                    return Err(PgError::Protocol(format!(
+                        "Insert at {lsn} outside a transaction"
+                    ))
+                    .into());
+                };
+                let xid = txn.begin.xid;
+                let commit_ms = txn.begin.commit_time.unix_millis();
+                let row = self
+                    .relations
+                    .extract(insert.relation_id, &insert.tuple)
+                    .map_err(|error| Error::Row { lsn, xid, error })?;
+                self.produce(&row, lsn, xid, commit_ms, cancel).await?;
+            }
+            Message::Insert(insert) => {
+                // Other tables in the publication: not outbox events. Unknown relations are a
+                // protocol violation, not something to skip.
+                self.relations
+                    .target(insert.relation_id)
+                    .map_err(|error| Error::Row { lsn, xid: 0, error })?;
+            }
+            // Updates and deletes of outbox rows are ignored by design (insert-then-delete);
+            // the rest carries nothing walship publishes.
+            Message::Update(_)
+            | Message::Delete(_)
+            | Message::Truncate(_)
+            | Message::Type(_)
+            | Message::Origin(_)
+            | Message::Message(_) => {}
+            other => {
+                return Err(PgError::Protocol(format!(
+                    "unexpected {other:?} at {lsn}: walship does not request streaming or two-phase decoding"
+                ))
+                .into());
+            }
+        }
+        Ok(())
+    }
+
+    async fn produce(
+        &mut self,
+        row: &OutboxRow<'_>,
+        lsn: Lsn,
+        xid: u32,
+        commit_ms: i64,
+        cancel: &CancellationToken,
+    ) -> Result<(), Error> {
+        let topic = self
+            .router
+            .route(row.aggregate_type)
+            .map_err(|error| Error::Route { lsn, xid, error })?
+            .clone();
+        self.sink.ensure_topic(&topic).await?;
+        let mut headers: Vec<(&str, Option<&[u8]>)> = Vec::with_capacity(2 + row.headers.len());
+        if let Some(id) = row.id {
+            headers.push(("id", Some(id)));
+        }
+        if let Some(t) = row.event_type {
+            headers.push(("type", Some(t)));
+        }
+        headers.extend(row.headers.iter().map(|(k, v)| (k.as_ref(), *v)));
+        let record = Record {
+            topic: &topic,
+            key: row.aggregate_id,
+            payload: row.payload.as_deref(),
+            headers: &headers,
+            timestamp_ms: Some(commit_ms),
+        };
+        let token = match self.txn.as_ref().and_then(|t| t.token) {
+            Some(t) => t,
+            None => {
+                let t = self.progress.open(commit_ms);
+                if let Some(txn) = self.txn.as_mut() {
+                    txn.token = Some(t);
+                }
+                t
+            }
+        };
+        loop {
+            match self.sink.send(&record, token as usize) {
+                Ok(()) => break,
+                Err(SendError::QueueFull) => {
+                    // Backpressure: stop reading until deliveries free space, but keep the
+                    // walsender informed so it does not time us out.
+                    self.check_failure()?;
+                    if cancel.is_cancelled() && self.stop_deadline.is_none() {
+                        self.stop_deadline = Some(Instant::now() + self.shutdown_timeout);
+                    }
+                    if self.stop_deadline.is_some_and(|d| Instant::now() >= d) {
+                        // Out of time: this event was not sent. Its transaction is never
+                        // sealed, so the confirmed position stays before it and the whole
+                        // transaction is read again on the next start.
+                        self.abandoned = true;
+                        return Ok(());
+                    }
+                    if Instant::now() >= self.next_status {
+                        self.report(false).await?;
+                    }
+                    self.progress
+                        .wait_for_delivery(Duration::from_millis(100))
+                        .await;
+                }
+                Err(SendError::Rejected { topic, error }) => {
+                    return Err(match walship_kafka::sink::classify(&error) {
+                        walship_kafka::ErrorClass::Transient => {
+                            Error::Delivery(walship_kafka::DeliveryError {
+                                topic,
+                                partition: -1,
+                                error,
+                            })
+                        }
+                        _ => Error::Producer(format!(
+                            "record at LSN {lsn} for topic {topic:?}: {error}"
+                        )),
+                    });
+                }
+            }
+        }
+        if let Some(txn) = self.txn.as_mut() {
+            txn.sent += 1;
+        }
+        self.stats.events_sent += 1;
+        Ok(())
+    }
+
+    fn check_failure(&self) -> Result<(), Error> {
+        if self.progress.has_failed()
+            && let Some(f) = self.progress.take_failure()
+        {
+            return Err(Error::Delivery(f));
+        }
+        Ok(())
+    }
+
+    async fn report(&mut self, reply_requested: bool) -> Result<(), Error> {
+        let safe = self.progress.safe_lsn();
+        self.stream.send_status(safe, reply_requested).await?;
+        self.last_reported = safe;
+        self.next_status = Instant::now() + self.status_interval;
+        Ok(())
+    }
+
+    /// Stops reading, waits for acknowledgements, confirms the final safe position.
+    async fn shutdown(mut self) -> Result<SessionStats, Error> {
+        let left = self.sink.flush(self.shutdown_timeout).await;
+        if left > 0 {
+            tracing::warn!(
+                in_flight = left,
+                "shutdown: {left} records not acknowledged within run.shutdown_timeout_ms; they stay \
+                 unconfirmed and will be sent again on the next start"
+            );
+        }
+        self.check_failure()?;
+        let safe = self.progress.safe_lsn();
+        self.stream.send_status(safe, false).await?;
+        self.stream.finish().await?;
+        tracing::info!(confirmed_lsn = %safe, events = self.stats.events_sent, "stopped; slot confirmed");
+        Ok(self.stats)
+    }
+}

@@ -1,0 +1,323 @@
+//! The progress tracker: which WAL position is safe to confirm to PostgreSQL.
+//!
+//! ```text
+//!   commit order ─▶ [txn 7: 0 left, end 0/A0] [txn 8: 2 left, end 0/B0] [txn 9: open, 5 left]
+//!                    └─ popped: safe = 0/A0     └─ head: waits for 2 acks
+//! ```
+//!
+//! Invariant: the safe LSN is the end LSN of the longest prefix of transactions (in commit
+//! order) whose every event the broker has acknowledged. Acks may arrive in any order (different
+//! partitions); the safe LSN only moves when the *head* completes. Transactions without events,
+//! and keepalive positions received outside a transaction, complete at once but keep their
+//! place: they extend the newest sealed transaction's end instead of adding an entry, so a long
+//! run of filtered transactions behind a stalled broker costs no memory.
+//!
+//! A delivery the producer gave up on stops progress for good (its transaction can never
+//! complete) and is reported through [`Progress::take_failure`]; it is never skipped.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use pgoutput::Lsn;
+use tokio::sync::Notify;
+use walship_kafka::{DeliveryError, DeliveryListener};
+
+#[derive(Debug)]
+struct Entry {
+    /// End LSN of the transaction (valid once sealed).
+    end: Lsn,
+    sealed: bool,
+    /// Events sent minus events acknowledged. Acks can arrive before the transaction is sealed
+    /// with its event count, so this may be negative while open.
+    outstanding: i64,
+    /// Commit timestamp (ms since the Unix epoch), for lag metrics.
+    commit_time_ms: i64,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    entries: VecDeque<Entry>,
+    /// Token of `entries[0]`.
+    base: u64,
+    /// Token of the next entry.
+    next: u64,
+    safe: Lsn,
+    last_commit_time_ms: i64,
+}
+
+/// Shared between the pipeline (which opens and seals transactions) and the producer's delivery
+/// thread (which acknowledges events).
+#[derive(Debug, Default)]
+pub struct Progress {
+    state: Mutex<State>,
+    safe: AtomicU64,
+    acked_events: AtomicU64,
+    failed: AtomicBool,
+    failure: Mutex<Option<DeliveryError>>,
+    waiting: AtomicBool,
+    wake: Notify,
+}
+
+/// A token identifying one transaction's entry (passed to the producer with each event).
+pub type TxnToken = u64;
+
+impl Progress {
+    /// A tracker whose safe position starts at the slot's confirmed position.
+    pub fn new(start: Lsn) -> Self {
+        let p = Progress::default();
+        p.safe.store(start.0, Ordering::Release);
+        if let Ok(mut s) = p.state.lock() {
+            s.safe = start;
+        }
+        p
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A poisoned lock means a panic while holding it; the state is still consistent
+        // (every mutation is a single field update), so keep going.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The position up to which everything is acknowledged.
+    pub fn safe_lsn(&self) -> Lsn {
+        Lsn(self.safe.load(Ordering::Acquire))
+    }
+
+    /// Events acknowledged so far.
+    pub fn acked_events(&self) -> u64 {
+        self.acked_events.load(Ordering::Relaxed)
+    }
+
+    /// Transactions waiting for acknowledgements (or still open).
+    pub fn pending_transactions(&self) -> usize {
+        self.lock().entries.len()
+    }
+
+    /// Commit time (ms since the Unix epoch) of the newest fully acknowledged transaction.
+    pub fn last_acked_commit_time_ms(&self) -> i64 {
+        self.lock().last_commit_time_ms
+    }
+
+    /// Opens an entry for a transaction that has (or may have) events.
+    pub fn open(&self, commit_time_ms: i64) -> TxnToken {
+        let mut s = self.lock();
+        let token = s.next;
+        s.next += 1;
+        s.entries.push_back(Entry {
+            end: Lsn::ZERO,
+            sealed: false,
+            outstanding: 0,
+            commit_time_ms,
+        });
+        token
+    }
+
+    /// Seals a transaction: `events` were sent for it and it ends at `end`.
+    pub fn seal(&self, token: TxnToken, events: u64, end: Lsn) {
+        let mut s = self.lock();
+        let Some(idx) = token.checked_sub(s.base) else {
+            return;
+        };
+        if let Some(e) = s.entries.get_mut(idx as usize) {
+            e.sealed = true;
+            e.end = end;
+            e.outstanding += i64::try_from(events).unwrap_or(i64::MAX);
+        }
+        self.advance(&mut s);
+    }
+
+    /// Records a position with nothing to deliver (a transaction without outbox events, or a
+    /// keepalive outside any transaction): complete now, in order.
+    pub fn complete_empty(&self, end: Lsn) {
+        let mut s = self.lock();
+        match s.entries.back_mut() {
+            None => {
+                if end > s.safe {
+                    s.safe = end;
+                    self.safe.store(end.0, Ordering::Release);
+                }
+            }
+            Some(tail) if tail.sealed => tail.end = tail.end.max(end),
+            Some(_) => {
+                // Only reachable if called while a transaction is open; keep order anyway.
+                let token = s.next;
+                s.next = token + 1;
+                s.entries.push_back(Entry {
+                    end,
+                    sealed: true,
+                    outstanding: 0,
+                    commit_time_ms: 0,
+                });
+            }
+        }
+    }
+
+    fn advance(&self, s: &mut State) {
+        let mut moved = false;
+        while let Some(head) = s.entries.front() {
+            if !(head.sealed && head.outstanding == 0) {
+                break;
+            }
+            let end = head.end;
+            let commit_time = head.commit_time_ms;
+            s.entries.pop_front();
+            s.base += 1;
+            if end > s.safe {
+                s.safe = end;
+                moved = true;
+            }
+            s.last_commit_time_ms = s.last_commit_time_ms.max(commit_time);
+        }
+        if moved {
+            self.safe.store(s.safe.0, Ordering::Release);
+        }
+    }
+
+    /// True once a delivery failed; the pipeline must stop and [`take_failure`](Self::take_failure).
+    pub fn has_failed(&self) -> bool {
+        self.failed.load(Ordering::Acquire)
+    }
+
+    /// The first delivery failure, if any.
+    pub fn take_failure(&self) -> Option<DeliveryError> {
+        self.failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+    }
+
+    /// Waits until some delivery is reported (or `timeout` passes): used while the producer
+    /// queue is full.
+    pub async fn wait_for_delivery(&self, timeout: std::time::Duration) {
+        self.waiting.store(true, Ordering::Release);
+        let _ = tokio::time::timeout(timeout, self.wake.notified()).await;
+        self.waiting.store(false, Ordering::Release);
+    }
+}
+
+impl DeliveryListener for Progress {
+    fn on_delivery(&self, token: usize, result: Result<(), DeliveryError>) {
+        match result {
+            Ok(()) => {
+                self.acked_events.fetch_add(1, Ordering::Relaxed);
+                let mut s = self.lock();
+                let idx = (token as u64).checked_sub(s.base);
+                if let Some(e) = idx.and_then(|i| s.entries.get_mut(i as usize)) {
+                    e.outstanding -= 1;
+                    if idx == Some(0) {
+                        self.advance(&mut s);
+                    }
+                }
+            }
+            Err(e) => {
+                let mut f = self.failure.lock().unwrap_or_else(|e| e.into_inner());
+                if f.is_none() && !self.failed.load(Ordering::Acquire) {
+                    *f = Some(e);
+                }
+                self.failed.store(true, Ordering::Release);
+            }
+        }
+        if self.waiting.load(Ordering::Acquire) {
+            self.wake.notify_one();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+
+    fn ack(p: &Progress, token: TxnToken) {
+        p.on_delivery(token as usize, Ok(()));
+    }
+
+    #[test]
+    fn safe_lsn_is_end_of_longest_acknowledged_prefix() {
+        let p = Progress::new(Lsn(10));
+        let a = p.open(0);
+        p.seal(a, 2, Lsn(100));
+        let b = p.open(0);
+        p.seal(b, 1, Lsn(200));
+        ack(&p, b);
+        assert_eq!(
+            p.safe_lsn(),
+            Lsn(10),
+            "b acked but a is not: nothing is safe"
+        );
+        ack(&p, a);
+        assert_eq!(p.safe_lsn(), Lsn(10), "a has one more event outstanding");
+        ack(&p, a);
+        assert_eq!(p.safe_lsn(), Lsn(200), "a and b complete");
+        assert_eq!(p.pending_transactions(), 0);
+    }
+
+    #[test]
+    fn acks_before_seal_do_not_complete_an_open_transaction() {
+        let p = Progress::new(Lsn(0));
+        let a = p.open(0);
+        ack(&p, a);
+        ack(&p, a);
+        assert_eq!(p.safe_lsn(), Lsn(0));
+        p.seal(a, 3, Lsn(50));
+        assert_eq!(p.safe_lsn(), Lsn(0), "one event still outstanding");
+        ack(&p, a);
+        assert_eq!(p.safe_lsn(), Lsn(50));
+    }
+
+    #[test]
+    fn empty_transactions_keep_their_place_without_entries() {
+        let p = Progress::new(Lsn(0));
+        p.complete_empty(Lsn(5));
+        assert_eq!(p.safe_lsn(), Lsn(5), "nothing in flight: confirm at once");
+        let a = p.open(0);
+        p.seal(a, 1, Lsn(10));
+        for end in 11..1000 {
+            p.complete_empty(Lsn(end));
+        }
+        assert_eq!(
+            p.pending_transactions(),
+            1,
+            "filtered transactions merge into the tail"
+        );
+        assert_eq!(
+            p.safe_lsn(),
+            Lsn(5),
+            "must not pass the unacknowledged transaction"
+        );
+        ack(&p, a);
+        assert_eq!(p.safe_lsn(), Lsn(999));
+    }
+
+    #[test]
+    fn never_moves_backwards() {
+        let p = Progress::new(Lsn(100));
+        p.complete_empty(Lsn(50));
+        assert_eq!(p.safe_lsn(), Lsn(100));
+    }
+
+    #[test]
+    fn failed_delivery_stops_progress_and_is_reported_once() {
+        let p = Progress::new(Lsn(0));
+        let a = p.open(0);
+        p.seal(a, 1, Lsn(10));
+        let b = p.open(0);
+        p.seal(b, 1, Lsn(20));
+        let err = DeliveryError {
+            topic: "t".into(),
+            partition: 0,
+            error: KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge),
+        };
+        p.on_delivery(a as usize, Err(err));
+        ack(&p, b);
+        assert!(p.has_failed());
+        assert_eq!(
+            p.safe_lsn(),
+            Lsn(0),
+            "the failed event's transaction never completes"
+        );
+        assert!(p.take_failure().is_some());
+        assert!(p.take_failure().is_none());
+    }
+}

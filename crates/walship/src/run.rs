@@ -1,0 +1,191 @@
+//! The supervisor: preflight once, then stream sessions, reconnecting after transient errors.
+//!
+//! This module only connects things together and decides when to retry; the processing logic
+//! lives in [`crate::pipeline`].
+//!
+//! Invariant: every session starts from the slot's confirmed position with a fresh producer, and
+//! the previous producer's queue is purged first, so a retry can duplicate unconfirmed events but
+//! can never reorder or skip them.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::Rng;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use walship_kafka::{Sink, TopicRouter};
+use walship_postgres::replication::ConnectParams;
+use walship_postgres::{Relations, ReplicationStream, slot};
+
+use crate::config::{Config, Secret};
+use crate::error::Error;
+use crate::pipeline::Session;
+use crate::progress::Progress;
+
+/// Reconnect delays: exponential from `BACKOFF_MIN`, capped at `BACKOFF_MAX`, with full jitter.
+const BACKOFF_MIN: Duration = Duration::from_millis(200);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// A session that streamed this long resets the backoff.
+const HEALTHY_AFTER: Duration = Duration::from_secs(30);
+
+/// Runs walship until `shutdown` completes (returns `Ok` after a graceful stop) or a definite
+/// error occurs.
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
+    let cancel = CancellationToken::new();
+    let trigger = cancel.clone();
+    let watcher = tokio::spawn(async move {
+        shutdown.await;
+        trigger.cancel();
+    });
+    let result = run_until_cancelled(&config, &cancel).await;
+    watcher.abort();
+    result
+}
+
+/// Like [`run`], with cancellation given as a token.
+pub async fn run_until_cancelled(config: &Config, cancel: &CancellationToken) -> Result<(), Error> {
+    let password = config.postgres_password()?;
+    let params = ConnectParams {
+        config: config.connect_config()?,
+    };
+    let settings = config.sink_settings()?;
+    // Fail fast on a wrong setup: these are definite problems an operator must fix.
+    let start_lsn = preflight(config, &params, password.as_ref()).await?;
+    tracing::info!(
+        slot = %config.postgres.slot,
+        publication = %config.postgres.publication,
+        table = %config.outbox.table,
+        confirmed_lsn = %start_lsn,
+        postgres = %params.describe(),
+        brokers = %config.kafka.brokers,
+        "walship starting"
+    );
+    let mut attempt: u32 = 0;
+    loop {
+        let started = Instant::now();
+        let result = session(config, &params, password.as_ref(), &settings, cancel).await;
+        match result {
+            Ok(()) => return Ok(()),
+            Err(e) if e.is_transient() && !cancel.is_cancelled() => {
+                if started.elapsed() >= HEALTHY_AFTER {
+                    attempt = 0;
+                }
+                let delay = backoff(attempt);
+                attempt = attempt.saturating_add(1);
+                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, attempt, "transient error; reconnecting");
+                tokio::select! {
+                    _ = cancel.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+            Err(e) if e.is_transient() => return Ok(()),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn backoff(attempt: u32) -> Duration {
+    let cap = BACKOFF_MIN
+        .saturating_mul(1u32 << attempt.min(16))
+        .min(BACKOFF_MAX);
+    let jittered = rand::rng().random_range(cap.as_millis() as u64 / 2..=cap.as_millis() as u64);
+    Duration::from_millis(jittered)
+}
+
+/// Checks and prepares the database; returns the slot's confirmed position.
+async fn preflight(
+    config: &Config,
+    params: &ConnectParams,
+    password: Option<&Secret>,
+) -> Result<pgoutput::Lsn, Error> {
+    let client = slot::connect(params, password.map(|p| p.expose().as_bytes())).await?;
+    slot::check_wal_level(&client).await?;
+    let spec = config.outbox_spec();
+    slot::ensure_publication(
+        &client,
+        &config.postgres.publication,
+        &spec.table,
+        config.postgres.create_publication,
+    )
+    .await?;
+    let state =
+        slot::ensure_slot(&client, &config.postgres.slot, config.postgres.create_slot).await?;
+    Ok(state.confirmed_flush_lsn.unwrap_or_default())
+}
+
+/// One streaming session from the slot's confirmed position.
+async fn session(
+    config: &Config,
+    params: &ConnectParams,
+    password: Option<&Secret>,
+    settings: &walship_kafka::SinkSettings,
+    cancel: &CancellationToken,
+) -> Result<(), Error> {
+    let pw = password.map(|p| p.expose().as_bytes());
+    // Read the confirmed position first: it seeds the tracker so the first status update never
+    // reports less than what is already confirmed. A slot that vanished since preflight is a
+    // definite error (never re-created silently).
+    let client = slot::connect(params, pw).await?;
+    let state = slot::slot_state(&client, &config.postgres.slot).await?.ok_or_else(|| {
+        walship_postgres::PgError::Setup(format!(
+            "replication slot {:?} disappeared while walship was running; it will not be re-created \
+             automatically because that would skip every event committed since it was dropped. \
+             Reconcile the outbox with Kafka, then restart walship to create a new slot",
+            config.postgres.slot
+        ))
+    })?;
+    slot::validate_slot(&state)?;
+    drop(client);
+    let start = state.confirmed_flush_lsn.unwrap_or_default();
+
+    let progress = Arc::new(Progress::new(start));
+    let sink = Sink::new(settings.clone(), Arc::clone(&progress))
+        .map_err(|e| Error::Producer(e.to_string()))?;
+    let publication = format!("\"{}\"", config.postgres.publication.replace('"', "\"\""));
+    let options = [
+        ("proto_version", "1"),
+        ("publication_names", publication.as_str()),
+        ("messages", "true"),
+    ];
+    let stream = ReplicationStream::start(
+        params,
+        pw,
+        "walship",
+        &config.postgres.slot,
+        pgoutput::Lsn::ZERO,
+        &options,
+    )
+    .await?;
+    tracing::info!(from = %start, "streaming");
+    let router = TopicRouter::new(&config.outbox.topic)
+        .map_err(|e| Error::Config(crate::config::ConfigError(e.to_string())))?;
+    let session = Session::new(
+        stream,
+        Relations::new(config.outbox_spec()),
+        router,
+        sink,
+        Arc::clone(&progress),
+        config.status_interval(),
+        config.shutdown_timeout(),
+    );
+    session.run(cancel).await.map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        for attempt in 0..40 {
+            let d = backoff(attempt);
+            assert!(d <= BACKOFF_MAX, "{d:?}");
+            assert!(d >= BACKOFF_MIN / 2, "{d:?}");
+        }
+        assert!(backoff(20) >= BACKOFF_MAX / 2);
+    }
+}

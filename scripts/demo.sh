@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# The demo, from a fresh machine: installs what is missing, starts a private PostgreSQL and a
+# broker, runs walship, writes outbox events for a few aggregates and prints them consumed in
+# order. Everything runs under .walship-demo/ and is stopped on exit.
+#
+#   scripts/demo.sh                       broker: tansu if installed, else librdkafka's mock cluster
+#   WALSHIP_DEMO_BROKER=tansu scripts/demo.sh   build/use the tansu broker (first build 10-25 min)
+#   WALSHIP_DEMO_BROKER=mock scripts/demo.sh    always use the mock cluster (starts in seconds)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root="$(pwd)"
+export PATH="$HOME/.cargo/bin:$PATH"
+
+mode="${WALSHIP_DEMO_BROKER:-auto}"
+if [ "$mode" = auto ]; then
+  if command -v tansu >/dev/null; then mode=tansu; else mode=mock; fi
+fi
+if [ "$mode" = tansu ]; then scripts/setup.sh; else scripts/setup.sh --no-broker; fi
+
+echo "[demo] building walship (release) ..."
+cargo build --release --locked -p walship --bin walship --example demo_events --example mock_broker 2>&1 | tail -n 2
+
+demo="$root/.walship-demo"
+rm -rf "$demo"; mkdir -p "$demo"
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+pg_bin="$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n1)"
+as_pg=()
+if [ "$(id -u)" -eq 0 ]; then chown postgres "$demo"; as_pg=(runuser -u postgres --); fi
+
+pids=()
+cleanup() {
+  set +e
+  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null; done
+  for p in "${pids[@]}"; do wait "$p" 2>/dev/null; done
+  "${as_pg[@]}" "$pg_bin/pg_ctl" stop -D "$demo/pg" -m fast >/dev/null 2>&1
+}
+trap cleanup EXIT
+
+pg_port="$(free_port)"
+echo "[demo] starting PostgreSQL on 127.0.0.1:$pg_port (wal_level=logical)"
+"${as_pg[@]}" "$pg_bin/initdb" -D "$demo/pg" -U postgres --auth=trust -E UTF8 --locale=C >/dev/null
+"${as_pg[@]}" "$pg_bin/pg_ctl" start -w -D "$demo/pg" -l "$demo/postgres.log" \
+  -o "-p $pg_port -k $demo -c listen_addresses=127.0.0.1 -c wal_level=logical" >/dev/null
+psql_() { psql -q -h 127.0.0.1 -p "$pg_port" -U postgres "$@"; }
+psql_ -d postgres -c "CREATE DATABASE demo"
+psql_ -d demo -f sql/outbox.sql
+
+if [ "$mode" = tansu ]; then
+  kafka_port="$(free_port)"
+  bootstrap="127.0.0.1:$kafka_port"
+  echo "[demo] starting the tansu broker on $bootstrap"
+  tansu broker --listener-url "tcp://$bootstrap" --advertised-listener-url "tcp://$bootstrap" \
+    --storage-engine memory://tansu/ >"$demo/broker.log" 2>&1 &
+  pids+=($!)
+  for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$kafka_port") 2>/dev/null && break; sleep 0.1; done
+else
+  echo "[demo] starting librdkafka's mock Kafka cluster (set WALSHIP_DEMO_BROKER=tansu for a real broker)"
+  target/release/examples/mock_broker 1 >"$demo/broker.addr" 2>"$demo/broker.log" &
+  pids+=($!)
+  for _ in $(seq 100); do [ -s "$demo/broker.addr" ] && break; sleep 0.1; done
+  bootstrap="$(head -n1 "$demo/broker.addr")"
+fi
+
+cat >"$demo/walship.toml" <<TOML
+[postgres]
+url = "postgres://postgres@127.0.0.1:$pg_port/demo"
+
+[kafka]
+brokers = "$bootstrap"
+topic_partitions = 3
+TOML
+echo "[demo] starting walship (log: .walship-demo/walship.log)"
+target/release/walship run --config "$demo/walship.toml" >"$demo/walship.log" 2>&1 &
+walship_pid=$!
+pids=("$walship_pid" "${pids[@]}")
+for _ in $(seq 300); do
+  active="$(psql_ -d demo -tAc "SELECT count(*) FROM pg_replication_slots WHERE slot_name='walship' AND active")"
+  [ "$active" = 1 ] && break
+  kill -0 "$walship_pid" 2>/dev/null || { cat "$demo/walship.log"; echo "[demo] walship exited"; exit 1; }
+  sleep 0.1
+done
+
+target/release/examples/demo_events "postgres://postgres@127.0.0.1:$pg_port/demo" "$bootstrap"
+echo "[demo] slot position: $(psql_ -d demo -tAc "SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name='walship'")"

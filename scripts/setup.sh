@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Installs what walship's build, tests and demo need, idempotently; safe to run again.
+#
+#   scripts/setup.sh            build tools + PostgreSQL server binaries + the tansu broker
+#   scripts/setup.sh --no-broker   skip the broker (the demo then uses librdkafka's mock cluster)
+#
+# Cached: the tansu binary lives in ~/.cargo/bin and is only built when missing or the wrong
+# version (about 10-25 minutes on a 2-core machine).
+set -euo pipefail
+
+TANSU_VERSION="0.6.0"
+want_broker=1
+for arg in "$@"; do
+  case "$arg" in
+    --no-broker) want_broker=0 ;;
+    *) echo "setup.sh: unknown option $arg" >&2; exit 2 ;;
+  esac
+done
+
+log() { printf '[setup] %s\n' "$*" >&2; }
+
+sudo_if_needed() {
+  if [ "$(id -u)" -eq 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else
+    log "need root to run: $*"; exit 1; fi
+}
+
+# --- Debian packages --------------------------------------------------------------------------
+have_pg_server() { compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null; }
+missing=()
+command -v cc >/dev/null || missing+=(build-essential)
+command -v make >/dev/null || missing+=(make)
+command -v pkg-config >/dev/null || missing+=(pkg-config)
+command -v python3 >/dev/null || missing+=(python3)
+have_pg_server || missing+=(postgresql)
+command -v psql >/dev/null || missing+=(postgresql-client)
+command -v pg_recvlogical >/dev/null || missing+=(postgresql-client)
+if [ ${#missing[@]} -gt 0 ]; then
+  log "installing Debian packages: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  sudo_if_needed apt-get update -qq
+  sudo_if_needed apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+# The Debian package starts a cluster of its own; walship's harness starts private ones.
+if [ "$(id -u)" -eq 0 ] && ! id postgres >/dev/null 2>&1; then
+  log "creating the 'postgres' system user (initdb refuses to run as root)"
+  useradd --system --home-dir /var/lib/postgresql --shell /bin/bash postgres
+fi
+
+# --- Rust toolchain components ------------------------------------------------------------------
+if ! command -v cargo >/dev/null; then
+  log "cargo not found: install Rust (rustup) first"; exit 1
+fi
+rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy rustfmt >/dev/null 2>&1 || true
+
+# --- the broker ---------------------------------------------------------------------------------
+if [ "$want_broker" -eq 1 ]; then
+  tansu_bin="$(command -v tansu || echo "$HOME/.cargo/bin/tansu")"
+  if [ -x "$tansu_bin" ] && "$tansu_bin" --version 2>/dev/null | grep -q "$TANSU_VERSION"; then
+    log "tansu $TANSU_VERSION present: $tansu_bin"
+  else
+    log "building the tansu broker $TANSU_VERSION (cargo install; 10-25 minutes, cached in ~/.cargo/bin)"
+    cargo install tansu --version "$TANSU_VERSION" --locked --features dynostore
+  fi
+fi
+log "ready"

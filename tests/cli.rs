@@ -1,0 +1,119 @@
+//! The binary: configuration errors exit non-zero naming the problem; SIGTERM drains.
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use crate::harness::{self, Row, TIMEOUT, TestDb, broker, consume, insert_txn, topic};
+
+fn walship() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_walship"));
+    for (k, _) in std::env::vars() {
+        if k.starts_with("WALSHIP_") {
+            c.env_remove(k);
+        }
+    }
+    c
+}
+
+fn run_with_config(text: &str) -> (i32, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("walship.toml");
+    std::fs::write(&path, text).unwrap();
+    let out = walship()
+        .args(["run", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn missing_required_key_exits_2_naming_it() {
+    let (code, err) = run_with_config("[postgres]\nurl = \"postgres://a@127.0.0.1/x\"\n[kafka]\n");
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("missing field `brokers`"), "{err}");
+}
+
+#[test]
+fn unknown_key_exits_2_naming_it() {
+    let (code, err) = run_with_config(
+        "[postgres]\nurl = \"postgres://a@127.0.0.1/x\"\nslott = \"x\"\n[kafka]\nbrokers = \"127.0.0.1:1\"\n",
+    );
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("unknown field `slott`"), "{err}");
+}
+
+#[test]
+fn missing_config_file_exits_2_naming_it() {
+    let out = walship()
+        .args(["run", "--config", "/nonexistent/walship.toml"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("/nonexistent/walship.toml"), "{err}");
+}
+
+#[test]
+fn unreachable_database_exits_1_naming_it() {
+    let port = harness::process::free_port();
+    let (code, err) = run_with_config(&format!(
+        "[postgres]\nurl = \"postgres://walship@127.0.0.1:{port}/app?connect_timeout=5\"\n[kafka]\nbrokers = \"127.0.0.1:1\"\n"
+    ));
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains(&format!("127.0.0.1:{port}")),
+        "names the server: {err}"
+    );
+    assert!(!err.contains("password"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_confirms_and_exits_0() {
+    let mut db = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("walship.toml");
+    std::fs::write(&path, harness::config_toml(&db, &broker().bootstrap, "")).unwrap();
+    let child = walship()
+        .args(["run", "--config"])
+        .arg(&path)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    db.await_streaming().await;
+
+    for i in 0..50 {
+        insert_txn(&mut db.client, &[Row::new("order", "sig", i)]).await;
+    }
+    let end = db.current_lsn().await;
+    db.await_confirmed(end, TIMEOUT).await;
+    assert_eq!(
+        consume(
+            &broker().bootstrap,
+            &[&topic(&db, "order")],
+            50,
+            TIMEOUT,
+            Duration::ZERO
+        )
+        .len(),
+        50
+    );
+
+    let pid = i32::try_from(child.id()).unwrap();
+    #[allow(unsafe_code)]
+    // SAFETY: sending a signal to our own child process.
+    let rc = unsafe { libc::kill(pid, libc::SIGTERM) };
+    assert_eq!(rc, 0);
+    let status = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let err = String::from_utf8_lossy(&status.stderr);
+    assert_eq!(status.status.code(), Some(0), "{err}");
+    assert!(err.contains("SIGTERM"), "{err}");
+    // The walsender is gone and the final position stays confirmed.
+    assert!(db.confirmed_lsn().await >= end);
+}

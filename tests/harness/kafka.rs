@@ -1,0 +1,233 @@
+//! A real Kafka-protocol broker process (tansu) and an rdkafka consumer for assertions.
+//!
+//! One broker is shared by the tests of a process (each test uses its own topics);
+//! [`Broker::dedicated`] starts a private one for tests that stop it. `WALSHIP_TEST_KAFKA` names
+//! an external broker instead (e.g. Apache Kafka or Redpanda) for the shared one.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+
+use rdkafka::Message;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Headers;
+use rdkafka::{Offset, TopicPartitionList};
+
+use super::process::{free_port, spawn_owned, wait_for_port};
+
+/// The tansu binary: `WALSHIP_TANSU_BIN`, `tansu` on PATH, or `~/.cargo/bin/tansu`.
+pub fn tansu_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("WALSHIP_TANSU_BIN") {
+        return PathBuf::from(p);
+    }
+    let on_path = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|d| d.join("tansu"))
+        .find(|p| p.exists());
+    let home = std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo/bin/tansu"));
+    on_path.or(home.filter(|p| p.exists())).expect(
+        "the tansu broker is not installed: run scripts/setup.sh (cargo install tansu), or set \
+         WALSHIP_TEST_KAFKA to an external broker",
+    )
+}
+
+/// A broker process (or an external broker).
+pub struct Broker {
+    pub port: u16,
+    pub bootstrap: String,
+    child: Mutex<Option<Child>>,
+    external: bool,
+}
+
+impl Broker {
+    fn spawn_at(port: u16) -> Child {
+        let url = format!("tcp://127.0.0.1:{port}");
+        let log = std::env::temp_dir().join(format!(
+            "walship-test-tansu-{}-{port}.log",
+            std::process::id()
+        ));
+        let log = std::fs::File::create(log).expect("broker log");
+        let mut cmd = Command::new(tansu_bin());
+        cmd.args([
+            "broker",
+            "--listener-url",
+            &url,
+            "--advertised-listener-url",
+            &url,
+            "--storage-engine",
+            "memory://tansu/",
+        ])
+        .env_remove("CLUSTER_ID")
+        .env_remove("LISTENER_URL")
+        .env_remove("ADVERTISED_LISTENER_URL")
+        .env_remove("STORAGE_ENGINE")
+        .stdout(Stdio::null())
+        .stderr(log);
+        let child = spawn_owned(cmd, libc::SIGKILL).expect("start tansu");
+        wait_for_port(port, "tansu", Duration::from_secs(30));
+        child
+    }
+
+    /// A broker process of the caller's own.
+    pub fn dedicated() -> Broker {
+        let port = free_port();
+        let child = Self::spawn_at(port);
+        Broker {
+            port,
+            bootstrap: format!("127.0.0.1:{port}"),
+            child: Mutex::new(Some(child)),
+            external: false,
+        }
+    }
+
+    /// Kills the broker process (an outage; its in-memory data is gone).
+    pub fn stop(&self) {
+        assert!(!self.external, "cannot stop an external broker");
+        if let Some(mut c) = self.child.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts the broker again on the same port.
+    pub fn start(&self) {
+        let child = Self::spawn_at(self.port);
+        *self.child.lock().unwrap_or_else(|e| e.into_inner()) = Some(child);
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if !self.external {
+            self.stop();
+        }
+    }
+}
+
+/// The broker shared by the tests of this process.
+pub fn broker() -> &'static Broker {
+    static BROKER: OnceLock<Broker> = OnceLock::new();
+    BROKER.get_or_init(|| match std::env::var("WALSHIP_TEST_KAFKA") {
+        Ok(bootstrap) => Broker {
+            port: 0,
+            bootstrap,
+            child: Mutex::new(None),
+            external: true,
+        },
+        Err(_) => Broker::dedicated(),
+    })
+}
+
+/// A consumed record.
+#[derive(Debug, Clone)]
+pub struct Consumed {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Vec<u8>,
+    pub payload: Option<Vec<u8>>,
+    pub headers: HashMap<String, Vec<u8>>,
+    pub timestamp_ms: Option<i64>,
+}
+
+impl Consumed {
+    pub fn key_str(&self) -> String {
+        String::from_utf8_lossy(&self.key).into_owned()
+    }
+
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers
+            .get(name)
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(self.payload.as_deref().expect("payload")).expect("payload is JSON")
+    }
+}
+
+/// Reads `topics` from the beginning until `expected` records arrived, then keeps reading until
+/// the topics stay quiet for `settle`, so duplicates are seen too. Panics after `timeout`.
+pub fn consume(
+    bootstrap: &str,
+    topics: &[&str],
+    expected: usize,
+    timeout: Duration,
+    settle: Duration,
+) -> Vec<Consumed> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", format!("walship-test-{}", uuid::Uuid::new_v4()))
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false")
+        .set("log_level", "3")
+        .create()
+        .expect("consumer");
+    let deadline = std::time::Instant::now() + timeout;
+    let mut tpl = TopicPartitionList::new();
+    for topic in topics {
+        let partitions = loop {
+            let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(5));
+            if let Ok(md) = md
+                && let Some(t) = md
+                    .topics()
+                    .iter()
+                    .find(|t| t.name() == *topic && t.error().is_none())
+                && !t.partitions().is_empty()
+            {
+                break t.partitions().iter().map(|p| p.id()).collect::<Vec<_>>();
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "topic {topic} did not appear within {timeout:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        for p in partitions {
+            tpl.add_partition_offset(topic, p, Offset::Beginning)
+                .expect("add partition");
+        }
+    }
+    consumer.assign(&tpl).expect("assign");
+    let mut out = Vec::new();
+    let mut quiet_since = std::time::Instant::now();
+    loop {
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) => {
+                let mut headers = HashMap::new();
+                if let Some(h) = m.headers() {
+                    for hdr in h.iter() {
+                        headers.insert(
+                            hdr.key.to_owned(),
+                            hdr.value.map(<[u8]>::to_vec).unwrap_or_default(),
+                        );
+                    }
+                }
+                out.push(Consumed {
+                    topic: m.topic().to_owned(),
+                    partition: m.partition(),
+                    offset: m.offset(),
+                    key: m.key().map(<[u8]>::to_vec).unwrap_or_default(),
+                    payload: m.payload().map(<[u8]>::to_vec),
+                    headers,
+                    timestamp_ms: m.timestamp().to_millis(),
+                });
+                quiet_since = std::time::Instant::now();
+            }
+            Some(Err(e)) => eprintln!("consumer error (retrying): {e}"),
+            None => {}
+        }
+        if out.len() >= expected && quiet_since.elapsed() >= settle {
+            return out;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "consumed {} of {expected} records from {topics:?} within {timeout:?}",
+            out.len()
+        );
+    }
+}

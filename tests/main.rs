@@ -1,0 +1,11 @@
+//! End-to-end tests against a real PostgreSQL server and a real Kafka-protocol broker.
+//!
+//! All integration tests compile into this one binary so the cluster and the broker start once
+//! per run. See `harness` for how they are started and how to point the tests elsewhere.
+
+// Test code: a panic is how a check fails.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
+
+mod cli;
+mod harness;
+mod relay;
