@@ -68,7 +68,11 @@ impl FromStr for Lsn {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let err = || ParseLsnError(s.to_owned());
         let (hi, lo) = s.split_once('/').ok_or_else(err)?;
-        if hi.is_empty() || lo.is_empty() || hi.len() > 8 || lo.len() > 8 {
+        // Hex digits only, as PostgreSQL's pg_lsn input: `from_str_radix` alone would also take
+        // a leading `+`.
+        let hex =
+            |p: &str| !p.is_empty() && p.len() <= 8 && p.bytes().all(|b| b.is_ascii_hexdigit());
+        if !hex(hi) || !hex(lo) {
             return Err(err());
         }
         let hi = u32::from_str_radix(hi, 16).map_err(|_| err())?;
@@ -109,6 +113,12 @@ mod tests {
             "1/2/3",
             "123456789/0",
             "-1/0",
+            // Regression: `u32::from_str_radix` accepts a sign, PostgreSQL does not.
+            "+1/0",
+            "1/+0",
+            "+/0",
+            " 1/0",
+            "1/0 ",
         ] {
             assert!(s.parse::<Lsn>().is_err(), "{s:?} parsed");
         }

@@ -35,6 +35,39 @@ pub enum Message {
     StreamPrepare(Prepare),
 }
 
+impl Message {
+    /// The message's type byte on the wire (`b'I'` for Insert, …); see
+    /// [`message_type_name`](crate::message_type_name) for its name.
+    ///
+    /// ```
+    /// use pgoutput::Message;
+    /// assert_eq!(Message::StreamStop.message_type(), b'E');
+    /// ```
+    pub fn message_type(&self) -> u8 {
+        match self {
+            Message::Begin(_) => b'B',
+            Message::Commit(_) => b'C',
+            Message::Origin(_) => b'O',
+            Message::Relation(_) => b'R',
+            Message::Type(_) => b'Y',
+            Message::Insert(_) => b'I',
+            Message::Update(_) => b'U',
+            Message::Delete(_) => b'D',
+            Message::Truncate(_) => b'T',
+            Message::Message(_) => b'M',
+            Message::StreamStart(_) => b'S',
+            Message::StreamStop => b'E',
+            Message::StreamCommit(_) => b'c',
+            Message::StreamAbort(_) => b'A',
+            Message::BeginPrepare(_) => b'b',
+            Message::Prepare(_) => b'P',
+            Message::CommitPrepared(_) => b'K',
+            Message::RollbackPrepared(_) => b'r',
+            Message::StreamPrepare(_) => b'p',
+        }
+    }
+}
+
 /// Begin ('B'): a transaction starts; its changes follow, then [`Commit`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Begin {
@@ -227,7 +260,8 @@ pub struct StreamAbort {
     pub xid: u32,
     /// Aborted subtransaction id (equal to `xid` when the whole transaction aborted).
     pub subxid: u32,
-    /// Abort LSN and timestamp, sent with protocol v4 (parallel streaming).
+    /// Abort LSN and timestamp: sent with protocol v4 and `streaming 'parallel'` only (a v4
+    /// stream with `streaming 'on'` gets the short form, and this is `None`).
     pub abort: Option<(Lsn, PgTimestamp)>,
 }
 

@@ -14,8 +14,13 @@ pub(crate) struct Reader<'a> {
 }
 
 impl<'a> Reader<'a> {
-    pub(crate) fn new(buf: &'a [u8], tag: u8) -> Self {
-        Self { buf, pos: 0, tag }
+    /// A reader over `buf` starting at offset `pos` (offsets stay relative to `buf`).
+    pub(crate) fn new(buf: &'a [u8], pos: usize, tag: u8) -> Self {
+        Self {
+            buf,
+            pos: pos.min(buf.len()),
+            tag,
+        }
     }
 
     pub(crate) fn err(&self, field: &'static str, kind: ErrorKind) -> DecodeError {
