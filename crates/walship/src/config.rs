@@ -162,12 +162,17 @@ pub struct RunConfig {
     /// On shutdown, how long to wait for in-flight records to be acknowledged.
     #[serde(default = "default_shutdown_timeout_ms")]
     pub shutdown_timeout_ms: u64,
+    /// Most events handed to the producer and not yet acknowledged. When reached, walship stops
+    /// reading until half of them are acknowledged (bounded memory, batched wake-ups).
+    #[serde(default = "default_max_in_flight_events")]
+    pub max_in_flight_events: u64,
 }
 
 impl Default for RunConfig {
     fn default() -> Self {
         RunConfig {
             shutdown_timeout_ms: default_shutdown_timeout_ms(),
+            max_in_flight_events: default_max_in_flight_events(),
         }
     }
 }
@@ -216,6 +221,9 @@ fn default_replication_factor() -> i32 {
 }
 fn default_shutdown_timeout_ms() -> u64 {
     30_000
+}
+fn default_max_in_flight_events() -> u64 {
+    20_000
 }
 
 /// Prefix of environment overrides: `WALSHIP_KAFKA__BROKERS` sets `kafka.brokers`.
@@ -309,6 +317,9 @@ impl Config {
             return Err(ConfigError(
                 "kafka.brokers must list at least one host:port".into(),
             ));
+        }
+        if self.run.max_in_flight_events < 2 {
+            return Err(ConfigError("run.max_in_flight_events must be at least 2".into()));
         }
         if self.kafka.topic_partitions < 1 {
             return Err(ConfigError(

@@ -27,6 +27,9 @@ use walship_postgres::{Frame, OutboxRow, PgError, Relations, ReplicationStream};
 use crate::error::Error;
 use crate::progress::{Progress, TxnToken};
 
+/// Least time between two standby status updates that report a new position.
+const MIN_STATUS_GAP: Duration = Duration::from_millis(10);
+
 /// The transaction currently being decoded.
 struct OpenTxn {
     begin: Begin,
@@ -53,9 +56,10 @@ pub struct Session {
     pub(crate) progress: Arc<Progress>,
     pub(crate) status_interval: Duration,
     pub(crate) shutdown_timeout: Duration,
+    pub(crate) max_in_flight: u64,
     txn: Option<OpenTxn>,
     last_reported: Lsn,
-    next_status: Instant,
+    last_status_at: Instant,
     stats: SessionStats,
     /// Set once cancellation is seen: finish the open transaction by then.
     stop_deadline: Option<Instant>,
@@ -74,6 +78,7 @@ impl Session {
         progress: Arc<Progress>,
         status_interval: Duration,
         shutdown_timeout: Duration,
+        max_in_flight: u64,
     ) -> Self {
         Session {
             stream,
@@ -85,8 +90,9 @@ impl Session {
             progress,
             status_interval,
             shutdown_timeout,
+            max_in_flight: max_in_flight.max(2),
             txn: None,
-            next_status: Instant::now() + status_interval,
+            last_status_at: Instant::now(),
             stats: SessionStats::default(),
             stop_deadline: None,
             abandoned: false,
@@ -118,17 +124,21 @@ impl Session {
             if self.stop_deadline.is_some_and(|d| Instant::now() >= d) {
                 return self.shutdown().await;
             }
-            if Instant::now() >= self.next_status {
+            if Instant::now() >= self.status_due() {
                 self.report(false).await?;
             }
-            let wake = self
-                .stop_deadline
-                .map_or(self.next_status, |d| d.min(self.next_status));
+            let due = self.status_due();
+            let wake = self.stop_deadline.map_or(due, |d| d.min(due));
             let stopping = self.stop_deadline.is_some();
+            let nothing_to_report = self.progress.safe_lsn() <= self.last_reported;
+            let progress = Arc::clone(&self.progress);
             tokio::select! {
                 biased;
                 _ = cancel.cancelled(), if !stopping => {}
                 r = self.stream.fill() => r?,
+                // Idle and caught up: report a newly safe position promptly, not a whole
+                // status interval later.
+                _ = progress.wait_for_advance(self.last_reported), if nothing_to_report => {}
                 _ = tokio::time::sleep_until(wake) => {}
             }
         }
@@ -270,44 +280,40 @@ impl Session {
             }
         };
         loop {
-            match self.sink.send(&record, token as usize) {
-                Ok(()) => break,
-                Err(SendError::QueueFull) => {
-                    // Backpressure: stop reading until deliveries free space, but keep the
-                    // walsender informed so it does not time us out.
-                    self.check_failure()?;
-                    if cancel.is_cancelled() && self.stop_deadline.is_none() {
-                        self.stop_deadline = Some(Instant::now() + self.shutdown_timeout);
+            if self.progress.in_flight() < self.max_in_flight {
+                match self.sink.send(&record, token as usize) {
+                    Ok(()) => {
+                        self.progress.note_sent();
+                        break;
                     }
-                    if self.stop_deadline.is_some_and(|d| Instant::now() >= d) {
-                        // Out of time: this event was not sent. Its transaction is never
-                        // sealed, so the confirmed position stays before it and the whole
-                        // transaction is read again on the next start.
-                        self.abandoned = true;
-                        return Ok(());
+                    Err(SendError::QueueFull) => {}
+                    Err(SendError::Rejected { topic, error }) => {
+                        return Err(match walship_kafka::sink::classify(&error) {
+                            walship_kafka::ErrorClass::Transient => {
+                                Error::Delivery(walship_kafka::DeliveryError { topic, partition: -1, error })
+                            }
+                            _ => Error::Producer(format!("record at LSN {lsn} for topic {topic:?}: {error}")),
+                        });
                     }
-                    if Instant::now() >= self.next_status {
-                        self.report(false).await?;
-                    }
-                    self.progress
-                        .wait_for_delivery(Duration::from_millis(100))
-                        .await;
-                }
-                Err(SendError::Rejected { topic, error }) => {
-                    return Err(match walship_kafka::sink::classify(&error) {
-                        walship_kafka::ErrorClass::Transient => {
-                            Error::Delivery(walship_kafka::DeliveryError {
-                                topic,
-                                partition: -1,
-                                error,
-                            })
-                        }
-                        _ => Error::Producer(format!(
-                            "record at LSN {lsn} for topic {topic:?}: {error}"
-                        )),
-                    });
                 }
             }
+            // Backpressure: stop reading until half the in-flight window is acknowledged, but
+            // keep the walsender informed so it does not time us out.
+            self.check_failure()?;
+            if cancel.is_cancelled() && self.stop_deadline.is_none() {
+                self.stop_deadline = Some(Instant::now() + self.shutdown_timeout);
+            }
+            if self.stop_deadline.is_some_and(|d| Instant::now() >= d) {
+                // Out of time: this event was not sent. Its transaction is never
+                // sealed, so the confirmed position stays before it and the whole
+                // transaction is read again on the next start.
+                self.abandoned = true;
+                return Ok(());
+            }
+            if Instant::now() >= self.status_due() {
+                self.report(false).await?;
+            }
+            self.progress.wait_for_room(self.max_in_flight / 2, Duration::from_millis(100)).await;
         }
         if let Some(txn) = self.txn.as_mut() {
             txn.sent += 1;
@@ -325,11 +331,21 @@ impl Session {
         Ok(())
     }
 
+    /// When the next standby status is due: soon after the safe position moved (at most one
+    /// every [`MIN_STATUS_GAP`]), else after the configured interval as a heartbeat.
+    fn status_due(&self) -> Instant {
+        if self.progress.safe_lsn() > self.last_reported {
+            self.last_status_at + MIN_STATUS_GAP
+        } else {
+            self.last_status_at + self.status_interval
+        }
+    }
+
     async fn report(&mut self, reply_requested: bool) -> Result<(), Error> {
         let safe = self.progress.safe_lsn();
         self.stream.send_status(safe, reply_requested).await?;
         self.last_reported = safe;
-        self.next_status = Instant::now() + self.status_interval;
+        self.last_status_at = Instant::now();
         Ok(())
     }
 

@@ -53,10 +53,20 @@ pub struct Progress {
     state: Mutex<State>,
     safe: AtomicU64,
     acked_events: AtomicU64,
+    /// Events handed to the producer (by the pipeline).
+    sent_events: AtomicU64,
+    /// Events whose outcome the producer reported (acknowledged or failed).
+    reported_events: AtomicU64,
     failed: AtomicBool,
     failure: Mutex<Option<DeliveryError>>,
-    waiting: AtomicBool,
-    wake: Notify,
+    /// While the pipeline waits for room: wake it once in-flight events drop to this many.
+    /// `u64::MAX` when nobody waits. Waking at a low-water mark instead of on every delivery
+    /// turns a context switch per record into one per half window.
+    wake_at_in_flight: AtomicU64,
+    room: Notify,
+    /// Set while the pipeline waits for the safe position to move (to report it promptly).
+    want_advance: AtomicBool,
+    advanced: Notify,
 }
 
 /// A token identifying one transaction's entry (passed to the producer with each event).
@@ -65,7 +75,7 @@ pub type TxnToken = u64;
 impl Progress {
     /// A tracker whose safe position starts at the slot's confirmed position.
     pub fn new(start: Lsn) -> Self {
-        let p = Progress::default();
+        let p = Progress { wake_at_in_flight: AtomicU64::new(u64::MAX), ..Progress::default() };
         p.safe.store(start.0, Ordering::Release);
         if let Ok(mut s) = p.state.lock() {
             s.safe = start;
@@ -87,6 +97,17 @@ impl Progress {
     /// Events acknowledged so far.
     pub fn acked_events(&self) -> u64 {
         self.acked_events.load(Ordering::Relaxed)
+    }
+
+    /// Records one event handed to the producer.
+    pub fn note_sent(&self) {
+        self.sent_events.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Events handed to the producer whose outcome is not reported yet.
+    pub fn in_flight(&self) -> u64 {
+        let reported = self.reported_events.load(Ordering::Acquire);
+        self.sent_events.load(Ordering::Acquire).saturating_sub(reported)
     }
 
     /// Transactions waiting for acknowledgements (or still open).
@@ -171,6 +192,9 @@ impl Progress {
         }
         if moved {
             self.safe.store(s.safe.0, Ordering::Release);
+            if self.want_advance.load(Ordering::Acquire) {
+                self.advanced.notify_one();
+            }
         }
     }
 
@@ -187,12 +211,29 @@ impl Progress {
             .take()
     }
 
-    /// Waits until some delivery is reported (or `timeout` passes): used while the producer
-    /// queue is full.
-    pub async fn wait_for_delivery(&self, timeout: std::time::Duration) {
-        self.waiting.store(true, Ordering::Release);
-        let _ = tokio::time::timeout(timeout, self.wake.notified()).await;
-        self.waiting.store(false, Ordering::Release);
+    /// Waits until at most `low_water` events are in flight, a delivery fails, or `timeout`
+    /// passes. Used for backpressure: the pipeline stops reading meanwhile.
+    pub async fn wait_for_room(&self, low_water: u64, timeout: std::time::Duration) {
+        let notified = self.room.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        self.wake_at_in_flight.store(low_water, Ordering::Release);
+        if self.in_flight() > low_water && !self.has_failed() {
+            let _ = tokio::time::timeout(timeout, notified).await;
+        }
+        self.wake_at_in_flight.store(u64::MAX, Ordering::Release);
+    }
+
+    /// Resolves once the safe position is beyond `reported` (or a delivery failed).
+    pub async fn wait_for_advance(&self, reported: Lsn) {
+        let notified = self.advanced.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        self.want_advance.store(true, Ordering::Release);
+        if self.safe_lsn() <= reported && !self.has_failed() {
+            notified.await;
+        }
+        self.want_advance.store(false, Ordering::Release);
     }
 }
 
@@ -216,10 +257,15 @@ impl DeliveryListener for Progress {
                     *f = Some(e);
                 }
                 self.failed.store(true, Ordering::Release);
+                // Wake any waiter: the pipeline must stop and report the failure.
+                self.room.notify_one();
+                self.advanced.notify_one();
             }
         }
-        if self.waiting.load(Ordering::Acquire) {
-            self.wake.notify_one();
+        let reported = self.reported_events.fetch_add(1, Ordering::AcqRel) + 1;
+        let wake_at = self.wake_at_in_flight.load(Ordering::Acquire);
+        if wake_at != u64::MAX && self.sent_events.load(Ordering::Acquire).saturating_sub(reported) <= wake_at {
+            self.room.notify_one();
         }
     }
 }

@@ -171,6 +171,7 @@ async fn session(
         Arc::clone(&progress),
         config.status_interval(),
         config.shutdown_timeout(),
+        config.run.max_in_flight_events,
     );
     session.run(cancel).await.map(|_| ())
 }

@@ -1,0 +1,300 @@
+#!/usr/bin/env python3
+"""End-to-end benchmark: walship against a real PostgreSQL and a real broker (tansu).
+
+    scripts/bench_e2e.py drain [--events 1000000]   # backlog drain: walship vs pg_recvlogical
+    scripts/bench_e2e.py live  [--rate 5000 --seconds 30]   # commit -> ack latency at a fixed rate
+
+drain: writes N single-row outbox transactions (~150-byte jsonb payload, 5,000 aggregates) while
+two identical pgoutput slots hold them, then times walship draining its slot into Kafka until the
+slot confirms the end, and pg_recvlogical reading the other slot to a file (--endpos). Reports
+events/s for both, the ratio, walship's CPU seconds and peak RSS.
+
+live: walship streams while pgbench writes single-row transactions at a fixed rate; latency is
+walship's own commit->ack measurement (Kafka acknowledgement minus the commit timestamp that
+pgoutput carries), read from its metrics endpoint.
+
+Everything runs in .walship-bench/ under private servers on free ports; nothing is left running.
+Build first: cargo build --release -p walship.
+"""
+import argparse
+import glob
+import json
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORK = os.path.join(ROOT, ".walship-bench")
+PG_BIN = sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(p.split("/")[-2]))[-1]
+WALSHIP = os.path.join(ROOT, "target", "release", "walship")
+TANSU = shutil.which("tansu") or os.path.expanduser("~/.cargo/bin/tansu")
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def as_postgres():
+    if os.geteuid() != 0:
+        return {}
+    pw = pwd.getpwnam("postgres")
+    return {"user": pw.pw_uid, "group": pw.pw_gid}
+
+
+def wait_port(port, what, timeout=30):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    sys.exit(f"{what} did not open port {port}")
+
+
+class Servers:
+    def __init__(self):
+        shutil.rmtree(WORK, ignore_errors=True)
+        os.makedirs(WORK)
+        if os.geteuid() == 0:
+            shutil.chown(WORK, "postgres", "postgres")
+        self.pg_port = free_port()
+        self.kafka_port = free_port()
+        self.data = os.path.join(WORK, "pg")
+        self.procs = []
+        subprocess.run([f"{PG_BIN}/initdb", "-D", self.data, "-U", "postgres", "--auth=trust", "--no-sync",
+                        "-E", "UTF8", "--locale=C"], check=True, stdout=subprocess.DEVNULL, **as_postgres())
+        opts = " ".join(f"-c {s}" for s in [
+            "listen_addresses=127.0.0.1", "wal_level=logical", "max_wal_size=8GB", "checkpoint_timeout=30min",
+            "shared_buffers=512MB", "max_replication_slots=10", "max_wal_senders=10", "synchronous_commit=off",
+        ])
+        subprocess.run([f"{PG_BIN}/pg_ctl", "start", "-w", "-D", self.data, "-l", os.path.join(WORK, "postgres.log"),
+                        "-o", f"-p {self.pg_port} -k {WORK} {opts}"], check=True, stdout=subprocess.DEVNULL,
+                       **as_postgres())
+        url = f"tcp://127.0.0.1:{self.kafka_port}"
+        self.broker = subprocess.Popen([TANSU, "broker", "--listener-url", url, "--advertised-listener-url", url,
+                                        "--storage-engine", "memory://tansu/"],
+                                       stdout=subprocess.DEVNULL, stderr=open(os.path.join(WORK, "broker.log"), "w"))
+        self.procs.append(self.broker)
+        wait_port(self.kafka_port, "tansu")
+        self.psql("postgres", "CREATE DATABASE bench")
+        self.psql("bench", open(os.path.join(ROOT, "sql", "outbox.sql")).read())
+
+    def psql(self, db, sql):
+        out = subprocess.run(["psql", "-q", "-X", "-tA", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1",
+                              "-p", str(self.pg_port), "-U", "postgres", "-d", db, "-c", sql],
+                             check=True, capture_output=True, text=True)
+        return out.stdout.strip()
+
+    def url(self):
+        return f"postgres://postgres@127.0.0.1:{self.pg_port}/bench"
+
+    def stop(self):
+        for p in self.procs:
+            p.kill()
+            p.wait()
+        subprocess.run([f"{PG_BIN}/pg_ctl", "stop", "-D", self.data, "-m", "immediate"],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **as_postgres())
+
+
+INSERT_SQL = """\\set agg random(1, 5000)
+INSERT INTO outbox (aggregatetype, aggregateid, type, payload) VALUES ('order', 'agg-' || :agg, 'OrderUpdated', jsonb_build_object('order', :agg, 'client', :client_id, 'note', repeat('x', 96), 'at', now()));
+"""
+
+
+def pgbench(s, args):
+    script = os.path.join(WORK, "insert.sql")
+    with open(script, "w") as f:
+        f.write(INSERT_SQL)
+    subprocess.run(["pgbench", "-n", "-h", "127.0.0.1", "-p", str(s.pg_port), "-U", "postgres", "-f", script]
+                   + args + ["bench"], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def walship_config(s, slot, metrics_port=None, extra=""):
+    path = os.path.join(WORK, f"walship-{slot}.toml")
+    with open(path, "w") as f:
+        f.write(f"""[postgres]
+url = "{s.url()}"
+slot = "{slot}"
+publication = "walship_outbox"
+
+[kafka]
+brokers = "127.0.0.1:{s.kafka_port}"
+topic_partitions = 6
+""")
+        if metrics_port:
+            f.write(f"\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n")
+        f.write(extra)
+    return path
+
+
+def confirmed(s, slot):
+    v = s.psql("bench", f"SELECT confirmed_flush_lsn - '0/0'::pg_lsn FROM pg_replication_slots WHERE slot_name = '{slot}'")
+    return int(float(v)) if v else 0
+
+
+def timed(cmd, **kw):
+    """Starts cmd under /usr/bin/time; returns (Popen, path of the time report)."""
+    report = os.path.join(WORK, f"time-{len(os.listdir(WORK))}.txt")
+    return subprocess.Popen(["/usr/bin/time", "-f", "%e %U %S %M", "-o", report] + cmd, **kw), report
+
+
+def terminate(timed_proc):
+    """SIGTERM to the program /usr/bin/time runs (time itself would die without a report)."""
+    def descendants(pid):
+        kids = [int(c) for c in open(f"/proc/{pid}/task/{pid}/children").read().split()]
+        return kids + [d for k in kids for d in descendants(k)]
+    # The innermost process is walship (time -> [profiler ->] walship).
+    os.kill(descendants(timed_proc.pid)[-1], signal.SIGTERM)
+    timed_proc.wait()
+
+
+def read_time(report):
+    wall, user, sys_, rss_kb = open(report).read().split()[-4:]
+    return float(wall), float(user) + float(sys_), int(rss_kb) / 1024
+
+
+def drain(args):
+    s = Servers()
+    try:
+        s.psql("bench", "SELECT pg_create_logical_replication_slot('walship', 'pgoutput')")
+        s.psql("bench", "SELECT pg_create_logical_replication_slot('recvlogical', 'pgoutput')")
+        print(f"writing {args.events:,} single-row outbox transactions ...", flush=True)
+        t0 = time.time()
+        clients = 4
+        pgbench(s, ["-c", str(clients), "-j", "2", "-t", str(args.events // clients)])
+        target = int(float(s.psql("bench", "SELECT pg_current_wal_lsn() - '0/0'::pg_lsn")))
+        target_lsn = s.psql("bench", "SELECT pg_current_wal_lsn()")
+        print(f"  written in {time.time() - t0:.1f}s; WAL end {target_lsn}", flush=True)
+        n = args.events // clients * clients
+
+        # walship
+        cfg = walship_config(s, "walship", extra=args.extra)
+        log = open(os.path.join(WORK, "walship.log"), "w")
+        start = time.time()
+        wrap = os.environ.get("WALSHIP_BENCH_WRAP", "").split()
+        proc, report = timed(wrap + [WALSHIP, "run", "--config", cfg], stdout=log, stderr=log)
+        while confirmed(s, "walship") < target:
+            if proc.poll() is not None:
+                sys.exit(f"walship exited early; see {log.name}")
+            time.sleep(0.02)
+        walship_secs = time.time() - start
+        terminate(proc)
+        _, w_cpu, w_rss = read_time(report)
+
+        # pg_recvlogical on the identical slot
+        out = os.path.join(WORK, "recvlogical.out")
+        start = time.time()
+        proc, report = timed(["pg_recvlogical", "-h", "127.0.0.1", "-p", str(s.pg_port), "-U", "postgres",
+                              "-d", "bench", "--slot", "recvlogical", "--start", f"--endpos={target_lsn}",
+                              "-o", "proto_version=1", "-o", "publication_names=walship_outbox", "-f", out],
+                             stderr=subprocess.DEVNULL)
+        proc.wait()
+        recv_secs = time.time() - start
+        _, r_cpu, r_rss = read_time(report)
+
+        result = {
+            "events": n,
+            "walship_events_per_s": round(n / walship_secs),
+            "walship_seconds": round(walship_secs, 2),
+            "walship_cpu_seconds": round(w_cpu, 2),
+            "walship_peak_rss_mb": round(w_rss, 1),
+            "pg_recvlogical_events_per_s": round(n / recv_secs),
+            "pg_recvlogical_seconds": round(recv_secs, 2),
+            "pg_recvlogical_cpu_seconds": round(r_cpu, 2),
+            "pg_recvlogical_peak_rss_mb": round(r_rss, 1),
+            "ratio_walship_over_pg_recvlogical": round(recv_secs / walship_secs, 2),
+        }
+        print(json.dumps(result, indent=2))
+    finally:
+        s.stop()
+
+
+def scrape(port):
+    return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+
+
+def live(args):
+    s = Servers()
+    try:
+        metrics_port = free_port()
+        cfg = walship_config(s, "walship", metrics_port, extra=args.extra)
+        log = open(os.path.join(WORK, "walship.log"), "w")
+        proc, report = timed([WALSHIP, "run", "--config", cfg], stdout=log, stderr=log)
+        deadline = time.time() + 30
+        while s.psql("bench", "SELECT count(*) FROM pg_replication_slots WHERE slot_name='walship' AND active") != "1":
+            if time.time() > deadline or proc.poll() is not None:
+                sys.exit(f"walship did not start streaming; see {log.name}")
+            time.sleep(0.05)
+        # Warm up (topic creation, connections), then reset the measurement window.
+        pgbench(s, ["-c", "1", "-t", "100"])
+        time.sleep(2)
+        before = scrape(metrics_port)
+        print(f"writing {args.rate}/s single-row transactions for {args.seconds}s ...", flush=True)
+        pgbench(s, ["-c", "4", "-j", "2", "-R", str(args.rate), "-T", str(args.seconds)])
+        target = int(float(s.psql("bench", "SELECT pg_current_wal_lsn() - '0/0'::pg_lsn")))
+        while confirmed(s, "walship") < target:
+            time.sleep(0.05)
+        after = scrape(metrics_port)
+        terminate(proc)
+        _, cpu, rss = read_time(report)
+        hist = latency_histogram(before, after)
+        result = {"rate": args.rate, "seconds": args.seconds, **hist,
+                  "walship_cpu_seconds": round(cpu, 2), "walship_peak_rss_mb": round(rss, 1)}
+        print(json.dumps(result, indent=2))
+    finally:
+        s.stop()
+
+
+def latency_histogram(before, after):
+    """Percentiles of walship_commit_to_ack_seconds from the bucket deltas of two scrapes."""
+    def buckets(text):
+        out = {}
+        for line in text.splitlines():
+            if line.startswith("walship_commit_to_ack_seconds_bucket"):
+                le = line.split('le="')[1].split('"')[0]
+                out[float("inf") if le == "+Inf" else float(le)] = float(line.split()[-1])
+        return out
+    b0, b1 = buckets(before), buckets(after)
+    edges = sorted(b1)
+    counts = [b1[e] - b0.get(e, 0) for e in edges]
+    total = counts[-1] if counts else 0
+
+    def pct(p):
+        want = p * total
+        for e, c in zip(edges, counts):
+            if c >= want:
+                return e
+        return float("inf")
+    return {"acked_transactions": int(total), "p50_ms_at_most": pct(0.50) * 1000, "p99_ms_at_most": pct(0.99) * 1000,
+            "max_ms_at_most": pct(1.0) * 1000}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="mode", required=True)
+    d = sub.add_parser("drain")
+    d.add_argument("--events", type=int, default=1_000_000)
+    d.add_argument("--extra", default="", help="extra TOML appended to walship's config")
+    l = sub.add_parser("live")
+    l.add_argument("--rate", type=int, default=5000)
+    l.add_argument("--seconds", type=int, default=30)
+    l.add_argument("--extra", default="")
+    args = ap.parse_args()
+    if not os.path.exists(WALSHIP):
+        sys.exit("build first: cargo build --release -p walship")
+    drain(args) if args.mode == "drain" else live(args)
+
+
+if __name__ == "__main__":
+    main()
