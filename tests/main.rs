@@ -8,4 +8,6 @@
 
 mod cli;
 mod harness;
+mod metrics;
 mod relay;
+mod sql;

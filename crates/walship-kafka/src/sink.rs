@@ -30,8 +30,8 @@ use rdkafka::producer::{
 /// Called on librdkafka's polling thread: implementations must be quick and must not block.
 pub trait DeliveryListener: Send + Sync + 'static {
     /// `token` is the value given to [`Sink::send`]; `result` is final (librdkafka has already
-    /// retried what it could).
-    fn on_delivery(&self, token: usize, result: Result<(), DeliveryError>);
+    /// retried what it could). On success it carries the record's key + value size in bytes.
+    fn on_delivery(&self, token: usize, result: Result<usize, DeliveryError>);
 }
 
 /// What to do about a failed delivery.
@@ -201,7 +201,7 @@ impl<L: DeliveryListener> ProducerContext for Context<L> {
     fn delivery(&self, result: &DeliveryResult<'_>, token: usize) {
         use rdkafka::Message;
         let outcome = match result {
-            Ok(_) => Ok(()),
+            Ok(msg) => Ok(msg.key_len() + msg.payload_len()),
             Err((error, msg)) => Err(DeliveryError {
                 topic: msg.topic().to_owned(),
                 partition: msg.partition(),

@@ -40,6 +40,8 @@ pub enum Command {
         #[arg(long, short, env = "WALSHIP_CONFIG", default_value = "walship.toml")]
         config: PathBuf,
     },
+    /// Print the SQL kit (outbox table, publication, outbox_emit) for a schema.
+    InitSql(crate::init_sql::InitSqlArgs),
 }
 
 fn init_logging(format: LogFormat) {
@@ -76,7 +78,10 @@ pub fn main() -> ExitCode {
     init_logging(cli.log_format);
     // One thread: the pipeline is a single task, and waking it across threads for every socket
     // read costs more than the work; librdkafka runs its own threads for the broker side.
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -84,6 +89,7 @@ pub fn main() -> ExitCode {
         }
     };
     match cli.command {
+        Command::InitSql(args) => crate::init_sql::main(&args),
         Command::Run { config } => {
             let config = match Config::load(&config) {
                 Ok(c) => c,

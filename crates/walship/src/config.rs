@@ -51,6 +51,17 @@ pub struct Config {
     /// Process behaviour.
     #[serde(default)]
     pub run: RunConfig,
+    /// Metrics and health endpoints.
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+}
+
+/// `[metrics]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Address for `/metrics`, `/healthz` and `/readyz` (e.g. `0.0.0.0:9187`); unset = off.
+    pub listen: Option<String>,
 }
 
 /// `[postgres]`
@@ -78,6 +89,11 @@ pub struct PostgresConfig {
     /// Most milliseconds between standby status updates while streaming.
     #[serde(default = "default_status_interval_ms")]
     pub status_interval_ms: u64,
+    /// Every this many milliseconds, write a tiny non-transactional logical message
+    /// (`pg_logical_emit_message(false, 'walship.heartbeat', '')`) so the slot keeps advancing on
+    /// a server whose other databases are busy while the outbox is quiet. 0 = off.
+    #[serde(default)]
+    pub heartbeat_interval_ms: u64,
 }
 
 /// `[outbox]`
@@ -318,8 +334,15 @@ impl Config {
                 "kafka.brokers must list at least one host:port".into(),
             ));
         }
+        if let Some(addr) = &self.metrics.listen {
+            addr.parse::<std::net::SocketAddr>().map_err(|e| {
+                ConfigError(format!("metrics.listen {addr:?} is not a socket address ({e}); expected e.g. \"0.0.0.0:9187\""))
+            })?;
+        }
         if self.run.max_in_flight_events < 2 {
-            return Err(ConfigError("run.max_in_flight_events must be at least 2".into()));
+            return Err(ConfigError(
+                "run.max_in_flight_events must be at least 2".into(),
+            ));
         }
         if self.kafka.topic_partitions < 1 {
             return Err(ConfigError(

@@ -9,15 +9,18 @@
 //! - [`progress`] — the progress tracker: which LSN is safe to confirm.
 //! - [`cli`] — the command line (`walship run`, …); `main.rs` only calls it.
 //! - [`error`] — run errors, transient or definite.
+//! - [`telemetry`] — metrics, `/metrics`, `/healthz`, `/readyz`.
 //!
 //! The protocol code lives in the `pgoutput`, `walship-postgres` and `walship-kafka` crates.
 
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod init_sql;
 pub mod pipeline;
 pub mod progress;
 pub mod run;
+pub mod telemetry;
 
 pub use config::Config;
 pub use error::Error;

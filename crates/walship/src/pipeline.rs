@@ -16,6 +16,7 @@
 //!   walsender) but keeps sending standby status, so `wal_sender_timeout` never fires.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use pgoutput::{Begin, Decoder, Lsn, Message};
@@ -26,6 +27,7 @@ use walship_postgres::{Frame, OutboxRow, PgError, Relations, ReplicationStream};
 
 use crate::error::Error;
 use crate::progress::{Progress, TxnToken};
+use crate::telemetry::Telemetry;
 
 /// Least time between two standby status updates that report a new position.
 const MIN_STATUS_GAP: Duration = Duration::from_millis(10);
@@ -57,6 +59,7 @@ pub struct Session {
     pub(crate) status_interval: Duration,
     pub(crate) shutdown_timeout: Duration,
     pub(crate) max_in_flight: u64,
+    pub(crate) telemetry: Arc<Telemetry>,
     txn: Option<OpenTxn>,
     last_reported: Lsn,
     last_status_at: Instant,
@@ -79,6 +82,7 @@ impl Session {
         status_interval: Duration,
         shutdown_timeout: Duration,
         max_in_flight: u64,
+        telemetry: Arc<Telemetry>,
     ) -> Self {
         Session {
             stream,
@@ -91,6 +95,7 @@ impl Session {
             status_interval,
             shutdown_timeout,
             max_in_flight: max_in_flight.max(2),
+            telemetry,
             txn: None,
             last_status_at: Instant::now(),
             stats: SessionStats::default(),
@@ -198,6 +203,7 @@ impl Session {
                     None => self.progress.complete_empty(commit.end_lsn),
                 }
                 self.stats.transactions += 1;
+                self.telemetry.transactions.fetch_add(1, Ordering::Relaxed);
             }
             Message::Relation(rel) => self.relations.update(rel),
             Message::Insert(insert) if self.relations.is_outbox(insert.relation_id) => {
@@ -290,9 +296,15 @@ impl Session {
                     Err(SendError::Rejected { topic, error }) => {
                         return Err(match walship_kafka::sink::classify(&error) {
                             walship_kafka::ErrorClass::Transient => {
-                                Error::Delivery(walship_kafka::DeliveryError { topic, partition: -1, error })
+                                Error::Delivery(walship_kafka::DeliveryError {
+                                    topic,
+                                    partition: -1,
+                                    error,
+                                })
                             }
-                            _ => Error::Producer(format!("record at LSN {lsn} for topic {topic:?}: {error}")),
+                            _ => Error::Producer(format!(
+                                "record at LSN {lsn} for topic {topic:?}: {error}"
+                            )),
                         });
                     }
                 }
@@ -313,7 +325,9 @@ impl Session {
             if Instant::now() >= self.status_due() {
                 self.report(false).await?;
             }
-            self.progress.wait_for_room(self.max_in_flight / 2, Duration::from_millis(100)).await;
+            self.progress
+                .wait_for_room(self.max_in_flight / 2, Duration::from_millis(100))
+                .await;
         }
         if let Some(txn) = self.txn.as_mut() {
             txn.sent += 1;
@@ -346,6 +360,10 @@ impl Session {
         self.stream.send_status(safe, reply_requested).await?;
         self.last_reported = safe;
         self.last_status_at = Instant::now();
+        self.telemetry.safe_lsn.store(safe.0, Ordering::Relaxed);
+        self.telemetry
+            .in_flight
+            .store(self.progress.in_flight(), Ordering::Relaxed);
         Ok(())
     }
 

@@ -23,6 +23,8 @@ use pgoutput::Lsn;
 use tokio::sync::Notify;
 use walship_kafka::{DeliveryError, DeliveryListener};
 
+use crate::telemetry::{Telemetry, unix_ms};
+
 #[derive(Debug)]
 struct Entry {
     /// End LSN of the transaction (valid once sealed).
@@ -67,6 +69,7 @@ pub struct Progress {
     /// Set while the pipeline waits for the safe position to move (to report it promptly).
     want_advance: AtomicBool,
     advanced: Notify,
+    telemetry: std::sync::Arc<Telemetry>,
 }
 
 /// A token identifying one transaction's entry (passed to the producer with each event).
@@ -75,7 +78,16 @@ pub type TxnToken = u64;
 impl Progress {
     /// A tracker whose safe position starts at the slot's confirmed position.
     pub fn new(start: Lsn) -> Self {
-        let p = Progress { wake_at_in_flight: AtomicU64::new(u64::MAX), ..Progress::default() };
+        Self::with_telemetry(start, std::sync::Arc::default())
+    }
+
+    /// Like [`Progress::new`], recording into `telemetry`.
+    pub fn with_telemetry(start: Lsn, telemetry: std::sync::Arc<Telemetry>) -> Self {
+        let p = Progress {
+            wake_at_in_flight: AtomicU64::new(u64::MAX),
+            telemetry,
+            ..Progress::default()
+        };
         p.safe.store(start.0, Ordering::Release);
         if let Ok(mut s) = p.state.lock() {
             s.safe = start;
@@ -107,7 +119,9 @@ impl Progress {
     /// Events handed to the producer whose outcome is not reported yet.
     pub fn in_flight(&self) -> u64 {
         let reported = self.reported_events.load(Ordering::Acquire);
-        self.sent_events.load(Ordering::Acquire).saturating_sub(reported)
+        self.sent_events
+            .load(Ordering::Acquire)
+            .saturating_sub(reported)
     }
 
     /// Transactions waiting for acknowledgements (or still open).
@@ -176,12 +190,20 @@ impl Progress {
 
     fn advance(&self, s: &mut State) {
         let mut moved = false;
+        let mut now_ms = None;
         while let Some(head) = s.entries.front() {
             if !(head.sealed && head.outstanding == 0) {
                 break;
             }
             let end = head.end;
             let commit_time = head.commit_time_ms;
+            if commit_time != 0 {
+                let now = *now_ms.get_or_insert_with(unix_ms);
+                self.telemetry.observe_commit_to_ack(commit_time, now);
+                self.telemetry
+                    .last_acked_commit_ms
+                    .fetch_max(commit_time, Ordering::Relaxed);
+            }
             s.entries.pop_front();
             s.base += 1;
             if end > s.safe {
@@ -238,10 +260,19 @@ impl Progress {
 }
 
 impl DeliveryListener for Progress {
-    fn on_delivery(&self, token: usize, result: Result<(), DeliveryError>) {
+    fn on_delivery(&self, token: usize, result: Result<usize, DeliveryError>) {
+        self.telemetry
+            .last_delivery_ms
+            .store(unix_ms(), Ordering::Relaxed);
         match result {
-            Ok(()) => {
+            Ok(bytes) => {
                 self.acked_events.fetch_add(1, Ordering::Relaxed);
+                self.telemetry
+                    .events_published
+                    .fetch_add(1, Ordering::Relaxed);
+                self.telemetry
+                    .bytes_published
+                    .fetch_add(bytes as u64, Ordering::Relaxed);
                 let mut s = self.lock();
                 let idx = (token as u64).checked_sub(s.base);
                 if let Some(e) = idx.and_then(|i| s.entries.get_mut(i as usize)) {
@@ -264,7 +295,13 @@ impl DeliveryListener for Progress {
         }
         let reported = self.reported_events.fetch_add(1, Ordering::AcqRel) + 1;
         let wake_at = self.wake_at_in_flight.load(Ordering::Acquire);
-        if wake_at != u64::MAX && self.sent_events.load(Ordering::Acquire).saturating_sub(reported) <= wake_at {
+        if wake_at != u64::MAX
+            && self
+                .sent_events
+                .load(Ordering::Acquire)
+                .saturating_sub(reported)
+                <= wake_at
+        {
             self.room.notify_one();
         }
     }
@@ -276,7 +313,7 @@ mod tests {
     use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 
     fn ack(p: &Progress, token: TxnToken) {
-        p.on_delivery(token as usize, Ok(()));
+        p.on_delivery(token as usize, Ok(1));
     }
 
     #[test]

@@ -18,16 +18,25 @@ use walship_kafka::{Sink, TopicRouter};
 use walship_postgres::replication::ConnectParams;
 use walship_postgres::{Relations, ReplicationStream, slot};
 
-use crate::config::{Config, Secret};
+use std::sync::atomic::Ordering;
+
+use walship_kafka::ErrorClass;
+
+use crate::config::{Config, ConfigError, Secret};
 use crate::error::Error;
 use crate::pipeline::Session;
 use crate::progress::Progress;
+use crate::telemetry::{self, Telemetry};
 
 /// Reconnect delays: exponential from `BACKOFF_MIN`, capped at `BACKOFF_MAX`, with full jitter.
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// A session that streamed this long resets the backoff.
 const HEALTHY_AFTER: Duration = Duration::from_secs(30);
+/// How often the catch-up line is logged while behind.
+const CATCH_UP_LOG_EVERY: Duration = Duration::from_secs(10);
+/// Lag above which walship counts as catching up.
+const CATCH_UP_LAG_BYTES: u64 = 1 << 20;
 
 /// Runs walship until `shutdown` completes (returns `Ok` after a graceful stop) or a definite
 /// error occurs.
@@ -48,6 +57,38 @@ pub async fn run(
 
 /// Like [`run`], with cancellation given as a token.
 pub async fn run_until_cancelled(config: &Config, cancel: &CancellationToken) -> Result<(), Error> {
+    let telemetry = Arc::new(Telemetry::default());
+    let mut background = Vec::new();
+    if let Some(addr) = &config.metrics.listen {
+        let addr = addr
+            .parse()
+            .map_err(|e| ConfigError(format!("metrics.listen {addr:?}: {e}")))?;
+        let listener = telemetry::bind(addr).await.map_err(|e| {
+            ConfigError(format!(
+                "metrics.listen {addr}: cannot listen ({e}); pick a free address"
+            ))
+        })?;
+        tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
+        background.push(tokio::spawn(telemetry::serve(
+            listener,
+            Arc::clone(&telemetry),
+        )));
+    }
+    background.push(tokio::spawn(log_catch_up(Arc::clone(&telemetry))));
+    let result = supervise(config, cancel, &telemetry, &mut background).await;
+    for task in background {
+        task.abort();
+    }
+    result
+}
+
+/// Preflight once, then sessions until cancelled or a definite error.
+async fn supervise(
+    config: &Config,
+    cancel: &CancellationToken,
+    telemetry: &Arc<Telemetry>,
+    background: &mut Vec<tokio::task::JoinHandle<()>>,
+) -> Result<(), Error> {
     let password = config.postgres_password()?;
     let params = ConnectParams {
         config: config.connect_config()?,
@@ -64,10 +105,35 @@ pub async fn run_until_cancelled(config: &Config, cancel: &CancellationToken) ->
         brokers = %config.kafka.brokers,
         "walship starting"
     );
+    if config.postgres.heartbeat_interval_ms > 0 {
+        let interval = Duration::from_millis(config.postgres.heartbeat_interval_ms);
+        background.push(tokio::spawn(heartbeat(
+            params.clone(),
+            password.clone(),
+            interval,
+        )));
+    }
     let mut attempt: u32 = 0;
     loop {
         let started = Instant::now();
-        let result = session(config, &params, password.as_ref(), &settings, cancel).await;
+        let result = session(
+            config,
+            &params,
+            password.as_ref(),
+            &settings,
+            cancel,
+            telemetry,
+        )
+        .await;
+        telemetry.streaming.store(false, Ordering::Relaxed);
+        if let Err(Error::Delivery(d)) = &result {
+            let counter = match d.class() {
+                ErrorClass::Transient => &telemetry.errors_transient,
+                ErrorClass::Record => &telemetry.errors_record,
+                ErrorClass::Fatal => &telemetry.errors_fatal,
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
         match result {
             Ok(()) => return Ok(()),
             Err(e) if e.is_transient() && !cancel.is_cancelled() => {
@@ -76,6 +142,7 @@ pub async fn run_until_cancelled(config: &Config, cancel: &CancellationToken) ->
                 }
                 let delay = backoff(attempt);
                 attempt = attempt.saturating_add(1);
+                telemetry.reconnects.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, attempt, "transient error; reconnecting");
                 tokio::select! {
                     _ = cancel.cancelled() => return Ok(()),
@@ -84,6 +151,57 @@ pub async fn run_until_cancelled(config: &Config, cancel: &CancellationToken) ->
             }
             Err(e) if e.is_transient() => return Ok(()),
             Err(e) => return Err(e),
+        }
+    }
+}
+
+/// While behind, logs throughput and lag every [`CATCH_UP_LOG_EVERY`].
+async fn log_catch_up(telemetry: Arc<Telemetry>) {
+    let mut last_events = telemetry.events_published.load(Ordering::Relaxed);
+    let mut ticker = tokio::time::interval(CATCH_UP_LOG_EVERY);
+    ticker.tick().await;
+    loop {
+        ticker.tick().await;
+        let events = telemetry.events_published.load(Ordering::Relaxed);
+        let lag = telemetry.lag_bytes();
+        if lag > CATCH_UP_LAG_BYTES {
+            let rate = (events - last_events) as f64 / CATCH_UP_LOG_EVERY.as_secs_f64();
+            tracing::info!(
+                events_per_s = rate.round() as u64,
+                lag_bytes = lag,
+                "catching up"
+            );
+        }
+        last_events = events;
+    }
+}
+
+/// Writes a non-transactional logical message now and then, so the walsender has WAL to send
+/// (and walship a position to confirm) even when this database is quiet.
+async fn heartbeat(params: ConnectParams, password: Option<Secret>, interval: Duration) {
+    let mut client = None;
+    let mut ticker = tokio::time::interval(interval);
+    loop {
+        ticker.tick().await;
+        if client.is_none() {
+            match slot::connect(&params, password.as_ref().map(|p| p.expose().as_bytes())).await {
+                Ok(c) => client = Some(c),
+                Err(e) => {
+                    tracing::warn!("heartbeat: {e}");
+                    continue;
+                }
+            }
+        }
+        if let Some(c) = &client
+            && let Err(e) = c
+                .execute(
+                    "SELECT pg_logical_emit_message(false, 'walship.heartbeat', '')",
+                    &[],
+                )
+                .await
+        {
+            tracing::warn!("heartbeat: {e}");
+            client = None;
         }
     }
 }
@@ -124,6 +242,7 @@ async fn session(
     password: Option<&Secret>,
     settings: &walship_kafka::SinkSettings,
     cancel: &CancellationToken,
+    telemetry: &Arc<Telemetry>,
 ) -> Result<(), Error> {
     let pw = password.map(|p| p.expose().as_bytes());
     // Read the confirmed position first: it seeds the tracker so the first status update never
@@ -142,7 +261,7 @@ async fn session(
     drop(client);
     let start = state.confirmed_flush_lsn.unwrap_or_default();
 
-    let progress = Arc::new(Progress::new(start));
+    let progress = Arc::new(Progress::with_telemetry(start, Arc::clone(telemetry)));
     let sink = Sink::new(settings.clone(), Arc::clone(&progress))
         .map_err(|e| Error::Producer(e.to_string()))?;
     let publication = format!("\"{}\"", config.postgres.publication.replace('"', "\"\""));
@@ -172,7 +291,10 @@ async fn session(
         config.status_interval(),
         config.shutdown_timeout(),
         config.run.max_in_flight_events,
+        Arc::clone(telemetry),
     );
+    telemetry.streaming.store(true, Ordering::Relaxed);
+    telemetry.safe_lsn.store(start.0, Ordering::Relaxed);
     session.run(cancel).await.map(|_| ())
 }
 

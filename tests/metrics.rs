@@ -1,0 +1,81 @@
+//! The metrics and health endpoints, scraped while walship runs.
+
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use crate::harness::{self, Relay, Row, TIMEOUT, TestDb, broker, insert_txn};
+
+fn get(port: u16, path: &str) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect metrics");
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let code = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (
+        code,
+        out.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned(),
+    )
+}
+
+fn value(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("metric {name} missing:\n{metrics}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_move_and_lag_returns_to_zero() {
+    let mut db = TestDb::new().await;
+    let port = harness::process::free_port();
+    let config = harness::config(
+        &db,
+        &broker().bootstrap,
+        &format!("[metrics]\nlisten = \"127.0.0.1:{port}\""),
+    );
+    let relay = Relay::start_streaming(config, &db).await;
+
+    let (code, body) = get(port, "/healthz");
+    assert_eq!((code, body.as_str()), (200, "ok\n"));
+    let (code, _) = get(port, "/readyz");
+    assert_eq!(code, 200, "streaming and broker reachable");
+    let before = get(port, "/metrics").1;
+    assert_eq!(value(&before, "walship_events_published_total"), 0.0);
+
+    for i in 0..30 {
+        insert_txn(&mut db.client, &[Row::new("order", "m", i)]).await;
+    }
+    let end = db.current_lsn().await;
+    db.await_confirmed(end, TIMEOUT).await;
+
+    // The endpoint reflects the confirmed state once walship has reported it.
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    let after = loop {
+        let m = get(port, "/metrics").1;
+        if value(&m, "walship_events_published_total") >= 30.0
+            && value(&m, "walship_lag_bytes") == 0.0
+        {
+            break m;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "metrics never showed 30 events and lag 0:\n{m}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(value(&after, "walship_events_published_total"), 30.0);
+    assert!(value(&after, "walship_bytes_published_total") > 30.0 * 10.0);
+    assert!(value(&after, "walship_transactions_total") >= 30.0);
+    assert_eq!(value(&after, "walship_commit_to_ack_seconds_count"), 30.0);
+    assert!(value(&after, "walship_safe_lsn") >= end.0 as f64);
+    assert_eq!(value(&after, "walship_in_flight_events"), 0.0);
+    assert_eq!(value(&after, "walship_streaming"), 1.0);
+    assert!(after.contains("walship_delivery_errors_total{class=\"transient\"} 0"));
+    relay.stop().await.expect("graceful stop");
+}
