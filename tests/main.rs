@@ -9,5 +9,6 @@
 mod cli;
 mod harness;
 mod metrics;
+mod pgoutput_golden;
 mod relay;
 mod sql;
