@@ -4,7 +4,9 @@
 //!
 //! - [`sink`] — producer configuration, sending, delivery reports, topic creation.
 //! - [`route`] — the topic template and topic-name validation.
+//! - [`probe`] — a one-shot metadata request for `walship check`.
 
+pub mod probe;
 pub mod route;
 pub mod sink;
 

@@ -5,10 +5,12 @@
 //! - [`replication`] — the streaming-replication connection and its frames.
 //! - [`slot`] — the SQL connection: preflight checks, slot and publication setup, slot state.
 //! - [`outbox`] — the relation cache and outbox-row extraction.
+//! - [`preflight`] — read-only catalog queries for `walship check` and `walship status`.
 //! - [`error`] — errors split into transient (reconnect) and definite (stop and explain).
 
 pub mod error;
 pub mod outbox;
+pub mod preflight;
 pub mod replication;
 pub mod slot;
 

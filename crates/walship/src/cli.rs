@@ -42,6 +42,26 @@ pub enum Command {
     },
     /// Print the SQL kit (outbox table, publication, outbox_emit) for a schema.
     InitSql(crate::init_sql::InitSqlArgs),
+    /// Check the whole setup (PostgreSQL, slot, publication, table, broker, topics) and report
+    /// every problem with its fix. Exit 0 when nothing failed, 1 otherwise, 2 for a bad config.
+    Check {
+        /// Configuration file.
+        #[arg(long, short, env = "WALSHIP_CONFIG", default_value = "walship.toml")]
+        config: PathBuf,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the slot's position, lag, WAL retention and the publication's tables. Exit 0 when the
+    /// slot exists and is not lost, 1 otherwise, 2 for a bad config.
+    Status {
+        /// Configuration file.
+        #[arg(long, short, env = "WALSHIP_CONFIG", default_value = "walship.toml")]
+        config: PathBuf,
+        /// Print the status as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn init_logging(format: LogFormat) {
@@ -90,6 +110,8 @@ pub fn main() -> ExitCode {
     };
     match cli.command {
         Command::InitSql(args) => crate::init_sql::main(&args),
+        Command::Check { config, json } => crate::check::main(&config, json, &runtime),
+        Command::Status { config, json } => crate::status::main(&config, json, &runtime),
         Command::Run { config } => {
             let config = match Config::load(&config) {
                 Ok(c) => c,

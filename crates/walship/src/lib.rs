@@ -7,12 +7,15 @@
 //! - [`run`] — the supervisor: preflight, sessions, reconnect with backoff. Wiring only.
 //! - [`pipeline`] — one streaming session: decode, extract, route, produce, report status.
 //! - [`progress`] — the progress tracker: which LSN is safe to confirm.
+//! - [`check`] — `walship check`: every setup problem at once, each with its fix.
+//! - [`status`] — `walship status`: the slot's position, lag and WAL retention.
 //! - [`cli`] — the command line (`walship run`, …); `main.rs` only calls it.
 //! - [`error`] — run errors, transient or definite.
 //! - [`telemetry`] — metrics, `/metrics`, `/healthz`, `/readyz`.
 //!
 //! The protocol code lives in the `pgoutput`, `walship-postgres` and `walship-kafka` crates.
 
+pub mod check;
 pub mod cli;
 pub mod config;
 pub mod error;
@@ -20,6 +23,7 @@ pub mod init_sql;
 pub mod pipeline;
 pub mod progress;
 pub mod run;
+pub mod status;
 pub mod telemetry;
 
 pub use config::Config;

@@ -1,0 +1,297 @@
+//! `walship status`: where the slot stands — who streams from it, what it confirmed, how far it
+//! is behind the server's WAL, whether PostgreSQL still keeps the WAL it needs — and what the
+//! publication publishes.
+//!
+//! Invariant: read-only, one management connection, no replication connection (so it never
+//! disturbs a running walship). Lag is `pg_current_wal_lsn() - confirmed_flush_lsn`, both read
+//! from the same server; it is cluster-wide WAL, so traffic of other databases counts too.
+
+use std::io::Write;
+use std::path::Path;
+use std::process::ExitCode;
+
+use serde::Serialize;
+use walship_postgres::preflight;
+use walship_postgres::replication::ConnectParams;
+use walship_postgres::slot;
+
+use crate::check::human_bytes;
+use crate::config::Config;
+use crate::error::Error;
+
+/// The slot and publication as PostgreSQL sees them now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SlotStatus {
+    /// `postgres.host:port` (never credentials).
+    pub server: String,
+    /// Slot name.
+    pub slot: String,
+    /// The slot exists.
+    pub exists: bool,
+    /// Output plugin.
+    pub plugin: Option<String>,
+    /// Database the slot belongs to.
+    pub database: Option<String>,
+    /// A walsender streams from it.
+    pub active: bool,
+    /// PID of that walsender.
+    pub active_pid: Option<i32>,
+    /// Where streaming resumes (everything before it reached Kafka).
+    pub confirmed_flush_lsn: Option<String>,
+    /// Oldest WAL the slot keeps.
+    pub restart_lsn: Option<String>,
+    /// `pg_current_wal_lsn()`.
+    pub current_wal_lsn: String,
+    /// `pg_current_wal_lsn() - confirmed_flush_lsn`, in bytes.
+    pub lag_bytes: Option<u64>,
+    /// `pg_current_wal_lsn() - restart_lsn`: WAL the server retains for this slot.
+    pub retained_wal_bytes: Option<u64>,
+    /// `reserved`, `extended`, `unreserved` or `lost`.
+    pub wal_status: Option<String>,
+    /// Bytes of WAL that can still be written before the slot risks invalidation; `null` when
+    /// unlimited (`max_slot_wal_keep_size = -1`) or lost.
+    pub safe_wal_size: Option<i64>,
+    /// Publication name.
+    pub publication: String,
+    /// The publication exists.
+    pub publication_exists: bool,
+    /// Its tables, `schema.table`.
+    pub publication_tables: Vec<String>,
+}
+
+impl SlotStatus {
+    /// True when the slot exists and is usable (not lost).
+    pub fn healthy(&self) -> bool {
+        self.exists && self.wal_status.as_deref() != Some("lost")
+    }
+
+    /// The human form: one `name  value` line per field.
+    pub fn render_human(&self) -> String {
+        let none = || "-".to_owned();
+        let mut rows: Vec<(&str, String)> = vec![("server", self.server.clone())];
+        if self.exists {
+            rows.push((
+                "slot",
+                format!(
+                    "{} ({}, database {})",
+                    self.slot,
+                    self.plugin.as_deref().unwrap_or("physical"),
+                    self.database.as_deref().unwrap_or("-")
+                ),
+            ));
+            rows.push((
+                "active pid",
+                self.active_pid.map_or_else(
+                    || "none (nobody is streaming)".to_owned(),
+                    |p| p.to_string(),
+                ),
+            ));
+            rows.push((
+                "confirmed_flush_lsn",
+                self.confirmed_flush_lsn.clone().unwrap_or_else(none),
+            ));
+            rows.push(("restart_lsn", self.restart_lsn.clone().unwrap_or_else(none)));
+            rows.push(("current_wal_lsn", self.current_wal_lsn.clone()));
+            rows.push((
+                "lag",
+                self.lag_bytes.map_or_else(none, |b| {
+                    format!("{} behind current_wal_lsn", human_bytes(b))
+                }),
+            ));
+            rows.push((
+                "retained WAL",
+                self.retained_wal_bytes.map_or_else(none, human_bytes),
+            ));
+            rows.push(("wal_status", self.wal_status.clone().unwrap_or_else(none)));
+            rows.push((
+                "safe_wal_size",
+                match (self.safe_wal_size, self.wal_status.as_deref()) {
+                    (Some(b), _) => human_bytes(u64::try_from(b).unwrap_or(0)),
+                    (None, Some("lost")) => "none (slot lost)".to_owned(),
+                    (None, _) => "unlimited (max_slot_wal_keep_size = -1)".to_owned(),
+                },
+            ));
+        } else {
+            rows.push((
+                "slot",
+                format!(
+                    "{} does not exist (walship creates it on first start when \
+                     postgres.create_slot = true)",
+                    self.slot
+                ),
+            ));
+            rows.push(("current_wal_lsn", self.current_wal_lsn.clone()));
+        }
+        rows.push((
+            "publication",
+            if !self.publication_exists {
+                format!("{} does not exist", self.publication)
+            } else if self.publication_tables.is_empty() {
+                format!("{} (no tables)", self.publication)
+            } else {
+                format!(
+                    "{}: {}",
+                    self.publication,
+                    self.publication_tables.join(", ")
+                )
+            },
+        ));
+        let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+        rows.iter()
+            .map(|(k, v)| format!("{k:<width$}  {v}\n"))
+            .collect()
+    }
+}
+
+/// Reads the slot's and the publication's status.
+pub async fn read_status(config: &Config) -> Result<SlotStatus, Error> {
+    let password = config.postgres_password()?;
+    let params = ConnectParams {
+        config: config.connect_config()?,
+    };
+    let client = slot::connect(&params, password.as_ref().map(|p| p.expose().as_bytes())).await?;
+    let name = &config.postgres.slot;
+    let state = slot::slot_state(&client, name).await?;
+    let extra = preflight::slot_extra(&client, name).await?;
+    let current = slot::current_wal_lsn(&client).await?;
+    let publication = preflight::publication_info(&client, &config.postgres.publication).await?;
+    Ok(SlotStatus {
+        server: params.describe(),
+        slot: name.clone(),
+        exists: state.is_some(),
+        plugin: state.as_ref().and_then(|s| s.plugin.clone()),
+        database: state.as_ref().and_then(|s| s.database.clone()),
+        active: state.as_ref().is_some_and(|s| s.active_pid.is_some()),
+        active_pid: state.as_ref().and_then(|s| s.active_pid),
+        confirmed_flush_lsn: state
+            .as_ref()
+            .and_then(|s| s.confirmed_flush_lsn)
+            .map(|l| l.to_string()),
+        restart_lsn: state
+            .as_ref()
+            .and_then(|s| s.restart_lsn)
+            .map(|l| l.to_string()),
+        current_wal_lsn: current.to_string(),
+        lag_bytes: state
+            .as_ref()
+            .and_then(|s| s.confirmed_flush_lsn)
+            .map(|l| preflight::lag_bytes(current, l)),
+        retained_wal_bytes: state
+            .as_ref()
+            .and_then(|s| s.restart_lsn)
+            .map(|l| preflight::lag_bytes(current, l)),
+        wal_status: state.as_ref().and_then(|s| s.wal_status.clone()),
+        safe_wal_size: extra.and_then(|e| e.safe_wal_size),
+        publication: config.postgres.publication.clone(),
+        publication_exists: publication.is_some(),
+        publication_tables: publication
+            .map(|p| p.tables.iter().map(ToString::to_string).collect())
+            .unwrap_or_default(),
+    })
+}
+
+/// `walship status`: exit 0 when the slot exists and is not lost, 1 when it is missing or lost
+/// (the status is still printed) or PostgreSQL cannot be read, 2 for a configuration error.
+pub fn main(path: &Path, json: bool, runtime: &tokio::runtime::Runtime) -> ExitCode {
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let status = match runtime.block_on(read_status(&config)) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {}", crate::check::error_chain(&e));
+            return ExitCode::from(if matches!(e, Error::Config(_)) { 2 } else { 1 });
+        }
+    };
+    let text = if json {
+        match serde_json::to_string_pretty(&status) {
+            Ok(s) => s + "\n",
+            Err(e) => {
+                eprintln!("error: cannot encode the status as JSON: {e}");
+                return ExitCode::from(1);
+            }
+        }
+    } else {
+        status.render_human()
+    };
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        eprintln!("error: cannot write the status to stdout: {e}");
+        return ExitCode::from(1);
+    }
+    if status.healthy() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> SlotStatus {
+        SlotStatus {
+            server: "db:5432".into(),
+            slot: "walship".into(),
+            exists: true,
+            plugin: Some("pgoutput".into()),
+            database: Some("app".into()),
+            active: true,
+            active_pid: Some(4242),
+            confirmed_flush_lsn: Some("0/16B3F40".into()),
+            restart_lsn: Some("0/16B3F08".into()),
+            current_wal_lsn: "0/16B3F40".into(),
+            lag_bytes: Some(0),
+            retained_wal_bytes: Some(56),
+            wal_status: Some("reserved".into()),
+            safe_wal_size: None,
+            publication: "walship_outbox".into(),
+            publication_exists: true,
+            publication_tables: vec!["public.outbox".into()],
+        }
+    }
+
+    #[test]
+    fn human_table_names_every_field() {
+        let text = sample().render_human();
+        for needle in [
+            "active pid           4242",
+            "confirmed_flush_lsn  0/16B3F40",
+            "lag                  0 bytes behind",
+            "wal_status           reserved",
+            "safe_wal_size        unlimited",
+            "publication          walship_outbox: public.outbox",
+        ] {
+            assert!(text.contains(needle), "{needle:?} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn missing_or_lost_slot_is_unhealthy() {
+        let mut s = sample();
+        assert!(s.healthy());
+        s.wal_status = Some("lost".into());
+        assert!(!s.healthy());
+        s.exists = false;
+        assert!(!s.healthy());
+        assert!(s.render_human().contains("does not exist"));
+    }
+
+    #[test]
+    fn json_has_the_documented_fields() {
+        let v = serde_json::to_value(sample()).unwrap();
+        assert_eq!(v["slot"], "walship");
+        assert_eq!(v["lag_bytes"], 0);
+        assert_eq!(v["active_pid"], 4242);
+        assert!(v["safe_wal_size"].is_null());
+        assert_eq!(v["publication_tables"][0], "public.outbox");
+    }
+}
