@@ -76,7 +76,7 @@ impl std::error::Error for EncodeError {}
 /// [`Decoder`](crate::Decoder).
 ///
 /// ```
-/// use pgoutput::{Column, Decoder, Encoder, Insert, Message, StreamStart, TupleData};
+/// use pgoutput::{Column, Decoder, EncodeError, Encoder, Insert, Message, StreamStart, TupleData};
 ///
 /// let insert = Message::Insert(Insert {
 ///     xid: Some(742),
@@ -87,11 +87,15 @@ impl std::error::Error for EncodeError {}
 /// let mut decoder = Decoder::new(2);
 /// // Inside a stream, row messages carry the transaction id.
 /// let start = Message::StreamStart(StreamStart { xid: 742, first_segment: 1 });
-/// for msg in [start, insert, Message::StreamStop] {
+/// for msg in [start, insert.clone(), Message::StreamStop] {
 ///     let bytes = encoder.encode(&msg).unwrap();
 ///     assert_eq!(decoder.decode(bytes).unwrap(), msg);
 /// }
 /// // Outside a stream the same Insert is invalid: it has an xid.
+/// assert_eq!(
+///     encoder.encode(&insert),
+///     Err(EncodeError::XidMismatch { message_type: b'I', in_stream: false })
+/// );
 /// ```
 #[derive(Debug, Clone)]
 pub struct Encoder {

@@ -73,6 +73,11 @@ impl DecodeError {
 }
 
 /// Human name of a pgoutput message type byte, for error messages.
+///
+/// ```
+/// assert_eq!(pgoutput::message_type_name(b'K'), "Commit Prepared");
+/// assert_eq!(pgoutput::message_type_name(b'?'), "unknown");
+/// ```
 pub fn message_type_name(tag: u8) -> &'static str {
     match tag {
         b'B' => "Begin",

@@ -10,7 +10,7 @@
 //! - [`Decoder`] (this file) — the entry point; tracks whether a streamed transaction block is
 //!   open, because that changes the wire format (an `xid` prefix) of the messages inside it.
 //! - [`message`] — one struct per message type of protocol versions 1–4.
-//! - [`tuple`] — row data: validated once, then iterated without allocation.
+//! - [`tuple`](mod@tuple) — row data: validated once, then iterated without allocation.
 //! - [`Lsn`], [`PgTimestamp`] — WAL positions and PostgreSQL timestamps.
 //! - [`DecodeError`] — which message, which field, what was wrong.
 //! - `Encoder` (cargo feature `encode`, off by default) — the inverse of [`Decoder`], for tests,
@@ -69,6 +69,34 @@ use reader::Reader;
 ///
 /// The decoder is stateful only in one respect: between Stream Start and Stream Stop, row and
 /// relation messages carry a transaction id prefix. Use one decoder per stream, in order.
+///
+/// Protocol versions differ only in which messages the server sends (v2 adds streaming, v3
+/// two-phase, v4 parallel streaming); the version matters to decoding for Stream Abort, whose
+/// abort LSN and time exist from v4 on (and then only with `streaming 'parallel'`).
+///
+/// ```
+/// use bytes::Bytes;
+/// use pgoutput::{Decoder, Message};
+///
+/// let mut decoder = Decoder::new(2);
+/// // Stream Start for transaction 7 (first block): later row messages carry an xid.
+/// let start = decoder.decode(Bytes::from_static(b"S\0\0\0\x07\x01")).unwrap();
+/// assert!(matches!(start, Message::StreamStart(s) if s.xid == 7 && s.first_segment == 1));
+/// assert!(decoder.in_stream());
+///
+/// // Insert inside the stream: xid 7, relation 16384, a tuple with one NULL column.
+/// let raw = Bytes::from_static(b"I\0\0\0\x07\0\0\x40\0N\0\x01n");
+/// let Message::Insert(insert) = decoder.decode(raw).unwrap() else { panic!() };
+/// assert_eq!((insert.xid, insert.relation_id, insert.tuple.len()), (Some(7), 16384, 1));
+///
+/// decoder.decode(Bytes::from_static(b"E")).unwrap(); // Stream Stop
+/// assert!(!decoder.in_stream());
+///
+/// // Errors name the message and field, and leave the state alone.
+/// let err = decoder.decode(Bytes::from_static(b"E")).unwrap_err();
+/// assert_eq!(err.to_string(),
+///     "malformed pgoutput Stream Stop message ('E'), field type: message not valid in this position");
+/// ```
 #[derive(Debug, Clone)]
 pub struct Decoder {
     protocol_version: u32,
@@ -91,7 +119,9 @@ impl Decoder {
 
     /// Decodes one message (the payload of one `XLogData` frame).
     ///
-    /// On error the decoder's stream state is unchanged.
+    /// Row data ([`TupleData`]) and logical message contents are zero-copy slices of `data`;
+    /// the message must be exactly one pgoutput message (trailing bytes are an error). On error
+    /// the decoder's stream state is unchanged.
     pub fn decode(&mut self, data: Bytes) -> Result<Message, DecodeError> {
         let Some(&tag) = data.first() else {
             return Err(DecodeError::new(

@@ -11,6 +11,27 @@ use crate::time::PgTimestamp;
 use crate::tuple::TupleData;
 
 /// One decoded pgoutput message.
+///
+/// A protocol v1 stream is a sequence of transactions: [`Begin`], then [`Relation`]/[`Type`]
+/// descriptions (before the first change to a table, and again after it changed) and row changes
+/// ([`Insert`], [`Update`], [`Delete`], [`Truncate`]) and transactional [`LogicalMessage`]s,
+/// then [`Commit`]. Non-transactional logical messages arrive on their own. Later versions add
+/// streamed blocks of in-progress transactions (v2: `StreamStart` … `StreamStop`, then
+/// `StreamCommit` or `StreamAbort`) and two-phase commit (v3: `BeginPrepare` … `Prepare`, then
+/// `CommitPrepared` or `RollbackPrepared`; `StreamPrepare` for a streamed one).
+///
+/// ```
+/// use pgoutput::{Lsn, Message};
+/// fn confirmable(msg: &Message) -> Option<Lsn> {
+///     match msg {
+///         Message::Commit(c) => Some(c.end_lsn),
+///         Message::StreamCommit(c) => Some(c.end_lsn),
+///         Message::CommitPrepared(c) => Some(c.end_lsn),
+///         _ => None,
+///     }
+/// }
+/// assert_eq!(confirmable(&Message::StreamStop), None);
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[allow(missing_docs)] // each variant is documented on its payload type
 pub enum Message {

@@ -35,6 +35,15 @@ impl PgTimestamp {
     }
 
     /// The PostgreSQL timestamp of a [`SystemTime`] (saturating at the representable range).
+    ///
+    /// ```
+    /// use std::time::{Duration, UNIX_EPOCH};
+    /// use pgoutput::PgTimestamp;
+    /// // 2000-01-01 00:00:01 UTC is one second after PostgreSQL's epoch.
+    /// let t = UNIX_EPOCH + Duration::from_secs(946_684_801);
+    /// assert_eq!(PgTimestamp::from_system_time(t), PgTimestamp(1_000_000));
+    /// assert_eq!(PgTimestamp(1_000_000).to_system_time(), Some(t));
+    /// ```
     pub fn from_system_time(t: SystemTime) -> Self {
         let unix_us = match t.duration_since(UNIX_EPOCH) {
             Ok(d) => i64::try_from(d.as_micros()).unwrap_or(i64::MAX),

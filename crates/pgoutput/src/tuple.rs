@@ -23,6 +23,14 @@ pub enum Column<'a> {
 
 impl<'a> Column<'a> {
     /// The value's bytes, whichever format, or `None` for NULL and unchanged TOAST.
+    ///
+    /// ```
+    /// use pgoutput::Column;
+    /// assert_eq!(Column::Text(b"42").bytes(), Some(&b"42"[..]));
+    /// assert_eq!(Column::Binary(&[0, 0, 0, 42]).bytes(), Some(&[0, 0, 0, 42][..]));
+    /// assert_eq!(Column::Null.bytes(), None);
+    /// assert_eq!(Column::UnchangedToast.bytes(), None);
+    /// ```
     pub fn bytes(&self) -> Option<&'a [u8]> {
         match *self {
             Column::Text(b) | Column::Binary(b) => Some(b),
@@ -32,6 +40,26 @@ impl<'a> Column<'a> {
 }
 
 /// The columns of one row, borrowed from the message bytes.
+///
+/// Two tuples are equal when their encoded bytes are. Iterating yields [`Column`]s that borrow
+/// from the message, in the column order of the relation's [`Relation`](crate::Relation).
+///
+/// ```
+/// use bytes::Bytes;
+/// use pgoutput::{Column, Decoder, Message, OldTuple};
+///
+/// // Update of relation 1 with REPLICA IDENTITY DEFAULT and a key change: old key 'K' (id 1,
+/// // other column NULL), new row (id 2, unchanged TOASTed column).
+/// let raw = Bytes::from_static(b"U\0\0\0\x01K\0\x02t\0\0\0\x011nN\0\x02t\0\0\0\x012u");
+/// let Message::Update(u) = Decoder::new(1).decode(raw).unwrap() else { panic!() };
+/// let Some(OldTuple::Key(key)) = &u.old else { panic!() };
+/// assert_eq!(key.iter().collect::<Vec<_>>(), [Column::Text(b"1"), Column::Null]);
+/// let mut new = u.new.iter();
+/// assert_eq!(new.len(), 2);
+/// assert_eq!(new.next(), Some(Column::Text(b"2")));
+/// assert_eq!(new.next(), Some(Column::UnchangedToast));
+/// assert_eq!(new.next(), None);
+/// ```
 #[derive(Clone, PartialEq, Eq)]
 pub struct TupleData {
     raw: Bytes,
