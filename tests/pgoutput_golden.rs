@@ -111,8 +111,8 @@ async fn oid(db: &TestDb, name: &str) -> u32 {
 async fn xid_of(db: &TestDb, sql: &str) -> u32 {
     let xid: String = db.client.query_one(sql, &[]).await.unwrap().get(0);
     let xid: u64 = xid.parse().unwrap();
-    // A fresh cluster is in epoch 0: the full xid is the 32-bit one.
-    u32::try_from(xid).unwrap()
+    // pg_current_xact_id() is the 64-bit xid (epoch << 32 | xid); the wire carries the low half.
+    u32::try_from(xid & 0xFFFF_FFFF).unwrap()
 }
 
 async fn current_xid(db: &TestDb) -> u32 {
