@@ -6,9 +6,11 @@
 // Test code: a panic is how a check fails.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
 
+mod check;
 mod cli;
 mod harness;
 mod metrics;
 mod pgoutput_golden;
 mod relay;
+mod reliability;
 mod sql;

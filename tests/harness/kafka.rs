@@ -84,6 +84,15 @@ impl Broker {
         }
     }
 
+    /// The broker's process id (None for an external broker).
+    pub fn pid(&self) -> Option<i32> {
+        self.child
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|c| c.id() as i32)
+    }
+
     /// Kills the broker process (an outage; its in-memory data is gone).
     pub fn stop(&self) {
         assert!(!self.external, "cannot stop an external broker");

@@ -212,3 +212,128 @@ pub fn seqs(records: &[Consumed]) -> Vec<u64> {
         .map(|r| r.json()["seq"].as_u64().expect("seq"))
         .collect()
 }
+
+/// The walship binary, run with a config file; its log goes to a file in a private directory.
+pub struct Binary {
+    child: std::process::Child,
+    pub dir: tempfile::TempDir,
+    config: std::path::PathBuf,
+    log: std::path::PathBuf,
+    starts: u32,
+}
+
+impl Binary {
+    /// Writes `config_toml` and starts `walship run`.
+    pub fn start(config_toml: &str) -> Binary {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = dir.path().join("walship.toml");
+        std::fs::write(&config, config_toml).expect("write config");
+        let log = dir.path().join("walship.log");
+        let child = Self::spawn(&config, &log);
+        Binary {
+            child,
+            dir,
+            config,
+            log,
+            starts: 1,
+        }
+    }
+
+    fn spawn(config: &std::path::Path, log: &std::path::Path) -> std::process::Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("log file");
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_walship"));
+        for (k, _) in std::env::vars() {
+            if k.starts_with("WALSHIP_") {
+                cmd.env_remove(k);
+            }
+        }
+        cmd.args(["run", "--config"])
+            .arg(config)
+            .stdout(std::process::Stdio::null())
+            .stderr(log);
+        process::spawn_owned(cmd, libc::SIGKILL).expect("start walship")
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Crash: SIGKILL, wait for the process to be gone.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the same configuration again (after `kill` or an exit).
+    pub fn restart(&mut self) {
+        self.child = Self::spawn(&self.config, &self.log);
+        self.starts += 1;
+    }
+
+    /// Sends a signal (SIGTERM, SIGSTOP, SIGCONT, …).
+    pub fn signal(&self, sig: i32) {
+        #[allow(unsafe_code)]
+        // SAFETY: signalling our own child process.
+        let rc = unsafe { libc::kill(self.pid(), sig) };
+        assert_eq!(rc, 0, "kill({sig})");
+    }
+
+    /// Peak resident set size so far (VmHWM), in MiB.
+    pub fn peak_rss_mib(&self) -> f64 {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        status
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|kb| kb.parse::<f64>().ok())
+            .map_or(0.0, |kb| kb / 1024.0)
+    }
+
+    /// Waits for the process to exit by itself; returns its exit code and log.
+    pub async fn wait_exit(mut self, timeout: Duration) -> (i32, String) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return (status.code().unwrap_or(-1), self.log_text());
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "walship did not exit within {timeout:?}:\n{}",
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// True while the process runs.
+    pub fn running(&mut self) -> bool {
+        self.child.try_wait().expect("try_wait").is_none()
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Graceful stop; returns the exit code.
+    pub async fn stop(self) -> (i32, String) {
+        self.signal(libc::SIGTERM);
+        self.wait_exit(TIMEOUT).await
+    }
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// True when the long variants of the reliability tests are requested (`WALSHIP_LONG_TESTS=1`).
+pub fn long_tests() -> bool {
+    std::env::var("WALSHIP_LONG_TESTS").is_ok_and(|v| v == "1")
+}

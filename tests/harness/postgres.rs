@@ -27,6 +27,26 @@ pub struct Cluster {
     bin_dir: Option<PathBuf>,
     run_as: Option<(u32, u32)>,
     child: Mutex<Option<Child>>,
+    extra: Vec<String>,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            // SIGQUIT: immediate shutdown; the data directory is thrown away anyway.
+            #[allow(unsafe_code)]
+            // SAFETY: signalling our own child process.
+            unsafe {
+                libc::kill(child.id() as i32, libc::SIGQUIT);
+            }
+            let _ = child.wait();
+        }
+        if let Some(data) = &self.data_dir
+            && let Some(root) = data.parent()
+        {
+            let _ = std::fs::remove_dir_all(root);
+        }
+    }
 }
 
 /// The server binaries: `WALSHIP_PG_BIN`, else the newest `/usr/lib/postgresql/*/bin`.
@@ -87,11 +107,23 @@ impl Cluster {
                 bin_dir: None,
                 run_as: None,
                 child: Mutex::new(None),
+                extra: Vec::new(),
             };
         }
+        Self::private(&[])
+    }
+
+    /// A cluster of the caller's own (for tests that restart it or change server settings),
+    /// with extra `name=value` settings. Stopped when dropped.
+    pub fn private(extra: &[&str]) -> Cluster {
+        static N: AtomicU32 = AtomicU32::new(0);
         let bin = pg_bin_dir();
         let run_as = postgres_user();
-        let root = std::env::temp_dir().join(format!("walship-test-pg-{}", std::process::id()));
+        let root = std::env::temp_dir().join(format!(
+            "walship-test-pg-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
         let _ = std::fs::remove_dir_all(&root);
         std::fs::create_dir_all(&root).expect("create test dir");
         if let Some((uid, gid)) = run_as {
@@ -128,6 +160,7 @@ impl Cluster {
             bin_dir: Some(bin),
             run_as,
             child: Mutex::new(None),
+            extra: extra.iter().map(|s| (*s).to_owned()).collect(),
         };
         cluster.start_server();
         cluster
@@ -174,7 +207,11 @@ impl Cluster {
             "shared_buffers=128MB",
             "max_prepared_transactions=10",
             "wal_sender_timeout=60s",
-        ] {
+        ]
+        .iter()
+        .copied()
+        .chain(self.extra.iter().map(String::as_str))
+        {
             cmd.arg("-c").arg(setting);
         }
         cmd.stdout(Stdio::null()).stderr(log);
@@ -273,8 +310,12 @@ impl TestDb {
     /// Creates `t_<pid>_<n>` with the outbox table. The slot and publication names are the
     /// database name (slots are cluster-wide, so they must be unique too).
     pub async fn new() -> TestDb {
+        Self::new_in(cluster()).await
+    }
+
+    /// Like [`TestDb::new`], in a given cluster.
+    pub async fn new_in(c: &Cluster) -> TestDb {
         static N: AtomicU32 = AtomicU32::new(0);
-        let c = cluster();
         let name = format!(
             "t_{}_{}",
             std::process::id(),

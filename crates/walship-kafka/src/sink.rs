@@ -53,6 +53,10 @@ pub struct DeliveryError {
     pub topic: String,
     /// Partition (-1 when unassigned).
     pub partition: i32,
+    /// The record's key (to dead-letter it).
+    pub key: Option<Vec<u8>>,
+    /// The record's value size in bytes.
+    pub payload_len: usize,
     /// The librdkafka error.
     pub error: KafkaError,
 }
@@ -156,7 +160,7 @@ impl SinkSettings {
             // Never give up on an event: during a broker outage records wait (bounded by the
             // queue limits below) instead of failing and being re-read from the slot.
             .set("message.timeout.ms", "0")
-            .set("linger.ms", "5")
+            .set("linger.ms", "1")
             .set("queue.buffering.max.messages", "100000")
             .set("queue.buffering.max.kbytes", "65536")
             .set("allow.auto.create.topics", "false");
@@ -205,6 +209,8 @@ impl<L: DeliveryListener> ProducerContext for Context<L> {
             Err((error, msg)) => Err(DeliveryError {
                 topic: msg.topic().to_owned(),
                 partition: msg.partition(),
+                key: msg.key().map(<[u8]>::to_vec),
+                payload_len: msg.payload_len(),
                 error: error.clone(),
             }),
         };

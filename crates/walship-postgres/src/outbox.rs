@@ -296,6 +296,53 @@ impl Relations {
     }
 }
 
+impl Relations {
+    /// The row as a JSON object of column name → text value (or null), for a dead-letter
+    /// record: everything needed to repair and replay the event by hand. Binary values are hex.
+    pub fn row_json(&self, relation_id: u32, tuple: &TupleData) -> String {
+        let mut out = String::from("{");
+        let columns = self
+            .map
+            .get(&relation_id)
+            .map(|e| e.relation.columns.as_slice())
+            .unwrap_or_default();
+        for (i, col) in tuple.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            let name = columns
+                .get(i)
+                .map_or_else(|| format!("column{i}"), |c| c.name.clone());
+            push_json_string(&mut out, name.as_bytes());
+            out.push(':');
+            match col {
+                Column::Null => out.push_str("null"),
+                Column::UnchangedToast => out.push_str("\"(unchanged toast)\""),
+                Column::Text(b) => push_json_string(&mut out, b),
+                Column::Binary(b) => {
+                    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+                    push_json_string(&mut out, hex.as_bytes());
+                }
+            }
+        }
+        out.push('}');
+        out
+    }
+}
+
+fn push_json_string(out: &mut String, bytes: &[u8]) {
+    out.push('"');
+    for c in String::from_utf8_lossy(bytes).chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
 fn layout(spec: &OutboxSpec, rel: &Relation) -> Result<Layout, RowError> {
     let find = |role: &'static str, name: &str| -> Result<Option<usize>, RowError> {
         if name.is_empty() {
@@ -506,6 +553,24 @@ mod tests {
             None,
         ]);
         assert!(matches!(r.extract(7, &t), Err(RowError::BadBytea { .. })));
+    }
+
+    #[test]
+    fn row_json_names_columns_and_escapes() {
+        let mut r = Relations::new(OutboxSpec::debezium(TableName::parse("outbox")));
+        r.update(rel(COLS));
+        let t = insert(&[
+            Some(b"u1"),
+            Some(b"order"),
+            None,
+            Some(b"q\"\\\n"),
+            Some(b"{}"),
+            None,
+        ]);
+        assert_eq!(
+            r.row_json(7, &t),
+            r#"{"id":"u1","aggregatetype":"order","aggregateid":null,"type":"q\"\\\u000a","payload":"{}","tenant":null}"#
+        );
     }
 
     #[test]

@@ -150,35 +150,139 @@ pub async fn slot_state(client: &Client, slot: &str) -> Result<Option<SlotState>
     }))
 }
 
-/// Makes sure the slot exists and is usable; creates it when missing and `create` is set.
-pub async fn ensure_slot(client: &Client, slot: &str, create: bool) -> Result<SlotState, PgError> {
+/// Where walship remembers the slots it created, so that a slot that disappeared later is
+/// recognised as dropped (and refused) instead of being created again as if for the first time.
+#[derive(Debug, Clone)]
+pub struct SlotHistory {
+    /// The table (`schema.walship_slots` by default); `None` disables the memory.
+    pub table: Option<TableName>,
+}
+
+/// Makes sure the slot exists and is usable; creates it when missing, `create` is set, and the
+/// slot history does not show that walship created it before.
+pub async fn ensure_slot(
+    client: &Client,
+    slot: &str,
+    create: bool,
+    history: &SlotHistory,
+) -> Result<SlotState, PgError> {
     let state = match slot_state(client, slot).await? {
         Some(s) => s,
-        None if create => {
-            client
-                .execute(
-                    "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+        None => {
+            if let Some(table) = &history.table
+                && let Some((created_at, created_lsn)) = created_before(client, table, slot).await?
+            {
+                return Err(PgError::Setup(format!(
+                    "replication slot {slot:?} does not exist, but walship created it on {created_at} at LSN \
+                     {created_lsn} (recorded in {table}): it has been dropped since, and creating a new one \
+                     would silently skip every event committed in between. Reconcile the outbox table with \
+                     Kafka, then run DELETE FROM {} WHERE slot_name = '{slot}'; and start walship again",
+                    table.quoted()
+                )));
+            }
+            if !create {
+                return Err(PgError::Setup(format!(
+                    "replication slot {slot:?} does not exist and postgres.create_slot is false: create it \
+                     with SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput'); or set \
+                     postgres.create_slot = true"
+                )));
+            }
+            let created = client
+                .query_one(
+                    "SELECT lsn FROM pg_create_logical_replication_slot($1, 'pgoutput')",
                     &[&slot],
                 )
-                .await
-                .map_err(sql_err(format!("creating replication slot {slot:?}")))?;
+                .await;
+            let row = match created {
+                Ok(row) => row,
+                Err(source) if source.code().is_some_and(|c| c.code() == "42501") => {
+                    let user: String =
+                        match client.query_one("SELECT current_user::text", &[]).await {
+                            Ok(r) => r.get(0),
+                            Err(_) => "<user>".into(),
+                        };
+                    return Err(PgError::Setup(format!(
+                        "cannot create replication slot {slot:?}: user {user:?} lacks the REPLICATION attribute \
+                         ({source}); grant it with ALTER ROLE {} REPLICATION; or create the slot as a superuser",
+                        quote_ident(&user)
+                    )));
+                }
+                Err(source) => {
+                    return Err(PgError::Sql {
+                        context: format!("creating replication slot {slot:?}"),
+                        source,
+                    });
+                }
+            };
+            let lsn: Option<PgLsn> = row.get(0);
             tracing::info!(slot, "created logical replication slot (pgoutput)");
+            if let Some(table) = &history.table {
+                remember_slot(client, table, slot, lsn).await;
+            }
             slot_state(client, slot).await?.ok_or_else(|| {
                 PgError::Setup(format!(
                     "replication slot {slot:?} vanished right after creation"
                 ))
             })?
         }
-        None => {
-            return Err(PgError::Setup(format!(
-                "replication slot {slot:?} does not exist and postgres.create_slot is false: create it \
-                 with SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput'); or set \
-                 postgres.create_slot = true"
-            )));
-        }
     };
     validate_slot(&state)?;
     Ok(state)
+}
+
+async fn created_before(
+    client: &Client,
+    table: &TableName,
+    slot: &str,
+) -> Result<Option<(String, String)>, PgError> {
+    let exists = client
+        .query_opt(
+            "SELECT 1 FROM pg_tables WHERE schemaname = $1 AND tablename = $2",
+            &[&table.schema, &table.name],
+        )
+        .await
+        .map_err(sql_err(format!("looking up {table}")))?
+        .is_some();
+    if !exists {
+        return Ok(None);
+    }
+    let sql = format!(
+        "SELECT created_at::text, created_lsn::text FROM {} WHERE slot_name = $1",
+        table.quoted()
+    );
+    let row = client
+        .query_opt(&sql, &[&slot])
+        .await
+        .map_err(sql_err(format!("reading {table}")))?;
+    Ok(row.map(|r| (r.get(0), r.get(1))))
+}
+
+/// Records a slot walship created. Failing to record is a warning, not an error: walship still
+/// works, it just cannot tell a later drop from a first start.
+async fn remember_slot(client: &Client, table: &TableName, slot: &str, lsn: Option<PgLsn>) {
+    let sql = format!(
+        "CREATE TABLE IF NOT EXISTS {t} (slot_name text PRIMARY KEY, created_at timestamptz NOT NULL DEFAULT now(), \
+         created_lsn pg_lsn); \
+         COMMENT ON TABLE {t} IS 'Replication slots walship created; a listed slot that no longer exists was dropped.'",
+        t = table.quoted()
+    );
+    let insert = format!(
+        "INSERT INTO {} (slot_name, created_lsn) VALUES ($1, $2) ON CONFLICT (slot_name) DO UPDATE SET \
+         created_at = now(), created_lsn = EXCLUDED.created_lsn",
+        table.quoted()
+    );
+    let result = async {
+        client.batch_execute(&sql).await?;
+        client.execute(&insert, &[&slot, &lsn]).await
+    }
+    .await;
+    if let Err(e) = result {
+        tracing::warn!(
+            %table,
+            "cannot record the new slot in {table} ({e}); walship will not be able to tell a dropped slot \
+             from a first start: grant CREATE on the schema, or set postgres.slot_history_table = \"\""
+        );
+    }
 }
 
 /// Rejects slots walship cannot stream from.
@@ -207,6 +311,74 @@ pub fn validate_slot(state: &SlotState) -> Result<(), PgError> {
                 .map(|l| l.to_string())
                 .unwrap_or_else(|| "unknown".into()),
         )));
+    }
+    Ok(())
+}
+
+/// Checks, while walship runs, that what it streams from still exists: the slot (not
+/// invalidated), the publication, and the outbox table in it. Returns the first definite problem.
+pub async fn watch(
+    client: &Client,
+    slot: &str,
+    publication: &str,
+    table: &TableName,
+) -> Result<(), PgError> {
+    match slot_state(client, slot).await? {
+        None => {
+            return Err(PgError::Setup(format!(
+                "replication slot {slot:?} was dropped while walship was running; it will not be re-created \
+                 automatically because that would skip every event committed since. Reconcile the outbox \
+                 with Kafka, then remove the slot's row from the slot history table and restart walship"
+            )));
+        }
+        Some(state) => validate_slot(&state)?,
+    }
+    let published = client
+        .query_opt(
+            "SELECT 1 FROM pg_publication_tables WHERE pubname = $1 AND schemaname = $2 AND tablename = $3",
+            &[&publication, &table.schema, &table.name],
+        )
+        .await
+        .map_err(sql_err(format!("reading publication {publication:?}")))?
+        .is_some();
+    if !published {
+        let pub_exists = client
+            .query_opt(
+                "SELECT 1 FROM pg_publication WHERE pubname = $1",
+                &[&publication],
+            )
+            .await
+            .map_err(sql_err(format!("reading publication {publication:?}")))?
+            .is_some();
+        let table_exists = client
+            .query_opt(
+                "SELECT 1 FROM pg_tables WHERE schemaname = $1 AND tablename = $2",
+                &[&table.schema, &table.name],
+            )
+            .await
+            .map_err(sql_err(format!("looking up table {table}")))?
+            .is_some();
+        return Err(PgError::Setup(if !table_exists {
+            format!(
+                "the outbox table {table} was dropped while walship was running: no more events can arrive. \
+                 Re-create it (walship init-sql prints the DDL) and add it to publication {publication:?}, then restart walship"
+            )
+        } else if !pub_exists {
+            format!(
+                "publication {publication:?} was dropped while walship was running: re-create it with \
+                 CREATE PUBLICATION {} FOR TABLE {} WITH (publish = 'insert'); and restart walship. Events \
+                 committed meanwhile are decoded only if the publication exists when the walsender reaches them",
+                quote_ident(publication),
+                table.quoted()
+            )
+        } else {
+            format!(
+                "the outbox table {table} was removed from publication {publication:?} while walship was \
+                 running: run ALTER PUBLICATION {} ADD TABLE {}; and restart walship",
+                quote_ident(publication),
+                table.quoted()
+            )
+        }));
     }
     Ok(())
 }

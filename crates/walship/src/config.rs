@@ -94,6 +94,14 @@ pub struct PostgresConfig {
     /// a server whose other databases are busy while the outbox is quiet. 0 = off.
     #[serde(default)]
     pub heartbeat_interval_ms: u64,
+    /// Table (in the outbox table's schema unless qualified) where walship records the slots it
+    /// created, so a slot dropped later is refused instead of silently re-created. "" = off.
+    #[serde(default = "default_slot_history_table")]
+    pub slot_history_table: String,
+    /// How often, while streaming, walship checks that the slot, the publication and the
+    /// outbox table still exist (a dropped one stops walship with an explanation).
+    #[serde(default = "default_watch_interval_ms")]
+    pub watch_interval_ms: u64,
 }
 
 /// `[outbox]`
@@ -124,6 +132,25 @@ pub struct OutboxConfig {
     /// Topic template; `{aggregatetype}` is replaced by the row's aggregate type.
     #[serde(default = "default_topic")]
     pub topic: String,
+    /// What to do with a row that cannot become a record (NULL key, missing column, unroutable
+    /// aggregate type, too large for the broker).
+    #[serde(default)]
+    pub on_bad_row: BadRowPolicy,
+    /// Topic for rows dead-lettered under `on_bad_row = "dead-letter"`.
+    #[serde(default = "default_dead_letter_topic")]
+    pub dead_letter_topic: String,
+}
+
+/// `outbox.on_bad_row`
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BadRowPolicy {
+    /// Stop without confirming past the row; the error names table, LSN and column.
+    #[default]
+    Fail,
+    /// Publish the row (as JSON of its columns) with the reason in headers to
+    /// `dead_letter_topic`, then continue.
+    DeadLetter,
 }
 
 impl Default for OutboxConfig {
@@ -137,6 +164,8 @@ impl Default for OutboxConfig {
             payload_column: default_payload(),
             header_columns: Vec::new(),
             topic: default_topic(),
+            on_bad_row: BadRowPolicy::Fail,
+            dead_letter_topic: default_dead_letter_topic(),
         }
     }
 }
@@ -205,6 +234,12 @@ fn default_publication() -> String {
 fn default_status_interval_ms() -> u64 {
     1000
 }
+fn default_slot_history_table() -> String {
+    "walship_slots".into()
+}
+fn default_watch_interval_ms() -> u64 {
+    10_000
+}
 fn default_table() -> String {
     "public.outbox".into()
 }
@@ -223,6 +258,9 @@ fn default_type() -> String {
 fn default_payload() -> String {
     "payload".into()
 }
+fn default_dead_letter_topic() -> String {
+    "outbox.dead-letter".into()
+}
 fn default_topic() -> String {
     "outbox.event.{aggregatetype}".into()
 }
@@ -239,7 +277,7 @@ fn default_shutdown_timeout_ms() -> u64 {
     30_000
 }
 fn default_max_in_flight_events() -> u64 {
-    20_000
+    2_000
 }
 
 /// Prefix of environment overrides: `WALSHIP_KAFKA__BROKERS` sets `kafka.brokers`.
@@ -334,6 +372,14 @@ impl Config {
                 "kafka.brokers must list at least one host:port".into(),
             ));
         }
+        if self.outbox.on_bad_row == BadRowPolicy::DeadLetter
+            && !walship_kafka::route::is_legal_topic(self.outbox.dead_letter_topic.as_bytes())
+        {
+            return Err(ConfigError(format!(
+                "outbox.dead_letter_topic {:?} is not a legal Kafka topic name: use 1-249 characters of letters, digits, '.', '_' and '-'",
+                self.outbox.dead_letter_topic
+            )));
+        }
         if let Some(addr) = &self.metrics.listen {
             addr.parse::<std::net::SocketAddr>().map_err(|e| {
                 ConfigError(format!("metrics.listen {addr:?} is not a socket address ({e}); expected e.g. \"0.0.0.0:9187\""))
@@ -392,6 +438,22 @@ impl Config {
             .get_password()
             .map(|p| Secret(String::from_utf8_lossy(p).into_owned()));
         Ok(url_password.or_else(|| std::env::var("PGPASSWORD").ok().map(Secret)))
+    }
+
+    /// The slot history table, qualified with the outbox table's schema when unqualified.
+    pub fn slot_history(&self) -> walship_postgres::slot::SlotHistory {
+        let name = &self.postgres.slot_history_table;
+        let table = (!name.is_empty()).then(|| {
+            if name.contains('.') {
+                TableName::parse(name)
+            } else {
+                TableName {
+                    schema: TableName::parse(&self.outbox.table).schema,
+                    name: name.clone(),
+                }
+            }
+        });
+        walship_postgres::slot::SlotHistory { table }
     }
 
     /// The outbox definition for the PostgreSQL side.

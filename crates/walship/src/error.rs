@@ -19,7 +19,8 @@ pub enum Error {
     /// An outbox row cannot become a record. Nothing at or after `lsn` was confirmed.
     #[error(
         "outbox row at LSN {lsn} (transaction {xid}): {error}. Nothing from this row on has been \
-             confirmed; fix the row's data or the configuration and restart walship"
+             confirmed; fix the row's data or the configuration and restart walship, or set \
+             outbox.on_bad_row = \"dead-letter\""
     )]
     Row {
         /// WAL position of the row.
@@ -31,7 +32,8 @@ pub enum Error {
     },
     /// A row's topic cannot be formed.
     #[error(
-        "outbox row at LSN {lsn} (transaction {xid}): {error}. Nothing from this row on has been confirmed"
+        "outbox row at LSN {lsn} (transaction {xid}): {error}. Nothing from this row on has been \
+         confirmed; fix the row's aggregate type or outbox.topic, or set outbox.on_bad_row = \"dead-letter\""
     )]
     Route {
         /// WAL position of the row.
@@ -40,6 +42,22 @@ pub enum Error {
         xid: u32,
         /// What was wrong.
         error: RouteError,
+    },
+    /// The producer can never accept a row's record (too large, invalid).
+    #[error(
+        "outbox row at LSN {lsn} (transaction {xid}) cannot be published to topic {topic:?}: {error}. \
+             Nothing from this row on has been confirmed; shrink the row, raise the broker's and \
+             librdkafka's message.max.bytes, or set outbox.on_bad_row = \"dead-letter\""
+    )]
+    Record {
+        /// WAL position of the row.
+        lsn: Lsn,
+        /// Transaction id.
+        xid: u32,
+        /// Destination topic.
+        topic: String,
+        /// The producer's error.
+        error: String,
     },
     /// A topic problem.
     #[error(transparent)]
@@ -53,15 +71,25 @@ pub enum Error {
 }
 
 impl Error {
+    /// True for problems of one row's data (the bad-row policy applies), not of the system.
+    pub fn is_bad_row(&self) -> bool {
+        matches!(
+            self,
+            Error::Row { .. } | Error::Route { .. } | Error::Record { .. }
+        )
+    }
+
     /// True when reconnecting and resuming from the slot can succeed without a change.
     pub fn is_transient(&self) -> bool {
         match self {
             Error::Postgres(e) => e.is_transient(),
             Error::Topic(e) => e.is_transient(),
             Error::Delivery(e) => e.class() == ErrorClass::Transient,
-            Error::Config(_) | Error::Row { .. } | Error::Route { .. } | Error::Producer(_) => {
-                false
-            }
+            Error::Config(_)
+            | Error::Row { .. }
+            | Error::Route { .. }
+            | Error::Record { .. }
+            | Error::Producer(_) => false,
         }
     }
 }

@@ -30,7 +30,7 @@ use crate::progress::{Progress, TxnToken};
 use crate::telemetry::Telemetry;
 
 /// Least time between two standby status updates that report a new position.
-const MIN_STATUS_GAP: Duration = Duration::from_millis(10);
+const MIN_STATUS_GAP: Duration = Duration::from_millis(2);
 
 /// The transaction currently being decoded.
 struct OpenTxn {
@@ -60,6 +60,8 @@ pub struct Session {
     pub(crate) shutdown_timeout: Duration,
     pub(crate) max_in_flight: u64,
     pub(crate) telemetry: Arc<Telemetry>,
+    /// `Some(topic)` with the dead-letter policy for bad rows; `None` to fail on them.
+    pub(crate) dead_letter_topic: Option<String>,
     txn: Option<OpenTxn>,
     last_reported: Lsn,
     last_status_at: Instant,
@@ -96,6 +98,7 @@ impl Session {
             shutdown_timeout,
             max_in_flight: max_in_flight.max(2),
             telemetry,
+            dead_letter_topic: None,
             txn: None,
             last_status_at: Instant::now(),
             stats: SessionStats::default(),
@@ -120,6 +123,7 @@ impl Session {
                 }
             }
             self.check_failure()?;
+            self.dead_letter_rejected(cancel).await?;
             if cancel.is_cancelled() && self.stop_deadline.is_none() {
                 if self.txn.is_none() {
                     return self.shutdown().await;
@@ -213,13 +217,39 @@ impl Session {
                     ))
                     .into());
                 };
-                let xid = txn.begin.xid;
-                let commit_ms = txn.begin.commit_time.unix_millis();
-                let row = self
-                    .relations
-                    .extract(insert.relation_id, &insert.tuple)
-                    .map_err(|error| Error::Row { lsn, xid, error })?;
-                self.produce(&row, lsn, xid, commit_ms, cancel).await?;
+                let (xid, commit_ms) = (txn.begin.xid, txn.begin.commit_time.unix_millis());
+                let outcome = match self.relations.extract(insert.relation_id, &insert.tuple) {
+                    Err(error) => Err(Error::Row { lsn, xid, error }),
+                    Ok(row) => self.produce(&row, lsn, xid, commit_ms, cancel).await,
+                };
+                match outcome {
+                    Err(e) if e.is_bad_row() && self.dead_letter_topic.is_some() => {
+                        // A row the broker cannot take for its size would not fit as JSON either:
+                        // then the dead letter carries the key and the reason only.
+                        let value = if matches!(e, Error::Record { .. }) {
+                            String::new()
+                        } else {
+                            self.relations.row_json(insert.relation_id, &insert.tuple)
+                        };
+                        let key = self
+                            .relations
+                            .extract(insert.relation_id, &insert.tuple)
+                            .ok()
+                            .map(|r| r.aggregate_id.to_vec());
+                        self.dead_letter(
+                            &e.to_string(),
+                            key.as_deref(),
+                            value.as_bytes(),
+                            lsn,
+                            xid,
+                            commit_ms,
+                            cancel,
+                            None,
+                        )
+                        .await?;
+                    }
+                    other => other?,
+                }
             }
             Message::Insert(insert) => {
                 // Other tables in the publication: not outbox events. Unknown relations are a
@@ -246,6 +276,8 @@ impl Session {
         Ok(())
     }
 
+    /// Routes and sends one outbox row. A row that can never become a record is an error for
+    /// which [`Error::is_bad_row`] holds.
     async fn produce(
         &mut self,
         row: &OutboxRow<'_>,
@@ -275,7 +307,87 @@ impl Session {
             headers: &headers,
             timestamp_ms: Some(commit_ms),
         };
-        let token = match self.txn.as_ref().and_then(|t| t.token) {
+        self.send(&record, lsn, xid, commit_ms, cancel, None).await
+    }
+
+    /// Publishes a row that cannot be delivered as an event to the dead-letter topic, with the
+    /// reason and position in headers. `token` is set when the row's event was already counted
+    /// in its transaction (a record the broker rejected after it was sent).
+    #[allow(clippy::too_many_arguments)]
+    async fn dead_letter(
+        &mut self,
+        reason: &str,
+        key: Option<&[u8]>,
+        value: &[u8],
+        lsn: Lsn,
+        xid: u32,
+        commit_ms: i64,
+        cancel: &CancellationToken,
+        token: Option<TxnToken>,
+    ) -> Result<(), Error> {
+        let Some(topic) = self.dead_letter_topic.clone() else {
+            return Ok(());
+        };
+        self.sink.ensure_topic(&topic).await?;
+        let lsn_text = lsn.to_string();
+        let xid_text = xid.to_string();
+        let table = self.relations.spec().table.to_string();
+        let headers: [(&str, Option<&[u8]>); 4] = [
+            ("walship.error", Some(reason.as_bytes())),
+            ("walship.lsn", Some(lsn_text.as_bytes())),
+            ("walship.xid", Some(xid_text.as_bytes())),
+            ("walship.table", Some(table.as_bytes())),
+        ];
+        let record = Record {
+            topic: &topic,
+            key: key.unwrap_or_default(),
+            payload: Some(value),
+            headers: &headers,
+            timestamp_ms: Some(commit_ms),
+        };
+        tracing::warn!(%lsn, xid, dead_letter_topic = %topic, "dead-lettering outbox row: {reason}");
+        self.telemetry.dead_lettered.fetch_add(1, Ordering::Relaxed);
+        self.send(&record, lsn, xid, commit_ms, cancel, token).await
+    }
+
+    /// Dead-letters the records the broker rejected for good since the last call.
+    async fn dead_letter_rejected(&mut self, cancel: &CancellationToken) -> Result<(), Error> {
+        for (token, rejected) in self.progress.take_rejected() {
+            let reason = format!(
+                "{}; the record (key and {} bytes of value) was not accepted by topic {:?}",
+                rejected.error, rejected.payload_len, rejected.topic
+            );
+            let key = rejected.key.clone();
+            self.dead_letter(
+                &reason,
+                key.as_deref(),
+                b"",
+                Lsn::ZERO,
+                0,
+                crate::telemetry::unix_ms(),
+                cancel,
+                Some(token),
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Hands a record to the producer, waiting for room (backpressure) when the in-flight window
+    /// or librdkafka's queue is full. With `token` unset the record is a new event of the open
+    /// transaction; with `token` set it replaces an already counted event of that transaction.
+    #[allow(clippy::too_many_arguments)]
+    async fn send(
+        &mut self,
+        record: &Record<'_>,
+        lsn: Lsn,
+        xid: u32,
+        commit_ms: i64,
+        cancel: &CancellationToken,
+        token: Option<TxnToken>,
+    ) -> Result<(), Error> {
+        let replaces = token.is_some();
+        let token = match token.or_else(|| self.txn.as_ref().and_then(|t| t.token)) {
             Some(t) => t,
             None => {
                 let t = self.progress.open(commit_ms);
@@ -287,7 +399,7 @@ impl Session {
         };
         loop {
             if self.progress.in_flight() < self.max_in_flight {
-                match self.sink.send(&record, token as usize) {
+                match self.sink.send(record, token as usize) {
                     Ok(()) => {
                         self.progress.note_sent();
                         break;
@@ -299,10 +411,18 @@ impl Session {
                                 Error::Delivery(walship_kafka::DeliveryError {
                                     topic,
                                     partition: -1,
+                                    key: None,
+                                    payload_len: 0,
                                     error,
                                 })
                             }
-                            _ => Error::Producer(format!(
+                            walship_kafka::ErrorClass::Record => Error::Record {
+                                lsn,
+                                xid,
+                                topic,
+                                error: error.to_string(),
+                            },
+                            walship_kafka::ErrorClass::Fatal => Error::Producer(format!(
                                 "record at LSN {lsn} for topic {topic:?}: {error}"
                             )),
                         });
@@ -316,9 +436,9 @@ impl Session {
                 self.stop_deadline = Some(Instant::now() + self.shutdown_timeout);
             }
             if self.stop_deadline.is_some_and(|d| Instant::now() >= d) {
-                // Out of time: this event was not sent. Its transaction is never
-                // sealed, so the confirmed position stays before it and the whole
-                // transaction is read again on the next start.
+                // Out of time: this event was not sent. Its transaction is never sealed, so the
+                // confirmed position stays before it and the whole transaction is read again
+                // on the next start.
                 self.abandoned = true;
                 return Ok(());
             }
@@ -329,10 +449,12 @@ impl Session {
                 .wait_for_room(self.max_in_flight / 2, Duration::from_millis(100))
                 .await;
         }
-        if let Some(txn) = self.txn.as_mut() {
-            txn.sent += 1;
+        if !replaces {
+            if let Some(txn) = self.txn.as_mut() {
+                txn.sent += 1;
+            }
+            self.stats.events_sent += 1;
         }
-        self.stats.events_sent += 1;
         Ok(())
     }
 

@@ -70,6 +70,10 @@ pub struct Progress {
     want_advance: AtomicBool,
     advanced: Notify,
     telemetry: std::sync::Arc<Telemetry>,
+    /// With the dead-letter policy: records the broker can never accept, waiting for the
+    /// pipeline to dead-letter them. Their transactions stay incomplete until that is acked.
+    dead_letter: AtomicBool,
+    rejected: Mutex<Vec<(TxnToken, DeliveryError)>>,
 }
 
 /// A token identifying one transaction's entry (passed to the producer with each event).
@@ -114,6 +118,17 @@ impl Progress {
     /// Records one event handed to the producer.
     pub fn note_sent(&self) {
         self.sent_events.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Route records the broker rejects for good (too large, invalid) to
+    /// [`take_rejected`](Self::take_rejected) instead of failing.
+    pub fn enable_dead_letter(&self) {
+        self.dead_letter.store(true, Ordering::Release);
+    }
+
+    /// Records the broker rejected for good, to be dead-lettered under the same token.
+    pub fn take_rejected(&self) -> Vec<(TxnToken, DeliveryError)> {
+        std::mem::take(&mut *self.rejected.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// Events handed to the producer whose outcome is not reported yet.
@@ -282,6 +297,18 @@ impl DeliveryListener for Progress {
                     }
                 }
             }
+            Err(e)
+                if self.dead_letter.load(Ordering::Acquire)
+                    && e.class() == walship_kafka::ErrorClass::Record =>
+            {
+                // The event stays outstanding: its dead-letter record's ack completes it.
+                self.rejected
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push((token as u64, e));
+                self.room.notify_one();
+                self.advanced.notify_one();
+            }
             Err(e) => {
                 let mut f = self.failure.lock().unwrap_or_else(|e| e.into_inner());
                 if f.is_none() && !self.failed.load(Ordering::Acquire) {
@@ -390,6 +417,8 @@ mod tests {
         let err = DeliveryError {
             topic: "t".into(),
             partition: 0,
+            key: None,
+            payload_len: 0,
             error: KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge),
         };
         p.on_delivery(a as usize, Err(err));

@@ -113,18 +113,15 @@ async fn supervise(
             interval,
         )));
     }
+    let watchdog = watch(config, params.clone(), password.clone());
+    tokio::pin!(watchdog);
     let mut attempt: u32 = 0;
     loop {
         let started = Instant::now();
-        let result = session(
-            config,
-            &params,
-            password.as_ref(),
-            &settings,
-            cancel,
-            telemetry,
-        )
-        .await;
+        let result = tokio::select! {
+            r = session(config, &params, password.as_ref(), &settings, cancel, telemetry) => r,
+            e = &mut watchdog => Err(e),
+        };
         telemetry.streaming.store(false, Ordering::Relaxed);
         if let Err(Error::Delivery(d)) = &result {
             let counter = match d.class() {
@@ -151,6 +148,35 @@ async fn supervise(
             }
             Err(e) if e.is_transient() => return Ok(()),
             Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Resolves with a definite error once the slot, the publication or the outbox table is gone
+/// (or the slot invalidated). Connection trouble is left to the session to notice.
+async fn watch(config: &Config, params: ConnectParams, password: Option<Secret>) -> Error {
+    let every = Duration::from_millis(config.postgres.watch_interval_ms.max(100));
+    let table = config.outbox_spec().table;
+    let mut client = None;
+    loop {
+        tokio::time::sleep(every).await;
+        if client.is_none() {
+            client = slot::connect(&params, password.as_ref().map(|p| p.expose().as_bytes()))
+                .await
+                .ok();
+        }
+        let Some(c) = &client else { continue };
+        match slot::watch(
+            c,
+            &config.postgres.slot,
+            &config.postgres.publication,
+            &table,
+        )
+        .await
+        {
+            Ok(()) => {}
+            Err(e) if e.is_transient() => client = None,
+            Err(e) => return e.into(),
         }
     }
 }
@@ -230,8 +256,13 @@ async fn preflight(
         config.postgres.create_publication,
     )
     .await?;
-    let state =
-        slot::ensure_slot(&client, &config.postgres.slot, config.postgres.create_slot).await?;
+    let state = slot::ensure_slot(
+        &client,
+        &config.postgres.slot,
+        config.postgres.create_slot,
+        &config.slot_history(),
+    )
+    .await?;
     Ok(state.confirmed_flush_lsn.unwrap_or_default())
 }
 
@@ -262,8 +293,18 @@ async fn session(
     let start = state.confirmed_flush_lsn.unwrap_or_default();
 
     let progress = Arc::new(Progress::with_telemetry(start, Arc::clone(telemetry)));
-    let sink = Sink::new(settings.clone(), Arc::clone(&progress))
-        .map_err(|e| Error::Producer(e.to_string()))?;
+    let sink = Sink::new(settings.clone(), Arc::clone(&progress)).map_err(|e| {
+        // librdkafka echoes rejected property values; never let a secret through.
+        let mut text = e.to_string();
+        for secret in settings
+            .secret_properties
+            .values()
+            .filter(|v| !v.is_empty())
+        {
+            text = text.replace(secret.as_str(), "***");
+        }
+        Error::Producer(text)
+    })?;
     let publication = format!("\"{}\"", config.postgres.publication.replace('"', "\"\""));
     let options = [
         ("proto_version", "1"),
@@ -282,7 +323,7 @@ async fn session(
     tracing::info!(from = %start, "streaming");
     let router = TopicRouter::new(&config.outbox.topic)
         .map_err(|e| Error::Config(crate::config::ConfigError(e.to_string())))?;
-    let session = Session::new(
+    let mut session = Session::new(
         stream,
         Relations::new(config.outbox_spec()),
         router,
@@ -293,6 +334,10 @@ async fn session(
         config.run.max_in_flight_events,
         Arc::clone(telemetry),
     );
+    if config.outbox.on_bad_row == crate::config::BadRowPolicy::DeadLetter {
+        session.dead_letter_topic = Some(config.outbox.dead_letter_topic.clone());
+        progress.enable_dead_letter();
+    }
     telemetry.streaming.store(true, Ordering::Relaxed);
     telemetry.safe_lsn.store(start.0, Ordering::Relaxed);
     session.run(cancel).await.map(|_| ())

@@ -1,0 +1,643 @@
+//! Reliability: crashes, outages, restarts, stalls, large transactions, definite errors and the
+//! bad-row policies — against real PostgreSQL and real broker processes.
+//!
+//! `WALSHIP_LONG_TESTS=1` runs the long variants (more events, longer outages).
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::Duration;
+
+use rand::Rng;
+use tokio_postgres::Client;
+
+use crate::harness::postgres::{Cluster, connect};
+use crate::harness::{
+    self, Binary, Broker, Relay, Row, TIMEOUT, TestDb, broker, consume, insert_txn, long_tests,
+    topic,
+};
+
+/// Writes `per_key` single-row transactions for each of `keys`, interleaved round-robin,
+/// pipelined on one connection (so commit order per key is the order written). Returns ids.
+async fn write_events(
+    client: &Client,
+    keys: &[String],
+    per_key: u64,
+    start_seq: u64,
+) -> Vec<String> {
+    let stmt = client
+        .prepare("INSERT INTO outbox (id, aggregatetype, aggregateid, type, payload) VALUES ($1::text::uuid, 'order', $2, 'Updated', $3::text::jsonb)")
+        .await
+        .expect("prepare");
+    let mut ids = Vec::new();
+    let mut pending = Vec::new();
+    for seq in start_seq..start_seq + per_key {
+        for key in keys {
+            let id = uuid::Uuid::new_v4().to_string();
+            let payload = format!("{{\"aggregate\":\"{key}\",\"seq\":{seq}}}");
+            ids.push(id.clone());
+            let (client, stmt) = (client, &stmt);
+            pending.push(async move {
+                client
+                    .execute(stmt, &[&id, key, &payload])
+                    .await
+                    .expect("insert")
+            });
+            if pending.len() == 64 {
+                futures::future::join_all(std::mem::take(&mut pending)).await;
+            }
+        }
+    }
+    futures::future::join_all(pending).await;
+    ids
+}
+
+/// Per key, the payload `seq`s in consumed order with repeats removed (first occurrence kept).
+fn deduped_seqs(records: &[harness::Consumed]) -> BTreeMap<String, Vec<u64>> {
+    let mut out = BTreeMap::new();
+    for ((_, key), recs) in harness::by_key(records) {
+        let mut seen = HashSet::new();
+        let seqs: Vec<u64> = harness::seqs(&recs)
+            .into_iter()
+            .filter(|s| seen.insert(*s))
+            .collect();
+        out.insert(key, seqs);
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_at_random_moments_loses_nothing_and_keeps_order() {
+    let db = TestDb::new().await;
+    let (writers, keys_per_writer, per_key) = if long_tests() {
+        (4, 75, 1000)
+    } else {
+        (4, 75, 334)
+    };
+    let kills_wanted = if long_tests() { 20 } else { 8 };
+    let mut walship = Binary::start(&harness::config_toml(&db, &broker().bootstrap, ""));
+    db.await_streaming().await;
+
+    let mut tasks = Vec::new();
+    for w in 0..writers {
+        let url = db.url.clone();
+        tasks.push(tokio::spawn(async move {
+            let client = connect(&url).await;
+            let keys: Vec<String> = (0..keys_per_writer).map(|k| format!("w{w}-k{k}")).collect();
+            write_events(&client, &keys, per_key, 0).await
+        }));
+    }
+    let mut kills = 0;
+    while kills < kills_wanted {
+        let pause = rand::rng().random_range(200..1200);
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+        walship.kill();
+        kills += 1;
+        walship.restart();
+    }
+    let mut all_ids = HashSet::new();
+    for t in tasks {
+        all_ids.extend(t.await.expect("writer"));
+    }
+    let total = all_ids.len();
+    assert_eq!(total as u64, writers * keys_per_writer * per_key);
+    let end = db.current_lsn().await;
+    db.await_confirmed(end, TIMEOUT * 2).await;
+
+    let records = consume(
+        &broker().bootstrap,
+        &[&topic(&db, "order")],
+        total,
+        TIMEOUT * 2,
+        Duration::from_secs(2),
+    );
+    let ids: HashSet<String> = records
+        .iter()
+        .map(|r| r.header("id").expect("id"))
+        .collect();
+    assert_eq!(
+        ids.len(),
+        total,
+        "every committed event present (missing {})",
+        all_ids.difference(&ids).count()
+    );
+    for (key, seqs) in deduped_seqs(&records) {
+        assert_eq!(
+            seqs,
+            (0..per_key).collect::<Vec<_>>(),
+            "order of {key} after dropping duplicates"
+        );
+    }
+    let positions: HashSet<(i32, i64)> = records.iter().map(|r| (r.partition, r.offset)).collect();
+    assert_eq!(
+        positions.len(),
+        records.len(),
+        "the consumer read some offsets twice"
+    );
+    let duplicates = records.len() - total;
+    eprintln!("{kills} kills, {total} events, {duplicates} duplicates");
+    assert!(
+        (duplicates as f64) < 0.01 * total as f64,
+        "{duplicates} duplicates is 1% or more of {total}"
+    );
+    let (code, log) = walship.stop().await;
+    assert_eq!(code, 0, "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_restart_during_load_loses_nothing() {
+    let cluster = Cluster::private(&[]);
+    let db = TestDb::new_in(&cluster).await;
+    let kafka = broker();
+    let relay = Relay::start_streaming(harness::config(&db, &kafka.bootstrap, ""), &db).await;
+    let keys: Vec<String> = (0..20).map(|k| format!("k{k}")).collect();
+    let mut ids = write_events(&db.client, &keys, 500, 0).await;
+    // Restart while walship is still draining the 10,000 events just written.
+    let c = &cluster;
+    tokio::task::block_in_place(|| {
+        c.stop_server();
+        c.start_server();
+    });
+    let client = connect(&db.url).await;
+    ids.extend(write_events(&client, &keys, 50, 500).await);
+    let end = Lsn(u64::from(
+        client
+            .query_one("SELECT pg_current_wal_lsn()", &[])
+            .await
+            .unwrap()
+            .get::<_, tokio_postgres::types::PgLsn>(0),
+    ));
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        let row = client
+            .query_one(
+                "SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = $1",
+                &[&db.name],
+            )
+            .await
+            .unwrap();
+        if Lsn(u64::from(row.get::<_, tokio_postgres::types::PgLsn>(0))) >= end {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "walship did not catch up after the restart"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let records = consume(
+        &kafka.bootstrap,
+        &[&topic(&db, "order")],
+        ids.len(),
+        TIMEOUT,
+        Duration::from_secs(1),
+    );
+    let got: HashSet<String> = records
+        .iter()
+        .map(|r| r.header("id").expect("id"))
+        .collect();
+    assert!(
+        ids.iter().all(|id| got.contains(id)),
+        "an event committed around the restart is missing"
+    );
+    for (key, seqs) in deduped_seqs(&records) {
+        assert_eq!(seqs, (0..550).collect::<Vec<_>>(), "order of {key}");
+    }
+    relay
+        .stop()
+        .await
+        .expect("walship recovered and stops cleanly");
+}
+
+use pgoutput::Lsn;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_outage_during_load_recovers_with_bounded_memory() {
+    let db = TestDb::new().await;
+    let kafka = Broker::dedicated();
+    let outage = if long_tests() {
+        Duration::from_secs(30)
+    } else {
+        Duration::from_secs(5)
+    };
+    let extra = "[kafka.librdkafka]\n\"topic.metadata.propagation.max.ms\" = \"2000\"\n\"topic.metadata.refresh.interval.ms\" = \"1000\"";
+    let mut walship = Binary::start(&harness::config_toml(&db, &kafka.bootstrap, extra));
+    db.await_streaming().await;
+    let keys: Vec<String> = (0..50).map(|k| format!("k{k}")).collect();
+    let url = db.url.clone();
+    let writer_keys = keys.clone();
+    let writer = tokio::spawn(async move {
+        let client = connect(&url).await;
+        write_events(&client, &writer_keys, 400, 0).await
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await; // let some load flow first
+    kafka.stop();
+    // In-flight acks can no longer arrive; after a moment the confirmed position must freeze.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let frozen = db.confirmed_lsn().await;
+    let until = tokio::time::Instant::now() + outage;
+    while tokio::time::Instant::now() < until {
+        assert_eq!(
+            db.confirmed_lsn().await,
+            frozen,
+            "slot moved while the broker was down"
+        );
+        assert!(
+            walship.running(),
+            "walship must ride out the outage:\n{}",
+            walship.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    kafka.start();
+    let ids = writer.await.expect("writer");
+    let end = db.current_lsn().await;
+    db.await_confirmed(end, TIMEOUT).await;
+    let rss = walship.peak_rss_mib();
+    assert!(rss < 200.0, "peak RSS {rss:.0} MiB");
+    // The restarted in-memory broker only holds what was (re)sent after it came back: per key
+    // that must be a gap-free run up to the last event written.
+    let records = consume(
+        &kafka.bootstrap,
+        &[&topic(&db, "order")],
+        1,
+        TIMEOUT,
+        Duration::from_secs(2),
+    );
+    for (key, seqs) in deduped_seqs(&records) {
+        let first = seqs[0];
+        assert_eq!(
+            seqs,
+            (first..400).collect::<Vec<_>>(),
+            "{key}: a gap means a lost event"
+        );
+    }
+    assert!(ids.len() == 20_000);
+    let (code, log) = walship.stop().await;
+    assert_eq!(code, 0, "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_broker_stops_reading_but_keeps_the_walsender_alive() {
+    // A short wal_sender_timeout: without standby status while blocked, the server would drop
+    // the connection within 2 s.
+    let cluster = Cluster::private(&["wal_sender_timeout=2s"]);
+    let db = TestDb::new_in(&cluster).await;
+    let kafka = Broker::dedicated();
+    let config = harness::config_toml(&db, &kafka.bootstrap, "[run]\nmax_in_flight_events = 2000");
+    let mut walship = Binary::start(&config);
+    db.await_streaming().await;
+    let keys: Vec<String> = (0..10).map(|k| format!("k{k}")).collect();
+    write_events(&db.client, &keys, 10, 0).await;
+    db.await_confirmed(db.current_lsn().await, TIMEOUT).await;
+    let walsender = db
+        .client
+        .query_one(
+            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
+            &[&db.name],
+        )
+        .await
+        .unwrap();
+    let walsender: i32 = walsender.get(0);
+
+    let broker_pid = kafka.pid().expect("broker pid");
+    #[allow(unsafe_code)]
+    // SAFETY: signalling our own child process.
+    unsafe {
+        libc::kill(broker_pid, libc::SIGSTOP);
+    }
+    write_events(&db.client, &keys, 3000, 10).await;
+    // Well past wal_sender_timeout with walship blocked on the frozen broker.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let now = db
+        .client
+        .query_one(
+            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
+            &[&db.name],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        now.get::<_, Option<i32>>(0),
+        Some(walsender),
+        "the walsender timed out and was replaced"
+    );
+    assert!(
+        db.sent_lsn().await < db.current_lsn().await,
+        "walship stopped reading (backpressure)"
+    );
+    assert!(walship.running());
+    let rss = walship.peak_rss_mib();
+    assert!(rss < 100.0, "peak RSS {rss:.0} MiB while blocked");
+    #[allow(unsafe_code)]
+    // SAFETY: as above.
+    unsafe {
+        libc::kill(broker_pid, libc::SIGCONT);
+    }
+    db.await_confirmed(db.current_lsn().await, TIMEOUT).await;
+    let records = consume(
+        &kafka.bootstrap,
+        &[&topic(&db, "order")],
+        30_100,
+        TIMEOUT,
+        Duration::from_secs(1),
+    );
+    for (key, seqs) in deduped_seqs(&records) {
+        assert_eq!(seqs, (0..3010).collect::<Vec<_>>(), "order of {key}");
+    }
+    let (code, log) = walship.stop().await;
+    assert_eq!(code, 0, "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_huge_transaction_is_delivered_with_bounded_memory() {
+    let mut db = TestDb::new().await;
+    let rows = if long_tests() { 1_000_000 } else { 100_000 };
+    let mut walship = Binary::start(&harness::config_toml(&db, &broker().bootstrap, ""));
+    db.await_streaming().await;
+    let tx = db.client.transaction().await.unwrap();
+    tx.batch_execute(&format!(
+        "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) \
+         SELECT 'order', 'k' || (g % 100), 'Bulk', jsonb_build_object('seq', g / 100, 'pad', repeat('x', 100)) \
+         FROM generate_series(0, {}) g",
+        rows - 1
+    ))
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    let end = db.current_lsn().await;
+    db.await_confirmed(end, TIMEOUT * 3).await;
+    let rss = walship.peak_rss_mib();
+    assert!(
+        rss < 200.0,
+        "peak RSS {rss:.0} MiB for a {rows}-row transaction"
+    );
+    let records = consume(
+        &broker().bootstrap,
+        &[&topic(&db, "order")],
+        rows,
+        TIMEOUT * 2,
+        Duration::from_secs(1),
+    );
+    assert_eq!(records.len(), rows);
+    for (key, seqs) in deduped_seqs(&records) {
+        assert_eq!(
+            seqs,
+            (0..(rows as u64 / 100)).collect::<Vec<_>>(),
+            "order of {key}"
+        );
+    }
+    assert!(walship.running());
+    let (code, log) = walship.stop().await;
+    assert_eq!(code, 0, "{log}");
+}
+
+// --- definite errors: each provoked, its message checked ----------------------------------------
+
+async fn exits_with(walship: Binary, needles: &[&str]) -> String {
+    let (code, log) = walship.wait_exit(TIMEOUT).await;
+    assert_eq!(code, 1, "{log}");
+    for n in needles {
+        assert!(log.contains(n), "log lacks {n:?}:\n{log}");
+    }
+    log
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalidated_slot_is_fatal_and_explained() {
+    let cluster = Cluster::private(&[
+        "max_slot_wal_keep_size=1MB",
+        "max_wal_size=32MB",
+        "min_wal_size=32MB",
+    ]);
+    let mut db = TestDb::new_in(&cluster).await;
+    let config = harness::config_toml(&db, &broker().bootstrap, "");
+    let walship = Binary::start(&config);
+    db.await_streaming().await;
+    insert_txn(&mut db.client, &[Row::new("order", "a", 0)]).await;
+    db.await_confirmed(db.current_lsn().await, TIMEOUT).await;
+    let (code, _) = walship.stop().await;
+    assert_eq!(code, 0);
+    // Move WAL far past the slot with nobody reading it, then checkpoint: the slot is lost.
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        db.client
+            .batch_execute("INSERT INTO other_table (note) SELECT repeat('w', 500) FROM generate_series(1, 3000); SELECT pg_switch_wal(); CHECKPOINT;")
+            .await
+            .unwrap();
+        let row = db
+            .client
+            .query_one(
+                "SELECT wal_status FROM pg_replication_slots WHERE slot_name = $1",
+                &[&db.name],
+            )
+            .await
+            .unwrap();
+        if row.get::<_, Option<String>>(0).as_deref() == Some("lost") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "slot never became lost"
+        );
+    }
+    let walship = Binary::start(&config);
+    exits_with(
+        walship,
+        &[
+            "invalidated",
+            "wal_status = lost",
+            &format!("pg_drop_replication_slot('{}')", db.name),
+        ],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_slot_is_not_recreated_silently() {
+    let db = TestDb::new().await;
+    let config = harness::config_toml(&db, &broker().bootstrap, "");
+    let walship = Binary::start(&config);
+    db.await_streaming().await;
+    let (code, _) = walship.stop().await;
+    assert_eq!(code, 0);
+    db.client
+        .execute("SELECT pg_drop_replication_slot($1)", &[&db.name])
+        .await
+        .unwrap();
+    let walship = Binary::start(&config);
+    exits_with(
+        walship,
+        &["has been dropped", "walship_slots", "DELETE FROM"],
+    )
+    .await;
+    let slot = db
+        .client
+        .query_opt(
+            "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1",
+            &[&db.name],
+        )
+        .await
+        .unwrap();
+    assert!(slot.is_none(), "no new slot was created");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_publication_and_table_while_running_are_fatal_and_explained() {
+    for what in ["publication", "table"] {
+        let db = TestDb::new().await;
+        let walship = Binary::start(&harness::config_toml(&db, &broker().bootstrap, "").replace(
+            "status_interval_ms = 200",
+            "status_interval_ms = 200\nwatch_interval_ms = 200",
+        ));
+        db.await_streaming().await;
+        if what == "publication" {
+            db.client
+                .batch_execute(&format!("DROP PUBLICATION {}_pub", db.name))
+                .await
+                .unwrap();
+            exits_with(
+                walship,
+                &[
+                    &format!("{}_pub", db.name),
+                    "was dropped",
+                    "CREATE PUBLICATION",
+                ],
+            )
+            .await;
+        } else {
+            db.client.batch_execute("DROP TABLE outbox").await.unwrap();
+            exits_with(walship, &["public.outbox", "was dropped"]).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wal_level_replica_is_fatal_and_explained() {
+    let cluster = Cluster::private(&["wal_level=replica"]);
+    let db = TestDb::new_in(&cluster).await;
+    let walship = Binary::start(&harness::config_toml(&db, &broker().bootstrap, ""));
+    exits_with(
+        walship,
+        &[
+            "wal_level",
+            "\"replica\"",
+            "ALTER SYSTEM SET wal_level = logical",
+        ],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_replication_privilege_is_fatal_and_explained() {
+    let db = TestDb::new().await;
+    let role = format!("{}_norep", db.name);
+    db.client
+        .batch_execute(&format!(
+            "CREATE ROLE {role} LOGIN; CREATE PUBLICATION {db}_pub FOR TABLE outbox WITH (publish = 'insert');",
+            db = db.name
+        ))
+        .await
+        .unwrap();
+    let config = harness::config_toml(&db, &broker().bootstrap, "")
+        .replace("postgres://postgres@", &format!("postgres://{role}@"));
+    let walship = Binary::start(&config);
+    exits_with(
+        walship,
+        &[
+            &db.name,
+            "REPLICATION",
+            &format!("ALTER ROLE \"{role}\" REPLICATION"),
+        ],
+    )
+    .await;
+}
+
+// --- bad rows ------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_row_policy_fail_stops_before_the_row_and_names_it() {
+    let mut db = TestDb::new().await;
+    let walship = Binary::start(&harness::config_toml(&db, &broker().bootstrap, ""));
+    db.await_streaming().await;
+    insert_txn(&mut db.client, &[Row::new("order", "a", 0)]).await;
+    let good_end = db.current_lsn().await;
+    db.await_confirmed(good_end, TIMEOUT).await;
+    insert_txn(&mut db.client, &[Row::new("bad type!", "a", 1)]).await;
+    let bad_end = db.current_lsn().await;
+    let log = exits_with(walship, &["bad type!", "outbox.on_bad_row", "at LSN"]).await;
+    assert!(
+        db.confirmed_lsn().await < bad_end,
+        "confirmed past the bad row:\n{log}"
+    );
+
+    // A configured column the table lacks: named with the table and the key to fix.
+    let walship = Binary::start(
+        &harness::config_toml(&db, &broker().bootstrap, "")
+            .replace("[outbox]\n", "[outbox]\ntype_column = \"kind\"\n"),
+    );
+    exits_with(
+        walship,
+        &["\"kind\"", "public.outbox", "outbox.type_column"],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_row_policy_dead_letter_publishes_the_row_with_the_reason_and_continues() {
+    let mut db = TestDb::new().await;
+    let dlq = format!("{}.dlq", db.name);
+    let config = harness::config_toml(
+        &db,
+        &broker().bootstrap,
+        "[kafka.librdkafka]\n\"message.max.bytes\" = \"20000\"",
+    )
+    .replace(
+        "[outbox]\n",
+        &format!("[outbox]\non_bad_row = \"dead-letter\"\ndead_letter_topic = \"{dlq}\"\n"),
+    );
+    let walship = Binary::start(&config);
+    db.await_streaming().await;
+    insert_txn(&mut db.client, &[Row::new("order", "a", 0)]).await;
+    insert_txn(&mut db.client, &[Row::new("bad type!", "a", 1)]).await;
+    insert_txn(&mut db.client, &[Row::new("order", "a", 2)]).await;
+    let mut big = Row::new("order", "a", 3);
+    big.payload = serde_json::json!({ "seq": 3, "pad": "x".repeat(50_000) });
+    insert_txn(&mut db.client, &[big]).await;
+    insert_txn(&mut db.client, &[Row::new("order", "a", 4)]).await;
+    let end = db.current_lsn().await;
+    db.await_confirmed(end, TIMEOUT).await;
+
+    let good = consume(
+        &broker().bootstrap,
+        &[&topic(&db, "order")],
+        3,
+        TIMEOUT,
+        Duration::from_secs(1),
+    );
+    assert_eq!(harness::seqs(&good), vec![0, 2, 4]);
+    let dead = consume(
+        &broker().bootstrap,
+        &[&dlq],
+        2,
+        TIMEOUT,
+        Duration::from_secs(1),
+    );
+    assert_eq!(dead.len(), 2);
+    let reasons: Vec<String> = dead
+        .iter()
+        .map(|r| r.header("walship.error").expect("reason header"))
+        .collect();
+    assert!(reasons[0].contains("bad type!"), "{reasons:?}");
+    assert!(
+        reasons[1].contains("too large") || reasons[1].contains("MessageSizeTooLarge"),
+        "{reasons:?}"
+    );
+    assert!(dead.iter().all(|r| r.header("walship.lsn").is_some()
+        && r.header("walship.table").as_deref() == Some("public.outbox")));
+    assert_eq!(
+        dead[0].json()["aggregatetype"],
+        "bad type!",
+        "the row's columns are the value"
+    );
+    let (code, log) = walship.stop().await;
+    assert_eq!(code, 0, "{log}");
+}
