@@ -463,6 +463,20 @@ async fn dropped_slot_is_not_recreated_silently() {
         .execute("SELECT pg_drop_replication_slot($1)", &[&db.name])
         .await
         .unwrap();
+    // The preflight says so too, with the fix.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("w.toml"), &config).unwrap();
+    let check = std::process::Command::new(env!("CARGO_BIN_EXE_walship"))
+        .args(["check", "--config"])
+        .arg(dir.path().join("w.toml"))
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&check.stdout);
+    assert_eq!(check.status.code(), Some(1), "{out}");
+    assert!(
+        out.contains("dropped since") && out.contains("DELETE FROM"),
+        "{out}"
+    );
     let walship = Binary::start(&config);
     exits_with(
         walship,

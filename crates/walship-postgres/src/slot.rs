@@ -230,7 +230,8 @@ pub async fn ensure_slot(
     Ok(state)
 }
 
-async fn created_before(
+/// When and at which LSN walship created `slot`, if the slot history records it.
+pub async fn created_before(
     client: &Client,
     table: &TableName,
     slot: &str,

@@ -315,7 +315,32 @@ async fn postgres_checks(config: &Config, checks: &mut Vec<Check>) -> AggregateT
     }
 
     // The slot.
+    // A missing slot that walship created before was dropped: run refuses to re-create it.
+    let dropped = match (&state, config.slot_history().table) {
+        (Ok(None), Some(table)) => slot::created_before(&client, &table, slot_name)
+            .await
+            .ok()
+            .flatten()
+            .map(|c| (table, c)),
+        _ => None,
+    };
     match state {
+        Ok(None) if dropped.is_some() => {
+            if let Some((table, (at, lsn))) = dropped {
+                checks.push(Check::fail(
+                    "postgres.slot",
+                    format!(
+                        "slot {slot_name:?} does not exist, but walship created it on {at} at LSN {lsn} (recorded \
+                         in {table}): it was dropped since, and walship will not create a new one because that \
+                         would skip the events committed in between"
+                    ),
+                    format!(
+                        "reconcile the outbox table with Kafka, then DELETE FROM {} WHERE slot_name = '{slot_name}';",
+                        table.quoted()
+                    ),
+                ));
+            }
+        }
         Ok(state) => {
             let current = slot::current_wal_lsn(&client).await.ok();
             checks.extend(slot_checks(
