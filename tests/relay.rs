@@ -12,6 +12,7 @@ const SETTLE: Duration = Duration::from_secs(1);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_events_arrive_in_commit_order_per_aggregate() {
+    let _heavy = harness::heavy().await;
     let db = TestDb::new().await;
     let relay = Relay::start_streaming(harness::config(&db, &broker().bootstrap, ""), &db).await;
 

@@ -66,6 +66,7 @@ fn deduped_seqs(records: &[harness::Consumed]) -> BTreeMap<String, Vec<u64>> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_at_random_moments_loses_nothing_and_keeps_order() {
+    let _heavy = harness::heavy().await;
     let db = TestDb::new().await;
     let (writers, keys_per_writer, per_key) = if long_tests() {
         (4, 75, 1000)
@@ -133,7 +134,12 @@ async fn sigkill_at_random_moments_loses_nothing_and_keeps_order() {
         "the consumer read some offsets twice"
     );
     let duplicates = records.len() - total;
-    eprintln!("{kills} kills, {total} events, {duplicates} duplicates");
+    let log = walship.log_text();
+    eprintln!(
+        "{kills} kills, {total} events, {duplicates} duplicates; {} reconnects in the log ({} slot-busy)",
+        log.matches("reconnecting").count(),
+        log.matches("55006").count()
+    );
     assert!(
         (duplicates as f64) < 0.01 * total as f64,
         "{duplicates} duplicates is 1% or more of {total}"
@@ -144,6 +150,7 @@ async fn sigkill_at_random_moments_loses_nothing_and_keeps_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_restart_during_load_loses_nothing() {
+    let _heavy = harness::heavy().await;
     let cluster = Cluster::private(&[]);
     let db = TestDb::new_in(&cluster).await;
     let kafka = broker();
@@ -211,6 +218,7 @@ use pgoutput::Lsn;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_outage_during_load_recovers_with_bounded_memory() {
+    let _heavy = harness::heavy().await;
     let db = TestDb::new().await;
     let kafka = Broker::dedicated();
     let outage = if long_tests() {
@@ -277,6 +285,7 @@ async fn broker_outage_during_load_recovers_with_bounded_memory() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_broker_stops_reading_but_keeps_the_walsender_alive() {
+    let _heavy = harness::heavy().await;
     // A short wal_sender_timeout: without standby status while blocked, the server would drop
     // the connection within 2 s.
     let cluster = Cluster::private(&["wal_sender_timeout=2s"]);
@@ -349,6 +358,7 @@ async fn stalled_broker_stops_reading_but_keeps_the_walsender_alive() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_huge_transaction_is_delivered_with_bounded_memory() {
+    let _heavy = harness::heavy().await;
     let mut db = TestDb::new().await;
     let rows = if long_tests() { 1_000_000 } else { 100_000 };
     let mut walship = Binary::start(&harness::config_toml(&db, &broker().bootstrap, ""));

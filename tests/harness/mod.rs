@@ -337,3 +337,11 @@ impl Drop for Binary {
 pub fn long_tests() -> bool {
     std::env::var("WALSHIP_LONG_TESTS").is_ok_and(|v| v == "1")
 }
+
+/// Held by the load-heavy tests (crash, outage, stall, drain-sized) so they never overlap each
+/// other: on a 2-core machine two of them at once would measure CPU starvation instead of
+/// walship (the crash test's duplicate bound in particular).
+pub async fn heavy() -> tokio::sync::MutexGuard<'static, ()> {
+    static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    HEAVY.lock().await
+}

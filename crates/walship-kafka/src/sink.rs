@@ -160,7 +160,7 @@ impl SinkSettings {
             // Never give up on an event: during a broker outage records wait (bounded by the
             // queue limits below) instead of failing and being re-read from the slot.
             .set("message.timeout.ms", "0")
-            .set("linger.ms", "1")
+            .set("linger.ms", "5")
             .set("queue.buffering.max.messages", "100000")
             .set("queue.buffering.max.kbytes", "65536")
             .set("allow.auto.create.topics", "false");
