@@ -30,6 +30,10 @@ missing=()
 command -v cc >/dev/null || missing+=(build-essential)
 command -v make >/dev/null || missing+=(make)
 command -v pkg-config >/dev/null || missing+=(pkg-config)
+# librdkafka (rdkafka's `ssl` feature) and walship's PostgreSQL TLS link OpenSSL; the TLS tests
+# make their certificates with the openssl command.
+{ pkg-config --exists openssl 2>/dev/null || dpkg -s libssl-dev >/dev/null 2>&1; } || missing+=(libssl-dev)
+command -v openssl >/dev/null || missing+=(openssl)
 command -v python3 >/dev/null || missing+=(python3)
 have_pg_server || missing+=(postgresql)
 command -v psql >/dev/null || missing+=(postgresql-client)

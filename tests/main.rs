@@ -14,3 +14,4 @@ mod pgoutput_golden;
 mod relay;
 mod reliability;
 mod sql;
+mod tls;

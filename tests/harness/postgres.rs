@@ -116,6 +116,14 @@ impl Cluster {
     /// A cluster of the caller's own (for tests that restart it or change server settings),
     /// with extra `name=value` settings. Stopped when dropped.
     pub fn private(extra: &[&str]) -> Cluster {
+        Self::private_with(extra, |_| {})
+    }
+
+    /// Like [`Cluster::private`], with `setup` run on the data directory after `initdb` and
+    /// before the server starts (to write `pg_hba.conf`, certificates, …). Files `setup`
+    /// creates belong to whoever runs the tests: hand them to the data directory's owner (the
+    /// server's OS user) when the server must read them.
+    pub fn private_with(extra: &[&str], setup: impl FnOnce(&Path)) -> Cluster {
         static N: AtomicU32 = AtomicU32::new(0);
         let bin = pg_bin_dir();
         let run_as = postgres_user();
@@ -162,6 +170,9 @@ impl Cluster {
             child: Mutex::new(None),
             extra: extra.iter().map(|s| (*s).to_owned()).collect(),
         };
+        if let Some(data) = &cluster.data_dir {
+            setup(data);
+        }
         cluster.start_server();
         cluster
     }

@@ -20,6 +20,7 @@ use tokio::net::TcpStream;
 use tokio_postgres::config::Host;
 
 use crate::error::{PgError, ServerError};
+use crate::tls::{self, ConnectConfig, Negotiated, TlsSession};
 
 /// Anything the replication protocol can run over (TCP, Unix socket).
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -56,8 +57,9 @@ pub enum Frame {
 /// Where and as whom to connect; built from a libpq-style connection string.
 #[derive(Clone)]
 pub struct ConnectParams {
-    /// Parsed connection string (hosts, ports, user, dbname, password, timeouts).
-    pub config: tokio_postgres::Config,
+    /// Parsed connection string (hosts, ports, user, dbname, password, timeouts) and TLS
+    /// settings; dereferences to the [`tokio_postgres::Config`].
+    pub config: ConnectConfig,
 }
 
 impl ConnectParams {
@@ -72,13 +74,19 @@ impl ConnectParams {
         match self.target() {
             (Some(Host::Tcp(h)), port) => format!("{h}:{port}"),
             (Some(Host::Unix(p)), port) => format!("{}/.s.PGSQL.{port}", p.display()),
-            (None, port) => format!("localhost:{port}"),
+            (None, port) => match self.config.get_hostaddrs().first() {
+                Some(addr) => format!("{addr}:{port}"),
+                None => format!("localhost:{port}"),
+            },
         }
     }
 
-    async fn open(&self) -> Result<Box<dyn Io>, PgError> {
+    /// Connects and negotiates TLS per `sslmode`; returns the stream and the TLS session
+    /// (`None` without TLS).
+    async fn open(&self) -> Result<(Box<dyn Io>, Option<TlsSession>), PgError> {
+        let target = self.describe();
         let io_err = |source| PgError::Io {
-            target: self.describe(),
+            target: target.clone(),
             source,
         };
         let timeout = self
@@ -89,22 +97,36 @@ impl ConnectParams {
         let connect = async {
             match self.target() {
                 (Some(Host::Unix(dir)), port) => {
+                    // PostgreSQL offers no TLS on Unix sockets; libpq skips it there too.
                     let path = dir.join(format!(".s.PGSQL.{port}"));
-                    Ok(Box::new(tokio::net::UnixStream::connect(path).await?) as Box<dyn Io>)
+                    let s = tokio::net::UnixStream::connect(path)
+                        .await
+                        .map_err(io_err)?;
+                    Ok((Box::new(s) as Box<dyn Io>, None))
                 }
                 (host, port) => {
-                    let h = match host {
-                        Some(Host::Tcp(h)) => h.as_str(),
-                        _ => "localhost",
-                    };
-                    let s = TcpStream::connect((h, port)).await?;
-                    s.set_nodelay(true)?;
-                    Ok(Box::new(s) as Box<dyn Io>)
+                    // hostaddr, when given, is where to connect; the host name is what the
+                    // certificate must name (libpq semantics).
+                    let name = self.config.tls_host().unwrap_or_else(|| "localhost".into());
+                    let s = match (self.config.get_hostaddrs().first(), host) {
+                        (Some(addr), _) => TcpStream::connect((*addr, port)).await,
+                        (None, Some(Host::Tcp(h))) => TcpStream::connect((h.as_str(), port)).await,
+                        (None, _) => TcpStream::connect(("localhost", port)).await,
+                    }
+                    .map_err(io_err)?;
+                    s.set_nodelay(true).map_err(io_err)?;
+                    match tls::negotiate(s, &self.config.tls, &name, &target).await? {
+                        Negotiated::Plain(s) => Ok((Box::new(s) as Box<dyn Io>, None)),
+                        Negotiated::Tls(s) => {
+                            let session = TlsSession::of(&s);
+                            Ok((Box::new(s) as Box<dyn Io>, Some(session)))
+                        }
+                    }
                 }
             }
         };
         match tokio::time::timeout(timeout, connect).await {
-            Ok(r) => r.map_err(io_err),
+            Ok(r) => r,
             Err(_) => Err(io_err(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
                 "connect timed out",
@@ -135,14 +157,14 @@ impl ReplicationStream {
         start: Lsn,
         options: &[(&str, &str)],
     ) -> Result<Self, PgError> {
-        let io = params.open().await?;
+        let (io, tls) = params.open().await?;
         let mut s = ReplicationStream {
             io,
             target: params.describe(),
             rbuf: BytesMut::with_capacity(READ_CHUNK),
             wbuf: BytesMut::with_capacity(1024),
         };
-        s.startup(params, password, application_name).await?;
+        s.startup(params, password, application_name, tls).await?;
         let opts = options
             .iter()
             .map(|(k, v)| format!("\"{k}\" '{}'", v.replace('\'', "''")))
@@ -175,11 +197,13 @@ impl ReplicationStream {
         }
     }
 
+    /// `tls`: the TLS session, `None` on a plaintext connection.
     async fn startup(
         &mut self,
         params: &ConnectParams,
         password: Option<&[u8]>,
         app: &str,
+        tls: Option<TlsSession>,
     ) -> Result<(), PgError> {
         let user = params.config.get_user().ok_or_else(|| {
             PgError::Setup(
@@ -207,9 +231,22 @@ impl ReplicationStream {
         loop {
             let mut raw = self.read_raw_message().await?;
             if raw[0] == b'E' {
+                let error = ServerError::parse(&raw[5..]);
+                if tls.is_none() && error.code == "28000" && error.message.contains("no encryption")
+                {
+                    return Err(tls::plaintext_refused(
+                        &self.target,
+                        &params.config.tls,
+                        &error.message,
+                    ));
+                }
                 return Err(PgError::Server {
-                    context: format!("replication connection to {} as {user:?}", self.target),
-                    error: ServerError::parse(&raw[5..]),
+                    context: format!(
+                        "replication connection to {} as {user:?} ({})",
+                        self.target,
+                        params.config.tls.describe()
+                    ),
+                    error,
                 });
             }
             let msg = backend::Message::parse(&mut raw)
@@ -237,23 +274,45 @@ impl ReplicationStream {
                 }
                 M::AuthenticationSasl(body) => {
                     use fallible_iterator::FallibleIterator;
+                    use postgres_protocol::authentication::sasl::{
+                        SCRAM_SHA_256, SCRAM_SHA_256_PLUS,
+                    };
                     let pw = password.ok_or_else(need_password)?;
                     let mut mechanisms = body.mechanisms();
-                    let mut supported = false;
+                    let (mut plain, mut plus) = (false, false);
                     while let Some(m) = mechanisms
                         .next()
                         .map_err(|e| PgError::Protocol(e.to_string()))?
                     {
-                        supported |= m == "SCRAM-SHA-256";
+                        plain |= m == SCRAM_SHA_256;
+                        plus |= m == SCRAM_SHA_256_PLUS;
                     }
-                    if !supported {
-                        return Err(PgError::Auth(
-                            "server offers no SASL mechanism walship supports (SCRAM-SHA-256)"
-                                .into(),
-                        ));
-                    }
-                    let s = ScramSha256::new(pw, ChannelBinding::unsupported());
-                    frontend::sasl_initial_response("SCRAM-SHA-256", s.message(), &mut self.wbuf)
+                    // Over TLS, bind SCRAM to the server's certificate (SCRAM-SHA-256-PLUS) so
+                    // a man in the middle cannot relay the exchange; "unrequested" tells a
+                    // server that offers no binding that we could have (downgrade detection).
+                    let (mechanism, binding) = match (&tls, plus, plain) {
+                        (
+                            Some(TlsSession {
+                                server_end_point: Some(end_point),
+                            }),
+                            true,
+                            _,
+                        ) => (
+                            SCRAM_SHA_256_PLUS,
+                            ChannelBinding::tls_server_end_point(end_point.clone()),
+                        ),
+                        (Some(_), false, true) => (SCRAM_SHA_256, ChannelBinding::unrequested()),
+                        (_, _, true) => (SCRAM_SHA_256, ChannelBinding::unsupported()),
+                        _ => {
+                            return Err(PgError::Auth(
+                                "server offers no SASL mechanism walship supports \
+                                 (SCRAM-SHA-256, SCRAM-SHA-256-PLUS)"
+                                    .into(),
+                            ));
+                        }
+                    };
+                    let s = ScramSha256::new(pw, binding);
+                    frontend::sasl_initial_response(mechanism, s.message(), &mut self.wbuf)
                         .map_err(|e| PgError::Protocol(e.to_string()))?;
                     self.flush_wbuf().await?;
                     scram = Some(s);

@@ -8,12 +8,11 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 use std::time::Duration;
 
 use serde::Deserialize;
 use walship_kafka::{SinkSettings, TopicRouter};
-use walship_postgres::{OutboxSpec, TableName};
+use walship_postgres::{ConnectConfig, OutboxSpec, SslMode, TableName};
 
 /// A configuration problem: what, where, and how to fix it.
 #[derive(Debug, thiserror::Error)]
@@ -74,6 +73,16 @@ pub struct PostgresConfig {
     pub password_env: Option<String>,
     /// Path of a file holding the password (trailing newline ignored).
     pub password_file: Option<PathBuf>,
+    /// TLS mode for both connections: `disable`, `prefer`, `require`, `verify-ca`,
+    /// `verify-full`. Overrides the URL's `sslmode`; default `prefer` (like libpq).
+    pub sslmode: Option<String>,
+    /// PEM file of the CA(s) that signed the server's certificate (`system`: the OS trust
+    /// store). Overrides the URL's `sslrootcert`.
+    pub sslrootcert: Option<String>,
+    /// Client certificate (PEM) for `cert` authentication / `clientcert=verify-*`.
+    pub sslcert: Option<PathBuf>,
+    /// The client certificate's private key (unencrypted PKCS#8 PEM, mode 0600).
+    pub sslkey: Option<PathBuf>,
     /// Logical replication slot (created with pgoutput when missing and `create_slot`).
     #[serde(default = "default_slot")]
     pub slot: String,
@@ -411,13 +420,42 @@ impl Config {
         Ok(())
     }
 
-    /// The parsed PostgreSQL connection parameters (password applied separately).
-    pub fn connect_config(&self) -> Result<tokio_postgres::Config, ConfigError> {
-        tokio_postgres::Config::from_str(&self.postgres.url).map_err(|e| {
+    /// The parsed PostgreSQL connection parameters (password applied separately): the URL,
+    /// with `postgres.sslmode` / `sslrootcert` / `sslcert` / `sslkey` overriding the URL's.
+    /// Dereferences to the [`tokio_postgres::Config`].
+    pub fn connect_config(&self) -> Result<ConnectConfig, ConfigError> {
+        let mut c = ConnectConfig::parse(&self.postgres.url).map_err(|e| {
             ConfigError(format!(
-                "postgres.url is not a valid connection string ({e}); expected e.g. postgres://walship@db.example:5432/app"
+                "postgres.url is not a valid connection string ({e}); expected e.g. postgres://walship@db.example:5432/app?sslmode=verify-full"
             ))
-        })
+        })?;
+        let pg = &self.postgres;
+        if let Some(mode) = &pg.sslmode {
+            c.tls.mode = mode.parse::<SslMode>().map_err(|_| {
+                ConfigError(format!(
+                    "postgres.sslmode {mode:?} is not one of {}: use verify-full (with postgres.sslrootcert) \
+                     to encrypt and check the server's certificate",
+                    SslMode::VALUES
+                ))
+            })?;
+        }
+        if let Some(root) = &pg.sslrootcert {
+            c.tls.set_root_cert(root);
+        }
+        if let Some(cert) = &pg.sslcert {
+            c.tls.client_cert = Some(cert.clone());
+        }
+        if let Some(key) = &pg.sslkey {
+            c.tls.client_key = Some(key.clone());
+        }
+        if c.tls.client_cert.is_some() != c.tls.client_key.is_some() {
+            return Err(ConfigError(
+                "postgres.sslcert and postgres.sslkey go together: set both (the client certificate \
+                 and its private key) or neither"
+                    .into(),
+            ));
+        }
+        Ok(c)
     }
 
     /// Resolves the PostgreSQL password: `password_file`, then `password_env`, then the URL's,
@@ -479,9 +517,17 @@ impl Config {
 
     /// Producer settings, with secrets resolved.
     pub fn sink_settings(&self) -> Result<SinkSettings, ConfigError> {
+        self.sink_settings_with_env(|var| std::env::var(var).ok())
+    }
+
+    /// [`Config::sink_settings`] with `kafka.secret_env` looked up through `env`.
+    fn sink_settings_with_env(
+        &self,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<SinkSettings, ConfigError> {
         let mut secret_properties = BTreeMap::new();
         for (prop, var) in &self.kafka.secret_env {
-            let v = std::env::var(var).map_err(|_| {
+            let v = env(var).ok_or_else(|| {
                 ConfigError(format!("kafka.secret_env.{prop:?} names {var:?} but that environment variable is not set"))
             })?;
             secret_properties.insert(prop.clone(), v);
@@ -623,5 +669,110 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("outbox.topic"), "{e}");
+    }
+
+    #[test]
+    fn tls_keys_override_the_url() {
+        let url_only = "[postgres]\nurl = \"postgres://walship@db.example/app?sslmode=verify-ca&sslrootcert=/url/ca.pem\"\n[kafka]\nbrokers = \"k:9092\"\n";
+        let c = parse(url_only, &[]).unwrap().connect_config().unwrap();
+        assert_eq!(c.tls.mode, SslMode::VerifyCa);
+        assert_eq!(
+            c.tls.root_cert,
+            Some(walship_postgres::tls::RootCert::File("/url/ca.pem".into()))
+        );
+        assert_eq!(c.get_dbname(), Some("app"));
+
+        let c = parse(
+            url_only,
+            &[
+                ("WALSHIP_POSTGRES__SSLMODE", "verify-full"),
+                ("WALSHIP_POSTGRES__SSLROOTCERT", "/etc/walship/ca.pem"),
+            ],
+        )
+        .unwrap()
+        .connect_config()
+        .unwrap();
+        assert_eq!(c.tls.mode, SslMode::VerifyFull);
+        assert_eq!(
+            c.tls.root_cert,
+            Some(walship_postgres::tls::RootCert::File(
+                "/etc/walship/ca.pem".into()
+            ))
+        );
+
+        // Default: prefer, like libpq.
+        let c = parse(MINIMAL, &[]).unwrap().connect_config().unwrap();
+        assert_eq!(c.tls.mode, SslMode::Prefer);
+    }
+
+    #[test]
+    fn bad_tls_keys_explain_the_fix() {
+        let e = parse(MINIMAL, &[("WALSHIP_POSTGRES__SSLMODE", "verify_full")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("postgres.sslmode") && e.contains("verify-full"),
+            "{e}"
+        );
+        let e = parse(MINIMAL, &[("WALSHIP_POSTGRES__SSLCERT", "/c.pem")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("postgres.sslkey"), "{e}");
+        let e = parse(
+            "[postgres]\nurl = \"postgres://w:hunter2@db/app?sslmode=nope\"\n[kafka]\nbrokers = \"k:9092\"\n",
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("postgres.url") && e.contains("nope") && !e.contains("hunter2"),
+            "{e}"
+        );
+    }
+
+    /// librdkafka is built with OpenSSL (`ssl` feature): SASL_SSL with SCRAM is accepted, and the
+    /// password from `kafka.secret_env` reaches the producer but no message or `Debug` output.
+    #[test]
+    fn kafka_sasl_ssl_scram_config_is_accepted_and_the_password_stays_secret() {
+        use rdkafka::producer::BaseProducer;
+        const PASSWORD: &str = "s3cr3t-kafka-pa55word";
+        let env = |var: &str| (var == "TEST_KAFKA_PASSWORD").then(|| PASSWORD.to_owned());
+        let text = format!(
+            "{MINIMAL}[kafka.librdkafka]\n\"security.protocol\" = \"SASL_SSL\"\n\"sasl.mechanisms\" = \"SCRAM-SHA-256\"\n\"sasl.username\" = \"walship\"\n[kafka.secret_env]\n\"sasl.password\" = \"TEST_KAFKA_PASSWORD\"\n"
+        );
+        let config = parse(&text, &[]).unwrap();
+        assert!(!format!("{config:?}").contains(PASSWORD));
+        let settings = config.sink_settings_with_env(env).unwrap();
+        assert_eq!(settings.secret_properties["sasl.password"], PASSWORD);
+        let client_config = settings.client_config();
+        assert_eq!(client_config.get("sasl.password"), Some(PASSWORD));
+        // Creating the producer validates every property (and that SSL and SCRAM are compiled
+        // in) without connecting.
+        let producer: BaseProducer = client_config
+            .create()
+            .unwrap_or_else(|e| panic!("librdkafka refused SASL_SSL/SCRAM-SHA-256: {e}"));
+        drop(producer);
+
+        // A value librdkafka rejects: its message names the value, never the password.
+        let mut bad = settings.clone();
+        bad.librdkafka
+            .insert("sasl.mechanisms".into(), "SCRAM-SHA-999".into());
+        let e = bad
+            .client_config()
+            .create::<BaseProducer>()
+            .err()
+            .expect("bad mechanism refused")
+            .to_string();
+        assert!(e.contains("SCRAM-SHA-999") && !e.contains(PASSWORD), "{e}");
+
+        // A missing secret names the property and the variable, never a value.
+        let e = config
+            .sink_settings_with_env(|_| None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("sasl.password") && e.contains("TEST_KAFKA_PASSWORD"),
+            "{e}"
+        );
     }
 }
