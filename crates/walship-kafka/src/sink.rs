@@ -126,8 +126,8 @@ pub enum SendError {
     },
 }
 
-/// Kafka connection and producer settings.
-#[derive(Debug, Clone)]
+/// Kafka connection and producer settings. Its `Debug` never shows secret values.
+#[derive(Clone)]
 pub struct SinkSettings {
     /// `bootstrap.servers`.
     pub brokers: String,
@@ -143,6 +143,22 @@ pub struct SinkSettings {
     pub librdkafka: BTreeMap<String, String>,
     /// librdkafka properties whose values are secrets (never logged).
     pub secret_properties: BTreeMap<String, String>,
+}
+
+impl std::fmt::Debug for SinkSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let secrets: Vec<(&String, &str)> =
+            self.secret_properties.keys().map(|k| (k, "***")).collect();
+        f.debug_struct("SinkSettings")
+            .field("brokers", &self.brokers)
+            .field("client_id", &self.client_id)
+            .field("create_topics", &self.create_topics)
+            .field("topic_partitions", &self.topic_partitions)
+            .field("topic_replication_factor", &self.topic_replication_factor)
+            .field("librdkafka", &self.librdkafka)
+            .field("secret_properties", &secrets)
+            .finish()
+    }
 }
 
 impl SinkSettings {
@@ -453,6 +469,26 @@ mod tests {
         assert_eq!(
             classify(&e(RDKafkaErrorCode::MessageTimedOut)),
             ErrorClass::Transient
+        );
+    }
+
+    #[test]
+    fn debug_never_shows_secret_values() {
+        let mut secret_properties = BTreeMap::new();
+        secret_properties.insert("sasl.password".to_owned(), "hunter2".to_owned());
+        let s = SinkSettings {
+            brokers: "b:9092".into(),
+            client_id: "walship".into(),
+            create_topics: true,
+            topic_partitions: 3,
+            topic_replication_factor: 1,
+            librdkafka: BTreeMap::new(),
+            secret_properties,
+        };
+        let text = format!("{s:?}");
+        assert!(
+            text.contains("sasl.password") && !text.contains("hunter2"),
+            "{text}"
         );
     }
 
