@@ -113,12 +113,11 @@ impl Session {
     /// timeout), so a graceful stop leaves nothing half-sent to be duplicated on restart.
     pub async fn run(mut self, cancel: &CancellationToken) -> Result<SessionStats, Error> {
         loop {
+            // Checked once per read buffer, not per message: `is_cancelled` takes a lock.
+            let stopping = self.stop_deadline.is_some() || cancel.is_cancelled();
             while let Some(frame) = self.stream.try_next()? {
                 self.handle(frame, cancel).await?;
-                if self.abandoned
-                    || ((self.stop_deadline.is_some() || cancel.is_cancelled())
-                        && self.txn.is_none())
-                {
+                if self.abandoned || (stopping && self.txn.is_none()) {
                     return self.shutdown().await;
                 }
             }
@@ -292,19 +291,31 @@ impl Session {
             .map_err(|error| Error::Route { lsn, xid, error })?
             .clone();
         self.sink.ensure_topic(&topic).await?;
-        let mut headers: Vec<(&str, Option<&[u8]>)> = Vec::with_capacity(2 + row.headers.len());
-        if let Some(id) = row.id {
-            headers.push(("id", Some(id)));
+        // The usual headers live on the stack; only extra header columns need a Vec.
+        let mut fixed: [(&str, Option<&[u8]>); 2] = [("", None); 2];
+        let mut n = 0;
+        for (name, value) in [("id", row.id), ("type", row.event_type)] {
+            if value.is_some() {
+                fixed[n] = (name, value);
+                n += 1;
+            }
         }
-        if let Some(t) = row.event_type {
-            headers.push(("type", Some(t)));
-        }
-        headers.extend(row.headers.iter().map(|(k, v)| (k.as_ref(), *v)));
+        let extended: Vec<(&str, Option<&[u8]>)>;
+        let headers: &[(&str, Option<&[u8]>)] = if row.headers.is_empty() {
+            &fixed[..n]
+        } else {
+            extended = fixed[..n]
+                .iter()
+                .copied()
+                .chain(row.headers.iter().map(|(k, v)| (k.as_ref(), *v)))
+                .collect();
+            &extended
+        };
         let record = Record {
             topic: &topic,
             key: row.aggregate_id,
             payload: row.payload.as_deref(),
-            headers: &headers,
+            headers,
             timestamp_ms: Some(commit_ms),
         };
         self.send(&record, lsn, xid, commit_ms, cancel, None).await

@@ -227,6 +227,11 @@ impl Progress {
             }
             s.last_commit_time_ms = s.last_commit_time_ms.max(commit_time);
         }
+        if let Some(now) = now_ms {
+            self.telemetry
+                .last_delivery_ms
+                .store(now, Ordering::Relaxed);
+        }
         if moved {
             self.safe.store(s.safe.0, Ordering::Release);
             if self.want_advance.load(Ordering::Acquire) {
@@ -276,9 +281,13 @@ impl Progress {
 
 impl DeliveryListener for Progress {
     fn on_delivery(&self, token: usize, result: Result<usize, DeliveryError>) {
-        self.telemetry
-            .last_delivery_ms
-            .store(unix_ms(), Ordering::Relaxed);
+        // `last_delivery_ms` is stamped when transactions complete (in `advance`) and on
+        // failures: reading the clock per record would cost more than the rest of this call.
+        if result.is_err() {
+            self.telemetry
+                .last_delivery_ms
+                .store(unix_ms(), Ordering::Relaxed);
+        }
         match result {
             Ok(bytes) => {
                 self.acked_events.fetch_add(1, Ordering::Relaxed);
