@@ -49,7 +49,11 @@ fn outbox_relation() -> Relation {
 
 fn insert_bytes(i: usize) -> Bytes {
     let id = format!("{:08x}-1111-4222-a333-{:012x}", i, i * 7919);
-    let kind = if i.is_multiple_of(3) { "customer" } else { "order" };
+    let kind = if i.is_multiple_of(3) {
+        "customer"
+    } else {
+        "order"
+    };
     let agg = format!("agg-{}", i % 5000);
     let payload = format!(
         r#"{{"order": {i}, "status": "paid", "amount": 1234, "currency": "EUR", "note": "{}"}}"#,
