@@ -69,9 +69,9 @@ async fn sigkill_at_random_moments_loses_nothing_and_keeps_order() {
     let _heavy = harness::heavy().await;
     let db = TestDb::new().await;
     let (writers, keys_per_writer, per_key) = if long_tests() {
-        (4, 75, 1000)
+        (4, 75, 2000)
     } else {
-        (4, 75, 334)
+        (4, 75, 667)
     };
     let kills_wanted = if long_tests() { 20 } else { 8 };
     let mut walship = Binary::start(&harness::config_toml(&db, &broker().bootstrap, ""));
@@ -88,7 +88,7 @@ async fn sigkill_at_random_moments_loses_nothing_and_keeps_order() {
     }
     let mut kills = 0;
     while kills < kills_wanted {
-        let pause = rand::rng().random_range(200..1200);
+        let pause = rand::rng().random_range(200..2500);
         tokio::time::sleep(Duration::from_millis(pause)).await;
         walship.kill();
         kills += 1;
