@@ -79,3 +79,59 @@ async fn metrics_move_and_lag_returns_to_zero() {
     assert!(after.contains("walship_delivery_errors_total{class=\"transient\"} 0"));
     relay.stop().await.expect("graceful stop");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeat_writes_logical_messages_that_the_slot_confirms() {
+    let db = TestDb::new().await;
+    let witness = format!("{}_witness", db.name);
+    let mut config = harness::config(&db, &broker().bootstrap, "");
+    config.postgres.heartbeat_interval_ms = 100;
+    let relay = Relay::start_streaming(config, &db).await;
+    // A second slot, created now, records what the server decodes from here on.
+    db.client
+        .execute(
+            "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+            &[&witness],
+        )
+        .await
+        .unwrap();
+    let publication = format!("{}_pub", db.name);
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    let heartbeat_lsn = loop {
+        let rows = db
+            .client
+            .query(
+                "SELECT lsn, data FROM pg_logical_slot_peek_binary_changes($1, NULL, NULL, 'proto_version', '1', \
+                 'publication_names', $2, 'messages', 'true')",
+                &[&witness, &publication],
+            )
+            .await
+            .unwrap();
+        let mut decoder = pgoutput::Decoder::new(1);
+        let found = rows.iter().find_map(|r| {
+            let data: Vec<u8> = r.get(1);
+            match decoder.decode(bytes::Bytes::from(data)) {
+                Ok(pgoutput::Message::Message(m))
+                    if m.prefix == "walship.heartbeat" && !m.is_transactional() =>
+                {
+                    Some(m.lsn)
+                }
+                _ => None,
+            }
+        });
+        if let Some(lsn) = found {
+            break lsn;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no heartbeat message was written"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    db.await_confirmed(heartbeat_lsn, TIMEOUT).await;
+    db.client
+        .execute("SELECT pg_drop_replication_slot($1)", &[&witness])
+        .await
+        .unwrap();
+    relay.stop().await.expect("graceful stop");
+}
