@@ -211,7 +211,13 @@ impl<L: DeliveryListener> ClientContext for Context<L> {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
-        tracing::warn!(target: "librdkafka", "Kafka client error: {error}: {reason}");
+        // librdkafka reports most of these through `log` as well; only a fatal error (the
+        // idempotent producer cannot continue) is news here.
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::Fatal) {
+            tracing::error!(target: "librdkafka", "fatal Kafka client error: {error}: {reason}");
+        } else {
+            tracing::debug!(target: "librdkafka", "Kafka client error: {error}: {reason}");
+        }
     }
 }
 
