@@ -100,6 +100,9 @@ class Servers:
         return f"postgres://postgres@127.0.0.1:{self.pg_port}/bench"
 
     def stop(self):
+        poller = _pollers.pop(id(self), None)
+        if poller:
+            poller.close()
         for p in self.procs:
             p.kill()
             p.wait()
@@ -139,9 +142,32 @@ topic_partitions = 6
     return path
 
 
+class Poller:
+    """One long-lived psql session for polling the slot: spawning psql (and a backend) per poll
+    would compete with the walsender for CPU and slow down whatever is being measured."""
+
+    def __init__(self, s):
+        self.p = subprocess.Popen(["psql", "-q", "-X", "-tA", "-h", "127.0.0.1", "-p", str(s.pg_port), "-U", "postgres",
+                                   "-d", "bench"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+
+    def confirmed(self, slot):
+        self.p.stdin.write(f"SELECT coalesce((SELECT confirmed_flush_lsn - '0/0'::pg_lsn FROM pg_replication_slots "
+                           f"WHERE slot_name = '{slot}'), 0);\n")
+        self.p.stdin.flush()
+        return int(float(self.p.stdout.readline().strip() or 0))
+
+    def close(self):
+        self.p.stdin.close()
+        self.p.wait()
+
+
+_pollers = {}
+
+
 def confirmed(s, slot):
-    v = s.psql("bench", f"SELECT confirmed_flush_lsn - '0/0'::pg_lsn FROM pg_replication_slots WHERE slot_name = '{slot}'")
-    return int(float(v)) if v else 0
+    if id(s) not in _pollers:
+        _pollers[id(s)] = Poller(s)
+    return _pollers[id(s)].confirmed(slot)
 
 
 def timed(cmd, **kw):
