@@ -274,15 +274,7 @@ pub async fn created_before(
     table: &TableName,
     slot: &str,
 ) -> Result<Option<(String, String)>, PgError> {
-    let exists = client
-        .query_opt(
-            "SELECT 1 FROM pg_tables WHERE schemaname = $1 AND tablename = $2",
-            &[&table.schema, &table.name],
-        )
-        .await
-        .map_err(sql_err(format!("looking up {table}")))?
-        .is_some();
-    if !exists {
+    if !table_exists(client, table).await? {
         return Ok(None);
     }
     let sql = format!(
@@ -354,6 +346,44 @@ pub fn validate_slot(state: &SlotState) -> Result<(), PgError> {
     Ok(())
 }
 
+async fn publication_exists(client: &Client, publication: &str) -> Result<bool, PgError> {
+    let row = client
+        .query_opt(
+            "SELECT 1 FROM pg_publication WHERE pubname = $1",
+            &[&publication],
+        )
+        .await
+        .map_err(sql_err(format!("reading publication {publication:?}")))?;
+    Ok(row.is_some())
+}
+
+async fn table_exists(client: &Client, table: &TableName) -> Result<bool, PgError> {
+    let row = client
+        .query_opt(
+            "SELECT 1 FROM pg_tables WHERE schemaname = $1 AND tablename = $2",
+            &[&table.schema, &table.name],
+        )
+        .await
+        .map_err(sql_err(format!("looking up table {table}")))?;
+    Ok(row.is_some())
+}
+
+/// True when `publication` publishes `table` (directly, through a schema, or FOR ALL TABLES).
+async fn publication_includes(
+    client: &Client,
+    publication: &str,
+    table: &TableName,
+) -> Result<bool, PgError> {
+    let row = client
+        .query_opt(
+            "SELECT 1 FROM pg_publication_tables WHERE pubname = $1 AND schemaname = $2 AND tablename = $3",
+            &[&publication, &table.schema, &table.name],
+        )
+        .await
+        .map_err(sql_err(format!("reading publication {publication:?}")))?;
+    Ok(row.is_some())
+}
+
 /// Checks, while walship runs, that what it streams from still exists: the slot (not
 /// invalidated), the publication, and the outbox table in it. Returns the first definite problem.
 pub async fn watch(
@@ -372,31 +402,10 @@ pub async fn watch(
         }
         Some(state) => validate_slot(&state)?,
     }
-    let published = client
-        .query_opt(
-            "SELECT 1 FROM pg_publication_tables WHERE pubname = $1 AND schemaname = $2 AND tablename = $3",
-            &[&publication, &table.schema, &table.name],
-        )
-        .await
-        .map_err(sql_err(format!("reading publication {publication:?}")))?
-        .is_some();
+    let published = publication_includes(client, publication, table).await?;
     if !published {
-        let pub_exists = client
-            .query_opt(
-                "SELECT 1 FROM pg_publication WHERE pubname = $1",
-                &[&publication],
-            )
-            .await
-            .map_err(sql_err(format!("reading publication {publication:?}")))?
-            .is_some();
-        let table_exists = client
-            .query_opt(
-                "SELECT 1 FROM pg_tables WHERE schemaname = $1 AND tablename = $2",
-                &[&table.schema, &table.name],
-            )
-            .await
-            .map_err(sql_err(format!("looking up table {table}")))?
-            .is_some();
+        let pub_exists = publication_exists(client, publication).await?;
+        let table_exists = table_exists(client, table).await?;
         return Err(PgError::Setup(if !table_exists {
             format!(
                 "the outbox table {table} was dropped while walship was running: no more events can arrive. \
@@ -430,22 +439,8 @@ pub async fn ensure_publication(
     table: &TableName,
     create: bool,
 ) -> Result<(), PgError> {
-    let exists = client
-        .query_opt(
-            "SELECT 1 FROM pg_publication WHERE pubname = $1",
-            &[&publication],
-        )
-        .await
-        .map_err(sql_err(format!("reading publication {publication:?}")))?
-        .is_some();
-    let table_exists = client
-        .query_opt(
-            "SELECT 1 FROM pg_tables WHERE schemaname = $1 AND tablename = $2",
-            &[&table.schema, &table.name],
-        )
-        .await
-        .map_err(sql_err(format!("looking up table {table}")))?
-        .is_some();
+    let exists = publication_exists(client, publication).await?;
+    let table_exists = table_exists(client, table).await?;
     if !table_exists {
         return Err(PgError::Setup(format!(
             "outbox table {table} does not exist: create it (walship init-sql prints a definition) or \
@@ -473,15 +468,7 @@ pub async fn ensure_publication(
         tracing::info!(publication, %table, "created publication");
         return Ok(());
     }
-    let includes = client
-        .query_opt(
-            "SELECT 1 FROM pg_publication_tables WHERE pubname = $1 AND schemaname = $2 AND tablename = $3",
-            &[&publication, &table.schema, &table.name],
-        )
-        .await
-        .map_err(sql_err(format!("reading tables of publication {publication:?}")))?
-        .is_some();
-    if !includes {
+    if !publication_includes(client, publication, table).await? {
         return Err(PgError::Setup(format!(
             "publication {publication:?} does not include the outbox table {table}, so no event would \
              ever arrive: run ALTER PUBLICATION {} ADD TABLE {};",
