@@ -37,6 +37,8 @@ command -v openssl >/dev/null || missing+=(openssl)
 command -v python3 >/dev/null || missing+=(python3)
 have_pg_server || missing+=(postgresql)
 command -v psql >/dev/null || missing+=(postgresql-client)
+# The end-to-end bench (scripts/bench_e2e.py) measures CPU and peak RSS with GNU time.
+[ -x /usr/bin/time ] || missing+=(time)
 command -v pg_recvlogical >/dev/null || missing+=(postgresql-client)
 if [ ${#missing[@]} -gt 0 ]; then
   log "installing Debian packages: ${missing[*]}"
