@@ -2,8 +2,7 @@
 //! reports every problem with its fix in one run, and status reports the slot's position and lag.
 
 use std::collections::BTreeSet;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use pgoutput::Lsn;
@@ -388,160 +387,23 @@ fn check_and_status_exit_2_for_an_invalid_config() {
     }
 }
 
-/// A small private PostgreSQL cluster with settings of the test's choice (the shared one must
-/// keep `wal_level = logical` and must not be restarted). Stopped on drop.
-struct SmallCluster {
-    port: u16,
-    bin: PathBuf,
-    data: PathBuf,
-    run_as: Option<(u32, u32)>,
-    child: Option<Child>,
-    _dir: tempfile::TempDir,
-}
-
-/// The `postgres` system user when running as root (`initdb` refuses root).
-fn run_as_postgres() -> Option<(u32, u32)> {
-    use std::os::unix::fs::MetadataExt;
-    let euid = std::fs::metadata("/proc/self").ok()?.uid();
-    if euid != 0 {
-        return None;
-    }
-    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
-    let line = passwd.lines().find(|l| l.starts_with("postgres:"))?;
-    let f: Vec<&str> = line.split(':').collect();
-    Some((f.get(2)?.parse().ok()?, f.get(3)?.parse().ok()?))
-}
-
-impl SmallCluster {
-    fn as_user(cmd: &mut Command, run_as: Option<(u32, u32)>) {
-        use std::os::unix::process::CommandExt;
-        if let Some((uid, gid)) = run_as {
-            cmd.uid(uid).gid(gid);
-        }
-    }
-
-    fn start(settings: &[&str]) -> SmallCluster {
-        let bin = harness::postgres::pg_bin_dir();
-        let run_as = run_as_postgres();
-        let dir = tempfile::tempdir().unwrap();
-        if let Some((uid, gid)) = run_as {
-            std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid)).unwrap();
-        }
-        let data = dir.path().join("data");
-        let mut initdb = Command::new(bin.join("initdb"));
-        initdb
-            .arg("-D")
-            .arg(&data)
-            .args([
-                "-U",
-                "postgres",
-                "--auth=trust",
-                "--no-sync",
-                "-E",
-                "UTF8",
-                "--locale=C",
-            ])
-            .stdout(Stdio::null());
-        Self::as_user(&mut initdb, run_as);
-        let out = initdb.output().unwrap();
-        assert!(
-            out.status.success(),
-            "initdb: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let port = harness::process::free_port();
-        let log = std::fs::File::create(dir.path().join("postgres.log")).unwrap();
-        let mut cmd = Command::new(bin.join("postgres"));
-        cmd.arg("-D")
-            .arg(&data)
-            .arg("-p")
-            .arg(port.to_string())
-            .arg("-k")
-            .arg(dir.path());
-        for s in [
-            "listen_addresses=127.0.0.1",
-            "fsync=off",
-            "shared_buffers=16MB",
-        ]
-        .iter()
-        .chain(settings)
-        {
-            cmd.arg("-c").arg(s);
-        }
-        cmd.stdout(Stdio::null()).stderr(log);
-        Self::as_user(&mut cmd, run_as);
-        let child = harness::process::spawn_owned(cmd, libc::SIGQUIT).unwrap();
-        harness::process::wait_for_port(port, "PostgreSQL", Duration::from_secs(60));
-        SmallCluster {
-            port,
-            bin,
-            data,
-            run_as,
-            child: Some(child),
-            _dir: dir,
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
-    }
-
-    /// Connects once the server accepts queries (it opens the port before it is ready).
-    async fn client(&self) -> tokio_postgres::Client {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-        loop {
-            match tokio_postgres::connect(&self.url(), tokio_postgres::NoTls).await {
-                Ok((client, conn)) => {
-                    tokio::spawn(async move {
-                        let _ = conn.await;
-                    });
-                    return client;
-                }
-                Err(e) => {
-                    assert!(
-                        tokio::time::Instant::now() < deadline,
-                        "small cluster not ready: {e}"
-                    );
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            }
-        }
-    }
-}
-
-impl Drop for SmallCluster {
-    fn drop(&mut self) {
-        let mut stop = Command::new(self.bin.join("pg_ctl"));
-        stop.arg("stop")
-            .arg("-D")
-            .arg(&self.data)
-            .args(["-m", "immediate", "-w"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        Self::as_user(&mut stop, self.run_as);
-        let _ = stop.status();
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_reports_wal_level_replica_and_no_free_slots_or_senders_together() {
-    let cluster = SmallCluster::start(&[
+    // A private cluster: the shared one must keep wal_level = logical and is never restarted.
+    let cluster = harness::postgres::Cluster::private(&[
         "wal_level=replica",
         "max_replication_slots=0",
         "max_wal_senders=0",
     ]);
-    let client = cluster.client().await;
+    let url = format!("{}/postgres", cluster.base_url);
+    let client = harness::postgres::connect(&url).await;
     client
         .batch_execute(harness::postgres::OUTBOX_DDL)
         .await
         .unwrap();
     let config = format!(
         "[postgres]\nurl = \"{}\"\n[kafka]\nbrokers = \"{}\"\n",
-        cluster.url(),
+        url,
         broker().bootstrap
     );
     let out = run("check", &config, true).await;
