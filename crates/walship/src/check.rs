@@ -12,7 +12,6 @@
 //! what the catalog and the broker said, unit-tested without servers; the I/O only gathers facts.
 //! Messages name the object (host:port, table, column, slot, topic) and never a secret.
 
-use std::io::Write;
 use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -1362,42 +1361,19 @@ fn quoted_list(items: &[impl AsRef<str>]) -> String {
 /// `walship check`: exit 0 when nothing failed, 1 when something did, 2 for an unreadable or
 /// invalid configuration.
 pub fn main(path: &Path, json: bool, runtime: &tokio::runtime::Runtime) -> ExitCode {
-    let config = match Config::load(path) {
+    let config = match crate::cli::load_config(path) {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     let report = runtime.block_on(run_checks(&config));
-    let text = if json {
-        match serde_json::to_string_pretty(&report) {
-            Ok(s) => s + "\n",
-            Err(e) => {
-                eprintln!("error: cannot encode the report as JSON: {e}");
-                return ExitCode::from(1);
-            }
-        }
-    } else {
+    let human = || {
         format!(
             "walship check ({})\n{}",
             path.display(),
             report.render_human()
         )
     };
-    let mut stdout = std::io::stdout().lock();
-    if let Err(e) = stdout
-        .write_all(text.as_bytes())
-        .and_then(|()| stdout.flush())
-    {
-        eprintln!("error: cannot write the report to stdout: {e}");
-        return ExitCode::from(1);
-    }
-    if report.ok {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    }
+    crate::cli::print_report(&report, json, human, report.ok)
 }
 
 #[cfg(test)]

@@ -6,7 +6,6 @@
 //! disturbs a running walship). Lag is `pg_current_wal_lsn() - confirmed_flush_lsn`, both read
 //! from the same server; it is cluster-wide WAL, so traffic of other databases counts too.
 
-use std::io::Write;
 use std::path::Path;
 use std::process::ExitCode;
 
@@ -193,12 +192,9 @@ pub async fn read_status(config: &Config) -> Result<SlotStatus, Error> {
 /// `walship status`: exit 0 when the slot exists and is not lost, 1 when it is missing or lost
 /// (the status is still printed) or PostgreSQL cannot be read, 2 for a configuration error.
 pub fn main(path: &Path, json: bool, runtime: &tokio::runtime::Runtime) -> ExitCode {
-    let config = match Config::load(path) {
+    let config = match crate::cli::load_config(path) {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     let status = match runtime.block_on(read_status(&config)) {
         Ok(s) => s,
@@ -207,30 +203,7 @@ pub fn main(path: &Path, json: bool, runtime: &tokio::runtime::Runtime) -> ExitC
             return ExitCode::from(if matches!(e, Error::Config(_)) { 2 } else { 1 });
         }
     };
-    let text = if json {
-        match serde_json::to_string_pretty(&status) {
-            Ok(s) => s + "\n",
-            Err(e) => {
-                eprintln!("error: cannot encode the status as JSON: {e}");
-                return ExitCode::from(1);
-            }
-        }
-    } else {
-        status.render_human()
-    };
-    let mut stdout = std::io::stdout().lock();
-    if let Err(e) = stdout
-        .write_all(text.as_bytes())
-        .and_then(|()| stdout.flush())
-    {
-        eprintln!("error: cannot write the status to stdout: {e}");
-        return ExitCode::from(1);
-    }
-    if status.healthy() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    }
+    crate::cli::print_report(&status, json, || status.render_human(), status.healthy())
 }
 
 #[cfg(test)]
