@@ -21,9 +21,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{
-    BaseRecord, DeliveryResult, Producer, ProducerContext, PurgeConfig, ThreadedProducer,
-};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 
 /// Receives the outcome of every record accepted by [`Sink::send`].
 ///
@@ -325,11 +323,6 @@ impl<L: DeliveryListener> Sink<L> {
         }
     }
 
-    /// Records handed to librdkafka and not yet reported.
-    pub fn in_flight(&self) -> i32 {
-        self.producer.in_flight_count()
-    }
-
     /// Makes sure `topic` exists, creating it if configured to. Remembers topics it has seen.
     pub async fn ensure_topic(&mut self, topic: &str) -> Result<(), TopicError> {
         if self.known_topics.contains(topic) {
@@ -350,13 +343,6 @@ impl<L: DeliveryListener> Sink<L> {
         })
         .await
         .unwrap_or(-1)
-    }
-
-    /// Drops every queued and in-flight record (their deliveries report an error). Used when
-    /// restarting the pipeline: those records will be re-read from the slot.
-    pub fn purge(&self) {
-        self.producer
-            .purge(PurgeConfig::default().queue().inflight());
     }
 }
 

@@ -45,7 +45,6 @@ struct State {
     /// Token of the next entry.
     next: u64,
     safe: Lsn,
-    last_commit_time_ms: i64,
 }
 
 /// Shared between the pipeline (which opens and seals transactions) and the producer's delivery
@@ -54,7 +53,6 @@ struct State {
 pub struct Progress {
     state: Mutex<State>,
     safe: AtomicU64,
-    acked_events: AtomicU64,
     /// Events handed to the producer (by the pipeline).
     sent_events: AtomicU64,
     /// Events whose outcome the producer reported (acknowledged or failed).
@@ -110,11 +108,6 @@ impl Progress {
         Lsn(self.safe.load(Ordering::Acquire))
     }
 
-    /// Events acknowledged so far.
-    pub fn acked_events(&self) -> u64 {
-        self.acked_events.load(Ordering::Relaxed)
-    }
-
     /// Records one event handed to the producer.
     pub fn note_sent(&self) {
         self.sent_events.fetch_add(1, Ordering::Relaxed);
@@ -142,11 +135,6 @@ impl Progress {
     /// Transactions waiting for acknowledgements (or still open).
     pub fn pending_transactions(&self) -> usize {
         self.lock().entries.len()
-    }
-
-    /// Commit time (ms since the Unix epoch) of the newest fully acknowledged transaction.
-    pub fn last_acked_commit_time_ms(&self) -> i64 {
-        self.lock().last_commit_time_ms
     }
 
     /// Opens an entry for a transaction that has (or may have) events.
@@ -225,7 +213,6 @@ impl Progress {
                 s.safe = end;
                 moved = true;
             }
-            s.last_commit_time_ms = s.last_commit_time_ms.max(commit_time);
         }
         if let Some(now) = now_ms {
             self.telemetry
@@ -290,7 +277,6 @@ impl DeliveryListener for Progress {
         }
         match result {
             Ok(bytes) => {
-                self.acked_events.fetch_add(1, Ordering::Relaxed);
                 self.telemetry
                     .events_published
                     .fetch_add(1, Ordering::Relaxed);

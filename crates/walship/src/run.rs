@@ -4,7 +4,7 @@
 //! lives in [`crate::pipeline`].
 //!
 //! Invariant: every session starts from the slot's confirmed position with a fresh producer, and
-//! the previous producer's queue is purged first, so a retry can duplicate unconfirmed events but
+//! the previous producer is dropped first (which purges its queue), so a retry can duplicate unconfirmed events but
 //! can never reorder or skip them.
 
 use std::future::Future;
