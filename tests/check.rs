@@ -458,8 +458,7 @@ async fn status_reports_the_slot_position_and_zero_lag_after_catching_up() {
     for i in 0..20 {
         insert_txn(&mut db.client, &[Row::new("order", "st", i)]).await;
     }
-    let end = db.current_lsn().await;
-    db.await_confirmed(end, TIMEOUT).await;
+    let end = db.await_caught_up().await;
 
     // Lag is measured against the whole cluster's WAL, which other tests also write: wait for a
     // moment when walship has confirmed everything.

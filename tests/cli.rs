@@ -88,8 +88,7 @@ async fn sigterm_drains_confirms_and_exits_0() {
     for i in 0..50 {
         insert_txn(&mut db.client, &[Row::new("order", "sig", i)]).await;
     }
-    let end = db.current_lsn().await;
-    db.await_confirmed(end, TIMEOUT).await;
+    let end = db.await_caught_up().await;
     assert_eq!(
         consume(
             &broker().bootstrap,

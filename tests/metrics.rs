@@ -51,8 +51,7 @@ async fn metrics_move_and_lag_returns_to_zero() {
     for i in 0..30 {
         insert_txn(&mut db.client, &[Row::new("order", "m", i)]).await;
     }
-    let end = db.current_lsn().await;
-    db.await_confirmed(end, TIMEOUT).await;
+    let end = db.await_caught_up().await;
 
     // The endpoint reflects the confirmed state once walship has reported it.
     let deadline = tokio::time::Instant::now() + TIMEOUT;

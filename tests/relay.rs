@@ -56,8 +56,7 @@ async fn ten_thousand_events_arrive_in_commit_order_per_aggregate() {
         expected_per_key.extend(seqs);
         all_ids.extend(ids.into_iter().map(|u| u.to_string()));
     }
-    let end = db.current_lsn().await;
-    db.await_confirmed(end, TIMEOUT).await;
+    db.await_caught_up().await;
 
     let (orders, customers) = (topic(&db, "order"), topic(&db, "customer"));
     let records = consume(
@@ -129,8 +128,7 @@ async fn rollback_publishes_nothing_and_insert_then_delete_publishes_once() {
         tx.commit().await.unwrap();
     }
     insert_txn(&mut db.client, &[Row::new("order", "A", 2)]).await;
-    let end = db.current_lsn().await;
-    db.await_confirmed(end, TIMEOUT).await;
+    db.await_caught_up().await;
 
     let records = consume(
         &broker().bootstrap,
@@ -236,8 +234,7 @@ async fn events_committed_while_down_arrive_and_graceful_restart_has_no_duplicat
         )
         .await;
     }
-    let end = db.current_lsn().await;
-    db.await_confirmed(end, TIMEOUT).await;
+    db.await_caught_up().await;
     relay.stop().await.expect("graceful stop");
 
     for i in 100..200 {

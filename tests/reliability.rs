@@ -257,8 +257,7 @@ async fn broker_outage_during_load_recovers_with_bounded_memory() {
     }
     kafka.start();
     let ids = writer.await.expect("writer");
-    let end = db.current_lsn().await;
-    db.await_confirmed(end, TIMEOUT).await;
+    db.await_caught_up().await;
     let rss = walship.peak_rss_mib();
     assert!(rss < 200.0, "peak RSS {rss:.0} MiB");
     // The restarted in-memory broker only holds what was (re)sent after it came back: per key
@@ -296,7 +295,7 @@ async fn stalled_broker_stops_reading_but_keeps_the_walsender_alive() {
     db.await_streaming().await;
     let keys: Vec<String> = (0..10).map(|k| format!("k{k}")).collect();
     write_events(&db.client, &keys, 10, 0).await;
-    db.await_confirmed(db.current_lsn().await, TIMEOUT).await;
+    db.await_caught_up().await;
     let walsender = db
         .client
         .query_one(
@@ -341,7 +340,7 @@ async fn stalled_broker_stops_reading_but_keeps_the_walsender_alive() {
     unsafe {
         libc::kill(broker_pid, libc::SIGCONT);
     }
-    db.await_confirmed(db.current_lsn().await, TIMEOUT).await;
+    db.await_caught_up().await;
     let records = consume(
         &kafka.bootstrap,
         &[&topic(&db, "order")],
@@ -423,7 +422,7 @@ async fn invalidated_slot_is_fatal_and_explained() {
     let walship = Binary::start(&config);
     db.await_streaming().await;
     insert_txn(&mut db.client, &[Row::new("order", "a", 0)]).await;
-    db.await_confirmed(db.current_lsn().await, TIMEOUT).await;
+    db.await_caught_up().await;
     let (code, _) = walship.stop().await;
     assert_eq!(code, 0);
     // Move WAL far past the slot with nobody reading it, then checkpoint: the slot is lost.
@@ -627,8 +626,7 @@ async fn bad_row_policy_dead_letter_publishes_the_row_with_the_reason_and_contin
     big.payload = serde_json::json!({ "seq": 3, "pad": "x".repeat(50_000) });
     insert_txn(&mut db.client, &[big]).await;
     insert_txn(&mut db.client, &[Row::new("order", "a", 4)]).await;
-    let end = db.current_lsn().await;
-    db.await_confirmed(end, TIMEOUT).await;
+    db.await_caught_up().await;
 
     let good = consume(
         &broker().bootstrap,

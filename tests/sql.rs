@@ -104,8 +104,7 @@ async fn outbox_emit_events_are_delivered_also_when_deleted_at_once() {
         ids.push(emit(&tx, "A", 2, true).await);
         tx.commit().await.unwrap();
     }
-    let end = db.current_lsn().await;
-    db.await_confirmed(end, TIMEOUT).await;
+    db.await_caught_up().await;
 
     let records = consume(
         &broker().bootstrap,
@@ -169,8 +168,7 @@ async fn partitioned_outbox_is_published_as_its_parent_table() {
         )
         .await
         .unwrap();
-    let end = db.current_lsn().await;
-    db.await_confirmed(end, TIMEOUT).await;
+    db.await_caught_up().await;
 
     let records = consume(
         &broker().bootstrap,
@@ -716,8 +714,7 @@ async fn docker_setup_streams_with_the_replication_only_role() {
         .batch_execute("SELECT outbox_emit('order', 'D', 'Updated', '{\"seq\": 0}', true)")
         .await
         .unwrap();
-    let end = db.current_lsn().await;
-    db.await_confirmed(end, TIMEOUT).await;
+    db.await_caught_up().await;
     let records = consume(
         &broker().bootstrap,
         &[&topic(&db, "order")],

@@ -436,8 +436,7 @@ async fn streams_over_tls_with_verify_full_and_scram() {
         )
         .await;
     }
-    let end = db.current_lsn().await;
-    db.await_confirmed(end, TIMEOUT).await;
+    db.await_caught_up().await;
     let topic = harness::topic(&db, "order");
     let records = consume(
         &broker().bootstrap,

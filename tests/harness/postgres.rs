@@ -416,6 +416,13 @@ impl TestDb {
         }
     }
 
+    /// Waits until the slot confirms everything written so far; returns that WAL position.
+    pub async fn await_caught_up(&self) -> Lsn {
+        let end = self.current_lsn().await;
+        self.await_confirmed(end, super::TIMEOUT).await;
+        end
+    }
+
     /// Waits until the slot confirms at least `target`.
     pub async fn await_confirmed(&self, target: Lsn, timeout: Duration) {
         let deadline = tokio::time::Instant::now() + timeout;
