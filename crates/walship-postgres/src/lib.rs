@@ -18,6 +18,6 @@ pub mod tls;
 
 pub use error::{PgError, ServerError};
 pub use outbox::{OutboxRow, OutboxSpec, Relations, RowError, RowTarget};
-pub use replication::{ConnectParams, Frame, ReplicationStream};
+pub use replication::{ConnectParams, Frame, ReplicationStream, SystemIdentity};
 pub use slot::{SlotState, TableName};
 pub use tls::{ConnectConfig, SslMode, TlsOptions};

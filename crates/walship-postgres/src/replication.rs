@@ -141,6 +141,17 @@ pub struct ReplicationStream {
     target: String,
     rbuf: BytesMut,
     wbuf: BytesMut,
+    system: SystemIdentity,
+}
+
+/// What `IDENTIFY_SYSTEM` reported when the stream started.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SystemIdentity {
+    /// The cluster's unique system identifier (kept across physical failover).
+    pub system_id: String,
+    /// The server's WAL flush position: every transaction a stream can deliver that committed
+    /// before this session started ends before it.
+    pub xlogpos: Lsn,
 }
 
 impl ReplicationStream {
@@ -163,8 +174,10 @@ impl ReplicationStream {
             target: params.describe(),
             rbuf: BytesMut::with_capacity(READ_CHUNK),
             wbuf: BytesMut::with_capacity(1024),
+            system: SystemIdentity::default(),
         };
         s.startup(params, password, application_name, tls).await?;
+        s.system = s.identify_system().await?;
         let opts = options
             .iter()
             .map(|(k, v)| format!("\"{k}\" '{}'", v.replace('\'', "''")))
@@ -190,6 +203,43 @@ impl ReplicationStream {
                 other => {
                     return Err(PgError::Protocol(format!(
                         "unexpected message '{}' in answer to START_REPLICATION",
+                        other.escape_ascii()
+                    )));
+                }
+            }
+        }
+    }
+
+    /// What `IDENTIFY_SYSTEM` reported before streaming started.
+    pub fn system(&self) -> &SystemIdentity {
+        &self.system
+    }
+
+    /// Runs `IDENTIFY_SYSTEM`: the system identifier and the server's WAL flush position.
+    async fn identify_system(&mut self) -> Result<SystemIdentity, PgError> {
+        frontend::query("IDENTIFY_SYSTEM", &mut self.wbuf)
+            .map_err(|e| PgError::Protocol(e.to_string()))?;
+        self.flush_wbuf().await?;
+        let mut identity = None;
+        loop {
+            let (tag, body) = self.read_message().await?;
+            match tag {
+                b'T' | b'C' | b'N' => {}
+                b'D' => identity = Some(parse_identify_row(&body)?),
+                b'E' => {
+                    return Err(PgError::Server {
+                        context: "IDENTIFY_SYSTEM".into(),
+                        error: ServerError::parse(&body),
+                    });
+                }
+                b'Z' => {
+                    return identity.ok_or_else(|| {
+                        PgError::Protocol("IDENTIFY_SYSTEM returned no row".into())
+                    });
+                }
+                other => {
+                    return Err(PgError::Protocol(format!(
+                        "unexpected message '{}' in answer to IDENTIFY_SYSTEM",
                         other.escape_ascii()
                     )));
                 }
@@ -550,6 +600,37 @@ fn parse_copy_data(mut body: Bytes) -> Result<Frame, PgError> {
     }
 }
 
+/// Parses the `DataRow` of `IDENTIFY_SYSTEM`: `systemid`, `timeline`, `xlogpos`, `dbname`.
+fn parse_identify_row(body: &[u8]) -> Result<SystemIdentity, PgError> {
+    let bad = || PgError::Protocol("malformed IDENTIFY_SYSTEM row".into());
+    let count = body.get(..2).ok_or_else(bad)?;
+    let mut rest = &body[2..];
+    let mut fields: Vec<Option<&[u8]>> = Vec::with_capacity(4);
+    for _ in 0..u16::from_be_bytes([count[0], count[1]]) {
+        let len = rest.get(..4).ok_or_else(bad)?;
+        let len = i32::from_be_bytes([len[0], len[1], len[2], len[3]]);
+        rest = &rest[4..];
+        let Ok(len) = usize::try_from(len) else {
+            fields.push(None);
+            continue;
+        };
+        fields.push(Some(rest.get(..len).ok_or_else(bad)?));
+        rest = &rest[len..];
+    }
+    let text = |i: usize| -> Result<&str, PgError> {
+        fields
+            .get(i)
+            .copied()
+            .flatten()
+            .and_then(|f| std::str::from_utf8(f).ok())
+            .ok_or_else(bad)
+    };
+    Ok(SystemIdentity {
+        system_id: text(0)?.to_owned(),
+        xlogpos: text(2)?.parse().map_err(|_| bad())?,
+    })
+}
+
 fn log_notice(body: &[u8]) {
     let notice = ServerError::parse(body);
     tracing::info!(code = %notice.code, "PostgreSQL notice: {}", notice.message);
@@ -596,5 +677,26 @@ mod tests {
         );
         assert!(parse_copy_data(Bytes::from_static(b"w\0\0")).is_err());
         assert!(parse_copy_data(Bytes::from_static(b"")).is_err());
+    }
+
+    #[test]
+    fn parses_identify_system_rows() {
+        let mut row = BytesMut::new();
+        row.put_u16(4);
+        for field in [&b"7301234567890123456"[..], b"1", b"0/16B3F28"] {
+            row.put_i32(field.len() as i32);
+            row.put_slice(field);
+        }
+        row.put_i32(-1);
+        assert_eq!(
+            parse_identify_row(&row).unwrap(),
+            SystemIdentity {
+                system_id: "7301234567890123456".into(),
+                xlogpos: "0/16B3F28".parse().unwrap(),
+            }
+        );
+        let truncated = &row[..row.len() - 8];
+        assert!(parse_identify_row(truncated).is_err());
+        assert!(parse_identify_row(b"").is_err());
     }
 }
