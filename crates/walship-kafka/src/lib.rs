@@ -5,11 +5,16 @@
 //! - [`sink`] — producer configuration, sending, delivery reports, topic creation.
 //! - [`route`] — the topic template and topic-name validation.
 //! - [`probe`] — a one-shot metadata request for `walship check`.
+//! - [`resume`] — the record headers that name each event, and reading them back after a crash.
 
 pub mod probe;
+pub mod resume;
 pub mod route;
 pub mod sink;
 
+pub use resume::{
+    Delivered, POSITION_HEADER, Position, PositionText, ResumeScanner, SOURCE_HEADER,
+};
 pub use route::{RouteError, TopicRouter};
 pub use sink::{
     DeliveryError, DeliveryListener, ErrorClass, Record, SendError, Sink, SinkSettings, TopicError,

@@ -1,0 +1,392 @@
+//! Resuming without duplicates: which events did an earlier run already put in a topic?
+//!
+//! Every record walship produces names its writer and its place in the stream in two headers:
+//! [`SOURCE_HEADER`] (the PostgreSQL system identifier and the slot) and [`POSITION_HEADER`]
+//! (the commit LSN of the event's transaction and the event's index in it). After a crash the
+//! slot's confirmed position is behind what reached Kafka, so PostgreSQL sends those events
+//! again. Before the first send to a topic in a new session, [`ResumeScanner::delivered`] reads
+//! the topic's tail back until it is behind the confirmed position and collects the positions
+//! this source already wrote there; the pipeline skips exactly those.
+//!
+//! Invariant: a position is reported as delivered only if a record of this source carrying it
+//! was read from the topic. Whatever cannot be read (no permission, a scan cut short by its
+//! limits, records not yet replicated) is not reported, so its event is sent again: the worst
+//! case is the old at-least-once duplicate, never a gap.
+
+use std::collections::{HashMap, HashSet};
+use std::io::Write as _;
+use std::time::{Duration, Instant};
+
+use rdkafka::ClientContext;
+use rdkafka::Message;
+use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::Headers;
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+
+use crate::sink::SinkSettings;
+
+/// Header naming the writer: `<PostgreSQL system identifier>/<slot>`.
+pub const SOURCE_HEADER: &str = "walship.source";
+/// Header naming the event: `<commit LSN>:<index in the transaction>`, e.g. `16/B374D848:0`.
+/// Increases strictly, per source, in the order events were committed.
+pub const POSITION_HEADER: &str = "walship.position";
+
+/// Records read back per partition in the first pass; each further pass reads four times more.
+const FIRST_PASS: i64 = 1024;
+/// Records read back per partition at most: a longer tail is not searched (its events would be
+/// sent again).
+const MAX_PER_PARTITION: i64 = 1 << 20;
+
+/// Where an event stands in a source's stream: ordered like the stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Position {
+    /// Commit LSN of the event's transaction (`Begin.final_lsn`).
+    pub commit_lsn: u64,
+    /// Index of the event among the transaction's outbox rows, from 0.
+    pub index: u32,
+}
+
+/// Room for the longest [`Position`] text (`FFFFFFFF/FFFFFFFF:4294967295`).
+pub type PositionText = [u8; 32];
+
+impl Position {
+    /// Writes the header value into `buf` and returns it.
+    pub fn encode(self, buf: &mut PositionText) -> &[u8] {
+        let mut cursor = std::io::Cursor::new(&mut buf[..]);
+        // Cannot fail: the longest text is 28 bytes.
+        let _ = write!(
+            cursor,
+            "{:X}/{:X}:{}",
+            self.commit_lsn >> 32,
+            self.commit_lsn & 0xFFFF_FFFF,
+            self.index
+        );
+        let len = usize::try_from(cursor.position()).unwrap_or(0);
+        &buf[..len]
+    }
+
+    /// Parses a header value written by [`Position::encode`].
+    pub fn parse(text: &[u8]) -> Option<Position> {
+        let text = std::str::from_utf8(text).ok()?;
+        let (lsn, index) = text.split_once(':')?;
+        let (hi, lo) = lsn.split_once('/')?;
+        let hi = u32::from_str_radix(hi, 16).ok()?;
+        let lo = u32::from_str_radix(lo, 16).ok()?;
+        Some(Position {
+            commit_lsn: (u64::from(hi) << 32) | u64::from(lo),
+            index: index.parse().ok()?,
+        })
+    }
+}
+
+/// The positions one source already wrote to one topic, at or after some LSN.
+#[derive(Debug, Default)]
+pub struct Delivered {
+    positions: HashSet<Position>,
+    /// Records read.
+    pub scanned: u64,
+    /// False when some partition could not be searched back far enough (time or size limit):
+    /// events missing from the set may still be in the topic and will be duplicated.
+    pub complete: bool,
+}
+
+impl Delivered {
+    /// True if a record of this source with `position` is in the topic.
+    pub fn contains(&self, position: Position) -> bool {
+        self.positions.contains(&position)
+    }
+
+    /// How many positions were found.
+    pub fn len(&self) -> usize {
+        self.positions.len()
+    }
+
+    /// True when nothing was found.
+    pub fn is_empty(&self) -> bool {
+        self.positions.is_empty()
+    }
+}
+
+/// Logs librdkafka at debug level, except what says the scan cannot work.
+struct ScanContext;
+
+impl ClientContext for ScanContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        // The scanner shares the producer's configuration; librdkafka warns about every
+        // producer-only property, which is expected here.
+        if (level as i32) <= (RDKafkaLogLevel::Error as i32) {
+            tracing::warn!(target: "librdkafka", "resume scan: {fac}: {message}");
+        } else {
+            tracing::debug!(target: "librdkafka", "resume scan: {fac}: {message}");
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::debug!(target: "librdkafka", "resume scan: {error}: {reason}");
+    }
+}
+
+impl ConsumerContext for ScanContext {}
+
+/// Reads topic tails for one source. Blocking: run it off the async runtime.
+pub struct ResumeScanner {
+    consumer: BaseConsumer<ScanContext>,
+    source: Vec<u8>,
+    timeout: Duration,
+}
+
+/// Per-partition state of a backward search.
+struct Tail {
+    low: i64,
+    high: i64,
+    /// Start of what has been read so far (the next pass reads the records before it).
+    from: i64,
+    done: bool,
+}
+
+impl ResumeScanner {
+    /// A consumer with the producer's connection settings. `source` is the value of
+    /// [`SOURCE_HEADER`] this run writes; `timeout` bounds each topic's scan.
+    pub fn new(
+        settings: &SinkSettings,
+        source: &str,
+        timeout: Duration,
+    ) -> Result<Self, KafkaError> {
+        let mut config = settings.client_config();
+        config
+            .set("group.id", format!("{}-resume", settings.client_id))
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("enable.partition.eof", "true")
+            .set("fetch.wait.max.ms", "50")
+            .set_log_level(RDKafkaLogLevel::Debug);
+        let consumer = config.create_with_context(ScanContext)?;
+        Ok(ResumeScanner {
+            consumer,
+            source: source.as_bytes().to_vec(),
+            timeout,
+        })
+    }
+
+    /// The positions at or after `since` (a commit LSN) that this source wrote to `topic`.
+    ///
+    /// Reads each partition backwards in growing passes until it meets a record of this source
+    /// from before `since`, the start of the partition, or the size limit.
+    pub fn delivered(&self, topic: &str, since: u64) -> Result<Delivered, KafkaError> {
+        let deadline = Instant::now() + self.timeout;
+        let metadata = self.consumer.fetch_metadata(Some(topic), self.timeout)?;
+        let mut partitions = Vec::new();
+        for t in metadata.topics().iter().filter(|t| t.name() == topic) {
+            if let Some(e) = t.error() {
+                let code = RDKafkaErrorCode::from(e);
+                if code == RDKafkaErrorCode::UnknownTopicOrPartition {
+                    return Ok(Delivered {
+                        complete: true,
+                        ..Delivered::default()
+                    });
+                }
+                return Err(KafkaError::MetadataFetch(code));
+            }
+            partitions.extend(t.partitions().iter().map(|p| p.id()));
+        }
+        let marks = self.watermarks(topic, &partitions, deadline)?;
+        let mut tails: HashMap<i32, Tail> = partitions
+            .iter()
+            .zip(marks)
+            .map(|(&p, (low, high))| {
+                let tail = Tail {
+                    low,
+                    high,
+                    from: high,
+                    done: high <= low,
+                };
+                (p, tail)
+            })
+            .collect();
+        let mut found = Delivered {
+            complete: true,
+            ..Delivered::default()
+        };
+        let mut width = FIRST_PASS;
+        while tails.values().any(|t| !t.done) {
+            self.pass(topic, since, width, &mut tails, &mut found, deadline)?;
+            width = width.saturating_mul(4);
+        }
+        let _ = self.consumer.unassign();
+        Ok(found)
+    }
+
+    /// `(low, high)` of each partition.
+    fn watermarks(
+        &self,
+        topic: &str,
+        partitions: &[i32],
+        deadline: Instant,
+    ) -> Result<Vec<(i64, i64)>, KafkaError> {
+        partitions
+            .iter()
+            .map(|&p| {
+                self.consumer
+                    .fetch_watermarks(topic, p, remaining(deadline)?)
+            })
+            .collect()
+    }
+
+    /// Reads `[from - width, from)` of every partition not yet done.
+    fn pass(
+        &self,
+        topic: &str,
+        since: u64,
+        width: i64,
+        tails: &mut HashMap<i32, Tail>,
+        found: &mut Delivered,
+        deadline: Instant,
+    ) -> Result<(), KafkaError> {
+        // Range of this pass per partition: [start, end). The first pass reads to the end the
+        // fetch itself reports (end-of-partition), not to the listed offset, which can lag.
+        let mut ranges: HashMap<i32, (i64, i64)> = HashMap::new();
+        let mut assignment = TopicPartitionList::new();
+        for (&p, t) in tails.iter_mut().filter(|(_, t)| !t.done) {
+            if t.high - t.from >= MAX_PER_PARTITION {
+                t.done = true;
+                found.complete = false;
+                tracing::warn!(
+                    topic,
+                    partition = p,
+                    "resume scan: stopped after {MAX_PER_PARTITION} records without reaching the \
+                     confirmed position; events beyond it may be sent twice"
+                );
+                continue;
+            }
+            let start = (t.from - width).max(t.low);
+            let end = if t.from == t.high { i64::MAX } else { t.from };
+            ranges.insert(p, (start, end));
+            assignment.add_partition_offset(topic, p, Offset::Offset(start))?;
+        }
+        if ranges.is_empty() {
+            return Ok(());
+        }
+        self.consumer.assign(&assignment)?;
+        let mut open: HashSet<i32> = ranges.keys().copied().collect();
+        let mut reached_older: HashSet<i32> = HashSet::new();
+        while !open.is_empty() {
+            let Ok(wait) = remaining(deadline) else {
+                // Out of time: what was found stands; the rest is sent again.
+                found.complete = false;
+                tracing::warn!(
+                    topic,
+                    "resume scan: timed out after {:?}; events not found may be sent twice",
+                    self.timeout
+                );
+                for t in tails.values_mut() {
+                    t.done = true;
+                }
+                return Ok(());
+            };
+            let Some(message) = self.consumer.poll(wait.min(Duration::from_millis(200))) else {
+                continue;
+            };
+            let message = match message {
+                Ok(m) => m,
+                Err(KafkaError::PartitionEOF(p)) => {
+                    if ranges.get(&p).is_some_and(|&(_, end)| end == i64::MAX) {
+                        open.remove(&p);
+                    }
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let p = message.partition();
+            let Some(&(_, end)) = ranges.get(&p) else {
+                continue;
+            };
+            if !open.contains(&p) {
+                continue;
+            }
+            if message.offset() >= end {
+                open.remove(&p);
+                continue;
+            }
+            found.scanned += 1;
+            if let Some(position) = self.position_of(&message) {
+                if position.commit_lsn >= since {
+                    found.positions.insert(position);
+                } else {
+                    reached_older.insert(p);
+                }
+            }
+            if message.offset() + 1 >= end {
+                open.remove(&p);
+            }
+        }
+        for (p, (start, _)) in ranges {
+            if let Some(t) = tails.get_mut(&p) {
+                t.from = start;
+                t.done = start <= t.low || reached_older.contains(&p);
+            }
+        }
+        Ok(())
+    }
+
+    /// The position of a record written by this source, `None` for anyone else's.
+    fn position_of<M: Message>(&self, message: &M) -> Option<Position> {
+        let headers = message.headers()?;
+        let mut source = false;
+        let mut position = None;
+        for h in headers.iter() {
+            match h.key {
+                SOURCE_HEADER => source = h.value == Some(self.source.as_slice()),
+                POSITION_HEADER => position = h.value.and_then(Position::parse),
+                _ => {}
+            }
+        }
+        position.filter(|_| source)
+    }
+}
+
+fn remaining(deadline: Instant) -> Result<Duration, KafkaError> {
+    deadline
+        .checked_duration_since(Instant::now())
+        .filter(|d| !d.is_zero())
+        .ok_or(KafkaError::MetadataFetch(
+            RDKafkaErrorCode::OperationTimedOut,
+        ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn positions_round_trip_and_order_like_the_stream() {
+        let mut buf = PositionText::default();
+        for (lsn, index, text) in [
+            (0x16_B374_D848_u64, 0, "16/B374D848:0"),
+            (0x0000_0000_0016_B3F2, 7, "0/16B3F2:7"),
+            (u64::MAX, u32::MAX, "FFFFFFFF/FFFFFFFF:4294967295"),
+        ] {
+            let p = Position {
+                commit_lsn: lsn,
+                index,
+            };
+            assert_eq!(p.encode(&mut buf), text.as_bytes());
+            assert_eq!(Position::parse(text.as_bytes()), Some(p));
+        }
+        let a = Position::parse(b"1/0:5").unwrap();
+        let b = Position::parse(b"1/1:0").unwrap();
+        assert!(a < b);
+        for bad in [
+            &b""[..],
+            b"1/0",
+            b"1:0",
+            b"x/0:0",
+            b"1/0:-1",
+            b"1/0:0:0",
+            b"\xff",
+        ] {
+            assert_eq!(Position::parse(bad), None, "{bad:?}");
+        }
+    }
+}
