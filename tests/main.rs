@@ -13,5 +13,6 @@ mod metrics;
 mod pgoutput_golden;
 mod relay;
 mod reliability;
+mod resume;
 mod sql;
 mod tls;

@@ -220,6 +220,11 @@ pub struct RunConfig {
     /// reading until half of them are acknowledged (bounded memory, batched wake-ups).
     #[serde(default = "default_max_in_flight_events")]
     pub max_in_flight_events: u64,
+    /// After a start that follows an unclean stop, read back each topic's tail before the first
+    /// send and skip the events an earlier run already delivered (needs read access to the
+    /// topics; without it walship warns and sends them again).
+    #[serde(default = "yes")]
+    pub resume_dedup: bool,
 }
 
 impl Default for RunConfig {
@@ -227,6 +232,7 @@ impl Default for RunConfig {
         RunConfig {
             shutdown_timeout_ms: default_shutdown_timeout_ms(),
             max_in_flight_events: default_max_in_flight_events(),
+            resume_dedup: true,
         }
     }
 }

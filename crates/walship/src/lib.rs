@@ -7,6 +7,7 @@
 //! - [`run`] — the supervisor: preflight, sessions, reconnect with backoff. Wiring only.
 //! - [`pipeline`] — one streaming session: decode, extract, route, produce, report status.
 //! - [`progress`] — the progress tracker: which LSN is safe to confirm.
+//! - [`resume`] — after a crash, which events an earlier run already delivered.
 //! - [`check`] — `walship check`: every setup problem at once, each with its fix.
 //! - [`status`] — `walship status`: the slot's position, lag and WAL retention.
 //! - [`cli`] — the command line (`walship run`, …); `main.rs` only calls it.
@@ -22,6 +23,7 @@ pub mod error;
 pub mod init_sql;
 pub mod pipeline;
 pub mod progress;
+pub mod resume;
 pub mod run;
 pub mod status;
 pub mod telemetry;

@@ -22,11 +22,14 @@ use std::time::Duration;
 use pgoutput::{Begin, Decoder, Lsn, Message};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use walship_kafka::{Record, SendError, Sink, TopicRouter};
+use walship_kafka::{
+    POSITION_HEADER, Position, PositionText, Record, SOURCE_HEADER, SendError, Sink, TopicRouter,
+};
 use walship_postgres::{Frame, OutboxRow, PgError, Relations, ReplicationStream};
 
 use crate::error::Error;
 use crate::progress::{Progress, TxnToken};
+use crate::resume::Resume;
 use crate::telemetry::Telemetry;
 
 /// Least time between two standby status updates that report a new position.
@@ -37,6 +40,8 @@ struct OpenTxn {
     begin: Begin,
     token: Option<TxnToken>,
     sent: u64,
+    /// Outbox rows seen so far: the next row's index in its [`Position`].
+    rows: u32,
 }
 
 /// Counters of one session, for logs and tests.
@@ -62,6 +67,11 @@ pub struct Session {
     pub(crate) telemetry: Arc<Telemetry>,
     /// `Some(topic)` with the dead-letter policy for bad rows; `None` to fail on them.
     pub(crate) dead_letter_topic: Option<String>,
+    /// Value of the `walship.source` header: who wrote the record.
+    pub(crate) source: Arc<str>,
+    /// Set after a start that may follow an unclean stop, until the stream passes what an
+    /// earlier run can have delivered.
+    pub(crate) resume: Option<Resume>,
     txn: Option<OpenTxn>,
     last_reported: Lsn,
     last_status_at: Instant,
@@ -99,6 +109,8 @@ impl Session {
             max_in_flight: max_in_flight.max(2),
             telemetry,
             dead_letter_topic: None,
+            source: Arc::from(""),
+            resume: None,
             txn: None,
             last_status_at: Instant::now(),
             stats: SessionStats::default(),
@@ -190,10 +202,18 @@ impl Session {
     ) -> Result<(), Error> {
         match msg {
             Message::Begin(begin) => {
+                if self
+                    .resume
+                    .as_ref()
+                    .is_some_and(|r| !r.covers(begin.final_lsn))
+                {
+                    self.end_resume();
+                }
                 self.txn = Some(OpenTxn {
                     begin,
                     token: None,
                     sent: 0,
+                    rows: 0,
                 });
             }
             Message::Commit(commit) => {
@@ -210,16 +230,24 @@ impl Session {
             }
             Message::Relation(rel) => self.relations.update(rel),
             Message::Insert(insert) if self.relations.is_outbox(insert.relation_id) => {
-                let Some(txn) = self.txn.as_ref() else {
+                let Some(txn) = self.txn.as_mut() else {
                     return Err(PgError::Protocol(format!(
                         "Insert at {lsn} outside a transaction"
                     ))
                     .into());
                 };
                 let (xid, commit_ms) = (txn.begin.xid, txn.begin.commit_time.unix_millis());
+                let position = Position {
+                    commit_lsn: txn.begin.final_lsn.0,
+                    index: txn.rows,
+                };
+                txn.rows += 1;
                 let outcome = match self.relations.extract(insert.relation_id, &insert.tuple) {
                     Err(error) => Err(Error::Row { lsn, xid, error }),
-                    Ok(row) => self.produce(&row, lsn, xid, commit_ms, cancel).await,
+                    Ok(row) => {
+                        self.produce(&row, position, lsn, xid, commit_ms, cancel)
+                            .await
+                    }
                 };
                 match outcome {
                     Err(e) if e.is_bad_row() && self.dead_letter_topic.is_some() => {
@@ -280,6 +308,7 @@ impl Session {
     async fn produce(
         &mut self,
         row: &OutboxRow<'_>,
+        position: Position,
         lsn: Lsn,
         xid: u32,
         commit_ms: i64,
@@ -291,9 +320,24 @@ impl Session {
             .map_err(|error| Error::Route { lsn, xid, error })?
             .clone();
         self.sink.ensure_topic(&topic).await?;
+        if let Some(resume) = self.resume.as_mut()
+            && resume.delivered(&topic, position).await
+        {
+            self.telemetry
+                .resume_skipped
+                .fetch_add(1, Ordering::Relaxed);
+            return Ok(());
+        }
         // The usual headers live on the stack; only extra header columns need a Vec.
-        let mut fixed: [(&str, Option<&[u8]>); 2] = [("", None); 2];
-        let mut n = 0;
+        let mut text = PositionText::default();
+        let source = Arc::clone(&self.source);
+        let mut fixed: [(&str, Option<&[u8]>); 4] = [
+            (SOURCE_HEADER, Some(source.as_bytes())),
+            (POSITION_HEADER, Some(position.encode(&mut text))),
+            ("", None),
+            ("", None),
+        ];
+        let mut n = 2;
         for (name, value) in [("id", row.id), ("type", row.event_type)] {
             if value.is_some() {
                 fixed[n] = (name, value);
@@ -467,6 +511,19 @@ impl Session {
             self.stats.events_sent += 1;
         }
         Ok(())
+    }
+
+    /// The stream is past everything an earlier run can have sent: forget its deliveries.
+    fn end_resume(&mut self) {
+        if let Some(resume) = self.resume.take()
+            && resume.skipped() > 0
+        {
+            tracing::info!(
+                skipped = resume.skipped(),
+                "resumed: {} events an earlier run had already delivered were not sent again",
+                resume.skipped()
+            );
+        }
     }
 
     fn check_failure(&self) -> Result<(), Error> {

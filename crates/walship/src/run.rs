@@ -320,7 +320,8 @@ async fn session(
         &options,
     )
     .await?;
-    tracing::info!(from = %start, "streaming");
+    let system = stream.system().clone();
+    tracing::info!(from = %start, server_wal = %system.xlogpos, "streaming");
     let router = TopicRouter::new(&config.outbox.topic)
         .map_err(|e| Error::Config(crate::config::ConfigError(e.to_string())))?;
     let mut session = Session::new(
@@ -334,6 +335,17 @@ async fn session(
         config.run.max_in_flight_events,
         Arc::clone(telemetry),
     );
+    session.source = Arc::from(format!("{}/{}", system.system_id, config.postgres.slot));
+    // Events committed before the server's current WAL position may have reached Kafka in an
+    // earlier run that stopped before confirming them.
+    if config.run.resume_dedup && start < system.xlogpos {
+        session.resume = Some(crate::resume::Resume::new(
+            settings.clone(),
+            session.source.to_string(),
+            start,
+            system.xlogpos,
+        ));
+    }
     if config.outbox.on_bad_row == crate::config::BadRowPolicy::DeadLetter {
         session.dead_letter_topic = Some(config.outbox.dead_letter_topic.clone());
         progress.enable_dead_letter();

@@ -47,6 +47,8 @@ pub struct Telemetry {
     pub reconnects: AtomicU64,
     /// Rows sent to the dead-letter topic.
     pub dead_lettered: AtomicU64,
+    /// Events not sent again after a restart because an earlier run had delivered them.
+    pub resume_skipped: AtomicU64,
     /// True while a session streams.
     pub streaming: AtomicBool,
     /// Unix ms of the last delivery report (any outcome).
@@ -159,6 +161,12 @@ impl Telemetry {
             "counter",
             "Outbox rows published to the dead-letter topic.",
             get(&self.dead_lettered),
+        );
+        metric(
+            "walship_resume_skipped_total",
+            "counter",
+            "Events not sent again after a restart because an earlier run had delivered them.",
+            get(&self.resume_skipped),
         );
         metric(
             "walship_streaming",
