@@ -62,6 +62,16 @@ async fn rewind_slot(db: &TestDb) {
         .expect("rewind slot");
 }
 
+/// Drops the saved copy (an unused slot would hold WAL for the rest of the run).
+async fn drop_saved(db: &TestDb) {
+    let saved = format!("{}_saved", db.slot());
+    await_released(db, &saved).await;
+    db.client
+        .execute("SELECT pg_drop_replication_slot($1::text::name)", &[&saved])
+        .await
+        .expect("drop saved slot");
+}
+
 /// Writes `txns` transactions of `per_txn` rows over two aggregate types; returns the ids.
 async fn write(db: &TestDb, txns: usize, per_txn: usize, first_seq: u64) -> Vec<String> {
     let mut client = harness::postgres::connect(&db.url).await;
@@ -214,4 +224,5 @@ async fn another_sources_records_are_never_taken_for_delivered() {
         .filter_map(|r| r.header("walship.source"))
         .collect();
     assert_eq!(sources.len(), 2, "{sources:?}");
+    drop_saved(&db).await;
 }
