@@ -43,8 +43,15 @@ async fn metrics_move_and_lag_returns_to_zero() {
 
     let (code, body) = get(port, "/healthz");
     assert_eq!((code, body.as_str()), (200, "ok\n"));
-    let (code, _) = get(port, "/readyz");
-    assert_eq!(code, 200, "streaming and broker reachable");
+    // The server marks the slot active a moment before walship has set up its session.
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    while get(port, "/readyz").0 != 200 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "/readyz never became 200 although walship streams and the broker is up"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let before = get(port, "/metrics").1;
     assert_eq!(value(&before, "walship_events_published_total"), 0.0);
 
