@@ -107,6 +107,18 @@ fn read_all(db: &TestDb, expected: usize) -> Vec<Consumed> {
     consume(&broker().bootstrap, &topics, expected, TIMEOUT, SETTLE)
 }
 
+/// Creates the slot, saves its position, then writes `txns` × `per_txn` events and lets walship
+/// deliver and confirm them: everything after the saved position is "unconfirmed" once the slot
+/// is rewound. Returns the events' ids.
+async fn delivered_after_saved_position(db: &TestDb, txns: usize, per_txn: usize) -> Vec<String> {
+    let kafka = &broker().bootstrap;
+    run_to_end(harness::config(db, kafka, ""), db).await;
+    save_slot(db).await;
+    let ids = write(db, txns, per_txn, 0).await;
+    run_to_end(harness::config(db, kafka, ""), db).await;
+    ids
+}
+
 /// How many records carry each outbox id.
 fn copies(records: &[Consumed]) -> HashMap<String, usize> {
     let mut out = HashMap::new();
@@ -120,11 +132,7 @@ fn copies(records: &[Consumed]) -> HashMap<String, usize> {
 async fn rewound_slot_does_not_publish_delivered_events_again() {
     let db = TestDb::new().await;
     let kafka = &broker().bootstrap;
-    // First start creates the slot; everything after the saved position is "unconfirmed".
-    run_to_end(harness::config(&db, kafka, ""), &db).await;
-    save_slot(&db).await;
-    let first = write(&db, 40, 5, 0).await;
-    run_to_end(harness::config(&db, kafka, ""), &db).await;
+    let first = delivered_after_saved_position(&db, 40, 5).await;
     assert_eq!(read_all(&db, 200).len(), 200);
 
     // Control: without the lookup a rewound slot publishes every event again, so the rewind
@@ -179,10 +187,7 @@ async fn rewound_slot_does_not_publish_delivered_events_again() {
 async fn another_sources_records_are_never_taken_for_delivered() {
     let db = TestDb::new().await;
     let kafka = &broker().bootstrap;
-    run_to_end(harness::config(&db, kafka, ""), &db).await;
-    save_slot(&db).await;
-    let ids = write(&db, 10, 4, 0).await;
-    run_to_end(harness::config(&db, kafka, ""), &db).await;
+    let ids = delivered_after_saved_position(&db, 10, 4).await;
 
     // A second slot at the same position reads the same events at the same positions and
     // writes them to the same topics. Its source differs, so it must publish all of them.
