@@ -13,7 +13,7 @@ pub mod route;
 pub mod sink;
 
 pub use resume::{
-    Delivered, POSITION_HEADER, Position, PositionText, ResumeScanner, SOURCE_HEADER,
+    Delivered, ID_HEADER, POSITION_HEADER, Position, PositionText, ResumeScanner, SOURCE_HEADER,
 };
 pub use route::{RouteError, TopicRouter};
 pub use sink::{

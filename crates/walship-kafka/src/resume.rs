@@ -8,8 +8,9 @@
 //! the topic's tail back until it is behind the confirmed position and collects the positions
 //! this source already wrote there; the pipeline skips exactly those.
 //!
-//! Invariant: a position is reported as delivered only if a record of this source carrying it
-//! was read from the topic. Whatever cannot be read (no permission, a scan cut short by its
+//! Invariant: an event is reported as delivered only if a record of this source carrying its
+//! position *and its outbox id* was read from the topic (the id guards against positions that
+//! repeat on a diverged timeline or a cloned cluster with the same identifier). Whatever cannot be read (no permission, a scan cut short by its
 //! limits, records not yet replicated) is not reported, so its event is sent again: the worst
 //! case is the old at-least-once duplicate, never a gap.
 
@@ -32,6 +33,8 @@ pub const SOURCE_HEADER: &str = "walship.source";
 /// Header naming the event: `<commit LSN>:<index in the transaction>`, e.g. `16/B374D848:0`.
 /// Increases strictly, per source, in the order events were committed.
 pub const POSITION_HEADER: &str = "walship.position";
+/// Header carrying the outbox row's id (Debezium's name), compared too before skipping.
+pub const ID_HEADER: &str = "id";
 
 /// Records read back per partition in the first pass; each further pass reads four times more.
 const FIRST_PASS: i64 = 1024;
@@ -84,7 +87,8 @@ impl Position {
 /// The positions one source already wrote to one topic, at or after some LSN.
 #[derive(Debug, Default)]
 pub struct Delivered {
-    positions: HashSet<Position>,
+    /// Position → the record's `id` header.
+    positions: HashMap<Position, Option<Box<[u8]>>>,
     /// Records read.
     pub scanned: u64,
     /// False when some partition could not be searched back far enough (time or size limit):
@@ -93,9 +97,11 @@ pub struct Delivered {
 }
 
 impl Delivered {
-    /// True if a record of this source with `position` is in the topic.
-    pub fn contains(&self, position: Position) -> bool {
-        self.positions.contains(&position)
+    /// True if a record of this source with `position` and this outbox `id` is in the topic.
+    pub fn contains(&self, position: Position, id: Option<&[u8]>) -> bool {
+        self.positions
+            .get(&position)
+            .is_some_and(|found| found.as_deref() == id)
     }
 
     /// How many positions were found.
@@ -156,7 +162,11 @@ impl ResumeScanner {
     ) -> Result<Self, KafkaError> {
         let mut config = settings.client_config();
         config
+            // librdkafka wants a group for assign(); it is never joined (no subscribe) and
+            // nothing is committed. Start at the oldest record if retention removed the
+            // requested one.
             .set("group.id", format!("{}-resume", settings.client_id))
+            .set("auto.offset.reset", "earliest")
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("enable.partition.eof", "true")
@@ -260,6 +270,8 @@ impl ResumeScanner {
                 );
                 continue;
             }
+            // Never read more than the limit, whatever the pass width.
+            let width = width.min(MAX_PER_PARTITION - (t.high - t.from));
             let start = (t.from - width).max(t.low);
             let end = if t.from == t.high { i64::MAX } else { t.from };
             ranges.insert(p, (start, end));
@@ -291,9 +303,9 @@ impl ResumeScanner {
             let message = match message {
                 Ok(m) => m,
                 Err(KafkaError::PartitionEOF(p)) => {
-                    if ranges.get(&p).is_some_and(|&(_, end)| end == i64::MAX) {
-                        open.remove(&p);
-                    }
+                    // Nothing more to read in this partition, whatever the pass (retention or
+                    // control records can leave no record at or past the range's end).
+                    open.remove(&p);
                     continue;
                 }
                 Err(e) => return Err(e),
@@ -310,9 +322,9 @@ impl ResumeScanner {
                 continue;
             }
             found.scanned += 1;
-            if let Some(position) = self.position_of(&message) {
+            if let Some((position, id)) = self.position_of(&message) {
                 if position.commit_lsn >= since {
-                    found.positions.insert(position);
+                    found.positions.insert(position, id);
                 } else {
                     reached_older.insert(p);
                 }
@@ -330,19 +342,24 @@ impl ResumeScanner {
         Ok(())
     }
 
-    /// The position of a record written by this source, `None` for anyone else's.
-    fn position_of<M: Message>(&self, message: &M) -> Option<Position> {
+    /// The position and outbox id of a record written by this source, `None` for anyone
+    /// else's. walship writes these headers first, so the first of each name counts.
+    fn position_of<M: Message>(&self, message: &M) -> Option<(Position, Option<Box<[u8]>>)> {
         let headers = message.headers()?;
-        let mut source = false;
-        let mut position = None;
+        let (mut source, mut position, mut id) = (None, None, None);
         for h in headers.iter() {
             match h.key {
-                SOURCE_HEADER => source = h.value == Some(self.source.as_slice()),
-                POSITION_HEADER => position = h.value.and_then(Position::parse),
+                SOURCE_HEADER if source.is_none() => source = Some(h.value),
+                POSITION_HEADER if position.is_none() => position = Some(h.value),
+                ID_HEADER if id.is_none() => id = Some(h.value),
                 _ => {}
             }
         }
-        position.filter(|_| source)
+        if source? != Some(self.source.as_slice()) {
+            return None;
+        }
+        let position = Position::parse(position??)?;
+        Some((position, id.flatten().map(Box::from)))
     }
 }
 
@@ -413,6 +430,7 @@ mod tests {
         let producer: BaseProducer = settings.client_config().create().unwrap();
         for &(partition, source, position) in records {
             let mut text = PositionText::default();
+            let row_id = id(position.commit_lsn);
             let headers = rdkafka::message::OwnedHeaders::new()
                 .insert(rdkafka::message::Header {
                     key: SOURCE_HEADER,
@@ -421,6 +439,10 @@ mod tests {
                 .insert(rdkafka::message::Header {
                     key: POSITION_HEADER,
                     value: Some(position.encode(&mut text)),
+                })
+                .insert(rdkafka::message::Header {
+                    key: ID_HEADER,
+                    value: Some(&row_id),
                 });
             let mut record = BaseRecord::to(topic)
                 .partition(partition)
@@ -441,6 +463,10 @@ mod tests {
         producer.flush(Duration::from_secs(30)).unwrap();
     }
 
+    fn id(lsn: u64) -> Vec<u8> {
+        format!("row-{lsn}").into_bytes()
+    }
+
     fn at(lsn: u64) -> Position {
         Position {
             commit_lsn: lsn,
@@ -455,8 +481,12 @@ mod tests {
         // 6,000 events of this source over two partitions, with another source's records
         // (at positions this source never used) mixed in.
         let mut records = Vec::new();
+        // Events never delivered (a crash lost them in flight) leave gaps.
+        let missing = |i: u64| i % 97 == 13;
         for i in 0..6000_u64 {
-            records.push(((i % 2) as i32, "me/slot", at(i * 10)));
+            if !missing(i) {
+                records.push(((i % 2) as i32, "me/slot", at(i * 10)));
+            }
             if i % 3 == 0 {
                 records.push(((i % 2) as i32, "other/slot", at(i * 10 + 5)));
             }
@@ -466,13 +496,30 @@ mod tests {
         // Everything from event 1,000 on: 2,500 records of ours per partition, more than one pass.
         let found = scanner.delivered("t", 10_000).unwrap();
         assert!(found.complete);
-        assert_eq!(found.len(), 5000);
-        assert!((1000..6000).all(|i| found.contains(at(i * 10))));
-        assert!(!found.contains(at(990 * 10)), "before `since`");
+        let delivered: Vec<u64> = (1000..6000).filter(|&i| !missing(i)).collect();
+        assert_eq!(found.len(), delivered.len());
         assert!(
-            !found.contains(at(3000 * 10 + 5)),
+            delivered
+                .iter()
+                .all(|&i| found.contains(at(i * 10), Some(&id(i * 10))))
+        );
+        assert!(
+            (1000..6000)
+                .filter(|&i| missing(i))
+                .all(|i| !found.contains(at(i * 10), Some(&id(i * 10)))),
+            "an event that is not in the topic is never reported"
+        );
+        assert!(
+            !found.contains(at(990 * 10), Some(&id(990 * 10))),
+            "before `since`"
+        );
+        assert!(
+            !found.contains(at(3000 * 10 + 5), Some(&id(3000 * 10 + 5))),
             "another source's position"
         );
+        // The same position with another outbox id (a diverged timeline) is not this event.
+        assert!(!found.contains(at(2000 * 10), Some(b"other-row")));
+        assert!(!found.contains(at(2000 * 10), None));
         assert!(found.scanned > 2 * FIRST_PASS as u64, "{}", found.scanned);
     }
 

@@ -382,6 +382,18 @@ impl Config {
                 return Err(ConfigError(format!("outbox.{role} must name a column")));
             }
         }
+        if let Some(c) = self
+            .outbox
+            .header_columns
+            .iter()
+            .find(|c| c.starts_with("walship."))
+        {
+            return Err(ConfigError(format!(
+                "outbox.header_columns: {c:?} would become a header in walship's own `walship.` \
+                 namespace (which names each record's source and position): rename the column \
+                 with a view, or leave it out"
+            )));
+        }
         if self.kafka.brokers.trim().is_empty() {
             return Err(ConfigError(
                 "kafka.brokers must list at least one host:port".into(),
@@ -675,6 +687,15 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("outbox.topic"), "{e}");
+        let with_headers = |cols: &str| format!("{MINIMAL}[outbox]\nheader_columns = [{cols}]\n");
+        let e = parse(&with_headers("\"tenant\", \"walship.position\""), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("\"walship.position\"") && e.contains("header_columns"),
+            "{e}"
+        );
+        assert!(parse(&with_headers("\"tenant\""), &[]).is_ok());
     }
 
     #[test]

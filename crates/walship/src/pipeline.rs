@@ -23,7 +23,8 @@ use pgoutput::{Begin, Decoder, Lsn, Message};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use walship_kafka::{
-    POSITION_HEADER, Position, PositionText, Record, SOURCE_HEADER, SendError, Sink, TopicRouter,
+    ID_HEADER, POSITION_HEADER, Position, PositionText, Record, SOURCE_HEADER, SendError, Sink,
+    TopicRouter,
 };
 use walship_postgres::{Frame, OutboxRow, PgError, Relations, ReplicationStream};
 
@@ -321,7 +322,23 @@ impl Session {
             .clone();
         self.sink.ensure_topic(&topic).await?;
         if let Some(resume) = self.resume.as_mut()
-            && resume.delivered(&topic, position).await
+            && !resume.knows(&topic)
+        {
+            // Read the topic back; keep confirming meanwhile so wal_sender_timeout never fires.
+            let started = std::time::Instant::now();
+            let mut scan = resume.scan(&topic);
+            let joined = loop {
+                tokio::select! {
+                    joined = &mut scan => break joined,
+                    _ = tokio::time::sleep(self.status_interval) => self.report(false).await?,
+                }
+            };
+            if let Some(resume) = self.resume.as_mut() {
+                resume.store(&topic, joined, started);
+            }
+        }
+        if let Some(resume) = self.resume.as_mut()
+            && resume.delivered(&topic, position, row.id)
         {
             self.telemetry
                 .resume_skipped
@@ -338,7 +355,7 @@ impl Session {
             ("", None),
         ];
         let mut n = 2;
-        for (name, value) in [("id", row.id), ("type", row.event_type)] {
+        for (name, value) in [(ID_HEADER, row.id), ("type", row.event_type)] {
             if value.is_some() {
                 fixed[n] = (name, value);
                 n += 1;

@@ -7,7 +7,7 @@
 //! run, so only those are looked up; once the stream passes that point the memory is dropped.
 //!
 //! Invariant (inherited from [`ResumeScanner`]): an event is skipped only if a record of this
-//! source carrying its position was read back from its topic. A topic that cannot be read is
+//! source carrying its position and its outbox id was read back from its topic. A topic that cannot be read is
 //! logged and its events are sent again — a duplicate, never a gap.
 
 use std::collections::HashMap;
@@ -18,6 +18,14 @@ use walship_kafka::{Delivered, Position, ResumeScanner, SinkSettings};
 
 /// Longest a topic's scan may take (the replication stream waits meanwhile).
 const SCAN_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The scanner (kept for the next topic) and what it found.
+pub type ScanOutcome = (
+    Option<ResumeScanner>,
+    Result<Delivered, rdkafka::error::KafkaError>,
+);
+/// A running scan.
+pub type Scan = tokio::task::JoinHandle<ScanOutcome>;
 
 /// See the module documentation.
 pub struct Resume {
@@ -55,24 +63,29 @@ impl Resume {
         self.skipped
     }
 
-    /// True if an earlier run already put the event at `position` into `topic`. The first call
-    /// for a topic reads the topic's tail back (off the async runtime).
-    pub async fn delivered(&mut self, topic: &str, position: Position) -> bool {
-        if !self.topics.contains_key(topic) {
-            let found = self.scan(topic).await;
-            self.topics.insert(topic.to_owned(), found);
-        }
-        let hit = self.topics.get(topic).is_some_and(|d| d.contains(position));
+    /// True once `topic` has been read back (then [`Resume::delivered`] answers at once).
+    pub fn knows(&self, topic: &str) -> bool {
+        self.topics.contains_key(topic)
+    }
+
+    /// True if an earlier run already put the event at `position` with outbox id `id` into
+    /// `topic`. False for a topic not read back yet: call [`Resume::scan`] first.
+    pub fn delivered(&mut self, topic: &str, position: Position, id: Option<&[u8]>) -> bool {
+        let hit = self
+            .topics
+            .get(topic)
+            .is_some_and(|d| d.contains(position, id));
         self.skipped += u64::from(hit);
         hit
     }
 
-    async fn scan(&mut self, topic: &str) -> Delivered {
+    /// Starts reading `topic`'s tail back, off the async runtime. The caller keeps the
+    /// walsender informed while it waits, then hands the outcome to [`Resume::store`].
+    pub fn scan(&mut self, topic: &str) -> Scan {
         let scanner = self.scanner.take();
         let (settings, source) = (self.settings.clone(), self.source.clone());
         let (name, since) = (topic.to_owned(), self.since.0);
-        let started = std::time::Instant::now();
-        let joined = tokio::task::spawn_blocking(move || {
+        tokio::task::spawn_blocking(move || {
             let scanner = match scanner {
                 Some(s) => s,
                 None => match ResumeScanner::new(&settings, &source, SCAN_TIMEOUT) {
@@ -83,7 +96,25 @@ impl Resume {
             let result = scanner.delivered(&name, since);
             (Some(scanner), result)
         })
-        .await;
+    }
+
+    /// Records what a [`Resume::scan`] of `topic` found.
+    pub fn store(
+        &mut self,
+        topic: &str,
+        joined: Result<ScanOutcome, tokio::task::JoinError>,
+        started: std::time::Instant,
+    ) {
+        let found = self.outcome(topic, joined, started);
+        self.topics.insert(topic.to_owned(), found);
+    }
+
+    fn outcome(
+        &mut self,
+        topic: &str,
+        joined: Result<ScanOutcome, tokio::task::JoinError>,
+        started: std::time::Instant,
+    ) -> Delivered {
         let (scanner, result) = match joined {
             Ok(r) => r,
             Err(e) => {
@@ -118,6 +149,17 @@ impl Resume {
                 );
                 Delivered::default()
             }
+        }
+    }
+}
+
+impl Drop for Resume {
+    fn drop(&mut self) {
+        // Closing a consumer waits for its threads: not on the async runtime.
+        if let Some(scanner) = self.scanner.take()
+            && let Ok(handle) = tokio::runtime::Handle::try_current()
+        {
+            handle.spawn_blocking(move || drop(scanner));
         }
     }
 }
