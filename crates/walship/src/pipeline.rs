@@ -177,6 +177,11 @@ impl Session {
                 // confirm it (after any earlier transactions are acknowledged).
                 if self.txn.is_none() {
                     self.progress.complete_empty(wal_end);
+                    // Past everything an earlier run can have sent: release the scanner's
+                    // connections now rather than at the next transaction.
+                    if self.resume.as_ref().is_some_and(|r| !r.covers(wal_end)) {
+                        self.end_resume();
+                    }
                 }
                 if reply_requested || self.progress.safe_lsn() > self.last_reported {
                     self.report(reply_requested).await?;
