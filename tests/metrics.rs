@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use crate::harness::{self, Relay, Row, TIMEOUT, TestDb, broker, insert_txn};
 
-fn get(port: u16, path: &str) -> (u16, String) {
+pub(crate) fn get(port: u16, path: &str) -> (u16, String) {
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect metrics");
     write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
     let mut out = String::new();
@@ -21,7 +21,7 @@ fn get(port: u16, path: &str) -> (u16, String) {
     )
 }
 
-fn value(metrics: &str, name: &str) -> f64 {
+pub(crate) fn value(metrics: &str, name: &str) -> f64 {
     metrics
         .lines()
         .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))

@@ -153,7 +153,17 @@ async fn rewound_slot_does_not_publish_delivered_events_again() {
     // committed after them, which are not in Kafka yet, are all sent, in order.
     rewind_slot(&db).await;
     let later = write(&db, 20, 5, 1000).await;
-    run_to_end(harness::config(&db, kafka, ""), &db).await;
+    let port = harness::process::free_port();
+    let metrics = format!("[metrics]\nlisten = \"127.0.0.1:{port}\"");
+    let relay = Relay::start_streaming(harness::config(&db, kafka, &metrics), &db).await;
+    db.await_caught_up().await;
+    let scraped = crate::metrics::get(port, "/metrics").1;
+    relay.stop().await.expect("clean stop");
+    assert_eq!(
+        crate::metrics::value(&scraped, "walship_resume_skipped_total"),
+        200.0,
+        "every event of the rewound range was found and counted"
+    );
     let records = read_all(&db, 500);
     assert_eq!(records.len(), 500, "only the 100 new events were added");
     let copies = copies(&records);
