@@ -14,6 +14,9 @@
 //!   whose events are not all acknowledged.
 //! - When the producer queue is full the loop stops reading (TCP backpressure reaches the
 //!   walsender) but keeps sending standby status, so `wal_sender_timeout` never fires.
+//! - After an unclean stop, an event is left out only when [`Resume`] read back a record of this
+//!   source with its position and outbox id from its topic; such an event is not counted in its
+//!   transaction, so the transaction completes on the acks of the events actually sent.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
