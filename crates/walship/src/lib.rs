@@ -4,7 +4,7 @@
 //! # Layout
 //!
 //! - [`config`] — the TOML configuration, environment overrides, validation, secrets.
-//! - [`run`] — the supervisor: preflight, sessions, reconnect with backoff. Wiring only.
+//! - [`run`](mod@run) — the supervisor: preflight, sessions, reconnect with backoff. Wiring only.
 //! - [`pipeline`] — one streaming session: decode, extract, route, produce, report status.
 //! - [`progress`] — the progress tracker: which LSN is safe to confirm.
 //! - [`resume`] — after a crash, which events an earlier run already delivered.
