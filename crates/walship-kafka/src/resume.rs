@@ -120,8 +120,8 @@ struct ScanContext;
 
 impl ClientContext for ScanContext {
     fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
-        // The scanner shares the producer's configuration; librdkafka warns about every
-        // producer-only property, which is expected here.
+        // The scan is best effort (what it cannot read is sent again): only errors warrant a
+        // warning.
         if (level as i32) <= (RDKafkaLogLevel::Error as i32) {
             tracing::warn!(target: "librdkafka", "resume scan: {fac}: {message}");
         } else {
@@ -153,14 +153,14 @@ struct Tail {
 }
 
 impl ResumeScanner {
-    /// A consumer with the producer's connection settings. `source` is the value of
+    /// A consumer with the producer's connection and security settings. `source` is the value of
     /// [`SOURCE_HEADER`] this run writes; `timeout` bounds each topic's scan.
     pub fn new(
         settings: &SinkSettings,
         source: &str,
         timeout: Duration,
     ) -> Result<Self, KafkaError> {
-        let mut config = settings.client_config();
+        let mut config = settings.connection_config();
         config
             // librdkafka wants a group for assign(); it is never joined (no subscribe) and
             // nothing is committed. Start at the oldest record if retention removed the
@@ -413,15 +413,7 @@ mod tests {
         SinkSettings,
     ) {
         let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
-        let settings = SinkSettings {
-            brokers: cluster.bootstrap_servers(),
-            client_id: "test".into(),
-            create_topics: false,
-            topic_partitions: 2,
-            topic_replication_factor: 1,
-            librdkafka: Default::default(),
-            secret_properties: Default::default(),
-        };
+        let settings = crate::sink::tests::settings(&cluster.bootstrap_servers());
         (cluster, settings)
     }
 

@@ -184,6 +184,24 @@ impl SinkSettings {
         c.set_log_level(RDKafkaLogLevel::Warning);
         c
     }
+
+    /// The configuration of walship's other clients (the admin client, the resume scanner):
+    /// brokers, client id, and the user's connection and security properties — no producer
+    /// settings, which would make librdkafka warn about each one.
+    pub fn connection_config(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.brokers)
+            .set("client.id", &self.client_id);
+        for (k, v) in self.librdkafka.iter().chain(&self.secret_properties) {
+            if ["security.", "sasl.", "ssl.", "socket."]
+                .iter()
+                .any(|family| k.starts_with(family))
+            {
+                c.set(k, v);
+            }
+        }
+        c
+    }
 }
 
 /// Routes librdkafka callbacks to tracing and the listener.
@@ -348,25 +366,7 @@ impl<L: DeliveryListener> Sink<L> {
 
 /// Makes sure `topic` exists, creating it if `settings.create_topics`.
 pub async fn ensure_topic(settings: &SinkSettings, topic: &str) -> Result<(), TopicError> {
-    let mut config = ClientConfig::new();
-    config
-        .set("bootstrap.servers", &settings.brokers)
-        .set("client.id", &settings.client_id);
-    for (k, v) in settings
-        .librdkafka
-        .iter()
-        .chain(&settings.secret_properties)
-    {
-        // Connection and security settings apply to the admin client too; producer-only
-        // properties would make librdkafka warn, so only the shared families are copied.
-        if k.starts_with("security.")
-            || k.starts_with("sasl.")
-            || k.starts_with("ssl.")
-            || k.starts_with("socket.")
-        {
-            config.set(k, v);
-        }
-    }
+    let mut config = settings.connection_config();
     config.set_log_level(RDKafkaLogLevel::Error);
     let admin: AdminClient<DefaultClientContext> =
         config.create().map_err(|error| TopicError::Unreachable {
@@ -440,8 +440,21 @@ pub async fn ensure_topic(settings: &SinkSettings, topic: &str) -> Result<(), To
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// Settings for `brokers` with walship's defaults and no extra properties.
+    pub(crate) fn settings(brokers: &str) -> SinkSettings {
+        SinkSettings {
+            brokers: brokers.into(),
+            client_id: "walship".into(),
+            create_topics: true,
+            topic_partitions: 3,
+            topic_replication_factor: 1,
+            librdkafka: BTreeMap::new(),
+            secret_properties: BTreeMap::new(),
+        }
+    }
 
     #[test]
     fn classifies_errors() {
@@ -469,13 +482,8 @@ mod tests {
         let mut secret_properties = BTreeMap::new();
         secret_properties.insert("sasl.password".to_owned(), "hunter2".to_owned());
         let s = SinkSettings {
-            brokers: "b:9092".into(),
-            client_id: "walship".into(),
-            create_topics: true,
-            topic_partitions: 3,
-            topic_replication_factor: 1,
-            librdkafka: BTreeMap::new(),
             secret_properties,
+            ..settings("b:9092")
         };
         let text = format!("{s:?}");
         assert!(
@@ -485,17 +493,28 @@ mod tests {
     }
 
     #[test]
+    fn other_clients_get_connection_and_security_settings_only() {
+        let mut s = settings("b:9092");
+        s.librdkafka.insert("linger.ms".into(), "50".into());
+        s.librdkafka
+            .insert("security.protocol".into(), "SASL_SSL".into());
+        s.secret_properties
+            .insert("sasl.password".into(), "hunter2".into());
+        let c = s.connection_config();
+        assert_eq!(c.get("bootstrap.servers"), Some("b:9092"));
+        assert_eq!(c.get("security.protocol"), Some("SASL_SSL"));
+        assert_eq!(c.get("sasl.password"), Some("hunter2"));
+        assert_eq!(c.get("linger.ms"), None);
+        assert_eq!(c.get("enable.idempotence"), None);
+    }
+
+    #[test]
     fn user_overrides_apply_last() {
         let mut librdkafka = BTreeMap::new();
         librdkafka.insert("linger.ms".to_owned(), "50".to_owned());
         let s = SinkSettings {
-            brokers: "b:9092".into(),
-            client_id: "walship".into(),
-            create_topics: true,
-            topic_partitions: 3,
-            topic_replication_factor: 1,
             librdkafka,
-            secret_properties: BTreeMap::new(),
+            ..settings("b:9092")
         };
         let c = s.client_config();
         assert_eq!(c.get("linger.ms"), Some("50"));
