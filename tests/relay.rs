@@ -71,10 +71,7 @@ async fn ten_thousand_events_arrive_in_commit_order_per_aggregate() {
         TOTAL,
         "every event exactly once (no restarts happened)"
     );
-    let ids: HashSet<String> = records
-        .iter()
-        .map(|r| r.header("id").expect("id header"))
-        .collect();
+    let ids: HashSet<String> = records.iter().map(harness::Consumed::id).collect();
     assert_eq!(ids, all_ids, "the id header carries the outbox row id");
     assert!(
         records

@@ -125,10 +125,7 @@ async fn sigkill_at_random_moments_loses_nothing_and_keeps_order() {
         TIMEOUT * 2,
         Duration::from_secs(2),
     );
-    let ids: HashSet<String> = records
-        .iter()
-        .map(|r| r.header("id").expect("id"))
-        .collect();
+    let ids: HashSet<String> = records.iter().map(harness::Consumed::id).collect();
     assert_eq!(
         ids.len(),
         total,
@@ -217,10 +214,7 @@ async fn postgres_restart_during_load_loses_nothing() {
         TIMEOUT,
         Duration::from_secs(1),
     );
-    let got: HashSet<String> = records
-        .iter()
-        .map(|r| r.header("id").expect("id"))
-        .collect();
+    let got: HashSet<String> = records.iter().map(harness::Consumed::id).collect();
     assert!(
         ids.iter().all(|id| got.contains(id)),
         "an event committed around the restart is missing"

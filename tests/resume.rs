@@ -123,7 +123,7 @@ async fn delivered_after_saved_position(db: &TestDb, txns: usize, per_txn: usize
 fn copies(records: &[Consumed]) -> HashMap<String, usize> {
     let mut out = HashMap::new();
     for r in records {
-        *out.entry(r.header("id").expect("id header")).or_default() += 1;
+        *out.entry(r.id()).or_default() += 1;
     }
     out
 }
@@ -174,7 +174,7 @@ async fn rewound_slot_does_not_publish_delivered_events_again() {
     let mut by_id: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for r in &records {
         by_id
-            .entry(r.header("id").unwrap())
+            .entry(r.id())
             .or_default()
             .push(r.header("walship.position").expect("position header"));
     }
@@ -183,7 +183,7 @@ async fn rewound_slot_does_not_publish_delivered_events_again() {
     for (key, recs) in harness::by_key(&records) {
         let seqs: Vec<u64> = recs
             .iter()
-            .filter(|r| later.contains(&r.header("id").unwrap()))
+            .filter(|r| later.contains(&r.id()))
             .map(|r| r.json()["seq"].as_u64().unwrap())
             .collect();
         assert!(
@@ -210,25 +210,7 @@ async fn another_sources_records_are_never_taken_for_delivered() {
     .expect("config");
     let relay = Relay::start(config);
     let end = db.current_lsn().await;
-    let deadline = tokio::time::Instant::now() + TIMEOUT;
-    loop {
-        let row = db
-            .client
-            .query_one(
-                "SELECT confirmed_flush_lsn >= $2 FROM pg_replication_slots WHERE slot_name = $1",
-                &[&other, &tokio_postgres::types::PgLsn::from(end.0)],
-            )
-            .await
-            .expect("read slot");
-        if row.get::<_, bool>(0) {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "second slot never caught up"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    db.await_slot_confirmed(&other, end, TIMEOUT).await;
     relay.stop().await.expect("clean stop");
     let records = read_all(&db, 80);
     assert_eq!(records.len(), 80);

@@ -154,6 +154,11 @@ impl Consumed {
             .map(|v| String::from_utf8_lossy(v).into_owned())
     }
 
+    /// The `id` header: the outbox row id.
+    pub fn id(&self) -> String {
+        self.header("id").expect("id header")
+    }
+
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_slice(self.payload.as_deref().expect("payload")).expect("payload is JSON")
     }

@@ -353,11 +353,16 @@ impl TestDb {
 
     /// `confirmed_flush_lsn` of this test's slot (0/0 when the slot does not exist yet).
     pub async fn confirmed_lsn(&self) -> Lsn {
+        self.slot_confirmed_lsn(&self.name).await
+    }
+
+    /// `confirmed_flush_lsn` of any slot (0/0 when it does not exist).
+    pub async fn slot_confirmed_lsn(&self, slot: &str) -> Lsn {
         let row = self
             .client
             .query_opt(
                 "SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = $1",
-                &[&self.name],
+                &[&slot],
             )
             .await
             .expect("read slot");
@@ -425,15 +430,20 @@ impl TestDb {
 
     /// Waits until the slot confirms at least `target`.
     pub async fn await_confirmed(&self, target: Lsn, timeout: Duration) {
+        self.await_slot_confirmed(&self.name, target, timeout).await;
+    }
+
+    /// Waits until `slot` (any slot of the cluster) confirms at least `target`.
+    pub async fn await_slot_confirmed(&self, slot: &str, target: Lsn, timeout: Duration) {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            let now = self.confirmed_lsn().await;
+            let now = self.slot_confirmed_lsn(slot).await;
             if now >= target {
                 return;
             }
             assert!(
                 tokio::time::Instant::now() < deadline,
-                "slot confirmed {now}, expected >= {target} within {timeout:?}"
+                "slot {slot} confirmed {now}, expected >= {target} within {timeout:?}"
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
