@@ -186,6 +186,20 @@ def terminate(timed_proc):
     timed_proc.wait()
 
 
+def cpu_seconds(pid):
+    """utime + stime of a live process, from /proc (0 when it is gone)."""
+    try:
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def walsender_pid(s, slot):
+    pid = s.psql("bench", f"SELECT active_pid FROM pg_replication_slots WHERE slot_name = '{slot}'")
+    return int(pid) if pid else None
+
+
 def read_time(report):
     wall, user, sys_, rss_kb = open(report).read().split()[-4:]
     return float(wall), float(user) + float(sys_), int(rss_kb) / 1024
@@ -211,13 +225,21 @@ def drain(args):
         cfg = walship_config(s, "walship", extra=args.extra)
         log = open(os.path.join(WORK, "walship.log"), "w")
         start = time.time()
+        broker_cpu0 = cpu_seconds(s.broker.pid)
         wrap = os.environ.get("WALSHIP_BENCH_WRAP", "").split()
         proc, report = timed(wrap + [WALSHIP, "run", "--config", cfg], stdout=log, stderr=log)
+        sender = None
         while confirmed(s, "walship") < target:
             if proc.poll() is not None:
                 sys.exit(f"walship exited early; see {log.name}")
+            if sender is None:
+                sender = walsender_pid(s, "walship")
             time.sleep(0.02)
         walship_secs = time.time() - start
+        # The walsender (one core's worth of decoding) and the broker share the machine with
+        # walship: their CPU seconds say where the time went.
+        sender_cpu = cpu_seconds(sender) if sender else 0.0
+        broker_cpu = cpu_seconds(s.broker.pid) - broker_cpu0
         terminate(proc)
         _, w_cpu, w_rss = read_time(report)
 
@@ -228,7 +250,12 @@ def drain(args):
                               "-d", "bench", "--slot", "recvlogical", "--start", f"--endpos={target_lsn}",
                               "-o", "proto_version=1", "-o", "publication_names=walship_outbox", "-f", out],
                              stderr=subprocess.DEVNULL)
-        proc.wait()
+        sender, r_sender_cpu = None, 0.0
+        while proc.poll() is None:
+            # The walsender ends with its client: keep the last reading.
+            sender = sender or walsender_pid(s, "recvlogical")
+            r_sender_cpu = max(r_sender_cpu, cpu_seconds(sender) if sender else 0.0)
+            time.sleep(0.02)
         recv_secs = time.time() - start
         _, r_cpu, r_rss = read_time(report)
 
@@ -238,10 +265,13 @@ def drain(args):
             "walship_seconds": round(walship_secs, 2),
             "walship_cpu_seconds": round(w_cpu, 2),
             "walship_peak_rss_mb": round(w_rss, 1),
+            "walsender_cpu_seconds": round(sender_cpu, 2),
+            "broker_cpu_seconds": round(broker_cpu, 2),
             "pg_recvlogical_events_per_s": round(n / recv_secs),
             "pg_recvlogical_seconds": round(recv_secs, 2),
             "pg_recvlogical_cpu_seconds": round(r_cpu, 2),
             "pg_recvlogical_peak_rss_mb": round(r_rss, 1),
+            "pg_recvlogical_walsender_cpu_seconds": round(r_sender_cpu, 2),
             "ratio_walship_over_pg_recvlogical": round(recv_secs / walship_secs, 2),
         }
         print(json.dumps(result, indent=2))
