@@ -6,9 +6,11 @@
 //! - [`slot`] — the SQL connection: preflight checks, slot and publication setup, slot state.
 //! - [`outbox`] — the relation cache and outbox-row extraction.
 //! - [`preflight`] — read-only catalog queries for `walship check` and `walship status`.
+//! - [`batching`] — read batching on the replication socket (`SO_RCVLOWAT`, pacing, window).
 //! - [`tls`] — TLS (`sslmode`, `sslrootcert`, client certificates) for both connections.
 //! - [`error`] — errors split into transient (reconnect) and definite (stop and explain).
 
+pub mod batching;
 pub mod error;
 pub mod outbox;
 pub mod preflight;
@@ -16,6 +18,7 @@ pub mod replication;
 pub mod slot;
 pub mod tls;
 
+pub use batching::ReadBatching;
 pub use error::{PgError, ServerError};
 pub use outbox::{OutboxRow, OutboxSpec, Relations, RowError, RowTarget};
 pub use replication::{ConnectParams, Frame, ReplicationStream, SystemIdentity};

@@ -15,10 +15,11 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use pgoutput::{Lsn, PgTimestamp};
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use postgres_protocol::message::{backend, frontend};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_postgres::config::Host;
 
+use crate::batching::{self, Batcher, ReadBatching, TcpSocket};
 use crate::error::{PgError, ServerError};
 use crate::tls::{self, ConnectConfig, Negotiated, TlsSession};
 
@@ -83,7 +84,7 @@ impl ConnectParams {
 
     /// Connects and negotiates TLS per `sslmode`; returns the stream and the TLS session
     /// (`None` without TLS).
-    async fn open(&self) -> Result<(Box<dyn Io>, Option<TlsSession>), PgError> {
+    async fn open(&self) -> Result<(Box<dyn Io>, Option<TlsSession>, Option<TcpSocket>), PgError> {
         let target = self.describe();
         let io_err = |source| PgError::Io {
             target: target.clone(),
@@ -102,7 +103,7 @@ impl ConnectParams {
                     let s = tokio::net::UnixStream::connect(path)
                         .await
                         .map_err(io_err)?;
-                    Ok((Box::new(s) as Box<dyn Io>, None))
+                    Ok((Box::new(s) as Box<dyn Io>, None, None))
                 }
                 (host, port) => {
                     // hostaddr, when given, is where to connect; the host name is what the
@@ -115,11 +116,13 @@ impl ConnectParams {
                     }
                     .map_err(io_err)?;
                     s.set_nodelay(true).map_err(io_err)?;
+                    // The stream (plain or TLS) owns the socket for as long as the connection.
+                    let socket = Some(TcpSocket::of(&s));
                     match tls::negotiate(s, &self.config.tls, &name, &target).await? {
-                        Negotiated::Plain(s) => Ok((Box::new(s) as Box<dyn Io>, None)),
+                        Negotiated::Plain(s) => Ok((Box::new(s) as Box<dyn Io>, None, socket)),
                         Negotiated::Tls(s) => {
                             let session = TlsSession::of(&s);
-                            Ok((Box::new(s) as Box<dyn Io>, Some(session)))
+                            Ok((Box::new(s) as Box<dyn Io>, Some(session), socket))
                         }
                     }
                 }
@@ -142,6 +145,8 @@ pub struct ReplicationStream {
     rbuf: BytesMut,
     wbuf: BytesMut,
     system: SystemIdentity,
+    socket: Option<TcpSocket>,
+    batcher: Option<Batcher>,
 }
 
 /// What `IDENTIFY_SYSTEM` reported when the stream started.
@@ -168,13 +173,15 @@ impl ReplicationStream {
         start: Lsn,
         options: &[(&str, &str)],
     ) -> Result<Self, PgError> {
-        let (io, tls) = params.open().await?;
+        let (io, tls, socket) = params.open().await?;
         let mut s = ReplicationStream {
             io,
             target: params.describe(),
             rbuf: BytesMut::with_capacity(READ_CHUNK),
             wbuf: BytesMut::with_capacity(1024),
             system: SystemIdentity::default(),
+            socket,
+            batcher: None,
         };
         s.startup(params, password, application_name, tls).await?;
         s.system = s.identify_system().await?;
@@ -482,9 +489,7 @@ impl ReplicationStream {
         if self.rbuf.capacity() - self.rbuf.len() < MIN_READ_SPACE {
             self.rbuf.reserve(READ_CHUNK);
         }
-        let n = self
-            .io
-            .read_buf(&mut self.rbuf)
+        let n = batching::read(&mut self.io, &mut self.rbuf, self.batcher.as_mut())
             .await
             .map_err(|source| PgError::Io {
                 target: self.target.clone(),
@@ -500,6 +505,17 @@ impl ReplicationStream {
             });
         }
         Ok(())
+    }
+
+    /// Turns read batching on or off for the rest of the stream (see [`crate::batching`]);
+    /// returns whether it is on. Call once streaming has started: the startup exchange is a
+    /// series of round trips that batching would only slow down.
+    pub fn batch_reads(&mut self, mode: ReadBatching) -> Result<bool, PgError> {
+        self.batcher = Batcher::new(self.socket, mode).map_err(|source| PgError::Io {
+            target: self.target.clone(),
+            source,
+        })?;
+        Ok(self.batcher.is_some())
     }
 
     /// Sends a standby status update reporting `lsn` as written, flushed and applied.

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use walship_kafka::{SinkSettings, TopicRouter};
-use walship_postgres::{ConnectConfig, OutboxSpec, SslMode, TableName};
+use walship_postgres::{ConnectConfig, OutboxSpec, ReadBatching, SslMode, TableName};
 
 /// A configuration problem: what, where, and how to fix it.
 #[derive(Debug, thiserror::Error)]
@@ -111,6 +111,11 @@ pub struct PostgresConfig {
     /// outbox table still exist (a dropped one stops walship with an explanation).
     #[serde(default = "default_watch_interval_ms")]
     pub watch_interval_ms: u64,
+    /// Batch reads from the walsender: wake once per 32 KiB or per millisecond and keep a
+    /// 32 KiB receive window, so the server sends in bulk. `auto` (default): on when the server
+    /// is reached over loopback TCP; `on`: any TCP connection; `off`: OS defaults.
+    #[serde(default = "default_read_batching")]
+    pub read_batching: String,
 }
 
 /// `[outbox]`
@@ -246,6 +251,10 @@ fn default_slot() -> String {
 fn default_publication() -> String {
     "walship_outbox".into()
 }
+fn default_read_batching() -> String {
+    "auto".into()
+}
+
 fn default_status_interval_ms() -> u64 {
     1000
 }
@@ -367,6 +376,7 @@ impl Config {
                 "postgres.status_interval_ms must be at least 1".into(),
             ));
         }
+        self.read_batching()?;
         let router = TopicRouter::new(&self.outbox.topic)
             .map_err(|e| ConfigError(format!("outbox.topic: {e}")))?;
         if router.uses_aggregate_type() && self.outbox.aggregate_type_column.is_empty() {
@@ -565,6 +575,14 @@ impl Config {
         })
     }
 
+    /// `postgres.read_batching`, parsed.
+    pub fn read_batching(&self) -> Result<ReadBatching, ConfigError> {
+        self.postgres
+            .read_batching
+            .parse()
+            .map_err(|e| ConfigError(format!("postgres.{e}")))
+    }
+
     /// How often to send standby status while streaming.
     pub fn status_interval(&self) -> Duration {
         Duration::from_millis(self.postgres.status_interval_ms)
@@ -696,6 +714,23 @@ mod tests {
             "{e}"
         );
         assert!(parse(&with_headers("\"tenant\""), &[]).is_ok());
+        let e = parse(MINIMAL, &[("WALSHIP_POSTGRES__READ_BATCHING", "fast")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("postgres.read_batching \"fast\"")
+                && e.contains("\"auto\", \"on\", \"off\""),
+            "{e}"
+        );
+        let c = parse(MINIMAL, &[("WALSHIP_POSTGRES__READ_BATCHING", "off")]).expect("off");
+        assert_eq!(c.read_batching().expect("parsed"), ReadBatching::Off);
+        assert_eq!(
+            parse(MINIMAL, &[])
+                .expect("default")
+                .read_batching()
+                .expect("parsed"),
+            ReadBatching::Auto
+        );
     }
 
     #[test]

@@ -311,7 +311,7 @@ async fn session(
         ("publication_names", publication.as_str()),
         ("messages", "true"),
     ];
-    let stream = ReplicationStream::start(
+    let mut stream = ReplicationStream::start(
         params,
         pw,
         "walship",
@@ -320,8 +320,9 @@ async fn session(
         &options,
     )
     .await?;
+    let batching = stream.batch_reads(config.read_batching()?)?;
     let system = stream.system().clone();
-    tracing::info!(from = %start, server_wal = %system.xlogpos, "streaming");
+    tracing::info!(from = %start, server_wal = %system.xlogpos, read_batching = batching, "streaming");
     let router = TopicRouter::new(&config.outbox.topic)
         .map_err(|e| Error::Config(crate::config::ConfigError(e.to_string())))?;
     let mut session = Session::new(
