@@ -7,7 +7,10 @@
 drain: writes N single-row outbox transactions (~150-byte jsonb payload, 5,000 aggregates) while
 two identical pgoutput slots hold them, then times walship draining its slot into Kafka until the
 slot confirms the end, and pg_recvlogical reading the other slot to a file (--endpos). Reports
-events/s for both, the ratio, walship's CPU seconds and peak RSS.
+events/s for both, the ratio, walship's CPU seconds and peak RSS, and the CPU seconds of the
+walsender and the broker over the same interval (the three share the machine's cores). Clients
+connect over loopback TCP, or with --unix over PostgreSQL's Unix socket. walship's settings can
+be changed through its environment overrides, e.g. WALSHIP_POSTGRES__READ_BATCHING=off.
 
 live: walship streams while pgbench writes single-row transactions at a fixed rate; latency is
 walship's own commit->ack measurement (Kafka acknowledgement minus the commit timestamp that
@@ -34,6 +37,7 @@ WORK = os.path.join(ROOT, ".walship-bench")
 PG_BIN = sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(p.split("/")[-2]))[-1]
 WALSHIP = os.path.join(ROOT, "target", "release", "walship")
 TANSU = shutil.which("tansu") or os.path.expanduser("~/.cargo/bin/tansu")
+UNIX_SOCKET = False  # --unix: walship and pg_recvlogical reach PostgreSQL over its Unix socket
 
 
 def free_port():
@@ -97,7 +101,13 @@ class Servers:
         return out.stdout.strip()
 
     def url(self):
+        if UNIX_SOCKET:
+            return f"host={WORK} port={self.pg_port} user=postgres dbname=bench"
         return f"postgres://postgres@127.0.0.1:{self.pg_port}/bench"
+
+    def client_host(self):
+        """Where the measured clients (walship, pg_recvlogical) connect: TCP or the socket dir."""
+        return WORK if UNIX_SOCKET else "127.0.0.1"
 
     def stop(self):
         poller = _pollers.pop(id(self), None)
@@ -246,7 +256,7 @@ def drain(args):
         # pg_recvlogical on the identical slot
         out = os.path.join(WORK, "recvlogical.out")
         start = time.time()
-        proc, report = timed(["pg_recvlogical", "-h", "127.0.0.1", "-p", str(s.pg_port), "-U", "postgres",
+        proc, report = timed(["pg_recvlogical", "-h", s.client_host(), "-p", str(s.pg_port), "-U", "postgres",
                               "-d", "bench", "--slot", "recvlogical", "--start", f"--endpos={target_lsn}",
                               "-o", "proto_version=1", "-o", "publication_names=walship_outbox", "-f", out],
                              stderr=subprocess.DEVNULL)
@@ -345,11 +355,15 @@ def main():
     d = sub.add_parser("drain")
     d.add_argument("--events", type=int, default=1_000_000)
     d.add_argument("--extra", default="", help="extra TOML appended to walship's config")
+    d.add_argument("--unix", action="store_true",
+                   help="walship and pg_recvlogical connect over PostgreSQL's Unix socket, not loopback TCP")
     l = sub.add_parser("live")
     l.add_argument("--rate", type=int, default=5000)
     l.add_argument("--seconds", type=int, default=30)
     l.add_argument("--extra", default="")
     args = ap.parse_args()
+    global UNIX_SOCKET
+    UNIX_SOCKET = getattr(args, "unix", False)
     if not os.path.exists(WALSHIP):
         sys.exit("build first: cargo build --release -p walship")
     drain(args) if args.mode == "drain" else live(args)

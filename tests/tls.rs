@@ -286,9 +286,7 @@ fn config(db: &TestDb, url: &str, postgres_extra: &str) -> Config {
 }
 
 fn params(config: &Config) -> ConnectParams {
-    ConnectParams {
-        config: config.connect_config().expect("connect config"),
-    }
+    config.connect_params().expect("connect params")
 }
 
 /// Opens a replication connection on `slot`; the error when it fails.

@@ -2,7 +2,7 @@
 //! CopyBoth stream of `XLogData` and keepalive frames.
 //!
 //! ```text
-//!  socket ──read (≥64 KiB chunks)──▶ rbuf ──try_next (in place, zero-copy)──▶ Frame
+//!  socket ──read (batched: ≥32 KiB or 1–2 ms)──▶ rbuf ──try_next (in place, zero-copy)──▶ Frame
 //!  socket ◀──────────── standby status update (write/flush/apply = LSN we choose) ◀── caller
 //! ```
 //!
@@ -19,7 +19,9 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_postgres::config::Host;
 
-use crate::batching::{self, Batcher, ReadBatching, TcpSocket};
+use std::os::fd::AsRawFd;
+
+use crate::batching::{self, Batcher, ReadBatching};
 use crate::error::{PgError, ServerError};
 use crate::tls::{self, ConnectConfig, Negotiated, TlsSession};
 
@@ -61,6 +63,8 @@ pub struct ConnectParams {
     /// Parsed connection string (hosts, ports, user, dbname, password, timeouts) and TLS
     /// settings; dereferences to the [`tokio_postgres::Config`].
     pub config: ConnectConfig,
+    /// Whether replication streams batch their socket reads (see [`crate::batching`]).
+    pub read_batching: ReadBatching,
 }
 
 impl ConnectParams {
@@ -82,9 +86,46 @@ impl ConnectParams {
         }
     }
 
-    /// Connects and negotiates TLS per `sslmode`; returns the stream and the TLS session
-    /// (`None` without TLS).
-    async fn open(&self) -> Result<(Box<dyn Io>, Option<TlsSession>, Option<TcpSocket>), PgError> {
+    /// Connects to the first of `addrs` that answers (like libpq, in order). A batched
+    /// connection gets its small receive buffer before connecting, so the window it advertises
+    /// never has to shrink. Returns the stream and whether its reads are batched.
+    async fn connect_tcp(
+        &self,
+        addrs: &[std::net::SocketAddr],
+    ) -> std::io::Result<(TcpStream, bool)> {
+        let mut last = None;
+        for addr in addrs {
+            let batched = match batching::wanted(self.read_batching, addr.ip()) {
+                Ok(b) => b,
+                Err(why) => {
+                    tracing::warn!("postgres.read_batching = \"on\" ignored: {why}");
+                    false
+                }
+            };
+            let socket = if addr.is_ipv4() {
+                tokio::net::TcpSocket::new_v4()?
+            } else {
+                tokio::net::TcpSocket::new_v6()?
+            };
+            if batched {
+                socket.set_recv_buffer_size(batching::WINDOW.unsigned_abs())?;
+            }
+            match socket.connect(*addr).await {
+                Ok(s) => return Ok((s, batched)),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "the host name resolved to no address",
+            )
+        }))
+    }
+
+    /// Connects and negotiates TLS per `sslmode`; returns the stream, the TLS session (`None`
+    /// without TLS) and the read batcher (`None` when reads are not batched).
+    async fn open(&self) -> Result<(Box<dyn Io>, Option<TlsSession>, Option<Batcher>), PgError> {
         let target = self.describe();
         let io_err = |source| PgError::Io {
             target: target.clone(),
@@ -109,20 +150,30 @@ impl ConnectParams {
                     // hostaddr, when given, is where to connect; the host name is what the
                     // certificate must name (libpq semantics).
                     let name = self.config.tls_host().unwrap_or_else(|| "localhost".into());
-                    let s = match (self.config.get_hostaddrs().first(), host) {
-                        (Some(addr), _) => TcpStream::connect((*addr, port)).await,
-                        (None, Some(Host::Tcp(h))) => TcpStream::connect((h.as_str(), port)).await,
-                        (None, _) => TcpStream::connect(("localhost", port)).await,
-                    }
-                    .map_err(io_err)?;
+                    let addrs: Vec<std::net::SocketAddr> =
+                        match (self.config.get_hostaddrs().first(), host) {
+                            (Some(addr), _) => vec![(*addr, port).into()],
+                            (None, Some(Host::Tcp(h))) => {
+                                tokio::net::lookup_host((h.as_str(), port))
+                                    .await
+                                    .map_err(io_err)?
+                                    .collect()
+                            }
+                            (None, _) => tokio::net::lookup_host(("localhost", port))
+                                .await
+                                .map_err(io_err)?
+                                .collect(),
+                        };
+                    let (s, batched) = self.connect_tcp(&addrs).await.map_err(io_err)?;
                     s.set_nodelay(true).map_err(io_err)?;
-                    // The stream (plain or TLS) owns the socket for as long as the connection.
-                    let socket = Some(TcpSocket::of(&s));
+                    // The stream (plain or TLS) owns the socket for the batcher's whole life:
+                    // both are stored side by side in the ReplicationStream.
+                    let batcher = batched.then(|| Batcher::new(s.as_raw_fd()));
                     match tls::negotiate(s, &self.config.tls, &name, &target).await? {
-                        Negotiated::Plain(s) => Ok((Box::new(s) as Box<dyn Io>, None, socket)),
+                        Negotiated::Plain(s) => Ok((Box::new(s) as Box<dyn Io>, None, batcher)),
                         Negotiated::Tls(s) => {
                             let session = TlsSession::of(&s);
-                            Ok((Box::new(s) as Box<dyn Io>, Some(session), socket))
+                            Ok((Box::new(s) as Box<dyn Io>, Some(session), batcher))
                         }
                     }
                 }
@@ -145,7 +196,7 @@ pub struct ReplicationStream {
     rbuf: BytesMut,
     wbuf: BytesMut,
     system: SystemIdentity,
-    socket: Option<TcpSocket>,
+    /// Declared after `io`, whose socket it points at (see `Batcher::new`).
     batcher: Option<Batcher>,
 }
 
@@ -173,14 +224,13 @@ impl ReplicationStream {
         start: Lsn,
         options: &[(&str, &str)],
     ) -> Result<Self, PgError> {
-        let (io, tls, socket) = params.open().await?;
+        let (io, tls, batcher) = params.open().await?;
         let mut s = ReplicationStream {
             io,
             target: params.describe(),
             rbuf: BytesMut::with_capacity(READ_CHUNK),
             wbuf: BytesMut::with_capacity(1024),
             system: SystemIdentity::default(),
-            socket,
             batcher: None,
         };
         s.startup(params, password, application_name, tls).await?;
@@ -199,7 +249,12 @@ impl ReplicationStream {
         loop {
             let (tag, body) = s.read_message().await?;
             match tag {
-                b'W' => return Ok(s),
+                b'W' => {
+                    // Batch only the stream itself: the startup exchange is a series of round
+                    // trips that batching would only slow down.
+                    s.batcher = batcher;
+                    return Ok(s);
+                }
                 b'E' => {
                     return Err(PgError::Server {
                         context: format!("START_REPLICATION on slot {slot:?}"),
@@ -507,15 +562,9 @@ impl ReplicationStream {
         Ok(())
     }
 
-    /// Turns read batching on or off for the rest of the stream (see [`crate::batching`]);
-    /// returns whether it is on. Call once streaming has started: the startup exchange is a
-    /// series of round trips that batching would only slow down.
-    pub fn batch_reads(&mut self, mode: ReadBatching) -> Result<bool, PgError> {
-        self.batcher = Batcher::new(self.socket, mode).map_err(|source| PgError::Io {
-            target: self.target.clone(),
-            source,
-        })?;
-        Ok(self.batcher.is_some())
+    /// Whether this stream batches its socket reads (see [`crate::batching`]).
+    pub fn reads_batched(&self) -> bool {
+        self.batcher.is_some()
     }
 
     /// Sends a standby status update reporting `lsn` as written, flushed and applied.

@@ -412,7 +412,11 @@ async fn connect_check(config: &Config, checks: &mut Vec<Check>) -> Option<(Clie
     if pg_config.get_connect_timeout().is_none() {
         pg_config.connect_timeout(PG_CONNECT_TIMEOUT);
     }
-    let params = ConnectParams { config: pg_config };
+    // Only SQL connections here: how replication streams read does not matter.
+    let params = ConnectParams {
+        config: pg_config,
+        read_batching: walship_postgres::ReadBatching::Off,
+    };
     let target = params.describe();
     let user = params
         .config

@@ -90,9 +90,7 @@ async fn supervise(
     background: &mut Vec<tokio::task::JoinHandle<()>>,
 ) -> Result<(), Error> {
     let password = config.postgres_password()?;
-    let params = ConnectParams {
-        config: config.connect_config()?,
-    };
+    let params = config.connect_params()?;
     let settings = config.sink_settings()?;
     // Fail fast on a wrong setup: these are definite problems an operator must fix.
     let start_lsn = preflight(config, &params, password.as_ref()).await?;
@@ -311,7 +309,7 @@ async fn session(
         ("publication_names", publication.as_str()),
         ("messages", "true"),
     ];
-    let mut stream = ReplicationStream::start(
+    let stream = ReplicationStream::start(
         params,
         pw,
         "walship",
@@ -320,9 +318,8 @@ async fn session(
         &options,
     )
     .await?;
-    let batching = stream.batch_reads(config.read_batching()?)?;
     let system = stream.system().clone();
-    tracing::info!(from = %start, server_wal = %system.xlogpos, read_batching = batching, "streaming");
+    tracing::info!(from = %start, server_wal = %system.xlogpos, read_batching = stream.reads_batched(), "streaming");
     let router = TopicRouter::new(&config.outbox.topic)
         .map_err(|e| Error::Config(crate::config::ConfigError(e.to_string())))?;
     let mut session = Session::new(

@@ -11,7 +11,6 @@ use std::process::ExitCode;
 
 use serde::Serialize;
 use walship_postgres::preflight;
-use walship_postgres::replication::ConnectParams;
 use walship_postgres::slot;
 
 use crate::check::human_bytes;
@@ -145,9 +144,7 @@ impl SlotStatus {
 /// Reads the slot's and the publication's status.
 pub async fn read_status(config: &Config) -> Result<SlotStatus, Error> {
     let password = config.postgres_password()?;
-    let params = ConnectParams {
-        config: config.connect_config()?,
-    };
+    let params = config.connect_params()?;
     let client = slot::connect(&params, password.as_ref().map(|p| p.expose().as_bytes())).await?;
     let name = &config.postgres.slot;
     let state = slot::slot_state(&client, name).await?;
