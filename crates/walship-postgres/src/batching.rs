@@ -248,6 +248,22 @@ mod tests {
         (client, server)
     }
 
+    /// One batched read that must complete within 10 s (a stall fails with `what`).
+    async fn read_within(
+        client: &mut TcpStream,
+        buf: &mut BytesMut,
+        batcher: &mut Batcher,
+        what: &str,
+    ) -> usize {
+        if buf.capacity() - buf.len() < 16 * 1024 {
+            buf.reserve(64 * 1024);
+        }
+        tokio::time::timeout(Duration::from_secs(10), read(client, buf, Some(batcher)))
+            .await
+            .unwrap_or_else(|_| panic!("{what}"))
+            .expect("read")
+    }
+
     #[test]
     fn modes_parse_and_unknown_names_are_refused() {
         assert_eq!("auto".parse::<ReadBatching>(), Ok(ReadBatching::Auto));
@@ -292,13 +308,13 @@ mod tests {
             buf.clear();
             let started = Instant::now();
             server.write_all(&[round; 100]).await.expect("write");
-            let n = tokio::time::timeout(
-                Duration::from_secs(10),
-                read(&mut client, &mut buf, Some(&mut batcher)),
+            let n = read_within(
+                &mut client,
+                &mut buf,
+                &mut batcher,
+                "a write below the mark was never read",
             )
-            .await
-            .expect("a write below the mark was never read")
-            .expect("read");
+            .await;
             assert_eq!(n, 100, "round {round}");
             assert!(
                 started.elapsed() >= PACE / 2,
@@ -331,13 +347,13 @@ mod tests {
             .await;
         }
         while buf.len() < sent {
-            tokio::time::timeout(
-                Duration::from_secs(10),
-                read(&mut client, &mut buf, Some(&mut batcher)),
+            read_within(
+                &mut client,
+                &mut buf,
+                &mut batcher,
+                "read stalled after cancellations",
             )
-            .await
-            .expect("read stalled after cancellations")
-            .expect("read");
+            .await;
         }
         assert_eq!(buf.len(), sent);
     }
@@ -354,16 +370,7 @@ mod tests {
         };
         let mut buf = BytesMut::with_capacity(64 * 1024);
         while buf.len() < big.len() {
-            if buf.capacity() - buf.len() < 16 * 1024 {
-                buf.reserve(64 * 1024);
-            }
-            tokio::time::timeout(
-                Duration::from_secs(10),
-                read(&mut client, &mut buf, Some(&mut batcher)),
-            )
-            .await
-            .expect("read stalled")
-            .expect("read");
+            read_within(&mut client, &mut buf, &mut batcher, "read stalled").await;
         }
         assert_eq!(&buf[..], &big[..]);
         writer.await.expect("join").expect("write");
