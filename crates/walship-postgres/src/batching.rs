@@ -110,7 +110,7 @@ fn kernel_supports() -> Result<(), String> {
 #[derive(Debug)]
 pub(crate) struct Batcher {
     fd: RawFd,
-    raised: bool,
+    /// `Some` while the mark is raised: when the next read stops waiting for it.
     deadline: Option<Instant>,
 }
 
@@ -119,31 +119,25 @@ impl Batcher {
     /// before connecting (see [`wanted`]). The fd must stay open as long as the batcher is used:
     /// it belongs to the stream that the batcher is stored beside.
     pub(crate) fn new(fd: RawFd) -> Self {
-        Batcher {
-            fd,
-            raised: false,
-            deadline: None,
-        }
+        Batcher { fd, deadline: None }
     }
 
     /// Until when the next read may wait for the mark (`None`: the mark is down).
     pub(crate) fn deadline(&self) -> Option<Instant> {
-        self.deadline.filter(|_| self.raised)
+        self.deadline
     }
 
     /// The deadline passed: drop the mark so whatever is queued wakes the reader now.
     pub(crate) fn expire(&mut self) -> std::io::Result<()> {
         set_int_option(self.fd, libc::SO_RCVLOWAT, 1)?;
-        self.raised = false;
         self.deadline = None;
         Ok(())
     }
 
     /// A read returned data: raise the mark (if down) and start the next deadline.
     pub(crate) fn after_read(&mut self) -> std::io::Result<()> {
-        if !self.raised {
+        if self.deadline.is_none() {
             set_int_option(self.fd, libc::SO_RCVLOWAT, MARK)?;
-            self.raised = true;
         }
         self.deadline = Some(Instant::now() + PACE);
         Ok(())
@@ -190,8 +184,9 @@ pub(crate) async fn read<R: AsyncRead + Unpin + ?Sized>(
 fn set_int_option(fd: RawFd, option: libc::c_int, value: libc::c_int) -> std::io::Result<()> {
     let len = libc::socklen_t::try_from(std::mem::size_of::<libc::c_int>())
         .map_err(|_| std::io::Error::other("socklen_t too small for c_int"))?;
-    // SAFETY: the pointer is to a live c_int of the stated length; setsockopt only reads it.
-    // A stale fd would make the call fail with EBADF, not touch memory.
+    // SAFETY: the pointer is to a live c_int of the stated length and setsockopt only reads
+    // it. `fd` is open: it belongs to the stream stored beside the batcher (see
+    // `Batcher::new`), so it cannot have been closed and reused for another socket.
     let rc =
         unsafe { libc::setsockopt(fd, libc::SOL_SOCKET, option, (&raw const value).cast(), len) };
     if rc == 0 {
