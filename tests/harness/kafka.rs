@@ -185,19 +185,29 @@ pub fn consume(
     let mut tpl = TopicPartitionList::new();
     for topic in topics {
         let partitions = loop {
-            let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(5));
-            if let Ok(md) = md
-                && let Some(t) = md
-                    .topics()
-                    .iter()
-                    .find(|t| t.name() == *topic && t.error().is_none())
-                && !t.partitions().is_empty()
-            {
-                break t.partitions().iter().map(|p| p.id()).collect::<Vec<_>>();
-            }
+            // What the broker last said, for the failure message.
+            let last = match consumer.fetch_metadata(Some(topic), Duration::from_secs(5)) {
+                Ok(md) => {
+                    if let Some(t) = md
+                        .topics()
+                        .iter()
+                        .find(|t| t.name() == *topic && t.error().is_none())
+                        && !t.partitions().is_empty()
+                    {
+                        break t.partitions().iter().map(|p| p.id()).collect::<Vec<_>>();
+                    }
+                    let listed: Vec<_> = md
+                        .topics()
+                        .iter()
+                        .map(|t| (t.name().to_owned(), t.error(), t.partitions().len()))
+                        .collect();
+                    format!("metadata (topic, error, partitions): {listed:?}")
+                }
+                Err(e) => format!("metadata request failed: {e}"),
+            };
             assert!(
                 std::time::Instant::now() < deadline,
-                "topic {topic} did not appear within {timeout:?}"
+                "topic {topic} did not appear within {timeout:?}; last answer: {last}"
             );
             std::thread::sleep(Duration::from_millis(100));
         };
