@@ -282,3 +282,63 @@ async fn idle_slot_follows_server_wal_while_other_tables_are_written() {
     db.await_confirmed(target, TIMEOUT).await;
     relay.stop().await.expect("graceful stop");
 }
+
+/// PostgreSQL can only create a logical slot once every transaction open at that moment has
+/// ended (its consistent point). walship's start waits for that, and it is streaming only after:
+/// an event committed as soon as the slot is streaming is published, although a transaction that
+/// was open before walship started kept the slot from becoming consistent for a while.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slot_creation_waits_for_open_transactions_and_then_misses_nothing() {
+    let db = TestDb::new().await;
+    let holder = harness::postgres::connect(&db.url).await;
+    holder
+        .batch_execute("BEGIN; SELECT txid_current();")
+        .await
+        .expect("an open transaction with an xid");
+
+    let relay = Relay::start(harness::config(&db, &broker().bootstrap, ""));
+    // Wait until walship is creating the slot (blocked on the open transaction), keep the
+    // transaction open a little longer, then end it.
+    let slot = db.slot().to_owned();
+    let url = db.url.clone();
+    let ender = tokio::spawn(async move {
+        let watcher = harness::postgres::connect(&url).await;
+        let deadline = tokio::time::Instant::now() + TIMEOUT;
+        while watcher
+            .query_opt(
+                "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await
+            .expect("read slots")
+            .is_none()
+        {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "walship never began creating slot {slot}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        holder
+            .batch_execute("COMMIT")
+            .await
+            .expect("commit the open transaction");
+    });
+
+    db.await_streaming().await;
+    let mut writer = harness::postgres::connect(&db.url).await;
+    insert_txn(&mut writer, &[Row::new("order", "k", 0)]).await;
+    ender.await.expect("ender");
+    db.await_caught_up().await;
+
+    let records = consume(
+        &broker().bootstrap,
+        &[&topic(&db, "order")],
+        1,
+        TIMEOUT,
+        SETTLE,
+    );
+    assert_eq!(seqs(&records), vec![0]);
+    relay.stop().await.expect("graceful stop");
+}

@@ -398,13 +398,21 @@ impl TestDb {
     }
 
     /// Waits until a walsender streams from this test's slot (so rows written now are captured).
+    ///
+    /// The slot's `active_pid` alone is not enough: while `pg_create_logical_replication_slot`
+    /// waits for a consistent point (for transactions open anywhere in the cluster to end), the
+    /// creating backend holds the slot, and rows committed before that point are — correctly —
+    /// never decoded. Only a walsender (listed in `pg_stat_replication`) on a slot with a
+    /// confirmed position is past creation.
     pub async fn await_streaming(&self) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
         loop {
             let row = self
                 .client
                 .query_opt(
-                    "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
+                    "SELECT s.active_pid FROM pg_replication_slots s \
+                     JOIN pg_stat_replication r ON r.pid = s.active_pid \
+                     WHERE s.slot_name = $1 AND s.confirmed_flush_lsn IS NOT NULL",
                     &[&self.name],
                 )
                 .await

@@ -225,6 +225,11 @@ pub async fn ensure_slot(
                      postgres.create_slot = true"
                 )));
             }
+            tracing::info!(
+                slot,
+                "creating logical replication slot (pgoutput): waits until the transactions open \
+                 in the cluster now have ended"
+            );
             let created = client
                 .query_one(
                     "SELECT lsn FROM pg_create_logical_replication_slot($1, 'pgoutput')",
@@ -252,10 +257,15 @@ pub async fn ensure_slot(
                     });
                 }
             };
-            let lsn: Option<PgLsn> = row.get(0);
-            tracing::info!(slot, "created logical replication slot (pgoutput)");
+            let created_lsn: Option<PgLsn> = row.get(0);
+            tracing::info!(
+                slot,
+                consistent_point = %lsn(created_lsn).map_or_else(|| "unknown".to_owned(), |l| l.to_string()),
+                "created logical replication slot (pgoutput): transactions committing after \
+                 the consistent point are published, earlier ones never are"
+            );
             if let Some(table) = &history.table {
-                remember_slot(client, table, slot, lsn).await;
+                remember_slot(client, table, slot, created_lsn).await;
             }
             slot_state(client, slot).await?.ok_or_else(|| {
                 PgError::Setup(format!(
