@@ -334,15 +334,16 @@ impl Session {
         {
             // Read the topic back; keep confirming meanwhile so wal_sender_timeout never fires.
             let started = std::time::Instant::now();
-            let mut scan = resume.scan(&topic);
-            let joined = loop {
-                tokio::select! {
-                    joined = &mut scan => break joined,
-                    _ = tokio::time::sleep(self.status_interval) => self.report(false).await?,
+            if let Some(mut scan) = resume.scan(&topic) {
+                let joined = loop {
+                    tokio::select! {
+                        joined = &mut scan => break joined,
+                        _ = tokio::time::sleep(self.status_interval) => self.report(false).await?,
+                    }
+                };
+                if let Some(resume) = self.resume.as_mut() {
+                    resume.store(&topic, joined, started);
                 }
-            };
-            if let Some(resume) = self.resume.as_mut() {
-                resume.store(&topic, joined, started);
             }
         }
         if let Some(resume) = self.resume.as_mut()

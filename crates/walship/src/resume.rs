@@ -18,6 +18,9 @@ use walship_kafka::{Delivered, Position, ResumeScanner, SinkSettings};
 
 /// Longest a topic's scan may take (the replication stream waits meanwhile).
 const SCAN_TIMEOUT: Duration = Duration::from_secs(20);
+/// Longest all of a session's scans may take together: with many topics, a restart must not
+/// hold the stream for `topics × SCAN_TIMEOUT`. Topics first met after it are not read back.
+const SESSION_SCAN_BUDGET: Duration = Duration::from_secs(60);
 
 /// The scanner (kept for the next topic) and what it found.
 pub type ScanOutcome = (
@@ -36,6 +39,9 @@ pub struct Resume {
     scanner: Option<ResumeScanner>,
     topics: HashMap<String, Delivered>,
     skipped: u64,
+    /// Time spent scanning so far, and how much is allowed.
+    spent: Duration,
+    budget: Duration,
 }
 
 impl Resume {
@@ -50,6 +56,8 @@ impl Resume {
             scanner: None,
             topics: HashMap::new(),
             skipped: 0,
+            spent: Duration::ZERO,
+            budget: SESSION_SCAN_BUDGET,
         }
     }
 
@@ -81,11 +89,27 @@ impl Resume {
 
     /// Starts reading `topic`'s tail back, off the async runtime. The caller keeps the
     /// walsender informed while it waits, then hands the outcome to [`Resume::store`].
-    pub fn scan(&mut self, topic: &str) -> Scan {
+    ///
+    /// None once the session's scans have used up their time budget: the topic is then taken
+    /// as holding nothing of this source (its events are sent again — duplicates, never a gap).
+    pub fn scan(&mut self, topic: &str) -> Option<Scan> {
+        if self.spent >= self.budget {
+            tracing::warn!(
+                topic,
+                "not reading topic {topic:?} back: this session's resume lookups already took {} s \
+                 (limit {} s). Its events after the confirmed position {} are sent again, so \
+                 consumers may see duplicates (dedupe on the id or walship.position header)",
+                self.spent.as_secs(),
+                self.budget.as_secs(),
+                self.since
+            );
+            self.topics.insert(topic.to_owned(), Delivered::default());
+            return None;
+        }
         let scanner = self.scanner.take();
         let (settings, source) = (self.settings.clone(), self.source.clone());
         let (name, since) = (topic.to_owned(), self.since.0);
-        tokio::task::spawn_blocking(move || {
+        Some(tokio::task::spawn_blocking(move || {
             let scanner = match scanner {
                 Some(s) => s,
                 None => match ResumeScanner::new(&settings, &source, SCAN_TIMEOUT) {
@@ -95,7 +119,7 @@ impl Resume {
             };
             let result = scanner.delivered(&name, since);
             (Some(scanner), result)
-        })
+        }))
     }
 
     /// Records what a [`Resume::scan`] of `topic` found.
@@ -105,6 +129,7 @@ impl Resume {
         joined: Result<ScanOutcome, tokio::task::JoinError>,
         started: std::time::Instant,
     ) {
+        self.spent += started.elapsed();
         let found = self.outcome(topic, joined, started);
         self.topics.insert(topic.to_owned(), found);
     }
@@ -161,5 +186,57 @@ impl Drop for Resume {
         {
             handle.spawn_blocking(move || drop(scanner));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+    use std::time::Instant;
+
+    fn resume(budget: Duration) -> Resume {
+        let settings = SinkSettings {
+            brokers: "127.0.0.1:9".into(),
+            client_id: "walship".into(),
+            create_topics: true,
+            topic_partitions: 1,
+            topic_replication_factor: 1,
+            librdkafka: BTreeMap::new(),
+            secret_properties: BTreeMap::new(),
+        };
+        let mut r = Resume::new(settings, "1/slot".into(), Lsn(100), Lsn(200));
+        r.budget = budget;
+        r
+    }
+
+    fn scanned_nothing() -> Result<ScanOutcome, tokio::task::JoinError> {
+        Ok((None, Ok(Delivered::default())))
+    }
+
+    #[test]
+    fn scans_stop_once_the_session_budget_is_spent() {
+        let mut r = resume(Duration::from_secs(5));
+        r.store(
+            "a",
+            scanned_nothing(),
+            Instant::now() - Duration::from_secs(3),
+        );
+        assert!(r.spent >= Duration::from_secs(3), "scan time is counted");
+        r.store(
+            "b",
+            scanned_nothing(),
+            Instant::now() - Duration::from_secs(3),
+        );
+        // Over budget: no scan is started (none could be without a runtime), and the topic
+        // counts as read back with nothing found, so its events are sent again.
+        assert!(r.scan("c").is_none());
+        assert!(r.knows("c"));
+        let position = Position {
+            commit_lsn: 150,
+            index: 0,
+        };
+        assert!(!r.delivered("c", position, Some(b"id")));
+        assert_eq!(r.skipped(), 0);
     }
 }
