@@ -283,53 +283,57 @@ async fn idle_slot_follows_server_wal_while_other_tables_are_written() {
     relay.stop().await.expect("graceful stop");
 }
 
-/// PostgreSQL can only create a logical slot once every transaction open at that moment has
-/// ended (its consistent point). walship's start waits for that, and it is streaming only after:
-/// an event committed as soon as the slot is streaming is published, although a transaction that
-/// was open before walship started kept the slot from becoming consistent for a while.
+/// PostgreSQL can only create a logical slot once the transactions holding an xid when creation
+/// began have ended (its consistent point). walship is not streaming before that, and an event
+/// committed as soon as it streams is published.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slot_creation_waits_for_open_transactions_and_then_misses_nothing() {
-    let db = TestDb::new().await;
+    let mut db = TestDb::new().await;
     let holder = harness::postgres::connect(&db.url).await;
     holder
-        .batch_execute("BEGIN; SELECT txid_current();")
+        .batch_execute("BEGIN")
         .await
-        .expect("an open transaction with an xid");
+        .expect("begin the open transaction");
+    let xid: String = holder
+        .query_one("SELECT txid_current()::text", &[])
+        .await
+        .expect("the open transaction takes an xid")
+        .get(0);
 
     let relay = Relay::start(harness::config(&db, &broker().bootstrap, ""));
-    // Wait until walship is creating the slot (blocked on the open transaction), keep the
-    // transaction open a little longer, then end it.
-    let slot = db.slot().to_owned();
-    let url = db.url.clone();
-    let ender = tokio::spawn(async move {
-        let watcher = harness::postgres::connect(&url).await;
-        let deadline = tokio::time::Instant::now() + TIMEOUT;
-        while watcher
-            .query_opt(
-                "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1",
-                &[&slot],
-            )
+    // Slot creation has begun and waits for exactly that transaction.
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    while db
+        .client
+        .query_opt(
+            "SELECT 1 FROM pg_locks l JOIN pg_replication_slots s ON s.active_pid = l.pid \
+             WHERE s.slot_name = $1 AND l.locktype = 'transactionid' AND NOT l.granted \
+             AND l.transactionid::text = $2",
+            &[&db.slot(), &xid],
+        )
+        .await
+        .expect("read locks")
+        .is_none()
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "walship's slot creation never waited for transaction {xid}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        tokio::time::timeout(Duration::from_secs(2), db.await_streaming())
             .await
-            .expect("read slots")
-            .is_none()
-        {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "walship never began creating slot {slot}"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        holder
-            .batch_execute("COMMIT")
-            .await
-            .expect("commit the open transaction");
-    });
+            .is_err(),
+        "streaming although the slot cannot be consistent while transaction {xid} is open"
+    );
 
+    holder
+        .batch_execute("COMMIT")
+        .await
+        .expect("commit the open transaction");
     db.await_streaming().await;
-    let mut writer = harness::postgres::connect(&db.url).await;
-    insert_txn(&mut writer, &[Row::new("order", "k", 0)]).await;
-    ender.await.expect("ender");
+    insert_txn(&mut db.client, &[Row::new("order", "k", 0)]).await;
     db.await_caught_up().await;
 
     let records = consume(

@@ -10,6 +10,9 @@ use tokio_postgres::types::PgLsn;
 use tokio_postgres::{Client, NoTls};
 
 use crate::error::PgError;
+
+/// How often a slot creation that is still waiting for open transactions says so.
+const SLOT_CREATION_NOTICE: std::time::Duration = std::time::Duration::from_secs(10);
 use crate::replication::ConnectParams;
 use crate::tls::SslMode;
 
@@ -225,17 +228,26 @@ pub async fn ensure_slot(
                      postgres.create_slot = true"
                 )));
             }
-            tracing::info!(
-                slot,
-                "creating logical replication slot (pgoutput): waits until the transactions open \
-                 in the cluster now have ended"
+            tracing::info!(slot, "creating logical replication slot (pgoutput)");
+            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&slot];
+            let create = client.query_one(
+                "SELECT lsn FROM pg_create_logical_replication_slot($1, 'pgoutput')",
+                &params,
             );
-            let created = client
-                .query_one(
-                    "SELECT lsn FROM pg_create_logical_replication_slot($1, 'pgoutput')",
-                    &[&slot],
-                )
-                .await;
+            tokio::pin!(create);
+            let started = std::time::Instant::now();
+            let created = loop {
+                tokio::select! {
+                    created = &mut create => break created,
+                    () = tokio::time::sleep(SLOT_CREATION_NOTICE) => tracing::warn!(
+                        slot,
+                        waited_s = started.elapsed().as_secs(),
+                        "still creating replication slot {slot:?}: PostgreSQL waits for the \
+                         transactions holding an xid (prepared ones included) to end; find them \
+                         in pg_stat_activity (backend_xid) and pg_prepared_xacts"
+                    ),
+                }
+            };
             let row = match created {
                 Ok(row) => row,
                 Err(source) if source.code().is_some_and(|c| c.code() == "42501") => {

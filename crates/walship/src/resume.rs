@@ -18,8 +18,9 @@ use walship_kafka::{Delivered, Position, ResumeScanner, SinkSettings};
 
 /// Longest a topic's scan may take (the replication stream waits meanwhile).
 const SCAN_TIMEOUT: Duration = Duration::from_secs(20);
-/// Longest all of a session's scans may take together: with many topics, a restart must not
-/// hold the stream for `topics × SCAN_TIMEOUT`. Topics first met after it are not read back.
+/// Scan time after which a session starts no further scans: with many topics, a restart must
+/// not hold the stream for `topics × SCAN_TIMEOUT` (the scan running when it is reached may
+/// still take up to `SCAN_TIMEOUT`). Topics first met after it are not read back.
 const SESSION_SCAN_BUDGET: Duration = Duration::from_secs(60);
 
 /// The scanner (kept for the next topic) and what it found.
@@ -42,6 +43,7 @@ pub struct Resume {
     /// Time spent scanning so far, and how much is allowed.
     spent: Duration,
     budget: Duration,
+    budget_warned: bool,
 }
 
 impl Resume {
@@ -58,6 +60,7 @@ impl Resume {
             skipped: 0,
             spent: Duration::ZERO,
             budget: SESSION_SCAN_BUDGET,
+            budget_warned: false,
         }
     }
 
@@ -94,15 +97,19 @@ impl Resume {
     /// as holding nothing of this source (its events are sent again — duplicates, never a gap).
     pub fn scan(&mut self, topic: &str) -> Option<Scan> {
         if self.spent >= self.budget {
-            tracing::warn!(
-                topic,
-                "not reading topic {topic:?} back: this session's resume lookups already took {} s \
-                 (limit {} s). Its events after the confirmed position {} are sent again, so \
-                 consumers may see duplicates (dedupe on the id or walship.position header)",
-                self.spent.as_secs(),
-                self.budget.as_secs(),
-                self.since
-            );
+            if !self.budget_warned {
+                self.budget_warned = true;
+                tracing::warn!(
+                    "resume lookups of this session took {} s (limit {} s): topics met from now on \
+                     are not read back, so events of theirs that an earlier run delivered after \
+                     the confirmed position {} are sent again (consumers dedupe on the id or \
+                     walship.position header)",
+                    self.spent.as_secs(),
+                    self.budget.as_secs(),
+                    self.since
+                );
+            }
+            tracing::debug!(topic, "not read back: resume lookup budget spent");
             self.topics.insert(topic.to_owned(), Delivered::default());
             return None;
         }
@@ -210,24 +217,23 @@ mod tests {
         r
     }
 
-    fn scanned_nothing() -> Result<ScanOutcome, tokio::task::JoinError> {
-        Ok((None, Ok(Delivered::default())))
-    }
-
     #[test]
     fn scans_stop_once_the_session_budget_is_spent() {
         let mut r = resume(Duration::from_secs(5));
-        r.store(
-            "a",
-            scanned_nothing(),
-            Instant::now() - Duration::from_secs(3),
-        );
-        assert!(r.spent >= Duration::from_secs(3), "scan time is counted");
-        r.store(
-            "b",
-            scanned_nothing(),
-            Instant::now() - Duration::from_secs(3),
-        );
+        r.spent = Duration::from_secs(3);
+        // Time of failed scans counts too.
+        let failed = Ok((
+            None,
+            Err(rdkafka::error::KafkaError::MetadataFetch(
+                rdkafka::types::RDKafkaErrorCode::BrokerTransportFailure,
+            )),
+        ));
+        let started = Instant::now()
+            .checked_sub(Duration::from_secs(3))
+            .expect("monotonic clock older than 3 s");
+        r.store("a", failed, started);
+        assert!(r.spent >= Duration::from_secs(6), "{:?}", r.spent);
+        assert!(r.knows("a"));
         // Over budget: no scan is started (none could be without a runtime), and the topic
         // counts as read back with nothing found, so its events are sent again.
         assert!(r.scan("c").is_none());
@@ -237,6 +243,7 @@ mod tests {
             index: 0,
         };
         assert!(!r.delivered("c", position, Some(b"id")));
+        assert!(r.scan("d").is_none());
         assert_eq!(r.skipped(), 0);
     }
 }
