@@ -10,9 +10,10 @@
 //!
 //! Invariant: an event is reported as delivered only if a record of this source carrying its
 //! position *and its outbox id* was read from the topic (the id guards against positions that
-//! repeat on a diverged timeline or a cloned cluster with the same identifier). Whatever cannot be read (no permission, a scan cut short by its
-//! limits, records not yet replicated) is not reported, so its event is sent again: the worst
-//! case is the old at-least-once duplicate, never a gap.
+//! repeat on a diverged timeline or a cloned cluster with the same identifier). Whatever cannot
+//! be read (no permission, a scan cut short by its limits, records not yet replicated) is not
+//! reported, so its event is sent again: the worst case is the old at-least-once duplicate,
+//! never a gap.
 
 use std::collections::{HashMap, HashSet};
 use std::io::Write as _;

@@ -10,11 +10,11 @@ use tokio_postgres::types::PgLsn;
 use tokio_postgres::{Client, NoTls};
 
 use crate::error::PgError;
+use crate::replication::ConnectParams;
+use crate::tls::SslMode;
 
 /// How often a slot creation that is still waiting for open transactions says so.
 const SLOT_CREATION_NOTICE: std::time::Duration = std::time::Duration::from_secs(10);
-use crate::replication::ConnectParams;
-use crate::tls::SslMode;
 
 /// A schema-qualified table name.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

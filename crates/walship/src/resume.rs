@@ -7,8 +7,8 @@
 //! run, so only those are looked up; once the stream passes that point the memory is dropped.
 //!
 //! Invariant (inherited from [`ResumeScanner`]): an event is skipped only if a record of this
-//! source carrying its position and its outbox id was read back from its topic. A topic that cannot be read is
-//! logged and its events are sent again — a duplicate, never a gap.
+//! source carrying its position and its outbox id was read back from its topic. A topic that
+//! cannot be read is logged and its events are sent again — a duplicate, never a gap.
 
 use std::collections::HashMap;
 use std::time::Duration;
