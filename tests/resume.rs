@@ -143,9 +143,9 @@ async fn rewound_slot_does_not_publish_delivered_events_again() {
         &db,
     )
     .await;
-    let records = read_all(&db, 400);
+    let twice = copies(&read_all(&db, 400));
     assert!(
-        first.iter().all(|id| copies(&records).get(id) == Some(&2)),
+        first.iter().all(|id| twice.get(id) == Some(&2)),
         "without resume_dedup each event is published twice"
     );
 
@@ -191,6 +191,7 @@ async fn rewound_slot_does_not_publish_delivered_events_again() {
             "order of {key:?}: {seqs:?}"
         );
     }
+    drop_saved(&db).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
