@@ -230,10 +230,13 @@ async fn postgres_restart_during_load_loses_nothing() {
 
 use pgoutput::Lsn;
 
+/// The broker dies while events are being written and stays down for `outage` with the writer
+/// still going, so the outage always falls inside the load (on a fast machine a fixed-size
+/// batch can be written and acknowledged before the kill, which proves nothing).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_outage_during_load_recovers_with_bounded_memory() {
     let _heavy = harness::heavy().await;
-    let db = TestDb::new().await;
+    let mut db = TestDb::new().await;
     let kafka = Broker::dedicated();
     let outage = if long_tests() {
         Duration::from_secs(30)
@@ -244,23 +247,44 @@ async fn broker_outage_during_load_recovers_with_bounded_memory() {
     let mut walship = Binary::start(&harness::config_toml(&db, &kafka.bootstrap, extra));
     db.await_streaming().await;
     let keys: Vec<String> = (0..50).map(|k| format!("k{k}")).collect();
+    write_events(&db.client, &keys, 1, 0).await;
+    let first_round = db.current_lsn().await;
     let url = db.url.clone();
     let writer_keys = keys.clone();
+    let stop_writing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop = stop_writing.clone();
+    // One event per key every 20 ms (2,500 events/s) until told to stop; returns how many
+    // per key it wrote.
     let writer = tokio::spawn(async move {
         let client = connect(&url).await;
-        write_events(&client, &writer_keys, 400, 0).await
+        let mut tick = tokio::time::interval(Duration::from_millis(20));
+        let mut seq = 1;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            tick.tick().await;
+            write_events(&client, &writer_keys, 1, seq).await;
+            seq += 1;
+        }
+        seq
     });
-    tokio::time::sleep(Duration::from_millis(500)).await; // let some load flow first
+    // Load flows: the broker has acknowledged the first round, and the writer is running.
+    db.await_confirmed(first_round, TIMEOUT).await;
     kafka.stop();
-    // In-flight acks can no longer arrive; after a moment the confirmed position must freeze.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let frozen = db.confirmed_lsn().await;
+    // A marker committed after the kill can never be acknowledged during the outage: the slot
+    // must stay before its commit (walship may still confirm what was acknowledged before the
+    // kill, and idle positions before the marker).
+    insert_txn(&mut db.client, &[Row::new("order", "marker", 0)]).await;
+    let marker_end = db.current_lsn().await;
     let until = tokio::time::Instant::now() + outage;
+    let mut max_confirmed = Lsn::ZERO;
     while tokio::time::Instant::now() < until {
-        assert_eq!(
-            db.confirmed_lsn().await,
-            frozen,
-            "slot moved while the broker was down"
+        let confirmed = db.confirmed_lsn().await;
+        max_confirmed = max_confirmed.max(confirmed);
+        assert!(
+            confirmed < marker_end,
+            "slot confirmed {confirmed} while the broker was down, past the marker event \
+             committed after the kill (ends at or before {marker_end}): an unacknowledged event \
+             was confirmed\n{}",
+            walship.log_text()
         );
         assert!(
             walship.running(),
@@ -269,13 +293,14 @@ async fn broker_outage_during_load_recovers_with_bounded_memory() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    stop_writing.store(true, std::sync::atomic::Ordering::Relaxed);
+    let per_key = writer.await.expect("writer");
     kafka.start();
-    let ids = writer.await.expect("writer");
     db.await_caught_up().await;
     let rss = walship.peak_rss_mib();
     assert!(rss < 200.0, "peak RSS {rss:.0} MiB");
     // The restarted in-memory broker only holds what was (re)sent after it came back: per key
-    // that must be a gap-free run up to the last event written.
+    // that must be a gap-free run up to the last event written, and the marker.
     let records = consume(
         &kafka.bootstrap,
         &[&topic(&db, "order")],
@@ -283,15 +308,33 @@ async fn broker_outage_during_load_recovers_with_bounded_memory() {
         TIMEOUT,
         Duration::from_secs(2),
     );
-    for (key, seqs) in deduped_seqs(&records) {
+    let seqs = deduped_seqs(&records);
+    assert_eq!(
+        seqs.get("marker").map(Vec::as_slice),
+        Some(&[0][..]),
+        "the marker written during the outage"
+    );
+    // Exactly: the slot never reached the marker's commit while the broker was down.
+    let marker = records
+        .iter()
+        .find(|r| r.key_str() == "marker")
+        .expect("marker record");
+    assert!(
+        max_confirmed <= marker.commit_lsn(),
+        "slot confirmed {max_confirmed} during the outage, past the marker's commit at {}",
+        marker.commit_lsn()
+    );
+    for key in &keys {
+        let seqs = seqs
+            .get(key)
+            .unwrap_or_else(|| panic!("{key}: nothing delivered after the outage"));
         let first = seqs[0];
         assert_eq!(
-            seqs,
-            (first..400).collect::<Vec<_>>(),
+            *seqs,
+            (first..per_key).collect::<Vec<_>>(),
             "{key}: a gap means a lost event"
         );
     }
-    assert!(ids.len() == 20_000);
     let (code, log) = walship.stop().await;
     assert_eq!(code, 0, "{log}");
 }

@@ -159,6 +159,18 @@ impl Consumed {
         self.header("id").expect("id header")
     }
 
+    /// The commit LSN of the event's transaction (the start of its commit record), from the
+    /// `walship.position` header. A slot that confirms this position or less has not yet
+    /// confirmed the event.
+    pub fn commit_lsn(&self) -> pgoutput::Lsn {
+        let text = self
+            .headers
+            .get(walship_kafka::POSITION_HEADER)
+            .expect("walship.position header");
+        let position = walship_kafka::Position::parse(text).expect("walship.position parses");
+        pgoutput::Lsn(position.commit_lsn)
+    }
+
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_slice(self.payload.as_deref().expect("payload")).expect("payload is JSON")
     }
