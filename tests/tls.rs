@@ -47,7 +47,17 @@ struct TlsServer {
 
 async fn server() -> &'static TlsServer {
     static SERVER: OnceCell<TlsServer> = OnceCell::const_new();
-    SERVER.get_or_init(start_server).await
+    let mut started = false;
+    let server = SERVER
+        .get_or_init(|| {
+            started = true;
+            start_server()
+        })
+        .await;
+    if started {
+        server.cluster.tear_down_at_exit();
+    }
+    server
 }
 
 async fn start_server() -> TlsServer {

@@ -8,7 +8,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
@@ -32,6 +32,51 @@ pub struct Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
+        self.tear_down();
+    }
+}
+
+/// Set by the panic hook [`note_failures`] installs: some test of this process failed.
+static A_TEST_FAILED: AtomicBool = AtomicBool::new(false);
+
+/// Installs (once) a panic hook that remembers a test failed, so clusters keep their data
+/// directory and server log for inspection.
+fn note_failures() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            A_TEST_FAILED.store(true, Ordering::Relaxed);
+            previous(info);
+        }));
+    });
+}
+
+/// Clusters held in statics, which are never dropped: torn down when the process exits.
+static AT_EXIT: Mutex<Vec<&'static Cluster>> = Mutex::new(Vec::new());
+
+extern "C" fn tear_down_static_clusters() {
+    let clusters = std::mem::take(&mut *AT_EXIT.lock().unwrap_or_else(|e| e.into_inner()));
+    for cluster in clusters {
+        cluster.tear_down();
+    }
+}
+
+impl Cluster {
+    /// Tears `self` down when the process exits (for a cluster held in a static).
+    #[allow(unsafe_code)]
+    pub fn tear_down_at_exit(&'static self) {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        // SAFETY: registers a plain function; it only uses statics that outlive `exit`.
+        ONCE.call_once(|| unsafe {
+            libc::atexit(tear_down_static_clusters);
+        });
+        AT_EXIT.lock().unwrap_or_else(|e| e.into_inner()).push(self);
+    }
+
+    /// Stops the server at once and removes its directory, unless a test of this process
+    /// failed: then the data directory and `postgres.log` stay for inspection.
+    fn tear_down(&self) {
         if let Some(mut child) = self.child.lock().unwrap_or_else(|e| e.into_inner()).take() {
             // SIGQUIT: immediate shutdown; the data directory is thrown away anyway.
             #[allow(unsafe_code)]
@@ -41,9 +86,15 @@ impl Drop for Cluster {
             }
             let _ = child.wait();
         }
-        if let Some(data) = &self.data_dir
-            && let Some(root) = data.parent()
-        {
+        let Some(root) = self.data_dir.as_ref().and_then(|d| d.parent()) else {
+            return;
+        };
+        if A_TEST_FAILED.load(Ordering::Relaxed) || std::thread::panicking() {
+            eprintln!(
+                "a test failed: kept the PostgreSQL data directory and log in {}",
+                root.display()
+            );
+        } else {
             let _ = std::fs::remove_dir_all(root);
         }
     }
@@ -125,6 +176,7 @@ impl Cluster {
     /// server's OS user) when the server must read them.
     pub fn private_with(extra: &[&str], setup: impl FnOnce(&Path)) -> Cluster {
         static N: AtomicU32 = AtomicU32::new(0);
+        note_failures();
         let bin = pg_bin_dir();
         let run_as = postgres_user();
         let root = std::env::temp_dir().join(format!(
@@ -284,7 +336,15 @@ impl Cluster {
 /// The cluster shared by every test in this process.
 pub fn cluster() -> &'static Cluster {
     static CLUSTER: OnceLock<Cluster> = OnceLock::new();
-    CLUSTER.get_or_init(Cluster::start)
+    let mut started = false;
+    let cluster = CLUSTER.get_or_init(|| {
+        started = true;
+        Cluster::start()
+    });
+    if started {
+        cluster.tear_down_at_exit();
+    }
+    cluster
 }
 
 /// A database of its own for one test, with the outbox table, a publication and a slot name.
