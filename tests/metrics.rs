@@ -3,7 +3,7 @@
 use std::io::{Read, Write};
 use std::time::Duration;
 
-use crate::harness::{self, Relay, Row, TIMEOUT, TestDb, broker, insert_txn};
+use crate::harness::{self, Broker, Relay, Row, TIMEOUT, TestDb, broker, insert_txn};
 
 pub(crate) fn get(port: u16, path: &str) -> (u16, String) {
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect metrics");
@@ -83,6 +83,75 @@ async fn metrics_move_and_lag_returns_to_zero() {
     assert_eq!(value(&after, "walship_in_flight_events"), 0.0);
     assert_eq!(value(&after, "walship_streaming"), 1.0);
     assert!(after.contains("walship_delivery_errors_total{class=\"transient\"} 0"));
+    relay.stop().await.expect("graceful stop");
+}
+
+/// `walship_lag_bytes` counts the WAL between the server's position and the confirmed one: it
+/// covers a backlog that cannot be delivered (the broker is down), and returns to 0 once it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lag_counts_the_backlog_while_the_broker_is_down_and_returns_to_zero() {
+    let mut db = TestDb::new().await;
+    let kafka = Broker::dedicated();
+    let port = harness::process::free_port();
+    let mut config = harness::config(
+        &db,
+        &kafka.bootstrap,
+        "[kafka.librdkafka]\n\"topic.metadata.propagation.max.ms\" = \"2000\"\n\"topic.metadata.refresh.interval.ms\" = \"1000\"",
+    );
+    config.metrics.listen = Some(format!("127.0.0.1:{port}"));
+    config.postgres.watch_interval_ms = 200;
+    // Nothing was delivered before: no tail to read back from the stopped broker.
+    config.run.resume_dedup = false;
+    // First start creates the slot; the backlog is written while walship is stopped.
+    Relay::start_streaming(config.clone(), &db)
+        .await
+        .stop()
+        .await
+        .expect("graceful stop");
+    let confirmed = db.confirmed_lsn().await;
+    kafka.stop();
+    for i in 0..500 {
+        insert_txn(&mut db.client, &[Row::new("order", "lag", i)]).await;
+    }
+    let end = db.current_lsn().await;
+    let behind = (end.0 - confirmed.0) as f64;
+
+    let relay = Relay::start_streaming(config, &db).await;
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        let m = get(port, "/metrics").1;
+        let lag = value(&m, "walship_lag_bytes");
+        if lag >= behind && value(&m, "walship_streaming") == 1.0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "walship_lag_bytes stayed below the {behind} bytes walship cannot deliver:\n{m}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        db.confirmed_lsn().await,
+        confirmed,
+        "nothing can be confirmed yet"
+    );
+
+    kafka.start();
+    db.await_confirmed(end, TIMEOUT).await;
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        let m = get(port, "/metrics").1;
+        if value(&m, "walship_lag_bytes") == 0.0
+            && value(&m, "walship_events_published_total") >= 500.0
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "lag never returned to 0 after the broker came back:\n{m}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     relay.stop().await.expect("graceful stop");
 }
 

@@ -407,13 +407,14 @@ async fn publication_includes(
 }
 
 /// Checks, while walship runs, that what it streams from still exists: the slot (not
-/// invalidated), the publication, and the outbox table in it. Returns the first definite problem.
+/// invalidated), the publication, and the outbox table in it. Returns the first definite problem,
+/// else the server's current WAL position (for the lag metric; None if it could not be read).
 pub async fn watch(
     client: &Client,
     slot: &str,
     publication: &str,
     table: &TableName,
-) -> Result<(), PgError> {
+) -> Result<Option<Lsn>, PgError> {
     match slot_state(client, slot).await? {
         None => {
             return Err(PgError::Setup(format!(
@@ -450,7 +451,25 @@ pub async fn watch(
             )
         }));
     }
-    Ok(())
+    Ok(server_wal_position(client).await)
+}
+
+/// The server's WAL position: what it has written, or replayed when it is a standby.
+pub async fn server_wal_position(client: &Client) -> Option<Lsn> {
+    let row = client
+        .query_one(
+            "SELECT CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() \
+                         ELSE pg_current_wal_lsn() END",
+            &[],
+        )
+        .await;
+    match row {
+        Ok(row) => lsn(row.get(0)),
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot read the server's WAL position");
+            None
+        }
+    }
 }
 
 /// Makes sure the publication exists and publishes `table`; creates it when missing and

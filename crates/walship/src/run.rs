@@ -111,7 +111,7 @@ async fn supervise(
             interval,
         )));
     }
-    let watchdog = watch(config, params.clone(), password.clone());
+    let watchdog = watch(config, params.clone(), password.clone(), telemetry);
     tokio::pin!(watchdog);
     let mut attempt: u32 = 0;
     loop {
@@ -151,8 +151,14 @@ async fn supervise(
 }
 
 /// Resolves with a definite error once the slot, the publication or the outbox table is gone
-/// (or the slot invalidated). Connection trouble is left to the session to notice.
-async fn watch(config: &Config, params: ConnectParams, password: Option<Secret>) -> Error {
+/// (or the slot invalidated). Connection trouble is left to the session to notice. Meanwhile
+/// samples the server's WAL position for the lag metric.
+async fn watch(
+    config: &Config,
+    params: ConnectParams,
+    password: Option<Secret>,
+    telemetry: &Telemetry,
+) -> Error {
     let every = Duration::from_millis(config.postgres.watch_interval_ms.max(100));
     let table = config.outbox_spec().table;
     let mut client = None;
@@ -172,7 +178,8 @@ async fn watch(config: &Config, params: ConnectParams, password: Option<Secret>)
         )
         .await
         {
-            Ok(()) => {}
+            Ok(Some(end)) => telemetry.server_wal_end.store(end.0, Ordering::Relaxed),
+            Ok(None) => {}
             Err(e) if e.is_transient() => client = None,
             Err(e) => return e.into(),
         }
@@ -350,6 +357,9 @@ async fn session(
     }
     telemetry.streaming.store(true, Ordering::Relaxed);
     telemetry.safe_lsn.store(start.0, Ordering::Relaxed);
+    telemetry
+        .server_wal_end
+        .fetch_max(system.xlogpos.0, Ordering::Relaxed);
     session.run(cancel).await.map(|_| ())
 }
 

@@ -33,7 +33,9 @@ pub struct Telemetry {
     pub in_flight: AtomicU64,
     /// The position confirmed to PostgreSQL.
     pub safe_lsn: AtomicU64,
-    /// The server's WAL end as last reported by the walsender.
+    /// The server's WAL position: `IDENTIFY_SYSTEM`'s at each session start, then sampled every
+    /// `postgres.watch_interval_ms` (the stream itself does not carry it: a logical walsender
+    /// reports only how far it has decoded).
     pub server_wal_end: AtomicU64,
     /// Commit time (Unix ms) of the newest fully acknowledged transaction with events.
     pub last_acked_commit_ms: AtomicI64,
@@ -135,7 +137,7 @@ impl Telemetry {
         metric(
             "walship_lag_bytes",
             "gauge",
-            "Bytes of WAL between the server's end and the confirmed position.",
+            "Bytes of WAL between the server's position (sampled at session start and every postgres.watch_interval_ms) and the confirmed position.",
             self.lag_bytes() as f64,
         );
         let last = self.last_acked_commit_ms.load(Ordering::Relaxed);
