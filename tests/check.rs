@@ -3,12 +3,11 @@
 
 use std::collections::BTreeSet;
 use std::process::Command;
-use std::time::Duration;
 
 use pgoutput::Lsn;
 use serde_json::Value;
 
-use crate::harness::{self, Relay, Row, TIMEOUT, TestDb, broker, insert_txn};
+use crate::harness::{self, Relay, Row, TestDb, broker, insert_txn};
 
 /// The binary without inherited `WALSHIP_*` variables.
 fn walship() -> Command {
@@ -442,7 +441,7 @@ async fn check_reports_wal_level_replica_and_no_free_slots_or_senders_together()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn status_reports_the_slot_position_and_zero_lag_after_catching_up() {
+async fn status_reports_the_slot_position_and_its_lag_after_catching_up() {
     let mut db = TestDb::new().await;
     let text = harness::config_toml(&db, &broker().bootstrap, "");
 
@@ -460,22 +459,11 @@ async fn status_reports_the_slot_position_and_zero_lag_after_catching_up() {
     }
     let end = db.await_caught_up().await;
 
-    // Lag is measured against the whole cluster's WAL, which other tests also write: wait for a
-    // moment when walship has confirmed everything.
-    let deadline = tokio::time::Instant::now() + TIMEOUT;
-    let v = loop {
-        let out = run("status", &text, true).await;
-        assert_eq!(out.code, 0, "{}\n{}", out.stdout, out.stderr);
-        let v = out.json();
-        if v["lag_bytes"] == 0 {
-            break v;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "lag never reached 0: {v:#}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    // Lag is measured against the whole cluster's WAL, which other tests also write, so it need
+    // not be 0 even now: check it is the distance between the two positions reported.
+    let out = run("status", &text, true).await;
+    assert_eq!(out.code, 0, "{}\n{}", out.stdout, out.stderr);
+    let v = out.json();
     assert_eq!(v["exists"], true);
     assert_eq!(v["plugin"], "pgoutput");
     assert_eq!(v["database"], db.name.as_str());
@@ -483,7 +471,9 @@ async fn status_reports_the_slot_position_and_zero_lag_after_catching_up() {
     assert!(v["active_pid"].as_i64().is_some_and(|p| p > 0), "{v:#}");
     let confirmed: Lsn = v["confirmed_flush_lsn"].as_str().unwrap().parse().unwrap();
     assert!(confirmed >= end, "{confirmed} >= {end}");
-    assert_eq!(v["current_wal_lsn"], v["confirmed_flush_lsn"]);
+    let current: Lsn = v["current_wal_lsn"].as_str().unwrap().parse().unwrap();
+    assert!(current >= confirmed, "{v:#}");
+    assert_eq!(v["lag_bytes"], current.0 - confirmed.0, "{v:#}");
     let restart: Lsn = v["restart_lsn"].as_str().unwrap().parse().unwrap();
     assert!(restart <= confirmed);
     assert!(v["retained_wal_bytes"].as_u64().is_some(), "{v:#}");
