@@ -177,7 +177,9 @@ impl Consumed {
 }
 
 /// Reads `topics` from the beginning until `expected` records arrived, then keeps reading until
-/// the topics stay quiet for `settle`, so duplicates are seen too. Panics after `timeout`.
+/// the topics stay quiet for `settle` and every partition is read up to its high watermark (so
+/// everything the broker holds is seen, duplicates too, however slowly it serves it). Panics
+/// after `timeout`.
 pub fn consume(
     bootstrap: &str,
     topics: &[&str],
@@ -230,6 +232,8 @@ pub fn consume(
     }
     consumer.assign(&tpl).expect("assign");
     let mut out = Vec::new();
+    // Per partition: the offset after the last record read.
+    let mut next: HashMap<(String, i32), i64> = HashMap::new();
     let mut quiet_since = std::time::Instant::now();
     loop {
         match consumer.poll(Duration::from_millis(100)) {
@@ -243,6 +247,7 @@ pub fn consume(
                         );
                     }
                 }
+                next.insert((m.topic().to_owned(), m.partition()), m.offset() + 1);
                 out.push(Consumed {
                     topic: m.topic().to_owned(),
                     partition: m.partition(),
@@ -258,7 +263,26 @@ pub fn consume(
             None => {}
         }
         if out.len() >= expected && quiet_since.elapsed() >= settle {
-            return out;
+            let behind = tpl.elements().iter().find_map(|e| {
+                let (topic, p) = (e.topic(), e.partition());
+                let read = next.get(&(topic.to_owned(), p)).copied().unwrap_or(0);
+                match consumer.fetch_watermarks(topic, p, Duration::from_secs(5)) {
+                    Ok((_, high)) if read >= high => None,
+                    Ok((_, high)) => Some(format!(
+                        "{topic}/{p}: read to {read}, high watermark {high}"
+                    )),
+                    Err(e) => Some(format!("{topic}/{p}: no watermarks: {e}")),
+                }
+            });
+            match behind {
+                None => return out,
+                // Keep reading; say so if it comes to the timeout.
+                Some(b) => assert!(
+                    std::time::Instant::now() < deadline,
+                    "consumed {} records from {topics:?} within {timeout:?} but not all: {b}",
+                    out.len()
+                ),
+            }
         }
         assert!(
             std::time::Instant::now() < deadline,
