@@ -315,6 +315,12 @@ impl Cluster {
 
     /// Fast shutdown (`pg_ctl stop -m fast`) and wait for the process to exit.
     pub fn stop_server(&self) {
+        self.stop_server_mode("fast");
+    }
+
+    /// `pg_ctl stop -m <mode>` (`smart`, `fast` or `immediate`: a crash) and wait for the
+    /// process to exit.
+    pub fn stop_server_mode(&self, mode: &str) {
         let (Some(bin), Some(data)) = (&self.bin_dir, &self.data_dir) else {
             panic!("external server cannot be stopped")
         };
@@ -322,7 +328,7 @@ impl Cluster {
         cmd.arg("stop")
             .arg("-D")
             .arg(data)
-            .args(["-m", "fast", "-w"])
+            .args(["-m", mode, "-w"])
             .stdout(Stdio::null());
         as_user(&mut cmd, self.run_as);
         let status = cmd.status().expect("pg_ctl stop");
