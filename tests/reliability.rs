@@ -157,9 +157,16 @@ async fn sigkill_at_random_moments_loses_nothing_and_keeps_order() {
         "{kills} kills during the load, {total} events, {duplicates} duplicates; restarts found \
          {found} events already in Kafka and did not send them again"
     );
+    // A resume lookup that timed out or ran out of budget sends events again by design: say so
+    // if it comes to that (a starved machine), rather than leave a bare count.
+    let lookups_cut_short: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("WARN") && (l.contains("resume") || l.contains("sent again")))
+        .collect();
     assert!(
         (duplicates as f64) < 0.01 * total as f64,
-        "{duplicates} duplicates is 1% or more of {total}"
+        "{duplicates} duplicates is 1% or more of {total}; resume warnings:\n{}",
+        lookups_cut_short.join("\n")
     );
     let (code, log) = walship.stop().await;
     assert_eq!(code, 0, "{log}");

@@ -87,7 +87,9 @@ async fn start_server() -> TlsServer {
         .expect("create roles");
     #[allow(unsafe_code)]
     // SAFETY: a new variable set once, before any walship of this module reads it; nothing else
-    // in the test process reads or writes it.
+    // in the test process reads or writes it. It is the process's only setenv: glibc's first
+    // setenv copies the environment into a new array and leaves the initial one in place, so a
+    // getenv running meanwhile in C code (OpenSSL, librdkafka) still reads a valid array.
     unsafe {
         std::env::set_var(PASSWORD_ENV, &password);
     }
