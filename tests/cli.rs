@@ -77,12 +77,12 @@ async fn sigterm_drains_confirms_and_exits_0() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("walship.toml");
     std::fs::write(&path, harness::config_toml(&db, &broker().bootstrap, "")).unwrap();
-    let child = walship()
-        .args(["run", "--config"])
+    let mut cmd = walship();
+    cmd.args(["run", "--config"])
         .arg(&path)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+        .stderr(Stdio::piped());
+    // Killed with the test process if the test fails before it stops walship itself.
+    let child = harness::process::spawn_owned(cmd, libc::SIGKILL).expect("start walship");
     db.await_streaming().await;
 
     for i in 0..50 {
@@ -106,10 +106,14 @@ async fn sigterm_drains_confirms_and_exits_0() {
     // SAFETY: sending a signal to our own child process.
     let rc = unsafe { libc::kill(pid, libc::SIGTERM) };
     assert_eq!(rc, 0);
-    let status = tokio::task::spawn_blocking(move || child.wait_with_output())
-        .await
-        .unwrap()
-        .unwrap();
+    let status = tokio::time::timeout(
+        TIMEOUT,
+        tokio::task::spawn_blocking(move || child.wait_with_output()),
+    )
+    .await
+    .expect("walship exits after SIGTERM")
+    .unwrap()
+    .unwrap();
     let err = String::from_utf8_lossy(&status.stderr);
     assert_eq!(status.status.code(), Some(0), "{err}");
     assert!(err.contains("SIGTERM"), "{err}");
