@@ -15,9 +15,9 @@ cd "$(dirname "$0")/.."
 if [ -n "${WALSHIP_TEST_KAFKA:-}" ]; then scripts/setup.sh --no-broker; else scripts/setup.sh; fi
 export PATH="$HOME/.cargo/bin:$PATH"
 
-# A failed run keeps its PostgreSQL data directories for inspection (the harness says where);
-# forget those of runs more than a day old.
-find "${TMPDIR:-/tmp}" -maxdepth 1 -name 'walship-test-pg-*' -mmin +1440 -exec rm -rf {} + 2>/dev/null || true
+# A failed run keeps its PostgreSQL data directories and broker logs for inspection (the
+# harness says where); forget those of runs more than a day old.
+find "${TMPDIR:-/tmp}" -maxdepth 1 -name 'walship-test-*' -mmin +1440 -exec rm -rf {} + 2>/dev/null || true
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check

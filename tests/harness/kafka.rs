@@ -16,7 +16,9 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Headers;
 use rdkafka::{Offset, TopicPartitionList};
 
-use super::process::{free_port, spawn_owned, wait_for_port};
+use super::process::{
+    a_test_failed, at_exit, free_port, note_failures, spawn_owned, wait_for_port,
+};
 
 /// The tansu binary: `WALSHIP_TANSU_BIN`, `tansu` on PATH, or `~/.cargo/bin/tansu`.
 pub fn tansu_bin() -> PathBuf {
@@ -46,11 +48,22 @@ pub struct Broker {
 impl Broker {
     fn spawn_at(port: u16) -> Child {
         let url = format!("tcp://127.0.0.1:{port}");
-        let log = std::env::temp_dir().join(format!(
+        let path = std::env::temp_dir().join(format!(
             "walship-test-tansu-{}-{port}.log",
             std::process::id()
         ));
-        let log = std::fs::File::create(log).expect("broker log");
+        note_failures();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .expect("broker log");
+        // Forgotten at exit unless a test failed (restarts on the same port share it).
+        at_exit(Box::new(move || {
+            if !a_test_failed() {
+                let _ = std::fs::remove_file(&path);
+            }
+        }));
         let mut cmd = Command::new(tansu_bin());
         cmd.args([
             "broker",

@@ -8,14 +8,16 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use pgoutput::Lsn;
 use tokio_postgres::{Client, NoTls};
 
-use super::process::{free_port, spawn_owned, wait_for_port};
+use super::process::{
+    a_test_failed, at_exit, free_port, note_failures, spawn_owned, wait_for_port,
+};
 
 /// Where the test server listens.
 pub struct Cluster {
@@ -36,42 +38,10 @@ impl Drop for Cluster {
     }
 }
 
-/// Set by the panic hook [`note_failures`] installs: some test of this process failed.
-static A_TEST_FAILED: AtomicBool = AtomicBool::new(false);
-
-/// Installs (once) a panic hook that remembers a test failed, so clusters keep their data
-/// directory and server log for inspection.
-fn note_failures() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        let previous = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            A_TEST_FAILED.store(true, Ordering::Relaxed);
-            previous(info);
-        }));
-    });
-}
-
-/// Clusters held in statics, which are never dropped: torn down when the process exits.
-static AT_EXIT: Mutex<Vec<&'static Cluster>> = Mutex::new(Vec::new());
-
-extern "C" fn tear_down_static_clusters() {
-    let clusters = std::mem::take(&mut *AT_EXIT.lock().unwrap_or_else(|e| e.into_inner()));
-    for cluster in clusters {
-        cluster.tear_down();
-    }
-}
-
 impl Cluster {
     /// Tears `self` down when the process exits (for a cluster held in a static).
-    #[allow(unsafe_code)]
     pub fn tear_down_at_exit(&'static self) {
-        static ONCE: std::sync::Once = std::sync::Once::new();
-        // SAFETY: registers a plain function; it only uses statics that outlive `exit`.
-        ONCE.call_once(|| unsafe {
-            libc::atexit(tear_down_static_clusters);
-        });
-        AT_EXIT.lock().unwrap_or_else(|e| e.into_inner()).push(self);
+        at_exit(Box::new(|| self.tear_down()));
     }
 
     /// Stops the server at once and removes its directory, unless a test of this process
@@ -89,7 +59,7 @@ impl Cluster {
         let Some(root) = self.data_dir.as_ref().and_then(|d| d.parent()) else {
             return;
         };
-        if A_TEST_FAILED.load(Ordering::Relaxed) || std::thread::panicking() {
+        if a_test_failed() {
             eprintln!(
                 "a test failed: kept the PostgreSQL data directory and log in {}",
                 root.display()

@@ -5,8 +5,51 @@
 //! even on a crash or Ctrl-C. Spawning from test threads would kill them when a test ends.
 
 use std::process::{Child, Command};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Mutex, OnceLock};
+
+/// Set by the panic hook [`note_failures`] installs: some test of this process failed.
+static A_TEST_FAILED: AtomicBool = AtomicBool::new(false);
+
+/// Installs (once) a panic hook that remembers a test failed, so servers keep their data
+/// directories and logs for inspection.
+pub fn note_failures() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            A_TEST_FAILED.store(true, Ordering::Relaxed);
+            previous(info);
+        }));
+    });
+}
+
+/// True once a test of this process failed (or this thread is unwinding from a failure).
+pub fn a_test_failed() -> bool {
+    A_TEST_FAILED.load(Ordering::Relaxed) || std::thread::panicking()
+}
+
+type ExitTask = Box<dyn FnOnce() + Send>;
+static AT_EXIT: Mutex<Vec<ExitTask>> = Mutex::new(Vec::new());
+
+extern "C" fn run_exit_tasks() {
+    let tasks = std::mem::take(&mut *AT_EXIT.lock().unwrap_or_else(|e| e.into_inner()));
+    for task in tasks {
+        task();
+    }
+}
+
+/// Runs `task` when the process exits: cleanup for what statics hold (they are never dropped).
+#[allow(unsafe_code)]
+pub fn at_exit(task: ExitTask) {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    // SAFETY: registers a plain function; it only uses statics that outlive `exit`.
+    ONCE.call_once(|| unsafe {
+        libc::atexit(run_exit_tasks);
+    });
+    AT_EXIT.lock().unwrap_or_else(|e| e.into_inner()).push(task);
+}
 
 type Request = (Command, i32, mpsc::Sender<std::io::Result<Child>>);
 
