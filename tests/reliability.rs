@@ -386,6 +386,67 @@ async fn broker_outage_during_load_recovers_with_bounded_memory() {
     assert_eq!(code, 0, "{log}");
 }
 
+/// SIGTERM while an event waits for a frozen broker (its topic check) stops walship without
+/// waiting for the broker; the event stays unconfirmed and the next run delivers it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_while_waiting_for_a_frozen_broker_stops_and_leaves_the_event_unconfirmed() {
+    let mut db = TestDb::new().await;
+    let kafka = Broker::dedicated();
+    let config = harness::config_toml(&db, &kafka.bootstrap, "");
+    let walship = Binary::start(&config);
+    db.await_streaming().await;
+    let broker_pid = kafka.pid().expect("broker pid");
+    #[allow(unsafe_code)]
+    // SAFETY: signalling our own child process.
+    unsafe {
+        libc::kill(broker_pid, libc::SIGSTOP);
+    }
+    insert_txn(&mut db.client, &[Row::new("order", "frozen", 0)]).await;
+    let end = db.current_lsn().await;
+    // The event's topic is new: walship asks the frozen broker about it, and says it waits.
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    while !walship
+        .log_text()
+        .contains("for the broker (checking that topic")
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "walship never said it waits for the broker:\n{}",
+            walship.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    walship.signal(libc::SIGTERM);
+    let (code, log) = walship.wait_exit(TIMEOUT).await;
+    #[allow(unsafe_code)]
+    // SAFETY: as above.
+    unsafe {
+        libc::kill(broker_pid, libc::SIGCONT);
+    }
+    assert_eq!(code, 0, "{log}");
+    assert!(
+        log.contains("stopping without waiting for the broker"),
+        "walship waited for the broker instead of stopping:\n{log}"
+    );
+    assert!(
+        db.confirmed_lsn().await < end,
+        "the unsent event was confirmed"
+    );
+
+    let walship = Binary::start(&config);
+    db.await_confirmed(end, TIMEOUT).await;
+    let records = consume(
+        &kafka.bootstrap,
+        &[&topic(&db, "order")],
+        1,
+        TIMEOUT,
+        Duration::from_millis(500),
+    );
+    assert_eq!(harness::seqs(&records), vec![0], "the event, once");
+    let (code, log) = walship.stop().await;
+    assert_eq!(code, 0, "{log}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_broker_stops_reading_but_keeps_the_walsender_alive() {
     let _heavy = harness::heavy().await;

@@ -341,14 +341,23 @@ impl<L: DeliveryListener> Sink<L> {
         }
     }
 
-    /// Makes sure `topic` exists, creating it if configured to. Remembers topics it has seen.
-    pub async fn ensure_topic(&mut self, topic: &str) -> Result<(), TopicError> {
+    /// None when `topic` is known to exist; else the check (and creation, if configured) as a
+    /// future that borrows nothing, so the caller can do other work while it waits. Report its
+    /// success with [`Sink::topic_exists`].
+    pub fn check_topic(
+        &self,
+        topic: &str,
+    ) -> Option<impl Future<Output = Result<(), TopicError>> + Send + 'static> {
         if self.known_topics.contains(topic) {
-            return Ok(());
+            return None;
         }
-        ensure_topic(&self.settings, topic).await?;
+        let (settings, topic) = (self.settings.clone(), topic.to_owned());
+        Some(async move { ensure_topic(&settings, &topic).await })
+    }
+
+    /// Remembers that `topic` exists.
+    pub fn topic_exists(&mut self, topic: &str) {
         self.known_topics.insert(topic.to_owned());
-        Ok(())
     }
 
     /// Waits up to `timeout` for every record in flight to be reported. Returns how many are

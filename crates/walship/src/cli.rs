@@ -161,7 +161,11 @@ pub fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            match runtime.block_on(crate::run(config, shutdown_signal())) {
+            let result = runtime.block_on(crate::run(config, shutdown_signal()));
+            // A stop does not wait for a broker round trip still running on a blocking thread
+            // (a metadata request, a resume lookup): its outcome is no longer needed.
+            runtime.shutdown_timeout(std::time::Duration::from_millis(100));
+            match result {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e}");

@@ -38,6 +38,8 @@ use crate::telemetry::Telemetry;
 
 /// Least time between two standby status updates that report a new position.
 const MIN_STATUS_GAP: Duration = Duration::from_millis(2);
+/// A broker round trip the stream waits for is logged once it takes this long.
+const BROKER_WAIT_NOTICE: Duration = Duration::from_secs(5);
 
 /// The transaction currently being decoded.
 struct OpenTxn {
@@ -139,6 +141,9 @@ impl Session {
             }
             self.check_failure()?;
             self.dead_letter_rejected(cancel).await?;
+            if self.abandoned {
+                return self.shutdown().await;
+            }
             if cancel.is_cancelled() && self.stop_deadline.is_none() {
                 if self.txn.is_none() {
                     return self.shutdown().await;
@@ -328,18 +333,18 @@ impl Session {
             .route(row.aggregate_type)
             .map_err(|error| Error::Route { lsn, xid, error })?
             .clone();
-        self.sink.ensure_topic(&topic).await?;
+        if !self.ensure_topic(&topic, cancel).await? {
+            return Ok(());
+        }
         if let Some(resume) = self.resume.as_mut()
             && !resume.knows(&topic)
         {
-            // Read the topic back; keep confirming meanwhile so wal_sender_timeout never fires.
+            // Read the topic back before deciding whether to send the event.
             let started = std::time::Instant::now();
-            if let Some(mut scan) = resume.scan(&topic) {
-                let joined = loop {
-                    tokio::select! {
-                        joined = &mut scan => break joined,
-                        _ = tokio::time::sleep(self.status_interval) => self.report(false).await?,
-                    }
+            if let Some(scan) = resume.scan(&topic) {
+                let what = format!("reading topic {topic:?} back to resume");
+                let Some(joined) = self.await_broker(&what, scan, cancel).await? else {
+                    return Ok(());
                 };
                 if let Some(resume) = self.resume.as_mut() {
                     resume.store(&topic, joined, started);
@@ -409,7 +414,9 @@ impl Session {
         let Some(topic) = self.dead_letter_topic.clone() else {
             return Ok(());
         };
-        self.sink.ensure_topic(&topic).await?;
+        if !self.ensure_topic(&topic, cancel).await? {
+            return Ok(());
+        }
         let lsn_text = lsn.to_string();
         let xid_text = xid.to_string();
         let table = self.relations.spec().table.to_string();
@@ -537,6 +544,78 @@ impl Session {
             self.stats.events_sent += 1;
         }
         Ok(())
+    }
+
+    /// Makes sure `topic` exists (creating it if configured to) before its first record. False
+    /// when a stop abandoned the session meanwhile (see [`Session::await_broker`]).
+    async fn ensure_topic(
+        &mut self,
+        topic: &str,
+        cancel: &CancellationToken,
+    ) -> Result<bool, Error> {
+        let Some(check) = self.sink.check_topic(topic) else {
+            return Ok(true);
+        };
+        let what = format!("checking that topic {topic:?} exists");
+        let Some(checked) = self.await_broker(&what, check, cancel).await? else {
+            return Ok(false);
+        };
+        checked?;
+        self.sink.topic_exists(topic);
+        Ok(true)
+    }
+
+    /// Waits for `work` (a broker round trip an event must wait for: a topic check, a resume
+    /// lookup) while sending standby status, so `wal_sender_timeout` never fires.
+    ///
+    /// A stop request does not wait for the broker: with nothing of the open transaction sent
+    /// yet, the session is abandoned at once; otherwise `work` gets until the shutdown timeout
+    /// to finish the transaction. `None` when abandoned (the transaction stays unsealed, so the
+    /// confirmed position stays before it and it is read again on the next start).
+    async fn await_broker<T>(
+        &mut self,
+        what: &str,
+        work: impl Future<Output = T>,
+        cancel: &CancellationToken,
+    ) -> Result<Option<T>, Error> {
+        tokio::pin!(work);
+        let notice = tokio::time::sleep(BROKER_WAIT_NOTICE);
+        tokio::pin!(notice);
+        let mut noticed = false;
+        loop {
+            let deadline = self.stop_deadline;
+            tokio::select! {
+                out = &mut work => return Ok(Some(out)),
+                () = &mut notice, if !noticed => {
+                    noticed = true;
+                    tracing::warn!(
+                        "waiting {} s for the broker ({what}); the replication stream waits too",
+                        BROKER_WAIT_NOTICE.as_secs()
+                    );
+                }
+                _ = cancel.cancelled(), if deadline.is_none() => {
+                    if self.txn.as_ref().is_none_or(|t| t.sent == 0) {
+                        return Ok(self.abandon());
+                    }
+                    self.stop_deadline = Some(Instant::now() + self.shutdown_timeout);
+                }
+                _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)),
+                    if deadline.is_some() => return Ok(self.abandon()),
+                _ = tokio::time::sleep(self.status_interval) => self.report(false).await?,
+            }
+        }
+    }
+
+    /// Gives up the open transaction on the way to a stop; see [`Session::await_broker`].
+    fn abandon<T>(&mut self) -> Option<T> {
+        let lsn = self.txn.as_ref().map(|t| t.begin.final_lsn);
+        tracing::info!(
+            commit_lsn = ?lsn,
+            "stopping without waiting for the broker: the transaction being read stays \
+             unconfirmed and is read again on the next start"
+        );
+        self.abandoned = true;
+        None
     }
 
     /// The stream is past everything an earlier run can have sent: forget its deliveries.
