@@ -13,7 +13,9 @@
 //! - The position reported to PostgreSQL is always [`Progress::safe_lsn`]: never a position
 //!   whose events are not all acknowledged.
 //! - When the producer queue is full the loop stops reading (TCP backpressure reaches the
-//!   walsender) but keeps sending standby status, so `wal_sender_timeout` never fires.
+//!   walsender) but keeps sending standby status, so `wal_sender_timeout` never fires. The same
+//!   holds while an event waits for the broker (a topic check, a resume lookup), and a stop
+//!   request does not wait for such a round trip.
 //! - After an unclean stop, an event is left out only when [`Resume`] read back a record of this
 //!   source with its position and outbox id from its topic; such an event is not counted in its
 //!   transaction, so the transaction completes on the acks of the events actually sent.
