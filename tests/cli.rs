@@ -106,14 +106,21 @@ async fn sigterm_drains_confirms_and_exits_0() {
     // SAFETY: sending a signal to our own child process.
     let rc = unsafe { libc::kill(pid, libc::SIGTERM) };
     assert_eq!(rc, 0);
-    let status = tokio::time::timeout(
+    let waited = tokio::time::timeout(
         TIMEOUT,
         tokio::task::spawn_blocking(move || child.wait_with_output()),
     )
-    .await
-    .expect("walship exits after SIGTERM")
-    .unwrap()
-    .unwrap();
+    .await;
+    let Ok(status) = waited else {
+        // Kill it, or the runtime would wait for the blocked `wait` forever.
+        #[allow(unsafe_code)]
+        // SAFETY: as above.
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+        }
+        panic!("walship did not exit within {TIMEOUT:?} of SIGTERM");
+    };
+    let status = status.unwrap().unwrap();
     let err = String::from_utf8_lossy(&status.stderr);
     assert_eq!(status.status.code(), Some(0), "{err}");
     assert!(err.contains("SIGTERM"), "{err}");

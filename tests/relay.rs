@@ -179,13 +179,13 @@ async fn broker_outage_holds_the_slot_and_delivers_after_recovery() {
 
     broker.stop();
     let rows: Vec<Row> = (10..60).map(|i| Row::new("order", "K", i)).collect();
-    let mut first_outage_end = None;
-    for chunk in rows.chunks(5) {
+    let (first, rest) = rows.split_at(5);
+    insert_txn(&mut db.client, first).await;
+    // At or after the end of the first transaction's commit record.
+    let first_outage_end = db.current_lsn().await;
+    for chunk in rest.chunks(5) {
         insert_txn(&mut db.client, chunk).await;
-        // At or after the end of the first transaction's commit record.
-        first_outage_end.get_or_insert(db.current_lsn().await);
     }
-    let first_outage_end = first_outage_end.expect("outage batch written");
     let second_end = db.current_lsn().await;
     // Wait until the walsender has handed the new transactions to walship ...
     let deadline = tokio::time::Instant::now() + TIMEOUT;

@@ -199,13 +199,8 @@ async fn postgres_goes_down_during_load(mode: &str) {
     let keys: Vec<String> = (0..20).map(|k| format!("k{k}")).collect();
     let mut ids = write_events(&db.client, &keys, 500, 0).await;
     let crash = mode == "immediate";
-    let broker_pid = kafka.pid().expect("broker pid");
     if crash {
-        #[allow(unsafe_code)]
-        // SAFETY: signalling our own child process.
-        unsafe {
-            libc::kill(broker_pid, libc::SIGSTOP);
-        }
+        kafka.freeze();
     }
     ids.extend(write_events(&db.client, &keys, 25, 500).await);
     let written = db.current_lsn().await;
@@ -221,11 +216,7 @@ async fn postgres_goes_down_during_load(mode: &str) {
             "with the broker frozen, walship cannot have confirmed the last events \
              ({confirmed_at_stop} of {written})"
         );
-        #[allow(unsafe_code)]
-        // SAFETY: as above.
-        unsafe {
-            libc::kill(broker_pid, libc::SIGCONT);
-        }
+        kafka.thaw();
     }
     let client = connect(&db.url).await;
     ids.extend(write_events(&client, &keys, 50, 525).await);
@@ -395,12 +386,7 @@ async fn sigterm_while_waiting_for_a_frozen_broker_stops_and_leaves_the_event_un
     let config = harness::config_toml(&db, &kafka.bootstrap, "");
     let walship = Binary::start(&config);
     db.await_streaming().await;
-    let broker_pid = kafka.pid().expect("broker pid");
-    #[allow(unsafe_code)]
-    // SAFETY: signalling our own child process.
-    unsafe {
-        libc::kill(broker_pid, libc::SIGSTOP);
-    }
+    kafka.freeze();
     insert_txn(&mut db.client, &[Row::new("order", "frozen", 0)]).await;
     let end = db.current_lsn().await;
     // The event's topic is new: walship asks the frozen broker about it, and says it waits.
@@ -418,11 +404,7 @@ async fn sigterm_while_waiting_for_a_frozen_broker_stops_and_leaves_the_event_un
     }
     walship.signal(libc::SIGTERM);
     let (code, log) = walship.wait_exit(TIMEOUT).await;
-    #[allow(unsafe_code)]
-    // SAFETY: as above.
-    unsafe {
-        libc::kill(broker_pid, libc::SIGCONT);
-    }
+    kafka.thaw();
     assert_eq!(code, 0, "{log}");
     assert!(
         log.contains("stopping without waiting for the broker"),
@@ -471,12 +453,7 @@ async fn stalled_broker_stops_reading_but_keeps_the_walsender_alive() {
         .unwrap();
     let walsender: i32 = walsender.get(0);
 
-    let broker_pid = kafka.pid().expect("broker pid");
-    #[allow(unsafe_code)]
-    // SAFETY: signalling our own child process.
-    unsafe {
-        libc::kill(broker_pid, libc::SIGSTOP);
-    }
+    kafka.freeze();
     write_events(&db.client, &keys, 3000, 10).await;
     // Well past wal_sender_timeout with walship blocked on the frozen broker.
     tokio::time::sleep(Duration::from_secs(6)).await;
@@ -500,11 +477,7 @@ async fn stalled_broker_stops_reading_but_keeps_the_walsender_alive() {
     assert!(walship.running());
     let rss = walship.peak_rss_mib();
     assert!(rss < 100.0, "peak RSS {rss:.0} MiB while blocked");
-    #[allow(unsafe_code)]
-    // SAFETY: as above.
-    unsafe {
-        libc::kill(broker_pid, libc::SIGCONT);
-    }
+    kafka.thaw();
     db.await_caught_up().await;
     let records = consume(
         &kafka.bootstrap,

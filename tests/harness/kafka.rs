@@ -106,6 +106,24 @@ impl Broker {
             .map(|c| c.id() as i32)
     }
 
+    /// Freezes the broker process (SIGSTOP): connections stay open, nothing is answered.
+    pub fn freeze(&self) {
+        self.signal(libc::SIGSTOP);
+    }
+
+    /// Resumes a frozen broker (SIGCONT).
+    pub fn thaw(&self) {
+        self.signal(libc::SIGCONT);
+    }
+
+    fn signal(&self, sig: i32) {
+        let pid = self.pid().expect("a broker process of our own");
+        #[allow(unsafe_code)]
+        // SAFETY: signalling our own child process.
+        let rc = unsafe { libc::kill(pid, sig) };
+        assert_eq!(rc, 0, "kill({sig}) of the broker");
+    }
+
     /// Kills the broker process (an outage; its in-memory data is gone).
     pub fn stop(&self) {
         assert!(!self.external, "cannot stop an external broker");

@@ -43,6 +43,7 @@ extern "C" fn run_exit_tasks() {
 /// Runs `task` when the process exits: cleanup for what statics hold (they are never dropped).
 #[allow(unsafe_code)]
 pub fn at_exit(task: ExitTask) {
+    note_failures();
     static ONCE: std::sync::Once = std::sync::Once::new();
     // SAFETY: registers a plain function; it only uses statics that outlive `exit`.
     ONCE.call_once(|| unsafe {

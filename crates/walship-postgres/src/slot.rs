@@ -451,23 +451,11 @@ pub async fn watch(
             )
         }));
     }
-    Ok(server_wal_position(client).await)
-}
-
-/// The server's WAL position: what it has written, or replayed when it is a standby.
-pub async fn server_wal_position(client: &Client) -> Option<Lsn> {
-    let row = client
-        .query_one(
-            "SELECT CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() \
-                         ELSE pg_current_wal_lsn() END",
-            &[],
-        )
-        .await;
-    match row {
-        Ok(row) => lsn(row.get(0)),
+    match current_wal_lsn(client).await {
+        Ok(end) => Ok(Some(end)),
         Err(e) => {
             tracing::debug!(error = %e, "cannot read the server's WAL position");
-            None
+            Ok(None)
         }
     }
 }

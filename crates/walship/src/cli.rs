@@ -161,11 +161,10 @@ pub fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            let result = runtime.block_on(crate::run(config, shutdown_signal()));
-            // A stop does not wait for a broker round trip still running on a blocking thread
-            // (a metadata request, a resume lookup): its outcome is no longer needed.
-            runtime.shutdown_timeout(std::time::Duration::from_millis(100));
-            match result {
+            // Dropping the runtime waits for a broker call a stop left running on a blocking
+            // thread (bounded by its own timeout): exiting under librdkafka's threads could race
+            // OpenSSL's exit-time cleanup.
+            match runtime.block_on(crate::run(config, shutdown_signal())) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e}");

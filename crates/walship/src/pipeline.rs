@@ -137,7 +137,10 @@ impl Session {
             let stopping = self.stop_deadline.is_some() || cancel.is_cancelled();
             while let Some(frame) = self.stream.try_next()? {
                 self.handle(frame, cancel).await?;
-                if self.abandoned || (stopping && self.txn.is_none()) {
+                // `stop_deadline` is set mid-buffer when a wait saw the stop request.
+                if self.abandoned
+                    || ((stopping || self.stop_deadline.is_some()) && self.txn.is_none())
+                {
                     return self.shutdown().await;
                 }
             }
@@ -335,7 +338,7 @@ impl Session {
             .route(row.aggregate_type)
             .map_err(|error| Error::Route { lsn, xid, error })?
             .clone();
-        if !self.ensure_topic(&topic, cancel).await? {
+        if !self.ensure_topic(&topic, cancel, true).await? {
             return Ok(());
         }
         if let Some(resume) = self.resume.as_mut()
@@ -345,7 +348,7 @@ impl Session {
             let started = std::time::Instant::now();
             if let Some(scan) = resume.scan(&topic) {
                 let what = format!("reading topic {topic:?} back to resume");
-                let Some(joined) = self.await_broker(&what, scan, cancel).await? else {
+                let Some(joined) = self.await_broker(&what, scan, cancel, true).await? else {
                     return Ok(());
                 };
                 if let Some(resume) = self.resume.as_mut() {
@@ -416,7 +419,9 @@ impl Session {
         let Some(topic) = self.dead_letter_topic.clone() else {
             return Ok(());
         };
-        if !self.ensure_topic(&topic, cancel).await? {
+        // A rejected record (`token` set) belongs to a transaction whose other events may be
+        // acknowledged already: finish it within the shutdown timeout rather than abandon it.
+        if !self.ensure_topic(&topic, cancel, token.is_none()).await? {
             return Ok(());
         }
         let lsn_text = lsn.to_string();
@@ -443,6 +448,10 @@ impl Session {
     /// Dead-letters the records the broker rejected for good since the last call.
     async fn dead_letter_rejected(&mut self, cancel: &CancellationToken) -> Result<(), Error> {
         for (token, rejected) in self.progress.take_rejected() {
+            if self.abandoned {
+                // Their transactions stay incomplete: read again on the next start.
+                break;
+            }
             let reason = format!(
                 "{}; the record (key and {} bytes of value) was not accepted by topic {:?}",
                 rejected.error, rejected.payload_len, rejected.topic
@@ -554,12 +563,13 @@ impl Session {
         &mut self,
         topic: &str,
         cancel: &CancellationToken,
+        abandonable: bool,
     ) -> Result<bool, Error> {
         let Some(check) = self.sink.check_topic(topic) else {
             return Ok(true);
         };
         let what = format!("checking that topic {topic:?} exists");
-        let Some(checked) = self.await_broker(&what, check, cancel).await? else {
+        let Some(checked) = self.await_broker(&what, check, cancel, abandonable).await? else {
             return Ok(false);
         };
         checked?;
@@ -570,16 +580,22 @@ impl Session {
     /// Waits for `work` (a broker round trip an event must wait for: a topic check, a resume
     /// lookup) while sending standby status, so `wal_sender_timeout` never fires.
     ///
-    /// A stop request does not wait for the broker: with nothing of the open transaction sent
-    /// yet, the session is abandoned at once; otherwise `work` gets until the shutdown timeout
-    /// to finish the transaction. `None` when abandoned (the transaction stays unsealed, so the
-    /// confirmed position stays before it and it is read again on the next start).
+    /// A stop request does not wait for the broker: when `abandonable` and nothing of the open
+    /// transaction was sent yet, the session is abandoned at once; otherwise `work` gets until
+    /// the shutdown timeout to finish the transaction. `None` when abandoned (the transaction
+    /// stays unsealed, so the confirmed position stays before it and it is read again on the
+    /// next start).
     async fn await_broker<T>(
         &mut self,
         what: &str,
         work: impl Future<Output = T>,
         cancel: &CancellationToken,
+        abandonable: bool,
     ) -> Result<Option<T>, Error> {
+        let nothing_sent = abandonable && self.txn.as_ref().is_none_or(|t| t.sent == 0);
+        if nothing_sent && (self.stop_deadline.is_some() || cancel.is_cancelled()) {
+            return Ok(self.abandon());
+        }
         tokio::pin!(work);
         let notice = tokio::time::sleep(BROKER_WAIT_NOTICE);
         tokio::pin!(notice);
@@ -596,7 +612,7 @@ impl Session {
                     );
                 }
                 _ = cancel.cancelled(), if deadline.is_none() => {
-                    if self.txn.as_ref().is_none_or(|t| t.sent == 0) {
+                    if nothing_sent {
                         return Ok(self.abandon());
                     }
                     self.stop_deadline = Some(Instant::now() + self.shutdown_timeout);

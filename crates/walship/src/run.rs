@@ -359,7 +359,7 @@ async fn session(
     telemetry.safe_lsn.store(start.0, Ordering::Relaxed);
     telemetry
         .server_wal_end
-        .fetch_max(system.xlogpos.0, Ordering::Relaxed);
+        .store(system.xlogpos.0, Ordering::Relaxed);
     session.run(cancel).await.map(|_| ())
 }
 
