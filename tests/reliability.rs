@@ -433,8 +433,8 @@ async fn sigterm_while_waiting_for_a_frozen_broker_stops_and_leaves_the_event_un
 async fn stalled_broker_stops_reading_but_keeps_the_walsender_alive() {
     let _heavy = harness::heavy().await;
     // A short wal_sender_timeout: without standby status while blocked, the server would drop
-    // the connection within 2 s.
-    let cluster = Cluster::private(&["wal_sender_timeout=2s"]);
+    // the connection within 3 s.
+    let cluster = Cluster::private(&["wal_sender_timeout=3s"]);
     let db = TestDb::new_in(&cluster).await;
     let kafka = Broker::dedicated();
     let config = harness::config_toml(&db, &kafka.bootstrap, "[run]\nmax_in_flight_events = 2000");
@@ -456,7 +456,7 @@ async fn stalled_broker_stops_reading_but_keeps_the_walsender_alive() {
     kafka.freeze();
     write_events(&db.client, &keys, 3000, 10).await;
     // Well past wal_sender_timeout with walship blocked on the frozen broker.
-    tokio::time::sleep(Duration::from_secs(6)).await;
+    tokio::time::sleep(Duration::from_secs(7)).await;
     let now = db
         .client
         .query_one(
