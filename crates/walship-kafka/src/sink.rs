@@ -159,6 +159,36 @@ impl std::fmt::Debug for SinkSettings {
     }
 }
 
+/// librdkafka properties only a producer understands (CONFIGURATION.md, marked `P`).
+const PRODUCER_ONLY_PROPERTIES: &[&str] = &[
+    "transactional.id",
+    "transaction.timeout.ms",
+    "enable.idempotence",
+    "enable.gapless.guarantee",
+    "queue.buffering.max.messages",
+    "queue.buffering.max.kbytes",
+    "queue.buffering.max.ms",
+    "linger.ms",
+    "message.send.max.retries",
+    "retries",
+    "queue.buffering.backpressure.threshold",
+    "compression.codec",
+    "compression.type",
+    "compression.level",
+    "batch.num.messages",
+    "batch.size",
+    "delivery.report.only.error",
+    "sticky.partitioning.linger.ms",
+    "request.required.acks",
+    "acks",
+    "request.timeout.ms",
+    "message.timeout.ms",
+    "delivery.timeout.ms",
+    "queuing.strategy",
+    "produce.offset.report",
+    "partitioner",
+];
+
 impl SinkSettings {
     /// The producer configuration: walship's defaults, then the user's overrides.
     pub fn client_config(&self) -> ClientConfig {
@@ -186,20 +216,19 @@ impl SinkSettings {
     }
 
     /// The configuration of walship's other clients (the admin client, the resume scanner):
-    /// brokers, client id, and the user's connection and security properties — no producer
-    /// settings, which would make librdkafka warn about each one.
+    /// brokers, client id, and every user property except producer-only ones (a consumer warns
+    /// about each), so they connect exactly as the producer does. Neither may make the broker
+    /// create a topic by asking for its metadata.
     pub fn connection_config(&self) -> ClientConfig {
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", &self.brokers)
             .set("client.id", &self.client_id);
         for (k, v) in self.librdkafka.iter().chain(&self.secret_properties) {
-            if ["security.", "sasl.", "ssl.", "socket."]
-                .iter()
-                .any(|family| k.starts_with(family))
-            {
+            if !PRODUCER_ONLY_PROPERTIES.contains(&k.as_str()) {
                 c.set(k, v);
             }
         }
+        c.set("allow.auto.create.topics", "false");
         c
     }
 }
@@ -502,19 +531,28 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn other_clients_get_connection_and_security_settings_only() {
+    fn other_clients_connect_like_the_producer_without_producer_settings() {
         let mut s = settings("b:9092");
         s.librdkafka.insert("linger.ms".into(), "50".into());
         s.librdkafka
             .insert("security.protocol".into(), "SASL_SSL".into());
+        s.librdkafka
+            .insert("enable.ssl.certificate.verification".into(), "false".into());
+        s.librdkafka
+            .insert("broker.address.family".into(), "v4".into());
         s.secret_properties
             .insert("sasl.password".into(), "hunter2".into());
         let c = s.connection_config();
         assert_eq!(c.get("bootstrap.servers"), Some("b:9092"));
         assert_eq!(c.get("security.protocol"), Some("SASL_SSL"));
         assert_eq!(c.get("sasl.password"), Some("hunter2"));
+        assert_eq!(c.get("enable.ssl.certificate.verification"), Some("false"));
+        assert_eq!(c.get("broker.address.family"), Some("v4"));
         assert_eq!(c.get("linger.ms"), None);
         assert_eq!(c.get("enable.idempotence"), None);
+        // A metadata request must never create a topic (librdkafka's producer-type handles,
+        // the admin client among them, would allow it by default).
+        assert_eq!(c.get("allow.auto.create.topics"), Some("false"));
     }
 
     #[test]

@@ -1150,6 +1150,7 @@ async fn kafka_checks(config: &Config, types: &AggregateTypes, checks: &mut Vec<
                 ),
             ));
             checks.extend(topic_checks(config, types, &cluster));
+            checks.extend(dead_letter_check(config, &cluster));
         }
         Err(e @ probe::ProbeError::Config { .. }) => {
             checks.push(Check::fail(
@@ -1352,6 +1353,39 @@ fn topic_checks(config: &Config, types: &AggregateTypes, cluster: &ClusterInfo) 
         ));
     }
     checks
+}
+
+/// With `on_bad_row = "dead-letter"`: the dead-letter topic must exist or be creatable, or
+/// the first bad row would stop walship instead of being set aside.
+fn dead_letter_check(config: &Config, cluster: &ClusterInfo) -> Option<Check> {
+    const NAME: &str = "kafka.dead_letter_topic";
+    if config.outbox.on_bad_row != crate::config::BadRowPolicy::DeadLetter {
+        return None;
+    }
+    let topic = &config.outbox.dead_letter_topic;
+    Some(if cluster.has_topic(topic) {
+        Check::pass(NAME, format!("dead-letter topic {topic:?} exists"))
+    } else if config.kafka.create_topics {
+        Check::pass(
+            NAME,
+            format!(
+                "dead-letter topic {topic:?} is missing; walship creates it for the first bad row"
+            ),
+        )
+    } else {
+        Check::fail(
+            NAME,
+            format!(
+                "dead-letter topic {topic:?} is missing and kafka.create_topics is false: the \
+                 first bad row would stop walship instead of being dead-lettered"
+            ),
+            format!(
+                "create it (e.g. kafka-topics.sh --create --topic {topic} --partitions {} \
+                 --replication-factor {}) or set kafka.create_topics = true",
+                config.kafka.topic_partitions, config.kafka.topic_replication_factor
+            ),
+        )
+    })
 }
 
 fn quoted_list(items: &[impl AsRef<str>]) -> String {
@@ -1583,6 +1617,36 @@ mod tests {
                 .unwrap()
                 .contains("pg_create_logical_replication_slot")
         );
+    }
+
+    #[test]
+    fn dead_letter_topic_is_checked_only_with_that_policy() {
+        let mut cluster = ClusterInfo::default();
+        cluster.brokers.insert(1, "k:9092".into());
+        assert!(dead_letter_check(&config(""), &cluster).is_none());
+        let dead_letter = "[outbox]\non_bad_row = \"dead-letter\"\ndead_letter_topic = \"dlq\"\n";
+        let creates = dead_letter_check(&config(dead_letter), &cluster).unwrap();
+        assert_eq!(creates.status, Status::Pass, "{creates:?}");
+        let fixed = config(&format!("create_topics = false\n{dead_letter}"));
+        let missing = dead_letter_check(&fixed, &cluster).unwrap();
+        assert_eq!(missing.status, Status::Fail);
+        assert!(
+            missing.message.contains("\"dlq\"")
+                && missing
+                    .fix
+                    .as_deref()
+                    .is_some_and(|f| f.contains("--topic dlq")),
+            "{missing:?}"
+        );
+        cluster.topics.insert(
+            "dlq".into(),
+            walship_kafka::probe::TopicInfo {
+                partitions: 1,
+                error: None,
+            },
+        );
+        let exists = dead_letter_check(&fixed, &cluster).unwrap();
+        assert_eq!(exists.status, Status::Pass, "{exists:?}");
     }
 
     #[test]

@@ -435,6 +435,20 @@ impl Config {
                 "kafka.topic_partitions must be at least 1".into(),
             ));
         }
+        if self.kafka.topic_replication_factor < 1 && self.kafka.topic_replication_factor != -1 {
+            return Err(ConfigError(format!(
+                "kafka.topic_replication_factor = {} is not a replication factor: use 1 or more, \
+                 or -1 for the broker's default",
+                self.kafka.topic_replication_factor
+            )));
+        }
+        if self.postgres.watch_interval_ms < 100 {
+            return Err(ConfigError(format!(
+                "postgres.watch_interval_ms = {} is too short: use 100 or more (each check queries \
+                 the server)",
+                self.postgres.watch_interval_ms
+            )));
+        }
         for key in self.kafka.librdkafka.keys() {
             if is_secret_property(key) {
                 return Err(ConfigError(format!(
@@ -442,9 +456,15 @@ impl Config {
                      kafka.secret_env = {{ {key:?} = \"ENV_VAR_NAME\" }} or kafka.secret_files"
                 )));
             }
-            if key == "enable.idempotence" || key == "acks" || key == "bootstrap.servers" {
+        }
+        let librdkafka = self.kafka.librdkafka.keys().map(|k| ("librdkafka", k));
+        let secret_env = self.kafka.secret_env.keys().map(|k| ("secret_env", k));
+        let secret_files = self.kafka.secret_files.keys().map(|k| ("secret_files", k));
+        for (table, key) in librdkafka.chain(secret_env).chain(secret_files) {
+            if MANAGED_PROPERTIES.contains(&key.as_str()) {
                 return Err(ConfigError(format!(
-                    "kafka.librdkafka.{key:?} is managed by walship (idempotent, acks=all, kafka.brokers): remove it"
+                    "kafka.{table}.{key:?} is managed by walship (idempotent producer with acks=all, \
+                     brokers from kafka.brokers, topics created per kafka.create_topics): remove it"
                 )));
             }
         }
@@ -606,6 +626,17 @@ impl Config {
     }
 }
 
+/// librdkafka properties walship sets itself (with their aliases): overriding them would break
+/// G1/G2 or let the broker create topics behind `kafka.create_topics`.
+const MANAGED_PROPERTIES: &[&str] = &[
+    "enable.idempotence",
+    "acks",
+    "request.required.acks",
+    "bootstrap.servers",
+    "metadata.broker.list",
+    "allow.auto.create.topics",
+];
+
 fn is_secret_property(key: &str) -> bool {
     let k = key.to_ascii_lowercase();
     k.contains("password")
@@ -663,6 +694,47 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("bogus"), "{e}");
+    }
+
+    #[test]
+    fn managed_producer_properties_are_refused_wherever_they_are_set() {
+        for (table, line) in [
+            ("librdkafka", "\"request.required.acks\" = \"1\""),
+            ("librdkafka", "\"allow.auto.create.topics\" = \"true\""),
+            ("secret_env", "\"acks\" = \"SOME_VAR\""),
+            (
+                "secret_files",
+                "\"enable.idempotence\" = \"/run/secrets/x\"",
+            ),
+        ] {
+            let e = parse(&format!("{MINIMAL}[kafka.{table}]\n{line}\n"), &[])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("is managed by walship") && e.contains(table),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn out_of_range_numbers_are_refused_with_the_accepted_range() {
+        let e = parse(&format!("{MINIMAL}topic_replication_factor = 0\n"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("topic_replication_factor = 0") && e.contains("-1"),
+            "{e}"
+        );
+        let c = parse(&format!("{MINIMAL}topic_replication_factor = -1\n"), &[]).unwrap();
+        assert_eq!(c.kafka.topic_replication_factor, -1);
+        let e = parse(MINIMAL, &[("WALSHIP_POSTGRES__WATCH_INTERVAL_MS", "0")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("watch_interval_ms = 0") && e.contains("100"),
+            "{e}"
+        );
     }
 
     #[test]

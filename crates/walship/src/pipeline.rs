@@ -505,7 +505,9 @@ impl Session {
                     }
                     Err(SendError::QueueFull) => {}
                     Err(SendError::Rejected { topic, error }) => {
-                        return Err(match walship_kafka::sink::classify(&error) {
+                        let class = walship_kafka::sink::classify(&error);
+                        self.telemetry.count_error(class);
+                        return Err(match class {
                             walship_kafka::ErrorClass::Transient => {
                                 Error::Delivery(walship_kafka::DeliveryError {
                                     topic,

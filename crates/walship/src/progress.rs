@@ -268,12 +268,14 @@ impl Progress {
 
 impl DeliveryListener for Progress {
     fn on_delivery(&self, token: usize, result: Result<usize, DeliveryError>) {
-        // `last_delivery_ms` is stamped when transactions complete (in `advance`) and on
-        // failures: reading the clock per record would cost more than the rest of this call.
-        if result.is_err() {
+        // `last_delivery_ms` is stamped when transactions complete (in `advance`), every 256th
+        // report and on failures: reading the clock per record would cost more than the rest
+        // of this call.
+        if let Err(e) = &result {
             self.telemetry
                 .last_delivery_ms
                 .store(unix_ms(), Ordering::Relaxed);
+            self.telemetry.count_error(e.class());
         }
         match result {
             Ok(bytes) => {
@@ -316,6 +318,12 @@ impl DeliveryListener for Progress {
             }
         }
         let reported = self.reported_events.fetch_add(1, Ordering::AcqRel) + 1;
+        if reported.is_multiple_of(256) {
+            // Also while one long transaction is being acknowledged (nothing completes).
+            self.telemetry
+                .last_delivery_ms
+                .store(unix_ms(), Ordering::Relaxed);
+        }
         let wake_at = self.wake_at_in_flight.load(Ordering::Acquire);
         if wake_at != u64::MAX
             && self
@@ -356,6 +364,46 @@ mod tests {
         ack(&p, a);
         assert_eq!(p.safe_lsn(), Lsn(200), "a and b complete");
         assert_eq!(p.pending_transactions(), 0);
+    }
+
+    #[test]
+    fn acks_within_one_long_transaction_show_the_broker_answers() {
+        let telemetry = std::sync::Arc::new(Telemetry::default());
+        let p = Progress::with_telemetry(Lsn(0), std::sync::Arc::clone(&telemetry));
+        let a = p.open(0);
+        for _ in 0..300 {
+            p.note_sent();
+        }
+        for _ in 0..255 {
+            ack(&p, a);
+        }
+        assert_eq!(telemetry.last_delivery_ms.load(Ordering::Relaxed), 0);
+        ack(&p, a);
+        assert!(
+            telemetry.last_delivery_ms.load(Ordering::Relaxed) > 0,
+            "256 acks of a transaction still being read count as the broker answering"
+        );
+        assert_eq!(p.safe_lsn(), Lsn(0), "the transaction is not complete");
+    }
+
+    #[test]
+    fn delivery_failures_are_counted_by_class() {
+        let telemetry = std::sync::Arc::new(Telemetry::default());
+        let p = Progress::with_telemetry(Lsn(0), std::sync::Arc::clone(&telemetry));
+        let a = p.open(0);
+        p.note_sent();
+        p.on_delivery(
+            a as usize,
+            Err(DeliveryError {
+                topic: "t".into(),
+                partition: 0,
+                key: None,
+                payload_len: 0,
+                error: KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge),
+            }),
+        );
+        assert_eq!(telemetry.errors_record.load(Ordering::Relaxed), 1);
+        assert_eq!(telemetry.errors_transient.load(Ordering::Relaxed), 0);
     }
 
     #[test]

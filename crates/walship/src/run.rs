@@ -20,8 +20,6 @@ use walship_postgres::{Relations, ReplicationStream, slot};
 
 use std::sync::atomic::Ordering;
 
-use walship_kafka::ErrorClass;
-
 use crate::config::{Config, ConfigError, Secret};
 use crate::error::Error;
 use crate::pipeline::Session;
@@ -121,14 +119,6 @@ async fn supervise(
             e = &mut watchdog => Err(e),
         };
         telemetry.streaming.store(false, Ordering::Relaxed);
-        if let Err(Error::Delivery(d)) = &result {
-            let counter = match d.class() {
-                ErrorClass::Transient => &telemetry.errors_transient,
-                ErrorClass::Record => &telemetry.errors_record,
-                ErrorClass::Fatal => &telemetry.errors_fatal,
-            };
-            counter.fetch_add(1, Ordering::Relaxed);
-        }
         match result {
             Ok(()) => return Ok(()),
             Err(e) if e.is_transient() && !cancel.is_cancelled() => {
@@ -355,6 +345,10 @@ async fn session(
         session.dead_letter_topic = Some(config.outbox.dead_letter_topic.clone());
         progress.enable_dead_letter();
     }
+    // Readiness measures the broker's silence from here, not from an earlier session.
+    telemetry
+        .last_delivery_ms
+        .store(telemetry::unix_ms(), Ordering::Relaxed);
     telemetry.streaming.store(true, Ordering::Relaxed);
     telemetry.safe_lsn.store(start.0, Ordering::Relaxed);
     telemetry

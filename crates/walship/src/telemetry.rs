@@ -80,6 +80,16 @@ impl Telemetry {
             .fetch_add((secs * 1e6) as u64, Ordering::Relaxed);
     }
 
+    /// Counts a failed delivery (or a record the producer refused at once) by its class.
+    pub fn count_error(&self, class: walship_kafka::ErrorClass) {
+        let counter = match class {
+            walship_kafka::ErrorClass::Transient => &self.errors_transient,
+            walship_kafka::ErrorClass::Record => &self.errors_record,
+            walship_kafka::ErrorClass::Fatal => &self.errors_fatal,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Bytes the slot's consumer is behind the server's WAL.
     pub fn lag_bytes(&self) -> u64 {
         self.server_wal_end
