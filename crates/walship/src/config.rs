@@ -332,18 +332,42 @@ impl Config {
             let Some(path) = name.strip_prefix(ENV_PREFIX) else {
                 continue;
             };
-            let Some((section, key)) = path.split_once("__") else {
+            // SECTION__KEY, or deeper: KAFKA__LIBRDKAFKA__<property> sets one entry of a table.
+            let segments: Vec<String> = path.split("__").map(str::to_ascii_lowercase).collect();
+            let Some((key, tables)) = segments.split_last() else {
                 continue;
             };
-            let section = section.to_ascii_lowercase();
-            let key = key.to_ascii_lowercase();
-            let entry = table
-                .entry(section.clone())
-                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-            let toml::Value::Table(t) = entry else {
-                return Err(ConfigError(format!("{name}: [{section}] is not a section")));
+            if tables.is_empty() {
+                continue;
+            }
+            let mut t = &mut table;
+            for (depth, section) in tables.iter().enumerate() {
+                let entry = t
+                    .entry(section.clone())
+                    .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+                let toml::Value::Table(inner) = entry else {
+                    return Err(ConfigError(format!(
+                        "{name}: [{}] is not a table",
+                        tables[..=depth].join(".")
+                    )));
+                };
+                t = inner;
+            }
+            // Entries of nested tables (librdkafka properties, secret names) are strings.
+            let parsed = if tables.len() > 1 {
+                toml::Value::String(value.clone())
+            } else {
+                env_value(&value)
             };
-            t.insert(key, env_value(&value));
+            match (t.get_mut(key.as_str()), parsed) {
+                // A table given whole (an inline table) adds to the file's entries.
+                (Some(toml::Value::Table(existing)), toml::Value::Table(given)) => {
+                    existing.extend(given);
+                }
+                (_, v) => {
+                    t.insert(key.clone(), v);
+                }
+            }
             applied.push(name);
         }
         let config: Config = Config::deserialize(toml::Value::Table(table)).map_err(|e| {
@@ -743,6 +767,35 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("brokers"), "{e}");
+    }
+
+    #[test]
+    fn env_overrides_reach_nested_tables_and_add_to_them() {
+        let file = format!("{MINIMAL}[kafka.librdkafka]\n\"security.protocol\" = \"SSL\"\n");
+        let c = parse(
+            &file,
+            &[
+                ("WALSHIP_KAFKA__LIBRDKAFKA__LINGER.MS", "20"),
+                (
+                    "WALSHIP_KAFKA__LIBRDKAFKA",
+                    "{ \"compression.type\" = \"lz4\" }",
+                ),
+                ("WALSHIP_POSTGRES__SLOT", "\"123\""),
+            ],
+        )
+        .unwrap();
+        let props = &c.kafka.librdkafka;
+        assert_eq!(props.get("linger.ms").map(String::as_str), Some("20"));
+        assert_eq!(
+            props.get("compression.type").map(String::as_str),
+            Some("lz4")
+        );
+        assert_eq!(
+            props.get("security.protocol").map(String::as_str),
+            Some("SSL"),
+            "the file's entries stay"
+        );
+        assert_eq!(c.postgres.slot, "123", "a quoted value stays a string");
     }
 
     #[test]
