@@ -539,6 +539,14 @@ impl Config {
                     .into(),
             ));
         }
+        let hosts = c.pg.get_hosts().len().max(c.pg.get_hostaddrs().len());
+        if hosts > 1 {
+            return Err(ConfigError(format!(
+                "postgres.url names {hosts} hosts: walship creates its slot on and streams from \
+                 one server (a logical slot lives on one primary), so a list could check one and \
+                 stream from another; name the primary alone"
+            )));
+        }
         Ok(c)
     }
 
@@ -759,6 +767,17 @@ mod tests {
             e.contains("watch_interval_ms = 0") && e.contains("100"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_url_with_several_hosts_is_refused() {
+        let e = parse(
+            "[postgres]\nurl = \"postgres://w@pg1,pg2/app\"\n[kafka]\nbrokers = \"k:9092\"\n",
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("2 hosts") && e.contains("primary"), "{e}");
     }
 
     #[test]

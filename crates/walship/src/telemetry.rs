@@ -129,7 +129,7 @@ impl Telemetry {
         metric(
             "walship_transactions_total",
             "counter",
-            "Transactions fully acknowledged, with or without outbox events.",
+            "Committed transactions decoded, with or without outbox events (again after a reconnect).",
             get(&self.transactions),
         );
         metric(
