@@ -695,6 +695,7 @@ impl Session {
         self.check_failure()?;
         let safe = self.progress.safe_lsn();
         self.stream.send_status(safe, false).await?;
+        self.telemetry.safe_lsn.store(safe.0, Ordering::Relaxed);
         self.stream.finish().await?;
         tracing::info!(confirmed_lsn = %safe, events = self.stats.events_sent, "stopped; slot confirmed");
         Ok(self.stats)

@@ -119,6 +119,8 @@ async fn supervise(
             e = &mut watchdog => Err(e),
         };
         telemetry.streaming.store(false, Ordering::Relaxed);
+        // The session's producer is gone: what it held is read again by the next session.
+        telemetry.in_flight.store(0, Ordering::Relaxed);
         match result {
             Ok(()) => return Ok(()),
             Err(e) if e.is_transient() && !cancel.is_cancelled() => {
