@@ -1363,9 +1363,37 @@ fn dead_letter_check(config: &Config, cluster: &ClusterInfo) -> Option<Check> {
         return None;
     }
     let topic = &config.outbox.dead_letter_topic;
+    let kafka = &config.kafka;
+    let error = cluster.topics.get(topic).and_then(|t| t.error.as_ref());
+    let rf_too_high =
+        usize::try_from(kafka.topic_replication_factor).is_ok_and(|rf| rf > cluster.brokers.len());
     Some(if cluster.has_topic(topic) {
         Check::pass(NAME, format!("dead-letter topic {topic:?} exists"))
-    } else if config.kafka.create_topics {
+    } else if let Some(e) = error {
+        Check::fail(
+            NAME,
+            format!("the broker reports an error for dead-letter topic {topic:?}: {e}"),
+            format!(
+                "grant client {:?} Describe and Write on it (and Create when \
+                 kafka.create_topics = true)",
+                kafka.client_id
+            ),
+        )
+    } else if kafka.create_topics && rf_too_high {
+        Check::fail(
+            NAME,
+            format!(
+                "dead-letter topic {topic:?} is missing and walship would create it with \
+                 replication factor {}, but the cluster has {} broker(s)",
+                kafka.topic_replication_factor,
+                cluster.brokers.len()
+            ),
+            format!(
+                "set kafka.topic_replication_factor to at most {}, or create the topic yourself",
+                cluster.brokers.len()
+            ),
+        )
+    } else if kafka.create_topics {
         Check::pass(
             NAME,
             format!(
@@ -1647,6 +1675,23 @@ mod tests {
         );
         let exists = dead_letter_check(&fixed, &cluster).unwrap();
         assert_eq!(exists.status, Status::Pass, "{exists:?}");
+        let too_many = config(&format!("topic_replication_factor = 3\n{dead_letter}"));
+        cluster.topics.clear();
+        let rf = dead_letter_check(&too_many, &cluster).unwrap();
+        assert_eq!(rf.status, Status::Fail, "{rf:?}");
+        cluster.topics.insert(
+            "dlq".into(),
+            walship_kafka::probe::TopicInfo {
+                partitions: 0,
+                error: Some("TopicAuthorizationFailed".into()),
+            },
+        );
+        let denied = dead_letter_check(&config(dead_letter), &cluster).unwrap();
+        assert_eq!(denied.status, Status::Fail, "{denied:?}");
+        assert!(
+            denied.message.contains("TopicAuthorizationFailed"),
+            "{denied:?}"
+        );
     }
 
     #[test]

@@ -328,6 +328,12 @@ impl Config {
         let mut table: toml::Table =
             toml::from_str(text).map_err(|e| ConfigError(format!("in {origin}: {e}")))?;
         let mut applied = Vec::new();
+        // Shallow overrides first, so `KAFKA__LIBRDKAFKA__X` refines `KAFKA__LIBRDKAFKA` whatever
+        // the environment's order.
+        let mut env: Vec<(String, String)> = env.into_iter().collect();
+        env.sort_by(|(a, _), (b, _)| {
+            (a.matches("__").count(), a.as_str()).cmp(&(b.matches("__").count(), b.as_str()))
+        });
         for (name, value) in env {
             let Some(path) = name.strip_prefix(ENV_PREFIX) else {
                 continue;

@@ -20,6 +20,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use pgoutput::Lsn;
+use rdkafka::types::RDKafkaErrorCode;
 use tokio::sync::Notify;
 use walship_kafka::{DeliveryError, DeliveryListener};
 
@@ -275,7 +276,15 @@ impl DeliveryListener for Progress {
             self.telemetry
                 .last_delivery_ms
                 .store(unix_ms(), Ordering::Relaxed);
-            self.telemetry.count_error(e.class());
+            // Records purged because the session's producer is going away were not refused by
+            // anyone: the next session reads them again.
+            let purged = matches!(
+                e.error.rdkafka_error_code(),
+                Some(RDKafkaErrorCode::PurgeQueue | RDKafkaErrorCode::PurgeInflight)
+            );
+            if !purged {
+                self.telemetry.count_error(e.class());
+            }
         }
         match result {
             Ok(bytes) => {
@@ -403,6 +412,20 @@ mod tests {
             }),
         );
         assert_eq!(telemetry.errors_record.load(Ordering::Relaxed), 1);
+        assert_eq!(telemetry.errors_transient.load(Ordering::Relaxed), 0);
+        // Dropping a session's producer purges what it holds: not a refusal.
+        let b = p.open(0);
+        p.note_sent();
+        p.on_delivery(
+            b as usize,
+            Err(DeliveryError {
+                topic: "t".into(),
+                partition: 0,
+                key: None,
+                payload_len: 0,
+                error: KafkaError::MessageProduction(RDKafkaErrorCode::PurgeInflight),
+            }),
+        );
         assert_eq!(telemetry.errors_transient.load(Ordering::Relaxed), 0);
     }
 
