@@ -173,6 +173,18 @@ impl ResumeScanner {
             .set("enable.partition.eof", "true")
             .set("fetch.wait.max.ms", "50")
             .set_log_level(RDKafkaLogLevel::Debug);
+        // A consumer checks what a producer does not: `receive.message.max.bytes` must exceed
+        // its fetch size, which grows with `message.max.bytes`. Keep the producer's limits
+        // valid here too.
+        let get = |key: &str| config.get(key).and_then(|v| v.parse::<u64>().ok());
+        let fetch = get("fetch.max.bytes")
+            .unwrap_or(52_428_800)
+            .max(get("message.max.bytes").unwrap_or(0));
+        let receive = get("receive.message.max.bytes")
+            .unwrap_or(100_000_000)
+            .max(fetch + 512)
+            .min(2_147_483_647);
+        config.set("receive.message.max.bytes", receive.to_string());
         let consumer = config.create_with_context(ScanContext)?;
         Ok(ResumeScanner {
             consumer,
@@ -376,6 +388,23 @@ fn remaining(deadline: Instant) -> Result<Duration, KafkaError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_scanner_accepts_the_producers_message_size_limits() {
+        let mut settings = crate::sink::tests::settings("127.0.0.1:9");
+        for (k, v) in [
+            ("message.max.bytes", "104857600"),
+            ("receive.message.max.bytes", "104857600"),
+        ] {
+            settings.librdkafka.insert(k.into(), v.into());
+        }
+        // The producer takes these; a consumer with them as given refuses to start.
+        settings
+            .client_config()
+            .create::<rdkafka::producer::BaseProducer>()
+            .expect("producer");
+        ResumeScanner::new(&settings, "src", Duration::from_secs(1)).expect("scanner");
+    }
 
     #[test]
     fn positions_round_trip_and_order_like_the_stream() {
