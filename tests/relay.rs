@@ -283,6 +283,28 @@ async fn events_committed_while_down_arrive_and_graceful_restart_has_no_duplicat
     relay.stop().await.expect("graceful stop");
 }
 
+/// The URL's `application_name` names the replication connection too, so an operator finds
+/// walship's walsender in `pg_stat_replication` under the name they chose.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replication_connection_uses_the_urls_application_name() {
+    let db = TestDb::new().await;
+    let mut config = harness::config(&db, &broker().bootstrap, "");
+    config.postgres.url = format!("{}?application_name=orders-relay", db.url);
+    let relay = Relay::start_streaming(config, &db).await;
+    let name: Option<String> = db
+        .client
+        .query_one(
+            "SELECT r.application_name FROM pg_replication_slots s \
+             JOIN pg_stat_replication r ON r.pid = s.active_pid WHERE s.slot_name = $1",
+            &[&db.name],
+        )
+        .await
+        .expect("walsender of the slot")
+        .get(0);
+    assert_eq!(name.as_deref(), Some("orders-relay"));
+    relay.stop().await.expect("graceful stop");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_slot_follows_server_wal_while_other_tables_are_written() {
     let db = TestDb::new().await;

@@ -308,10 +308,12 @@ async fn session(
         ("publication_names", publication.as_str()),
         ("messages", "true"),
     ];
+    // The URL's application_name, as on the SQL connections (pg_stat_replication shows it).
+    let application_name = params.config.pg.get_application_name().unwrap_or("walship");
     let stream = ReplicationStream::start(
         params,
         pw,
-        "walship",
+        application_name,
         &config.postgres.slot,
         pgoutput::Lsn::ZERO,
         &options,
