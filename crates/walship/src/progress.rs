@@ -355,6 +355,17 @@ mod tests {
         p.on_delivery(token as usize, Ok(1));
     }
 
+    /// A delivery report failing with `code`.
+    fn failure(code: RDKafkaErrorCode) -> DeliveryError {
+        DeliveryError {
+            topic: "t".into(),
+            partition: 0,
+            key: None,
+            payload_len: 0,
+            error: KafkaError::MessageProduction(code),
+        }
+    }
+
     #[test]
     fn safe_lsn_is_end_of_longest_acknowledged_prefix() {
         let p = Progress::new(Lsn(10));
@@ -403,29 +414,14 @@ mod tests {
         p.note_sent();
         p.on_delivery(
             a as usize,
-            Err(DeliveryError {
-                topic: "t".into(),
-                partition: 0,
-                key: None,
-                payload_len: 0,
-                error: KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge),
-            }),
+            Err(failure(RDKafkaErrorCode::MessageSizeTooLarge)),
         );
         assert_eq!(telemetry.errors_record.load(Ordering::Relaxed), 1);
         assert_eq!(telemetry.errors_transient.load(Ordering::Relaxed), 0);
         // Dropping a session's producer purges what it holds: not a refusal.
         let b = p.open(0);
         p.note_sent();
-        p.on_delivery(
-            b as usize,
-            Err(DeliveryError {
-                topic: "t".into(),
-                partition: 0,
-                key: None,
-                payload_len: 0,
-                error: KafkaError::MessageProduction(RDKafkaErrorCode::PurgeInflight),
-            }),
-        );
+        p.on_delivery(b as usize, Err(failure(RDKafkaErrorCode::PurgeInflight)));
         assert_eq!(telemetry.errors_transient.load(Ordering::Relaxed), 0);
     }
 
@@ -480,14 +476,10 @@ mod tests {
         p.seal(a, 1, Lsn(10));
         let b = p.open(0);
         p.seal(b, 1, Lsn(20));
-        let err = DeliveryError {
-            topic: "t".into(),
-            partition: 0,
-            key: None,
-            payload_len: 0,
-            error: KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge),
-        };
-        p.on_delivery(a as usize, Err(err));
+        p.on_delivery(
+            a as usize,
+            Err(failure(RDKafkaErrorCode::MessageSizeTooLarge)),
+        );
         ack(&p, b);
         assert!(p.has_failed());
         assert_eq!(
