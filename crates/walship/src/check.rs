@@ -1294,8 +1294,7 @@ fn topic_checks(config: &Config, types: &AggregateTypes, cluster: &ClusterInfo) 
             ),
         ));
     }
-    let rf_too_high =
-        usize::try_from(kafka.topic_replication_factor).is_ok_and(|rf| rf > cluster.brokers.len());
+    let rf_too_high = replication_factor_too_high(kafka, cluster);
     let mut message = if present.is_empty() {
         String::new()
     } else {
@@ -1355,6 +1354,12 @@ fn topic_checks(config: &Config, types: &AggregateTypes, cluster: &ClusterInfo) 
     checks
 }
 
+/// True when topics walship creates would ask for more replicas than the cluster has brokers
+/// (-1, the broker's default, never does).
+fn replication_factor_too_high(kafka: &crate::config::KafkaConfig, cluster: &ClusterInfo) -> bool {
+    usize::try_from(kafka.topic_replication_factor).is_ok_and(|rf| rf > cluster.brokers.len())
+}
+
 /// With `on_bad_row = "dead-letter"`: the dead-letter topic must exist or be creatable, or
 /// the first bad row would stop walship instead of being set aside.
 fn dead_letter_check(config: &Config, cluster: &ClusterInfo) -> Option<Check> {
@@ -1365,8 +1370,7 @@ fn dead_letter_check(config: &Config, cluster: &ClusterInfo) -> Option<Check> {
     let topic = &config.outbox.dead_letter_topic;
     let kafka = &config.kafka;
     let error = cluster.topics.get(topic).and_then(|t| t.error.as_ref());
-    let rf_too_high =
-        usize::try_from(kafka.topic_replication_factor).is_ok_and(|rf| rf > cluster.brokers.len());
+    let rf_too_high = replication_factor_too_high(kafka, cluster);
     Some(if cluster.has_topic(topic) {
         Check::pass(NAME, format!("dead-letter topic {topic:?} exists"))
     } else if let Some(e) = error {
