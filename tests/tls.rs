@@ -23,6 +23,7 @@ use walship_postgres::replication::ConnectParams;
 use walship_postgres::{PgError, ReplicationStream, slot};
 
 use crate::harness::postgres::Cluster;
+use crate::harness::process::at_exit;
 use crate::harness::{self, Binary, Relay, Row, TIMEOUT, TestDb, broker, consume, insert_txn};
 
 /// The password role (SCRAM over TLS only).
@@ -47,17 +48,17 @@ struct TlsServer {
 
 async fn server() -> &'static TlsServer {
     static SERVER: OnceCell<TlsServer> = OnceCell::const_new();
-    let mut started = false;
-    let server = SERVER
+    SERVER
         .get_or_init(|| {
-            started = true;
+            // A static is never dropped: tear the cluster down when the process exits.
+            at_exit(Box::new(|| {
+                if let Some(server) = SERVER.get() {
+                    server.cluster.tear_down();
+                }
+            }));
             start_server()
         })
-        .await;
-    if started {
-        server.cluster.tear_down_at_exit();
-    }
-    server
+        .await
 }
 
 async fn start_server() -> TlsServer {

@@ -39,14 +39,10 @@ impl Drop for Cluster {
 }
 
 impl Cluster {
-    /// Tears `self` down when the process exits (for a cluster held in a static).
-    pub fn tear_down_at_exit(&'static self) {
-        at_exit(Box::new(|| self.tear_down()));
-    }
-
     /// Stops the server at once and removes its directory, unless a test of this process
-    /// failed: then the data directory and `postgres.log` stay for inspection.
-    fn tear_down(&self) {
+    /// failed: then the data directory and `postgres.log` stay for inspection. Dropping does
+    /// this; a cluster held in a static registers it with [`at_exit`].
+    pub fn tear_down(&self) {
         if let Some(mut child) = self.child.lock().unwrap_or_else(|e| e.into_inner()).take() {
             // SIGQUIT: immediate shutdown; the data directory is thrown away anyway.
             #[allow(unsafe_code)]
@@ -312,15 +308,15 @@ impl Cluster {
 /// The cluster shared by every test in this process.
 pub fn cluster() -> &'static Cluster {
     static CLUSTER: OnceLock<Cluster> = OnceLock::new();
-    let mut started = false;
-    let cluster = CLUSTER.get_or_init(|| {
-        started = true;
+    CLUSTER.get_or_init(|| {
+        // A static is never dropped: tear the cluster down when the process exits.
+        at_exit(Box::new(|| {
+            if let Some(cluster) = CLUSTER.get() {
+                cluster.tear_down();
+            }
+        }));
         Cluster::start()
-    });
-    if started {
-        cluster.tear_down_at_exit();
-    }
-    cluster
+    })
 }
 
 /// A database of its own for one test, with the outbox table, a publication and a slot name.
