@@ -146,7 +146,7 @@ fn produce_ack(c: &mut Criterion) {
                 runtime.block_on(async {
                     for i in 0..EVENTS {
                         let key = format!("agg-{}", i % 5000);
-                        let token = progress.open(0);
+                        let token = progress.open(walship::progress::TxnOrigin::default());
                         let record = Record {
                             topic: "bench",
                             key: key.as_bytes(),
@@ -163,7 +163,7 @@ fn produce_ack(c: &mut Criterion) {
                                 }
                             }
                             progress
-                                .wait_for_room(1000, Duration::from_millis(100))
+                                .wait_for_room(1000, None, Duration::from_millis(100))
                                 .await;
                         }
                         progress.note_sent();

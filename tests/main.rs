@@ -6,10 +6,12 @@
 // Test code: a panic is how a check fails.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
 
+mod bounds;
 mod check;
 mod cli;
 mod harness;
 mod metrics;
+mod partitions;
 mod pgoutput_golden;
 mod relay;
 mod reliability;

@@ -224,3 +224,156 @@ async fn another_sources_records_are_never_taken_for_delivered() {
     assert_eq!(sources.len(), 2, "{sources:?}");
     drop_saved(&db).await;
 }
+
+/// Creates `topic` with one partition and writes `records` into it as they are (key, value and
+/// headers): a topic crafted to hold some of an earlier run's records and not others.
+async fn craft_topic(topic: &str, records: &[&Consumed]) {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    use rdkafka::config::ClientConfig;
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", &broker().bootstrap);
+    let admin: AdminClient<DefaultClientContext> = config.create().expect("admin");
+    let created = admin
+        .create_topics(
+            &[NewTopic::new(topic, 1, TopicReplication::Fixed(1))],
+            &AdminOptions::new(),
+        )
+        .await
+        .expect("create topic");
+    assert!(created.iter().all(Result::is_ok), "{created:?}");
+    let producer: FutureProducer = config.create().expect("producer");
+    for r in records {
+        let mut headers = OwnedHeaders::new();
+        for (k, v) in &r.headers {
+            headers = headers.insert(Header {
+                key: k,
+                value: Some(v),
+            });
+        }
+        let mut record = FutureRecord::to(topic).key(&r.key).headers(headers);
+        if let Some(p) = &r.payload {
+            record = record.payload(p);
+        }
+        producer
+            .send(record, Duration::from_secs(30))
+            .await
+            .expect("produce");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_found_after_a_missing_one_of_its_key_is_sent_again_so_order_holds() {
+    let db = TestDb::new().await;
+    let kafka = &broker().bootstrap;
+    run_to_end(harness::config(&db, kafka, ""), &db).await;
+    save_slot(&db).await;
+    // e1, e2, e3 of one aggregate, one transaction each, delivered and confirmed.
+    let mut client = harness::postgres::connect(&db.url).await;
+    for seq in 1..=3 {
+        insert_txn(&mut client, &[Row::new("order", "agg", seq)]).await;
+    }
+    run_to_end(harness::config(&db, kafka, ""), &db).await;
+    let delivered = consume(kafka, &[&harness::topic(&db, "order")], 3, TIMEOUT, SETTLE);
+    assert_eq!(seq_list(&delivered), vec![1, 2, 3]);
+
+    // A topic that holds e2 (as walship wrote it) but not e1: a scan cut short, or a record
+    // lost in flight, looks like this.
+    let crafted = format!("{}_crafted", db.slot());
+    let crafted_topic = format!("{crafted}.order");
+    let e2 = delivered.iter().find(|r| r.json()["seq"] == 2).expect("e2");
+    craft_topic(&crafted_topic, &[e2]).await;
+
+    // The slot is rewound to before e1, and walship now writes to the crafted topic.
+    rewind_slot(&db).await;
+    let config = Config::from_toml(
+        &harness::config_toml(&db, kafka, ""),
+        [(
+            "WALSHIP_OUTBOX__TOPIC".to_owned(),
+            format!("{crafted}.{{aggregatetype}}"),
+        )],
+        "test",
+    )
+    .expect("config");
+    run_to_end(config, &db).await;
+    let records = consume(kafka, &[&crafted_topic], 3, TIMEOUT, SETTLE);
+    // Skipping e2 because it was found would leave e1 as the aggregate's last word before e3
+    // and, had the stream stopped there, after e2: e2, e1. e1 was missing, so e2 and e3 are
+    // sent again after it.
+    assert_eq!(
+        seq_list(&records),
+        vec![2, 1, 2, 3],
+        "the topic ends with the aggregate's events in commit order"
+    );
+    drop_saved(&db).await;
+}
+
+/// The `seq` of each record, in offset order.
+fn seq_list(records: &[Consumed]) -> Vec<u64> {
+    let mut sorted: Vec<&Consumed> = records.iter().collect();
+    sorted.sort_by_key(|r| (r.partition, r.offset));
+    sorted
+        .iter()
+        .map(|r| r.json()["seq"].as_u64().expect("seq"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_carry_their_origin_and_are_not_dead_lettered_again_after_a_restart() {
+    let db = TestDb::new().await;
+    let kafka = &broker().bootstrap;
+    let dlq = format!("{}.dlq", db.name);
+    let toml = harness::config_toml(
+        &db,
+        kafka,
+        "[kafka.librdkafka]\n\"message.max.bytes\" = \"20000\"",
+    )
+    .replace(
+        "[outbox]\n",
+        &format!("[outbox]\non_bad_row = \"dead-letter\"\ndead_letter_topic = \"{dlq}\"\n"),
+    );
+    let config = || Config::from_toml(&toml, std::iter::empty(), "test").expect("config");
+    run_to_end(config(), &db).await;
+    save_slot(&db).await;
+    let mut client = harness::postgres::connect(&db.url).await;
+    insert_txn(&mut client, &[Row::new("order", "a", 0)]).await;
+    // Refused by walship (an illegal topic name) and by the broker (too large).
+    insert_txn(&mut client, &[Row::new("bad type!", "a", 1)]).await;
+    let mut big = Row::new("order", "a", 2);
+    big.payload = serde_json::json!({ "seq": 2, "pad": "x".repeat(50_000) });
+    insert_txn(&mut client, &[big]).await;
+    run_to_end(config(), &db).await;
+    let dead = consume(kafka, &[&dlq], 2, TIMEOUT, SETTLE);
+    assert_eq!(dead.len(), 2);
+    for r in &dead {
+        let lsn = r.header("walship.lsn").expect("walship.lsn");
+        let xid = r.header("walship.xid").expect("walship.xid");
+        assert!(
+            lsn != "0/0" && xid != "0",
+            "real origin: lsn {lsn}, xid {xid}"
+        );
+        assert!(r.header("walship.source").is_some(), "{:?}", r.headers);
+        assert!(r.commit_lsn().0 > 0, "walship.position names the event");
+    }
+    let rejected = dead
+        .iter()
+        .find(|r| {
+            r.header("walship.error")
+                .is_some_and(|e| !e.contains("bad type!"))
+        })
+        .expect("the record the broker refused");
+    assert_eq!(
+        rejected.header("walship.lsn").expect("lsn"),
+        rejected.commit_lsn().to_string(),
+        "a refused record's LSN is its transaction's commit LSN"
+    );
+
+    // As after a crash: the slot is behind both rows again. They are not dead-lettered twice.
+    rewind_slot(&db).await;
+    run_to_end(config(), &db).await;
+    let again = consume(kafka, &[&dlq], 2, TIMEOUT, SETTLE);
+    assert_eq!(again.len(), 2, "each row is dead-lettered once");
+    drop_saved(&db).await;
+}

@@ -15,7 +15,7 @@
 //! reported, so its event is sent again: the worst case is the old at-least-once duplicate,
 //! never a gap.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Write as _;
 use std::time::{Duration, Instant};
 
@@ -86,10 +86,14 @@ impl Position {
 }
 
 /// The positions one source already wrote to one topic, at or after some LSN.
+///
+/// Holds at most the limit given to [`ResumeScanner::delivered`]: beyond it the newest
+/// positions are dropped (their events are sent again), never the oldest, so what is held is
+/// always a prefix of the stream from the confirmed position.
 #[derive(Debug, Default)]
 pub struct Delivered {
     /// Position → the record's `id` header.
-    positions: HashMap<Position, Option<Box<[u8]>>>,
+    positions: BTreeMap<Position, Option<Box<[u8]>>>,
     /// Records read.
     pub scanned: u64,
     /// False when some partition could not be searched back far enough (time or size limit):
@@ -105,14 +109,52 @@ impl Delivered {
             .is_some_and(|found| found.as_deref() == id)
     }
 
-    /// How many positions were found.
+    /// How many positions are held.
     pub fn len(&self) -> usize {
         self.positions.len()
+    }
+
+    /// The newest position held: no event after it can be found.
+    pub fn last(&self) -> Option<Position> {
+        self.positions.last_key_value().map(|(p, _)| *p)
+    }
+
+    /// Releases the positions before `position` (the stream has passed them).
+    pub fn forget_before(&mut self, position: Position) {
+        while self
+            .positions
+            .first_key_value()
+            .is_some_and(|(p, _)| *p < position)
+        {
+            self.positions.pop_first();
+        }
+    }
+
+    /// Records a found position, keeping at most `limit` (the oldest): false when it or a newer
+    /// one had to be dropped.
+    fn insert(&mut self, position: Position, id: Option<Box<[u8]>>, limit: usize) -> bool {
+        self.positions.insert(position, id);
+        if self.positions.len() > limit {
+            self.positions.pop_last();
+            return false;
+        }
+        true
     }
 
     /// True when nothing was found.
     pub fn is_empty(&self) -> bool {
         self.positions.is_empty()
+    }
+}
+
+impl FromIterator<(Position, Option<Box<[u8]>>)> for Delivered {
+    /// A complete set of found positions (tests, and callers that know them otherwise).
+    fn from_iter<I: IntoIterator<Item = (Position, Option<Box<[u8]>>)>>(iter: I) -> Self {
+        Delivered {
+            positions: iter.into_iter().collect(),
+            scanned: 0,
+            complete: true,
+        }
     }
 }
 
@@ -193,11 +235,17 @@ impl ResumeScanner {
         })
     }
 
-    /// The positions at or after `since` (a commit LSN) that this source wrote to `topic`.
+    /// The positions at or after `since` (a commit LSN) that this source wrote to `topic`, at
+    /// most `limit` of them (the oldest; see [`Delivered`]).
     ///
     /// Reads each partition backwards in growing passes until it meets a record of this source
     /// from before `since`, the start of the partition, or the size limit.
-    pub fn delivered(&self, topic: &str, since: u64) -> Result<Delivered, KafkaError> {
+    pub fn delivered(
+        &self,
+        topic: &str,
+        since: u64,
+        limit: usize,
+    ) -> Result<Delivered, KafkaError> {
         let deadline = Instant::now() + self.timeout;
         let metadata = self.consumer.fetch_metadata(Some(topic), self.timeout)?;
         let mut partitions = Vec::new();
@@ -234,7 +282,7 @@ impl ResumeScanner {
         };
         let mut width = FIRST_PASS;
         while tails.values().any(|t| !t.done) {
-            self.pass(topic, since, width, &mut tails, &mut found, deadline)?;
+            self.pass(topic, since, limit, width, &mut tails, &mut found, deadline)?;
             width = width.saturating_mul(4);
         }
         let _ = self.consumer.unassign();
@@ -258,10 +306,12 @@ impl ResumeScanner {
     }
 
     /// Reads `[from - width, from)` of every partition not yet done.
+    #[allow(clippy::too_many_arguments)]
     fn pass(
         &self,
         topic: &str,
         since: u64,
+        limit: usize,
         width: i64,
         tails: &mut HashMap<i32, Tail>,
         found: &mut Delivered,
@@ -337,7 +387,9 @@ impl ResumeScanner {
             found.scanned += 1;
             if let Some((position, id)) = self.position_of(&message) {
                 if position.commit_lsn >= since {
-                    found.positions.insert(position, id);
+                    if !found.insert(position, id, limit) {
+                        found.complete = false;
+                    }
                 } else {
                     reached_older.insert(p);
                 }
@@ -516,7 +568,7 @@ mod tests {
         produce(&settings, "t", &records);
         let scanner = ResumeScanner::new(&settings, "me/slot", Duration::from_secs(30)).unwrap();
         // Everything from event 1,000 on: 2,500 records of ours per partition, more than one pass.
-        let found = scanner.delivered("t", 10_000).unwrap();
+        let found = scanner.delivered("t", 10_000, usize::MAX).unwrap();
         assert!(found.complete);
         let delivered: Vec<u64> = (1000..6000).filter(|&i| !missing(i)).collect();
         assert_eq!(found.len(), delivered.len());
@@ -550,9 +602,30 @@ mod tests {
         let (cluster, settings) = mock();
         cluster.create_topic("empty", 3, 1).unwrap();
         let scanner = ResumeScanner::new(&settings, "me/slot", Duration::from_secs(30)).unwrap();
-        let found = scanner.delivered("empty", 0).unwrap();
+        let found = scanner.delivered("empty", 0, usize::MAX).unwrap();
         assert!(found.is_empty() && found.complete);
-        let found = scanner.delivered("missing", 0).unwrap();
+        let found = scanner.delivered("missing", 0, usize::MAX).unwrap();
         assert!(found.is_empty() && found.complete);
+    }
+
+    #[test]
+    fn scan_holds_at_most_the_limit_and_keeps_the_oldest_positions() {
+        let (cluster, settings) = mock();
+        cluster.create_topic("t", 2, 1).unwrap();
+        let records: Vec<_> = (0..3000_u64)
+            .map(|i| ((i % 2) as i32, "me/slot", at(i * 10)))
+            .collect();
+        produce(&settings, "t", &records);
+        let scanner = ResumeScanner::new(&settings, "me/slot", Duration::from_secs(30)).unwrap();
+        let mut found = scanner.delivered("t", 0, 500).unwrap();
+        assert_eq!(found.len(), 500);
+        assert!(!found.complete, "a scan cut by the limit is not complete");
+        // A prefix of the stream: positions 0..500, not the tail the scan read first.
+        assert!((0..500).all(|i| found.contains(at(i * 10), Some(&id(i * 10)))));
+        assert_eq!(found.last(), Some(at(499 * 10)));
+        found.forget_before(at(100 * 10));
+        assert_eq!(found.len(), 400);
+        assert!(!found.contains(at(99 * 10), Some(&id(99 * 10))));
+        assert!(found.contains(at(100 * 10), Some(&id(100 * 10))));
     }
 }

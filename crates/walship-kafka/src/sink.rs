@@ -55,6 +55,10 @@ pub struct DeliveryError {
     pub key: Option<Vec<u8>>,
     /// The record's value size in bytes.
     pub payload_len: usize,
+    /// The record's `walship.position` header: which event it was.
+    pub position: Option<crate::resume::Position>,
+    /// The record's `id` header (the outbox row id).
+    pub id: Option<Vec<u8>>,
     /// The librdkafka error.
     pub error: KafkaError,
 }
@@ -273,21 +277,42 @@ impl<L: DeliveryListener> ProducerContext for Context<L> {
         use rdkafka::Message;
         let outcome = match result {
             Ok(msg) => Ok(msg.key_len() + msg.payload_len()),
-            Err((error, msg)) => Err(DeliveryError {
-                topic: msg.topic().to_owned(),
-                partition: msg.partition(),
-                key: msg.key().map(<[u8]>::to_vec),
-                payload_len: msg.payload_len(),
-                error: error.clone(),
-            }),
+            Err((error, msg)) => {
+                use rdkafka::message::Headers;
+                let (mut position, mut id) = (None, None);
+                for h in msg.headers().iter().flat_map(|h| h.iter()) {
+                    match h.key {
+                        crate::resume::POSITION_HEADER if position.is_none() => {
+                            position = h.value.and_then(crate::resume::Position::parse);
+                        }
+                        crate::resume::ID_HEADER if id.is_none() => {
+                            id = h.value.map(<[u8]>::to_vec)
+                        }
+                        _ => {}
+                    }
+                }
+                Err(DeliveryError {
+                    topic: msg.topic().to_owned(),
+                    partition: msg.partition(),
+                    key: msg.key().map(<[u8]>::to_vec),
+                    payload_len: msg.payload_len(),
+                    position,
+                    id,
+                    error: error.clone(),
+                })
+            }
         };
         self.listener.on_delivery(token, outcome);
     }
 }
 
 /// The producer plus topic management.
+///
+/// Dropping it never blocks an async runtime thread: destroying a producer joins its poll
+/// thread, purges its queue and waits up to 500 ms for the purge reports, so on a runtime that
+/// happens on the blocking pool.
 pub struct Sink<L: DeliveryListener> {
-    producer: Arc<ThreadedProducer<Context<L>>>,
+    producer: OffRuntime<Arc<ThreadedProducer<Context<L>>>>,
     settings: SinkSettings,
     known_topics: HashSet<String>,
 }
@@ -336,7 +361,7 @@ impl<L: DeliveryListener> Sink<L> {
             .client_config()
             .create_with_context(Context { listener })?;
         Ok(Sink {
-            producer: Arc::new(producer),
+            producer: OffRuntime(Some(Arc::new(producer))),
             settings,
             known_topics: HashSet::new(),
         })
@@ -358,7 +383,7 @@ impl<L: DeliveryListener> Sink<L> {
         if let Some(ts) = record.timestamp_ms {
             rec = rec.timestamp(ts);
         }
-        match self.producer.send(rec) {
+        match self.producer.get().send(rec) {
             Ok(()) => Ok(()),
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
                 Err(SendError::QueueFull)
@@ -392,13 +417,35 @@ impl<L: DeliveryListener> Sink<L> {
     /// Waits up to `timeout` for every record in flight to be reported. Returns how many are
     /// still outstanding.
     pub async fn flush(&self, timeout: Duration) -> i32 {
-        let producer = Arc::clone(&self.producer);
+        let producer = Arc::clone(self.producer.get());
         tokio::task::spawn_blocking(move || {
             let _ = producer.flush(timeout);
             producer.in_flight_count()
         })
         .await
         .unwrap_or(-1)
+    }
+}
+
+/// A value whose drop may block: dropped on the blocking pool when a tokio runtime is current.
+struct OffRuntime<T: Send + 'static>(Option<T>);
+
+impl<T: Send + 'static> OffRuntime<T> {
+    fn get(&self) -> &T {
+        // Only `drop` takes the value out.
+        self.0
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("taken only in drop"))
+    }
+}
+
+impl<T: Send + 'static> Drop for OffRuntime<T> {
+    fn drop(&mut self) {
+        if let Some(value) = self.0.take()
+            && let Ok(handle) = tokio::runtime::Handle::try_current()
+        {
+            handle.spawn_blocking(move || drop(value));
+        }
     }
 }
 
@@ -567,5 +614,54 @@ pub(crate) mod tests {
         assert_eq!(c.get("linger.ms"), Some("50"));
         assert_eq!(c.get("enable.idempotence"), Some("true"));
         assert_eq!(c.get("partitioner"), Some("murmur2_random"));
+    }
+
+    /// Records the threads that delivery reports arrive on.
+    struct Threads(
+        std::sync::Mutex<Vec<std::thread::ThreadId>>,
+        tokio::sync::Notify,
+    );
+
+    impl DeliveryListener for Threads {
+        fn on_delivery(&self, _token: usize, _result: Result<usize, DeliveryError>) {
+            self.0
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(std::thread::current().id());
+            self.1.notify_one();
+        }
+    }
+
+    #[test]
+    fn dropping_a_sink_on_a_runtime_destroys_its_producer_off_the_runtime_thread() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let listener = Arc::new(Threads(Default::default(), Default::default()));
+        runtime.block_on(async {
+            // Nobody listens on port 9: the record stays queued until the drop purges it, and
+            // its report is served by whoever destroys the producer.
+            let sink = Sink::new(settings("127.0.0.1:9"), Arc::clone(&listener)).expect("sink");
+            let record = Record {
+                topic: "t",
+                key: b"k",
+                payload: Some(b"v"),
+                headers: &[],
+                timestamp_ms: None,
+            };
+            sink.send(&record, 1).expect("queued");
+            let purged = listener.1.notified();
+            drop(sink);
+            tokio::time::timeout(Duration::from_secs(30), purged)
+                .await
+                .expect("the purge report arrives");
+        });
+        let threads = listener.0.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        assert!(!threads.is_empty());
+        assert!(
+            threads.iter().all(|t| *t != std::thread::current().id()),
+            "the producer was destroyed on the runtime's own thread"
+        );
     }
 }

@@ -4,6 +4,7 @@
 //!
 //! - [`replication`] — the streaming-replication connection and its frames.
 //! - [`slot`] — the SQL connection: preflight checks, slot and publication setup, slot state.
+//! - [`catalog`] — which relations are the outbox (partitions, renames): one rule for all.
 //! - [`outbox`] — the relation cache and outbox-row extraction.
 //! - [`preflight`] — read-only catalog queries for `walship check` and `walship status`.
 //! - [`batching`] — read batching on the replication socket (`SO_RCVLOWAT`, pacing, window).
@@ -11,6 +12,7 @@
 //! - [`error`] — errors split into transient (reconnect) and definite (stop and explain).
 
 pub mod batching;
+pub mod catalog;
 pub mod error;
 pub mod outbox;
 pub mod preflight;
@@ -19,8 +21,9 @@ pub mod slot;
 pub mod tls;
 
 pub use batching::ReadBatching;
+pub use catalog::{OutboxFamily, OutboxScope};
 pub use error::{PgError, ServerError};
-pub use outbox::{OutboxRow, OutboxSpec, Relations, RowError, RowTarget};
+pub use outbox::{OutboxRow, OutboxSpec, Placement, Relations, RowError, RowTarget};
 pub use replication::{ConnectParams, Frame, ReplicationStream, SystemIdentity};
 pub use slot::{SlotState, TableName};
 pub use tls::{ConnectConfig, SslMode, TlsOptions};

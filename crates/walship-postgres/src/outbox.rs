@@ -16,6 +16,7 @@ use std::sync::Arc;
 
 use pgoutput::{Column, Relation, TupleData};
 
+use crate::catalog::OutboxScope;
 use crate::slot::TableName;
 
 /// Type OIDs walship treats specially.
@@ -118,6 +119,26 @@ pub enum RowError {
     /// A row arrived for a relation never described.
     #[error("row for unknown relation OID {0}: the server sent no Relation message for it")]
     UnknownRelation(u32),
+    /// A row of a relation the catalog cannot place: it no longer exists, so whether it was a
+    /// partition of the outbox cannot be told, and the publication also publishes other tables.
+    #[error(
+        "row of relation {table} (OID {oid}), which no longer exists: walship cannot tell whether it was a \
+         partition of the outbox {outbox}, because publication {publication:?} also publishes other tables. \
+         Nothing past it is confirmed. If it was not the outbox's, move the slot past this row with \
+         SELECT pg_replication_slot_advance('<slot>', '<end LSN of this transaction>'); if it was, publish it \
+         again from a backup. To avoid this, publish only the outbox in {publication:?} (with \
+         publish_via_partition_root = true) and keep partitions attached until walship has read their rows"
+    )]
+    Unplaced {
+        /// The relation as the stream described it.
+        table: String,
+        /// Its OID.
+        oid: u32,
+        /// The configured outbox table.
+        outbox: String,
+        /// The publication.
+        publication: String,
+    },
 }
 
 /// An outbox row, borrowing from the replication message.
@@ -139,8 +160,27 @@ pub struct OutboxRow<'a> {
 
 struct Entry {
     relation: Relation,
-    /// `None`: not the outbox table. `Some(Err)`: the outbox table, but unusable as configured.
-    outbox: Option<Result<Layout, RowError>>,
+    kind: Kind,
+}
+
+/// What a described relation is to walship.
+enum Kind {
+    /// The outbox table or one of its partitions; `Err` when unusable as configured.
+    Outbox(Result<Layout, RowError>),
+    /// Another table of the publication.
+    Other,
+    /// Not placed yet: [`Relations::place`] decides from the catalog.
+    Unplaced,
+}
+
+/// What [`Relations::update`] could tell about a new relation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placement {
+    /// Known: the outbox (or a partition of it), or another table.
+    Known,
+    /// Not known from the session's scope: ask the catalog whether this OID is in the outbox's
+    /// partition tree, then call [`Relations::place`]. Until then its rows are refused.
+    Lookup(u32),
 }
 
 /// What a row message refers to.
@@ -154,16 +194,38 @@ pub enum RowTarget<'r> {
 /// The relation cache: relation OID → definition and outbox layout.
 pub struct Relations {
     spec: OutboxSpec,
+    /// Which relations are the outbox, from the catalog; `None`: by name only.
+    scope: Option<OutboxScope>,
+    /// The publication (for messages).
+    publication: String,
     map: HashMap<u32, Entry>,
 }
 
 impl Relations {
-    /// An empty cache for the given outbox definition.
+    /// An empty cache that knows the outbox by its configured name only (no partitions).
     pub fn new(spec: OutboxSpec) -> Self {
         Relations {
             spec,
+            scope: None,
+            publication: String::new(),
             map: HashMap::new(),
         }
+    }
+
+    /// An empty cache that knows the outbox as the catalog has it: the table by OID and name,
+    /// and every partition under it (see [`crate::catalog`]).
+    pub fn with_scope(spec: OutboxSpec, scope: OutboxScope, publication: &str) -> Self {
+        Relations {
+            spec,
+            scope: Some(scope),
+            publication: publication.to_owned(),
+            map: HashMap::new(),
+        }
+    }
+
+    /// The outbox table's OID when the session started, if known.
+    pub fn outbox_oid(&self) -> Option<u32> {
+        self.scope.as_ref().map(|s| s.family.root)
     }
 
     /// The outbox definition.
@@ -172,14 +234,72 @@ impl Relations {
     }
 
     /// Records (or replaces) a relation's definition.
-    pub fn update(&mut self, relation: Relation) {
-        let is_outbox =
+    ///
+    /// The outbox is the configured name, the OID it had when the session started (renamed or
+    /// not), any partition under it, and — when the publication publishes nothing else — every
+    /// relation the stream describes (a partition attached since). Anything else is placed by
+    /// the catalog: see [`Placement::Lookup`].
+    pub fn update(&mut self, relation: Relation) -> Placement {
+        let by_name =
             relation.namespace == self.spec.table.schema && relation.name == self.spec.table.name;
-        let outbox = is_outbox.then(|| layout(&self.spec, &relation));
-        if let Some(Err(e)) = &outbox {
-            tracing::warn!("outbox table definition changed and is no longer usable: {e}");
+        let outbox = match &self.scope {
+            None => by_name,
+            Some(scope) => {
+                if scope.family.root == relation.id && !by_name {
+                    tracing::warn!(
+                        "the outbox table {} is now called {}.{}: its rows are still published; \
+                         set outbox.table to the new name",
+                        self.spec.table,
+                        relation.namespace,
+                        relation.name
+                    );
+                }
+                by_name || scope.family.contains(relation.id) || scope.only_outbox
+            }
+        };
+        let placement = if outbox || self.scope.is_none() {
+            Placement::Known
+        } else {
+            Placement::Lookup(relation.id)
+        };
+        let kind = if outbox {
+            Kind::Outbox(self.layout_of(&relation))
+        } else if placement == Placement::Known {
+            Kind::Other
+        } else {
+            Kind::Unplaced
+        };
+        self.map.insert(relation.id, Entry { relation, kind });
+        placement
+    }
+
+    /// Places a relation [`Relations::update`] asked about: `Some(true)` when the catalog has
+    /// it in the outbox's partition tree, `Some(false)` when it is another table, `None` when
+    /// it no longer exists (its rows are then refused with [`RowError::Unplaced`]).
+    pub fn place(&mut self, relation_id: u32, in_outbox: Option<bool>) {
+        let layout = match (in_outbox, self.map.get(&relation_id)) {
+            (Some(true), Some(e)) => Some(self.layout_of(&e.relation)),
+            _ => None,
+        };
+        if let Some(e) = self.map.get_mut(&relation_id) {
+            e.kind = match (in_outbox, layout) {
+                (Some(true), Some(l)) => Kind::Outbox(l),
+                (Some(false), _) => Kind::Other,
+                _ => Kind::Unplaced,
+            };
         }
-        self.map.insert(relation.id, Entry { relation, outbox });
+    }
+
+    fn layout_of(&self, relation: &Relation) -> Result<Layout, RowError> {
+        let l = layout(&self.spec, relation);
+        if let Err(e) = &l {
+            tracing::warn!(
+                "outbox table definition ({}.{}) is not usable: {e}",
+                relation.namespace,
+                relation.name
+            );
+        }
+        l
     }
 
     /// Looks up a relation OID.
@@ -188,17 +308,23 @@ impl Relations {
             .map
             .get(&relation_id)
             .ok_or(RowError::UnknownRelation(relation_id))?;
-        Ok(match e.outbox {
-            Some(_) => RowTarget::Outbox(&e.relation),
-            None => RowTarget::Other(&e.relation),
-        })
+        match e.kind {
+            Kind::Outbox(_) => Ok(RowTarget::Outbox(&e.relation)),
+            Kind::Other => Ok(RowTarget::Other(&e.relation)),
+            Kind::Unplaced => Err(RowError::Unplaced {
+                table: format!("{}.{}", e.relation.namespace, e.relation.name),
+                oid: relation_id,
+                outbox: self.spec.table.to_string(),
+                publication: self.publication.clone(),
+            }),
+        }
     }
 
-    /// True when the OID is the outbox table.
+    /// True when the OID is the outbox table or one of its partitions.
     pub fn is_outbox(&self, relation_id: u32) -> bool {
         self.map
             .get(&relation_id)
-            .is_some_and(|e| e.outbox.is_some())
+            .is_some_and(|e| matches!(e.kind, Kind::Outbox(_)))
     }
 
     /// Extracts an outbox row from an Insert's tuple. The relation must be the outbox table.
@@ -211,10 +337,10 @@ impl Relations {
             .map
             .get(&relation_id)
             .ok_or(RowError::UnknownRelation(relation_id))?;
-        let layout = match &entry.outbox {
-            Some(Ok(l)) => l,
-            Some(Err(e)) => return Err(e.clone()),
-            None => return Err(RowError::UnknownRelation(relation_id)),
+        let layout = match &entry.kind {
+            Kind::Outbox(Ok(l)) => l,
+            Kind::Outbox(Err(e)) => return Err(e.clone()),
+            Kind::Other | Kind::Unplaced => return Err(RowError::UnknownRelation(relation_id)),
         };
         if tuple.len() != layout.ncolumns {
             return Err(RowError::ColumnCount {
@@ -580,5 +706,87 @@ mod tests {
         other.name = "orders".into();
         r.update(other);
         assert!(!r.is_outbox(7));
+    }
+
+    fn named(id: u32, name: &str) -> Relation {
+        let mut r = rel(COLS);
+        r.id = id;
+        r.name = name.into();
+        r
+    }
+
+    fn scoped(only_outbox: bool) -> Relations {
+        let mut family = crate::catalog::OutboxFamily::single(TableName::parse("outbox"), 7);
+        family.partitioned = true;
+        family.members.insert(8, TableName::parse("outbox_default"));
+        let scope = OutboxScope {
+            family,
+            only_outbox,
+        };
+        Relations::with_scope(
+            OutboxSpec::debezium(TableName::parse("outbox")),
+            scope,
+            "pub",
+        )
+    }
+
+    #[test]
+    fn partitions_and_a_renamed_outbox_are_the_outbox() {
+        let mut r = scoped(false);
+        assert_eq!(r.update(named(8, "outbox_default")), Placement::Known);
+        assert!(
+            r.is_outbox(8),
+            "a known partition, published under its own name"
+        );
+        assert_eq!(r.update(named(7, "outbox_renamed")), Placement::Known);
+        assert!(r.is_outbox(7), "the outbox's OID under a new name");
+        assert_eq!(r.update(named(9, "outbox")), Placement::Known);
+        assert!(
+            r.is_outbox(9),
+            "a table replacing the outbox under its name"
+        );
+        let t = insert(&[
+            Some(b"u1"),
+            Some(b"order"),
+            Some(b"42"),
+            Some(b"created"),
+            Some(b"{}"),
+            None,
+        ]);
+        assert_eq!(r.extract(8, &t).unwrap().aggregate_id, b"42");
+    }
+
+    #[test]
+    fn a_publication_of_the_outbox_alone_sends_only_the_outbox() {
+        let mut r = scoped(true);
+        // A partition attached after the session started: not in the family it read.
+        assert_eq!(r.update(named(20, "outbox_p20990101")), Placement::Known);
+        assert!(r.is_outbox(20));
+    }
+
+    #[test]
+    fn unknown_relations_of_a_wider_publication_are_placed_by_the_catalog() {
+        let mut r = scoped(false);
+        assert_eq!(
+            r.update(named(20, "outbox_p20990101")),
+            Placement::Lookup(20)
+        );
+        assert!(!r.is_outbox(20));
+        assert!(r.target(20).is_err(), "refused until placed");
+        r.place(20, Some(true));
+        assert!(r.is_outbox(20));
+        assert_eq!(r.update(named(21, "orders")), Placement::Lookup(21));
+        r.place(21, Some(false));
+        assert!(matches!(r.target(21), Ok(RowTarget::Other(_))));
+        assert_eq!(r.update(named(22, "gone")), Placement::Lookup(22));
+        r.place(22, None);
+        let err = r.target(22).err().expect("unplaced").to_string();
+        assert!(
+            err.contains("public.gone")
+                && err.contains("OID 22")
+                && err.contains("pg_replication_slot_advance")
+                && err.contains("publish only the outbox"),
+            "{err}"
+        );
     }
 }

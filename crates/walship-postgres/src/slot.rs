@@ -9,6 +9,7 @@ use pgoutput::Lsn;
 use tokio_postgres::types::PgLsn;
 use tokio_postgres::{Client, NoTls};
 
+use crate::catalog::{self, OutboxScope};
 use crate::error::PgError;
 use crate::replication::ConnectParams;
 use crate::tls::SslMode;
@@ -368,17 +369,6 @@ pub fn validate_slot(state: &SlotState) -> Result<(), PgError> {
     Ok(())
 }
 
-async fn publication_exists(client: &Client, publication: &str) -> Result<bool, PgError> {
-    let row = client
-        .query_opt(
-            "SELECT 1 FROM pg_publication WHERE pubname = $1",
-            &[&publication],
-        )
-        .await
-        .map_err(sql_err(format!("reading publication {publication:?}")))?;
-    Ok(row.is_some())
-}
-
 async fn table_exists(client: &Client, table: &TableName) -> Result<bool, PgError> {
     let row = client
         .query_opt(
@@ -390,30 +380,17 @@ async fn table_exists(client: &Client, table: &TableName) -> Result<bool, PgErro
     Ok(row.is_some())
 }
 
-/// True when `publication` publishes `table` (directly, through a schema, or FOR ALL TABLES).
-async fn publication_includes(
-    client: &Client,
-    publication: &str,
-    table: &TableName,
-) -> Result<bool, PgError> {
-    let row = client
-        .query_opt(
-            "SELECT 1 FROM pg_publication_tables WHERE pubname = $1 AND schemaname = $2 AND tablename = $3",
-            &[&publication, &table.schema, &table.name],
-        )
-        .await
-        .map_err(sql_err(format!("reading publication {publication:?}")))?;
-    Ok(row.is_some())
-}
-
 /// Checks, while walship runs, that what it streams from still exists: the slot (not
-/// invalidated), the publication, and the outbox table in it. Returns the first definite problem,
-/// else the server's current WAL position (for the lag metric; None if it could not be read).
+/// invalidated), the publication, and the outbox table in it (by the rule of
+/// [`catalog::publication_problem`]; `outbox_oid` is the table's OID at start, to tell a rename
+/// from a drop). Returns the first definite problem, else the server's current WAL position (for
+/// the lag metric; None if it could not be read).
 pub async fn watch(
     client: &Client,
     slot: &str,
     publication: &str,
     table: &TableName,
+    outbox_oid: Option<u32>,
 ) -> Result<Option<Lsn>, PgError> {
     match slot_state(client, slot).await? {
         None => {
@@ -425,31 +402,21 @@ pub async fn watch(
         }
         Some(state) => validate_slot(&state)?,
     }
-    let published = publication_includes(client, publication, table).await?;
-    if !published {
-        let pub_exists = publication_exists(client, publication).await?;
-        let table_exists = table_exists(client, table).await?;
-        return Err(PgError::Setup(if !table_exists {
-            format!(
-                "the outbox table {table} was dropped while walship was running: no more events can arrive. \
-                 Re-create it (walship init-sql prints the DDL) and add it to publication {publication:?}, then restart walship"
-            )
-        } else if !pub_exists {
-            format!(
-                "publication {publication:?} was dropped while walship was running: re-create it with \
-                 CREATE PUBLICATION {} FOR TABLE {} WITH (publish = 'insert'); and restart walship. Events \
-                 committed meanwhile are decoded only if the publication exists when the walsender reaches them",
-                quote_ident(publication),
-                table.quoted()
-            )
-        } else {
-            format!(
-                "the outbox table {table} was removed from publication {publication:?} while walship was \
-                 running: run ALTER PUBLICATION {} ADD TABLE {}; and restart walship",
-                quote_ident(publication),
-                table.quoted()
-            )
-        }));
+    let family = catalog::outbox_family(client, table).await?;
+    let renamed_to = match (&family, outbox_oid) {
+        (None, Some(oid)) => catalog::relation_name(client, oid).await?,
+        _ => None,
+    };
+    let info = crate::preflight::publication_info(client, publication).await?;
+    if let Some(problem) = catalog::publication_problem(
+        publication,
+        table,
+        family.as_ref(),
+        info.as_ref(),
+        renamed_to.as_ref(),
+        true,
+    ) {
+        return Err(PgError::Setup(problem));
     }
     match current_wal_lsn(client).await {
         Ok(end) => Ok(Some(end)),
@@ -460,67 +427,77 @@ pub async fn watch(
     }
 }
 
-/// Makes sure the publication exists and publishes `table`; creates it when missing and
-/// `create` is set (publishing inserts only: walship ignores updates and deletes).
+/// Makes sure the publication exists and publishes the outbox's inserts; creates it when
+/// missing and `create` is set (inserts only, partitions under the parent's name: see
+/// [`catalog::create_publication_sql`]). Returns what the stream needs to recognise the outbox.
 pub async fn ensure_publication(
     client: &Client,
     publication: &str,
     table: &TableName,
     create: bool,
-) -> Result<(), PgError> {
-    let exists = publication_exists(client, publication).await?;
-    let table_exists = table_exists(client, table).await?;
-    if !table_exists {
+) -> Result<OutboxScope, PgError> {
+    if catalog::outbox_family(client, table).await?.is_none() {
         return Err(PgError::Setup(format!(
             "outbox table {table} does not exist: create it (walship init-sql prints a definition) or \
              set outbox.table to the right schema.table"
         )));
     }
-    if !exists {
+    if crate::preflight::publication_info(client, publication)
+        .await?
+        .is_none()
+    {
+        let sql = catalog::create_publication_sql(publication, table);
         if !create {
             return Err(PgError::Setup(format!(
                 "publication {publication:?} does not exist and postgres.create_publication is false: \
-                 run CREATE PUBLICATION {} FOR TABLE {} WITH (publish = 'insert');",
-                quote_ident(publication),
-                table.quoted()
+                 run {sql};"
             )));
         }
-        let sql = format!(
-            "CREATE PUBLICATION {} FOR TABLE {} WITH (publish = 'insert')",
-            quote_ident(publication),
-            table.quoted()
-        );
         client
             .batch_execute(&sql)
             .await
             .map_err(sql_err(format!("creating publication {publication:?}")))?;
         tracing::info!(publication, %table, "created publication");
-        return Ok(());
     }
-    if !publication_includes(client, publication, table).await? {
+    outbox_scope(client, publication, table).await
+}
+
+/// Reads the outbox's partition tree and the publication, and fails (with the fix) unless the
+/// publication sends the outbox's inserts.
+pub async fn outbox_scope(
+    client: &Client,
+    publication: &str,
+    table: &TableName,
+) -> Result<OutboxScope, PgError> {
+    let family = catalog::outbox_family(client, table).await?;
+    let info = crate::preflight::publication_info(client, publication).await?;
+    if let Some(problem) = catalog::publication_problem(
+        publication,
+        table,
+        family.as_ref(),
+        info.as_ref(),
+        None,
+        false,
+    ) {
+        return Err(PgError::Setup(problem));
+    }
+    let (Some(family), Some(info)) = (family, info) else {
         return Err(PgError::Setup(format!(
-            "publication {publication:?} does not include the outbox table {table}, so no event would \
-             ever arrive: run ALTER PUBLICATION {} ADD TABLE {};",
-            quote_ident(publication),
-            table.quoted()
+            "outbox table {table} or publication {publication:?} vanished while walship read them"
         )));
-    }
-    let publishes_insert = client
-        .query_one(
-            "SELECT pubinsert FROM pg_publication WHERE pubname = $1",
-            &[&publication],
-        )
-        .await
-        .map_err(sql_err(format!("reading publication {publication:?}")))?
-        .get::<_, bool>(0);
-    if !publishes_insert {
-        return Err(PgError::Setup(format!(
-            "publication {publication:?} does not publish inserts, so no outbox row would arrive: run \
-             ALTER PUBLICATION {} SET (publish = 'insert');",
+    };
+    if family.partitioned && !info.via_partition_root {
+        tracing::warn!(
+            publication,
+            %table,
+            "publication {publication:?} publishes the partitioned outbox {table} without \
+             publish_via_partition_root, so rows arrive under each partition's name; walship maps \
+             them to the outbox, but a partition attached later needs a catalog lookup. Run ALTER \
+             PUBLICATION {} SET (publish_via_partition_root = true);",
             quote_ident(publication)
-        )));
+        );
     }
-    Ok(())
+    Ok(OutboxScope::new(family, &info))
 }
 
 #[cfg(test)]

@@ -300,13 +300,21 @@ async fn postgres_checks(config: &Config, checks: &mut Vec<Check>) -> AggregateT
         }
     };
 
-    // The publication.
+    // The publication: whether it sends the outbox's rows is the stream's own rule
+    // (walship_postgres::catalog), partitions included.
+    let family = match table {
+        Some(_) => walship_postgres::catalog::outbox_family(&client, &spec.table)
+            .await
+            .unwrap_or(None),
+        None => None,
+    };
     match preflight::publication_info(&client, &config.postgres.publication).await {
         Ok(publication) => checks.extend(publication_checks(
             &config.postgres.publication,
             config.postgres.create_publication,
             &spec.table,
             table.as_ref(),
+            family.as_ref(),
             publication.as_ref(),
             &role,
         )),
@@ -832,19 +840,14 @@ fn publication_checks(
     create: bool,
     table: &TableName,
     table_info: Option<&TableInfo>,
+    family: Option<&walship_postgres::OutboxFamily>,
     info: Option<&PublicationInfo>,
     role: &RoleInfo,
 ) -> Vec<Check> {
     const NAME: &str = "postgres.publication";
     let create_sql = format!(
-        "CREATE PUBLICATION {} FOR TABLE {} WITH (publish = 'insert'{});",
-        quote_ident(publication),
-        table.quoted(),
-        if table_info.is_some_and(|t| t.relkind == "p") {
-            ", publish_via_partition_root = true"
-        } else {
-            ""
-        }
+        "{};",
+        walship_postgres::catalog::create_publication_sql(publication, table)
     );
     let Some(info) = info else {
         if !create {
@@ -903,7 +906,7 @@ fn publication_checks(
         )];
     };
     let mut checks = Vec::new();
-    if info.includes(table) {
+    if family.map_or_else(|| info.includes(table), |f| info.publishes_outbox(f)) {
         checks.push(Check::pass(
             NAME,
             format!(
@@ -915,6 +918,20 @@ fn publication_checks(
                 }
             ),
         ));
+        if family.is_some_and(|f| f.partitioned) && !info.via_partition_root {
+            checks.push(Check::warn(
+                "postgres.publication.partition_root",
+                format!(
+                    "publication {publication:?} publishes the partitioned outbox {table} without \
+                     publish_via_partition_root: rows arrive under each partition's name (walship \
+                     maps them to the outbox, with a catalog lookup for partitions attached later)"
+                ),
+                format!(
+                    "ALTER PUBLICATION {} SET (publish_via_partition_root = true);",
+                    quote_ident(publication)
+                ),
+            ));
+        }
     } else {
         let partitioned = table_info.is_some_and(|t| t.relkind == "p");
         let fix = if partitioned && !info.via_partition_root {
@@ -1576,7 +1593,7 @@ mod tests {
     #[test]
     fn missing_publication_without_create_gives_create_statement() {
         let t = TableName::parse("outbox");
-        let c = publication_checks("pub", false, &t, None, None, &role(true, false));
+        let c = publication_checks("pub", false, &t, None, None, None, &role(true, false));
         assert_eq!(c[0].status, Status::Fail);
         assert!(
             c[0].fix
@@ -1592,7 +1609,7 @@ mod tests {
             owned_by_current_user: false,
             can_select: true,
         };
-        let c = publication_checks("pub", true, &t, Some(&info), None, &role(true, false));
+        let c = publication_checks("pub", true, &t, Some(&info), None, None, &role(true, false));
         assert_eq!(c[0].status, Status::Fail, "non-owner cannot create: {c:?}");
         assert!(c[0].message.contains("owner: postgres"), "{c:?}");
     }
@@ -1607,7 +1624,7 @@ mod tests {
             via_partition_root: false,
             tables: vec![TableName::parse("other")],
         };
-        let c = publication_checks("pub", true, &t, None, Some(&info), &role(false, true));
+        let c = publication_checks("pub", true, &t, None, None, Some(&info), &role(false, true));
         assert_eq!(c.len(), 2);
         assert!(c.iter().all(|c| c.status == Status::Fail));
         assert!(c[0].fix.as_deref().unwrap().contains("ADD TABLE"));

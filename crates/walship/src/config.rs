@@ -228,6 +228,12 @@ pub struct RunConfig {
     /// reading until half of them are acknowledged (bounded memory, batched wake-ups).
     #[serde(default = "default_max_in_flight_events")]
     pub max_in_flight_events: u64,
+    /// Most transactions with events tracked between the oldest unacknowledged one and the
+    /// newest read (acknowledged or not: one stalled partition holds back every later
+    /// confirmation). When reached, walship stops reading, keeping standby status flowing,
+    /// until the oldest completes: memory stays bounded when one partition stalls.
+    #[serde(default = "default_max_pending_transactions")]
+    pub max_pending_transactions: u64,
     /// After a start that follows an unclean stop, read back each topic's tail before the first
     /// send and skip the events an earlier run already delivered (needs read access to the
     /// topics; without it walship warns and sends them again).
@@ -240,6 +246,7 @@ impl Default for RunConfig {
         RunConfig {
             shutdown_timeout_ms: default_shutdown_timeout_ms(),
             max_in_flight_events: default_max_in_flight_events(),
+            max_pending_transactions: default_max_pending_transactions(),
             resume_dedup: true,
         }
     }
@@ -305,6 +312,9 @@ fn default_shutdown_timeout_ms() -> u64 {
 }
 fn default_max_in_flight_events() -> u64 {
     2_000
+}
+fn default_max_pending_transactions() -> u64 {
+    100_000
 }
 
 /// Prefix of environment overrides: `WALSHIP_KAFKA__BROKERS` sets `kafka.brokers`.
@@ -417,6 +427,18 @@ impl Config {
                 "outbox.topic uses {aggregatetype} but outbox.aggregate_type_column is empty: name the column or use a fixed topic".into(),
             ));
         }
+        if self.run.resume_dedup && self.outbox.id_column.is_empty() {
+            // The position alone repeats on a diverged timeline or a cloned cluster with the
+            // same system identifier: skipping on it could drop a different event.
+            return Err(ConfigError(
+                "outbox.id_column is empty but run.resume_dedup is on: after a crash walship skips \
+                 an event only when a record with its position and its outbox id is in the topic, \
+                 and the position alone is not enough (it repeats on a diverged timeline or a \
+                 cloned cluster). Name the event id column in outbox.id_column, or set \
+                 run.resume_dedup = false to accept duplicates after a crash"
+                    .into(),
+            ));
+        }
         for (role, v) in [
             ("aggregate_id_column", &self.outbox.aggregate_id_column),
             ("payload_column", &self.outbox.payload_column),
@@ -458,6 +480,11 @@ impl Config {
         if self.run.max_in_flight_events < 2 {
             return Err(ConfigError(
                 "run.max_in_flight_events must be at least 2".into(),
+            ));
+        }
+        if self.run.max_pending_transactions < 2 {
+            return Err(ConfigError(
+                "run.max_pending_transactions must be at least 2".into(),
             ));
         }
         if self.kafka.topic_partitions < 1 {
@@ -784,6 +811,36 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("2 hosts") && e.contains("primary"), "{e}");
+    }
+
+    #[test]
+    fn an_empty_id_column_needs_resume_dedup_turned_off_explicitly() {
+        let e = parse(&format!("{MINIMAL}[outbox]\nid_column = \"\"\n"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("outbox.id_column") && e.contains("run.resume_dedup = false"),
+            "{e}"
+        );
+        let c = parse(
+            &format!("{MINIMAL}[outbox]\nid_column = \"\"\n[run]\nresume_dedup = false\n"),
+            &[],
+        )
+        .unwrap();
+        assert!(!c.run.resume_dedup && c.outbox.id_column.is_empty());
+    }
+
+    #[test]
+    fn pending_transactions_bound_is_validated() {
+        let c = parse(MINIMAL, &[]).unwrap();
+        assert_eq!(c.run.max_pending_transactions, 100_000);
+        let e = parse(
+            &format!("{MINIMAL}[run]\nmax_pending_transactions = 1\n"),
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("run.max_pending_transactions"), "{e}");
     }
 
     #[test]

@@ -34,7 +34,7 @@ use walship_kafka::{
 use walship_postgres::{Frame, OutboxRow, PgError, Relations, ReplicationStream};
 
 use crate::error::Error;
-use crate::progress::{Progress, TxnToken};
+use crate::progress::{Progress, TxnOrigin, TxnToken};
 use crate::resume::Resume;
 use crate::telemetry::Telemetry;
 
@@ -50,6 +50,20 @@ struct OpenTxn {
     sent: u64,
     /// Outbox rows seen so far: the next row's index in its [`Position`].
     rows: u32,
+}
+
+/// A row or record bound for the dead-letter topic, and where it came from.
+struct DeadLetter<'a> {
+    reason: &'a str,
+    key: Option<&'a [u8]>,
+    value: &'a [u8],
+    /// The row's LSN (a rejected record: its transaction's commit LSN).
+    lsn: Lsn,
+    xid: u32,
+    commit_ms: i64,
+    /// The event's position (resume looks it up in the dead-letter topic).
+    position: Option<Position>,
+    id: Option<&'a [u8]>,
 }
 
 /// Counters of one session, for logs and tests.
@@ -72,6 +86,8 @@ pub struct Session {
     pub(crate) status_interval: Duration,
     pub(crate) shutdown_timeout: Duration,
     pub(crate) max_in_flight: u64,
+    /// Most transactions tracked (see [`Progress::pending_transactions`]).
+    pub(crate) max_pending: u64,
     pub(crate) telemetry: Arc<Telemetry>,
     /// `Some(topic)` with the dead-letter policy for bad rows; `None` to fail on them.
     pub(crate) dead_letter_topic: Option<String>,
@@ -80,6 +96,9 @@ pub struct Session {
     /// Set after a start that may follow an unclean stop, until the stream passes what an
     /// earlier run can have delivered.
     pub(crate) resume: Option<Resume>,
+    /// A management connection, to place a relation the session's outbox scope does not
+    /// know (see [`walship_postgres::catalog`]); `None`: such relations stay unplaced.
+    pub(crate) catalog: Option<tokio_postgres::Client>,
     txn: Option<OpenTxn>,
     last_reported: Lsn,
     last_status_at: Instant,
@@ -115,10 +134,12 @@ impl Session {
             status_interval,
             shutdown_timeout,
             max_in_flight: max_in_flight.max(2),
+            max_pending: 100_000,
             telemetry,
             dead_letter_topic: None,
             source: Arc::from(""),
             resume: None,
+            catalog: None,
             txn: None,
             last_status_at: Instant::now(),
             stats: SessionStats::default(),
@@ -247,7 +268,11 @@ impl Session {
                 self.stats.transactions += 1;
                 self.telemetry.transactions.fetch_add(1, Ordering::Relaxed);
             }
-            Message::Relation(rel) => self.relations.update(rel),
+            Message::Relation(rel) => {
+                if let walship_postgres::Placement::Lookup(oid) = self.relations.update(rel) {
+                    self.place_relation(oid, lsn).await?;
+                }
+            }
             Message::Insert(insert) if self.relations.is_outbox(insert.relation_id) => {
                 let Some(txn) = self.txn.as_mut() else {
                     return Err(PgError::Protocol(format!(
@@ -277,22 +302,24 @@ impl Session {
                         } else {
                             self.relations.row_json(insert.relation_id, &insert.tuple)
                         };
-                        let key = self
+                        let row = self
                             .relations
                             .extract(insert.relation_id, &insert.tuple)
-                            .ok()
-                            .map(|r| r.aggregate_id.to_vec());
-                        self.dead_letter(
-                            &e.to_string(),
-                            key.as_deref(),
-                            value.as_bytes(),
+                            .ok();
+                        let key = row.as_ref().map(|r| r.aggregate_id.to_vec());
+                        let id = row.as_ref().and_then(|r| r.id.map(<[u8]>::to_vec));
+                        let reason = e.to_string();
+                        let dead = DeadLetter {
+                            reason: &reason,
+                            key: key.as_deref(),
+                            value: value.as_bytes(),
                             lsn,
                             xid,
                             commit_ms,
-                            cancel,
-                            None,
-                        )
-                        .await?;
+                            position: Some(position),
+                            id: id.as_deref(),
+                        };
+                        self.dead_letter(dead, cancel, None).await?;
                     }
                     other => other?,
                 }
@@ -300,9 +327,10 @@ impl Session {
             Message::Insert(insert) => {
                 // Other tables in the publication: not outbox events. Unknown relations are a
                 // protocol violation, not something to skip.
+                let xid = self.txn.as_ref().map_or(0, |t| t.begin.xid);
                 self.relations
                     .target(insert.relation_id)
-                    .map_err(|error| Error::Row { lsn, xid: 0, error })?;
+                    .map_err(|error| Error::Row { lsn, xid, error })?;
             }
             // Updates and deletes of outbox rows are ignored by design (insert-then-delete);
             // the rest carries nothing walship publishes.
@@ -319,6 +347,19 @@ impl Session {
                 .into());
             }
         }
+        Ok(())
+    }
+
+    /// Asks the catalog whether relation `oid` is in the outbox's partition tree.
+    async fn place_relation(&mut self, oid: u32, lsn: Lsn) -> Result<(), Error> {
+        let (Some(client), Some(root)) = (&self.catalog, self.relations.outbox_oid()) else {
+            return Ok(());
+        };
+        let placed = walship_postgres::catalog::place_relation(client, oid, root).await?;
+        if let Some((name, true)) = &placed {
+            tracing::info!(%lsn, relation = %name, oid, "a partition of the outbox: its rows are events");
+        }
+        self.relations.place(oid, placed.map(|(_, member)| member));
         Ok(())
     }
 
@@ -341,28 +382,12 @@ impl Session {
         if !self.ensure_topic(&topic, cancel, true).await? {
             return Ok(());
         }
-        if let Some(resume) = self.resume.as_mut()
-            && !resume.knows(&topic)
+        match self
+            .already_delivered(&topic, position, row.id, row.aggregate_id, cancel, true)
+            .await?
         {
-            // Read the topic back before deciding whether to send the event.
-            let started = std::time::Instant::now();
-            if let Some(scan) = resume.scan(&topic) {
-                let what = format!("reading topic {topic:?} back to resume");
-                let Some(joined) = self.await_broker(&what, scan, cancel, true).await? else {
-                    return Ok(());
-                };
-                if let Some(resume) = self.resume.as_mut() {
-                    resume.store(&topic, joined, started);
-                }
-            }
-        }
-        if let Some(resume) = self.resume.as_mut()
-            && resume.delivered(&topic, position, row.id)
-        {
-            self.telemetry
-                .resume_skipped
-                .fetch_add(1, Ordering::Relaxed);
-            return Ok(());
+            None | Some(true) => return Ok(()),
+            Some(false) => {}
         }
         // The usual headers live on the stack; only extra header columns need a Vec.
         let mut text = PositionText::default();
@@ -401,18 +426,56 @@ impl Session {
         self.send(&record, lsn, xid, commit_ms, cancel, None).await
     }
 
+    /// After an unclean stop: whether an earlier run already put the event at `position` into
+    /// `topic` (reading the topic back first if this session has not yet). `Some(false)` when
+    /// it is to be sent (always outside a resume), `None` when a stop abandoned the session
+    /// meanwhile.
+    async fn already_delivered(
+        &mut self,
+        topic: &str,
+        position: Position,
+        id: Option<&[u8]>,
+        key: &[u8],
+        cancel: &CancellationToken,
+        abandonable: bool,
+    ) -> Result<Option<bool>, Error> {
+        let Some(resume) = self.resume.as_mut() else {
+            return Ok(Some(false));
+        };
+        if !resume.knows(topic) {
+            // Read the topic back before deciding whether to send the event.
+            let started = std::time::Instant::now();
+            if let Some(scan) = resume.scan(topic) {
+                let what = format!("reading topic {topic:?} back to resume");
+                let Some(joined) = self.await_broker(&what, scan, cancel, abandonable).await?
+                else {
+                    return Ok(None);
+                };
+                if let Some(resume) = self.resume.as_mut() {
+                    resume.store(topic, joined, started);
+                }
+            }
+        }
+        let skip = self
+            .resume
+            .as_mut()
+            .is_some_and(|r| r.delivered(topic, position, id, key));
+        if skip {
+            self.telemetry
+                .resume_skipped
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(Some(skip))
+    }
+
     /// Publishes a row that cannot be delivered as an event to the dead-letter topic, with the
-    /// reason and position in headers. `token` is set when the row's event was already counted
-    /// in its transaction (a record the broker rejected after it was sent).
-    #[allow(clippy::too_many_arguments)]
+    /// reason, the row's LSN, xid and table, and the event's source, position and id headers
+    /// (so a restart after a crash finds it there and does not dead-letter it again). `token`
+    /// is set when the row's event was already counted in its transaction (a record the broker
+    /// rejected after it was sent).
     async fn dead_letter(
         &mut self,
-        reason: &str,
-        key: Option<&[u8]>,
-        value: &[u8],
-        lsn: Lsn,
-        xid: u32,
-        commit_ms: i64,
+        dead: DeadLetter<'_>,
         cancel: &CancellationToken,
         token: Option<TxnToken>,
     ) -> Result<(), Error> {
@@ -424,28 +487,64 @@ impl Session {
         if !self.ensure_topic(&topic, cancel, token.is_none()).await? {
             return Ok(());
         }
-        let lsn_text = lsn.to_string();
-        let xid_text = xid.to_string();
+        let key = dead.key.unwrap_or_default();
+        if let Some(position) = dead.position {
+            match self
+                .already_delivered(&topic, position, dead.id, key, cancel, token.is_none())
+                .await?
+            {
+                None => return Ok(()),
+                Some(true) => {
+                    tracing::info!(lsn = %dead.lsn, xid = dead.xid, dead_letter_topic = %topic,
+                        "an earlier run already dead-lettered this row; not sent again");
+                    // A rejected record's event is complete: its dead letter is in Kafka.
+                    if let Some(token) = token {
+                        self.progress.settle(token);
+                    }
+                    return Ok(());
+                }
+                Some(false) => {}
+            }
+        }
+        let lsn_text = dead.lsn.to_string();
+        let xid_text = dead.xid.to_string();
         let table = self.relations.spec().table.to_string();
-        let headers: [(&str, Option<&[u8]>); 4] = [
-            ("walship.error", Some(reason.as_bytes())),
+        let mut text = PositionText::default();
+        let source = Arc::clone(&self.source);
+        let mut headers: [(&str, Option<&[u8]>); 7] = [
+            ("walship.error", Some(dead.reason.as_bytes())),
             ("walship.lsn", Some(lsn_text.as_bytes())),
             ("walship.xid", Some(xid_text.as_bytes())),
             ("walship.table", Some(table.as_bytes())),
+            (SOURCE_HEADER, Some(source.as_bytes())),
+            ("", None),
+            ("", None),
         ];
+        let mut n = 5;
+        if let Some(position) = dead.position {
+            headers[n] = (POSITION_HEADER, Some(position.encode(&mut text)));
+            n += 1;
+        }
+        if let Some(id) = dead.id {
+            headers[n] = (ID_HEADER, Some(id));
+            n += 1;
+        }
         let record = Record {
             topic: &topic,
-            key: key.unwrap_or_default(),
-            payload: Some(value),
-            headers: &headers,
-            timestamp_ms: Some(commit_ms),
+            key,
+            payload: Some(dead.value),
+            headers: &headers[..n],
+            timestamp_ms: Some(dead.commit_ms),
         };
-        tracing::warn!(%lsn, xid, dead_letter_topic = %topic, "dead-lettering outbox row: {reason}");
+        tracing::warn!(lsn = %dead.lsn, xid = dead.xid, dead_letter_topic = %topic,
+            "dead-lettering outbox row: {}", dead.reason);
         self.telemetry.dead_lettered.fetch_add(1, Ordering::Relaxed);
-        self.send(&record, lsn, xid, commit_ms, cancel, token).await
+        self.send(&record, dead.lsn, dead.xid, dead.commit_ms, cancel, token)
+            .await
     }
 
-    /// Dead-letters the records the broker rejected for good since the last call.
+    /// Dead-letters the records the broker rejected for good since the last call, with their
+    /// transaction's xid, commit LSN and commit time.
     async fn dead_letter_rejected(&mut self, cancel: &CancellationToken) -> Result<(), Error> {
         for (token, rejected) in self.progress.take_rejected() {
             if self.abandoned {
@@ -456,18 +555,20 @@ impl Session {
                 "{}; the record (key and {} bytes of value) was not accepted by topic {:?}",
                 rejected.error, rejected.payload_len, rejected.topic
             );
+            let origin = self.progress.origin(token).unwrap_or_default();
             let key = rejected.key.clone();
-            self.dead_letter(
-                &reason,
-                key.as_deref(),
-                b"",
-                Lsn::ZERO,
-                0,
-                crate::telemetry::unix_ms(),
-                cancel,
-                Some(token),
-            )
-            .await?;
+            let id = rejected.id.clone();
+            let dead = DeadLetter {
+                reason: &reason,
+                key: key.as_deref(),
+                value: b"",
+                lsn: origin.commit_lsn,
+                xid: origin.xid,
+                commit_ms: origin.commit_time_ms,
+                position: rejected.position,
+                id: id.as_deref(),
+            };
+            self.dead_letter(dead, cancel, Some(token)).await?;
         }
         Ok(())
     }
@@ -486,19 +587,29 @@ impl Session {
         token: Option<TxnToken>,
     ) -> Result<(), Error> {
         let replaces = token.is_some();
-        let token = match token.or_else(|| self.txn.as_ref().and_then(|t| t.token)) {
-            Some(t) => t,
-            None => {
-                let t = self.progress.open(commit_ms);
-                if let Some(txn) = self.txn.as_mut() {
-                    txn.token = Some(t);
-                }
-                t
-            }
-        };
+        let mut token = token.or_else(|| self.txn.as_ref().and_then(|t| t.token));
         loop {
-            if self.progress.in_flight() < self.max_in_flight {
-                match self.sink.send(record, token as usize) {
+            // A new transaction adds an entry to the tracker: only below the pending bound.
+            let room = self.progress.in_flight() < self.max_in_flight
+                && (token.is_some() || self.progress.pending_transactions() < self.max_pending);
+            if room {
+                let t = match token {
+                    Some(t) => t,
+                    None => {
+                        let origin = TxnOrigin {
+                            xid,
+                            commit_lsn: self.txn.as_ref().map_or(lsn, |t| t.begin.final_lsn),
+                            commit_time_ms: commit_ms,
+                        };
+                        let t = self.progress.open(origin);
+                        if let Some(txn) = self.txn.as_mut() {
+                            txn.token = Some(t);
+                        }
+                        token = Some(t);
+                        t
+                    }
+                };
+                match self.sink.send(record, t as usize) {
                     Ok(()) => {
                         self.progress.note_sent();
                         break;
@@ -514,6 +625,8 @@ impl Session {
                                     partition: -1,
                                     key: None,
                                     payload_len: 0,
+                                    position: None,
+                                    id: None,
                                     error,
                                 })
                             }
@@ -546,8 +659,14 @@ impl Session {
             if Instant::now() >= self.status_due() {
                 self.report(false).await?;
             }
+            // Waiting for the pending bound: wake once the oldest transactions complete.
+            let pending_low = token.is_none().then(|| self.max_pending.saturating_sub(1));
             self.progress
-                .wait_for_room(self.max_in_flight / 2, Duration::from_millis(100))
+                .wait_for_room(
+                    self.max_in_flight / 2,
+                    pending_low,
+                    Duration::from_millis(100),
+                )
                 .await;
         }
         if !replaces {

@@ -12,6 +12,11 @@
 //! place: they extend the newest sealed transaction's end instead of adding an entry, so a long
 //! run of filtered transactions behind a stalled broker costs no memory.
 //!
+//! Memory: one entry per transaction with events, from the oldest unacknowledged one to the
+//! newest read. [`Progress::pending_transactions`] is what the pipeline bounds
+//! (`run.max_pending_transactions`): one stalled partition holds the head back while later
+//! transactions are acknowledged, so without the bound entries would grow with the backlog.
+//!
 //! A delivery the producer gave up on stops progress for good (its transaction can never
 //! complete) and is reported through [`Progress::take_failure`]; it is never skipped.
 
@@ -34,8 +39,23 @@ struct Entry {
     /// Events sent minus events acknowledged. Acks can arrive before the transaction is sealed
     /// with its event count, so this may be negative while open.
     outstanding: i64,
-    /// Commit timestamp (ms since the Unix epoch), for lag metrics.
+    /// Commit timestamp (ms since the Unix epoch), for lag metrics and dead letters.
     commit_time_ms: i64,
+    /// The transaction's xid and commit LSN (`Begin.final_lsn`), for dead letters of records
+    /// the broker rejects after they were sent.
+    xid: u32,
+    commit_lsn: Lsn,
+}
+
+/// Where a transaction came from, as [`Progress::origin`] tells it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TxnOrigin {
+    /// Transaction id.
+    pub xid: u32,
+    /// Commit LSN (`Begin.final_lsn`).
+    pub commit_lsn: Lsn,
+    /// Commit time, Unix ms.
+    pub commit_time_ms: i64,
 }
 
 #[derive(Debug, Default)]
@@ -64,6 +84,10 @@ pub struct Progress {
     /// `u64::MAX` when nobody waits. Waking at a low-water mark instead of on every delivery
     /// turns a context switch per record into one per half window.
     wake_at_in_flight: AtomicU64,
+    /// Entries now (mirrors `state.entries.len()`, readable without the lock).
+    pending: AtomicU64,
+    /// While the pipeline waits for room: wake it once pending entries drop to this many.
+    wake_at_pending: AtomicU64,
     room: Notify,
     /// Set while the pipeline waits for the safe position to move (to report it promptly).
     want_advance: AtomicBool,
@@ -88,6 +112,7 @@ impl Progress {
     pub fn with_telemetry(start: Lsn, telemetry: std::sync::Arc<Telemetry>) -> Self {
         let p = Progress {
             wake_at_in_flight: AtomicU64::new(u64::MAX),
+            wake_at_pending: AtomicU64::new(u64::MAX),
             telemetry,
             ..Progress::default()
         };
@@ -133,13 +158,13 @@ impl Progress {
             .saturating_sub(reported)
     }
 
-    /// Transactions waiting for acknowledgements (or still open).
-    pub fn pending_transactions(&self) -> usize {
-        self.lock().entries.len()
+    /// Transactions tracked: from the oldest not fully acknowledged to the newest opened.
+    pub fn pending_transactions(&self) -> u64 {
+        self.pending.load(Ordering::Acquire)
     }
 
     /// Opens an entry for a transaction that has (or may have) events.
-    pub fn open(&self, commit_time_ms: i64) -> TxnToken {
+    pub fn open(&self, origin: TxnOrigin) -> TxnToken {
         let mut s = self.lock();
         let token = s.next;
         s.next += 1;
@@ -147,9 +172,27 @@ impl Progress {
             end: Lsn::ZERO,
             sealed: false,
             outstanding: 0,
-            commit_time_ms,
+            commit_time_ms: origin.commit_time_ms,
+            xid: origin.xid,
+            commit_lsn: origin.commit_lsn,
         });
+        self.pending
+            .store(s.entries.len() as u64, Ordering::Release);
+        self.telemetry
+            .pending_transactions
+            .store(s.entries.len() as u64, Ordering::Relaxed);
         token
+    }
+
+    /// The xid, commit LSN and commit time of a transaction still tracked.
+    pub fn origin(&self, token: TxnToken) -> Option<TxnOrigin> {
+        let s = self.lock();
+        let idx = token.checked_sub(s.base)?;
+        s.entries.get(idx as usize).map(|e| TxnOrigin {
+            xid: e.xid,
+            commit_lsn: e.commit_lsn,
+            commit_time_ms: e.commit_time_ms,
+        })
     }
 
     /// Seals a transaction: `events` were sent for it and it ends at `end`.
@@ -164,6 +207,19 @@ impl Progress {
             e.outstanding += i64::try_from(events).unwrap_or(i64::MAX);
         }
         self.advance(&mut s);
+    }
+
+    /// Completes one outstanding event of `token` without a delivery report: a rejected
+    /// record whose dead letter an earlier run already published.
+    pub fn settle(&self, token: TxnToken) {
+        let mut s = self.lock();
+        let idx = token.checked_sub(s.base);
+        if let Some(e) = idx.and_then(|i| s.entries.get_mut(i as usize)) {
+            e.outstanding -= 1;
+            if idx == Some(0) {
+                self.advance(&mut s);
+            }
+        }
     }
 
     /// Records a position with nothing to deliver (a transaction without outbox events, or a
@@ -187,12 +243,17 @@ impl Progress {
                     sealed: true,
                     outstanding: 0,
                     commit_time_ms: 0,
+                    xid: 0,
+                    commit_lsn: Lsn::ZERO,
                 });
+                self.pending
+                    .store(s.entries.len() as u64, Ordering::Release);
             }
         }
     }
 
     fn advance(&self, s: &mut State) {
+        let before = s.entries.len();
         let mut moved = false;
         let mut now_ms = None;
         while let Some(head) = s.entries.front() {
@@ -220,6 +281,16 @@ impl Progress {
                 .last_delivery_ms
                 .store(now, Ordering::Relaxed);
         }
+        if s.entries.len() != before {
+            let len = s.entries.len() as u64;
+            self.pending.store(len, Ordering::Release);
+            self.telemetry
+                .pending_transactions
+                .store(len, Ordering::Relaxed);
+            if len <= self.wake_at_pending.load(Ordering::Acquire) {
+                self.room.notify_one();
+            }
+        }
         if moved {
             self.safe.store(s.safe.0, Ordering::Release);
             if self.want_advance.load(Ordering::Acquire) {
@@ -241,17 +312,29 @@ impl Progress {
             .take()
     }
 
-    /// Waits until at most `low_water` events are in flight, a delivery fails, or `timeout`
-    /// passes. Used for backpressure: the pipeline stops reading meanwhile.
-    pub async fn wait_for_room(&self, low_water: u64, timeout: std::time::Duration) {
+    /// Waits until at most `low_water` events are in flight and, with `pending_low` set, at
+    /// most that many transactions are tracked; or a delivery fails, or `timeout` passes. Used
+    /// for backpressure: the pipeline stops reading meanwhile.
+    pub async fn wait_for_room(
+        &self,
+        low_water: u64,
+        pending_low: Option<u64>,
+        timeout: std::time::Duration,
+    ) {
         let notified = self.room.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
         self.wake_at_in_flight.store(low_water, Ordering::Release);
-        if self.in_flight() > low_water && !self.has_failed() {
+        if let Some(p) = pending_low {
+            self.wake_at_pending.store(p, Ordering::Release);
+        }
+        let full = self.in_flight() > low_water
+            || pending_low.is_some_and(|p| self.pending_transactions() > p);
+        if full && !self.has_failed() {
             let _ = tokio::time::timeout(timeout, notified).await;
         }
         self.wake_at_in_flight.store(u64::MAX, Ordering::Release);
+        self.wake_at_pending.store(u64::MAX, Ordering::Release);
     }
 
     /// Resolves once the safe position is beyond `reported` (or a delivery failed).
@@ -358,6 +441,8 @@ mod tests {
     /// A delivery report failing with `code`.
     fn failure(code: RDKafkaErrorCode) -> DeliveryError {
         DeliveryError {
+            position: None,
+            id: None,
             topic: "t".into(),
             partition: 0,
             key: None,
@@ -369,9 +454,9 @@ mod tests {
     #[test]
     fn safe_lsn_is_end_of_longest_acknowledged_prefix() {
         let p = Progress::new(Lsn(10));
-        let a = p.open(0);
+        let a = p.open(TxnOrigin::default());
         p.seal(a, 2, Lsn(100));
-        let b = p.open(0);
+        let b = p.open(TxnOrigin::default());
         p.seal(b, 1, Lsn(200));
         ack(&p, b);
         assert_eq!(
@@ -390,7 +475,7 @@ mod tests {
     fn acks_within_one_long_transaction_show_the_broker_answers() {
         let telemetry = std::sync::Arc::new(Telemetry::default());
         let p = Progress::with_telemetry(Lsn(0), std::sync::Arc::clone(&telemetry));
-        let a = p.open(0);
+        let a = p.open(TxnOrigin::default());
         for _ in 0..300 {
             p.note_sent();
         }
@@ -410,7 +495,7 @@ mod tests {
     fn delivery_failures_are_counted_by_class() {
         let telemetry = std::sync::Arc::new(Telemetry::default());
         let p = Progress::with_telemetry(Lsn(0), std::sync::Arc::clone(&telemetry));
-        let a = p.open(0);
+        let a = p.open(TxnOrigin::default());
         p.note_sent();
         p.on_delivery(
             a as usize,
@@ -419,7 +504,7 @@ mod tests {
         assert_eq!(telemetry.errors_record.load(Ordering::Relaxed), 1);
         assert_eq!(telemetry.errors_transient.load(Ordering::Relaxed), 0);
         // Dropping a session's producer purges what it holds: not a refusal.
-        let b = p.open(0);
+        let b = p.open(TxnOrigin::default());
         p.note_sent();
         p.on_delivery(b as usize, Err(failure(RDKafkaErrorCode::PurgeInflight)));
         assert_eq!(telemetry.errors_transient.load(Ordering::Relaxed), 0);
@@ -428,7 +513,7 @@ mod tests {
     #[test]
     fn acks_before_seal_do_not_complete_an_open_transaction() {
         let p = Progress::new(Lsn(0));
-        let a = p.open(0);
+        let a = p.open(TxnOrigin::default());
         ack(&p, a);
         ack(&p, a);
         assert_eq!(p.safe_lsn(), Lsn(0));
@@ -443,7 +528,7 @@ mod tests {
         let p = Progress::new(Lsn(0));
         p.complete_empty(Lsn(5));
         assert_eq!(p.safe_lsn(), Lsn(5), "nothing in flight: confirm at once");
-        let a = p.open(0);
+        let a = p.open(TxnOrigin::default());
         p.seal(a, 1, Lsn(10));
         for end in 11..1000 {
             p.complete_empty(Lsn(end));
@@ -472,9 +557,9 @@ mod tests {
     #[test]
     fn failed_delivery_stops_progress_and_is_reported_once() {
         let p = Progress::new(Lsn(0));
-        let a = p.open(0);
+        let a = p.open(TxnOrigin::default());
         p.seal(a, 1, Lsn(10));
-        let b = p.open(0);
+        let b = p.open(TxnOrigin::default());
         p.seal(b, 1, Lsn(20));
         p.on_delivery(
             a as usize,
@@ -489,5 +574,68 @@ mod tests {
         );
         assert!(p.take_failure().is_some());
         assert!(p.take_failure().is_none());
+    }
+
+    #[test]
+    fn a_stalled_head_keeps_later_acknowledged_transactions_pending_until_it_completes() {
+        let p = Progress::new(Lsn(0));
+        let head = p.open(TxnOrigin::default());
+        p.seal(head, 1, Lsn(10));
+        for i in 0..50 {
+            let t = p.open(TxnOrigin::default());
+            p.seal(t, 1, Lsn(20 + i));
+            ack(&p, t);
+        }
+        // Every later transaction is acknowledged, yet none can be confirmed before the head:
+        // this is what `run.max_pending_transactions` bounds.
+        assert_eq!(p.pending_transactions(), 51);
+        assert_eq!(p.safe_lsn(), Lsn(0));
+        ack(&p, head);
+        assert_eq!(p.pending_transactions(), 0);
+        assert_eq!(p.safe_lsn(), Lsn(69));
+    }
+
+    #[tokio::test]
+    async fn waiting_for_pending_room_wakes_when_the_head_completes() {
+        let p = std::sync::Arc::new(Progress::new(Lsn(0)));
+        let head = p.open(TxnOrigin::default());
+        p.seal(head, 1, Lsn(10));
+        for i in 0..9 {
+            let t = p.open(TxnOrigin::default());
+            p.seal(t, 1, Lsn(20 + i));
+            ack(&p, t);
+        }
+        let waiter = {
+            let p = std::sync::Arc::clone(&p);
+            tokio::spawn(async move {
+                p.wait_for_room(1000, Some(5), std::time::Duration::from_secs(60))
+                    .await;
+            })
+        };
+        // Let the waiter register (it returns at once only if there is room already).
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished(), "10 pending > 5: no room yet");
+        ack(&p, head);
+        tokio::time::timeout(std::time::Duration::from_secs(10), waiter)
+            .await
+            .expect("woken when the head completed, long before the 60 s timeout")
+            .expect("waiter");
+    }
+
+    #[test]
+    fn origin_and_settle_serve_dead_letters_of_rejected_records() {
+        let p = Progress::new(Lsn(0));
+        let origin = TxnOrigin {
+            xid: 77,
+            commit_lsn: Lsn(0x1234),
+            commit_time_ms: 1_700_000_000_000,
+        };
+        let t = p.open(origin);
+        p.seal(t, 2, Lsn(0x1300));
+        assert_eq!(p.origin(t), Some(origin));
+        ack(&p, t);
+        p.settle(t);
+        assert_eq!(p.safe_lsn(), Lsn(0x1300));
+        assert_eq!(p.origin(t), None, "completed transactions are forgotten");
     }
 }

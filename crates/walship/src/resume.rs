@@ -6,11 +6,20 @@
 //! position at session start (`IDENTIFY_SYSTEM`'s `xlogpos`) can have been sent by an earlier
 //! run, so only those are looked up; once the stream passes that point the memory is dropped.
 //!
-//! Invariant (inherited from [`ResumeScanner`]): an event is skipped only if a record of this
-//! source carrying its position and its outbox id was read back from its topic. A topic that
-//! cannot be read is logged and its events are sent again — a duplicate, never a gap.
+//! Invariants:
+//! - (inherited from [`ResumeScanner`]) an event is skipped only if a record of this source
+//!   carrying its position and its outbox id was read back from its topic. A topic that cannot
+//!   be read is logged and its events are sent again — a duplicate, never a gap.
+//! - Only a contiguous run is skipped: once an event of a key was not found in its topic (a
+//!   scan cut short, a record lost in flight), every later event of that key in that topic is
+//!   sent too, so the topic never reads e1, e2, e1 — a newer event is never left as the last
+//!   word before an older one sent again.
+//! - Memory is bounded: at most [`MAX_POSITIONS`] found positions are held per session (the
+//!   oldest; newer events are sent again), released as the stream passes them, and at most
+//!   [`MAX_GAP_KEYS`] keys per topic remember a gap (beyond that, the whole topic counts as
+//!   having one).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use pgoutput::Lsn;
@@ -22,6 +31,22 @@ const SCAN_TIMEOUT: Duration = Duration::from_secs(20);
 /// not hold the stream for `topics × SCAN_TIMEOUT` (the scan running when it is reached may
 /// still take up to `SCAN_TIMEOUT`). Topics first met after it are not read back.
 const SESSION_SCAN_BUDGET: Duration = Duration::from_secs(60);
+
+/// Found positions held per session at most, over all topics (a few dozen bytes each).
+pub const MAX_POSITIONS: usize = 1 << 18;
+/// Keys per topic remembered as having a gap; beyond it every later event of the topic is sent.
+pub const MAX_GAP_KEYS: usize = 1 << 16;
+
+/// What one topic holds of this source, and which keys can no longer be skipped.
+#[derive(Default)]
+struct TopicMemory {
+    found: Delivered,
+    /// Keys with an event that was not found: their later events are all sent.
+    gaps: HashSet<Box<[u8]>>,
+    /// Every later event of the topic is sent (past the newest found position, or too many
+    /// keys with gaps to remember).
+    gap_all: bool,
+}
 
 /// The scanner (kept for the next topic) and what it found.
 pub type ScanOutcome = (
@@ -38,7 +63,7 @@ pub struct Resume {
     since: Lsn,
     until: Lsn,
     scanner: Option<ResumeScanner>,
-    topics: HashMap<String, Delivered>,
+    topics: HashMap<String, TopicMemory>,
     skipped: u64,
     /// Time spent scanning so far, and how much is allowed.
     spent: Duration,
@@ -79,15 +104,42 @@ impl Resume {
         self.topics.contains_key(topic)
     }
 
-    /// True if an earlier run already put the event at `position` with outbox id `id` into
-    /// `topic`. False for a topic not read back yet: call [`Resume::scan`] first.
-    pub fn delivered(&mut self, topic: &str, position: Position, id: Option<&[u8]>) -> bool {
-        let hit = self
-            .topics
-            .get(topic)
-            .is_some_and(|d| d.contains(position, id));
-        self.skipped += u64::from(hit);
+    /// True if the event at `position` with outbox id `id` and Kafka key `key` is to be
+    /// skipped: an earlier run already put it into `topic`, and every earlier event of the key
+    /// this session met was found there too. False for a topic not read back yet: call
+    /// [`Resume::scan`] first. Events must be asked about in stream order.
+    pub fn delivered(
+        &mut self,
+        topic: &str,
+        position: Position,
+        id: Option<&[u8]>,
+        key: &[u8],
+    ) -> bool {
+        let Some(t) = self.topics.get_mut(topic) else {
+            return false;
+        };
+        if t.gap_all || t.gaps.contains(key) {
+            return false;
+        }
+        let hit = t.found.contains(position, id);
+        // The stream has passed what comes before: no later event can be at those positions.
+        t.found.forget_before(position);
+        if hit {
+            self.skipped += 1;
+        } else if t.found.last().is_none_or(|last| position > last) {
+            // Past the newest found position: nothing later can be found either.
+            t.gap_all = true;
+        } else if t.gaps.len() >= MAX_GAP_KEYS {
+            t.gap_all = true;
+        } else {
+            t.gaps.insert(Box::from(key));
+        }
         hit
+    }
+
+    /// Positions held now, over all topics.
+    pub fn held(&self) -> usize {
+        self.topics.values().map(|t| t.found.len()).sum()
     }
 
     /// Starts reading `topic`'s tail back, off the async runtime. The caller keeps the
@@ -110,12 +162,13 @@ impl Resume {
                 );
             }
             tracing::debug!(topic, "not read back: resume lookup budget spent");
-            self.topics.insert(topic.to_owned(), Delivered::default());
+            self.topics.insert(topic.to_owned(), TopicMemory::default());
             return None;
         }
         let scanner = self.scanner.take();
         let (settings, source) = (self.settings.clone(), self.source.clone());
         let (name, since) = (topic.to_owned(), self.since.0);
+        let limit = MAX_POSITIONS.saturating_sub(self.held()).max(1);
         Some(tokio::task::spawn_blocking(move || {
             let scanner = match scanner {
                 Some(s) => s,
@@ -124,7 +177,7 @@ impl Resume {
                     Err(e) => return (None, Err(e)),
                 },
             };
-            let result = scanner.delivered(&name, since);
+            let result = scanner.delivered(&name, since, limit);
             (Some(scanner), result)
         }))
     }
@@ -138,7 +191,13 @@ impl Resume {
     ) {
         self.spent += started.elapsed();
         let found = self.outcome(topic, joined, started);
-        self.topics.insert(topic.to_owned(), found);
+        self.topics.insert(
+            topic.to_owned(),
+            TopicMemory {
+                found,
+                ..TopicMemory::default()
+            },
+        );
     }
 
     fn outcome(
@@ -242,8 +301,89 @@ mod tests {
             commit_lsn: 150,
             index: 0,
         };
-        assert!(!r.delivered("c", position, Some(b"id")));
+        assert!(!r.delivered("c", position, Some(b"id"), b"k"));
         assert!(r.scan("d").is_none());
         assert_eq!(r.skipped(), 0);
+    }
+
+    fn at(lsn: u64) -> Position {
+        Position {
+            commit_lsn: lsn,
+            index: 0,
+        }
+    }
+
+    fn found(r: &mut Resume, topic: &str, positions: &[u64]) {
+        let found = positions
+            .iter()
+            .map(|&l| (at(l), Some(Box::from(format!("id{l}").as_bytes()))))
+            .collect();
+        r.topics.insert(
+            topic.to_owned(),
+            TopicMemory {
+                found,
+                ..TopicMemory::default()
+            },
+        );
+    }
+
+    fn ask(r: &mut Resume, topic: &str, lsn: u64, key: &str) -> bool {
+        r.delivered(
+            topic,
+            at(lsn),
+            Some(format!("id{lsn}").as_bytes()),
+            key.as_bytes(),
+        )
+    }
+
+    #[test]
+    fn once_an_event_of_a_key_is_missing_its_later_events_are_sent_too() {
+        let mut r = resume(Duration::from_secs(5));
+        // The topic holds e2 and e3 of key A and e4 of key B, but not e1 of key A.
+        found(&mut r, "t", &[120, 130, 140]);
+        assert!(!ask(&mut r, "t", 110, "A"), "e1 is not in the topic");
+        assert!(
+            !ask(&mut r, "t", 120, "A"),
+            "e2 was found, but skipping it would leave e1 after e2"
+        );
+        assert!(!ask(&mut r, "t", 130, "A"));
+        assert!(ask(&mut r, "t", 140, "B"), "key B has no gap");
+        assert_eq!(r.skipped(), 1);
+    }
+
+    #[test]
+    fn past_the_newest_found_position_nothing_is_skipped_and_memory_is_released() {
+        let mut r = resume(Duration::from_secs(5));
+        found(&mut r, "t", &[110, 120, 130]);
+        assert!(ask(&mut r, "t", 110, "A"));
+        assert!(ask(&mut r, "t", 120, "B"));
+        assert_eq!(r.held(), 2, "positions the stream passed are released");
+        assert!(!ask(&mut r, "t", 125, "C"), "lost in flight");
+        assert!(
+            ask(&mut r, "t", 130, "A"),
+            "key A's run is still contiguous"
+        );
+        assert!(
+            !ask(&mut r, "t", 140, "B"),
+            "past the newest found position"
+        );
+        // Even a position that was found earlier counts as gone once past the end.
+        assert!(!ask(&mut r, "t", 130, "D"));
+        assert_eq!(r.skipped(), 3);
+    }
+
+    #[test]
+    fn too_many_keys_with_gaps_turn_the_whole_topic_to_sending() {
+        let mut r = resume(Duration::from_secs(5));
+        let last = 10 * (MAX_GAP_KEYS as u64 + 10);
+        found(&mut r, "t", &[last]);
+        for i in 0..MAX_GAP_KEYS as u64 + 1 {
+            assert!(!ask(&mut r, "t", 10 + i, &format!("k{i}")));
+        }
+        assert!(r.topics["t"].gaps.len() <= MAX_GAP_KEYS);
+        assert!(
+            !ask(&mut r, "t", last, "fresh"),
+            "the whole topic has a gap now"
+        );
     }
 }

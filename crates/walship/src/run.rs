@@ -91,7 +91,7 @@ async fn supervise(
     let params = config.connect_params()?;
     let settings = config.sink_settings()?;
     // Fail fast on a wrong setup: these are definite problems an operator must fix.
-    let start_lsn = preflight(config, &params, password.as_ref()).await?;
+    let (start_lsn, outbox_oid) = preflight(config, &params, password.as_ref()).await?;
     tracing::info!(
         slot = %config.postgres.slot,
         publication = %config.postgres.publication,
@@ -109,7 +109,13 @@ async fn supervise(
             interval,
         )));
     }
-    let watchdog = watch(config, params.clone(), password.clone(), telemetry);
+    let watchdog = watch(
+        config,
+        params.clone(),
+        password.clone(),
+        outbox_oid,
+        telemetry,
+    );
     tokio::pin!(watchdog);
     let mut attempt: u32 = 0;
     loop {
@@ -121,6 +127,7 @@ async fn supervise(
         telemetry.streaming.store(false, Ordering::Relaxed);
         // The session's producer is gone: what it held is read again by the next session.
         telemetry.in_flight.store(0, Ordering::Relaxed);
+        telemetry.pending_transactions.store(0, Ordering::Relaxed);
         match result {
             Ok(()) => return Ok(()),
             Err(e) if e.is_transient() && !cancel.is_cancelled() => {
@@ -149,6 +156,7 @@ async fn watch(
     config: &Config,
     params: ConnectParams,
     password: Option<Secret>,
+    outbox_oid: u32,
     telemetry: &Telemetry,
 ) -> Error {
     let every = Duration::from_millis(config.postgres.watch_interval_ms.max(100));
@@ -167,6 +175,7 @@ async fn watch(
             &config.postgres.slot,
             &config.postgres.publication,
             &table,
+            Some(outbox_oid),
         )
         .await
         {
@@ -237,16 +246,17 @@ fn backoff(attempt: u32) -> Duration {
     Duration::from_millis(jittered)
 }
 
-/// Checks and prepares the database; returns the slot's confirmed position.
+/// Checks and prepares the database; returns the slot's confirmed position and the outbox
+/// table's OID (the watchdog tells a renamed outbox from a dropped one by it).
 async fn preflight(
     config: &Config,
     params: &ConnectParams,
     password: Option<&Secret>,
-) -> Result<pgoutput::Lsn, Error> {
+) -> Result<(pgoutput::Lsn, u32), Error> {
     let client = slot::connect(params, password.map(|p| p.expose().as_bytes())).await?;
     slot::check_wal_level(&client).await?;
     let spec = config.outbox_spec();
-    slot::ensure_publication(
+    let scope = slot::ensure_publication(
         &client,
         &config.postgres.publication,
         &spec.table,
@@ -260,7 +270,10 @@ async fn preflight(
         &config.slot_history(),
     )
     .await?;
-    Ok(state.confirmed_flush_lsn.unwrap_or_default())
+    Ok((
+        state.confirmed_flush_lsn.unwrap_or_default(),
+        scope.family.root,
+    ))
 }
 
 /// One streaming session from the slot's confirmed position.
@@ -286,7 +299,10 @@ async fn session(
         ))
     })?;
     slot::validate_slot(&state)?;
-    drop(client);
+    // Which relations are the outbox (its partitions too), as the catalog has them now; the
+    // connection stays open for the rare relation only the catalog can place.
+    let spec = config.outbox_spec();
+    let scope = slot::outbox_scope(&client, &config.postgres.publication, &spec.table).await?;
     let start = state.confirmed_flush_lsn.unwrap_or_default();
 
     let progress = Arc::new(Progress::with_telemetry(start, Arc::clone(telemetry)));
@@ -325,7 +341,7 @@ async fn session(
         .map_err(|e| Error::Config(crate::config::ConfigError(e.to_string())))?;
     let mut session = Session::new(
         stream,
-        Relations::new(config.outbox_spec()),
+        Relations::with_scope(spec, scope, &config.postgres.publication),
         router,
         sink,
         Arc::clone(&progress),
@@ -334,6 +350,8 @@ async fn session(
         config.run.max_in_flight_events,
         Arc::clone(telemetry),
     );
+    session.catalog = Some(client);
+    session.max_pending = config.run.max_pending_transactions.max(2);
     session.source = Arc::from(format!("{}/{}", system.system_id, config.postgres.slot));
     // Events committed before the server's current WAL position may have reached Kafka in an
     // earlier run that stopped before confirming them.

@@ -55,6 +55,9 @@ pub struct SlotStatus {
     pub publication_exists: bool,
     /// Its tables, `schema.table`.
     pub publication_tables: Vec<String>,
+    /// Why the outbox's rows would not reach walship through the publication (the stream's
+    /// own rule, partitions included); `null` when they do.
+    pub outbox_problem: Option<String>,
 }
 
 impl SlotStatus {
@@ -134,6 +137,12 @@ impl SlotStatus {
                 )
             },
         ));
+        rows.push((
+            "outbox",
+            self.outbox_problem
+                .clone()
+                .unwrap_or_else(|| "published through the publication".to_owned()),
+        ));
         let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
         rows.iter()
             .map(|(k, v)| format!("{k:<width$}  {v}\n"))
@@ -151,6 +160,16 @@ pub async fn read_status(config: &Config) -> Result<SlotStatus, Error> {
     let extra = preflight::slot_extra(&client, name).await?;
     let current = slot::current_wal_lsn(&client).await?;
     let publication = preflight::publication_info(&client, &config.postgres.publication).await?;
+    let table = config.outbox_spec().table;
+    let family = walship_postgres::catalog::outbox_family(&client, &table).await?;
+    let outbox_problem = walship_postgres::catalog::publication_problem(
+        &config.postgres.publication,
+        &table,
+        family.as_ref(),
+        publication.as_ref(),
+        None,
+        false,
+    );
     Ok(SlotStatus {
         server: params.describe(),
         slot: name.clone(),
@@ -183,6 +202,7 @@ pub async fn read_status(config: &Config) -> Result<SlotStatus, Error> {
         publication_tables: publication
             .map(|p| p.tables.iter().map(ToString::to_string).collect())
             .unwrap_or_default(),
+        outbox_problem,
     })
 }
 
@@ -226,6 +246,7 @@ mod tests {
             publication: "walship_outbox".into(),
             publication_exists: true,
             publication_tables: vec!["public.outbox".into()],
+            outbox_problem: None,
         }
     }
 

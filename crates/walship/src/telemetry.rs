@@ -31,6 +31,9 @@ pub struct Telemetry {
     pub transactions: AtomicU64,
     /// Events handed to the producer and not yet reported (updated by the pipeline).
     pub in_flight: AtomicU64,
+    /// Transactions tracked from the oldest unacknowledged one (bounded by
+    /// `run.max_pending_transactions`).
+    pub pending_transactions: AtomicU64,
     /// The position confirmed to PostgreSQL.
     pub safe_lsn: AtomicU64,
     /// The server's WAL position: `IDENTIFY_SYSTEM`'s at each session start, then sampled every
@@ -137,6 +140,12 @@ impl Telemetry {
             "gauge",
             "Events handed to the producer and not yet acknowledged.",
             get(&self.in_flight),
+        );
+        metric(
+            "walship_pending_transactions",
+            "gauge",
+            "Transactions tracked from the oldest not yet acknowledged (bounded by run.max_pending_transactions).",
+            get(&self.pending_transactions),
         );
         metric(
             "walship_safe_lsn",

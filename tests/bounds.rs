@@ -1,0 +1,103 @@
+//! Bounded memory (G5) when one partition stalls: acknowledged transactions behind a stalled
+//! one cannot be confirmed, so walship stops reading at `run.max_pending_transactions` instead
+//! of tracking them without bound, and delivers everything in order once the partition
+//! recovers. The stall is injected with librdkafka's mock cluster (a partition without a
+//! leader); PostgreSQL is real.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use rdkafka::mocking::MockCluster;
+
+use crate::harness::{self, Relay, Row, TIMEOUT, TestDb, by_key, consume, insert_txn, seqs};
+use crate::metrics;
+
+const BOUND: u64 = 50;
+
+/// `walship_pending_transactions` now.
+fn pending(port: u16) -> f64 {
+    metrics::value(
+        &metrics::get(port, "/metrics").1,
+        "walship_pending_transactions",
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_partition_bounds_what_is_tracked_and_everything_arrives_in_order_after() {
+    let db = TestDb::new().await;
+    let cluster = MockCluster::new(1).expect("mock cluster");
+    let bootstrap = cluster.bootstrap_servers();
+    let topic = harness::topic(&db, "order");
+    cluster.create_topic(&topic, 3, 1).expect("topic");
+    let port = harness::process::free_port();
+    let config = harness::config(
+        &db,
+        &bootstrap,
+        &format!(
+            "[run]\nmax_pending_transactions = {BOUND}\n[metrics]\nlisten = \"127.0.0.1:{port}\""
+        ),
+    );
+    let relay = Relay::start_streaming(config, &db).await;
+
+    // Partition 1 loses its leader: its records wait (message.timeout.ms = 0 retries forever)
+    // while the other partitions acknowledge theirs.
+    cluster
+        .partition_leader(&topic, 1, None)
+        .expect("leaderless partition");
+    const TXNS: u64 = 1000;
+    const KEYS: u64 = 12;
+    let mut client = harness::postgres::connect(&db.url).await;
+    let mut expected: HashMap<String, u64> = HashMap::new();
+    for i in 0..TXNS {
+        let key = format!("agg-{}", i % KEYS);
+        insert_txn(&mut client, &[Row::new("order", &key, i / KEYS)]).await;
+        *expected.entry(key).or_default() += 1;
+    }
+
+    // The premise: the stall fills the tracker up to the bound...
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    while pending(port) < BOUND as f64 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the stall never filled the tracker: pending {}",
+            pending(port)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // ...and it stays there: walship stops reading instead of tracking every acknowledged
+    // transaction behind the stalled one (without the bound: ~1,000 entries).
+    let mut most = 0.0_f64;
+    for _ in 0..40 {
+        most = most.max(pending(port));
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(
+        most <= BOUND as f64,
+        "{most} transactions tracked, bound {BOUND}"
+    );
+    let end = db.current_lsn().await;
+    assert!(
+        db.confirmed_lsn().await < end,
+        "nothing past the stalled transaction is confirmed"
+    );
+
+    // The leader returns: everything is delivered, in order per aggregate, and confirmed.
+    cluster
+        .partition_leader(&topic, 1, Some(1))
+        .expect("leader back");
+    db.await_confirmed(end, TIMEOUT).await;
+    let records = consume(
+        &bootstrap,
+        &[&topic],
+        TXNS as usize,
+        TIMEOUT,
+        Duration::from_secs(1),
+    );
+    assert_eq!(records.len(), TXNS as usize);
+    for ((_, key), recs) in by_key(&records) {
+        let s = seqs(&recs);
+        assert_eq!(s.len() as u64, expected[&key], "{key}");
+        assert!(s.windows(2).all(|w| w[0] < w[1]), "order of {key}: {s:?}");
+    }
+    relay.stop().await.expect("clean stop");
+}
