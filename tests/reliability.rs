@@ -743,6 +743,82 @@ async fn bad_row_policy_fail_stops_before_the_row_and_names_it() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topic_limits_dead_letter_or_stop_on_rows_past_them() {
+    let mut db = TestDb::new().await;
+    let dlq = format!("{}.dlq", db.name);
+    // "order" and "customer" are allowed; "invoice" goes to the dead-letter topic.
+    let limits = "allowed_aggregate_types = [\"order\", \"customer\"]\nmax_topics = 2\n";
+    let config = harness::config_toml(&db, &broker().bootstrap, "").replace(
+        "[outbox]\n",
+        &format!("[outbox]\n{limits}on_bad_row = \"dead-letter\"\ndead_letter_topic = \"{dlq}\"\n"),
+    );
+    let walship = Binary::start(&config);
+    db.await_streaming().await;
+    insert_txn(&mut db.client, &[Row::new("order", "a", 0)]).await;
+    insert_txn(&mut db.client, &[Row::new("invoice", "a", 1)]).await;
+    insert_txn(
+        &mut db.client,
+        &[Row::new("customer", "b", 2), Row::new("order", "a", 3)],
+    )
+    .await;
+    db.await_caught_up().await;
+    let orders = consume(
+        &broker().bootstrap,
+        &[&topic(&db, "order"), &topic(&db, "customer")],
+        3,
+        TIMEOUT,
+        Duration::from_secs(1),
+    );
+    let mut seqs = harness::seqs(&orders);
+    seqs.sort_unstable();
+    assert_eq!(seqs, vec![0, 2, 3]);
+    let dead = consume(
+        &broker().bootstrap,
+        &[&dlq],
+        1,
+        TIMEOUT,
+        Duration::from_secs(1),
+    );
+    assert_eq!(dead.len(), 1);
+    let reason = dead[0].header("walship.error").expect("reason header");
+    assert!(
+        reason.contains("\"invoice\"")
+            && reason.contains(&topic(&db, "invoice"))
+            && reason.contains("outbox.allowed_aggregate_types"),
+        "{reason}"
+    );
+    assert_eq!(dead[0].json()["aggregatetype"], "invoice");
+    let (code, log) = walship.stop().await;
+    assert_eq!(code, 0, "{log}");
+
+    // Under "fail", a row past the bound stops walship before confirming it, naming the value,
+    // the topic and the key to change. A fresh process counts from 0: with a bound of 1 the
+    // first row's topic (order) is served and customer's is refused.
+    let config = harness::config_toml(&db, &broker().bootstrap, "")
+        .replace("[outbox]\n", "[outbox]\nmax_topics = 1\n");
+    let walship = Binary::start(&config);
+    insert_txn(&mut db.client, &[Row::new("order", "a", 4)]).await;
+    let good_end = db.current_lsn().await;
+    db.await_confirmed(good_end, TIMEOUT).await;
+    insert_txn(&mut db.client, &[Row::new("customer", "b", 5)]).await;
+    let bad_end = db.current_lsn().await;
+    let log = exits_with(
+        walship,
+        &[
+            "\"customer\"",
+            &topic(&db, "customer"),
+            "outbox.max_topics = 1",
+            "at LSN",
+        ],
+    )
+    .await;
+    assert!(
+        db.confirmed_lsn().await < bad_end,
+        "confirmed past the refused row:\n{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_row_policy_dead_letter_publishes_the_row_with_the_reason_and_continues() {
     let mut db = TestDb::new().await;
     let dlq = format!("{}.dlq", db.name);

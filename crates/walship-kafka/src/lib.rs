@@ -15,7 +15,7 @@ pub mod sink;
 pub use resume::{
     Delivered, ID_HEADER, POSITION_HEADER, Position, PositionText, ResumeScanner, SOURCE_HEADER,
 };
-pub use route::{RouteError, TopicRouter};
+pub use route::{RouteError, TopicLimits, TopicRouter};
 pub use sink::{
     DeliveryError, DeliveryListener, ErrorClass, Record, SendError, Sink, SinkSettings, TopicError,
 };

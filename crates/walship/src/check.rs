@@ -19,7 +19,7 @@ use std::time::Duration;
 use pgoutput::Lsn;
 use serde::Serialize;
 use tokio_postgres::Client;
-use walship_kafka::TopicRouter;
+use walship_kafka::RouteError;
 use walship_kafka::probe::{self, ClusterInfo};
 use walship_postgres::preflight::{
     self, ColumnInfo, PublicationInfo, ReplicationUsage, RoleInfo, ServerSettings, TableInfo,
@@ -28,7 +28,7 @@ use walship_postgres::replication::ConnectParams;
 use walship_postgres::slot::{self, quote_ident};
 use walship_postgres::{OutboxSpec, PgError, SlotState, TableName};
 
-use crate::config::Config;
+use crate::config::{BadRowPolicy, Config};
 
 /// How long connecting to PostgreSQL may take when the URL sets no `connect_timeout`.
 const PG_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -1197,6 +1197,56 @@ async fn kafka_checks(config: &Config, types: &AggregateTypes, checks: &mut Vec<
     }
 }
 
+/// Aggregate types found in the outbox table that `outbox.allowed_aggregate_types` or
+/// `outbox.max_topics` would refuse: a failure under `on_bad_row = "fail"` (walship would stop
+/// at the first such row), a warning under `"dead-letter"`.
+fn limit_checks(config: &Config, refused: &[String], beyond: &[String]) -> Vec<Check> {
+    let outbox = &config.outbox;
+    let (fail, outcome) = match outbox.on_bad_row {
+        BadRowPolicy::Fail => (true, "walship stops at the first such row"),
+        BadRowPolicy::DeadLetter => (false, "walship dead-letters those rows"),
+    };
+    let check = |name: &str, message: String, fix: String| {
+        if fail {
+            Check::fail(name, message, fix)
+        } else {
+            Check::warn(name, message, fix)
+        }
+    };
+    let mut checks = Vec::new();
+    if !refused.is_empty() {
+        checks.push(check(
+            "kafka.topics.allowed",
+            format!(
+                "aggregate types {} in {} are not in outbox.allowed_aggregate_types; {outcome}",
+                quoted_list(refused),
+                outbox.table
+            ),
+            "add the legitimate ones to outbox.allowed_aggregate_types, and fix or delete the \
+             other rows before walship reads them"
+                .to_owned(),
+        ));
+    }
+    if !beyond.is_empty() {
+        checks.push(check(
+            "kafka.topics.bound",
+            format!(
+                "the outbox table {} has aggregate types for more than outbox.max_topics = {} \
+                 topics; {} would be refused ({outcome})",
+                outbox.table,
+                outbox.max_topics,
+                quoted_list(beyond)
+            ),
+            format!(
+                "raise outbox.max_topics above {} (0 = no bound) if this many topics are \
+                 legitimate, or fix the rows' aggregate types",
+                outbox.max_topics
+            ),
+        ));
+    }
+    checks
+}
+
 /// The topics walship will write to exist, or can be created.
 fn topic_checks(config: &Config, types: &AggregateTypes, cluster: &ClusterInfo) -> Vec<Check> {
     const NAME: &str = "kafka.topics";
@@ -1246,18 +1296,24 @@ fn topic_checks(config: &Config, types: &AggregateTypes, cluster: &ClusterInfo) 
             }];
         }
         AggregateTypes::Found(found) => {
-            let mut router = match TopicRouter::new(template) {
+            // The run's router, with outbox.allowed_aggregate_types and outbox.max_topics.
+            let mut router = match config.topic_router() {
                 Ok(r) => r,
                 Err(e) => return vec![Check::fail(NAME, e.to_string(), "fix outbox.topic")],
             };
             let mut topics = Vec::new();
             let mut illegal = Vec::new();
+            let mut refused = Vec::new();
+            let mut beyond = Vec::new();
             for t in found {
                 match router.route(Some(t.as_bytes())) {
                     Ok(topic) => topics.push(topic.to_string()),
+                    Err(RouteError::NotAllowed { .. }) => refused.push(t.clone()),
+                    Err(RouteError::TooManyTopics { .. }) => beyond.push(t.clone()),
                     Err(_) => illegal.push(t.clone()),
                 }
             }
+            checks.extend(limit_checks(config, &refused, &beyond));
             if !illegal.is_empty() {
                 checks.push(Check::fail(
                     "kafka.topics.names",
@@ -1754,6 +1810,50 @@ mod tests {
             .find(|c| c.name == "kafka.topics.names")
             .unwrap();
         assert!(names.message.contains("\"bad name\""), "{names:?}");
+    }
+
+    #[test]
+    fn topics_the_limits_would_refuse_are_named() {
+        let mut cluster = ClusterInfo::default();
+        cluster.brokers.insert(1, "k:9092".into());
+        let types = AggregateTypes::Found(vec!["order".into(), "customer".into(), "x".into()]);
+        let find = |checks: &[Check], name: &str| {
+            checks
+                .iter()
+                .find(|c| c.name == name)
+                .cloned()
+                .unwrap_or_else(|| panic!("no {name} in {checks:?}"))
+        };
+        let fix = |c: &Check| c.fix.clone().unwrap_or_default();
+
+        let c = config("[outbox]\nallowed_aggregate_types = [\"order\", \"customer\"]\n");
+        let checks = topic_checks(&c, &types, &cluster);
+        let allowed = find(&checks, "kafka.topics.allowed");
+        assert_eq!(allowed.status, Status::Fail, "{allowed:?}");
+        assert!(
+            allowed.message.contains("\"x\"")
+                && !allowed.message.contains("\"order\"")
+                && fix(&allowed).contains("outbox.allowed_aggregate_types"),
+            "{allowed:?}"
+        );
+        assert!(checks.iter().all(|c| c.name != "kafka.topics.bound"));
+
+        let c = config("[outbox]\nmax_topics = 1\n");
+        let checks = topic_checks(&c, &types, &cluster);
+        let bound = find(&checks, "kafka.topics.bound");
+        assert_eq!(bound.status, Status::Fail, "{bound:?}");
+        assert!(
+            bound.message.contains("\"customer\", \"x\"")
+                && bound.message.contains("max_topics = 1")
+                && fix(&bound).contains("outbox.max_topics"),
+            "{bound:?}"
+        );
+
+        let c = config("[outbox]\nmax_topics = 1\non_bad_row = \"dead-letter\"\n");
+        let checks = topic_checks(&c, &types, &cluster);
+        let bound = find(&checks, "kafka.topics.bound");
+        assert_eq!(bound.status, Status::Warn, "{bound:?}");
+        assert!(bound.message.contains("dead-letters"), "{bound:?}");
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
-use walship_kafka::{SinkSettings, TopicRouter};
+use walship_kafka::{SinkSettings, TopicLimits, TopicRouter};
 use walship_postgres::{
     ConnectConfig, ConnectParams, OutboxSpec, ReadBatching, SslMode, TableName,
 };
@@ -156,6 +156,14 @@ pub struct OutboxConfig {
     /// Topic for rows dead-lettered under `on_bad_row = "dead-letter"`.
     #[serde(default = "default_dead_letter_topic")]
     pub dead_letter_topic: String,
+    /// Aggregate types that may be routed (exact, case-sensitive); empty = any. A row with
+    /// another value is a bad row (`on_bad_row`). Needs `{aggregatetype}` in `topic`.
+    #[serde(default)]
+    pub allowed_aggregate_types: Vec<String>,
+    /// Most distinct topics `topic` may route to since walship started (the dead-letter topic
+    /// does not count); a row that would route to one more is a bad row. 0 = no bound.
+    #[serde(default = "default_max_topics")]
+    pub max_topics: u64,
 }
 
 /// `outbox.on_bad_row`
@@ -183,6 +191,8 @@ impl Default for OutboxConfig {
             topic: default_topic(),
             on_bad_row: BadRowPolicy::Fail,
             dead_letter_topic: default_dead_letter_topic(),
+            allowed_aggregate_types: Vec::new(),
+            max_topics: default_max_topics(),
         }
     }
 }
@@ -294,6 +304,9 @@ fn default_payload() -> String {
 }
 fn default_dead_letter_topic() -> String {
     "outbox.dead-letter".into()
+}
+fn default_max_topics() -> u64 {
+    1000
 }
 fn default_topic() -> String {
     "outbox.event.{aggregatetype}".into()
@@ -439,6 +452,7 @@ impl Config {
                     .into(),
             ));
         }
+        self.validate_topic_limits(&router)?;
         for (role, v) in [
             ("aggregate_id_column", &self.outbox.aggregate_id_column),
             ("payload_column", &self.outbox.payload_column),
@@ -526,6 +540,59 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// `outbox.allowed_aggregate_types` and `outbox.max_topics` against `outbox.topic`.
+    fn validate_topic_limits(&self, router: &TopicRouter) -> Result<(), ConfigError> {
+        let allowed = &self.outbox.allowed_aggregate_types;
+        if allowed.is_empty() {
+            return Ok(());
+        }
+        if !router.uses_aggregate_type() {
+            return Err(ConfigError(format!(
+                "outbox.allowed_aggregate_types is set but outbox.topic {:?} does not use \
+                 {{aggregatetype}}, so every row goes to that one topic: remove the list, or put \
+                 {{aggregatetype}} in outbox.topic",
+                self.outbox.topic
+            )));
+        }
+        let mut topics = std::collections::BTreeSet::new();
+        for value in allowed {
+            let topic = router.render_unchecked(value.as_bytes());
+            if !walship_kafka::route::is_legal_topic(topic.as_bytes()) {
+                return Err(ConfigError(format!(
+                    "outbox.allowed_aggregate_types: {value:?} would route to {topic:?}, which is \
+                     not a legal Kafka topic name (1-249 characters of letters, digits, '.', '_' \
+                     and '-'): remove it or fix outbox.topic"
+                )));
+            }
+            topics.insert(topic);
+        }
+        let max = self.outbox.max_topics;
+        if max != 0 && topics.len() as u64 > max {
+            return Err(ConfigError(format!(
+                "outbox.allowed_aggregate_types lists {} values but outbox.max_topics = {max} \
+                 would refuse rows of some of them: raise outbox.max_topics to at least {} (or 0 \
+                 for no bound), or shorten the list",
+                topics.len(),
+                topics.len()
+            )));
+        }
+        Ok(())
+    }
+
+    /// The topic router for `outbox.topic` with the allow-list and the bound; the dead-letter
+    /// topic is exempt from the bound when it is in use. One per run: its clones share the count.
+    pub fn topic_router(&self) -> Result<TopicRouter, ConfigError> {
+        let router = TopicRouter::new(&self.outbox.topic)
+            .map_err(|e| ConfigError(format!("outbox.topic: {e}")))?;
+        let max_topics = usize::try_from(self.outbox.max_topics).unwrap_or(usize::MAX);
+        Ok(router.with_limits(TopicLimits {
+            allowed_aggregate_types: self.outbox.allowed_aggregate_types.clone(),
+            max_topics,
+            exempt_topic: (self.outbox.on_bad_row == BadRowPolicy::DeadLetter)
+                .then(|| self.outbox.dead_letter_topic.clone()),
+        }))
     }
 
     /// Everything needed to connect to PostgreSQL: [`connect_config`](Self::connect_config)
@@ -800,6 +867,111 @@ mod tests {
             e.contains("watch_interval_ms = 0") && e.contains("100"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn topic_limits_default_to_any_type_and_a_thousand_topics() {
+        let c = parse(MINIMAL, &[]).unwrap();
+        assert!(c.outbox.allowed_aggregate_types.is_empty());
+        assert_eq!(c.outbox.max_topics, 1000);
+        let mut router = c.topic_router().unwrap();
+        for i in 0..1000 {
+            router.route(Some(format!("t{i}").as_bytes())).unwrap();
+        }
+        assert!(router.route(Some(b"one-more")).is_err());
+    }
+
+    #[test]
+    fn topic_limits_come_from_the_file_and_the_environment() {
+        let file = format!(
+            "{MINIMAL}[outbox]\nallowed_aggregate_types = [\"order\", \"customer\"]\nmax_topics = 5\n"
+        );
+        let c = parse(&file, &[]).unwrap();
+        assert_eq!(c.outbox.allowed_aggregate_types, ["order", "customer"]);
+        assert_eq!(c.outbox.max_topics, 5);
+        let mut router = c.topic_router().unwrap();
+        assert!(router.route(Some(b"order")).is_ok());
+        assert!(router.route(Some(b"invoice")).is_err());
+
+        // A list in the environment is a TOML array.
+        let c = parse(
+            MINIMAL,
+            &[
+                ("WALSHIP_OUTBOX__ALLOWED_AGGREGATE_TYPES", "[\"a\", \"b\"]"),
+                ("WALSHIP_OUTBOX__MAX_TOPICS", "0"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.outbox.allowed_aggregate_types, ["a", "b"]);
+        assert_eq!(c.outbox.max_topics, 0);
+        // A bare word is a string, not a list: the error names the variable.
+        let e = parse(MINIMAL, &[("WALSHIP_OUTBOX__ALLOWED_AGGREGATE_TYPES", "a")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("WALSHIP_OUTBOX__ALLOWED_AGGREGATE_TYPES") && e.contains("sequence"),
+            "{e}"
+        );
+        let e = parse(MINIMAL, &[("WALSHIP_OUTBOX__MAX_TOPICS", "-1")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("WALSHIP_OUTBOX__MAX_TOPICS") && e.contains("-1"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn inconsistent_topic_limits_are_refused_with_the_fix() {
+        let with = |lines: &str| format!("{MINIMAL}[outbox]\n{lines}\n");
+        let e = parse(
+            &with("topic = \"events\"\nallowed_aggregate_types = [\"order\"]"),
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("outbox.allowed_aggregate_types") && e.contains("{aggregatetype}"),
+            "{e}"
+        );
+        let e = parse(
+            &with("allowed_aggregate_types = [\"order\", \"bad type\"]"),
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("\"bad type\"") && e.contains("outbox.event.bad type"),
+            "{e}"
+        );
+        let e = parse(
+            &with("allowed_aggregate_types = [\"a\", \"b\", \"c\"]\nmax_topics = 2"),
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("lists 3 values") && e.contains("outbox.max_topics to at least 3"),
+            "{e}"
+        );
+        assert!(
+            parse(
+                &with("allowed_aggregate_types = [\"a\", \"b\", \"c\"]\nmax_topics = 0"),
+                &[]
+            )
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn the_dead_letter_topic_is_exempt_from_the_bound_when_in_use() {
+        let text = format!(
+            "{MINIMAL}[outbox]\ntopic = \"{{aggregatetype}}\"\nmax_topics = 1\non_bad_row = \"dead-letter\"\ndead_letter_topic = \"dlq\"\n"
+        );
+        let mut router = parse(&text, &[]).unwrap().topic_router().unwrap();
+        router.route(Some(b"order")).unwrap();
+        assert!(router.route(Some(b"dlq")).is_ok());
+        assert!(router.route(Some(b"other")).is_err());
     }
 
     #[test]

@@ -33,7 +33,7 @@ pub enum Error {
     /// A row's topic cannot be formed.
     #[error(
         "outbox row at LSN {lsn} (transaction {xid}): {error}. Nothing from this row on has been \
-         confirmed; fix the row's aggregate type or outbox.topic, or set outbox.on_bad_row = \"dead-letter\""
+         confirmed; {}, or set outbox.on_bad_row = \"dead-letter\"", error.fix()
     )]
     Route {
         /// WAL position of the row.

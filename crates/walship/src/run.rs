@@ -90,6 +90,9 @@ async fn supervise(
     let password = config.postgres_password()?;
     let params = config.connect_params()?;
     let settings = config.sink_settings()?;
+    // One router for the run: its clones in each session share the count of distinct topics,
+    // so a reconnect does not reset `outbox.max_topics`.
+    let router = config.topic_router()?;
     // Fail fast on a wrong setup: these are definite problems an operator must fix.
     let (start_lsn, outbox_oid) = preflight(config, &params, password.as_ref()).await?;
     tracing::info!(
@@ -121,7 +124,7 @@ async fn supervise(
     loop {
         let started = Instant::now();
         let result = tokio::select! {
-            r = session(config, &params, password.as_ref(), &settings, cancel, telemetry) => r,
+            r = session(config, &params, password.as_ref(), &settings, &router, cancel, telemetry) => r,
             e = &mut watchdog => Err(e),
         };
         telemetry.streaming.store(false, Ordering::Relaxed);
@@ -282,6 +285,7 @@ async fn session(
     params: &ConnectParams,
     password: Option<&Secret>,
     settings: &walship_kafka::SinkSettings,
+    router: &TopicRouter,
     cancel: &CancellationToken,
     telemetry: &Arc<Telemetry>,
 ) -> Result<(), Error> {
@@ -337,12 +341,10 @@ async fn session(
     .await?;
     let system = stream.system().clone();
     tracing::info!(from = %start, server_wal = %system.xlogpos, read_batching = stream.reads_batched(), "streaming");
-    let router = TopicRouter::new(&config.outbox.topic)
-        .map_err(|e| Error::Config(crate::config::ConfigError(e.to_string())))?;
     let mut session = Session::new(
         stream,
         Relations::with_scope(spec, scope, &config.postgres.publication),
-        router,
+        router.clone(),
         sink,
         Arc::clone(&progress),
         config.status_interval(),
