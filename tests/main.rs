@@ -6,7 +6,7 @@
 // Test code: a panic is how a check fails.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
 
-mod bounds;
+mod faults;
 mod check;
 mod cli;
 mod harness;

@@ -1,13 +1,16 @@
-//! Bounded memory (G5) when one partition stalls: acknowledged transactions behind a stalled
-//! one cannot be confirmed, so walship stops reading at `run.max_pending_transactions` instead
-//! of tracking them without bound, and delivers everything in order once the partition
-//! recovers. The stall is injected with librdkafka's mock cluster (a partition without a
-//! leader); PostgreSQL is real.
+//! Broker faults injected with librdkafka's mock cluster (PostgreSQL is real):
+//! - bounded memory (G5) when one partition stalls: acknowledged transactions behind a stalled
+//!   one cannot be confirmed, so walship stops reading at `run.max_pending_transactions`
+//!   instead of tracking them without bound, and delivers everything in order once the
+//!   partition recovers;
+//! - a record the broker refuses after it was sent is dead-lettered with its transaction's
+//!   origin (LSN, xid, commit time) and the event's headers.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
 use rdkafka::mocking::MockCluster;
+use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 
 use crate::harness::{self, Relay, Row, TIMEOUT, TestDb, by_key, consume, insert_txn, seqs};
 use crate::metrics;
@@ -99,5 +102,61 @@ async fn a_stalled_partition_bounds_what_is_tracked_and_everything_arrives_in_or
         assert_eq!(s.len() as u64, expected[&key], "{key}");
         assert!(s.windows(2).all(|w| w[0] < w[1]), "order of {key}: {s:?}");
     }
+    relay.stop().await.expect("clean stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_the_broker_refuses_is_dead_lettered_with_its_transactions_origin() {
+    let mut db = TestDb::new().await;
+    let cluster = MockCluster::new(1).expect("mock cluster");
+    let bootstrap = cluster.bootstrap_servers();
+    let topic = harness::topic(&db, "order");
+    let dlq = format!("{}.dlq", db.name);
+    cluster.create_topic(&topic, 1, 1).expect("topic");
+    cluster.create_topic(&dlq, 1, 1).expect("dead-letter topic");
+    let toml = harness::config_toml(&db, &bootstrap, "").replace(
+        "[outbox]\n",
+        &format!("[outbox]\non_bad_row = \"dead-letter\"\ndead_letter_topic = \"{dlq}\"\n"),
+    );
+    let config = walship::Config::from_toml(&toml, std::iter::empty(), "test").expect("config");
+    let relay = Relay::start_streaming(config, &db).await;
+    // The next produce request is refused for good: the record was sent, then rejected.
+    cluster.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE],
+    );
+    insert_txn(&mut db.client, &[Row::new("order", "a", 0)]).await;
+    let xid: i64 = db
+        .client
+        .query_one("SELECT max(xmin::text::bigint) FROM outbox", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let dead = consume(&bootstrap, &[&dlq], 1, TIMEOUT, Duration::from_secs(1));
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    let d = &dead[0];
+    assert!(
+        d.header("walship.error")
+            .is_some_and(|e| e.contains("not accepted by topic")),
+        "{d:?}"
+    );
+    assert_eq!(
+        d.header("walship.lsn"),
+        Some(d.commit_lsn().to_string()),
+        "the transaction's commit LSN, not 0/0"
+    );
+    assert_eq!(d.header("walship.xid"), Some(xid.to_string()));
+    assert!(d.header("walship.source").is_some() && d.header("id").is_some());
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let ts = d.timestamp_ms.expect("timestamp");
+    assert!(ts > now - 600_000 && ts <= now, "the commit time: {ts}");
+    // The next event (sent after the refusal was handled) is delivered.
+    insert_txn(&mut db.client, &[Row::new("order", "a", 1)]).await;
+    db.await_caught_up().await;
+    let good = consume(&bootstrap, &[&topic], 1, TIMEOUT, Duration::from_secs(1));
+    assert_eq!(seqs(&good), vec![1], "the next event is delivered");
     relay.stop().await.expect("clean stop");
 }
