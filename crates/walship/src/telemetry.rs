@@ -1,16 +1,21 @@
 //! Metrics and health: process-lifetime counters, the commit→ack histogram, and the HTTP
-//! endpoints `/metrics` (Prometheus text format), `/healthz` and `/readyz`.
+//! endpoints `/metrics` (Prometheus text format 0.0.4), `/healthz` and `/readyz`.
 //!
 //! Invariant: recording is a few relaxed atomic operations on the hot path, never a lock or an
-//! allocation; all formatting happens when a scraper asks. The values survive reconnects: a new
+//! allocation; all formatting happens when a scraper asks: a prometheus-client collector reads
+//! the atomics and the crate's encoder writes the text. The values survive reconnects: a new
 //! session reuses the same [`Telemetry`].
 
-use std::fmt::Write as _;
+use std::fmt;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
@@ -103,130 +108,162 @@ impl Telemetry {
             && unix_ms() - self.last_delivery_ms.load(Ordering::Relaxed) > 30_000;
         self.streaming.load(Ordering::Relaxed) && !quiet_broker
     }
+}
 
-    /// The Prometheus text exposition.
-    pub fn render(&self) -> String {
-        let mut out = String::with_capacity(4096);
-        let mut metric = |name: &str, kind: &str, help: &str, value: f64| {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
-            );
-        };
-        let get = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64;
-        metric(
-            "walship_events_published_total",
-            "counter",
+/// The `/metrics` registry: one collector that reads `telemetry`'s atomics at each scrape.
+///
+/// Built once per server; the hot path never touches it.
+fn registry(telemetry: Arc<Telemetry>) -> Registry {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(TelemetryCollector(telemetry)));
+    registry
+}
+
+/// The Prometheus text exposition (format 0.0.4) of `registry`.
+fn render(registry: &Registry) -> String {
+    let mut out = String::with_capacity(4096);
+    // Writing to a String fails only if a collector fails, and ours does not.
+    if let Err(e) = prometheus_client::encoding::prometheus_text::encode(&mut out, registry) {
+        tracing::warn!(error = %e, "cannot encode the metrics");
+    }
+    out
+}
+
+/// Encodes a [`Telemetry`] as metric families when a scraper asks.
+///
+/// Counters are named without `_total`: the encoder appends it.
+#[derive(Debug)]
+struct TelemetryCollector(Arc<Telemetry>);
+
+impl Collector for TelemetryCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> fmt::Result {
+        let t = &*self.0;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        counter(
+            &mut encoder,
+            "walship_events_published",
             "Outbox events acknowledged by Kafka.",
-            get(&self.events_published),
-        );
-        metric(
-            "walship_bytes_published_total",
-            "counter",
+            get(&t.events_published),
+        )?;
+        counter(
+            &mut encoder,
+            "walship_bytes_published",
             "Key and value bytes acknowledged by Kafka.",
-            get(&self.bytes_published),
-        );
-        metric(
-            "walship_transactions_total",
-            "counter",
+            get(&t.bytes_published),
+        )?;
+        counter(
+            &mut encoder,
+            "walship_transactions",
             "Committed transactions decoded, with or without outbox events (again after a reconnect).",
-            get(&self.transactions),
-        );
-        metric(
+            get(&t.transactions),
+        )?;
+        gauge(
+            &mut encoder,
             "walship_in_flight_events",
-            "gauge",
             "Events handed to the producer and not yet acknowledged.",
-            get(&self.in_flight),
-        );
-        metric(
+            get(&t.in_flight),
+        )?;
+        gauge(
+            &mut encoder,
             "walship_safe_lsn",
-            "gauge",
             "WAL position confirmed to PostgreSQL (as a number).",
-            get(&self.safe_lsn),
-        );
-        metric(
+            get(&t.safe_lsn),
+        )?;
+        gauge(
+            &mut encoder,
             "walship_lag_bytes",
-            "gauge",
             "Bytes of WAL between the server's position (sampled at session start and every postgres.watch_interval_ms) and the confirmed position.",
-            self.lag_bytes() as f64,
-        );
-        let last = self.last_acked_commit_ms.load(Ordering::Relaxed);
+            t.lag_bytes(),
+        )?;
+        let last = t.last_acked_commit_ms.load(Ordering::Relaxed);
         let since = if last == 0 {
             0.0
         } else {
             (unix_ms() - last).max(0) as f64 / 1000.0
         };
-        metric(
+        gauge(
+            &mut encoder,
             "walship_seconds_since_last_acked_commit",
-            "gauge",
             "Seconds since the commit time of the newest acknowledged transaction with events (0 before the first).",
             since,
-        );
-        metric(
-            "walship_reconnects_total",
-            "counter",
+        )?;
+        counter(
+            &mut encoder,
+            "walship_reconnects",
             "Sessions restarted after a transient error.",
-            get(&self.reconnects),
-        );
-        metric(
-            "walship_dead_lettered_total",
-            "counter",
+            get(&t.reconnects),
+        )?;
+        counter(
+            &mut encoder,
+            "walship_dead_lettered",
             "Outbox rows published to the dead-letter topic.",
-            get(&self.dead_lettered),
-        );
-        metric(
-            "walship_resume_skipped_total",
-            "counter",
+            get(&t.dead_lettered),
+        )?;
+        counter(
+            &mut encoder,
+            "walship_resume_skipped",
             "Events not sent again after a restart because an earlier run had delivered them.",
-            get(&self.resume_skipped),
-        );
-        metric(
+            get(&t.resume_skipped),
+        )?;
+        gauge(
+            &mut encoder,
             "walship_streaming",
-            "gauge",
             "1 while streaming from the slot.",
-            f64::from(u8::from(self.streaming.load(Ordering::Relaxed))),
-        );
-        let _ = writeln!(
-            out,
-            "# HELP walship_delivery_errors_total Failed deliveries by class.\n# TYPE walship_delivery_errors_total counter"
-        );
+            u64::from(t.streaming.load(Ordering::Relaxed)),
+        )?;
+        let mut errors = encoder.encode_descriptor(
+            "walship_delivery_errors",
+            "Failed deliveries by class.",
+            None,
+            MetricType::Counter,
+        )?;
         for (class, v) in [
-            ("transient", &self.errors_transient),
-            ("record", &self.errors_record),
-            ("fatal", &self.errors_fatal),
+            ("transient", &t.errors_transient),
+            ("record", &t.errors_record),
+            ("fatal", &t.errors_fatal),
         ] {
-            let _ = writeln!(
-                out,
-                "walship_delivery_errors_total{{class=\"{class}\"}} {}",
-                v.load(Ordering::Relaxed)
-            );
+            errors
+                .encode_family(&[("class", class)])?
+                .encode_counter::<NoLabelSet, _, u64>(&get(v), None)?;
         }
-        let _ = writeln!(
-            out,
-            "# HELP walship_commit_to_ack_seconds Time from a transaction's commit to the acknowledgement of its last event.\n\
-             # TYPE walship_commit_to_ack_seconds histogram"
-        );
-        let mut cumulative = 0;
-        for (i, bound) in LATENCY_BUCKETS.iter().enumerate() {
-            cumulative += self.latency_buckets[i].load(Ordering::Relaxed);
-            let _ = writeln!(
-                out,
-                "walship_commit_to_ack_seconds_bucket{{le=\"{bound}\"}} {cumulative}"
-            );
-        }
-        cumulative += self.latency_buckets[LATENCY_BUCKETS.len()].load(Ordering::Relaxed);
-        let _ = writeln!(
-            out,
-            "walship_commit_to_ack_seconds_bucket{{le=\"+Inf\"}} {cumulative}"
-        );
-        let _ = writeln!(
-            out,
-            "walship_commit_to_ack_seconds_sum {}",
-            self.latency_sum_us.load(Ordering::Relaxed) as f64 / 1e6
-        );
-        let _ = writeln!(out, "walship_commit_to_ack_seconds_count {cumulative}");
-        out
+        // Per-bucket counts: the encoder makes them cumulative and adds `+Inf` (= count).
+        let buckets: [(f64, u64); LATENCY_BUCKETS.len()] =
+            std::array::from_fn(|i| (LATENCY_BUCKETS[i], get(&t.latency_buckets[i])));
+        let count = buckets.iter().map(|&(_, n)| n).sum::<u64>()
+            + get(&t.latency_buckets[LATENCY_BUCKETS.len()]);
+        encoder
+            .encode_descriptor(
+                "walship_commit_to_ack_seconds",
+                "Time from a transaction's commit to the acknowledgement of its last event.",
+                None,
+                MetricType::Histogram,
+            )?
+            .encode_histogram::<NoLabelSet>(
+                get(&t.latency_sum_us) as f64 / 1e6,
+                count,
+                &buckets,
+                None,
+            )
     }
+}
+
+/// Encodes one unlabelled counter (`name` without `_total`).
+fn counter(encoder: &mut DescriptorEncoder<'_>, name: &str, help: &str, value: u64) -> fmt::Result {
+    encoder
+        .encode_descriptor(name, help, None, MetricType::Counter)?
+        .encode_counter::<NoLabelSet, _, u64>(&value, None)
+}
+
+/// Encodes one unlabelled gauge.
+fn gauge(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    value: impl prometheus_client::encoding::EncodeGaugeValue,
+) -> fmt::Result {
+    encoder
+        .encode_descriptor(name, help, None, MetricType::Gauge)?
+        .encode_gauge(&value)
 }
 
 /// Binds the metrics/health listener (so a bad address fails at start-up).
@@ -236,11 +273,13 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 
 /// Serves `/metrics`, `/healthz` and `/readyz` until the task is dropped.
 pub async fn serve(listener: TcpListener, telemetry: Arc<Telemetry>) {
+    let registry = Arc::new(registry(Arc::clone(&telemetry)));
     loop {
         let Ok((mut socket, _)) = listener.accept().await else {
             continue;
         };
         let telemetry = Arc::clone(&telemetry);
+        let registry = Arc::clone(&registry);
         tokio::spawn(async move {
             let mut buf = [0u8; 2048];
             let mut len = 0;
@@ -262,7 +301,11 @@ pub async fn serve(listener: TcpListener, telemetry: Arc<Telemetry>) {
             let head = String::from_utf8_lossy(&buf[..len]);
             let path = head.split_whitespace().nth(1).unwrap_or("/");
             let (status, body, kind) = match path {
-                "/metrics" => ("200 OK", telemetry.render(), "text/plain; version=0.0.4"),
+                "/metrics" => (
+                    "200 OK",
+                    render(&registry),
+                    prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
+                ),
                 "/healthz" => ("200 OK", "ok\n".to_owned(), "text/plain"),
                 "/readyz" if telemetry.is_ready() => ("200 OK", "ready\n".to_owned(), "text/plain"),
                 "/readyz" => (
@@ -288,35 +331,177 @@ pub async fn serve(listener: TcpListener, telemetry: Arc<Telemetry>) {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
+
+    fn scrape(t: &Arc<Telemetry>) -> String {
+        render(&registry(Arc::clone(t)))
+    }
+
+    /// One family of a parsed exposition: its type, help and samples (`name{labels}` → value).
+    #[derive(Debug, Default)]
+    struct Family {
+        kind: String,
+        help: String,
+        samples: BTreeMap<String, f64>,
+    }
+
+    /// Parses the Prometheus text format (0.0.4) strictly enough to catch a malformed line, a
+    /// sample outside any declared family, or a family declared twice.
+    fn parse(text: &str) -> BTreeMap<String, Family> {
+        let mut families = BTreeMap::<String, Family>::new();
+        let mut current = String::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# HELP ") {
+                let (name, help) = rest.split_once(' ').expect("HELP name text");
+                assert!(
+                    !families.contains_key(name),
+                    "{name} declared twice:\n{text}"
+                );
+                current = name.to_owned();
+                families.entry(current.clone()).or_default().help = help.to_owned();
+            } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let (name, kind) = rest.split_once(' ').expect("TYPE name kind");
+                assert_eq!(name, current, "TYPE after another family's HELP");
+                assert!(["counter", "gauge", "histogram"].contains(&kind), "{line}");
+                families.get_mut(name).expect("HELP before TYPE").kind = kind.to_owned();
+            } else {
+                let (series, value) = line.rsplit_once(' ').expect("sample: series value");
+                let value: f64 = value.parse().unwrap_or_else(|_| panic!("value in {line}"));
+                let name = series.split('{').next().expect("name");
+                assert!(
+                    name.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
+                    "{line}"
+                );
+                if let Some(labels) = series.strip_prefix(name) {
+                    assert!(
+                        labels.is_empty() || (labels.starts_with('{') && labels.ends_with('}')),
+                        "{line}"
+                    );
+                }
+                let family = &families[&current];
+                let own = match family.kind.as_str() {
+                    "histogram" => ["_bucket", "_sum", "_count"]
+                        .iter()
+                        .any(|s| name == format!("{current}{s}")),
+                    _ => name == current,
+                };
+                assert!(own, "{name} is not a sample of {current}:\n{text}");
+                families
+                    .get_mut(&current)
+                    .expect("family")
+                    .samples
+                    .insert(series.to_owned(), value);
+            }
+        }
+        families
+    }
+
+    #[test]
+    fn exposition_parses_and_carries_every_value() {
+        let t = Arc::new(Telemetry::default());
+        t.events_published.store(30, Ordering::Relaxed);
+        t.bytes_published.store(4567, Ordering::Relaxed);
+        t.transactions.store(31, Ordering::Relaxed);
+        t.in_flight.store(2, Ordering::Relaxed);
+        t.safe_lsn.store(123_456_789, Ordering::Relaxed);
+        t.server_wal_end.store(123_456_800, Ordering::Relaxed);
+        t.errors_transient.store(1, Ordering::Relaxed);
+        t.errors_record.store(2, Ordering::Relaxed);
+        t.errors_fatal.store(3, Ordering::Relaxed);
+        t.reconnects.store(4, Ordering::Relaxed);
+        t.dead_lettered.store(5, Ordering::Relaxed);
+        t.resume_skipped.store(6, Ordering::Relaxed);
+        t.streaming.store(true, Ordering::Relaxed);
+        let text = scrape(&t);
+        let families = parse(&text);
+        let value = |family: &str, series: &str| families[family].samples[series];
+        for (name, kind, v) in [
+            ("walship_events_published_total", "counter", 30.0),
+            ("walship_bytes_published_total", "counter", 4567.0),
+            ("walship_transactions_total", "counter", 31.0),
+            ("walship_in_flight_events", "gauge", 2.0),
+            ("walship_safe_lsn", "gauge", 123_456_789.0),
+            ("walship_lag_bytes", "gauge", 11.0),
+            ("walship_seconds_since_last_acked_commit", "gauge", 0.0),
+            ("walship_reconnects_total", "counter", 4.0),
+            ("walship_dead_lettered_total", "counter", 5.0),
+            ("walship_resume_skipped_total", "counter", 6.0),
+            ("walship_streaming", "gauge", 1.0),
+        ] {
+            assert_eq!(families[name].kind, kind, "{name}");
+            assert_eq!(value(name, name), v, "{name}");
+        }
+        let errors = "walship_delivery_errors_total";
+        assert_eq!(families[errors].kind, "counter");
+        for (class, v) in [("transient", 1.0), ("record", 2.0), ("fatal", 3.0)] {
+            assert_eq!(value(errors, &format!("{errors}{{class=\"{class}\"}}")), v);
+        }
+        assert_eq!(families["walship_commit_to_ack_seconds"].kind, "histogram");
+        // The same families, in the same order, with the same help as before prometheus-client.
+        let declared: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# HELP "))
+            .collect();
+        assert_eq!(
+            declared,
+            [
+                "walship_events_published_total Outbox events acknowledged by Kafka.",
+                "walship_bytes_published_total Key and value bytes acknowledged by Kafka.",
+                "walship_transactions_total Committed transactions decoded, with or without outbox events (again after a reconnect).",
+                "walship_in_flight_events Events handed to the producer and not yet acknowledged.",
+                "walship_safe_lsn WAL position confirmed to PostgreSQL (as a number).",
+                "walship_lag_bytes Bytes of WAL between the server's position (sampled at session start and every postgres.watch_interval_ms) and the confirmed position.",
+                "walship_seconds_since_last_acked_commit Seconds since the commit time of the newest acknowledged transaction with events (0 before the first).",
+                "walship_reconnects_total Sessions restarted after a transient error.",
+                "walship_dead_lettered_total Outbox rows published to the dead-letter topic.",
+                "walship_resume_skipped_total Events not sent again after a restart because an earlier run had delivered them.",
+                "walship_streaming 1 while streaming from the slot.",
+                "walship_delivery_errors_total Failed deliveries by class.",
+                "walship_commit_to_ack_seconds Time from a transaction's commit to the acknowledgement of its last event.",
+            ]
+        );
+    }
 
     #[test]
     fn histogram_is_cumulative() {
-        let t = Telemetry::default();
+        let t = Arc::new(Telemetry::default());
         t.observe_commit_to_ack(1000, 1003); // 3 ms
         t.observe_commit_to_ack(1000, 1500); // 500 ms
         t.observe_commit_to_ack(1000, 200_000); // beyond the last bucket
-        let text = t.render();
-        assert!(
-            text.contains("walship_commit_to_ack_seconds_bucket{le=\"0.002\"} 0"),
-            "{text}"
+        let text = scrape(&t);
+        let histogram = &parse(&text)["walship_commit_to_ack_seconds"];
+        let bucket = |le: &str| {
+            histogram.samples[&format!("walship_commit_to_ack_seconds_bucket{{le=\"{le}\"}}")]
+        };
+        assert_eq!(bucket("0.002"), 0.0, "{text}");
+        assert_eq!(bucket("0.005"), 1.0, "{text}");
+        assert_eq!(bucket("0.5"), 2.0, "{text}");
+        assert_eq!(bucket("60"), 2.0, "{text}");
+        assert_eq!(bucket("+Inf"), 3.0, "{text}");
+        assert_eq!(
+            histogram.samples["walship_commit_to_ack_seconds_count"],
+            3.0
         );
-        assert!(
-            text.contains("walship_commit_to_ack_seconds_bucket{le=\"0.005\"} 1"),
-            "{text}"
+        assert_eq!(
+            histogram.samples["walship_commit_to_ack_seconds_sum"],
+            199.503
         );
-        assert!(
-            text.contains("walship_commit_to_ack_seconds_bucket{le=\"0.5\"} 2"),
-            "{text}"
-        );
-        assert!(
-            text.contains("walship_commit_to_ack_seconds_bucket{le=\"+Inf\"} 3"),
-            "{text}"
-        );
-        assert!(
-            text.contains("walship_commit_to_ack_seconds_count 3"),
-            "{text}"
-        );
+        // Every bound of LATENCY_BUCKETS, written as before (`1`, not `1.0`), then +Inf.
+        let les: Vec<String> = histogram
+            .samples
+            .keys()
+            .filter_map(|s| s.strip_prefix("walship_commit_to_ack_seconds_bucket{le=\""))
+            .map(|s| s.trim_end_matches("\"}").to_owned())
+            .collect();
+        let mut expected: Vec<String> = LATENCY_BUCKETS.iter().map(f64::to_string).collect();
+        expected.push("+Inf".to_owned());
+        let (mut les, mut expected) = (les, expected);
+        les.sort();
+        expected.sort();
+        assert_eq!(les, expected);
     }
 
     #[test]
