@@ -6,9 +6,9 @@
 // Test code: a panic is how a check fails.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
 
-mod faults;
 mod check;
 mod cli;
+mod faults;
 mod harness;
 mod metrics;
 mod partitions;

@@ -364,7 +364,11 @@ async fn dead_letters_carry_their_origin_and_are_not_dead_lettered_again_after_a
             .header("walship.lsn")
             .and_then(|l| l.parse().ok())
             .expect("walship.lsn parses");
-        assert!(lsn <= r.commit_lsn(), "{lsn} after the commit {}", r.commit_lsn());
+        assert!(
+            lsn <= r.commit_lsn(),
+            "{lsn} after the commit {}",
+            r.commit_lsn()
+        );
     }
 
     // As after a crash: the slot is behind both rows again. They are not dead-lettered twice.
