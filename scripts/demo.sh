@@ -6,6 +6,11 @@
 #   scripts/demo.sh                       broker: tansu if installed, else librdkafka's mock cluster
 #   WALSHIP_DEMO_BROKER=tansu scripts/demo.sh   build/use the tansu broker (first build 10-25 min)
 #   WALSHIP_DEMO_BROKER=mock scripts/demo.sh    always use the mock cluster (starts in seconds)
+#
+# Environment:
+#   WALSHIP_DEMO_PROFILE   the cargo profile to build and run (default release; the test command
+#                          uses dev, which its cargo test has already built)
+#   CARGO_TARGET_DIR       honoured, like cargo's build.target-dir
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root="$(pwd)"
@@ -17,8 +22,14 @@ if [ "$mode" = auto ]; then
 fi
 if [ "$mode" = tansu ]; then scripts/setup.sh; else scripts/setup.sh --no-broker; fi
 
-echo "[demo] building walship (release) ..."
-cargo build --release --locked -p walship --bin walship --example demo_events --example mock_broker 2>&1 | tail -n 2
+profile="${WALSHIP_DEMO_PROFILE:-release}"
+echo "[demo] building walship (profile $profile) ..."
+cargo build --profile "$profile" --locked -p walship --bin walship --example demo_events --example mock_broker 2>&1 | tail -n 2
+# Where cargo put them: CARGO_TARGET_DIR or build.target-dir if set, in a directory named after the
+# profile (dev and test build into debug, bench into release).
+target_dir="$(cargo metadata --format-version 1 --no-deps --locked |
+  python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')"
+case "$profile" in dev | test) bin="$target_dir/debug" ;; bench) bin="$target_dir/release" ;; *) bin="$target_dir/$profile" ;; esac
 
 demo="$root/.walship-demo"
 rm -rf "$demo"; mkdir -p "$demo"
@@ -55,7 +66,7 @@ if [ "$mode" = tansu ]; then
   for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$kafka_port") 2>/dev/null && break; sleep 0.1; done
 else
   echo "[demo] starting librdkafka's mock Kafka cluster (set WALSHIP_DEMO_BROKER=tansu for a real broker)"
-  target/release/examples/mock_broker 1 >"$demo/broker.addr" 2>"$demo/broker.log" &
+  "$bin/examples/mock_broker" 1 >"$demo/broker.addr" 2>"$demo/broker.log" &
   pids+=($!)
   for _ in $(seq 100); do [ -s "$demo/broker.addr" ] && break; sleep 0.1; done
   bootstrap="$(head -n1 "$demo/broker.addr")"
@@ -70,7 +81,7 @@ brokers = "$bootstrap"
 topic_partitions = 3
 TOML
 echo "[demo] starting walship (log: .walship-demo/walship.log)"
-target/release/walship run --config "$demo/walship.toml" >"$demo/walship.log" 2>&1 &
+"$bin/walship" run --config "$demo/walship.toml" >"$demo/walship.log" 2>&1 &
 walship_pid=$!
 pids=("$walship_pid" "${pids[@]}")
 for _ in $(seq 300); do
@@ -80,5 +91,5 @@ for _ in $(seq 300); do
   sleep 0.1
 done
 
-target/release/examples/demo_events "postgres://postgres@127.0.0.1:$pg_port/demo" "$bootstrap"
+"$bin/examples/demo_events" "postgres://postgres@127.0.0.1:$pg_port/demo" "$bootstrap"
 echo "[demo] slot position: $(psql_ -d demo -tAc "SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name='walship'")"
