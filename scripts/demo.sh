@@ -9,7 +9,7 @@
 #
 # Environment:
 #   WALSHIP_DEMO_PROFILE   the cargo profile to build and run (default release; the test command
-#                          uses dev, which its cargo test has already built)
+#                          uses dev, mostly built by its cargo test already)
 #   CARGO_TARGET_DIR       honoured, like cargo's build.target-dir
 set -euo pipefail
 cd "$(dirname "$0")/.."
