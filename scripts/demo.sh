@@ -6,19 +6,32 @@
 #   scripts/demo.sh                       broker: tansu if installed, else librdkafka's mock cluster
 #   WALSHIP_DEMO_BROKER=tansu scripts/demo.sh   build/use the tansu broker (first build 10-25 min)
 #   WALSHIP_DEMO_BROKER=mock scripts/demo.sh    always use the mock cluster (starts in seconds)
+#
+# Environment:
+#   WALSHIP_DEMO_PROFILE   the cargo profile to build and run (default release; the test command
+#                          uses dev, mostly built by its cargo test already)
+#   CARGO_TARGET_DIR       honoured, like cargo's build.target-dir
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root="$(pwd)"
 export PATH="$HOME/.cargo/bin:$PATH"
 
 mode="${WALSHIP_DEMO_BROKER:-auto}"
-if [ "$mode" = auto ]; then
-  if command -v tansu >/dev/null; then mode=tansu; else mode=mock; fi
-fi
+case "$mode" in
+  auto) if command -v tansu >/dev/null; then mode=tansu; else mode=mock; fi ;;
+  tansu | mock) ;;
+  *) echo "[demo] WALSHIP_DEMO_BROKER must be tansu, mock or auto, not '$mode'" >&2; exit 2 ;;
+esac
 if [ "$mode" = tansu ]; then scripts/setup.sh; else scripts/setup.sh --no-broker; fi
 
-echo "[demo] building walship (release) ..."
-cargo build --release --locked -p walship --bin walship --example demo_events --example mock_broker 2>&1 | tail -n 2
+profile="${WALSHIP_DEMO_PROFILE:-release}"
+echo "[demo] building walship (profile $profile) ..."
+cargo build --profile "$profile" --locked -p walship --bin walship --example demo_events --example mock_broker 2>&1 | tail -n 2
+# Where cargo put them: CARGO_TARGET_DIR or build.target-dir if set, in a directory named after the
+# profile (dev and test build into debug, bench into release).
+target_dir="$(cargo metadata --format-version 1 --no-deps --locked |
+  python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')"
+case "$profile" in dev | test) bin="$target_dir/debug" ;; bench) bin="$target_dir/release" ;; *) bin="$target_dir/$profile" ;; esac
 
 demo="$root/.walship-demo"
 rm -rf "$demo"; mkdir -p "$demo"
@@ -52,13 +65,20 @@ if [ "$mode" = tansu ]; then
   tansu broker --listener-url "tcp://$bootstrap" --advertised-listener-url "tcp://$bootstrap" \
     --storage-engine memory://tansu/ >"$demo/broker.log" 2>&1 &
   pids+=($!)
-  for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$kafka_port") 2>/dev/null && break; sleep 0.1; done
+  up=0
+  for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$kafka_port") 2>/dev/null && { up=1; break; }; sleep 0.1; done
+  [ "$up" = 1 ] || { cat "$demo/broker.log"; echo "[demo] tansu did not listen within 10 s" >&2; exit 1; }
 else
+  # The mock cluster cannot create topics through the Admin API, and walship does not let its
+  # metadata requests auto-create them: the broker starts with the topics of demo_events's
+  # aggregate types (outbox.event.<aggregatetype>), with the topic_partitions walship.toml sets.
   echo "[demo] starting librdkafka's mock Kafka cluster (set WALSHIP_DEMO_BROKER=tansu for a real broker)"
-  target/release/examples/mock_broker 1 >"$demo/broker.addr" 2>"$demo/broker.log" &
+  "$bin/examples/mock_broker" 1 outbox.event.order:3 outbox.event.customer:3 \
+    >"$demo/broker.addr" 2>"$demo/broker.log" &
   pids+=($!)
   for _ in $(seq 100); do [ -s "$demo/broker.addr" ] && break; sleep 0.1; done
   bootstrap="$(head -n1 "$demo/broker.addr")"
+  [ -n "$bootstrap" ] || { cat "$demo/broker.log"; echo "[demo] the mock cluster did not start within 10 s" >&2; exit 1; }
 fi
 
 cat >"$demo/walship.toml" <<TOML
@@ -70,15 +90,22 @@ brokers = "$bootstrap"
 topic_partitions = 3
 TOML
 echo "[demo] starting walship (log: .walship-demo/walship.log)"
-target/release/walship run --config "$demo/walship.toml" >"$demo/walship.log" 2>&1 &
+"$bin/walship" run --config "$demo/walship.toml" >"$demo/walship.log" 2>&1 &
 walship_pid=$!
 pids=("$walship_pid" "${pids[@]}")
+active=0
 for _ in $(seq 300); do
   active="$(psql_ -d demo -tAc "SELECT count(*) FROM pg_replication_slots WHERE slot_name='walship' AND active")"
   [ "$active" = 1 ] && break
-  kill -0 "$walship_pid" 2>/dev/null || { cat "$demo/walship.log"; echo "[demo] walship exited"; exit 1; }
+  kill -0 "$walship_pid" 2>/dev/null || { cat "$demo/walship.log"; echo "[demo] walship exited" >&2; exit 1; }
   sleep 0.1
 done
+[ "$active" = 1 ] || { cat "$demo/walship.log"; echo "[demo] walship did not start streaming within 30 s" >&2; exit 1; }
 
-target/release/examples/demo_events "postgres://postgres@127.0.0.1:$pg_port/demo" "$bootstrap"
+# Exits non-zero unless every event arrives once, in commit order per aggregate, within 60 s.
+if ! "$bin/examples/demo_events" "postgres://postgres@127.0.0.1:$pg_port/demo" "$bootstrap"; then
+  echo "[demo] FAILED; walship's log (.walship-demo/walship.log) ends:" >&2
+  tail -n 20 "$demo/walship.log" >&2
+  exit 1
+fi
 echo "[demo] slot position: $(psql_ -d demo -tAc "SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name='walship'")"

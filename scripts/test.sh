@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh machine: installs prerequisites, then formatting, lints,
-# unit tests, and the end-to-end tests against a real PostgreSQL and a real broker (tansu).
+# unit tests, the end-to-end tests against a real PostgreSQL and a real broker (tansu), and the
+# demo (scripts/demo.sh) with each of its brokers.
 #
 #   scripts/test.sh
 #
@@ -29,6 +30,37 @@ echo "== doc tests"
 cargo test --workspace --doc --locked 2>&1 | tee -a "$log"
 echo "== cargo test (unit + end-to-end)"
 cargo test --workspace --all-targets --locked 2>&1 | tee -a "$log"
-# One closing line over every test binary (cargo prints one "test result" line per binary).
-awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
-     END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+
+# The README's first command, in both broker modes, so it cannot break unnoticed. It uses the dev
+# profile, which cargo test has mostly built (the examples as plain binaries take under a minute;
+# the demo's default release build would take several). A run passes when the demo exits 0 and
+# its consumer reports every event arriving once, in commit order per aggregate (demo_events
+# checks this and exits non-zero otherwise).
+demo_passed=0
+demo_failed=0
+demo_log="$(mktemp)"
+trap 'rm -f "$log" "$demo_log"' EXIT
+for broker in mock tansu; do
+  echo "== demo (WALSHIP_DEMO_BROKER=$broker)"
+  if [ "$broker" = tansu ] && ! command -v tansu >/dev/null; then
+    # Only when WALSHIP_TEST_KAFKA skipped the broker install; the demo would build tansu.
+    echo "skipped: tansu is not installed (WALSHIP_TEST_KAFKA set); run scripts/setup.sh to install it"
+    continue
+  fi
+  started=$SECONDS
+  if WALSHIP_DEMO_BROKER="$broker" WALSHIP_DEMO_PROFILE=dev scripts/demo.sh 2>&1 | tee "$demo_log" &&
+    grep -Eq '^all [0-9]+ events arrived, each aggregate in commit order\.$' "$demo_log"; then
+    demo_passed=$((demo_passed + 1))
+    echo "demo ($broker): ok in $((SECONDS - started)) s"
+  else
+    demo_failed=$((demo_failed + 1))
+    echo "demo ($broker): FAILED after $((SECONDS - started)) s"
+  fi
+done
+
+# One closing line over every test binary (cargo prints one "test result" line per binary) and
+# the demo runs (one test each).
+awk -v dp="$demo_passed" -v df="$demo_failed" \
+  '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+   END { printf "tests: %d passed, %d failed\n", p + dp, f + df }' "$log"
+[ "$demo_failed" -eq 0 ]

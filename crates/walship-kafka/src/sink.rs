@@ -345,12 +345,36 @@ pub enum TopicError {
         /// Client error.
         error: KafkaError,
     },
+    /// The broker answered the lookup but not the request to create the topic.
+    #[error(
+        "creating topic {topic:?} on {brokers}: {error}; the broker answers metadata requests but \
+         did not create the topic: one without an active controller, or that cannot create topics \
+         through the Admin API (CreateTopics; librdkafka's mock cluster cannot), never will. \
+         Create the topic on the broker ({partitions} partitions, replication factor \
+         {replication_factor}); walship retries until it exists"
+    )]
+    CreateUnanswered {
+        /// Topic.
+        topic: String,
+        /// bootstrap.servers.
+        brokers: String,
+        /// kafka.topic_partitions.
+        partitions: i32,
+        /// kafka.topic_replication_factor.
+        replication_factor: i32,
+        /// Client error.
+        error: KafkaError,
+    },
 }
 
 impl TopicError {
     /// True when retrying later can succeed without a change.
     pub fn is_transient(&self) -> bool {
-        matches!(self, TopicError::Unreachable { .. })
+        // A controller may be elected, or the topic created by hand, meanwhile.
+        matches!(
+            self,
+            TopicError::Unreachable { .. } | TopicError::CreateUnanswered { .. }
+        )
     }
 }
 
@@ -500,9 +524,11 @@ pub async fn ensure_topic(settings: &SinkSettings, topic: &str) -> Result<(), To
         admin
             .create_topics(&[new], &opts)
             .await
-            .map_err(|error| TopicError::Unreachable {
+            .map_err(|error| TopicError::CreateUnanswered {
                 topic: topic.to_owned(),
                 brokers: settings.brokers.clone(),
+                partitions: settings.topic_partitions,
+                replication_factor: settings.topic_replication_factor,
                 error,
             })?;
     for r in results {
@@ -600,6 +626,38 @@ pub(crate) mod tests {
         // A metadata request must never create a topic (librdkafka's producer-type handles,
         // the admin client among them, would allow it by default).
         assert_eq!(c.get("allow.auto.create.topics"), Some("false"));
+    }
+
+    /// librdkafka's in-process mock cluster, which cannot create topics through the Admin API
+    /// (the demo's mock broker creates them up front).
+    fn mock() -> (
+        rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+        SinkSettings,
+    ) {
+        let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
+        let settings = settings(&cluster.bootstrap_servers());
+        (cluster, settings)
+    }
+
+    #[tokio::test]
+    async fn finds_a_topic_that_exists() {
+        let (cluster, settings) = mock();
+        cluster.create_topic("outbox.event.order", 3, 1).unwrap();
+        ensure_topic(&settings, "outbox.event.order").await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_lookup_never_creates_a_topic() {
+        let (_cluster, mut settings) = mock();
+        settings.create_topics = false;
+        for _ in 0..2 {
+            // The mock cluster creates a topic for any metadata request that allows it, so a
+            // second lookup would find one the first had created.
+            let e = ensure_topic(&settings, "outbox.event.order")
+                .await
+                .unwrap_err();
+            assert!(matches!(e, TopicError::Missing(_)), "{e}");
+        }
     }
 
     #[test]
