@@ -165,6 +165,18 @@ impl PublicationInfo {
         self.all_tables || self.tables.iter().any(|t| family.contains_name(t))
     }
 
+    /// The published tables for a message: `a.t1, b.t2`, or `no tables`.
+    pub fn tables_text(&self) -> String {
+        if self.tables.is_empty() {
+            return "no tables".to_owned();
+        }
+        self.tables
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
     /// True when every table the publication sends is the outbox or one of its partitions:
     /// then every relation the stream describes is the outbox.
     pub fn publishes_only_outbox(&self, family: &OutboxFamily) -> bool {
@@ -234,15 +246,7 @@ pub fn publication_problem(
         return Some(format!(
             "publication {publication:?} does not include the outbox table {table} (it publishes: {}), so no \
              event would arrive: run ALTER PUBLICATION {} ADD TABLE {};{via_root}",
-            if info.tables.is_empty() {
-                "no tables".to_owned()
-            } else {
-                info.tables
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            },
+            info.tables_text(),
             quote_ident(publication),
             table.quoted()
         ));
@@ -255,6 +259,39 @@ pub fn publication_problem(
         ));
     }
     None
+}
+
+/// Reads the outbox's partition tree and the publication, and fails with
+/// [`publication_problem`]'s explanation unless the publication sends the outbox's inserts.
+/// `outbox_oid`: the table's OID when walship started (tells a rename from a drop).
+pub async fn published_outbox(
+    client: &Client,
+    publication: &str,
+    table: &TableName,
+    outbox_oid: Option<u32>,
+    while_running: bool,
+) -> Result<(OutboxFamily, PublicationInfo), PgError> {
+    let family = outbox_family(client, table).await?;
+    let renamed_to = match (&family, outbox_oid) {
+        (None, Some(oid)) => relation_name(client, oid).await?,
+        _ => None,
+    };
+    let info = crate::preflight::publication_info(client, publication).await?;
+    if let Some(problem) = publication_problem(
+        publication,
+        table,
+        family.as_ref(),
+        info.as_ref(),
+        renamed_to.as_ref(),
+        while_running,
+    ) {
+        return Err(PgError::Setup(problem));
+    }
+    family.zip(info).ok_or_else(|| {
+        PgError::Setup(format!(
+            "outbox table {table} or publication {publication:?} vanished while walship read them"
+        ))
+    })
 }
 
 /// What the stream needs to know to tell outbox rows from other tables' rows.

@@ -402,22 +402,7 @@ pub async fn watch(
         }
         Some(state) => validate_slot(&state)?,
     }
-    let family = catalog::outbox_family(client, table).await?;
-    let renamed_to = match (&family, outbox_oid) {
-        (None, Some(oid)) => catalog::relation_name(client, oid).await?,
-        _ => None,
-    };
-    let info = crate::preflight::publication_info(client, publication).await?;
-    if let Some(problem) = catalog::publication_problem(
-        publication,
-        table,
-        family.as_ref(),
-        info.as_ref(),
-        renamed_to.as_ref(),
-        true,
-    ) {
-        return Err(PgError::Setup(problem));
-    }
+    catalog::published_outbox(client, publication, table, outbox_oid, true).await?;
     match current_wal_lsn(client).await {
         Ok(end) => Ok(Some(end)),
         Err(e) => {
@@ -469,23 +454,7 @@ pub async fn outbox_scope(
     publication: &str,
     table: &TableName,
 ) -> Result<OutboxScope, PgError> {
-    let family = catalog::outbox_family(client, table).await?;
-    let info = crate::preflight::publication_info(client, publication).await?;
-    if let Some(problem) = catalog::publication_problem(
-        publication,
-        table,
-        family.as_ref(),
-        info.as_ref(),
-        None,
-        false,
-    ) {
-        return Err(PgError::Setup(problem));
-    }
-    let (Some(family), Some(info)) = (family, info) else {
-        return Err(PgError::Setup(format!(
-            "outbox table {table} or publication {publication:?} vanished while walship read them"
-        )));
-    };
+    let (family, info) = catalog::published_outbox(client, publication, table, None, false).await?;
     if family.partitioned && !info.via_partition_root {
         tracing::warn!(
             publication,

@@ -953,15 +953,7 @@ fn publication_checks(
             format!(
                 "publication {publication:?} does not include the outbox table {table} (it \
                  publishes: {}), so no event would ever arrive",
-                if info.tables.is_empty() {
-                    "no tables".to_owned()
-                } else {
-                    info.tables
-                        .iter()
-                        .map(ToString::to_string)
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                }
+                info.tables_text()
             ),
             fix,
         ));
