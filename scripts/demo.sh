@@ -35,25 +35,31 @@ case "$profile" in dev | test) bin="$target_dir/debug" ;; bench) bin="$target_di
 
 demo="$root/.walship-demo"
 rm -rf "$demo"; mkdir -p "$demo"
+# PostgreSQL's data directory and socket live in a private temporary directory: initdb runs as
+# the postgres user, which may not be able to reach a checkout under /root, and a deep checkout
+# path would make the socket path too long. Its log is copied into .walship-demo/ at exit.
+pgdir="$(mktemp -d "${TMPDIR:-/tmp}/walship-demo-pg.XXXXXX")"
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 pg_bin="$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n1)"
 as_pg=()
-if [ "$(id -u)" -eq 0 ]; then chown postgres "$demo"; as_pg=(runuser -u postgres --); fi
+if [ "$(id -u)" -eq 0 ]; then chown postgres "$pgdir"; as_pg=(runuser -u postgres --); fi
 
 pids=()
 cleanup() {
   set +e
   for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null; done
   for p in "${pids[@]}"; do wait "$p" 2>/dev/null; done
-  "${as_pg[@]}" "$pg_bin/pg_ctl" stop -D "$demo/pg" -m fast >/dev/null 2>&1
+  "${as_pg[@]}" "$pg_bin/pg_ctl" stop -D "$pgdir/pg" -m fast >/dev/null 2>&1
+  cp -f "$pgdir/postgres.log" "$demo/postgres.log" 2>/dev/null
+  rm -rf "$pgdir"
 }
 trap cleanup EXIT
 
 pg_port="$(free_port)"
 echo "[demo] starting PostgreSQL on 127.0.0.1:$pg_port (wal_level=logical)"
-"${as_pg[@]}" "$pg_bin/initdb" -D "$demo/pg" -U postgres --auth=trust -E UTF8 --locale=C >/dev/null
-"${as_pg[@]}" "$pg_bin/pg_ctl" start -w -D "$demo/pg" -l "$demo/postgres.log" \
-  -o "-p $pg_port -k $demo -c listen_addresses=127.0.0.1 -c wal_level=logical" >/dev/null
+"${as_pg[@]}" "$pg_bin/initdb" -D "$pgdir/pg" -U postgres --auth=trust -E UTF8 --locale=C >/dev/null
+"${as_pg[@]}" "$pg_bin/pg_ctl" start -w -D "$pgdir/pg" -l "$pgdir/postgres.log" \
+  -o "-p $pg_port -k $pgdir -c listen_addresses=127.0.0.1 -c wal_level=logical" >/dev/null
 psql_() { psql -q -h 127.0.0.1 -p "$pg_port" -U postgres "$@"; }
 psql_ -d postgres -c "CREATE DATABASE demo"
 psql_ -d demo -f sql/outbox.sql

@@ -26,10 +26,13 @@ echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
+# A failing cargo test must not end the script before the demos and the summary line: its
+# status is kept and decides the exit code at the end.
+cargo_failed=0
 echo "== doc tests"
-cargo test --workspace --doc --locked 2>&1 | tee -a "$log"
+cargo test --workspace --doc --locked 2>&1 | tee -a "$log" || cargo_failed=1
 echo "== cargo test (unit + end-to-end)"
-cargo test --workspace --all-targets --locked 2>&1 | tee -a "$log"
+cargo test --workspace --all-targets --locked 2>&1 | tee -a "$log" || cargo_failed=1
 
 # The README's first command, in both broker modes, so it cannot break unnoticed. It uses the dev
 # profile, which cargo test has mostly built (the examples as plain binaries take under a minute;
@@ -63,4 +66,4 @@ done
 awk -v dp="$demo_passed" -v df="$demo_failed" \
   '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
    END { printf "tests: %d passed, %d failed\n", p + dp, f + df }' "$log"
-[ "$demo_failed" -eq 0 ]
+[ "$demo_failed" -eq 0 ] && [ "$cargo_failed" -eq 0 ]

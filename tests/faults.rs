@@ -160,3 +160,40 @@ async fn a_record_the_broker_refuses_is_dead_lettered_with_its_transactions_orig
     assert_eq!(seqs(&good), vec![1], "the next event is delivered");
     relay.stop().await.expect("clean stop");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_record_at_the_pending_bound_is_dead_lettered_instead_of_waiting_for_ever() {
+    let mut db = TestDb::new().await;
+    let cluster = MockCluster::new(1).expect("mock cluster");
+    let bootstrap = cluster.bootstrap_servers();
+    let topic = harness::topic(&db, "order");
+    let dlq = format!("{}.dlq", db.name);
+    cluster.create_topic(&topic, 1, 1).expect("topic");
+    cluster.create_topic(&dlq, 1, 1).expect("dead-letter topic");
+    let toml = harness::config_toml(&db, &bootstrap, "[run]\nmax_pending_transactions = 2\n")
+        .replace(
+            "[outbox]\n",
+            &format!("[outbox]\non_bad_row = \"dead-letter\"\ndead_letter_topic = \"{dlq}\"\n"),
+        );
+    let config = walship::Config::from_toml(&toml, std::iter::empty(), "test").expect("config");
+    let relay = Relay::start_streaming(config, &db).await;
+    cluster.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE],
+    );
+    // The refused record's transaction stays pending until its dead letter is sent, and the
+    // bound (2) is reached by the transactions read after it.
+    for seq in 0..20 {
+        insert_txn(&mut db.client, &[Row::new("order", "a", seq)]).await;
+    }
+    db.await_caught_up().await;
+    let dead = consume(&bootstrap, &[&dlq], 1, TIMEOUT, Duration::from_secs(1));
+    let good = consume(&bootstrap, &[&topic], 1, TIMEOUT, Duration::from_secs(1));
+    assert!(!dead.is_empty());
+    assert_eq!(
+        dead.len() + good.len(),
+        20,
+        "every event is delivered or dead-lettered"
+    );
+    relay.stop().await.expect("clean stop");
+}

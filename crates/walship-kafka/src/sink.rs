@@ -313,6 +313,8 @@ impl<L: DeliveryListener> ProducerContext for Context<L> {
 /// happens on the blocking pool.
 pub struct Sink<L: DeliveryListener> {
     producer: OffRuntime<Arc<ThreadedProducer<Context<L>>>>,
+    /// Fires once the producer is destroyed (see [`Sink::destroyed`]).
+    gone: Option<tokio::sync::oneshot::Receiver<()>>,
     settings: SinkSettings,
     known_topics: HashSet<String>,
 }
@@ -384,11 +386,26 @@ impl<L: DeliveryListener> Sink<L> {
         let producer = settings
             .client_config()
             .create_with_context(Context { listener })?;
+        let (producer, gone) = OffRuntime::new(Arc::new(producer));
         Ok(Sink {
-            producer: OffRuntime(Some(Arc::new(producer))),
+            producer,
+            gone: Some(gone),
             settings,
             known_topics: HashSet::new(),
         })
+    }
+
+    /// Resolves once this sink's producer has been destroyed (its queue purged, its threads
+    /// gone), after the sink is dropped. A next producer must not start sending before: the
+    /// old one's queued records could otherwise reach the broker after the new one's.
+    pub fn destroyed(&mut self) -> impl Future<Output = ()> + Send + 'static {
+        let gone = self.gone.take();
+        async move {
+            if let Some(gone) = gone {
+                // An error means the sender was dropped with the producer: gone as well.
+                let _ = gone.await;
+            }
+        }
     }
 
     /// Hands a record to the producer; its outcome reaches the listener with `token`.
@@ -452,12 +469,25 @@ impl<L: DeliveryListener> Sink<L> {
 }
 
 /// A value whose drop may block: dropped on the blocking pool when a tokio runtime is current.
-struct OffRuntime<T: Send + 'static>(Option<T>);
+/// `gone` fires once the value is dropped, wherever that happened.
+struct OffRuntime<T: Send + 'static> {
+    value: Option<T>,
+    gone: Option<tokio::sync::oneshot::Sender<()>>,
+}
 
 impl<T: Send + 'static> OffRuntime<T> {
+    fn new(value: T) -> (Self, tokio::sync::oneshot::Receiver<()>) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let this = OffRuntime {
+            value: Some(value),
+            gone: Some(tx),
+        };
+        (this, rx)
+    }
+
     fn get(&self) -> &T {
         // Only `drop` takes the value out.
-        self.0
+        self.value
             .as_ref()
             .unwrap_or_else(|| unreachable!("taken only in drop"))
     }
@@ -465,10 +495,16 @@ impl<T: Send + 'static> OffRuntime<T> {
 
 impl<T: Send + 'static> Drop for OffRuntime<T> {
     fn drop(&mut self) {
-        if let Some(value) = self.0.take()
-            && let Ok(handle) = tokio::runtime::Handle::try_current()
-        {
-            handle.spawn_blocking(move || drop(value));
+        let (value, gone) = (self.value.take(), self.gone.take());
+        let destroy = move || {
+            drop(value);
+            if let Some(gone) = gone {
+                let _ = gone.send(());
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) => drop(handle.spawn_blocking(destroy)),
+            Err(_) => destroy(),
         }
     }
 }

@@ -40,6 +40,8 @@ pub struct OutboxFamily {
     pub partitioned: bool,
     /// The root and its partitions (any depth): OID → current name.
     pub members: HashMap<u32, TableName>,
+    /// The partitions that hold rows (not themselves partitioned); empty when unpartitioned.
+    pub leaves: Vec<TableName>,
 }
 
 impl OutboxFamily {
@@ -57,6 +59,7 @@ impl OutboxFamily {
     pub fn single(table: TableName, root: u32) -> Self {
         OutboxFamily {
             members: HashMap::from([(root, table.clone())]),
+            leaves: Vec::new(),
             table,
             root,
             partitioned: false,
@@ -86,47 +89,52 @@ pub async fn outbox_family(
     // pg_partition_tree lists nothing for a plain table: the root is added explicitly.
     let rows = client
         .query(
-            "SELECT c.oid, n.nspname::text, c.relname::text FROM pg_class c \
+            "SELECT c.oid, n.nspname::text, c.relname::text, c.relkind::text FROM pg_class c \
              JOIN pg_namespace n ON n.oid = c.relnamespace \
              WHERE c.oid = $1::oid OR c.oid IN (SELECT relid::oid FROM pg_partition_tree($1::oid::regclass))",
             &[&oid],
         )
         .await
         .map_err(sql_err(format!("listing the partitions of {table}")))?;
-    let members = rows
-        .into_iter()
-        .map(|r| {
-            (
-                r.get::<_, u32>(0),
-                TableName {
-                    schema: r.get(1),
-                    name: r.get(2),
-                },
-            )
-        })
-        .collect();
+    let mut members = HashMap::new();
+    let mut leaves = Vec::new();
+    for r in rows {
+        let member: u32 = r.get(0);
+        let name = TableName {
+            schema: r.get(1),
+            name: r.get(2),
+        };
+        if member != oid && r.get::<_, String>(3) != "p" {
+            leaves.push(name.clone());
+        }
+        members.insert(member, name);
+    }
     Ok(Some(OutboxFamily {
         table: table.clone(),
         root: oid,
         partitioned: relkind == "p",
         members,
+        leaves,
     }))
 }
 
 /// Where a relation OID stands now: its name and whether it is in the partition tree under
-/// `root`. `None` when no relation has that OID any more.
+/// `root` (the outbox's OID when the session started) or under the table now named `table`
+/// (an outbox replaced since). `None` when no relation has that OID any more.
 pub async fn place_relation(
     client: &Client,
     oid: u32,
     root: u32,
+    table: &TableName,
 ) -> Result<Option<(TableName, bool)>, PgError> {
+    let quoted = table.quoted();
     let row = client
         .query_opt(
             "SELECT n.nspname::text, c.relname::text, \
-                    c.oid = $2::oid OR EXISTS (SELECT 1 FROM pg_partition_ancestors(c.oid) a \
-                                               WHERE a.relid::oid = $2::oid) \
+                    EXISTS (SELECT 1 FROM pg_partition_ancestors(c.oid) a \
+                            WHERE a.relid::oid IN ($2::oid, to_regclass($3::text)::oid)) \
              FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = $1::oid",
-            &[&oid, &root],
+            &[&oid, &root, &quoted],
         )
         .await
         .map_err(sql_err(format!("looking up relation OID {oid}")))?;
@@ -158,11 +166,20 @@ pub async fn relation_name(client: &Client, oid: u32) -> Result<Option<TableName
 }
 
 impl PublicationInfo {
-    /// True when the publication sends rows of the outbox: the table itself, or (without
-    /// `publish_via_partition_root`) its partitions, which `pg_publication_tables` then lists
-    /// instead of the parent.
+    /// True when the publication sends every row of the outbox: it lists the table itself, or
+    /// (without `publish_via_partition_root`, when `pg_publication_tables` lists partitions
+    /// instead of the parent) every partition that holds rows. A publication of some
+    /// partitions only does not publish the outbox: rows in the others would never arrive.
     pub fn publishes_outbox(&self, family: &OutboxFamily) -> bool {
-        self.all_tables || self.tables.iter().any(|t| family.contains_name(t))
+        if self.all_tables || self.tables.contains(&family.table) {
+            return true;
+        }
+        let root = family.members.get(&family.root);
+        if root.is_some_and(|r| self.tables.contains(r)) {
+            return true;
+        }
+        // A partitioned outbox without partitions cannot hold a row yet: nothing to miss.
+        family.partitioned && family.leaves.iter().all(|l| self.tables.contains(l))
     }
 
     /// The published tables for a message: `a.t1, b.t2`, or `no tables`.
@@ -175,12 +192,6 @@ impl PublicationInfo {
             .map(ToString::to_string)
             .collect::<Vec<_>>()
             .join(", ")
-    }
-
-    /// True when every table the publication sends is the outbox or one of its partitions:
-    /// then every relation the stream describes is the outbox.
-    pub fn publishes_only_outbox(&self, family: &OutboxFamily) -> bool {
-        !self.all_tables && self.tables.iter().all(|t| family.contains_name(t))
     }
 }
 
@@ -299,20 +310,6 @@ pub async fn published_outbox(
 pub struct OutboxScope {
     /// The outbox and its partitions as the catalog had them when the session started.
     pub family: OutboxFamily,
-    /// The publication sends nothing but the outbox: every relation it describes is the outbox
-    /// (a partition attached later included), so no catalog lookup is ever needed.
-    pub only_outbox: bool,
-}
-
-impl OutboxScope {
-    /// The scope of a session: the outbox's family and whether the publication is its alone.
-    pub fn new(family: OutboxFamily, info: &PublicationInfo) -> Self {
-        let only_outbox = info.publishes_only_outbox(&family);
-        OutboxScope {
-            family,
-            only_outbox,
-        }
-    }
 }
 
 #[cfg(test)]
@@ -329,6 +326,10 @@ mod tests {
                 (11, TableName::parse("outbox_default")),
                 (12, TableName::parse("outbox_p20260101")),
             ]),
+            leaves: vec![
+                TableName::parse("outbox_default"),
+                TableName::parse("outbox_p20260101"),
+            ],
         }
     }
 
@@ -348,15 +349,21 @@ mod tests {
         // FOR TABLE outbox without publish_via_partition_root lists the leaves.
         let leaves = publication(&["outbox_default", "outbox_p20260101"], false);
         assert!(leaves.publishes_outbox(&f));
-        assert!(leaves.publishes_only_outbox(&f));
         assert_eq!(
             publication_problem("p", &f.table, Some(&f), Some(&leaves), None, false),
             None
         );
         let root = publication(&["outbox"], true);
-        assert!(root.publishes_outbox(&f) && root.publishes_only_outbox(&f));
+        assert!(root.publishes_outbox(&f));
         let mixed = publication(&["orders", "outbox"], true);
-        assert!(mixed.publishes_outbox(&f) && !mixed.publishes_only_outbox(&f));
+        assert!(mixed.publishes_outbox(&f));
+        // Some partitions only: rows in the others would never arrive.
+        let some = publication(&["outbox_p20260101"], false);
+        assert!(!some.publishes_outbox(&f));
+        assert!(
+            publication_problem("p", &f.table, Some(&f), Some(&some), None, false)
+                .is_some_and(|m| m.contains("ADD TABLE \"public\".\"outbox\""))
+        );
     }
 
     #[test]

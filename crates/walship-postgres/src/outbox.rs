@@ -119,15 +119,18 @@ pub enum RowError {
     /// A row arrived for a relation never described.
     #[error("row for unknown relation OID {0}: the server sent no Relation message for it")]
     UnknownRelation(u32),
-    /// A row of a relation the catalog cannot place: it no longer exists, so whether it was a
-    /// partition of the outbox cannot be told, and the publication also publishes other tables.
+    /// A row of a relation that has the outbox's columns but that the catalog does not place
+    /// under the outbox: a partition detached or dropped since the row was written, or another
+    /// table with the outbox's columns in the publication.
     #[error(
-        "row of relation {table} (OID {oid}), which no longer exists: walship cannot tell whether it was a \
-         partition of the outbox {outbox}, because publication {publication:?} also publishes other tables. \
-         Nothing past it is confirmed. If it was not the outbox's, move the slot past this row with \
-         SELECT pg_replication_slot_advance('<slot>', '<end LSN of this transaction>'); if it was, publish it \
-         again from a backup. To avoid this, publish only the outbox in {publication:?} (with \
-         publish_via_partition_root = true) and keep partitions attached until walship has read their rows"
+        "row of relation {table} (OID {oid}), which has the outbox's columns but which the catalog does not \
+         place under the outbox {outbox} now: a partition detached or dropped since the row was written, or \
+         another table with the outbox's columns in publication {publication:?}. walship cannot tell whether \
+         it is an event, so nothing from this transaction on is confirmed. If it is another table, remove it \
+         from the publication (ALTER PUBLICATION {publication_sql} DROP TABLE ...) and move the slot past this \
+         transaction with SELECT pg_replication_slot_advance('{slot}', '{commit_lsn}'); this skips the whole \
+         transaction, its other outbox rows too (publish those by hand). Keep partitions attached until \
+         walship has read their rows, and publish only the outbox"
     )]
     Unplaced {
         /// The relation as the stream described it.
@@ -138,6 +141,12 @@ pub enum RowError {
         outbox: String,
         /// The publication.
         publication: String,
+        /// The publication, quoted for SQL.
+        publication_sql: String,
+        /// The slot.
+        slot: String,
+        /// The transaction's commit LSN (filled in by the caller, which knows it).
+        commit_lsn: String,
     },
 }
 
@@ -196,8 +205,9 @@ pub struct Relations {
     spec: OutboxSpec,
     /// Which relations are the outbox, from the catalog; `None`: by name only.
     scope: Option<OutboxScope>,
-    /// The publication (for messages).
+    /// The publication and slot (for messages).
     publication: String,
+    slot: String,
     map: HashMap<u32, Entry>,
 }
 
@@ -208,17 +218,19 @@ impl Relations {
             spec,
             scope: None,
             publication: String::new(),
+            slot: String::new(),
             map: HashMap::new(),
         }
     }
 
     /// An empty cache that knows the outbox as the catalog has it: the table by OID and name,
     /// and every partition under it (see [`crate::catalog`]).
-    pub fn with_scope(spec: OutboxSpec, scope: OutboxScope, publication: &str) -> Self {
+    pub fn with_scope(spec: OutboxSpec, scope: OutboxScope, publication: &str, slot: &str) -> Self {
         Relations {
             spec,
             scope: Some(scope),
             publication: publication.to_owned(),
+            slot: slot.to_owned(),
             map: HashMap::new(),
         }
     }
@@ -236,9 +248,10 @@ impl Relations {
     /// Records (or replaces) a relation's definition.
     ///
     /// The outbox is the configured name, the OID it had when the session started (renamed or
-    /// not), any partition under it, and — when the publication publishes nothing else — every
-    /// relation the stream describes (a partition attached since). Anything else is placed by
-    /// the catalog: see [`Placement::Lookup`].
+    /// not), and any partition under it the session knows. A relation without the outbox's
+    /// aggregate id and payload columns is another table: partitions have their parent's
+    /// columns, so it was never one of the outbox's. Any other relation is placed by the
+    /// catalog: see [`Placement::Lookup`].
     pub fn update(&mut self, relation: Relation) -> Placement {
         let by_name =
             relation.namespace == self.spec.table.schema && relation.name == self.spec.table.name;
@@ -254,39 +267,44 @@ impl Relations {
                         relation.name
                     );
                 }
-                by_name || scope.family.contains(relation.id) || scope.only_outbox
+                by_name || scope.family.contains(relation.id)
             }
-        };
-        let placement = if outbox || self.scope.is_none() {
-            Placement::Known
-        } else {
-            Placement::Lookup(relation.id)
         };
         let kind = if outbox {
             Kind::Outbox(self.layout_of(&relation))
-        } else if placement == Placement::Known {
+        } else if self.scope.is_none() || !self.has_outbox_columns(&relation) {
             Kind::Other
         } else {
             Kind::Unplaced
+        };
+        let placement = match kind {
+            Kind::Unplaced => Placement::Lookup(relation.id),
+            _ => Placement::Known,
         };
         self.map.insert(relation.id, Entry { relation, kind });
         placement
     }
 
-    /// Places a relation [`Relations::update`] asked about: `Some(true)` when the catalog has
-    /// it in the outbox's partition tree, `Some(false)` when it is another table, `None` when
-    /// it no longer exists (its rows are then refused with [`RowError::Unplaced`]).
-    pub fn place(&mut self, relation_id: u32, in_outbox: Option<bool>) {
-        let layout = match (in_outbox, self.map.get(&relation_id)) {
-            (Some(true), Some(e)) => Some(self.layout_of(&e.relation)),
-            _ => None,
-        };
-        if let Some(e) = self.map.get_mut(&relation_id) {
-            e.kind = match (in_outbox, layout) {
-                (Some(true), Some(l)) => Kind::Outbox(l),
-                (Some(false), _) => Kind::Other,
-                _ => Kind::Unplaced,
-            };
+    /// True when `relation` has the outbox's required columns (as a partition of it would).
+    fn has_outbox_columns(&self, relation: &Relation) -> bool {
+        let has = |name: &str| relation.columns.iter().any(|c| c.name == name);
+        has(&self.spec.aggregate_id) && has(&self.spec.payload)
+    }
+
+    /// Places a relation [`Relations::update`] asked about: `true` when the catalog has it in
+    /// the outbox's partition tree now. Otherwise it stays unplaced and its rows are refused
+    /// with [`RowError::Unplaced`]: a partition detached since the row was written looks like
+    /// any other table now, so "not in the tree now" is no proof that a row is not an event.
+    pub fn place(&mut self, relation_id: u32, in_outbox: bool) {
+        if !in_outbox {
+            return;
+        }
+        let layout = self
+            .map
+            .get(&relation_id)
+            .map(|e| self.layout_of(&e.relation));
+        if let (Some(e), Some(l)) = (self.map.get_mut(&relation_id), layout) {
+            e.kind = Kind::Outbox(l);
         }
     }
 
@@ -316,6 +334,9 @@ impl Relations {
                 oid: relation_id,
                 outbox: self.spec.table.to_string(),
                 publication: self.publication.clone(),
+                publication_sql: crate::slot::quote_ident(&self.publication),
+                slot: self.slot.clone(),
+                commit_lsn: "<commit LSN of the transaction>".to_owned(),
             }),
         }
     }
@@ -715,24 +736,21 @@ mod tests {
         r
     }
 
-    fn scoped(only_outbox: bool) -> Relations {
+    fn scoped() -> Relations {
         let mut family = crate::catalog::OutboxFamily::single(TableName::parse("outbox"), 7);
         family.partitioned = true;
         family.members.insert(8, TableName::parse("outbox_default"));
-        let scope = OutboxScope {
-            family,
-            only_outbox,
-        };
         Relations::with_scope(
             OutboxSpec::debezium(TableName::parse("outbox")),
-            scope,
+            OutboxScope { family },
             "pub",
+            "walship",
         )
     }
 
     #[test]
     fn partitions_and_a_renamed_outbox_are_the_outbox() {
-        let mut r = scoped(false);
+        let mut r = scoped();
         assert_eq!(r.update(named(8, "outbox_default")), Placement::Known);
         assert!(
             r.is_outbox(8),
@@ -757,35 +775,39 @@ mod tests {
     }
 
     #[test]
-    fn a_publication_of_the_outbox_alone_sends_only_the_outbox() {
-        let mut r = scoped(true);
-        // A partition attached after the session started: not in the family it read.
-        assert_eq!(r.update(named(20, "outbox_p20990101")), Placement::Known);
-        assert!(r.is_outbox(20));
+    fn a_table_without_the_outbox_columns_is_another_table_without_asking() {
+        let mut r = scoped();
+        let mut orders = rel(&[("id", 20), ("total", 1700)]);
+        orders.id = 30;
+        orders.name = "orders".into();
+        assert_eq!(r.update(orders), Placement::Known);
+        assert!(matches!(r.target(30), Ok(RowTarget::Other(_))));
     }
 
     #[test]
-    fn unknown_relations_of_a_wider_publication_are_placed_by_the_catalog() {
-        let mut r = scoped(false);
+    fn relations_with_the_outbox_columns_are_placed_by_the_catalog_or_refused() {
+        let mut r = scoped();
+        // A partition attached after the session started.
         assert_eq!(
             r.update(named(20, "outbox_p20990101")),
             Placement::Lookup(20)
         );
         assert!(!r.is_outbox(20));
         assert!(r.target(20).is_err(), "refused until placed");
-        r.place(20, Some(true));
+        r.place(20, true);
         assert!(r.is_outbox(20));
-        assert_eq!(r.update(named(21, "orders")), Placement::Lookup(21));
-        r.place(21, Some(false));
-        assert!(matches!(r.target(21), Ok(RowTarget::Other(_))));
-        assert_eq!(r.update(named(22, "gone")), Placement::Lookup(22));
-        r.place(22, None);
+        // Not in the tree now: detached since, dropped, or a copy of the outbox. Refused.
+        assert_eq!(
+            r.update(named(22, "outbox_p20200101")),
+            Placement::Lookup(22)
+        );
+        r.place(22, false);
         let err = r.target(22).err().expect("unplaced").to_string();
         assert!(
-            err.contains("public.gone")
+            err.contains("public.outbox_p20200101")
                 && err.contains("OID 22")
-                && err.contains("pg_replication_slot_advance")
-                && err.contains("publish only the outbox"),
+                && err.contains("pg_replication_slot_advance('walship'")
+                && err.contains("skips the whole transaction"),
             "{err}"
         );
     }

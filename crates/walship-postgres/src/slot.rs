@@ -466,7 +466,7 @@ pub async fn outbox_scope(
             quote_ident(publication)
         );
     }
-    Ok(OutboxScope::new(family, &info))
+    Ok(OutboxScope { family })
 }
 
 #[cfg(test)]

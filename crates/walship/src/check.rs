@@ -303,9 +303,13 @@ async fn postgres_checks(config: &Config, checks: &mut Vec<Check>) -> AggregateT
     // The publication: whether it sends the outbox's rows is the stream's own rule
     // (walship_postgres::catalog), partitions included.
     let family = match table {
-        Some(_) => walship_postgres::catalog::outbox_family(&client, &spec.table)
-            .await
-            .unwrap_or(None),
+        Some(_) => match walship_postgres::catalog::outbox_family(&client, &spec.table).await {
+            Ok(f) => f,
+            Err(e) => {
+                checks.push(query_failed("outbox.partitions", &e));
+                None
+            }
+        },
         None => None,
     };
     match preflight::publication_info(&client, &config.postgres.publication).await {

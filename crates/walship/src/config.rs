@@ -326,8 +326,11 @@ fn default_shutdown_timeout_ms() -> u64 {
 fn default_max_in_flight_events() -> u64 {
     2_000
 }
+/// Default of `run.max_pending_transactions`.
+pub const DEFAULT_MAX_PENDING_TRANSACTIONS: u64 = 100_000;
+
 fn default_max_pending_transactions() -> u64 {
-    100_000
+    DEFAULT_MAX_PENDING_TRANSACTIONS
 }
 
 /// Prefix of environment overrides: `WALSHIP_KAFKA__BROKERS` sets `kafka.brokers`.

@@ -31,7 +31,7 @@ use walship_kafka::{
     ID_HEADER, POSITION_HEADER, Position, PositionText, Record, SOURCE_HEADER, SendError, Sink,
     TopicRouter,
 };
-use walship_postgres::{Frame, OutboxRow, PgError, Relations, ReplicationStream};
+use walship_postgres::{Frame, OutboxRow, PgError, Relations, ReplicationStream, RowError};
 
 use crate::error::Error;
 use crate::progress::{Progress, TxnOrigin, TxnToken};
@@ -134,7 +134,7 @@ impl Session {
             status_interval,
             shutdown_timeout,
             max_in_flight: max_in_flight.max(2),
-            max_pending: 100_000,
+            max_pending: crate::config::DEFAULT_MAX_PENDING_TRANSACTIONS,
             telemetry,
             dead_letter_topic: None,
             source: Arc::from(""),
@@ -327,10 +327,33 @@ impl Session {
             Message::Insert(insert) => {
                 // Other tables in the publication: not outbox events. Unknown relations are a
                 // protocol violation, not something to skip.
-                let xid = self.txn.as_ref().map_or(0, |t| t.begin.xid);
-                self.relations
-                    .target(insert.relation_id)
-                    .map_err(|error| Error::Row { lsn, xid, error })?;
+                let (xid, commit_lsn) = self
+                    .txn
+                    .as_ref()
+                    .map_or((0, lsn), |t| (t.begin.xid, t.begin.final_lsn));
+                self.relations.target(insert.relation_id).map_err(|error| {
+                    let error = match error {
+                        RowError::Unplaced {
+                            table,
+                            oid,
+                            outbox,
+                            publication,
+                            publication_sql,
+                            slot,
+                            ..
+                        } => RowError::Unplaced {
+                            table,
+                            oid,
+                            outbox,
+                            publication,
+                            publication_sql,
+                            slot,
+                            commit_lsn: commit_lsn.to_string(),
+                        },
+                        other => other,
+                    };
+                    Error::Row { lsn, xid, error }
+                })?;
             }
             // Updates and deletes of outbox rows are ignored by design (insert-then-delete);
             // the rest carries nothing walship publishes.
@@ -355,11 +378,21 @@ impl Session {
         let (Some(client), Some(root)) = (&self.catalog, self.relations.outbox_oid()) else {
             return Ok(());
         };
-        let placed = walship_postgres::catalog::place_relation(client, oid, root).await?;
-        if let Some((name, true)) = &placed {
-            tracing::info!(%lsn, relation = %name, oid, "a partition of the outbox: its rows are events");
+        let table = self.relations.spec().table.clone();
+        let placed = walship_postgres::catalog::place_relation(client, oid, root, &table).await?;
+        match &placed {
+            Some((name, true)) => {
+                tracing::info!(%lsn, relation = %name, oid, "a partition of the outbox: its rows are events");
+            }
+            _ => tracing::warn!(
+                %lsn,
+                oid,
+                "relation {oid} has the outbox's columns but is not under the outbox now; its rows \
+                 stop walship before they are confirmed"
+            ),
         }
-        self.relations.place(oid, placed.map(|(_, member)| member));
+        self.relations
+            .place(oid, placed.is_some_and(|(_, member)| member));
         Ok(())
     }
 
@@ -658,6 +691,12 @@ impl Session {
             }
             if Instant::now() >= self.status_due() {
                 self.report(false).await?;
+            }
+            // A record the broker refused keeps its transaction pending until its dead letter
+            // is sent; waiting for pending room meanwhile would wait for ever.
+            if token.is_none() && self.progress.has_rejected() {
+                Box::pin(self.dead_letter_rejected(cancel)).await?;
+                continue;
             }
             // Waiting for the pending bound: wake once the oldest transactions complete.
             let pending_low = token.is_none().then(|| self.max_pending.saturating_sub(1));

@@ -145,6 +145,15 @@ impl Progress {
         self.dead_letter.store(true, Ordering::Release);
     }
 
+    /// True when records the broker rejected for good wait to be dead-lettered.
+    pub fn has_rejected(&self) -> bool {
+        !self
+            .rejected
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
+    }
+
     /// Records the broker rejected for good, to be dead-lettered under the same token.
     pub fn take_rejected(&self) -> Vec<(TxnToken, DeliveryError)> {
         std::mem::take(&mut *self.rejected.lock().unwrap_or_else(|e| e.into_inner()))
@@ -248,6 +257,9 @@ impl Progress {
                 });
                 self.pending
                     .store(s.entries.len() as u64, Ordering::Release);
+                self.telemetry
+                    .pending_transactions
+                    .store(s.entries.len() as u64, Ordering::Relaxed);
             }
         }
     }
@@ -287,7 +299,8 @@ impl Progress {
             self.telemetry
                 .pending_transactions
                 .store(len, Ordering::Relaxed);
-            if len <= self.wake_at_pending.load(Ordering::Acquire) {
+            let wake_at = self.wake_at_pending.load(Ordering::Acquire);
+            if wake_at != u64::MAX && len <= wake_at {
                 self.room.notify_one();
             }
         }

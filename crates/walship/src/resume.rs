@@ -118,12 +118,14 @@ impl Resume {
         let Some(t) = self.topics.get_mut(topic) else {
             return false;
         };
+        // The stream has passed what comes before: no later event can be at those positions.
+        t.found.forget_before(position);
         if t.gap_all || t.gaps.contains(key) {
             return false;
         }
-        let hit = t.found.contains(position, id);
-        // The stream has passed what comes before: no later event can be at those positions.
-        t.found.forget_before(position);
+        // Without an id the position alone would decide, which a diverged timeline or a cloned
+        // cluster can repeat: such an event (a dead letter of a row without one) is sent again.
+        let hit = id.is_some() && t.found.contains(position, id);
         if hit {
             self.skipped += 1;
         } else if t.found.last().is_none_or(|last| position > last) {

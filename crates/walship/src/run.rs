@@ -310,7 +310,7 @@ async fn session(
     let start = state.confirmed_flush_lsn.unwrap_or_default();
 
     let progress = Arc::new(Progress::with_telemetry(start, Arc::clone(telemetry)));
-    let sink = Sink::new(settings.clone(), Arc::clone(&progress)).map_err(|e| {
+    let mut sink = Sink::new(settings.clone(), Arc::clone(&progress)).map_err(|e| {
         // librdkafka echoes rejected property values; never let a secret through.
         let mut text = e.to_string();
         for secret in settings
@@ -322,6 +322,7 @@ async fn session(
         }
         Error::Producer(text)
     })?;
+    let producer_gone = sink.destroyed();
     let publication = format!("\"{}\"", config.postgres.publication.replace('"', "\"\""));
     let options = [
         ("proto_version", "1"),
@@ -343,7 +344,12 @@ async fn session(
     tracing::info!(from = %start, server_wal = %system.xlogpos, read_batching = stream.reads_batched(), "streaming");
     let mut session = Session::new(
         stream,
-        Relations::with_scope(spec, scope, &config.postgres.publication),
+        Relations::with_scope(
+            spec,
+            scope,
+            &config.postgres.publication,
+            &config.postgres.slot,
+        ),
         router.clone(),
         sink,
         Arc::clone(&progress),
@@ -378,7 +384,11 @@ async fn session(
     telemetry
         .server_wal_end
         .store(system.xlogpos.0, Ordering::Relaxed);
-    session.run(cancel).await.map(|_| ())
+    let result = session.run(cancel).await.map(|_| ());
+    // The session's producer is destroyed on the blocking pool: the next session starts only
+    // once its queue is purged, so its records can never overtake the next session's.
+    producer_gone.await;
+    result
 }
 
 #[cfg(test)]
