@@ -434,8 +434,8 @@ impl Session {
 
     /// A non-transactional message with an outbox prefix: a bad row. With protocol v1 it
     /// arrives outside any transaction (PostgreSQL sends it when it decodes it), so under
-    /// the dead-letter policy its dead letter is tracked as a transaction of its own, ending
-    /// just past the message, so confirming it never skips anything else.
+    /// the dead-letter policy its dead letter is tracked as a transaction of its own that ends
+    /// where the message's WAL record ends.
     async fn nontransactional_message(
         &mut self,
         message: &LogicalMessage,
@@ -486,13 +486,13 @@ impl Session {
             && !self.abandoned
             && let Some(txn) = self.txn.take()
         {
-            // The next WAL record starts after the message's: confirming lsn + 1 passes this
-            // message (PostgreSQL sends a non-transactional message again when it is at or
-            // after the confirmed position) and nothing else.
-            let end = Lsn(lsn.0 + 1);
+            // A message's LSN is the end of its WAL record (what pg_logical_emit_message
+            // returns): confirming it passes this message (PostgreSQL skips a
+            // non-transactional message whose record starts before the confirmed position)
+            // and nothing that follows.
             match txn.token {
-                Some(token) => self.progress.seal(token, txn.sent, end),
-                None => self.progress.complete_empty(end),
+                Some(token) => self.progress.seal(token, txn.sent, lsn),
+                None => self.progress.complete_empty(lsn),
             }
         }
         Ok(())
