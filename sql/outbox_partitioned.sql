@@ -17,6 +17,7 @@
 --   outbox_create_partitions(first_day, days)   creates daily partitions ahead of time
 --   outbox_drop_partitions_older_than(max_age)  retention: drops whole old daily partitions
 --   outbox_emit(...)                     writes an event (same function as in sql/outbox.sql)
+--   outbox_emit_message(...)             emits an event as a logical message (as in sql/outbox.sql)
 --   the publication "walship_outbox", with publish_via_partition_root = true (see below)
 --
 -- Run both helpers daily, e.g. with pg_cron:
@@ -227,6 +228,48 @@ $walship$;
 
 COMMENT ON FUNCTION "public".outbox_emit(text, text, text, jsonb, boolean) IS
     'Writes one outbox event in the current transaction and returns its id; delete_after deletes the row at once (walship still publishes it: it reads the WAL).';
+
+-- Emits one event as a transactional logical decoding message instead of a row, and returns its
+-- id (the Kafka header "id"): the table-free outbox. walship publishes it when its prefix is in
+-- walship's outbox.message_prefixes (e.g. message_prefixes = ["outbox"]), with the same
+-- guarantees as a row: only if the transaction commits, in WAL order with the transaction's
+-- rows, keyed by aggregateid. Nothing is stored in a table, so there is nothing to clean up;
+-- the event exists only in the WAL until walship's slot has passed it.
+--
+--   BEGIN;
+--   UPDATE orders SET status = 'paid' WHERE id = 42;
+--   SELECT "public".outbox_emit_message('order', '42', 'OrderPaid', '{"id": 42, "status": "paid"}');
+--   COMMIT;
+--
+-- The content is a JSON object with the outbox table's column names as fields (walship reads
+-- them under the names configured for the columns); a NULL payload is a tombstone. Any role may
+-- call pg_logical_emit_message (PostgreSQL grants it to PUBLIC), and the function runs with
+-- the caller's rights.
+CREATE OR REPLACE FUNCTION "public".outbox_emit_message(
+    aggregatetype text,
+    aggregateid   text,
+    type          text,
+    payload       jsonb,
+    id            uuid DEFAULT gen_random_uuid(),
+    prefix        text DEFAULT 'outbox'
+) RETURNS uuid
+LANGUAGE plpgsql
+AS $walship$
+BEGIN
+    -- true: transactional. A non-transactional message would be sent even if the transaction
+    -- rolled back; walship refuses those (outbox.on_bad_row).
+    PERFORM pg_logical_emit_message(true, outbox_emit_message.prefix, jsonb_build_object(
+        'id', outbox_emit_message.id,
+        'aggregatetype', outbox_emit_message.aggregatetype,
+        'aggregateid', outbox_emit_message.aggregateid,
+        'type', outbox_emit_message.type,
+        'payload', outbox_emit_message.payload)::text);
+    RETURN outbox_emit_message.id;
+END
+$walship$;
+
+COMMENT ON FUNCTION "public".outbox_emit_message(text, text, text, jsonb, uuid, text) IS
+    'Emits one outbox event as a transactional logical decoding message (no table row) and returns its id; walship publishes it when the prefix is in outbox.message_prefixes.';
 
 -- Today and the next 7 days, so events written right after installation land in a daily
 -- partition rather than the default one.

@@ -10,6 +10,7 @@ mod check;
 mod cli;
 mod faults;
 mod harness;
+mod messages;
 mod metrics;
 mod partitions;
 mod pgoutput_golden;

@@ -15,18 +15,24 @@ use crate::harness::{
     topic,
 };
 
-/// Writes `per_key` single-row transactions for each of `keys`, interleaved round-robin,
-/// pipelined on one connection (so commit order per key is the order written). Returns ids.
+/// Writes `per_key` single-event transactions for each of `keys`, interleaved round-robin,
+/// pipelined on one connection (so commit order per key is the order written): outbox rows, or
+/// with `messages` transactional logical messages with prefix `outbox`. Returns ids.
 async fn write_events(
     client: &Client,
     keys: &[String],
     per_key: u64,
     start_seq: u64,
+    messages: bool,
 ) -> Vec<String> {
-    let stmt = client
-        .prepare("INSERT INTO outbox (id, aggregatetype, aggregateid, type, payload) VALUES ($1::text::uuid, 'order', $2, 'Updated', $3::text::jsonb)")
-        .await
-        .expect("prepare");
+    let sql = if messages {
+        "SELECT pg_logical_emit_message(true, 'outbox', jsonb_build_object('id', $1::text, \
+         'aggregatetype', 'order', 'aggregateid', $2::text, 'type', 'Updated', \
+         'payload', $3::text::jsonb)::text)::text"
+    } else {
+        "INSERT INTO outbox (id, aggregatetype, aggregateid, type, payload) VALUES ($1::text::uuid, 'order', $2, 'Updated', $3::text::jsonb)"
+    };
+    let stmt = client.prepare(sql).await.expect("prepare");
     let mut ids = Vec::new();
     let mut pending = Vec::new();
     for seq in start_seq..start_seq + per_key {
@@ -66,6 +72,25 @@ fn deduped_seqs(records: &[harness::Consumed]) -> BTreeMap<String, Vec<u64>> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_at_random_moments_loses_nothing_and_keeps_order() {
+    let (min_per_key, kills) = if long_tests() { (2000, 20) } else { (334, 8) };
+    sigkill_during_load(false, min_per_key, kills, 100_000).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_at_random_moments_loses_no_outbox_message_and_keeps_order() {
+    let (min_per_key, kills) = if long_tests() { (1000, 12) } else { (100, 5) };
+    sigkill_during_load(true, min_per_key, kills, 30_000).await;
+}
+
+/// SIGKILL ×`kills_wanted` while 4 writers commit at least `min_total` single-event
+/// transactions (rows, or logical messages with `messages`): nothing lost, order kept,
+/// duplicates < 1%.
+async fn sigkill_during_load(
+    messages: bool,
+    min_per_key: u64,
+    kills_wanted: u32,
+    min_total: usize,
+) {
     let _heavy = harness::heavy().await;
     // Its own cluster: every walsender decodes the whole cluster's WAL, and this load is large
     // enough to slow down the other tests' walsenders on a shared one.
@@ -74,9 +99,11 @@ async fn sigkill_at_random_moments_loses_nothing_and_keeps_order() {
     let (writers, keys_per_writer) = (4_u64, 75_u64);
     // Each writer keeps writing until every kill has happened and it wrote its share of the
     // minimum, so all kills land while the load runs.
-    let min_per_key: u64 = if long_tests() { 2000 } else { 334 };
-    let kills_wanted = if long_tests() { 20 } else { 8 };
-    let mut walship = Binary::start(&harness::config_toml(&db, &broker().bootstrap, ""));
+    let mut config = harness::config_toml(&db, &broker().bootstrap, "");
+    if messages {
+        config = config.replace("[outbox]\n", "[outbox]\nmessage_prefixes = [\"outbox\"]\n");
+    }
+    let mut walship = Binary::start(&config);
     db.await_streaming().await;
 
     let killing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
@@ -90,7 +117,7 @@ async fn sigkill_at_random_moments_loses_nothing_and_keeps_order() {
             let mut ids = Vec::new();
             let mut per_key = 0;
             while per_key < min_per_key || killing.load(std::sync::atomic::Ordering::Relaxed) {
-                ids.extend(write_events(&client, &keys, 10, per_key).await);
+                ids.extend(write_events(&client, &keys, 10, per_key, messages).await);
                 per_key += 10;
             }
             (keys, per_key, ids)
@@ -114,7 +141,7 @@ async fn sigkill_at_random_moments_loses_nothing_and_keeps_order() {
     }
     let total = all_ids.len();
     assert_eq!(total as u64, expected.values().sum::<u64>());
-    assert!(total >= 100_000, "{total}");
+    assert!(total >= min_total, "{total}");
     let end = db.current_lsn().await;
     db.await_confirmed(end, TIMEOUT * 2).await;
 
@@ -197,12 +224,12 @@ async fn postgres_goes_down_during_load(mode: &str) {
     let kafka = Broker::dedicated();
     let relay = Relay::start_streaming(harness::config(&db, &kafka.bootstrap, ""), &db).await;
     let keys: Vec<String> = (0..20).map(|k| format!("k{k}")).collect();
-    let mut ids = write_events(&db.client, &keys, 500, 0).await;
+    let mut ids = write_events(&db.client, &keys, 500, 0, false).await;
     let crash = mode == "immediate";
     if crash {
         kafka.freeze();
     }
-    ids.extend(write_events(&db.client, &keys, 25, 500).await);
+    ids.extend(write_events(&db.client, &keys, 25, 500, false).await);
     let written = db.current_lsn().await;
     let confirmed_at_stop = db.confirmed_lsn().await;
     let c = &cluster;
@@ -219,7 +246,7 @@ async fn postgres_goes_down_during_load(mode: &str) {
         kafka.thaw();
     }
     let client = connect(&db.url).await;
-    ids.extend(write_events(&client, &keys, 50, 525).await);
+    ids.extend(write_events(&client, &keys, 50, 525, false).await);
     let end = Lsn(u64::from(
         client
             .query_one("SELECT pg_current_wal_lsn()", &[])
@@ -285,7 +312,7 @@ async fn broker_outage_during_load_recovers_with_bounded_memory() {
     let mut walship = Binary::start(&harness::config_toml(&db, &kafka.bootstrap, extra));
     db.await_streaming().await;
     let keys: Vec<String> = (0..50).map(|k| format!("k{k}")).collect();
-    write_events(&db.client, &keys, 1, 0).await;
+    write_events(&db.client, &keys, 1, 0, false).await;
     let first_round = db.current_lsn().await;
     let url = db.url.clone();
     let writer_keys = keys.clone();
@@ -299,7 +326,7 @@ async fn broker_outage_during_load_recovers_with_bounded_memory() {
         let mut seq = 1;
         while !stop.load(std::sync::atomic::Ordering::Relaxed) {
             tick.tick().await;
-            write_events(&client, &writer_keys, 1, seq).await;
+            write_events(&client, &writer_keys, 1, seq, false).await;
             seq += 1;
         }
         seq
@@ -441,7 +468,7 @@ async fn stalled_broker_stops_reading_but_keeps_the_walsender_alive() {
     let mut walship = Binary::start(&config);
     db.await_streaming().await;
     let keys: Vec<String> = (0..10).map(|k| format!("k{k}")).collect();
-    write_events(&db.client, &keys, 10, 0).await;
+    write_events(&db.client, &keys, 10, 0, false).await;
     db.await_caught_up().await;
     let walsender = db
         .client
@@ -454,7 +481,7 @@ async fn stalled_broker_stops_reading_but_keeps_the_walsender_alive() {
     let walsender: i32 = walsender.get(0);
 
     kafka.freeze();
-    write_events(&db.client, &keys, 3000, 10).await;
+    write_events(&db.client, &keys, 3000, 10, false).await;
     // Well past wal_sender_timeout with walship blocked on the frozen broker.
     tokio::time::sleep(Duration::from_secs(7)).await;
     let now = db

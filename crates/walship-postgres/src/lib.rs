@@ -6,6 +6,7 @@
 //! - [`slot`] — the SQL connection: preflight checks, slot and publication setup, slot state.
 //! - [`catalog`] — which relations are the outbox (partitions, renames): one rule for all.
 //! - [`outbox`] — the relation cache and outbox-row extraction.
+//! - [`message`] — logical decoding messages as outbox events (JSON content → outbox row).
 //! - [`preflight`] — read-only catalog queries for `walship check` and `walship status`.
 //! - [`batching`] — read batching on the replication socket (`SO_RCVLOWAT`, pacing, window).
 //! - [`tls`] — TLS (`sslmode`, `sslrootcert`, client certificates) for both connections.
@@ -14,6 +15,7 @@
 pub mod batching;
 pub mod catalog;
 pub mod error;
+pub mod message;
 pub mod outbox;
 pub mod preflight;
 pub mod replication;
@@ -23,6 +25,7 @@ pub mod tls;
 pub use batching::ReadBatching;
 pub use catalog::{OutboxFamily, OutboxScope};
 pub use error::{PgError, ServerError};
+pub use message::{MessageError, MessageEvent};
 pub use outbox::{OutboxRow, OutboxSpec, Placement, Relations, RowError, RowTarget};
 pub use replication::{ConnectParams, Frame, ReplicationStream, SystemIdentity};
 pub use slot::{SlotState, TableName};

@@ -248,6 +248,10 @@ async fn postgres_checks(config: &Config, checks: &mut Vec<Check>) -> AggregateT
     match preflight::server_settings(&client).await {
         Ok(settings) => {
             checks.push(wal_level_check(&settings.wal_level));
+            checks.extend(message_check(
+                &config.outbox.message_prefixes,
+                &settings.server_version,
+            ));
             match (preflight::replication_usage(&client).await, &state) {
                 (Ok(usage), Ok(state)) => {
                     checks.extend(capacity_checks(&settings, usage, state.as_ref()))
@@ -551,6 +555,38 @@ fn query_failed(name: &str, e: &PgError) -> Check {
         "make sure the configured user can read the system catalogs (pg_settings, pg_roles, \
          pg_class, pg_publication, pg_replication_slots)",
     )
+}
+
+/// Message mode (`outbox.message_prefixes`): usable when the server's pgoutput has the
+/// `messages` option (PostgreSQL 14 and later). `None` when no prefix is configured (off).
+pub fn message_check(prefixes: &[String], server_version: &str) -> Option<Check> {
+    const NAME: &str = "outbox.message_prefixes";
+    if prefixes.is_empty() {
+        return None;
+    }
+    let major: Option<u32> = server_version
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .and_then(|m| m.parse().ok());
+    Some(match major {
+        Some(v) if v >= 14 => Check::pass(
+            NAME,
+            format!(
+                "transactional logical messages with prefix {} are events (PostgreSQL {v} sends \
+                 them with the rows)",
+                quoted_list(prefixes)
+            ),
+        ),
+        _ => Check::fail(
+            NAME,
+            format!(
+                "PostgreSQL {server_version} cannot send logical messages through pgoutput \
+                 (its messages option came with PostgreSQL 14)"
+            ),
+            "upgrade PostgreSQL to 14 or later, or write events as outbox rows and set \
+             outbox.message_prefixes = []",
+        ),
+    })
 }
 
 /// `wal_level` must be `logical`.
@@ -1553,6 +1589,21 @@ mod tests {
             can_create_in_database: false,
             database: "app".into(),
         }
+    }
+
+    #[test]
+    fn message_mode_is_reported_when_configured_and_needs_postgresql_14() {
+        assert!(message_check(&[], "16.4").is_none(), "off: no line");
+        let prefixes = ["outbox".to_owned()];
+        let c = message_check(&prefixes, "15.8 (Debian 15.8-1)").unwrap();
+        assert_eq!(c.status, Status::Pass);
+        assert!(c.message.contains("\"outbox\""), "{}", c.message);
+        let c = message_check(&prefixes, "13.16").unwrap();
+        assert_eq!(c.status, Status::Fail);
+        assert!(
+            c.message.contains("13.16") && c.fix.as_deref().is_some_and(|f| f.contains("14")),
+            "{c:?}"
+        );
     }
 
     #[test]

@@ -164,6 +164,10 @@ pub struct OutboxConfig {
     /// does not count); a row that would route to one more is a bad row. 0 = no bound.
     #[serde(default = "default_max_topics")]
     pub max_topics: u64,
+    /// Prefixes of transactional logical decoding messages (`pg_logical_emit_message(true,
+    /// prefix, content)`) that are outbox events, matched exactly; empty (the default) = none.
+    #[serde(default)]
+    pub message_prefixes: Vec<String>,
 }
 
 /// `outbox.on_bad_row`
@@ -193,6 +197,7 @@ impl Default for OutboxConfig {
             dead_letter_topic: default_dead_letter_topic(),
             allowed_aggregate_types: Vec::new(),
             max_topics: default_max_topics(),
+            message_prefixes: Vec::new(),
         }
     }
 }
@@ -474,6 +479,18 @@ impl Config {
                 "outbox.header_columns: {c:?} would become a header in walship's own `walship.` \
                  namespace (which names each record's source and position): rename the column \
                  with a view, or leave it out"
+            )));
+        }
+        if let Some(p) = self
+            .outbox
+            .message_prefixes
+            .iter()
+            .find(|p| p.is_empty() || p.starts_with("walship."))
+        {
+            return Err(ConfigError(format!(
+                "outbox.message_prefixes: {p:?} cannot be an outbox prefix: prefixes must not be \
+                 empty, and `walship.` is walship's own namespace (its heartbeat messages use \
+                 walship.heartbeat); use a prefix of your own, e.g. \"outbox\""
             )));
         }
         if self.kafka.brokers.trim().is_empty() {
@@ -870,6 +887,41 @@ mod tests {
             e.contains("watch_interval_ms = 0") && e.contains("100"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn message_prefixes_default_to_none_and_come_from_the_file_and_the_environment() {
+        assert!(
+            parse(MINIMAL, &[])
+                .unwrap()
+                .outbox
+                .message_prefixes
+                .is_empty()
+        );
+        let c = parse(
+            &format!("{MINIMAL}[outbox]\nmessage_prefixes = [\"outbox\", \"billing\"]\n"),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.outbox.message_prefixes, ["outbox", "billing"]);
+        let c = parse(
+            MINIMAL,
+            &[("WALSHIP_OUTBOX__MESSAGE_PREFIXES", "[\"outbox\"]")],
+        )
+        .unwrap();
+        assert_eq!(c.outbox.message_prefixes, ["outbox"]);
+        for bad in ["\"\"", "\"walship.heartbeat\""] {
+            let e = parse(
+                MINIMAL,
+                &[("WALSHIP_OUTBOX__MESSAGE_PREFIXES", &format!("[{bad}]"))],
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(
+                e.contains("outbox.message_prefixes") && e.contains("walship.heartbeat"),
+                "{e}"
+            );
+        }
     }
 
     #[test]

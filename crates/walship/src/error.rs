@@ -3,7 +3,7 @@
 
 use pgoutput::Lsn;
 use walship_kafka::{DeliveryError, ErrorClass, RouteError, TopicError};
-use walship_postgres::{PgError, RowError};
+use walship_postgres::{MessageError, PgError, RowError};
 
 use crate::config::ConfigError;
 
@@ -29,6 +29,24 @@ pub enum Error {
         xid: u32,
         /// What was wrong.
         error: RowError,
+    },
+    /// A logical message with a configured prefix cannot become a record. Nothing at or after
+    /// `lsn` was confirmed.
+    #[error(
+        "outbox message at LSN {lsn} (prefix {prefix:?}{}): {error}. Nothing from this message on \
+         has been confirmed; fix the message's content or the configuration and restart walship, \
+         or set outbox.on_bad_row = \"dead-letter\"",
+        xid.map(|x| format!(", transaction {x}")).unwrap_or_default()
+    )]
+    Message {
+        /// WAL position of the message.
+        lsn: Lsn,
+        /// The message's prefix.
+        prefix: String,
+        /// Transaction id (none for a non-transactional message).
+        xid: Option<u32>,
+        /// What was wrong.
+        error: MessageError,
     },
     /// A row's topic cannot be formed.
     #[error(
@@ -75,7 +93,7 @@ impl Error {
     pub fn is_bad_row(&self) -> bool {
         matches!(
             self,
-            Error::Row { .. } | Error::Route { .. } | Error::Record { .. }
+            Error::Row { .. } | Error::Message { .. } | Error::Route { .. } | Error::Record { .. }
         )
     }
 
@@ -87,6 +105,7 @@ impl Error {
             Error::Delivery(e) => e.class() == ErrorClass::Transient,
             Error::Config(_)
             | Error::Row { .. }
+            | Error::Message { .. }
             | Error::Route { .. }
             | Error::Record { .. }
             | Error::Producer(_) => false,

@@ -317,4 +317,20 @@ mod tests {
         }
         assert_eq!(emit(OUTBOX_SQL), emit(OUTBOX_PARTITIONED_SQL));
     }
+
+    #[test]
+    fn both_kits_define_the_same_outbox_emit_message() {
+        fn emit_message(sql: &str) -> &str {
+            let start = sql
+                .find("-- Emits one event as a transactional logical decoding message")
+                .expect("outbox_emit_message's comment");
+            let end = sql[start..]
+                .find("COMMENT ON FUNCTION")
+                .expect("outbox_emit_message's COMMENT");
+            &sql[start..start + end]
+        }
+        let f = emit_message(OUTBOX_SQL);
+        assert_eq!(f, emit_message(OUTBOX_PARTITIONED_SQL));
+        assert!(f.contains("pg_logical_emit_message(true,"), "{f}");
+    }
 }

@@ -16,6 +16,11 @@
 //!   walsender) but keeps sending standby status, so `wal_sender_timeout` never fires. The same
 //!   holds while an event waits for the broker (a topic check, a resume lookup), and a stop
 //!   request does not wait for such a round trip.
+//! - A transactional logical message with a configured prefix is an event like an outbox row:
+//!   it takes the next index of its transaction's positions (rows and messages share one
+//!   sequence, in WAL order) and goes through the same produce path. A non-transactional one
+//!   with such a prefix is a bad row, never an event (it would be published even if its
+//!   transaction rolled back).
 //! - After an unclean stop, an event is left out only when [`Resume`] read back a record of this
 //!   source with its position and outbox id from its topic; such an event is not counted in its
 //!   transaction, so the transaction completes on the acks of the events actually sent.
@@ -24,14 +29,16 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use pgoutput::{Begin, Decoder, Lsn, Message};
+use pgoutput::{Begin, Decoder, LogicalMessage, Lsn, Message, PgTimestamp};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use walship_kafka::{
     ID_HEADER, POSITION_HEADER, Position, PositionText, Record, SOURCE_HEADER, SendError, Sink,
     TopicRouter,
 };
-use walship_postgres::{Frame, OutboxRow, PgError, Relations, ReplicationStream, RowError};
+use walship_postgres::{
+    Frame, MessageError, MessageEvent, OutboxRow, PgError, Relations, ReplicationStream, RowError,
+};
 
 use crate::error::Error;
 use crate::progress::{Progress, TxnOrigin, TxnToken};
@@ -48,7 +55,7 @@ struct OpenTxn {
     begin: Begin,
     token: Option<TxnToken>,
     sent: u64,
-    /// Outbox rows seen so far: the next row's index in its [`Position`].
+    /// Outbox rows and messages seen so far: the next event's index in its [`Position`].
     rows: u32,
 }
 
@@ -64,6 +71,9 @@ struct DeadLetter<'a> {
     /// The event's position (resume looks it up in the dead-letter topic).
     position: Option<Position>,
     id: Option<&'a [u8]>,
+    /// A logical message's prefix (header `walship.prefix`); `None` for a row (header
+    /// `walship.table`).
+    prefix: Option<&'a str>,
 }
 
 /// Counters of one session, for logs and tests.
@@ -99,6 +109,8 @@ pub struct Session {
     /// A management connection, to place a relation the session's outbox scope does not
     /// know (see [`walship_postgres::catalog`]); `None`: such relations stay unplaced.
     pub(crate) catalog: Option<tokio_postgres::Client>,
+    /// Prefixes of logical messages that are outbox events (`outbox.message_prefixes`).
+    pub(crate) message_prefixes: Vec<String>,
     txn: Option<OpenTxn>,
     last_reported: Lsn,
     last_status_at: Instant,
@@ -140,6 +152,7 @@ impl Session {
             source: Arc::from(""),
             resume: None,
             catalog: None,
+            message_prefixes: Vec::new(),
             txn: None,
             last_status_at: Instant::now(),
             stats: SessionStats::default(),
@@ -318,6 +331,7 @@ impl Session {
                             commit_ms,
                             position: Some(position),
                             id: id.as_deref(),
+                            prefix: None,
                         };
                         self.dead_letter(dead, cancel, None).await?;
                     }
@@ -361,13 +375,147 @@ impl Session {
             | Message::Delete(_)
             | Message::Truncate(_)
             | Message::Type(_)
-            | Message::Origin(_)
-            | Message::Message(_) => {}
+            | Message::Origin(_) => {}
+            Message::Message(message) => self.handle_logical_message(message, cancel).await?,
             other => {
                 return Err(PgError::Protocol(format!(
                     "unexpected {other:?} at {lsn}: walship does not request streaming or two-phase decoding"
                 ))
                 .into());
+            }
+        }
+        Ok(())
+    }
+
+    /// A logical decoding message: an outbox event when its prefix is configured and it is
+    /// transactional (see the module's invariants); otherwise ignored.
+    async fn handle_logical_message(
+        &mut self,
+        message: LogicalMessage,
+        cancel: &CancellationToken,
+    ) -> Result<(), Error> {
+        if !self.message_prefixes.contains(&message.prefix) {
+            // Another application's messages, walship's heartbeat: not events.
+            return Ok(());
+        }
+        let lsn = message.lsn;
+        if !message.is_transactional() {
+            return self.nontransactional_message(&message, cancel).await;
+        }
+        let Some(txn) = self.txn.as_mut() else {
+            return Err(PgError::Protocol(format!(
+                "transactional message at {lsn} outside a transaction"
+            ))
+            .into());
+        };
+        let (xid, commit_ms) = (txn.begin.xid, txn.begin.commit_time.unix_millis());
+        let position = Position {
+            commit_lsn: txn.begin.final_lsn.0,
+            index: txn.rows,
+        };
+        txn.rows += 1;
+        let parsed = MessageEvent::parse(self.relations.spec(), &message.content);
+        let outcome = match &parsed {
+            Err(error) => Err(Error::Message {
+                lsn,
+                prefix: message.prefix.clone(),
+                xid: Some(xid),
+                error: error.clone(),
+            }),
+            Ok(event) => {
+                self.produce(&event.row(), position, lsn, xid, commit_ms, cancel)
+                    .await
+            }
+        };
+        match outcome {
+            Err(e) if e.is_bad_row() && self.dead_letter_topic.is_some() => {
+                // The content is the value (key and reason only for one too large for the
+                // broker), with the key and id when the content has them.
+                let value: &[u8] = if matches!(e, Error::Record { .. }) {
+                    b""
+                } else {
+                    &message.content
+                };
+                let row = parsed.as_ref().ok().map(MessageEvent::row);
+                let reason = e.to_string();
+                let dead = DeadLetter {
+                    reason: &reason,
+                    key: row.as_ref().map(|r| r.aggregate_id),
+                    value,
+                    lsn,
+                    xid,
+                    commit_ms,
+                    position: Some(position),
+                    id: row.as_ref().and_then(|r| r.id),
+                    prefix: Some(&message.prefix),
+                };
+                self.dead_letter(dead, cancel, None).await
+            }
+            other => other,
+        }
+    }
+
+    /// A non-transactional message with an outbox prefix: a bad row. With protocol v1 it
+    /// arrives outside any transaction (PostgreSQL sends it when it decodes it), so under
+    /// the dead-letter policy its dead letter is tracked as a transaction of its own that ends
+    /// where the message's WAL record ends.
+    async fn nontransactional_message(
+        &mut self,
+        message: &LogicalMessage,
+        cancel: &CancellationToken,
+    ) -> Result<(), Error> {
+        let lsn = message.lsn;
+        let error = Error::Message {
+            lsn,
+            prefix: message.prefix.clone(),
+            xid: None,
+            error: MessageError::NonTransactional,
+        };
+        if self.dead_letter_topic.is_none() {
+            return Err(error);
+        }
+        let reason = error.to_string();
+        let own_txn = self.txn.is_none();
+        if own_txn {
+            self.txn = Some(OpenTxn {
+                begin: Begin {
+                    final_lsn: lsn,
+                    commit_time: PgTimestamp::now(),
+                    xid: 0,
+                },
+                token: None,
+                sent: 0,
+                rows: 0,
+            });
+        }
+        let (xid, commit_ms) = self
+            .txn
+            .as_ref()
+            .map_or((0, 0), |t| (t.begin.xid, t.begin.commit_time.unix_millis()));
+        let dead = DeadLetter {
+            reason: &reason,
+            key: None,
+            value: &message.content,
+            lsn,
+            xid,
+            commit_ms,
+            // Not an event of any transaction: no position to look up after a crash.
+            position: None,
+            id: None,
+            prefix: Some(&message.prefix),
+        };
+        self.dead_letter(dead, cancel, None).await?;
+        if own_txn
+            && !self.abandoned
+            && let Some(txn) = self.txn.take()
+        {
+            // A message's LSN is the end of its WAL record (what pg_logical_emit_message
+            // returns): confirming it passes this message (PostgreSQL skips a
+            // non-transactional message whose record starts before the confirmed position)
+            // and nothing that follows.
+            match txn.token {
+                Some(token) => self.progress.seal(token, txn.sent, lsn),
+                None => self.progress.complete_empty(lsn),
             }
         }
         Ok(())
@@ -541,14 +689,17 @@ impl Session {
         }
         let lsn_text = dead.lsn.to_string();
         let xid_text = dead.xid.to_string();
-        let table = self.relations.spec().table.to_string();
+        let (origin_header, origin) = match dead.prefix {
+            Some(prefix) => ("walship.prefix", prefix.to_owned()),
+            None => ("walship.table", self.relations.spec().table.to_string()),
+        };
         let mut text = PositionText::default();
         let source = Arc::clone(&self.source);
         let mut headers: [(&str, Option<&[u8]>); 7] = [
             ("walship.error", Some(dead.reason.as_bytes())),
             ("walship.lsn", Some(lsn_text.as_bytes())),
             ("walship.xid", Some(xid_text.as_bytes())),
-            ("walship.table", Some(table.as_bytes())),
+            (origin_header, Some(origin.as_bytes())),
             (SOURCE_HEADER, Some(source.as_bytes())),
             ("", None),
             ("", None),
@@ -600,6 +751,7 @@ impl Session {
                 commit_ms: origin.commit_time_ms,
                 position: rejected.position,
                 id: id.as_deref(),
+                prefix: None,
             };
             self.dead_letter(dead, cancel, Some(token)).await?;
         }

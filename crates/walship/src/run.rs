@@ -359,6 +359,7 @@ async fn session(
         Arc::clone(telemetry),
     );
     session.catalog = Some(client);
+    session.message_prefixes = config.outbox.message_prefixes.clone();
     session.max_pending = config.run.max_pending_transactions.max(2);
     session.source = Arc::from(format!("{}/{}", system.system_id, config.postgres.slot));
     // Events committed before the server's current WAL position may have reached Kafka in an
