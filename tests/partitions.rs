@@ -208,3 +208,41 @@ async fn a_renamed_outbox_stops_walship_with_the_rename_named_and_loses_none_of_
         assert!(s.windows(2).all(|w| w[0] < w[1]), "order of {key:?}: {s:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_of_a_partition_detached_before_walship_read_them_stop_it_unconfirmed() {
+    let db = TestDb::new().await;
+    partitioned_outbox(&db).await;
+    db.client
+        .batch_execute(&format!(
+            "CREATE TABLE outbox_2100 PARTITION OF outbox FOR VALUES FROM ('2100-01-01') TO ('2101-01-01');
+             CREATE PUBLICATION {}_pub FOR TABLE outbox WITH (publish = 'insert')",
+            db.name
+        ))
+        .await
+        .unwrap();
+    // The slot exists; then rows land in a partition that is detached before walship reads
+    // them. Now it looks like any other table, but its rows were the outbox's.
+    let relay = Relay::start_streaming(harness::config(&db, &broker().bootstrap, ""), &db).await;
+    relay.stop().await.expect("clean stop");
+    write(&db, "outbox", "'2100-06-01'", 0, 5).await;
+    let end = db.current_lsn().await;
+    db.client
+        .batch_execute("ALTER TABLE outbox DETACH PARTITION outbox_2100")
+        .await
+        .unwrap();
+    let relay = Relay::start(harness::config(&db, &broker().bootstrap, ""));
+    let err = relay
+        .exit()
+        .await
+        .expect_err("walship stops before the rows")
+        .to_string();
+    assert!(
+        err.contains("public.outbox_2100") && err.contains("has the outbox's columns"),
+        "{err}"
+    );
+    assert!(
+        db.confirmed_lsn().await < end,
+        "nothing past the detached partition's rows is confirmed"
+    );
+}

@@ -86,12 +86,15 @@ pub async fn outbox_family(
     };
     let oid: u32 = root.get(0);
     let relkind: String = root.get(1);
-    // pg_partition_tree lists nothing for a plain table: the root is added explicitly.
+    // pg_inherits, walked down from the root, rather than pg_partition_tree: the watchdog runs
+    // this every few seconds, and pg_partition_tree locks every partition (waiting behind DDL).
     let rows = client
         .query(
-            "SELECT c.oid, n.nspname::text, c.relname::text, c.relkind::text FROM pg_class c \
-             JOIN pg_namespace n ON n.oid = c.relnamespace \
-             WHERE c.oid = $1::oid OR c.oid IN (SELECT relid::oid FROM pg_partition_tree($1::oid::regclass))",
+            "WITH RECURSIVE tree(oid) AS ( \
+                 SELECT $1::oid \
+                 UNION ALL SELECT i.inhrelid FROM pg_inherits i JOIN tree t ON i.inhparent = t.oid) \
+             SELECT c.oid, n.nspname::text, c.relname::text, c.relkind::text FROM tree \
+             JOIN pg_class c ON c.oid = tree.oid JOIN pg_namespace n ON n.oid = c.relnamespace",
             &[&oid],
         )
         .await
