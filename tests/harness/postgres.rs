@@ -70,7 +70,17 @@ impl Cluster {
 /// `scripts/postgres.sh 18` prints), else the newest `/usr/lib/postgresql/*/bin` (Debian's 15).
 /// The client tools the tests run (`psql`) come from `PATH` and may be another version.
 pub fn pg_bin_dir() -> PathBuf {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    server_binaries().0.clone()
+}
+
+/// The major version of the server binaries [`pg_bin_dir`] picks (from `postgres --version`),
+/// for tests of settings that older servers refuse.
+pub fn pg_bin_major() -> u32 {
+    server_binaries().1
+}
+
+fn server_binaries() -> &'static (PathBuf, u32) {
+    static DIR: OnceLock<(PathBuf, u32)> = OnceLock::new();
     DIR.get_or_init(|| {
         let dir = find_pg_bin_dir();
         let version = Command::new(dir.join("postgres"))
@@ -81,9 +91,15 @@ pub fn pg_bin_dir() -> PathBuf {
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
             .unwrap_or_else(|| panic!("{} --version failed", dir.join("postgres").display()));
         eprintln!("test server: {version} from {}", dir.display());
-        dir
+        // "postgres (PostgreSQL) 18.6" or "… 15.18 (Debian 15.18-0+deb12u1)"
+        let major = version
+            .split_whitespace()
+            .nth(2)
+            .and_then(|v| v.split('.').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no major version in {version:?}"));
+        (dir, major)
     })
-    .clone()
 }
 
 fn find_pg_bin_dir() -> PathBuf {
