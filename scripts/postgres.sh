@@ -44,7 +44,7 @@ marker="$dest/.walship-unpacked"
 as_server_user() {
   if [ "$(id -u)" -eq 0 ]; then
     id postgres >/dev/null 2>&1 || die "no 'postgres' system user to run the server as: run scripts/setup.sh"
-    runuser -u postgres -- "$@"
+    "$(command -v runuser || echo /usr/sbin/runuser)" -u postgres -- "$@"
   else
     "$@"
   fi
@@ -64,7 +64,8 @@ $missing
   local bin out
   for bin in initdb postgres; do
     out="$(as_server_user "$dest/bin/$bin" --version 2>&1)" ||
-      die "$dest/bin/$bin --version failed (as $( [ "$(id -u)" -eq 0 ] && echo postgres || id -un)): $out"
+      die "$dest/bin/$bin --version failed (as $( [ "$(id -u)" -eq 0 ] && echo postgres || id -un)): $out
+(the test clusters run as that user: every directory above $dest must let it in; set WALSHIP_PG_CACHE elsewhere)"
     case "$out" in
       *" $major."*) ;;
       *) die "$dest/bin/$bin reports '$out', expected PostgreSQL $major" ;;
