@@ -2,6 +2,7 @@
 # Installs what walship's build, tests and demo need, idempotently; safe to run again.
 #
 #   scripts/setup.sh            build tools + PostgreSQL server binaries + the tansu broker
+#                               (PostgreSQL 16-18 for the test matrix: scripts/postgres.sh)
 #   scripts/setup.sh --no-broker   skip the broker (the demo then uses librdkafka's mock cluster)
 #
 # Cached: the tansu binary lives in ~/.cargo/bin and is only built when missing or the wrong
@@ -35,6 +36,12 @@ command -v pkg-config >/dev/null || missing+=(pkg-config)
 { pkg-config --exists openssl 2>/dev/null || dpkg -s libssl-dev >/dev/null 2>&1; } || missing+=(libssl-dev)
 command -v openssl >/dev/null || missing+=(openssl)
 command -v python3 >/dev/null || missing+=(python3)
+# scripts/postgres.sh fetches the PostgreSQL 16-18 builds of the test matrix with pip; those
+# builds link these system libraries (Debian's postgresql-15 pulls them in too).
+python3 -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
+for pkg in libicu72 libssl3 libzstd1 liblz4-1 libgssapi-krb5-2 libxml2 zlib1g liblzma5; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+done
 have_pg_server || missing+=(postgresql)
 command -v psql >/dev/null || missing+=(postgresql-client)
 # The end-to-end bench (scripts/bench_e2e.py) measures CPU and peak RSS with GNU time.

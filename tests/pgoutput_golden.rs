@@ -723,10 +723,21 @@ fn streamed_notes(msgs: &[(Lsn, Message)], xid: Option<u32>) -> Vec<&[u8]> {
 }
 
 /// A large transaction streamed in blocks with protocol v2 (`streaming 'on'`), with a
-/// rolled-back subtransaction, and a large rolled-back transaction (Stream Abort).
+/// rolled-back subtransaction, and a large rolled-back transaction (Stream Abort); on 16+ the
+/// same with protocol v4 and `streaming 'parallel'` (Stream Abort with its LSN and time).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pgoutput_golden_streamed_transactions() {
     let db = TestDb::new().await;
+    let major = db.server_major().await;
+    // Up to 17, decoding streams a large transaction once it passes logical_decoding_work_mem
+    // whatever became of it, and a top-level abort then ends it with a Stream Abort. 18 first
+    // checks whether the transaction has already aborted and, if so, throws its changes away:
+    // nothing of it is streamed and no Stream Abort is sent. Peeking decodes after the ROLLBACK,
+    // so from 18 on the rolled-back transaction leaves no trace at all. (A walsender decoding
+    // while the transaction is still open streams it and sends the Stream Abort on every
+    // version.) The rolled-back subtransaction of the committed transaction is streamed, and
+    // its Stream Abort sent, on every version.
+    let aborted_streamed = major < 18;
     let g = Golden::create(&db, "other_table", false).await;
     let other = oid(&db, "other_table").await;
     let c = &db.client;
@@ -803,7 +814,18 @@ async fn pgoutput_golden_streamed_transactions() {
     let big_blocks: Vec<_> = blocks.iter().filter(|(s, _)| s.xid == big).collect();
     let aborted_blocks: Vec<_> = blocks.iter().filter(|(s, _)| s.xid == aborted).collect();
     assert_eq!(big_blocks.len() + aborted_blocks.len(), blocks.len());
-    for group in [&big_blocks, &aborted_blocks] {
+    if !aborted_streamed {
+        assert!(
+            aborted_blocks.is_empty(),
+            "PostgreSQL {major} streamed a transaction that had aborted before decoding"
+        );
+    }
+    let groups = if aborted_streamed {
+        vec![&big_blocks, &aborted_blocks]
+    } else {
+        vec![&big_blocks]
+    };
+    for group in groups {
         assert!(
             group.len() >= 2,
             "expected several blocks, got {}",
@@ -820,13 +842,19 @@ async fn pgoutput_golden_streamed_transactions() {
         assert_eq!(*note, format!("x{}{}", ".".repeat(200), n + 1).as_bytes());
     }
     let z_rows = streamed_notes(&in_blocks, Some(aborted));
-    assert!(!z_rows.is_empty() && z_rows.iter().all(|n| n.starts_with(b"z")));
+    assert_eq!(aborted_streamed, !z_rows.is_empty());
+    assert!(z_rows.iter().all(|n| n.starts_with(b"z")));
 
-    // Outside the blocks: the subtransaction abort, the commit, the top-level abort, and the
-    // small transaction decoded normally.
+    // Outside the blocks: the subtransaction abort, the commit, the top-level abort (up to 17),
+    // and the small transaction decoded normally.
     let kinds: Vec<u8> = outside.iter().map(|(_, m)| m.message_type()).collect();
     // (The relation was described inside the committed stream, so it is not described again.)
-    assert_eq!(kinds, b"AcABIC", "{outside:?}");
+    let expected: &[u8] = if aborted_streamed {
+        b"AcABIC"
+    } else {
+        b"AcBIC"
+    };
+    assert_eq!(kinds, expected, "{outside:?}");
     let Message::StreamAbort(sub_abort) = &outside[0].1 else {
         unreachable!()
     };
@@ -854,15 +882,18 @@ async fn pgoutput_golden_streamed_transactions() {
     assert!(sc.end_lsn > sc.commit_lsn);
     assert_eq!(*commit_row, sc.end_lsn);
     assert_recent(sc.commit_time, since);
-    assert_eq!(
-        outside[2].1,
-        Message::StreamAbort(StreamAbort {
-            xid: aborted,
-            subxid: aborted,
-            abort: None
-        })
-    );
-    let Message::Insert(after) = &outside[4].1 else {
+    if aborted_streamed {
+        assert_eq!(
+            outside[2].1,
+            Message::StreamAbort(StreamAbort {
+                xid: aborted,
+                subxid: aborted,
+                abort: None
+            })
+        );
+    }
+    let after_at = if aborted_streamed { 4 } else { 3 };
+    let Message::Insert(after) = &outside[after_at].1 else {
         unreachable!()
     };
     assert_eq!(after.xid, None);
@@ -902,6 +933,52 @@ async fn pgoutput_golden_streamed_transactions() {
     let t = take_txn(&mut it, since);
     assert!(matches!(t.body[..], [Message::Insert(_)]));
     assert!(it.next().is_none());
+
+    // Protocol v4 (16+) with `streaming 'parallel'`: the same messages, except that every
+    // Stream Abort carries the abort's LSN and time.
+    if major >= 16 {
+        let v4 = decode(
+            4,
+            &g.peek(&db, &["proto_version", "4", "streaming", "parallel"])
+                .await,
+        );
+        let mut aborts = Vec::new();
+        let stripped: Vec<(Lsn, Message)> = v4
+            .iter()
+            .map(|(lsn, m)| match m {
+                Message::StreamAbort(a) => {
+                    aborts.push(*a);
+                    let abort = None;
+                    (*lsn, Message::StreamAbort(StreamAbort { abort, ..*a }))
+                }
+                other => (*lsn, other.clone()),
+            })
+            .collect();
+        assert_eq!(
+            stripped, msgs,
+            "v4 parallel differs from v2 beyond Stream Abort"
+        );
+        assert_eq!(aborts.len(), if aborted_streamed { 2 } else { 1 });
+        let (lsn, time) = aborts[0]
+            .abort
+            .expect("v4 parallel Stream Abort has LSN and time");
+        assert_eq!((aborts[0].xid, aborts[0].subxid), (big, sub_abort.subxid));
+        assert!(
+            lsn > Lsn(0) && lsn < sc.commit_lsn,
+            "subtransaction abort at {lsn}"
+        );
+        assert_recent(time, since);
+        assert!(time <= sc.commit_time);
+        if aborted_streamed {
+            let (lsn, time) = aborts[1]
+                .abort
+                .expect("v4 parallel Stream Abort has LSN and time");
+            assert_eq!((aborts[1].xid, aborts[1].subxid), (aborted, aborted));
+            assert!(lsn > sc.end_lsn, "abort at {lsn} before the earlier commit");
+            assert_recent(time, since);
+            assert!(time >= sc.commit_time);
+        }
+    }
     g.drop(&db).await;
 }
 

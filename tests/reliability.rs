@@ -625,6 +625,64 @@ async fn invalidated_slot_is_fatal_and_explained() {
     .await;
 }
 
+/// PostgreSQL 18 also invalidates a slot nobody streamed from for longer than
+/// `idle_replication_slot_timeout` (at a checkpoint), with its WAL still there: walship names
+/// that cause and setting, not removed WAL and `max_slot_wal_keep_size` (the only cause it knew
+/// before 17 made `invalidation_reason` readable).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_timeout_invalidated_slot_is_fatal_and_explained() {
+    if harness::postgres::pg_bin_major() < 18 {
+        eprintln!("skipped: idle_replication_slot_timeout is new in PostgreSQL 18");
+        return;
+    }
+    let cluster = Cluster::private(&["idle_replication_slot_timeout=1s"]);
+    let mut db = TestDb::new_in(&cluster).await;
+    let config = harness::config_toml(&db, &broker().bootstrap, "");
+    let walship = Binary::start(&config);
+    db.await_streaming().await;
+    insert_txn(&mut db.client, &[Row::new("order", "a", 0)]).await;
+    db.await_caught_up().await;
+    let (code, _) = walship.stop().await;
+    assert_eq!(code, 0);
+    // Idle for more than a second, a checkpoint invalidates the slot.
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        db.client.batch_execute("CHECKPOINT").await.unwrap();
+        let row = db
+            .client
+            .query_one(
+                "SELECT wal_status, invalidation_reason FROM pg_replication_slots WHERE slot_name = $1",
+                &[&db.name],
+            )
+            .await
+            .unwrap();
+        if row.get::<_, Option<String>>(0).as_deref() == Some("lost") {
+            assert_eq!(
+                row.get::<_, Option<String>>(1).as_deref(),
+                Some("idle_timeout")
+            );
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "slot never became lost"
+        );
+    }
+    let walship = Binary::start(&config);
+    let log = exits_with(
+        walship,
+        &[
+            "invalidated",
+            "wal_status = lost, invalidation_reason = idle_timeout",
+            "idle_replication_slot_timeout",
+            &format!("pg_drop_replication_slot('{}')", db.name),
+        ],
+    )
+    .await;
+    assert!(!log.contains("max_slot_wal_keep_size"), "{log}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropped_slot_is_not_recreated_silently() {
     let db = TestDb::new().await;

@@ -66,10 +66,56 @@ impl Cluster {
     }
 }
 
-/// The server binaries: `WALSHIP_PG_BIN`, else the newest `/usr/lib/postgresql/*/bin`.
+/// The server binaries: `WALSHIP_TEST_PG_BIN` (a PostgreSQL `bin` directory, e.g. one that
+/// `scripts/postgres.sh 18` prints), else the newest `/usr/lib/postgresql/*/bin` (Debian's 15).
+/// The client tools the tests run (`psql`) come from `PATH` and may be another version.
 pub fn pg_bin_dir() -> PathBuf {
-    if let Ok(dir) = std::env::var("WALSHIP_PG_BIN") {
-        return PathBuf::from(dir);
+    server_binaries().0.clone()
+}
+
+/// The major version of the server binaries [`pg_bin_dir`] picks (from `postgres --version`),
+/// for tests of settings that older servers refuse.
+pub fn pg_bin_major() -> u32 {
+    server_binaries().1
+}
+
+fn server_binaries() -> &'static (PathBuf, u32) {
+    static DIR: OnceLock<(PathBuf, u32)> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = find_pg_bin_dir();
+        let version = Command::new(dir.join("postgres"))
+            .arg("--version")
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+            .unwrap_or_else(|| panic!("{} --version failed", dir.join("postgres").display()));
+        eprintln!("test server: {version} from {}", dir.display());
+        // "postgres (PostgreSQL) 18.6" or "… 15.18 (Debian 15.18-0+deb12u1)"
+        let major = version
+            .split_whitespace()
+            .nth(2)
+            .and_then(|v| v.split('.').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no major version in {version:?}"));
+        (dir, major)
+    })
+}
+
+fn find_pg_bin_dir() -> PathBuf {
+    // WALSHIP_PG_BIN: the variable's earlier name.
+    if let Some(dir) = ["WALSHIP_TEST_PG_BIN", "WALSHIP_PG_BIN"]
+        .iter()
+        .find_map(|v| std::env::var_os(v).filter(|d| !d.is_empty()))
+    {
+        let dir = PathBuf::from(dir);
+        assert!(
+            dir.join("initdb").exists() && dir.join("postgres").exists(),
+            "WALSHIP_TEST_PG_BIN={} has no initdb and postgres (scripts/postgres.sh VERSION prints \
+             a bin directory that has)",
+            dir.display()
+        );
+        return dir;
     }
     let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
         .into_iter()
@@ -81,7 +127,7 @@ pub fn pg_bin_dir() -> PathBuf {
     versions.sort();
     versions.pop().map(|(_, p)| p).expect(
         "no PostgreSQL server binaries found under /usr/lib/postgresql/*/bin: run scripts/setup.sh \
-         (installs postgresql) or set WALSHIP_PG_BIN",
+         (installs postgresql) or set WALSHIP_TEST_PG_BIN",
     )
 }
 
@@ -376,6 +422,18 @@ impl TestDb {
             .await
             .expect("create outbox table");
         TestDb { name, url, client }
+    }
+
+    /// The server's major version (`server_version_num` / 10000: 15, 16, 17, 18), for the few
+    /// checks whose expected server output differs between versions.
+    pub async fn server_major(&self) -> u32 {
+        let num: String = self
+            .client
+            .query_one("SHOW server_version_num", &[])
+            .await
+            .expect("server_version_num")
+            .get(0);
+        num.parse::<u32>().expect("numeric server_version_num") / 10000
     }
 
     /// Slot name used for this database.

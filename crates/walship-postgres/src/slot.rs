@@ -74,8 +74,70 @@ pub struct SlotState {
     pub restart_lsn: Option<Lsn>,
     /// `reserved`, `extended`, `unreserved` or `lost`.
     pub wal_status: Option<String>,
+    /// Why PostgreSQL invalidated the slot (`wal_removed`, `rows_removed`,
+    /// `wal_level_insufficient`, and from 18 `idle_timeout`); `None` while it is valid, and always
+    /// on PostgreSQL 15 and 16, which do not have the column.
+    pub invalidation_reason: Option<String>,
     /// PID of the walsender using the slot, if any.
     pub active_pid: Option<i32>,
+}
+
+impl SlotState {
+    /// Why a lost slot was lost and how to keep it from happening again, as two phrases for an
+    /// error message: ("PostgreSQL removed WAL it still needed", "raise max_slot_wal_keep_size
+    /// …"). Before PostgreSQL 17 the server does not say why; removed WAL was then the only
+    /// cause on a primary.
+    pub fn invalidation_cause(&self) -> (String, String) {
+        match self.invalidation_reason.as_deref() {
+            None | Some("wal_removed") => (
+                "PostgreSQL removed WAL it still needed".into(),
+                "raise max_slot_wal_keep_size so it does not happen again".into(),
+            ),
+            Some("idle_timeout") => (
+                "nothing streamed from it for longer than idle_replication_slot_timeout, so \
+                 PostgreSQL stopped keeping its WAL"
+                    .into(),
+                "set idle_replication_slot_timeout above the longest time walship may be stopped, \
+                 or to 0 (off) so it does not happen again"
+                    .into(),
+            ),
+            Some("rows_removed") => (
+                "catalog rows it still needed were removed (a slot on a standby without \
+                 hot_standby_feedback and a physical slot on the primary)"
+                    .into(),
+                "use hot_standby_feedback = on and primary_slot_name on the standby so it does \
+                 not happen again"
+                    .into(),
+            ),
+            Some("wal_level_insufficient") => (
+                "wal_level on the primary was lowered below logical".into(),
+                "keep wal_level = logical on the primary so it does not happen again".into(),
+            ),
+            Some(other) => (
+                format!("PostgreSQL invalidated it (invalidation_reason = {other})"),
+                "find out why before relying on a new slot".into(),
+            ),
+        }
+    }
+
+    /// `wal_status = lost` and, where the server gives it (17+), `invalidation_reason = …`.
+    fn lost_status(&self) -> String {
+        match &self.invalidation_reason {
+            Some(reason) => format!("wal_status = lost, invalidation_reason = {reason}"),
+            None => "wal_status = lost".into(),
+        }
+    }
+
+    /// The start of every message about a lost slot: its status and positions.
+    pub fn lost_description(&self) -> String {
+        format!(
+            "{}, restart_lsn {}",
+            self.lost_status(),
+            self.restart_lsn
+                .map(|l| l.to_string())
+                .unwrap_or_else(|| "unknown".into())
+        )
+    }
 }
 
 /// Opens a management connection, with TLS per the connection's `sslmode` (the same OpenSSL
@@ -174,9 +236,11 @@ pub async fn current_wal_lsn(client: &Client) -> Result<Lsn, PgError> {
 pub async fn slot_state(client: &Client, slot: &str) -> Result<Option<SlotState>, PgError> {
     let row = client
         .query_opt(
+            // invalidation_reason exists from PostgreSQL 17 on: read through to_jsonb, it is
+            // NULL on 15 and 16 instead of an error.
             "SELECT slot_name::text, plugin::text, database::text, confirmed_flush_lsn, restart_lsn, \
-                    wal_status, active_pid \
-             FROM pg_replication_slots WHERE slot_name = $1",
+                    wal_status, active_pid, to_jsonb(s) ->> 'invalidation_reason' \
+             FROM pg_replication_slots s WHERE slot_name = $1",
             &[&slot],
         )
         .await
@@ -188,6 +252,7 @@ pub async fn slot_state(client: &Client, slot: &str) -> Result<Option<SlotState>
         confirmed_flush_lsn: lsn(r.get(3)),
         restart_lsn: lsn(r.get(4)),
         wal_status: r.get(5),
+        invalidation_reason: r.get(7),
         active_pid: r.get(6),
     }))
 }
@@ -350,16 +415,14 @@ pub fn validate_slot(state: &SlotState) -> Result<(), PgError> {
         )));
     }
     if state.wal_status.as_deref() == Some("lost") {
+        let (cause, prevent) = state.invalidation_cause();
         return Err(PgError::Setup(format!(
-            "replication slot {slot:?} has been invalidated (wal_status = lost, restart_lsn {}): \
-             PostgreSQL removed WAL it still needed, so events committed after its confirmed position \
-             {} may be gone. walship will not re-create it silently. Reconcile the outbox table with \
-             Kafka, then drop the slot (SELECT pg_drop_replication_slot('{slot}');) and start walship \
-             again to create a new one; raise max_slot_wal_keep_size to prevent this",
-            state
-                .restart_lsn
-                .map(|l| l.to_string())
-                .unwrap_or_else(|| "unknown".into()),
+            "replication slot {slot:?} has been invalidated ({}): {cause}, so events committed \
+             after its confirmed position {} may be gone. walship will not re-create it silently. \
+             Reconcile the outbox table with Kafka, then drop the slot (SELECT \
+             pg_drop_replication_slot('{slot}');) and start walship again to create a new one; \
+             {prevent}",
+            state.lost_description(),
             state
                 .confirmed_flush_lsn
                 .map(|l| l.to_string())
@@ -490,11 +553,29 @@ mod tests {
             confirmed_flush_lsn: Some(Lsn(5)),
             restart_lsn: None,
             wal_status: Some("lost".into()),
+            invalidation_reason: None,
             active_pid: None,
         };
         let msg = validate_slot(&s).unwrap_err().to_string();
         assert!(
-            msg.contains("invalidated") && msg.contains("pg_drop_replication_slot('w')"),
+            msg.contains("invalidated")
+                && msg.contains("pg_drop_replication_slot('w')")
+                && msg.contains("removed WAL")
+                && msg.contains("max_slot_wal_keep_size"),
+            "{msg}"
+        );
+        // PostgreSQL 18 invalidates a slot nobody streamed from for idle_replication_slot_timeout:
+        // the WAL was not removed for lack of space, and the setting to change is another.
+        let idle = SlotState {
+            invalidation_reason: Some("idle_timeout".into()),
+            ..s
+        };
+        let msg = validate_slot(&idle).unwrap_err().to_string();
+        assert!(
+            msg.contains("invalidation_reason = idle_timeout")
+                && msg.contains("idle_replication_slot_timeout")
+                && !msg.contains("max_slot_wal_keep_size")
+                && msg.contains("pg_drop_replication_slot('w')"),
             "{msg}"
         );
     }

@@ -1079,16 +1079,17 @@ pub fn slot_checks(
         Some("lost") => checks.push(Check::fail(
             WAL,
             format!(
-                "slot {slot:?} is invalidated (wal_status = lost, restart_lsn {}, \
-                 confirmed_flush_lsn {}): PostgreSQL removed WAL it still needed, so events \
+                "slot {slot:?} is invalidated ({}, confirmed_flush_lsn {}): {}, so events \
                  committed after the confirmed position may never reach Kafka",
-                lsn_text(state.restart_lsn),
-                lsn_text(state.confirmed_flush_lsn)
+                state.lost_description(),
+                lsn_text(state.confirmed_flush_lsn),
+                state.invalidation_cause().0
             ),
             format!(
                 "reconcile the outbox table with Kafka (re-publish events after the confirmed \
                  position), then SELECT pg_drop_replication_slot('{slot}'); and start walship to \
-                 create a new slot; raise max_slot_wal_keep_size so it does not happen again"
+                 create a new slot; {}",
+                state.invalidation_cause().1
             ),
         )),
         Some("unreserved") => checks.push(Check::warn(
@@ -1656,6 +1657,7 @@ mod tests {
             confirmed_flush_lsn: Some(Lsn(10)),
             restart_lsn: Some(Lsn(5)),
             wal_status: Some("reserved".into()),
+            invalidation_reason: None,
             active_pid: Some(7),
         };
         let [slots, senders] = capacity_checks(&settings, full, Some(&ours));
@@ -1743,6 +1745,7 @@ mod tests {
             confirmed_flush_lsn: Some(Lsn(100)),
             restart_lsn: Some(Lsn(50)),
             wal_status: Some("lost".into()),
+            invalidation_reason: None,
             active_pid: None,
         };
         let c = slot_checks("w", true, Some(&s), "app", Some(Lsn(300)));
@@ -1750,6 +1753,20 @@ mod tests {
         let lost = by(&c, "postgres.slot.wal_status");
         assert_eq!(lost.status, Status::Fail);
         assert!(lost.fix.unwrap().contains("pg_drop_replication_slot('w')"));
+        // 18's idle_replication_slot_timeout: the cause and the setting named, not the WAL size.
+        s.invalidation_reason = Some("idle_timeout".into());
+        let c = slot_checks("w", true, Some(&s), "app", Some(Lsn(300)));
+        let idle = by(&c, "postgres.slot.wal_status");
+        assert!(
+            idle.message.contains("invalidation_reason = idle_timeout"),
+            "{idle:?}"
+        );
+        let fix = idle.fix.unwrap();
+        assert!(
+            fix.contains("idle_replication_slot_timeout")
+                && !fix.contains("max_slot_wal_keep_size")
+        );
+        s.invalidation_reason = None;
         assert!(by(&c, "postgres.slot.lag").message.contains("200 bytes"));
         s.wal_status = Some("unreserved".into());
         s.active_pid = Some(42);
