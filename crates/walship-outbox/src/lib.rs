@@ -25,7 +25,7 @@
 //! ```
 //!
 //! Drivers are features: `tokio-postgres` (default) takes `&Transaction`, `&Client` or any
-//! `&impl GenericClient`; `sqlx` takes `&mut PgConnection` or `&mut Transaction<'_, Postgres>`.
+//! `&(impl GenericClient + Sync)`; `sqlx` takes `&mut PgConnection` or `&mut Transaction<'_, Postgres>`.
 //! Every value is a bound parameter; table and column names are quoted identifiers.
 
 use std::future::Future;
@@ -500,6 +500,34 @@ mod tests {
                 "type": "OrderPaid", "payload": {"a": "it's"},
             })
         );
+    }
+
+    /// `add`'s future is `Send` with every executor, so it can run in spawned tasks.
+    #[allow(dead_code)]
+    fn add_futures_are_send() {
+        fn send<T: Send>(_: T) {}
+        #[cfg(feature = "tokio-postgres")]
+        {
+            fn tokio_postgres(o: &Outbox, e: &OutboxEvent, tx: &tokio_postgres::Transaction<'_>) {
+                send(o.add(tx, e));
+            }
+            fn generic(
+                o: &Outbox,
+                e: &OutboxEvent,
+                c: &(impl tokio_postgres::GenericClient + Sync),
+            ) {
+                send(o.add(c, e));
+            }
+        }
+        #[cfg(feature = "sqlx")]
+        {
+            fn sqlx(o: &Outbox, e: &OutboxEvent, tx: &mut sqlx::Transaction<'_, sqlx::Postgres>) {
+                send(o.add(tx, e));
+            }
+            fn conn(o: &Outbox, e: &OutboxEvent, c: &mut sqlx::PgConnection) {
+                send(o.add(c, e));
+            }
+        }
     }
 
     #[test]
