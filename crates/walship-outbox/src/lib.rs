@@ -25,8 +25,9 @@
 //! ```
 //!
 //! Drivers are features: `tokio-postgres` (default) takes `&Transaction`, `&Client` or any
-//! `&(impl GenericClient + Sync)`; `sqlx` takes `&mut PgConnection` or `&mut Transaction<'_, Postgres>`.
-//! Every value is a bound parameter; table and column names are quoted identifiers.
+//! `&(impl GenericClient + Sync)`; `sqlx` takes `&mut PgConnection` or
+//! `&mut Transaction<'_, Postgres>`. Every value is a bound parameter; table and column names
+//! are quoted identifiers.
 
 use std::future::Future;
 
