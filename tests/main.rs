@@ -19,3 +19,4 @@ mod reliability;
 mod resume;
 mod sql;
 mod tls;
+mod writer;
