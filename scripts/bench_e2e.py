@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """End-to-end benchmark: walship against a real PostgreSQL and a real broker (tansu).
 
-    scripts/bench_e2e.py drain [--events 1000000]   # backlog drain: walship vs pg_recvlogical
+    scripts/bench_e2e.py drain [--events 1000000] [--messages]   # backlog drain: walship vs pg_recvlogical
     scripts/bench_e2e.py live  [--rate 5000 --seconds 30]   # commit -> ack latency at a fixed rate
 
 drain: writes N single-row outbox transactions (~150-byte jsonb payload, 5,000 aggregates) while
@@ -125,10 +125,16 @@ INSERT INTO outbox (aggregatetype, aggregateid, type, payload) VALUES ('order', 
 """
 
 
-def pgbench(s, args, env=None):
+# The same events as transactional logical messages (walship's table-free outbox).
+MESSAGE_SQL = """\\set agg random(1, 5000)
+SELECT pg_logical_emit_message(true, 'outbox', jsonb_build_object('id', gen_random_uuid(), 'aggregatetype', 'order', 'aggregateid', 'agg-' || :agg, 'type', 'OrderUpdated', 'payload', jsonb_build_object('order', :agg, 'client', :client_id, 'note', repeat('x', 96), 'at', now()))::text);
+"""
+
+
+def pgbench(s, args, env=None, sql=INSERT_SQL):
     script = os.path.join(WORK, "insert.sql")
     with open(script, "w") as f:
-        f.write(INSERT_SQL)
+        f.write(sql)
     subprocess.run(["pgbench", "-n", "-h", "127.0.0.1", "-p", str(s.pg_port), "-U", "postgres", "-f", script]
                    + args + ["bench"], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                    env={**os.environ, **(env or {})})
@@ -220,19 +226,22 @@ def drain(args):
     try:
         s.psql("bench", "SELECT pg_create_logical_replication_slot('walship', 'pgoutput')")
         s.psql("bench", "SELECT pg_create_logical_replication_slot('recvlogical', 'pgoutput')")
-        print(f"writing {args.events:,} single-row outbox transactions ...", flush=True)
+        kind = "logical-message" if args.messages else "single-row"
+        print(f"writing {args.events:,} {kind} outbox transactions ...", flush=True)
         t0 = time.time()
         clients = 4
         # The backlog loads faster without waiting for WAL flushes; the drain does not care.
         pgbench(s, ["-c", str(clients), "-j", "2", "-t", str(args.events // clients)],
-                env={"PGOPTIONS": "-c synchronous_commit=off"})
+                env={"PGOPTIONS": "-c synchronous_commit=off"},
+                sql=MESSAGE_SQL if args.messages else INSERT_SQL)
         target = int(float(s.psql("bench", "SELECT pg_current_wal_lsn() - '0/0'::pg_lsn")))
         target_lsn = s.psql("bench", "SELECT pg_current_wal_lsn()")
         print(f"  written in {time.time() - t0:.1f}s; WAL end {target_lsn}", flush=True)
         n = args.events // clients * clients
 
         # walship
-        cfg = walship_config(s, "walship", extra=args.extra)
+        extra = args.extra + ("\n[outbox]\nmessage_prefixes = [\"outbox\"]\n" if args.messages else "")
+        cfg = walship_config(s, "walship", extra=extra)
         log = open(os.path.join(WORK, "walship.log"), "w")
         start = time.time()
         broker_cpu0 = cpu_seconds(s.broker.pid)
@@ -258,7 +267,8 @@ def drain(args):
         start = time.time()
         proc, report = timed(["pg_recvlogical", "-h", s.client_host(), "-p", str(s.pg_port), "-U", "postgres",
                               "-d", "bench", "--slot", "recvlogical", "--start", f"--endpos={target_lsn}",
-                              "-o", "proto_version=1", "-o", "publication_names=walship_outbox", "-f", out],
+                              "-o", "proto_version=1", "-o", "publication_names=walship_outbox"]
+                             + (["-o", "messages=true"] if args.messages else []) + ["-f", out],
                              stderr=subprocess.DEVNULL)
         sender, r_sender_cpu = None, 0.0
         while proc.poll() is None:
@@ -270,6 +280,7 @@ def drain(args):
         _, r_cpu, r_rss = read_time(report)
 
         result = {
+            "mode": "messages" if args.messages else "rows",
             "events": n,
             "walship_events_per_s": round(n / walship_secs),
             "walship_seconds": round(walship_secs, 2),
@@ -355,6 +366,8 @@ def main():
     d = sub.add_parser("drain")
     d.add_argument("--events", type=int, default=1_000_000)
     d.add_argument("--extra", default="", help="extra TOML appended to walship's config")
+    d.add_argument("--messages", action="store_true",
+                   help="write the events as transactional logical messages (outbox.message_prefixes)")
     d.add_argument("--unix", action="store_true",
                    help="walship and pg_recvlogical connect over PostgreSQL's Unix socket, not loopback TCP")
     l = sub.add_parser("live")
