@@ -20,14 +20,9 @@ use std::collections::HashMap;
 
 use tokio_postgres::Client;
 
-use crate::error::PgError;
+use crate::error::{PgError, sql_err};
 pub use crate::preflight::PublicationInfo;
 use crate::slot::{TableName, quote_ident};
-
-fn sql_err(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> PgError {
-    let context = context.into();
-    move |source| PgError::Sql { context, source }
-}
 
 /// The outbox table and, when it is partitioned, every partition under it.
 #[derive(Debug, Clone, PartialEq, Eq)]

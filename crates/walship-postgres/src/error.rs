@@ -143,6 +143,12 @@ fn sqlstate_is_transient(code: &str) -> bool {
         || code.starts_with("53") // insufficient resources (too many connections, out of memory)
 }
 
+/// Maps a failed catalog query to [`PgError::Sql`] naming what was being done.
+pub(crate) fn sql_err(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> PgError {
+    let context = context.into();
+    move |source| PgError::Sql { context, source }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,13 +7,8 @@
 use pgoutput::Lsn;
 use tokio_postgres::Client;
 
-use crate::error::PgError;
+use crate::error::{PgError, sql_err};
 use crate::slot::{TableName, quote_ident};
-
-fn sql_err(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> PgError {
-    let context = context.into();
-    move |source| PgError::Sql { context, source }
-}
 
 /// Server settings that logical replication depends on.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -10,7 +10,7 @@ use tokio_postgres::types::PgLsn;
 use tokio_postgres::{Client, NoTls};
 
 use crate::catalog::{self, OutboxScope};
-use crate::error::PgError;
+use crate::error::{PgError, sql_err};
 use crate::replication::ConnectParams;
 use crate::tls::SslMode;
 
@@ -196,11 +196,6 @@ where
             tracing::debug!("management connection closed: {e}");
         }
     });
-}
-
-fn sql_err(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> PgError {
-    let context = context.into();
-    move |source| PgError::Sql { context, source }
 }
 
 fn lsn(v: Option<PgLsn>) -> Option<Lsn> {
