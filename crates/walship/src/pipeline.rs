@@ -287,18 +287,7 @@ impl Session {
                 }
             }
             Message::Insert(insert) if self.relations.is_outbox(insert.relation_id) => {
-                let Some(txn) = self.txn.as_mut() else {
-                    return Err(PgError::Protocol(format!(
-                        "Insert at {lsn} outside a transaction"
-                    ))
-                    .into());
-                };
-                let (xid, commit_ms) = (txn.begin.xid, txn.begin.commit_time.unix_millis());
-                let position = Position {
-                    commit_lsn: txn.begin.final_lsn.0,
-                    index: txn.rows,
-                };
-                txn.rows += 1;
+                let (xid, commit_ms, position) = self.next_event("Insert", lsn)?;
                 let outcome = match self.relations.extract(insert.relation_id, &insert.tuple) {
                     Err(error) => Err(Error::Row { lsn, xid, error }),
                     Ok(row) => {
@@ -387,6 +376,20 @@ impl Session {
         Ok(())
     }
 
+    /// Claims the next event of the open transaction (a row or a message, in WAL order): its
+    /// xid, commit time and position. `what` names the message for a protocol error.
+    fn next_event(&mut self, what: &str, lsn: Lsn) -> Result<(u32, i64, Position), Error> {
+        let Some(txn) = self.txn.as_mut() else {
+            return Err(PgError::Protocol(format!("{what} at {lsn} outside a transaction")).into());
+        };
+        let position = Position {
+            commit_lsn: txn.begin.final_lsn.0,
+            index: txn.rows,
+        };
+        txn.rows += 1;
+        Ok((txn.begin.xid, txn.begin.commit_time.unix_millis(), position))
+    }
+
     /// A logical decoding message: an outbox event when its prefix is configured and it is
     /// transactional (see the module's invariants); otherwise ignored.
     async fn handle_logical_message(
@@ -402,18 +405,7 @@ impl Session {
         if !message.is_transactional() {
             return self.nontransactional_message(&message, cancel).await;
         }
-        let Some(txn) = self.txn.as_mut() else {
-            return Err(PgError::Protocol(format!(
-                "transactional message at {lsn} outside a transaction"
-            ))
-            .into());
-        };
-        let (xid, commit_ms) = (txn.begin.xid, txn.begin.commit_time.unix_millis());
-        let position = Position {
-            commit_lsn: txn.begin.final_lsn.0,
-            index: txn.rows,
-        };
-        txn.rows += 1;
+        let (xid, commit_ms, position) = self.next_event("transactional message", lsn)?;
         let parsed = MessageEvent::parse(self.relations.spec(), &message.content);
         let outcome = match &parsed {
             Err(error) => Err(Error::Message {
