@@ -105,26 +105,44 @@ async fn a_stalled_partition_bounds_what_is_tracked_and_everything_arrives_in_or
     relay.stop().await.expect("clean stop");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_record_the_broker_refuses_is_dead_lettered_with_its_transactions_origin() {
-    let mut db = TestDb::new().await;
+/// A mock cluster with the test's topic and a dead-letter topic, walship streaming into it
+/// under `on_bad_row = "dead-letter"` (plus `extra` config), and the next produce request
+/// refused for good: the record is sent, then rejected. Returns the cluster, the topic, the
+/// dead-letter topic and walship.
+async fn refusing_broker(
+    db: &TestDb,
+    extra: &str,
+) -> (
+    MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+    String,
+    String,
+    Relay,
+) {
     let cluster = MockCluster::new(1).expect("mock cluster");
     let bootstrap = cluster.bootstrap_servers();
-    let topic = harness::topic(&db, "order");
+    let topic = harness::topic(db, "order");
     let dlq = format!("{}.dlq", db.name);
     cluster.create_topic(&topic, 1, 1).expect("topic");
     cluster.create_topic(&dlq, 1, 1).expect("dead-letter topic");
-    let toml = harness::config_toml(&db, &bootstrap, "").replace(
+    let toml = harness::config_toml(db, &bootstrap, extra).replace(
         "[outbox]\n",
         &format!("[outbox]\non_bad_row = \"dead-letter\"\ndead_letter_topic = \"{dlq}\"\n"),
     );
     let config = walship::Config::from_toml(&toml, std::iter::empty(), "test").expect("config");
-    let relay = Relay::start_streaming(config, &db).await;
+    let relay = Relay::start_streaming(config, db).await;
     // The next produce request is refused for good: the record was sent, then rejected.
     cluster.request_errors(
         RDKafkaApiKey::Produce,
         &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE],
     );
+    (cluster, topic, dlq, relay)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_the_broker_refuses_is_dead_lettered_with_its_transactions_origin() {
+    let mut db = TestDb::new().await;
+    let (cluster, topic, dlq, relay) = refusing_broker(&db, "").await;
+    let bootstrap = cluster.bootstrap_servers();
     insert_txn(&mut db.client, &[Row::new("order", "a", 0)]).await;
     let xid: i64 = db
         .client
@@ -164,23 +182,9 @@ async fn a_record_the_broker_refuses_is_dead_lettered_with_its_transactions_orig
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_record_at_the_pending_bound_is_dead_lettered_instead_of_waiting_for_ever() {
     let mut db = TestDb::new().await;
-    let cluster = MockCluster::new(1).expect("mock cluster");
+    let (cluster, topic, dlq, relay) =
+        refusing_broker(&db, "[run]\nmax_pending_transactions = 2\n").await;
     let bootstrap = cluster.bootstrap_servers();
-    let topic = harness::topic(&db, "order");
-    let dlq = format!("{}.dlq", db.name);
-    cluster.create_topic(&topic, 1, 1).expect("topic");
-    cluster.create_topic(&dlq, 1, 1).expect("dead-letter topic");
-    let toml = harness::config_toml(&db, &bootstrap, "[run]\nmax_pending_transactions = 2\n")
-        .replace(
-            "[outbox]\n",
-            &format!("[outbox]\non_bad_row = \"dead-letter\"\ndead_letter_topic = \"{dlq}\"\n"),
-        );
-    let config = walship::Config::from_toml(&toml, std::iter::empty(), "test").expect("config");
-    let relay = Relay::start_streaming(config, &db).await;
-    cluster.request_errors(
-        RDKafkaApiKey::Produce,
-        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE],
-    );
     // The refused record's transaction stays pending until its dead letter is sent, and the
     // bound (2) is reached by the transactions read after it.
     for seq in 0..20 {
