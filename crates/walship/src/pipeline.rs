@@ -334,29 +334,15 @@ impl Session {
                     .txn
                     .as_ref()
                     .map_or((0, lsn), |t| (t.begin.xid, t.begin.final_lsn));
-                self.relations.target(insert.relation_id).map_err(|error| {
-                    let error = match error {
-                        RowError::Unplaced {
-                            table,
-                            oid,
-                            outbox,
-                            publication,
-                            publication_sql,
-                            slot,
-                            ..
-                        } => RowError::Unplaced {
-                            table,
-                            oid,
-                            outbox,
-                            publication,
-                            publication_sql,
-                            slot,
-                            commit_lsn: commit_lsn.to_string(),
-                        },
-                        other => other,
-                    };
-                    Error::Row { lsn, xid, error }
-                })?;
+                self.relations
+                    .target(insert.relation_id)
+                    .map_err(|mut error| {
+                        // The relations cannot know the transaction the row is in; its fix names it.
+                        if let RowError::Unplaced { commit_lsn: c, .. } = &mut error {
+                            *c = commit_lsn.to_string();
+                        }
+                        Error::Row { lsn, xid, error }
+                    })?;
             }
             // Updates and deletes of outbox rows are ignored by design (insert-then-delete);
             // the rest carries nothing walship publishes.
