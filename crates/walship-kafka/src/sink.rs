@@ -64,9 +64,18 @@ pub struct DeliveryError {
 }
 
 impl DeliveryError {
-    /// How the pipeline should react.
+    /// How the session should react.
     pub fn class(&self) -> ErrorClass {
         classify(&self.error)
+    }
+
+    /// True when the record was purged because its producer is going away: no broker refused
+    /// it, and the next session reads it again.
+    pub fn is_purge(&self) -> bool {
+        matches!(
+            self.error.rdkafka_error_code(),
+            Some(RDKafkaErrorCode::PurgeQueue | RDKafkaErrorCode::PurgeInflight)
+        )
     }
 }
 

@@ -86,6 +86,18 @@ pub enum Error {
     /// The producer could not be created or refused a record outright.
     #[error("Kafka producer: {0}")]
     Producer(String),
+    /// Another consumer streams the slot (another walship of an active-passive pair, or a
+    /// leftover walsender): this process waits as a standby.
+    #[error(
+        "replication slot {slot:?} is streamed by another consumer (walsender PID {pid}); \
+         waiting as a standby until it is released"
+    )]
+    SlotInUse {
+        /// The slot.
+        slot: String,
+        /// PID of the walsender holding it (0 when PostgreSQL did not say).
+        pid: i32,
+    },
 }
 
 impl Error {
@@ -109,6 +121,26 @@ impl Error {
             | Error::Route { .. }
             | Error::Record { .. }
             | Error::Producer(_) => false,
+            Error::SlotInUse { .. } => true,
+        }
+    }
+
+    /// PID of the walsender holding the slot when the session could not start because another
+    /// consumer streams it (0 when PostgreSQL did not name it).
+    pub fn slot_holder(&self) -> Option<i32> {
+        match self {
+            Error::SlotInUse { pid, .. } => Some(*pid),
+            // START_REPLICATION lost a race for the slot: object_in_use, "replication slot
+            // \"x\" is active for PID 1234".
+            Error::Postgres(PgError::Server { error, .. }) if error.code == "55006" => Some(
+                error
+                    .message
+                    .rsplit(' ')
+                    .next()
+                    .and_then(|pid| pid.parse().ok())
+                    .unwrap_or(0),
+            ),
+            _ => None,
         }
     }
 }

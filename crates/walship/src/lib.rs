@@ -5,7 +5,9 @@
 //!
 //! - [`config`] — the TOML configuration, environment overrides, validation, secrets.
 //! - [`run`](mod@run) — the supervisor: preflight, sessions, reconnect with backoff. Wiring only.
-//! - [`pipeline`] — one streaming session: decode, extract, route, produce, report status.
+//! - [`settings`] — the configuration resolved once into typed per-layer settings.
+//! - [`session`] — one streaming session, generic over its WAL source and event sink: decode,
+//!   extract, route, produce, report status; [`session::seams`] holds the two traits.
 //! - [`progress`] — the progress tracker: which LSN is safe to confirm.
 //! - [`resume`] — after a crash, which events an earlier run already delivered.
 //! - [`check`] — `walship check`: every setup problem at once, each with its fix.
@@ -21,10 +23,11 @@ pub mod cli;
 pub mod config;
 pub mod error;
 pub mod init_sql;
-pub mod pipeline;
 pub mod progress;
 pub mod resume;
 pub mod run;
+pub mod session;
+pub mod settings;
 pub mod status;
 pub mod telemetry;
 

@@ -13,7 +13,7 @@
 //! run of filtered transactions behind a stalled broker costs no memory.
 //!
 //! Memory: one entry per transaction with events, from the oldest unacknowledged one to the
-//! newest read. [`Progress::pending_transactions`] is what the pipeline bounds
+//! newest read. [`Progress::pending_transactions`] is what the session bounds
 //! (`run.max_pending_transactions`): one stalled partition holds the head back while later
 //! transactions are acknowledged, so without the bound entries would grow with the backlog.
 //!
@@ -25,7 +25,6 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use pgoutput::Lsn;
-use rdkafka::types::RDKafkaErrorCode;
 use tokio::sync::Notify;
 use walship_kafka::{DeliveryError, DeliveryListener};
 
@@ -68,33 +67,33 @@ struct State {
     safe: Lsn,
 }
 
-/// Shared between the pipeline (which opens and seals transactions) and the producer's delivery
+/// Shared between the session (which opens and seals transactions) and the producer's delivery
 /// thread (which acknowledges events).
 #[derive(Debug, Default)]
 pub struct Progress {
     state: Mutex<State>,
     safe: AtomicU64,
-    /// Events handed to the producer (by the pipeline).
+    /// Events handed to the producer (by the session).
     sent_events: AtomicU64,
     /// Events whose outcome the producer reported (acknowledged or failed).
     reported_events: AtomicU64,
     failed: AtomicBool,
     failure: Mutex<Option<DeliveryError>>,
-    /// While the pipeline waits for room: wake it once in-flight events drop to this many.
+    /// While the session waits for room: wake it once in-flight events drop to this many.
     /// `u64::MAX` when nobody waits. Waking at a low-water mark instead of on every delivery
     /// turns a context switch per record into one per half window.
     wake_at_in_flight: AtomicU64,
     /// Entries now (mirrors `state.entries.len()`, readable without the lock).
     pending: AtomicU64,
-    /// While the pipeline waits for room: wake it once pending entries drop to this many.
+    /// While the session waits for room: wake it once pending entries drop to this many.
     wake_at_pending: AtomicU64,
     room: Notify,
-    /// Set while the pipeline waits for the safe position to move (to report it promptly).
+    /// Set while the session waits for the safe position to move (to report it promptly).
     want_advance: AtomicBool,
     advanced: Notify,
     telemetry: std::sync::Arc<Telemetry>,
     /// With the dead-letter policy: records the broker can never accept, waiting for the
-    /// pipeline to dead-letter them. Their transactions stay incomplete until that is acked.
+    /// session to dead-letter them. Their transactions stay incomplete until that is acked.
     dead_letter: AtomicBool,
     rejected: Mutex<Vec<(TxnToken, DeliveryError)>>,
 }
@@ -312,7 +311,7 @@ impl Progress {
         }
     }
 
-    /// True once a delivery failed; the pipeline must stop and [`take_failure`](Self::take_failure).
+    /// True once a delivery failed; the session must stop and [`take_failure`](Self::take_failure).
     pub fn has_failed(&self) -> bool {
         self.failed.load(Ordering::Acquire)
     }
@@ -327,7 +326,7 @@ impl Progress {
 
     /// Waits until at most `low_water` events are in flight and, with `pending_low` set, at
     /// most that many transactions are tracked; or a delivery fails, or `timeout` passes. Used
-    /// for backpressure: the pipeline stops reading meanwhile.
+    /// for backpressure: the session stops reading meanwhile.
     pub async fn wait_for_room(
         &self,
         low_water: u64,
@@ -374,11 +373,7 @@ impl DeliveryListener for Progress {
                 .store(unix_ms(), Ordering::Relaxed);
             // Records purged because the session's producer is going away were not refused by
             // anyone: the next session reads them again.
-            let purged = matches!(
-                e.error.rdkafka_error_code(),
-                Some(RDKafkaErrorCode::PurgeQueue | RDKafkaErrorCode::PurgeInflight)
-            );
-            if !purged {
+            if !e.is_purge() {
                 self.telemetry.count_error(e.class());
             }
         }
@@ -417,7 +412,7 @@ impl DeliveryListener for Progress {
                     *f = Some(e);
                 }
                 self.failed.store(true, Ordering::Release);
-                // Wake any waiter: the pipeline must stop and report the failure.
+                // Wake any waiter: the session must stop and report the failure.
                 self.room.notify_one();
                 self.advanced.notify_one();
             }

@@ -1,13 +1,13 @@
 //! One session's memory of what earlier runs already delivered, so a restart after a crash
 //! does not publish those events twice.
 //!
-//! Owns: the tail scanner and, per topic, the positions of this source found in the topic at
+//! Owns: per topic, the positions of this source found in the topic at
 //! or after the slot's confirmed position. Only events committed before the server's WAL
 //! position at session start (`IDENTIFY_SYSTEM`'s `xlogpos`) can have been sent by an earlier
 //! run, so only those are looked up; once the stream passes that point the memory is dropped.
 //!
 //! Invariants:
-//! - (inherited from [`ResumeScanner`]) an event is skipped only if a record of this source
+//! - (inherited from the sink's read-back, `walship_kafka::ResumeScanner`) an event is skipped only if a record of this source
 //!   carrying its position and its outbox id was read back from its topic. A topic that cannot
 //!   be read is logged and its events are sent again — a duplicate, never a gap.
 //! - Only a contiguous run is skipped: once an event of a key was not found in its topic (a
@@ -23,13 +23,11 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use pgoutput::Lsn;
-use walship_kafka::{Delivered, Position, ResumeScanner, SinkSettings};
+use walship_kafka::{Delivered, Position};
 
-/// Longest a topic's scan may take (the replication stream waits meanwhile).
-const SCAN_TIMEOUT: Duration = Duration::from_secs(20);
 /// Scan time after which a session starts no further scans: with many topics, a restart must
-/// not hold the stream for `topics × SCAN_TIMEOUT` (the scan running when it is reached may
-/// still take up to `SCAN_TIMEOUT`). Topics first met after it are not read back.
+/// not hold the stream for `topics × ` the per-topic scan timeout (the scan running when it is
+/// reached may still take up to that timeout). Topics first met after it are not read back.
 const SESSION_SCAN_BUDGET: Duration = Duration::from_secs(60);
 
 /// Found positions held per session at most, over all topics (a few dozen bytes each).
@@ -48,21 +46,10 @@ struct TopicMemory {
     gap_all: bool,
 }
 
-/// The scanner (kept for the next topic) and what it found.
-pub type ScanOutcome = (
-    Option<ResumeScanner>,
-    Result<Delivered, rdkafka::error::KafkaError>,
-);
-/// A running scan.
-pub type Scan = tokio::task::JoinHandle<ScanOutcome>;
-
 /// See the module documentation.
 pub struct Resume {
-    settings: SinkSettings,
-    source: String,
     since: Lsn,
     until: Lsn,
-    scanner: Option<ResumeScanner>,
     topics: HashMap<String, TopicMemory>,
     skipped: u64,
     /// Time spent scanning so far, and how much is allowed.
@@ -72,15 +59,12 @@ pub struct Resume {
 }
 
 impl Resume {
-    /// `source`: this run's `walship.source` header; `since`: the slot's confirmed position;
-    /// `until`: the server's WAL position when the session started.
-    pub fn new(settings: SinkSettings, source: String, since: Lsn, until: Lsn) -> Self {
+    /// `since`: the slot's confirmed position; `until`: the server's WAL position when the
+    /// session started.
+    pub fn new(since: Lsn, until: Lsn) -> Self {
         Resume {
-            settings,
-            source,
             since,
             until,
-            scanner: None,
             topics: HashMap::new(),
             skipped: 0,
             spent: Duration::ZERO,
@@ -144,12 +128,19 @@ impl Resume {
         self.topics.values().map(|t| t.found.len()).sum()
     }
 
-    /// Starts reading `topic`'s tail back, off the async runtime. The caller keeps the
-    /// walsender informed while it waits, then hands the outcome to [`Resume::store`].
+    /// The slot's confirmed position: read-backs look for positions at or after it.
+    pub fn since(&self) -> Lsn {
+        self.since
+    }
+
+    /// Whether `topic` may be read back now, and how many positions its read-back may return.
+    /// The caller reads it back (keeping the walsender informed meanwhile) and hands the outcome
+    /// to [`Resume::store`].
     ///
-    /// None once the session's scans have used up their time budget: the topic is then taken
-    /// as holding nothing of this source (its events are sent again — duplicates, never a gap).
-    pub fn scan(&mut self, topic: &str) -> Option<Scan> {
+    /// None once the session's read-backs have used up their time budget: the topic is then
+    /// taken as holding nothing of this source (its events are sent again — duplicates, never a
+    /// gap).
+    pub fn begin_scan(&mut self, topic: &str) -> Option<usize> {
         if self.spent >= self.budget {
             if !self.budget_warned {
                 self.budget_warned = true;
@@ -167,32 +158,13 @@ impl Resume {
             self.topics.insert(topic.to_owned(), TopicMemory::default());
             return None;
         }
-        let scanner = self.scanner.take();
-        let (settings, source) = (self.settings.clone(), self.source.clone());
-        let (name, since) = (topic.to_owned(), self.since.0);
-        let limit = MAX_POSITIONS.saturating_sub(self.held()).max(1);
-        Some(tokio::task::spawn_blocking(move || {
-            let scanner = match scanner {
-                Some(s) => s,
-                None => match ResumeScanner::new(&settings, &source, SCAN_TIMEOUT) {
-                    Ok(s) => s,
-                    Err(e) => return (None, Err(e)),
-                },
-            };
-            let result = scanner.delivered(&name, since, limit);
-            (Some(scanner), result)
-        }))
+        Some(MAX_POSITIONS.saturating_sub(self.held()).max(1))
     }
 
-    /// Records what a [`Resume::scan`] of `topic` found.
-    pub fn store(
-        &mut self,
-        topic: &str,
-        joined: Result<ScanOutcome, tokio::task::JoinError>,
-        started: std::time::Instant,
-    ) {
-        self.spent += started.elapsed();
-        let found = self.outcome(topic, joined, started);
+    /// Records what a read-back of `topic` found, and the time it took.
+    pub fn store(&mut self, topic: &str, result: Result<Delivered, String>, took: Duration) {
+        self.spent += took;
+        let found = self.outcome(topic, result, took);
         self.topics.insert(
             topic.to_owned(),
             TopicMemory {
@@ -205,17 +177,9 @@ impl Resume {
     fn outcome(
         &mut self,
         topic: &str,
-        joined: Result<ScanOutcome, tokio::task::JoinError>,
-        started: std::time::Instant,
+        result: Result<Delivered, String>,
+        took: Duration,
     ) -> Delivered {
-        let (scanner, result) = match joined {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::warn!("resume scan of topic {topic:?} did not finish: {e}");
-                return Delivered::default();
-            }
-        };
-        self.scanner = scanner;
         match result {
             Ok(found) => {
                 if !found.is_empty() {
@@ -223,7 +187,7 @@ impl Resume {
                         topic,
                         events = found.len(),
                         scanned = found.scanned,
-                        elapsed_ms = started.elapsed().as_millis() as u64,
+                        elapsed_ms = took.as_millis() as u64,
                         "found events after the confirmed position {} that an earlier run already \
                          delivered; they will not be sent again",
                         self.since
@@ -246,34 +210,12 @@ impl Resume {
     }
 }
 
-impl Drop for Resume {
-    fn drop(&mut self) {
-        // Closing a consumer waits for its threads: not on the async runtime.
-        if let Some(scanner) = self.scanner.take()
-            && let Ok(handle) = tokio::runtime::Handle::try_current()
-        {
-            handle.spawn_blocking(move || drop(scanner));
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::BTreeMap;
-    use std::time::Instant;
 
     fn resume(budget: Duration) -> Resume {
-        let settings = SinkSettings {
-            brokers: "127.0.0.1:9".into(),
-            client_id: "walship".into(),
-            create_topics: true,
-            topic_partitions: 1,
-            topic_replication_factor: 1,
-            librdkafka: BTreeMap::new(),
-            secret_properties: BTreeMap::new(),
-        };
-        let mut r = Resume::new(settings, "1/slot".into(), Lsn(100), Lsn(200));
+        let mut r = Resume::new(Lsn(100), Lsn(200));
         r.budget = budget;
         r
     }
@@ -283,28 +225,23 @@ mod tests {
         let mut r = resume(Duration::from_secs(5));
         r.spent = Duration::from_secs(3);
         // Time of failed scans counts too.
-        let failed = Ok((
-            None,
-            Err(rdkafka::error::KafkaError::MetadataFetch(
-                rdkafka::types::RDKafkaErrorCode::BrokerTransportFailure,
-            )),
-        ));
-        let started = Instant::now()
-            .checked_sub(Duration::from_secs(3))
-            .expect("monotonic clock older than 3 s");
-        r.store("a", failed, started);
+        r.store(
+            "a",
+            Err("broker transport failure".into()),
+            Duration::from_secs(3),
+        );
         assert!(r.spent >= Duration::from_secs(6), "{:?}", r.spent);
         assert!(r.knows("a"));
         // Over budget: no scan is started (none could be without a runtime), and the topic
         // counts as read back with nothing found, so its events are sent again.
-        assert!(r.scan("c").is_none());
+        assert!(r.begin_scan("c").is_none());
         assert!(r.knows("c"));
         let position = Position {
             commit_lsn: 150,
             index: 0,
         };
         assert!(!r.delivered("c", position, Some(b"id"), b"k"));
-        assert!(r.scan("d").is_none());
+        assert!(r.begin_scan("d").is_none());
         assert_eq!(r.skipped(), 0);
     }
 

@@ -1,7 +1,7 @@
 //! The supervisor: preflight once, then stream sessions, reconnecting after transient errors.
 //!
-//! This module only connects things together and decides when to retry; the processing logic
-//! lives in [`crate::pipeline`].
+//! This module only connects things together and decides when to retry: it takes
+//! [`Settings`] resolved once, and the processing logic lives in [`crate::session`].
 //!
 //! Invariant: every session starts from the slot's confirmed position with a fresh producer, and
 //! the previous producer is dropped first (which purges its queue), so a retry can duplicate unconfirmed events but
@@ -14,16 +14,16 @@ use std::time::Duration;
 use rand::Rng;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use walship_kafka::{Sink, TopicRouter};
-use walship_postgres::replication::ConnectParams;
 use walship_postgres::{Relations, ReplicationStream, slot};
 
 use std::sync::atomic::Ordering;
 
-use crate::config::{Config, ConfigError, Secret};
+use crate::config::{Config, ConfigError};
 use crate::error::Error;
-use crate::pipeline::Session;
 use crate::progress::Progress;
+use crate::resume::Resume;
+use crate::session::{KafkaSink, PgSource, Session};
+use crate::settings::{Settings, SourceSettings};
 use crate::telemetry::{self, Telemetry};
 
 /// Reconnect delays: exponential from `BACKOFF_MIN`, capped at `BACKOFF_MAX`, with full jitter.
@@ -35,6 +35,9 @@ const HEALTHY_AFTER: Duration = Duration::from_secs(30);
 const CATCH_UP_LOG_EVERY: Duration = Duration::from_secs(10);
 /// Lag above which walship counts as catching up.
 const CATCH_UP_LAG_BYTES: u64 = 1 << 20;
+/// How often a standby looks whether the slot was released (one small query on one
+/// connection): most of a takeover's time after the active process dies.
+const STANDBY_POLL: Duration = Duration::from_millis(200);
 
 /// Runs walship until `shutdown` completes (returns `Ok` after a graceful stop) or a definite
 /// error occurs.
@@ -55,12 +58,15 @@ pub async fn run(
 
 /// Like [`run`], with cancellation given as a token.
 pub async fn run_until_cancelled(config: &Config, cancel: &CancellationToken) -> Result<(), Error> {
+    let settings = Settings::resolve(config)?;
+    run_settings(&settings, cancel).await
+}
+
+/// Like [`run_until_cancelled`], with the configuration already resolved.
+pub async fn run_settings(settings: &Settings, cancel: &CancellationToken) -> Result<(), Error> {
     let telemetry = Arc::new(Telemetry::default());
     let mut background = Vec::new();
-    if let Some(addr) = &config.metrics.listen {
-        let addr = addr
-            .parse()
-            .map_err(|e| ConfigError(format!("metrics.listen {addr:?}: {e}")))?;
+    if let Some(addr) = settings.metrics_listen {
         let listener = telemetry::bind(addr).await.map_err(|e| {
             ConfigError(format!(
                 "metrics.listen {addr}: cannot listen ({e}); pick a free address"
@@ -73,7 +79,7 @@ pub async fn run_until_cancelled(config: &Config, cancel: &CancellationToken) ->
         )));
     }
     background.push(tokio::spawn(log_catch_up(Arc::clone(&telemetry))));
-    let result = supervise(config, cancel, &telemetry, &mut background).await;
+    let result = supervise(settings, cancel, &telemetry, &mut background).await;
     for task in background {
         task.abort();
     }
@@ -82,49 +88,33 @@ pub async fn run_until_cancelled(config: &Config, cancel: &CancellationToken) ->
 
 /// Preflight once, then sessions until cancelled or a definite error.
 async fn supervise(
-    config: &Config,
+    settings: &Settings,
     cancel: &CancellationToken,
     telemetry: &Arc<Telemetry>,
     background: &mut Vec<tokio::task::JoinHandle<()>>,
 ) -> Result<(), Error> {
-    let password = config.postgres_password()?;
-    let params = config.connect_params()?;
-    let settings = config.sink_settings()?;
-    // One router for the run: its clones in each session share the count of distinct topics,
-    // so a reconnect does not reset `outbox.max_topics`.
-    let router = config.topic_router()?;
+    let source = &settings.source;
     // Fail fast on a wrong setup: these are definite problems an operator must fix.
-    let (start_lsn, outbox_oid) = preflight(config, &params, password.as_ref()).await?;
+    let (start_lsn, outbox_oid) = preflight(source).await?;
     tracing::info!(
-        slot = %config.postgres.slot,
-        publication = %config.postgres.publication,
-        table = %config.outbox.table,
+        slot = %source.slot,
+        publication = %source.publication,
+        table = %source.outbox.table,
         confirmed_lsn = %start_lsn,
-        postgres = %params.describe(),
-        brokers = %config.kafka.brokers,
+        postgres = %source.params.describe(),
+        brokers = %settings.sink.brokers,
         "walship starting"
     );
-    if config.postgres.heartbeat_interval_ms > 0 {
-        let interval = Duration::from_millis(config.postgres.heartbeat_interval_ms);
-        background.push(tokio::spawn(heartbeat(
-            params.clone(),
-            password.clone(),
-            interval,
-        )));
+    if let Some(interval) = source.heartbeat {
+        background.push(tokio::spawn(heartbeat(source.clone(), interval)));
     }
-    let watchdog = watch(
-        config,
-        params.clone(),
-        password.clone(),
-        outbox_oid,
-        telemetry,
-    );
+    let watchdog = watch(source, outbox_oid, telemetry);
     tokio::pin!(watchdog);
     let mut attempt: u32 = 0;
     loop {
         let started = Instant::now();
         let result = tokio::select! {
-            r = session(config, &params, password.as_ref(), &settings, &router, cancel, telemetry) => r,
+            r = session(settings, cancel, telemetry) => r,
             e = &mut watchdog => Err(e),
         };
         telemetry.streaming.store(false, Ordering::Relaxed);
@@ -133,6 +123,13 @@ async fn supervise(
         telemetry.pending_transactions.store(0, Ordering::Relaxed);
         match result {
             Ok(()) => return Ok(()),
+            Err(e) if !cancel.is_cancelled() && e.slot_holder().is_some() => {
+                let holder = e.slot_holder().unwrap_or_default();
+                if !standby(source, holder, telemetry, cancel).await {
+                    return Ok(());
+                }
+                attempt = 0;
+            }
             Err(e) if e.is_transient() && !cancel.is_cancelled() => {
                 if started.elapsed() >= HEALTHY_AFTER {
                     attempt = 0;
@@ -155,29 +152,21 @@ async fn supervise(
 /// Resolves with a definite error once the slot, the publication or the outbox table is gone
 /// (or the slot invalidated). Connection trouble is left to the session to notice. Meanwhile
 /// samples the server's WAL position for the lag metric.
-async fn watch(
-    config: &Config,
-    params: ConnectParams,
-    password: Option<Secret>,
-    outbox_oid: u32,
-    telemetry: &Telemetry,
-) -> Error {
-    let every = Duration::from_millis(config.postgres.watch_interval_ms.max(100));
-    let table = config.outbox_spec().table;
+async fn watch(source: &SourceSettings, outbox_oid: u32, telemetry: &Telemetry) -> Error {
     let mut client = None;
     loop {
-        tokio::time::sleep(every).await;
+        tokio::time::sleep(source.watch_interval).await;
         if client.is_none() {
-            client = slot::connect(&params, password.as_ref().map(|p| p.expose().as_bytes()))
+            client = slot::connect(&source.params, source.password_bytes())
                 .await
                 .ok();
         }
         let Some(c) = &client else { continue };
         match slot::watch(
             c,
-            &config.postgres.slot,
-            &config.postgres.publication,
-            &table,
+            &source.slot,
+            &source.publication,
+            &source.outbox.table,
             Some(outbox_oid),
         )
         .await
@@ -188,6 +177,64 @@ async fn watch(
             Err(e) => return e.into(),
         }
     }
+}
+
+/// Waits as a standby while another consumer streams the slot (active-passive: the slot admits
+/// one walsender, so it is the lock). Polls the slot every [`STANDBY_POLL`] on one connection;
+/// true once it is released (or gone: the next session reports that), false when cancelled.
+async fn standby(
+    source: &SourceSettings,
+    holder: i32,
+    telemetry: &Telemetry,
+    cancel: &CancellationToken,
+) -> bool {
+    let since = Instant::now();
+    let mut holder = holder;
+    telemetry
+        .standby_for_pid
+        .store(i64::from(holder).max(1), Ordering::Relaxed);
+    tracing::info!(
+        slot = %source.slot,
+        walsender_pid = holder,
+        "standby: another consumer streams the slot; this process takes over when it is released"
+    );
+    let mut client = None;
+    let released = loop {
+        tokio::select! {
+            _ = cancel.cancelled() => break false,
+            _ = tokio::time::sleep(STANDBY_POLL) => {}
+        }
+        if client.is_none() {
+            client = slot::connect(&source.params, source.password_bytes())
+                .await
+                .ok();
+        }
+        let Some(c) = &client else { continue };
+        match slot::slot_state(c, &source.slot).await {
+            Ok(Some(state)) => match state.active_pid {
+                Some(pid) if pid != holder => {
+                    tracing::info!(walsender_pid = pid, "standby: the slot changed hands");
+                    holder = pid;
+                    telemetry
+                        .standby_for_pid
+                        .store(i64::from(pid).max(1), Ordering::Relaxed);
+                }
+                Some(_) => {}
+                None => break true,
+            },
+            Ok(None) => break true,
+            Err(_) => client = None,
+        }
+    };
+    telemetry.standby_for_pid.store(0, Ordering::Relaxed);
+    if released {
+        tracing::info!(
+            slot = %source.slot,
+            waited_ms = since.elapsed().as_millis() as u64,
+            "the slot was released: taking over"
+        );
+    }
+    released
 }
 
 /// While behind, logs throughput and lag every [`CATCH_UP_LOG_EVERY`].
@@ -213,13 +260,13 @@ async fn log_catch_up(telemetry: Arc<Telemetry>) {
 
 /// Writes a non-transactional logical message now and then, so the walsender has WAL to send
 /// (and walship a position to confirm) even when this database is quiet.
-async fn heartbeat(params: ConnectParams, password: Option<Secret>, interval: Duration) {
+async fn heartbeat(source: SourceSettings, interval: Duration) {
     let mut client = None;
     let mut ticker = tokio::time::interval(interval);
     loop {
         ticker.tick().await;
         if client.is_none() {
-            match slot::connect(&params, password.as_ref().map(|p| p.expose().as_bytes())).await {
+            match slot::connect(&source.params, source.password_bytes()).await {
                 Ok(c) => client = Some(c),
                 Err(e) => {
                     tracing::warn!("heartbeat: {e}");
@@ -251,28 +298,18 @@ fn backoff(attempt: u32) -> Duration {
 
 /// Checks and prepares the database; returns the slot's confirmed position and the outbox
 /// table's OID (the watchdog tells a renamed outbox from a dropped one by it).
-async fn preflight(
-    config: &Config,
-    params: &ConnectParams,
-    password: Option<&Secret>,
-) -> Result<(pgoutput::Lsn, u32), Error> {
-    let client = slot::connect(params, password.map(|p| p.expose().as_bytes())).await?;
+async fn preflight(source: &SourceSettings) -> Result<(pgoutput::Lsn, u32), Error> {
+    let client = slot::connect(&source.params, source.password_bytes()).await?;
     slot::check_wal_level(&client).await?;
-    let spec = config.outbox_spec();
     let scope = slot::ensure_publication(
         &client,
-        &config.postgres.publication,
-        &spec.table,
-        config.postgres.create_publication,
+        &source.publication,
+        &source.outbox.table,
+        source.create_publication,
     )
     .await?;
-    let state = slot::ensure_slot(
-        &client,
-        &config.postgres.slot,
-        config.postgres.create_slot,
-        &config.slot_history(),
-    )
-    .await?;
+    let state =
+        slot::ensure_slot(&client, &source.slot, source.create_slot, &source.history).await?;
     Ok((
         state.confirmed_flush_lsn.unwrap_or_default(),
         scope.family.root,
@@ -281,101 +318,82 @@ async fn preflight(
 
 /// One streaming session from the slot's confirmed position.
 async fn session(
-    config: &Config,
-    params: &ConnectParams,
-    password: Option<&Secret>,
-    settings: &walship_kafka::SinkSettings,
-    router: &TopicRouter,
+    settings: &Settings,
     cancel: &CancellationToken,
     telemetry: &Arc<Telemetry>,
 ) -> Result<(), Error> {
-    let pw = password.map(|p| p.expose().as_bytes());
+    let source = &settings.source;
     // Read the confirmed position first: it seeds the tracker so the first status update never
     // reports less than what is already confirmed. A slot that vanished since preflight is a
     // definite error (never re-created silently).
-    let client = slot::connect(params, pw).await?;
-    let state = slot::slot_state(&client, &config.postgres.slot).await?.ok_or_else(|| {
+    let client = slot::connect(&source.params, source.password_bytes()).await?;
+    let state = slot::slot_state(&client, &source.slot).await?.ok_or_else(|| {
         walship_postgres::PgError::Setup(format!(
             "replication slot {:?} disappeared while walship was running; it will not be re-created \
              automatically because that would skip every event committed since it was dropped. \
              Reconcile the outbox with Kafka, then restart walship to create a new slot",
-            config.postgres.slot
+            source.slot
         ))
     })?;
     slot::validate_slot(&state)?;
+    if let Some(pid) = state.active_pid {
+        return Err(Error::SlotInUse {
+            slot: source.slot.clone(),
+            pid,
+        });
+    }
     // Which relations are the outbox (its partitions too), as the catalog has them now; the
     // connection stays open for the rare relation only the catalog can place.
-    let spec = config.outbox_spec();
-    let scope = slot::outbox_scope(&client, &config.postgres.publication, &spec.table).await?;
+    let scope = slot::outbox_scope(&client, &source.publication, &source.outbox.table).await?;
     let start = state.confirmed_flush_lsn.unwrap_or_default();
 
     let progress = Arc::new(Progress::with_telemetry(start, Arc::clone(telemetry)));
-    let mut sink = Sink::new(settings.clone(), Arc::clone(&progress)).map_err(|e| {
-        // librdkafka echoes rejected property values; never let a secret through.
-        let mut text = e.to_string();
-        for secret in settings
-            .secret_properties
-            .values()
-            .filter(|v| !v.is_empty())
-        {
-            text = text.replace(secret.as_str(), "***");
-        }
-        Error::Producer(text)
-    })?;
+    let mut sink = KafkaSink::new(settings.sink.clone(), Arc::clone(&progress))?;
     let producer_gone = sink.destroyed();
-    let publication = format!("\"{}\"", config.postgres.publication.replace('"', "\"\""));
+    let publication = format!("\"{}\"", source.publication.replace('"', "\"\""));
     let options = [
         ("proto_version", "1"),
         ("publication_names", publication.as_str()),
         ("messages", "true"),
     ];
     // The URL's application_name, as on the SQL connections (pg_stat_replication shows it).
-    let application_name = params.config.pg.get_application_name().unwrap_or("walship");
+    let application_name = source
+        .params
+        .config
+        .pg
+        .get_application_name()
+        .unwrap_or("walship");
     let stream = ReplicationStream::start(
-        params,
-        pw,
+        &source.params,
+        source.password_bytes(),
         application_name,
-        &config.postgres.slot,
+        &source.slot,
         pgoutput::Lsn::ZERO,
         &options,
     )
     .await?;
     let system = stream.system().clone();
     tracing::info!(from = %start, server_wal = %system.xlogpos, read_batching = stream.reads_batched(), "streaming");
-    let mut session = Session::new(
-        stream,
-        Relations::with_scope(
-            spec,
-            scope,
-            &config.postgres.publication,
-            &config.postgres.slot,
-        ),
-        router.clone(),
-        sink,
-        Arc::clone(&progress),
-        config.status_interval(),
-        config.shutdown_timeout(),
-        config.run.max_in_flight_events,
-        Arc::clone(telemetry),
-    );
-    session.catalog = Some(client);
-    session.message_prefixes = config.outbox.message_prefixes.clone();
-    session.max_pending = config.run.max_pending_transactions.max(2);
-    session.source = Arc::from(format!("{}/{}", system.system_id, config.postgres.slot));
     // Events committed before the server's current WAL position may have reached Kafka in an
     // earlier run that stopped before confirming them.
-    if config.run.resume_dedup && start < system.xlogpos {
-        session.resume = Some(crate::resume::Resume::new(
-            settings.clone(),
-            session.source.to_string(),
-            start,
-            system.xlogpos,
-        ));
-    }
-    if config.outbox.on_bad_row == crate::config::BadRowPolicy::DeadLetter {
-        session.dead_letter_topic = Some(config.outbox.dead_letter_topic.clone());
-        progress.enable_dead_letter();
-    }
+    let resume = (settings.session.resume_dedup && start < system.xlogpos)
+        .then(|| Resume::new(start, system.xlogpos));
+    let session = Session::new(
+        PgSource::new(stream, Some(client)),
+        sink,
+        Relations::with_scope(
+            source.outbox.clone(),
+            scope,
+            &source.publication,
+            &source.slot,
+        ),
+        settings.router.clone(),
+        Arc::clone(&progress),
+        settings.session.clone(),
+        Arc::clone(telemetry),
+        &format!("{}/{}", system.system_id, source.slot),
+        resume,
+    );
     // Readiness measures the broker's silence from here, not from an earlier session.
     telemetry
         .last_delivery_ms

@@ -6,7 +6,7 @@
 //! session reuses the same [`Telemetry`].
 //!
 //! ```text
-//!  pipeline, progress, run ──(relaxed atomics)──▶ Telemetry
+//!  session, progress, run ──(relaxed atomics)──▶ Telemetry
 //!                                                     │ read at scrape time
 //!  scraper ──TCP──▶ accept loop ──▶ hyper HTTP/1 ──▶ TelemetryCollector ──▶ prometheus-client
 //!                   (slot per connection)            (encodes the atomics)   text encoder
@@ -65,7 +65,7 @@ pub struct Telemetry {
     pub bytes_published: AtomicU64,
     /// Transactions completed (every event acknowledged), with or without events.
     pub transactions: AtomicU64,
-    /// Events handed to the producer and not yet reported (updated by the pipeline).
+    /// Events handed to the producer and not yet reported (updated by the session).
     pub in_flight: AtomicU64,
     /// Transactions tracked from the oldest unacknowledged one (bounded by
     /// `run.max_pending_transactions`).
@@ -92,6 +92,9 @@ pub struct Telemetry {
     pub resume_skipped: AtomicU64,
     /// True while a session streams.
     pub streaming: AtomicBool,
+    /// PID of the walsender of another consumer holding the slot while this process waits to
+    /// take over (active-passive); 0 when not waiting.
+    pub standby_for_pid: AtomicI64,
     /// Unix ms of the last delivery report (any outcome).
     pub last_delivery_ms: AtomicI64,
     latency_buckets: [AtomicU64; LATENCY_BUCKETS.len() + 1],
@@ -136,11 +139,44 @@ impl Telemetry {
             .saturating_sub(self.safe_lsn.load(Ordering::Relaxed))
     }
 
+    /// What this process does for its slot now.
+    pub fn role(&self) -> Role {
+        if self.streaming.load(Ordering::Relaxed) {
+            Role::Active
+        } else if self.standby_for_pid.load(Ordering::Relaxed) != 0 {
+            Role::Standby
+        } else {
+            Role::Starting
+        }
+    }
+
     /// Ready: streaming, and the broker answered recently or nothing is waiting for it.
     pub fn is_ready(&self) -> bool {
         let quiet_broker = self.in_flight.load(Ordering::Relaxed) > 0
             && unix_ms() - self.last_delivery_ms.load(Ordering::Relaxed) > 30_000;
         self.streaming.load(Ordering::Relaxed) && !quiet_broker
+    }
+}
+
+/// What a process does for its slot (metric `walship_role`, `/readyz`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Streams the slot.
+    Active,
+    /// Another consumer holds the slot; this process takes over once it is released.
+    Standby,
+    /// Neither yet: starting, or reconnecting after an error.
+    Starting,
+}
+
+impl Role {
+    /// The `role` label value.
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Active => "active",
+            Role::Standby => "standby",
+            Role::Starting => "starting",
+        }
     }
 }
 
@@ -251,6 +287,18 @@ impl Collector for TelemetryCollector {
             "1 while streaming from the slot.",
             u64::from(t.streaming.load(Ordering::Relaxed)),
         )?;
+        let mut role = encoder.encode_descriptor(
+            "walship_role",
+            "1 for this process's role: active (streams the slot), standby (another consumer \
+             holds the slot; takes over when it is released) or starting (neither yet).",
+            None,
+            MetricType::Gauge,
+        )?;
+        let current = t.role();
+        for name in [Role::Active, Role::Standby, Role::Starting].map(Role::name) {
+            role.encode_family(&[("role", name)])?
+                .encode_gauge(&u64::from(current.name() == name))?;
+        }
         let mut errors = encoder.encode_descriptor(
             "walship_delivery_errors",
             "Failed deliveries by class.",
@@ -468,6 +516,15 @@ fn respond<B>(
         ),
         "/healthz" => (StatusCode::OK, "ok\n".to_owned(), "text/plain"),
         "/readyz" if telemetry.is_ready() => (StatusCode::OK, "ready\n".to_owned(), "text/plain"),
+        "/readyz" if telemetry.role() == Role::Standby => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "standby: the slot is streamed by another consumer (walsender PID {}); \
+                 this process takes over when it is released\n",
+                telemetry.standby_for_pid.load(Ordering::Relaxed)
+            ),
+            "text/plain",
+        ),
         "/readyz" => (
             StatusCode::SERVICE_UNAVAILABLE,
             "not ready: not streaming or the broker is not answering\n".to_owned(),
@@ -606,6 +663,13 @@ mod tests {
             assert_eq!(value(errors, &format!("{errors}{{class=\"{class}\"}}")), v);
         }
         assert_eq!(families["walship_commit_to_ack_seconds"].kind, "histogram");
+        assert_eq!(families["walship_role"].kind, "gauge");
+        for (role, v) in [("active", 1.0), ("standby", 0.0), ("starting", 0.0)] {
+            assert_eq!(
+                value("walship_role", &format!("walship_role{{role=\"{role}\"}}")),
+                v
+            );
+        }
         // The same families, in the same order, with the same help as before prometheus-client.
         let declared: Vec<&str> = text
             .lines()
@@ -626,10 +690,23 @@ mod tests {
                 "walship_dead_lettered_total Outbox rows published to the dead-letter topic.",
                 "walship_resume_skipped_total Events not sent again after a restart because an earlier run had delivered them.",
                 "walship_streaming 1 while streaming from the slot.",
+                "walship_role 1 for this process's role: active (streams the slot), standby (another consumer holds the slot; takes over when it is released) or starting (neither yet).",
                 "walship_delivery_errors_total Failed deliveries by class.",
                 "walship_commit_to_ack_seconds Time from a transaction's commit to the acknowledgement of its last event.",
             ]
         );
+    }
+
+    #[test]
+    fn a_process_waiting_for_the_slot_is_a_standby_and_not_ready() {
+        let t = Telemetry::default();
+        assert_eq!(t.role(), Role::Starting);
+        t.standby_for_pid.store(4242, Ordering::Relaxed);
+        assert_eq!(t.role(), Role::Standby);
+        assert!(!t.is_ready());
+        let text = scrape(&Arc::new(t));
+        assert!(text.contains("walship_role{role=\"standby\"} 1"), "{text}");
+        assert!(text.contains("walship_role{role=\"active\"} 0"), "{text}");
     }
 
     #[test]

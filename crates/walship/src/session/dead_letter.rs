@@ -1,0 +1,152 @@
+//! Dead letters: rows, messages and records that can never be events, parked with the reason.
+//!
+//! Owns building the dead-letter record (the original key and value, the reason, LSN, xid,
+//! origin, and the event's source, position and id headers) and sending it through the same
+//! sink and accounting as events.
+//!
+//! Invariant: a dead letter takes the place of the event it stands for in its transaction, so
+//! the transaction is confirmed only once the dead letter is acknowledged; and one that an
+//! earlier run already wrote (found by its position and id) is not written again.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use pgoutput::Lsn;
+use tokio_util::sync::CancellationToken;
+use walship_kafka::{ID_HEADER, POSITION_HEADER, Position, PositionText, Record, SOURCE_HEADER};
+
+use super::seams::{EventSink, WalSource};
+use super::{Session, Stop};
+use crate::error::Error;
+use crate::progress::TxnToken;
+
+/// A row or record bound for the dead-letter topic, and where it came from.
+pub(super) struct DeadLetter<'a> {
+    pub(super) reason: &'a str,
+    pub(super) key: Option<&'a [u8]>,
+    pub(super) value: &'a [u8],
+    /// The row's LSN (a rejected record: its transaction's commit LSN).
+    pub(super) lsn: Lsn,
+    pub(super) xid: u32,
+    pub(super) commit_ms: i64,
+    /// The event's position (resume looks it up in the dead-letter topic).
+    pub(super) position: Option<Position>,
+    pub(super) id: Option<&'a [u8]>,
+    /// A logical message's prefix (header `walship.prefix`); `None` for a row (header
+    /// `walship.table`).
+    pub(super) prefix: Option<&'a str>,
+}
+
+impl<W: WalSource, K: EventSink> Session<W, K> {
+    /// Publishes a row that cannot be delivered as an event to the dead-letter topic, with the
+    /// reason, the row's LSN, xid and table, and the event's source, position and id headers
+    /// (so a restart after a crash finds it there and does not dead-letter it again). `token`
+    /// is set when the row's event was already counted in its transaction (a record the broker
+    /// rejected after it was sent).
+    pub(super) async fn dead_letter(
+        &mut self,
+        dead: DeadLetter<'_>,
+        cancel: &CancellationToken,
+        token: Option<TxnToken>,
+    ) -> Result<(), Error> {
+        let Some(topic) = self.settings.dead_letter_topic.clone() else {
+            return Ok(());
+        };
+        // A rejected record (`token` set) belongs to a transaction whose other events may be
+        // acknowledged already: finish it within the shutdown timeout rather than abandon it.
+        if !self.ensure_topic(&topic, cancel, token.is_none()).await? {
+            return Ok(());
+        }
+        let key = dead.key.unwrap_or_default();
+        if let Some(position) = dead.position {
+            match self
+                .already_delivered(&topic, position, dead.id, key, cancel, token.is_none())
+                .await?
+            {
+                None => return Ok(()),
+                Some(true) => {
+                    tracing::info!(lsn = %dead.lsn, xid = dead.xid, dead_letter_topic = %topic,
+                        "an earlier run already dead-lettered this row; not sent again");
+                    // A rejected record's event is complete: its dead letter is in Kafka.
+                    if let Some(token) = token {
+                        self.progress.settle(token);
+                    }
+                    return Ok(());
+                }
+                Some(false) => {}
+            }
+        }
+        let lsn_text = dead.lsn.to_string();
+        let xid_text = dead.xid.to_string();
+        let (origin_header, origin) = match dead.prefix {
+            Some(prefix) => ("walship.prefix", prefix.to_owned()),
+            None => ("walship.table", self.relations.spec().table.to_string()),
+        };
+        let mut text = PositionText::default();
+        let source = Arc::clone(&self.source_id);
+        let mut headers: [(&str, Option<&[u8]>); 7] = [
+            ("walship.error", Some(dead.reason.as_bytes())),
+            ("walship.lsn", Some(lsn_text.as_bytes())),
+            ("walship.xid", Some(xid_text.as_bytes())),
+            (origin_header, Some(origin.as_bytes())),
+            (SOURCE_HEADER, Some(source.as_bytes())),
+            ("", None),
+            ("", None),
+        ];
+        let mut n = 5;
+        if let Some(position) = dead.position {
+            headers[n] = (POSITION_HEADER, Some(position.encode(&mut text)));
+            n += 1;
+        }
+        if let Some(id) = dead.id {
+            headers[n] = (ID_HEADER, Some(id));
+            n += 1;
+        }
+        let record = Record {
+            topic: &topic,
+            key,
+            payload: Some(dead.value),
+            headers: &headers[..n],
+            timestamp_ms: Some(dead.commit_ms),
+        };
+        tracing::warn!(lsn = %dead.lsn, xid = dead.xid, dead_letter_topic = %topic,
+            "dead-lettering outbox row: {}", dead.reason);
+        self.telemetry.dead_lettered.fetch_add(1, Ordering::Relaxed);
+        self.send(&record, dead.lsn, dead.xid, dead.commit_ms, cancel, token)
+            .await
+    }
+
+    /// Dead-letters the records the broker rejected for good since the last call, with their
+    /// transaction's xid, commit LSN and commit time.
+    pub(super) async fn dead_letter_rejected(
+        &mut self,
+        cancel: &CancellationToken,
+    ) -> Result<(), Error> {
+        for (token, rejected) in self.progress.take_rejected() {
+            if self.stop == Stop::Abandoned {
+                // Their transactions stay incomplete: read again on the next start.
+                break;
+            }
+            let reason = format!(
+                "{}; the record (key and {} bytes of value) was not accepted by topic {:?}",
+                rejected.error, rejected.payload_len, rejected.topic
+            );
+            let origin = self.progress.origin(token).unwrap_or_default();
+            let key = rejected.key.clone();
+            let id = rejected.id.clone();
+            let dead = DeadLetter {
+                reason: &reason,
+                key: key.as_deref(),
+                value: b"",
+                lsn: origin.commit_lsn,
+                xid: origin.xid,
+                commit_ms: origin.commit_time_ms,
+                position: rejected.position,
+                id: id.as_deref(),
+                prefix: None,
+            };
+            self.dead_letter(dead, cancel, Some(token)).await?;
+        }
+        Ok(())
+    }
+}

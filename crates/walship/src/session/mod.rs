@@ -1,0 +1,527 @@
+//! One streaming session: WAL source → decode → extract → route → event sink, on one task.
+//!
+//! Owns one session's state — the open transaction, the stop state, when status was last
+//! reported — and the loop that drives it. The I/O sits behind the two seams of [`seams`]: a
+//! [`WalSource`] (frames in, standby status out; [`PgSource`] in production) and an
+//! [`EventSink`] (records out, acknowledgements reported to [`Progress`]; [`KafkaSink`] in
+//! production), so the whole session runs in unit tests against in-memory fakes.
+//!
+//! ```text
+//!  WalSource::fill/try_next ─▶ Decoder ─▶ events: Relations::extract ─▶ TopicRouter ─▶ EventSink::send ─▶ broker
+//!        ▲                                        └─ dead_letter (bad rows, rejected records) ──┘   │ ack
+//!        └─ WalSource::send_status(Progress::safe_lsn) ◀──────────── Progress ◀───────────────────┘
+//! ```
+//!
+//! Invariants:
+//! - Only committed transactions arrive here (protocol v1 without streaming decodes a
+//!   transaction when it commits), so rows are produced as they arrive and only the LSN waits
+//!   for the commit and the acks.
+//! - The position reported to PostgreSQL is always [`Progress::safe_lsn`]: never a position
+//!   whose events are not all acknowledged.
+//! - When the producer queue is full the loop stops reading (TCP backpressure reaches the
+//!   walsender) but keeps sending standby status, so `wal_sender_timeout` never fires. The same
+//!   holds while an event waits for the broker (a topic check, a resume lookup), and a stop
+//!   request does not wait for such a round trip.
+//! - A transactional logical message with a configured prefix is an event like an outbox row:
+//!   it takes the next index of its transaction's positions (rows and messages share one
+//!   sequence, in WAL order) and goes through the same produce path. A non-transactional one
+//!   with such a prefix is a bad row, never an event (it would be published even if its
+//!   transaction rolled back).
+//! - After an unclean stop, an event is left out only when [`Resume`] read back a record of this
+//!   source with its position and outbox id from its topic; such an event is not counted in its
+//!   transaction, so the transaction completes on the acks of the events actually sent.
+
+mod dead_letter;
+mod events;
+pub mod seams;
+#[cfg(test)]
+mod tests;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use pgoutput::{Begin, Decoder, Lsn};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use walship_kafka::{Record, SendError, TopicRouter};
+use walship_postgres::{Frame, PgError, Relations};
+
+pub use seams::{EventSink, KafkaSink, PgSource, WalSource};
+
+use crate::error::Error;
+use crate::progress::{Progress, TxnOrigin, TxnToken};
+use crate::resume::Resume;
+use crate::settings::SessionSettings;
+use crate::telemetry::Telemetry;
+use std::sync::atomic::Ordering;
+
+/// Least time between two standby status updates that report a new position.
+const MIN_STATUS_GAP: Duration = Duration::from_millis(2);
+/// A broker round trip the stream waits for is logged once it takes this long.
+const BROKER_WAIT_NOTICE: Duration = Duration::from_secs(5);
+
+/// The transaction currently being decoded.
+struct OpenTxn {
+    begin: Begin,
+    token: Option<TxnToken>,
+    sent: u64,
+    /// Outbox rows and messages seen so far: the next event's index in its [`walship_kafka::Position`].
+    rows: u32,
+}
+
+/// Where the session is on its way to a stop. Set in one place ([`Session::note_stop`],
+/// [`Session::abandon`]) and read by every wait.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    /// No stop requested.
+    Streaming,
+    /// A stop was requested: finish the open transaction by `deadline`, then shut down.
+    Finishing { deadline: Instant },
+    /// The open transaction could not be finished: shut down without sealing it, so the
+    /// confirmed position stays before it and it is read again on the next start.
+    Abandoned,
+}
+
+/// Counters of one session, for logs and tests.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SessionStats {
+    /// Outbox events handed to the producer.
+    pub events_sent: u64,
+    /// Committed transactions seen.
+    pub transactions: u64,
+}
+
+/// A streaming session: see the module documentation.
+pub struct Session<W: WalSource, K: EventSink> {
+    source: W,
+    sink: K,
+    decoder: Decoder,
+    relations: Relations,
+    router: TopicRouter,
+    progress: Arc<Progress>,
+    settings: SessionSettings,
+    telemetry: Arc<Telemetry>,
+    /// Value of the `walship.source` header: who wrote the record.
+    source_id: Arc<str>,
+    /// Set after a start that may follow an unclean stop, until the stream passes what an
+    /// earlier run can have delivered.
+    resume: Option<Resume>,
+    txn: Option<OpenTxn>,
+    last_reported: Lsn,
+    last_status_at: Instant,
+    stats: SessionStats,
+    stop: Stop,
+}
+
+impl<W: WalSource, K: EventSink> Session<W, K> {
+    /// Wires a started source to a sink. Contains no processing logic. `source_id` is the value
+    /// of the `walship.source` header (`<system id>/<slot>`); `resume` is set when the session
+    /// starts behind what an earlier run may have delivered.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        source: W,
+        sink: K,
+        relations: Relations,
+        router: TopicRouter,
+        progress: Arc<Progress>,
+        settings: SessionSettings,
+        telemetry: Arc<Telemetry>,
+        source_id: &str,
+        resume: Option<Resume>,
+    ) -> Self {
+        if settings.dead_letter_topic.is_some() {
+            progress.enable_dead_letter();
+        }
+        Session {
+            source,
+            sink,
+            decoder: Decoder::new(1),
+            relations,
+            router,
+            last_reported: progress.safe_lsn(),
+            progress,
+            settings: SessionSettings {
+                max_in_flight: settings.max_in_flight.max(2),
+                max_pending: settings.max_pending.max(2),
+                ..settings
+            },
+            telemetry,
+            source_id: Arc::from(source_id),
+            resume,
+            txn: None,
+            last_status_at: Instant::now(),
+            stats: SessionStats::default(),
+            stop: Stop::Streaming,
+        }
+    }
+
+    /// Streams until `cancel` fires (then drains and confirms) or an error occurs.
+    ///
+    /// On cancellation the transaction being decoded is finished first (bounded by the shutdown
+    /// timeout), so a graceful stop leaves nothing half-sent to be duplicated on restart.
+    pub async fn run(mut self, cancel: &CancellationToken) -> Result<SessionStats, Error> {
+        loop {
+            // Checked once per read buffer, not per message: `is_cancelled` takes a lock.
+            self.note_stop(cancel);
+            while let Some(frame) = self.source.try_next()? {
+                self.handle(frame, cancel).await?;
+                // A wait inside `handle` can have seen the stop request mid-buffer.
+                if self.stop == Stop::Abandoned
+                    || (self.stop != Stop::Streaming && self.txn.is_none())
+                {
+                    return self.shutdown().await;
+                }
+            }
+            self.check_failure()?;
+            self.dead_letter_rejected(cancel).await?;
+            self.note_stop(cancel);
+            match self.stop {
+                Stop::Abandoned => return self.shutdown().await,
+                Stop::Finishing { .. } if self.txn.is_none() => return self.shutdown().await,
+                // Out of time for the rest of the open transaction: it stays unsealed.
+                Stop::Finishing { deadline } if Instant::now() >= deadline => {
+                    return self.shutdown().await;
+                }
+                _ => {}
+            }
+            if Instant::now() >= self.status_due() {
+                self.report(false).await?;
+            }
+            let due = self.status_due();
+            let (wake, stopping) = match self.stop {
+                Stop::Finishing { deadline } => (deadline.min(due), true),
+                _ => (due, false),
+            };
+            let nothing_to_report = self.progress.safe_lsn() <= self.last_reported;
+            let progress = Arc::clone(&self.progress);
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled(), if !stopping => {}
+                r = self.source.fill() => r?,
+                // Idle and caught up: report a newly safe position promptly, not a whole
+                // status interval later.
+                _ = progress.wait_for_advance(self.last_reported), if nothing_to_report => {}
+                _ = tokio::time::sleep_until(wake) => {}
+            }
+        }
+    }
+
+    /// Turns a stop request into [`Stop::Finishing`] with the shutdown timeout as deadline.
+    fn note_stop(&mut self, cancel: &CancellationToken) {
+        if self.stop == Stop::Streaming && cancel.is_cancelled() {
+            self.stop = Stop::Finishing {
+                deadline: Instant::now() + self.settings.shutdown_timeout,
+            };
+        }
+    }
+
+    /// The deadline of a requested stop, if one is under way.
+    fn stop_deadline(&self) -> Option<Instant> {
+        match self.stop {
+            Stop::Finishing { deadline } => Some(deadline),
+            _ => None,
+        }
+    }
+
+    async fn handle(&mut self, frame: Frame, cancel: &CancellationToken) -> Result<(), Error> {
+        match frame {
+            Frame::Keepalive {
+                wal_end,
+                reply_requested,
+                ..
+            } => {
+                // Everything before wal_end has been sent to us and processed; outside a
+                // transaction nothing of it is pending here, so an idle or filtered stream can
+                // confirm it (after any earlier transactions are acknowledged).
+                if self.txn.is_none() {
+                    self.progress.complete_empty(wal_end);
+                    // Past everything an earlier run can have sent: release the scanner's
+                    // connections now rather than at the next transaction.
+                    if self.resume.as_ref().is_some_and(|r| !r.covers(wal_end)) {
+                        self.end_resume();
+                    }
+                }
+                if reply_requested || self.progress.safe_lsn() > self.last_reported {
+                    self.report(reply_requested).await?;
+                }
+                Ok(())
+            }
+            Frame::XLogData {
+                wal_start, data, ..
+            } => {
+                let msg = self.decoder.decode(data).map_err(|error| PgError::Decode {
+                    lsn: wal_start,
+                    error,
+                })?;
+                self.handle_message(msg, wal_start, cancel).await
+            }
+        }
+    }
+
+    /// Hands a record to the producer, waiting for room (backpressure) when the in-flight window
+    /// or librdkafka's queue is full. With `token` unset the record is a new event of the open
+    /// transaction; with `token` set it replaces an already counted event of that transaction.
+    #[allow(clippy::too_many_arguments)]
+    async fn send(
+        &mut self,
+        record: &Record<'_>,
+        lsn: Lsn,
+        xid: u32,
+        commit_ms: i64,
+        cancel: &CancellationToken,
+        token: Option<TxnToken>,
+    ) -> Result<(), Error> {
+        let replaces = token.is_some();
+        let mut token = token.or_else(|| self.txn.as_ref().and_then(|t| t.token));
+        loop {
+            let mut queue_full = false;
+            // A new transaction adds an entry to the tracker: only below the pending bound.
+            let room = self.progress.in_flight() < self.settings.max_in_flight
+                && (token.is_some()
+                    || self.progress.pending_transactions() < self.settings.max_pending);
+            if room {
+                let t = match token {
+                    Some(t) => t,
+                    None => {
+                        let origin = TxnOrigin {
+                            xid,
+                            commit_lsn: self.txn.as_ref().map_or(lsn, |t| t.begin.final_lsn),
+                            commit_time_ms: commit_ms,
+                        };
+                        let t = self.progress.open(origin);
+                        if let Some(txn) = self.txn.as_mut() {
+                            txn.token = Some(t);
+                        }
+                        token = Some(t);
+                        t
+                    }
+                };
+                match self.sink.send(record, t as usize) {
+                    Ok(()) => {
+                        self.progress.note_sent();
+                        break;
+                    }
+                    Err(SendError::QueueFull) => queue_full = true,
+                    Err(SendError::Rejected { topic, error }) => {
+                        let class = walship_kafka::sink::classify(&error);
+                        self.telemetry.count_error(class);
+                        return Err(match class {
+                            walship_kafka::ErrorClass::Transient => {
+                                Error::Delivery(walship_kafka::DeliveryError {
+                                    topic,
+                                    partition: -1,
+                                    key: None,
+                                    payload_len: 0,
+                                    position: None,
+                                    id: None,
+                                    error,
+                                })
+                            }
+                            walship_kafka::ErrorClass::Record => Error::Record {
+                                lsn,
+                                xid,
+                                topic,
+                                error: error.to_string(),
+                            },
+                            walship_kafka::ErrorClass::Fatal => Error::Producer(format!(
+                                "record at LSN {lsn} for topic {topic:?}: {error}"
+                            )),
+                        });
+                    }
+                }
+            }
+            // Backpressure: stop reading until half the in-flight window is acknowledged, but
+            // keep the walsender informed so it does not time us out.
+            self.check_failure()?;
+            self.note_stop(cancel);
+            if self.stop_deadline().is_some_and(|d| Instant::now() >= d) {
+                // Out of time: this event was not sent. Its transaction is never sealed, so the
+                // confirmed position stays before it and the whole transaction is read again
+                // on the next start.
+                self.stop = Stop::Abandoned;
+                return Ok(());
+            }
+            if Instant::now() >= self.status_due() {
+                self.report(false).await?;
+            }
+            // A record the broker refused keeps its transaction pending until its dead letter
+            // is sent; waiting for pending room meanwhile would wait for ever.
+            if token.is_none() && self.progress.has_rejected() {
+                Box::pin(self.dead_letter_rejected(cancel)).await?;
+                continue;
+            }
+            // Waiting for the pending bound: wake once the oldest transactions complete.
+            let pending_low = token
+                .is_none()
+                .then(|| self.settings.max_pending.saturating_sub(1));
+            // librdkafka's own queue can fill below the in-flight window (a small
+            // `queue.buffering.max.messages`): then wait for the next acknowledgement.
+            let in_flight = self.progress.in_flight();
+            let low_water = if queue_full {
+                in_flight
+                    .saturating_sub(1)
+                    .min(self.settings.max_in_flight / 2)
+            } else {
+                self.settings.max_in_flight / 2
+            };
+            self.progress
+                .wait_for_room(low_water, pending_low, Duration::from_millis(100))
+                .await;
+            if queue_full && in_flight == 0 {
+                // A full queue holding nothing of this session's: nothing will wake us, so
+                // look again shortly rather than spin.
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+        if !replaces {
+            if let Some(txn) = self.txn.as_mut() {
+                txn.sent += 1;
+            }
+            self.stats.events_sent += 1;
+        }
+        Ok(())
+    }
+
+    /// Makes sure `topic` exists (creating it if configured to) before its first record. False
+    /// when a stop abandoned the session meanwhile (see [`Session::await_broker`]).
+    async fn ensure_topic(
+        &mut self,
+        topic: &str,
+        cancel: &CancellationToken,
+        abandonable: bool,
+    ) -> Result<bool, Error> {
+        let Some(check) = self.sink.check_topic(topic) else {
+            return Ok(true);
+        };
+        let what = format!("checking that topic {topic:?} exists");
+        let Some(checked) = self.await_broker(&what, check, cancel, abandonable).await? else {
+            return Ok(false);
+        };
+        checked?;
+        self.sink.topic_exists(topic);
+        Ok(true)
+    }
+
+    /// Waits for `work` (a broker round trip an event must wait for: a topic check, a resume
+    /// lookup) while sending standby status, so `wal_sender_timeout` never fires.
+    ///
+    /// A stop request does not wait for the broker: when `abandonable` and nothing of the open
+    /// transaction was sent yet, the session is abandoned at once; otherwise `work` gets until
+    /// the shutdown timeout to finish the transaction. `None` when abandoned (the transaction
+    /// stays unsealed, so the confirmed position stays before it and it is read again on the
+    /// next start).
+    async fn await_broker<T>(
+        &mut self,
+        what: &str,
+        work: impl Future<Output = T>,
+        cancel: &CancellationToken,
+        abandonable: bool,
+    ) -> Result<Option<T>, Error> {
+        let nothing_sent = abandonable && self.txn.as_ref().is_none_or(|t| t.sent == 0);
+        self.note_stop(cancel);
+        if nothing_sent && self.stop != Stop::Streaming {
+            return Ok(self.abandon());
+        }
+        tokio::pin!(work);
+        let notice = tokio::time::sleep(BROKER_WAIT_NOTICE);
+        tokio::pin!(notice);
+        let mut noticed = false;
+        loop {
+            let deadline = self.stop_deadline();
+            tokio::select! {
+                out = &mut work => return Ok(Some(out)),
+                () = &mut notice, if !noticed => {
+                    noticed = true;
+                    tracing::warn!(
+                        "waiting {} s for the broker ({what}); the replication stream waits too",
+                        BROKER_WAIT_NOTICE.as_secs()
+                    );
+                }
+                _ = cancel.cancelled(), if deadline.is_none() => {
+                    if nothing_sent {
+                        return Ok(self.abandon());
+                    }
+                    self.note_stop(cancel);
+                }
+                _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)),
+                    if deadline.is_some() => return Ok(self.abandon()),
+                _ = tokio::time::sleep(self.settings.status_interval) => self.report(false).await?,
+            }
+        }
+    }
+
+    /// Gives up the open transaction on the way to a stop; see [`Session::await_broker`].
+    fn abandon<T>(&mut self) -> Option<T> {
+        let lsn = self.txn.as_ref().map(|t| t.begin.final_lsn);
+        tracing::info!(
+            commit_lsn = ?lsn,
+            "stopping without waiting for the broker: the transaction being read stays \
+             unconfirmed and is read again on the next start"
+        );
+        self.stop = Stop::Abandoned;
+        None
+    }
+
+    /// The stream is past everything an earlier run can have sent: forget its deliveries.
+    fn end_resume(&mut self) {
+        if let Some(resume) = self.resume.take()
+            && resume.skipped() > 0
+        {
+            tracing::info!(
+                skipped = resume.skipped(),
+                "resumed: {} events an earlier run had already delivered were not sent again",
+                resume.skipped()
+            );
+        }
+    }
+
+    fn check_failure(&self) -> Result<(), Error> {
+        if self.progress.has_failed()
+            && let Some(f) = self.progress.take_failure()
+        {
+            return Err(Error::Delivery(f));
+        }
+        Ok(())
+    }
+
+    /// When the next standby status is due: soon after the safe position moved (at most one
+    /// every [`MIN_STATUS_GAP`]), else after the configured interval as a heartbeat.
+    fn status_due(&self) -> Instant {
+        if self.progress.safe_lsn() > self.last_reported {
+            self.last_status_at + MIN_STATUS_GAP
+        } else {
+            self.last_status_at + self.settings.status_interval
+        }
+    }
+
+    async fn report(&mut self, reply_requested: bool) -> Result<(), Error> {
+        let safe = self.progress.safe_lsn();
+        self.source.send_status(safe, reply_requested).await?;
+        self.last_reported = safe;
+        self.last_status_at = Instant::now();
+        self.telemetry.safe_lsn.store(safe.0, Ordering::Relaxed);
+        self.telemetry
+            .in_flight
+            .store(self.progress.in_flight(), Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Stops reading, waits for acknowledgements, confirms the final safe position.
+    async fn shutdown(mut self) -> Result<SessionStats, Error> {
+        let left = self.sink.flush(self.settings.shutdown_timeout).await;
+        if left > 0 {
+            tracing::warn!(
+                in_flight = left,
+                "shutdown: {left} records not acknowledged within run.shutdown_timeout_ms; they stay \
+                 unconfirmed and will be sent again on the next start"
+            );
+        }
+        self.check_failure()?;
+        let safe = self.progress.safe_lsn();
+        self.source.send_status(safe, false).await?;
+        self.telemetry.safe_lsn.store(safe.0, Ordering::Relaxed);
+        self.source.finish().await?;
+        tracing::info!(confirmed_lsn = %safe, events = self.stats.events_sent, "stopped; slot confirmed");
+        Ok(self.stats)
+    }
+}

@@ -1,0 +1,237 @@
+//! The session's two seams: where WAL comes from and where events go.
+//!
+//! Owns the traits [`WalSource`] and [`EventSink`] and their production implementations,
+//! [`PgSource`] (a replication stream plus a catalog connection) and [`KafkaSink`] (the
+//! producer plus the resume scanner). The session core is generic over both, so its unit tests
+//! drive it with in-memory fakes.
+//!
+//! Invariant: a sink reports every record it accepted exactly once, through the
+//! [`Progress`] it was built with (its `DeliveryListener`), and a record it refused is never
+//! reported; a source's `send_status` is the only way a position reaches PostgreSQL.
+
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use pgoutput::Lsn;
+use tokio_postgres::Client;
+use walship_kafka::{Delivered, Record, ResumeScanner, SendError, Sink, SinkSettings, TopicError};
+use walship_postgres::{Frame, PgError, ReplicationStream, TableName};
+
+use crate::progress::Progress;
+
+/// Longest one topic's read-back may take (the replication stream waits meanwhile).
+const SCAN_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A started logical replication stream, and the catalog for what the stream cannot tell.
+pub trait WalSource: Send {
+    /// The next frame already received, without waiting; `None` when none is buffered.
+    fn try_next(&mut self) -> Result<Option<Frame>, PgError>;
+
+    /// Waits until more of the stream has arrived. Cancel-safe: dropping it loses nothing.
+    fn fill(&mut self) -> impl Future<Output = Result<(), PgError>> + Send;
+
+    /// Reports `flushed` as written, flushed and applied: the slot may move there.
+    fn send_status(
+        &mut self,
+        flushed: Lsn,
+        reply_requested: bool,
+    ) -> impl Future<Output = Result<(), PgError>> + Send;
+
+    /// Ends the stream cleanly once the server has processed every status sent before.
+    fn finish(self) -> impl Future<Output = Result<(), PgError>> + Send
+    where
+        Self: Sized;
+
+    /// Asks the catalog about relation `oid`: its current name, and whether it sits under
+    /// `root` (the outbox, configured as `table`). `None` when the relation is gone or the
+    /// source has no catalog connection.
+    fn place_relation(
+        &mut self,
+        oid: u32,
+        root: u32,
+        table: &TableName,
+    ) -> impl Future<Output = Result<Option<(TableName, bool)>, PgError>> + Send;
+}
+
+/// Where records go: hands them to the broker and reports acknowledgements to the session's
+/// [`Progress`] (out of band, in any order).
+pub trait EventSink: Send {
+    /// Hands `record` over; its outcome is reported with `token`. `QueueFull` is backpressure:
+    /// try again after some acknowledgements.
+    fn send(&mut self, record: &Record<'_>, token: usize) -> Result<(), SendError>;
+
+    /// `None` when `topic` is known to exist; else the check (creating it if configured to),
+    /// borrowing nothing so the session can keep the walsender informed while it runs.
+    fn check_topic(
+        &mut self,
+        topic: &str,
+    ) -> Option<impl Future<Output = Result<(), TopicError>> + Send + 'static>;
+
+    /// Remembers that `topic` exists.
+    fn topic_exists(&mut self, topic: &str);
+
+    /// Reads `topic` back: the positions at or after `since` that this source (`source`, the
+    /// `walship.source` header) already wrote there, at most `limit` of them. An error is a
+    /// reason to log; the events are then sent again.
+    fn read_back(
+        &mut self,
+        topic: &str,
+        source: &str,
+        since: Lsn,
+        limit: usize,
+    ) -> impl Future<Output = Result<Delivered, String>> + Send + 'static;
+
+    /// Waits up to `timeout` for every accepted record to be reported; returns how many were
+    /// not.
+    fn flush(&mut self, timeout: Duration) -> impl Future<Output = i32> + Send;
+}
+
+/// [`WalSource`] over PostgreSQL: the replication stream, and a SQL connection for catalog
+/// lookups (`None`: relations the session's outbox scope does not know stay unplaced).
+pub struct PgSource {
+    stream: ReplicationStream,
+    catalog: Option<Client>,
+}
+
+impl PgSource {
+    /// Pairs a started stream with a catalog connection.
+    pub fn new(stream: ReplicationStream, catalog: Option<Client>) -> Self {
+        PgSource { stream, catalog }
+    }
+}
+
+impl WalSource for PgSource {
+    fn try_next(&mut self) -> Result<Option<Frame>, PgError> {
+        self.stream.try_next()
+    }
+
+    fn fill(&mut self) -> impl Future<Output = Result<(), PgError>> + Send {
+        self.stream.fill()
+    }
+
+    fn send_status(
+        &mut self,
+        flushed: Lsn,
+        reply_requested: bool,
+    ) -> impl Future<Output = Result<(), PgError>> + Send {
+        self.stream.send_status(flushed, reply_requested)
+    }
+
+    fn finish(self) -> impl Future<Output = Result<(), PgError>> + Send {
+        self.stream.finish()
+    }
+
+    async fn place_relation(
+        &mut self,
+        oid: u32,
+        root: u32,
+        table: &TableName,
+    ) -> Result<Option<(TableName, bool)>, PgError> {
+        match &self.catalog {
+            Some(client) => {
+                walship_postgres::catalog::place_relation(client, oid, root, table).await
+            }
+            None => Ok(None),
+        }
+    }
+}
+
+/// [`EventSink`] over Kafka: the session's producer, and a consumer (created on first use,
+/// kept for the next topic) that reads topics back after an unclean stop.
+pub struct KafkaSink {
+    sink: Sink<Progress>,
+    settings: SinkSettings,
+    scanner: Arc<Mutex<Option<ResumeScanner>>>,
+}
+
+impl KafkaSink {
+    /// Creates the producer; acknowledgements go to `progress`. A librdkafka error is returned
+    /// with every secret property value masked (librdkafka echoes rejected values).
+    pub fn new(settings: SinkSettings, progress: Arc<Progress>) -> Result<Self, crate::Error> {
+        let sink = Sink::new(settings.clone(), progress).map_err(|e| {
+            let mut text = e.to_string();
+            for secret in settings
+                .secret_properties
+                .values()
+                .filter(|v| !v.is_empty())
+            {
+                text = text.replace(secret.as_str(), "***");
+            }
+            crate::Error::Producer(text)
+        })?;
+        Ok(KafkaSink {
+            sink,
+            settings,
+            scanner: Arc::default(),
+        })
+    }
+
+    /// Resolves once the producer is destroyed after this sink is dropped (see
+    /// [`Sink::destroyed`]): the next session's producer must not start before.
+    pub fn destroyed(&mut self) -> impl Future<Output = ()> + Send + 'static {
+        self.sink.destroyed()
+    }
+}
+
+impl EventSink for KafkaSink {
+    fn send(&mut self, record: &Record<'_>, token: usize) -> Result<(), SendError> {
+        self.sink.send(record, token)
+    }
+
+    fn check_topic(
+        &mut self,
+        topic: &str,
+    ) -> Option<impl Future<Output = Result<(), TopicError>> + Send + 'static> {
+        self.sink.check_topic(topic)
+    }
+
+    fn topic_exists(&mut self, topic: &str) {
+        self.sink.topic_exists(topic);
+    }
+
+    fn read_back(
+        &mut self,
+        topic: &str,
+        source: &str,
+        since: Lsn,
+        limit: usize,
+    ) -> impl Future<Output = Result<Delivered, String>> + Send + 'static {
+        let (settings, scanner) = (self.settings.clone(), Arc::clone(&self.scanner));
+        let (topic, source) = (topic.to_owned(), source.to_owned());
+        // The consumer blocks: off the async runtime.
+        let scan = tokio::task::spawn_blocking(move || {
+            let mut held = scanner.lock().unwrap_or_else(|e| e.into_inner());
+            if held.is_none() {
+                *held = Some(
+                    ResumeScanner::new(&settings, &source, SCAN_TIMEOUT)
+                        .map_err(|e| e.to_string())?,
+                );
+            }
+            let found = held.as_ref().map(|s| s.delivered(&topic, since.0, limit));
+            found
+                .unwrap_or_else(|| Ok(Delivered::default()))
+                .map_err(|e| e.to_string())
+        });
+        async move {
+            scan.await
+                .unwrap_or_else(|e| Err(format!("the read-back did not finish: {e}")))
+        }
+    }
+
+    fn flush(&mut self, timeout: Duration) -> impl Future<Output = i32> + Send {
+        self.sink.flush(timeout)
+    }
+}
+
+impl Drop for KafkaSink {
+    fn drop(&mut self) {
+        // Closing a consumer waits for its threads: not on the async runtime.
+        let scanner = self.scanner.lock().ok().and_then(|mut s| s.take());
+        if let Some(scanner) = scanner
+            && let Ok(handle) = tokio::runtime::Handle::try_current()
+        {
+            handle.spawn_blocking(move || drop(scanner));
+        }
+    }
+}
