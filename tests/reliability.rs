@@ -18,7 +18,7 @@ use crate::harness::{
 /// Writes `per_key` single-event transactions for each of `keys`, interleaved round-robin,
 /// pipelined on one connection (so commit order per key is the order written): outbox rows, or
 /// with `messages` transactional logical messages with prefix `outbox`. Returns ids.
-async fn write_events(
+pub(crate) async fn write_events(
     client: &Client,
     keys: &[String],
     per_key: u64,
@@ -57,7 +57,7 @@ async fn write_events(
 }
 
 /// Per key, the payload `seq`s in consumed order with repeats removed (first occurrence kept).
-fn deduped_seqs(records: &[harness::Consumed]) -> BTreeMap<String, Vec<u64>> {
+pub(crate) fn deduped_seqs(records: &[harness::Consumed]) -> BTreeMap<String, Vec<u64>> {
     let mut out = BTreeMap::new();
     for ((_, key), recs) in harness::by_key(records) {
         let mut seen = HashSet::new();
