@@ -21,12 +21,11 @@ use serde::Serialize;
 use tokio_postgres::Client;
 use walship_kafka::RouteError;
 use walship_kafka::probe::{self, ClusterInfo};
-use walship_postgres::preflight::{
+use walship_postgres::catalog::{
     self, ColumnInfo, PublicationInfo, ReplicationUsage, RoleInfo, ServerSettings, TableInfo,
 };
 use walship_postgres::replication::ConnectParams;
-use walship_postgres::slot::{self, quote_ident};
-use walship_postgres::{OutboxSpec, PgError, SlotState, TableName};
+use walship_postgres::{OutboxSpec, PgError, SlotState, TableName, management, quote_ident, setup};
 
 use crate::config::{BadRowPolicy, Config};
 
@@ -244,15 +243,15 @@ async fn postgres_checks(config: &Config, checks: &mut Vec<Check>) -> AggregateT
     let slot_name = config.postgres.slot.as_str();
 
     // Server settings, capacity and the role.
-    let state = slot::slot_state(&client, slot_name).await;
-    match preflight::server_settings(&client).await {
+    let state = catalog::slot_state(&client, slot_name).await;
+    match catalog::server_settings(&client).await {
         Ok(settings) => {
             checks.push(wal_level_check(&settings.wal_level));
             checks.extend(message_check(
                 &config.outbox.message_prefixes,
                 &settings.server_version,
             ));
-            match (preflight::replication_usage(&client).await, &state) {
+            match (catalog::replication_usage(&client).await, &state) {
                 (Ok(usage), Ok(state)) => {
                     checks.extend(capacity_checks(&settings, usage, state.as_ref()))
                 }
@@ -266,7 +265,7 @@ async fn postgres_checks(config: &Config, checks: &mut Vec<Check>) -> AggregateT
 
     // The outbox table and its columns.
     let mut columns = None;
-    let table = match preflight::table_info(&client, &spec.table).await {
+    let table = match catalog::table_info(&client, &spec.table).await {
         Err(e) => {
             checks.push(query_failed("outbox.table", &e));
             None
@@ -293,7 +292,7 @@ async fn postgres_checks(config: &Config, checks: &mut Vec<Check>) -> AggregateT
                     info.owner
                 ),
             ));
-            match preflight::table_columns(&client, info.oid).await {
+            match catalog::table_columns(&client, info.oid).await {
                 Ok(cols) => {
                     checks.extend(column_checks(&spec, &cols));
                     columns = Some(cols);
@@ -307,7 +306,7 @@ async fn postgres_checks(config: &Config, checks: &mut Vec<Check>) -> AggregateT
     // The publication: whether it sends the outbox's rows is the stream's own rule
     // (walship_postgres::catalog), partitions included.
     let family = match table {
-        Some(_) => match walship_postgres::catalog::outbox_family(&client, &spec.table).await {
+        Some(_) => match catalog::outbox_family(&client, &spec.table).await {
             Ok(f) => f,
             Err(e) => {
                 checks.push(query_failed("outbox.partitions", &e));
@@ -316,7 +315,7 @@ async fn postgres_checks(config: &Config, checks: &mut Vec<Check>) -> AggregateT
         },
         None => None,
     };
-    match preflight::publication_info(&client, &config.postgres.publication).await {
+    match catalog::publication_info(&client, &config.postgres.publication).await {
         Ok(publication) => checks.extend(publication_checks(
             &config.postgres.publication,
             config.postgres.create_publication,
@@ -332,7 +331,7 @@ async fn postgres_checks(config: &Config, checks: &mut Vec<Check>) -> AggregateT
     // The slot.
     // A missing slot that walship created before was dropped: run refuses to re-create it.
     let dropped = match (&state, config.slot_history().table) {
-        (Ok(None), Some(table)) => slot::created_before(&client, &table, slot_name)
+        (Ok(None), Some(table)) => setup::created_before(&client, &table, slot_name)
             .await
             .ok()
             .flatten()
@@ -357,7 +356,7 @@ async fn postgres_checks(config: &Config, checks: &mut Vec<Check>) -> AggregateT
             }
         }
         Ok(state) => {
-            let current = slot::current_wal_lsn(&client).await.ok();
+            let current = catalog::current_wal_lsn(&client).await.ok();
             checks.extend(slot_checks(
                 slot_name,
                 config.postgres.create_slot,
@@ -398,7 +397,7 @@ async fn postgres_checks(config: &Config, checks: &mut Vec<Check>) -> AggregateT
             quote_ident(&role.name)
         ));
     }
-    match preflight::distinct_values(
+    match catalog::distinct_values(
         &client,
         &spec.table,
         &spec.aggregate_type,
@@ -451,7 +450,7 @@ async fn connect_check(config: &Config, checks: &mut Vec<Check>) -> Option<(Clie
             return None;
         }
     };
-    let connect = slot::connect(&params, password.as_ref().map(|p| p.expose().as_bytes()));
+    let connect = management::connect(&params, password.as_ref().map(|p| p.expose().as_bytes()));
     let client = match tokio::time::timeout(PG_CONNECT_TIMEOUT * 2, connect).await {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
@@ -472,14 +471,14 @@ async fn connect_check(config: &Config, checks: &mut Vec<Check>) -> Option<(Clie
     let _ = client
         .batch_execute(&format!("SET statement_timeout = '{PG_STATEMENT_TIMEOUT}'"))
         .await;
-    let role = match preflight::role_info(&client).await {
+    let role = match catalog::role_info(&client).await {
         Ok(r) => r,
         Err(e) => {
             checks.push(query_failed(NAME, &e));
             return None;
         }
     };
-    let version = preflight::server_settings(&client)
+    let version = catalog::server_settings(&client)
         .await
         .map(|s| format!(", PostgreSQL {}", s.server_version))
         .unwrap_or_default();
@@ -885,10 +884,7 @@ fn publication_checks(
     role: &RoleInfo,
 ) -> Vec<Check> {
     const NAME: &str = "postgres.publication";
-    let create_sql = format!(
-        "{};",
-        walship_postgres::catalog::create_publication_sql(publication, table)
-    );
+    let create_sql = format!("{};", catalog::create_publication_sql(publication, table));
     let Some(info) = info else {
         if !create {
             return vec![Check::fail(
@@ -1127,7 +1123,7 @@ pub fn slot_checks(
     const LAG: &str = "postgres.slot.lag";
     match (current_wal_lsn, state.confirmed_flush_lsn) {
         (Some(current), Some(confirmed)) => {
-            let lag = preflight::lag_bytes(current, confirmed);
+            let lag = catalog::lag_bytes(current, confirmed);
             let message = format!(
                 "confirmed_flush_lsn {confirmed} is {} behind pg_current_wal_lsn() {current}",
                 human_bytes(lag)

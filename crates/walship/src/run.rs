@@ -16,7 +16,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use walship_kafka::{Sink, TopicRouter};
 use walship_postgres::replication::ConnectParams;
-use walship_postgres::{Relations, ReplicationStream, slot};
+use walship_postgres::{Relations, ReplicationStream, catalog, management, setup};
 
 use std::sync::atomic::Ordering;
 
@@ -168,12 +168,12 @@ async fn watch(
     loop {
         tokio::time::sleep(every).await;
         if client.is_none() {
-            client = slot::connect(&params, password.as_ref().map(|p| p.expose().as_bytes()))
+            client = management::connect(&params, password.as_ref().map(|p| p.expose().as_bytes()))
                 .await
                 .ok();
         }
         let Some(c) = &client else { continue };
-        match slot::watch(
+        match catalog::watch(
             c,
             &config.postgres.slot,
             &config.postgres.publication,
@@ -219,7 +219,9 @@ async fn heartbeat(params: ConnectParams, password: Option<Secret>, interval: Du
     loop {
         ticker.tick().await;
         if client.is_none() {
-            match slot::connect(&params, password.as_ref().map(|p| p.expose().as_bytes())).await {
+            match management::connect(&params, password.as_ref().map(|p| p.expose().as_bytes()))
+                .await
+            {
                 Ok(c) => client = Some(c),
                 Err(e) => {
                     tracing::warn!("heartbeat: {e}");
@@ -256,17 +258,17 @@ async fn preflight(
     params: &ConnectParams,
     password: Option<&Secret>,
 ) -> Result<(pgoutput::Lsn, u32), Error> {
-    let client = slot::connect(params, password.map(|p| p.expose().as_bytes())).await?;
-    slot::check_wal_level(&client).await?;
+    let client = management::connect(params, password.map(|p| p.expose().as_bytes())).await?;
+    catalog::check_wal_level(&client).await?;
     let spec = config.outbox_spec();
-    let scope = slot::ensure_publication(
+    let scope = setup::ensure_publication(
         &client,
         &config.postgres.publication,
         &spec.table,
         config.postgres.create_publication,
     )
     .await?;
-    let state = slot::ensure_slot(
+    let state = setup::ensure_slot(
         &client,
         &config.postgres.slot,
         config.postgres.create_slot,
@@ -293,8 +295,8 @@ async fn session(
     // Read the confirmed position first: it seeds the tracker so the first status update never
     // reports less than what is already confirmed. A slot that vanished since preflight is a
     // definite error (never re-created silently).
-    let client = slot::connect(params, pw).await?;
-    let state = slot::slot_state(&client, &config.postgres.slot).await?.ok_or_else(|| {
+    let client = management::connect(params, pw).await?;
+    let state = catalog::slot_state(&client, &config.postgres.slot).await?.ok_or_else(|| {
         walship_postgres::PgError::Setup(format!(
             "replication slot {:?} disappeared while walship was running; it will not be re-created \
              automatically because that would skip every event committed since it was dropped. \
@@ -302,11 +304,11 @@ async fn session(
             config.postgres.slot
         ))
     })?;
-    slot::validate_slot(&state)?;
+    catalog::validate_slot(&state)?;
     // Which relations are the outbox (its partitions too), as the catalog has them now; the
     // connection stays open for the rare relation only the catalog can place.
     let spec = config.outbox_spec();
-    let scope = slot::outbox_scope(&client, &config.postgres.publication, &spec.table).await?;
+    let scope = catalog::outbox_scope(&client, &config.postgres.publication, &spec.table).await?;
     let start = state.confirmed_flush_lsn.unwrap_or_default();
 
     let progress = Arc::new(Progress::with_telemetry(start, Arc::clone(telemetry)));

@@ -10,8 +10,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use serde::Serialize;
-use walship_postgres::preflight;
-use walship_postgres::slot;
+use walship_postgres::{catalog, management};
 
 use crate::check::human_bytes;
 use crate::config::Config;
@@ -154,15 +153,16 @@ impl SlotStatus {
 pub async fn read_status(config: &Config) -> Result<SlotStatus, Error> {
     let password = config.postgres_password()?;
     let params = config.connect_params()?;
-    let client = slot::connect(&params, password.as_ref().map(|p| p.expose().as_bytes())).await?;
+    let client =
+        management::connect(&params, password.as_ref().map(|p| p.expose().as_bytes())).await?;
     let name = &config.postgres.slot;
-    let state = slot::slot_state(&client, name).await?;
-    let extra = preflight::slot_extra(&client, name).await?;
-    let current = slot::current_wal_lsn(&client).await?;
-    let publication = preflight::publication_info(&client, &config.postgres.publication).await?;
+    let state = catalog::slot_state(&client, name).await?;
+    let extra = catalog::slot_extra(&client, name).await?;
+    let current = catalog::current_wal_lsn(&client).await?;
+    let publication = catalog::publication_info(&client, &config.postgres.publication).await?;
     let table = config.outbox_spec().table;
-    let family = walship_postgres::catalog::outbox_family(&client, &table).await?;
-    let outbox_problem = walship_postgres::catalog::publication_problem(
+    let family = catalog::outbox_family(&client, &table).await?;
+    let outbox_problem = catalog::publication_problem(
         &config.postgres.publication,
         &table,
         family.as_ref(),
@@ -190,11 +190,11 @@ pub async fn read_status(config: &Config) -> Result<SlotStatus, Error> {
         lag_bytes: state
             .as_ref()
             .and_then(|s| s.confirmed_flush_lsn)
-            .map(|l| preflight::lag_bytes(current, l)),
+            .map(|l| catalog::lag_bytes(current, l)),
         retained_wal_bytes: state
             .as_ref()
             .and_then(|s| s.restart_lsn)
-            .map(|l| preflight::lag_bytes(current, l)),
+            .map(|l| catalog::lag_bytes(current, l)),
         wal_status: state.as_ref().and_then(|s| s.wal_status.clone()),
         safe_wal_size: extra.and_then(|e| e.safe_wal_size),
         publication: config.postgres.publication.clone(),
