@@ -23,6 +23,7 @@ use walship_kafka::RouteError;
 use walship_kafka::probe::{self, ClusterInfo};
 use walship_postgres::catalog::{
     self, ColumnInfo, PublicationInfo, ReplicationUsage, RoleInfo, ServerSettings, TableInfo,
+    WalRetention,
 };
 use walship_postgres::replication::ConnectParams;
 use walship_postgres::{OutboxSpec, PgError, SlotState, TableName, management, quote_ident, setup};
@@ -591,7 +592,7 @@ pub fn message_check(prefixes: &[String], server_version: &str) -> Option<Check>
 /// `wal_level` must be `logical`.
 pub fn wal_level_check(level: &str) -> Check {
     const NAME: &str = "postgres.wal_level";
-    if level == "logical" {
+    if catalog::is_logical_wal_level(level) {
         Check::pass(NAME, "wal_level = logical")
     } else {
         Check::fail(
@@ -941,8 +942,11 @@ fn publication_checks(
             ),
         )];
     };
+    // The stream's own rule: the outbox's partitions count, and so does the partition-root
+    // option.
+    let coverage = info.coverage(table, family);
     let mut checks = Vec::new();
-    if family.map_or_else(|| info.includes(table), |f| info.publishes_outbox(f)) {
+    if coverage.outbox {
         checks.push(Check::pass(
             NAME,
             format!(
@@ -954,7 +958,7 @@ fn publication_checks(
                 }
             ),
         ));
-        if family.is_some_and(|f| f.partitioned) && !info.via_partition_root {
+        if coverage.partition_names {
             checks.push(Check::warn(
                 "postgres.publication.partition_root",
                 format!(
@@ -969,8 +973,7 @@ fn publication_checks(
             ));
         }
     } else {
-        let partitioned = table_info.is_some_and(|t| t.relkind == "p");
-        let fix = if partitioned && !info.via_partition_root {
+        let fix = if coverage.partition_names {
             format!(
                 "ALTER PUBLICATION {p} ADD TABLE {t}; ALTER PUBLICATION {p} SET \
                  (publish_via_partition_root = true); so events carry the parent table's name",
@@ -994,7 +997,7 @@ fn publication_checks(
             fix,
         ));
     }
-    if !info.publishes_insert {
+    if !coverage.inserts {
         checks.push(Check::fail(
             "postgres.publication.inserts",
             format!(
@@ -1043,11 +1046,13 @@ pub fn slot_checks(
     };
     let lsn_text = |l: Option<Lsn>| l.map_or_else(|| "unknown".to_owned(), |l| l.to_string());
     let mut checks = Vec::new();
-    let plugin = state.plugin.as_deref().unwrap_or("(none: physical slot)");
-    if plugin != "pgoutput" {
+    if !state.uses_pgoutput() {
         checks.push(Check::fail(
             NAME,
-            format!("slot {slot:?} uses output plugin {plugin:?}; walship needs pgoutput"),
+            format!(
+                "slot {slot:?} uses output plugin {:?}; walship needs pgoutput",
+                state.plugin_name()
+            ),
             format!(
                 "set postgres.slot to another name, or drop this slot if nothing uses it: SELECT \
                  pg_drop_replication_slot('{slot}');"
@@ -1071,8 +1076,8 @@ pub fn slot_checks(
     }
 
     const WAL: &str = "postgres.slot.wal_status";
-    match state.wal_status.as_deref() {
-        Some("lost") => checks.push(Check::fail(
+    match state.retention() {
+        WalRetention::Lost => checks.push(Check::fail(
             WAL,
             format!(
                 "slot {slot:?} is invalidated ({}, confirmed_flush_lsn {}): {}, so events \
@@ -1088,7 +1093,7 @@ pub fn slot_checks(
                 state.invalidation_cause().1
             ),
         )),
-        Some("unreserved") => checks.push(Check::warn(
+        WalRetention::AtRisk => checks.push(Check::warn(
             WAL,
             format!(
                 "slot {slot:?} is at risk (wal_status = unreserved): the WAL it needs is beyond \
@@ -1096,9 +1101,12 @@ pub fn slot_checks(
             ),
             "start walship (or let it catch up) now; raise max_slot_wal_keep_size",
         )),
-        other => checks.push(Check::pass(
+        WalRetention::Kept => checks.push(Check::pass(
             WAL,
-            format!("wal_status = {}", other.unwrap_or("unknown")),
+            format!(
+                "wal_status = {}",
+                state.wal_status.as_deref().unwrap_or("unknown")
+            ),
         )),
     }
 

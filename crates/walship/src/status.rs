@@ -10,6 +10,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use serde::Serialize;
+use walship_postgres::catalog::WalRetention;
 use walship_postgres::{catalog, management};
 
 use crate::check::human_bytes;
@@ -62,7 +63,12 @@ pub struct SlotStatus {
 impl SlotStatus {
     /// True when the slot exists and is usable (not lost).
     pub fn healthy(&self) -> bool {
-        self.exists && self.wal_status.as_deref() != Some("lost")
+        self.exists && !self.retention_lost()
+    }
+
+    /// True when PostgreSQL no longer keeps the slot's WAL (the catalog's rule for `wal_status`).
+    fn retention_lost(&self) -> bool {
+        WalRetention::of(self.wal_status.as_deref()) == WalRetention::Lost
     }
 
     /// The human form: one `name  value` line per field.
@@ -105,10 +111,10 @@ impl SlotStatus {
             rows.push(("wal_status", self.wal_status.clone().unwrap_or_else(none)));
             rows.push((
                 "safe_wal_size",
-                match (self.safe_wal_size, self.wal_status.as_deref()) {
-                    (Some(b), _) => human_bytes(u64::try_from(b).unwrap_or(0)),
-                    (None, Some("lost")) => "none (slot lost)".to_owned(),
-                    (None, _) => "unlimited (max_slot_wal_keep_size = -1)".to_owned(),
+                match self.safe_wal_size {
+                    Some(b) => human_bytes(u64::try_from(b).unwrap_or(0)),
+                    None if self.retention_lost() => "none (slot lost)".to_owned(),
+                    None => "unlimited (max_slot_wal_keep_size = -1)".to_owned(),
                 },
             ));
         } else {

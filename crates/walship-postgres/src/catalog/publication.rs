@@ -95,7 +95,7 @@ impl PublicationInfo {
     }
 
     /// True when `table` is among the published tables.
-    pub fn includes(&self, table: &TableName) -> bool {
+    fn includes(&self, table: &TableName) -> bool {
         self.tables.iter().any(|t| t == table)
     }
 
