@@ -25,6 +25,7 @@ use walship_postgres::catalog::{
     self, ColumnInfo, PublicationInfo, ReplicationUsage, RoleInfo, ServerSettings, TableInfo,
     WalRetention,
 };
+use walship_postgres::error::error_chain;
 use walship_postgres::replication::ConnectParams;
 use walship_postgres::{OutboxSpec, PgError, SlotState, TableName, management, quote_ident, setup};
 
@@ -491,22 +492,6 @@ async fn connect_check(config: &Config, checks: &mut Vec<Check>) -> Option<(Clie
         ),
     ));
     Some((client, role))
-}
-
-/// An error with its causes (`error connecting to server: Connection refused (os error 111)`);
-/// client libraries often keep the useful part in the source.
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let part = s.to_string();
-        if !text.contains(&part) {
-            text.push_str(": ");
-            text.push_str(&part);
-        }
-        source = s.source();
-    }
-    text
 }
 
 fn connect_failure(e: &PgError, target: &str, user: &str, params: &ConnectParams) -> Check {
@@ -1955,21 +1940,6 @@ mod tests {
         assert_eq!(json["checks"][1]["status"], "fail");
         assert_eq!(json["checks"][1]["fix"], "repair it");
         assert_eq!(json["ok"], false);
-    }
-
-    #[test]
-    fn error_chain_keeps_the_cause_once() {
-        #[derive(Debug, thiserror::Error)]
-        #[error("error connecting to server")]
-        struct Outer(#[source] std::io::Error);
-        let e = Outer(std::io::Error::new(
-            std::io::ErrorKind::ConnectionRefused,
-            "Connection refused",
-        ));
-        assert_eq!(
-            error_chain(&e),
-            "error connecting to server: Connection refused"
-        );
     }
 
     #[test]

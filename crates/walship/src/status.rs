@@ -11,6 +11,7 @@ use std::process::ExitCode;
 
 use serde::Serialize;
 use walship_postgres::catalog::WalRetention;
+use walship_postgres::error::error_chain;
 use walship_postgres::{catalog, management};
 
 use crate::check::human_bytes;
@@ -222,7 +223,7 @@ pub fn main(path: &Path, json: bool, runtime: &tokio::runtime::Runtime) -> ExitC
     let status = match runtime.block_on(read_status(&config)) {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("error: {}", crate::check::error_chain(&e));
+            eprintln!("error: {}", error_chain(&e));
             return ExitCode::from(if matches!(e, Error::Config(_)) { 2 } else { 1 });
         }
     };
