@@ -29,6 +29,7 @@ use walship_postgres::error::error_chain;
 use walship_postgres::replication::ConnectParams;
 use walship_postgres::{OutboxSpec, PgError, SlotState, TableName, management, quote_ident, setup};
 
+use crate::command::{self, human_bytes};
 use crate::config::{BadRowPolicy, Config};
 
 /// How long connecting to PostgreSQL may take when the URL sets no `connect_timeout`.
@@ -1137,21 +1138,6 @@ pub fn slot_checks(
     checks
 }
 
-/// `1234 bytes` or `1234567 bytes (1.2 MiB)`.
-pub fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
-    if n < 1024 {
-        return format!("{n} bytes");
-    }
-    let mut v = n as f64 / 1024.0;
-    let mut unit = 0;
-    while v >= 1024.0 && unit + 1 < UNITS.len() {
-        v /= 1024.0;
-        unit += 1;
-    }
-    format!("{n} bytes ({v:.1} {})", UNITS[unit])
-}
-
 /// The Kafka checks: broker metadata, then topics.
 async fn kafka_checks(config: &Config, types: &AggregateTypes, checks: &mut Vec<Check>) {
     const BROKER: &str = "kafka.broker";
@@ -1526,7 +1512,7 @@ fn quoted_list(items: &[impl AsRef<str>]) -> String {
 /// `walship check`: exit 0 when nothing failed, 1 when something did, 2 for an unreadable or
 /// invalid configuration.
 pub fn main(path: &Path, json: bool, runtime: &tokio::runtime::Runtime) -> ExitCode {
-    let config = match crate::cli::load_config(path) {
+    let config = match command::load_config(path) {
         Ok(c) => c,
         Err(code) => return code,
     };
@@ -1538,7 +1524,7 @@ pub fn main(path: &Path, json: bool, runtime: &tokio::runtime::Runtime) -> ExitC
             report.render_human()
         )
     };
-    crate::cli::print_report(&report, json, human, report.ok)
+    command::print_report(&report, json, human, report.ok)
 }
 
 #[cfg(test)]
@@ -1940,12 +1926,5 @@ mod tests {
         assert_eq!(json["checks"][1]["status"], "fail");
         assert_eq!(json["checks"][1]["fix"], "repair it");
         assert_eq!(json["ok"], false);
-    }
-
-    #[test]
-    fn human_sizes() {
-        assert_eq!(human_bytes(0), "0 bytes");
-        assert_eq!(human_bytes(2048), "2048 bytes (2.0 KiB)");
-        assert_eq!(human_bytes(3 << 30), "3221225472 bytes (3.0 GiB)");
     }
 }

@@ -14,7 +14,7 @@ use walship_postgres::catalog::WalRetention;
 use walship_postgres::error::error_chain;
 use walship_postgres::{catalog, management};
 
-use crate::check::human_bytes;
+use crate::command::{self, human_bytes};
 use crate::config::Config;
 use crate::error::Error;
 
@@ -216,7 +216,7 @@ pub async fn read_status(config: &Config) -> Result<SlotStatus, Error> {
 /// `walship status`: exit 0 when the slot exists and is not lost, 1 when it is missing or lost
 /// (the status is still printed) or PostgreSQL cannot be read, 2 for a configuration error.
 pub fn main(path: &Path, json: bool, runtime: &tokio::runtime::Runtime) -> ExitCode {
-    let config = match crate::cli::load_config(path) {
+    let config = match command::load_config(path) {
         Ok(c) => c,
         Err(code) => return code,
     };
@@ -227,7 +227,7 @@ pub fn main(path: &Path, json: bool, runtime: &tokio::runtime::Runtime) -> ExitC
             return ExitCode::from(if matches!(e, Error::Config(_)) { 2 } else { 1 });
         }
     };
-    crate::cli::print_report(&status, json, || status.render_human(), status.healthy())
+    command::print_report(&status, json, || status.render_human(), status.healthy())
 }
 
 #[cfg(test)]
