@@ -3,6 +3,8 @@
 //! [`PgError::is_transient`] is the single place that decides between "reconnect and resume"
 //! (network trouble, server restarting, slot busy) and "stop and explain" (the setup or the data
 //! is wrong and retrying cannot help). Every definite error's text names the object and the fix.
+//! [`error_chain`] is the one way an error is shown with its causes (TLS explanations, `walship
+//! check`, `walship status`).
 
 use std::fmt;
 

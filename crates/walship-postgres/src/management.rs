@@ -3,9 +3,9 @@
 //! session, `walship check` and `walship status`.
 //!
 //! Invariant: it connects with the replication connection's settings — the same URL and the
-//! same TLS options (`sslmode`, root and client certificates, an OpenSSL connector built the same way) — so a
-//! setup that `check` or start-up accepts is one the stream can connect with; the password is
-//! handed in, never read from the configuration here.
+//! same TLS options (`sslmode`, root and client certificates, an OpenSSL connector built the
+//! same way) — so a setup that `check` or start-up accepts is one the stream can connect with;
+//! the password is handed in, never read from the configuration here.
 
 use tokio_postgres::{Client, NoTls};
 

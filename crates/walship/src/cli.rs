@@ -1,6 +1,9 @@
 //! The command line: parses arguments, sets up logging and signals, maps results to exit codes.
 //!
-//! Exit codes: 0 after a graceful stop, 1 for a runtime error, 2 for a configuration error.
+//! Invariant: this is the top of the crate. It calls the commands (`run`, `init-sql`, `check`,
+//! `status`) and none of them calls back into it; what they share (loading the configuration,
+//! printing a report) lives in [`crate::command`]. Exit codes: 0 after a graceful stop, 1 for a
+//! runtime error, 2 for a configuration error.
 
 use std::path::PathBuf;
 use std::process::ExitCode;

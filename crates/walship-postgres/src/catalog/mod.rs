@@ -3,13 +3,13 @@
 //! streamed from. Start-up, the watchdog, the stream, `check` and `status` share these rules.
 //!
 //! ```text
-//!  outbox.table ─▶ OutboxFamily (root oid + every partition, any depth)      (outbox)
-//!  publication ─▶ PublicationInfo ──▶ coverage(family): outbox? inserts? partition names?
-//!                                 │      (start-up, watchdog, check, status) (publication)
-//!                                 └─▶ OutboxScope (the stream: which Relation messages are the outbox)
-//!  slot ─▶ SlotState ──▶ uses_pgoutput, retention (kept / at risk / lost)    (slot)
-//!                   └─▶ validate_slot (start-up, watchdog); check and status read the same
-//!  server ─▶ ServerSettings, ReplicationUsage, RoleInfo                      (server)
+//!  outbox.table ─▶ OutboxFamily (root oid + every partition, any depth)           [outbox]
+//!  publication ──▶ PublicationInfo ─▶ coverage(family): outbox? inserts? partition names?
+//!                        │             (start-up, watchdog, check, status)      [publication]
+//!                        └─▶ OutboxScope (the stream: which Relation messages are the outbox)
+//!  slot ─────────▶ SlotState ─▶ uses_pgoutput, retention (kept / at risk / lost)    [slot]
+//!                        └─▶ validate_slot (start-up, watchdog); check and status read the same
+//!  server ───────▶ ServerSettings, ReplicationUsage, RoleInfo, wal_level rule      [server]
 //! ```
 //!
 //! Invariants:
