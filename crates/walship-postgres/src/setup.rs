@@ -33,6 +33,39 @@ pub struct SlotHistory {
     pub table: Option<TableName>,
 }
 
+/// A slot walship created, as the slot history records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CreatedSlot {
+    /// The history table that records it.
+    pub table: TableName,
+    /// When walship created it (`created_at`, as text).
+    pub at: String,
+    /// The slot's consistent point when created (`created_lsn`, as text).
+    pub lsn: String,
+}
+
+impl SlotHistory {
+    /// When and at which LSN walship created `slot`, if the history is kept and records it. A
+    /// missing slot with a record was dropped: start-up refuses to create it again, and `check`
+    /// says so.
+    pub async fn created(
+        &self,
+        client: &Client,
+        slot: &str,
+    ) -> Result<Option<CreatedSlot>, PgError> {
+        let Some(table) = &self.table else {
+            return Ok(None);
+        };
+        Ok(created_before(client, table, slot)
+            .await?
+            .map(|(at, lsn)| CreatedSlot {
+                table: table.clone(),
+                at,
+                lsn,
+            }))
+    }
+}
+
 /// Makes sure the slot exists and is usable; creates it when missing, `create` is set, and the
 /// slot history does not show that walship created it before.
 pub async fn ensure_slot(
@@ -44,8 +77,11 @@ pub async fn ensure_slot(
     let state = match slot_state(client, slot).await? {
         Some(s) => s,
         None => {
-            if let Some(table) = &history.table
-                && let Some((created_at, created_lsn)) = created_before(client, table, slot).await?
+            if let Some(CreatedSlot {
+                table,
+                at: created_at,
+                lsn: created_lsn,
+            }) = history.created(client, slot).await?
             {
                 return Err(PgError::Setup(format!(
                     "replication slot {slot:?} does not exist, but walship created it on {created_at} at LSN \
@@ -124,8 +160,8 @@ pub async fn ensure_slot(
     Ok(state)
 }
 
-/// When and at which LSN walship created `slot`, if the slot history records it.
-pub async fn created_before(
+/// When and at which LSN walship created `slot`, if `table` records it.
+async fn created_before(
     client: &Client,
     table: &TableName,
     slot: &str,

@@ -174,6 +174,19 @@ pub struct TableInfo {
     pub can_select: bool,
 }
 
+impl TableInfo {
+    /// True for a table or a partitioned table: the relations logical replication publishes,
+    /// and so the only ones that can be the outbox ([`outbox_family`] reads no other).
+    pub fn is_table(&self) -> bool {
+        matches!(self.relkind.as_str(), "r" | "p")
+    }
+
+    /// True for a partitioned table.
+    pub fn is_partitioned(&self) -> bool {
+        self.relkind == "p"
+    }
+}
+
 /// Looks a relation up by schema and name; `None` when it does not exist.
 pub async fn table_info(client: &Client, table: &TableName) -> Result<Option<TableInfo>, PgError> {
     let row = client

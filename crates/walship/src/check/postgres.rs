@@ -14,7 +14,7 @@
 use std::time::Duration;
 
 use tokio_postgres::Client;
-use walship_postgres::catalog::{self, ReplicationUsage, RoleInfo, ServerSettings};
+use walship_postgres::catalog::{self, ReplicationUsage, RoleInfo, ServerSettings, TableInfo};
 use walship_postgres::error::error_chain;
 use walship_postgres::replication::ConnectParams;
 use walship_postgres::{PgError, SlotState, management, quote_ident};
@@ -102,7 +102,7 @@ pub(super) async fn postgres_checks(config: &Config, checks: &mut Vec<Check>) ->
             checks.push(table_missing(&spec.table, &role.database));
             None
         }
-        Ok(Some(info)) if !matches!(info.relkind.as_str(), "r" | "p") => {
+        Ok(Some(info)) if !info.is_table() => {
             checks.push(table_wrong_kind(&spec.table, &info));
             Some(info)
         }
@@ -112,7 +112,7 @@ pub(super) async fn postgres_checks(config: &Config, checks: &mut Vec<Check>) ->
                 format!(
                     "{} exists ({}, owner {})",
                     spec.table,
-                    if info.relkind == "p" {
+                    if info.is_partitioned() {
                         "partitioned table"
                     } else {
                         "table"
@@ -168,7 +168,7 @@ pub(super) async fn postgres_checks(config: &Config, checks: &mut Vec<Check>) ->
     if !uses_type {
         return AggregateTypes::NotUsed;
     }
-    let Some(info) = table.filter(|t| matches!(t.relkind.as_str(), "r" | "p")) else {
+    let Some(info) = table.filter(TableInfo::is_table) else {
         return AggregateTypes::Unknown(format!(
             "the outbox table {} is not usable (see outbox.table)",
             spec.table

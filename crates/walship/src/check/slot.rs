@@ -9,8 +9,9 @@
 
 use pgoutput::Lsn;
 use tokio_postgres::Client;
+use walship_postgres::SlotState;
 use walship_postgres::catalog::{self, WalRetention};
-use walship_postgres::{SlotState, TableName, setup};
+use walship_postgres::setup::CreatedSlot;
 
 use super::report::Check;
 use crate::command::human_bytes;
@@ -30,20 +31,22 @@ pub(super) async fn server_slot_checks(
 ) -> Vec<Check> {
     let slot = config.postgres.slot.as_str();
     if state.is_none()
-        && let Some(table) = config.slot_history().table
-        && let Some((at, lsn)) = setup::created_before(client, &table, slot)
+        && let Some(created) = config
+            .slot_history()
+            .created(client, slot)
             .await
             .ok()
             .flatten()
     {
-        return vec![dropped_slot(slot, &table, &at, &lsn)];
+        return vec![dropped_slot(slot, &created)];
     }
     let current = catalog::current_wal_lsn(client).await.ok();
     slot_checks(slot, config.postgres.create_slot, state, database, current)
 }
 
-/// A slot walship created (on `at`, at LSN `lsn`, recorded in `table`) that no longer exists.
-fn dropped_slot(slot: &str, table: &TableName, at: &str, lsn: &str) -> Check {
+/// A slot walship created that no longer exists.
+fn dropped_slot(slot: &str, created: &CreatedSlot) -> Check {
+    let CreatedSlot { table, at, lsn } = created;
     Check::fail(
         "postgres.slot",
         format!(
