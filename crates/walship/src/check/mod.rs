@@ -12,9 +12,8 @@
 //! what the catalog and the broker said, unit-tested without servers; the I/O only gathers facts.
 //! Messages name the object (host:port, table, column, slot, topic) and never a secret.
 //!
-//! Layout: [`postgres`](self::postgres) (connect, settings, role, capacity) with
-//! [`outbox`](self::outbox) (table, columns, publication) and [`slot`](self::slot), then
-//! [`kafka`](self::kafka) (broker, topics, limits, dead-letter topic); [`report`](self::report)
+//! Layout: `postgres` (connect, settings, role, capacity) with `outbox` (table, columns,
+//! publication) and `slot`, then `kafka` (broker, topics, limits, dead-letter topic); `report`
 //! holds the checks and renders them. The rules they report by are the catalog's
 //! (`walship_postgres::catalog`) and the router's (`walship_kafka::route`), not copies.
 
