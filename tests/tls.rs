@@ -20,7 +20,7 @@ use pgoutput::Lsn;
 use tokio::sync::OnceCell;
 use walship::Config;
 use walship_postgres::replication::ConnectParams;
-use walship_postgres::{PgError, ReplicationStream, slot};
+use walship_postgres::{PgError, ReplicationStream, management};
 
 use crate::harness::postgres::Cluster;
 use crate::harness::process::at_exit;
@@ -466,7 +466,7 @@ async fn streams_over_tls_with_verify_full_and_scram() {
     }
 
     // The management connection (tokio-postgres) with the same settings is TLS too.
-    let client = slot::connect(&params(&config), Some(server.password.as_bytes()))
+    let client = management::connect(&params(&config), Some(server.password.as_bytes()))
         .await
         .expect("management connection");
     assert!(own_ssl(&client).await);
@@ -530,7 +530,7 @@ async fn verify_full_refuses_a_certificate_for_another_host() {
 
     // verify-ca checks the chain only: the same host name is fine there.
     let ca_only = config_with(&db, &url, "verify-ca", Some(&server.ca));
-    let client = slot::connect(&params(&ca_only), pw.map(str::as_bytes))
+    let client = management::connect(&params(&ca_only), pw.map(str::as_bytes))
         .await
         .expect("verify-ca ignores the host name");
     assert!(own_ssl(&client).await);
@@ -538,7 +538,7 @@ async fn verify_full_refuses_a_certificate_for_another_host() {
     // A CA that did not sign the server's certificate.
     let url = server.url(ROLE, "localhost", &db, "");
     let wrong_ca = config_with(&db, &url, "verify-ca", Some(&server.other_ca));
-    let e = slot::connect(&params(&wrong_ca), pw.map(str::as_bytes))
+    let e = management::connect(&params(&wrong_ca), pw.map(str::as_bytes))
         .await
         .expect_err("untrusted CA refused");
     assert!(!e.is_transient(), "{e}");
@@ -612,7 +612,7 @@ async fn every_tls_mode_encrypts_both_connections() {
         let p = params(&config);
         assert_eq!(p.config.tls.mode.as_str(), mode, "{url}");
 
-        let client = slot::connect(&p, pw.map(str::as_bytes))
+        let client = management::connect(&p, pw.map(str::as_bytes))
             .await
             .unwrap_or_else(|e| panic!("management connection with sslmode={mode}: {e}"));
         assert!(own_ssl(&client).await, "management connection, {mode}");
@@ -785,7 +785,7 @@ async fn client_certificate_authenticates_both_connections() {
     );
     let config = config(&db, &url, &extra);
     let p = params(&config);
-    let client = slot::connect(&p, None)
+    let client = management::connect(&p, None)
         .await
         .expect("certificate authentication");
     let user: String = client
@@ -803,7 +803,7 @@ async fn client_certificate_authenticates_both_connections() {
     stream.finish().await.expect("finish");
 
     let without = config_with(&db, &url, "verify-full", Some(&server.ca));
-    let e = slot::connect(&params(&without), None)
+    let e = management::connect(&params(&without), None)
         .await
         .expect_err("no certificate, no entry");
     assert!(!e.is_transient(), "{e}");
@@ -828,7 +828,7 @@ async fn require_against_a_server_without_tls_names_host_and_mode() {
     .expect("config");
     let p = params(&config);
     let target = p.describe();
-    let e = slot::connect(&p, None)
+    let e = management::connect(&p, None)
         .await
         .expect_err("no TLS, no connection");
     assert!(!e.is_transient());
@@ -857,7 +857,9 @@ async fn require_against_a_server_without_tls_names_host_and_mode() {
     .expect("config");
     let p = params(&prefer);
     assert_eq!(p.config.tls.mode, walship_postgres::SslMode::Prefer);
-    let client = slot::connect(&p, None).await.expect("prefer falls back");
+    let client = management::connect(&p, None)
+        .await
+        .expect("prefer falls back");
     assert!(!own_ssl(&client).await);
     let stream = replication(&p, None, "notls_prefer", &slot_name, &slot_name)
         .await

@@ -4,17 +4,18 @@
 //!
 //! - [`sink`] — producer configuration, sending, delivery reports, topic creation.
 //! - [`route`] — the topic template and topic-name validation.
+//! - [`headers`] — the record header format: source, position and id of each event.
 //! - [`probe`] — a one-shot metadata request for `walship check`.
-//! - [`resume`] — the record headers that name each event, and reading them back after a crash.
+//! - [`resume`] — reading the position headers back from topic tails after a crash.
 
+pub mod headers;
 pub mod probe;
 pub mod resume;
 pub mod route;
 pub mod sink;
 
-pub use resume::{
-    Delivered, ID_HEADER, POSITION_HEADER, Position, PositionText, ResumeScanner, SOURCE_HEADER,
-};
+pub use headers::{ID_HEADER, POSITION_HEADER, Position, PositionText, SOURCE_HEADER};
+pub use resume::{Delivered, ResumeScanner};
 pub use route::{RouteError, TopicLimits, TopicRouter};
 pub use sink::{
     DeliveryError, DeliveryListener, ErrorClass, Record, SendError, Sink, SinkSettings, TopicError,

@@ -1,7 +1,7 @@
 //! Resuming without duplicates: which events did an earlier run already put in a topic?
 //!
-//! Every record walship produces names its writer and its place in the stream in two headers:
-//! [`SOURCE_HEADER`] (the PostgreSQL system identifier and the slot) and [`POSITION_HEADER`]
+//! Every record walship produces names its writer and its place in the stream in two headers
+//! (their format is [`crate::headers`]): [`SOURCE_HEADER`] (the PostgreSQL system identifier and the slot) and [`POSITION_HEADER`]
 //! (the commit LSN of the event's transaction and the event's index in it). After a crash the
 //! slot's confirmed position is behind what reached Kafka, so PostgreSQL sends those events
 //! again. Before the first send to a topic in a new session, [`ResumeScanner::delivered`] reads
@@ -16,7 +16,6 @@
 //! never a gap.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::io::Write as _;
 use std::time::{Duration, Instant};
 
 use rdkafka::ClientContext;
@@ -27,63 +26,14 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Headers;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
+use crate::headers::{ID_HEADER, POSITION_HEADER, Position, SOURCE_HEADER};
 use crate::sink::SinkSettings;
-
-/// Header naming the writer: `<PostgreSQL system identifier>/<slot>`.
-pub const SOURCE_HEADER: &str = "walship.source";
-/// Header naming the event: `<commit LSN>:<index in the transaction>`, e.g. `16/B374D848:0`.
-/// Increases strictly, per source, in the order events were committed.
-pub const POSITION_HEADER: &str = "walship.position";
-/// Header carrying the outbox row's id (Debezium's name), compared too before skipping.
-pub const ID_HEADER: &str = "id";
 
 /// Records read back per partition in the first pass; each further pass reads four times more.
 const FIRST_PASS: i64 = 1024;
 /// Records read back per partition at most: a longer tail is not searched (its events would be
 /// sent again).
 const MAX_PER_PARTITION: i64 = 1 << 20;
-
-/// Where an event stands in a source's stream: ordered like the stream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Position {
-    /// Commit LSN of the event's transaction (`Begin.final_lsn`).
-    pub commit_lsn: u64,
-    /// Index of the event among the transaction's outbox rows, from 0.
-    pub index: u32,
-}
-
-/// Room for the longest [`Position`] text (`FFFFFFFF/FFFFFFFF:4294967295`).
-pub type PositionText = [u8; 32];
-
-impl Position {
-    /// Writes the header value into `buf` and returns it.
-    pub fn encode(self, buf: &mut PositionText) -> &[u8] {
-        let mut cursor = std::io::Cursor::new(&mut buf[..]);
-        // Cannot fail: the longest text is 28 bytes.
-        let _ = write!(
-            cursor,
-            "{:X}/{:X}:{}",
-            self.commit_lsn >> 32,
-            self.commit_lsn & 0xFFFF_FFFF,
-            self.index
-        );
-        let len = usize::try_from(cursor.position()).unwrap_or(0);
-        &buf[..len]
-    }
-
-    /// Parses a header value written by [`Position::encode`].
-    pub fn parse(text: &[u8]) -> Option<Position> {
-        let text = std::str::from_utf8(text).ok()?;
-        let (lsn, index) = text.split_once(':')?;
-        let (hi, lo) = lsn.split_once('/')?;
-        let hi = u32::from_str_radix(hi, 16).ok()?;
-        let lo = u32::from_str_radix(lo, 16).ok()?;
-        Some(Position {
-            commit_lsn: (u64::from(hi) << 32) | u64::from(lo),
-            index: index.parse().ok()?,
-        })
-    }
-}
 
 /// The positions one source already wrote to one topic, at or after some LSN.
 ///
@@ -440,6 +390,7 @@ fn remaining(deadline: Instant) -> Result<Duration, KafkaError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::headers::PositionText;
 
     #[test]
     fn the_scanner_accepts_the_producers_message_size_limits() {
@@ -456,37 +407,6 @@ mod tests {
             .create::<rdkafka::producer::BaseProducer>()
             .expect("producer");
         ResumeScanner::new(&settings, "src", Duration::from_secs(1)).expect("scanner");
-    }
-
-    #[test]
-    fn positions_round_trip_and_order_like_the_stream() {
-        let mut buf = PositionText::default();
-        for (lsn, index, text) in [
-            (0x16_B374_D848_u64, 0, "16/B374D848:0"),
-            (0x0000_0000_0016_B3F2, 7, "0/16B3F2:7"),
-            (u64::MAX, u32::MAX, "FFFFFFFF/FFFFFFFF:4294967295"),
-        ] {
-            let p = Position {
-                commit_lsn: lsn,
-                index,
-            };
-            assert_eq!(p.encode(&mut buf), text.as_bytes());
-            assert_eq!(Position::parse(text.as_bytes()), Some(p));
-        }
-        let a = Position::parse(b"1/0:5").unwrap();
-        let b = Position::parse(b"1/1:0").unwrap();
-        assert!(a < b);
-        for bad in [
-            &b""[..],
-            b"1/0",
-            b"1:0",
-            b"x/0:0",
-            b"1/0:-1",
-            b"1/0:0:0",
-            b"\xff",
-        ] {
-            assert_eq!(Position::parse(bad), None, "{bad:?}");
-        }
     }
 
     /// A scanner against librdkafka's in-process mock cluster (the e2e tests use a real broker).

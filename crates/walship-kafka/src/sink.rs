@@ -56,7 +56,7 @@ pub struct DeliveryError {
     /// The record's value size in bytes.
     pub payload_len: usize,
     /// The record's `walship.position` header: which event it was.
-    pub position: Option<crate::resume::Position>,
+    pub position: Option<crate::headers::Position>,
     /// The record's `id` header (the outbox row id).
     pub id: Option<Vec<u8>>,
     /// The librdkafka error.
@@ -291,10 +291,10 @@ impl<L: DeliveryListener> ProducerContext for Context<L> {
                 let (mut position, mut id) = (None, None);
                 for h in msg.headers().iter().flat_map(|h| h.iter()) {
                     match h.key {
-                        crate::resume::POSITION_HEADER if position.is_none() => {
-                            position = h.value.and_then(crate::resume::Position::parse);
+                        crate::headers::POSITION_HEADER if position.is_none() => {
+                            position = h.value.and_then(crate::headers::Position::parse);
                         }
-                        crate::resume::ID_HEADER if id.is_none() => {
+                        crate::headers::ID_HEADER if id.is_none() => {
                             id = h.value.map(<[u8]>::to_vec)
                         }
                         _ => {}

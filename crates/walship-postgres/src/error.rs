@@ -3,6 +3,8 @@
 //! [`PgError::is_transient`] is the single place that decides between "reconnect and resume"
 //! (network trouble, server restarting, slot busy) and "stop and explain" (the setup or the data
 //! is wrong and retrying cannot help). Every definite error's text names the object and the fix.
+//! [`error_chain`] is the one way an error is shown with its causes (TLS explanations, `walship
+//! check`, `walship status`).
 
 use std::fmt;
 
@@ -143,6 +145,23 @@ fn sqlstate_is_transient(code: &str) -> bool {
         || code.starts_with("53") // insufficient resources (too many connections, out of memory)
 }
 
+/// An error with its causes (`error connecting to server: Connection refused (os error 111)`),
+/// each cause once: client libraries often keep the useful part in the source. The one
+/// rendering for the TLS explanations here and for `walship check` and `walship status`.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let part = s.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        source = s.source();
+    }
+    text
+}
+
 /// Maps a failed catalog query to [`PgError::Sql`] naming what was being done.
 pub(crate) fn sql_err(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> PgError {
     let context = context.into();
@@ -164,6 +183,21 @@ mod tests {
         assert_eq!(
             e.to_string(),
             "ERROR 42704: replication slot \"x\" does not exist (hint: create it)"
+        );
+    }
+
+    #[test]
+    fn error_chain_keeps_the_cause_once() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("error connecting to server")]
+        struct Outer(#[source] std::io::Error);
+        let e = Outer(std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            "Connection refused",
+        ));
+        assert_eq!(
+            error_chain(&e),
+            "error connecting to server: Connection refused"
         );
     }
 

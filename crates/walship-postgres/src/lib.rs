@@ -3,30 +3,35 @@
 //! # Layout
 //!
 //! - [`replication`] — the streaming-replication connection and its frames.
-//! - [`slot`] — the SQL connection: preflight checks, slot and publication setup, slot state.
-//! - [`catalog`] — which relations are the outbox (partitions, renames): one rule for all.
+//! - [`management`] — the ordinary SQL connection (setup, watchdog, catalog lookups, `check`,
+//!   `status`).
+//! - [`catalog`] — what the catalog says and the rules on it, one for every caller: which
+//!   relations are the outbox (partitions, renames), whether the publication sends them, whether
+//!   the slot can be streamed from, the server's settings; the watchdog's check.
+//! - [`setup`] — what start-up creates: the publication and the slot (with the slot history).
 //! - [`outbox`] — the relation cache and outbox-row extraction.
 //! - [`message`] — logical decoding messages as outbox events (JSON content → outbox row).
-//! - [`preflight`] — read-only catalog queries for `walship check` and `walship status`.
 //! - [`batching`] — read batching on the replication socket (`SO_RCVLOWAT`, pacing, window).
 //! - [`tls`] — TLS (`sslmode`, `sslrootcert`, client certificates) for both connections.
+//! - [`ident`] — SQL names: schema-qualified table names and identifier quoting.
 //! - [`error`] — errors split into transient (reconnect) and definite (stop and explain).
 
 pub mod batching;
 pub mod catalog;
 pub mod error;
+pub mod ident;
+pub mod management;
 pub mod message;
 pub mod outbox;
-pub mod preflight;
 pub mod replication;
-pub mod slot;
+pub mod setup;
 pub mod tls;
 
 pub use batching::ReadBatching;
-pub use catalog::{OutboxFamily, OutboxScope};
+pub use catalog::{OutboxFamily, OutboxScope, SlotState};
 pub use error::{PgError, ServerError};
+pub use ident::{TableName, quote_ident};
 pub use message::{MessageError, MessageEvent};
 pub use outbox::{OutboxRow, OutboxSpec, Placement, Relations, RowError, RowTarget};
 pub use replication::{ConnectParams, Frame, ReplicationStream, SystemIdentity};
-pub use slot::{SlotState, TableName};
 pub use tls::{ConnectConfig, SslMode, TlsOptions};

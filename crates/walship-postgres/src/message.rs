@@ -208,7 +208,7 @@ fn header_text(v: &RawValue) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::slot::TableName;
+    use crate::ident::TableName;
 
     fn spec() -> OutboxSpec {
         let mut spec = OutboxSpec::debezium(TableName::parse("outbox"));

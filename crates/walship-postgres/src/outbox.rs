@@ -17,7 +17,7 @@ use std::sync::Arc;
 use pgoutput::{Column, Relation, TupleData};
 
 use crate::catalog::OutboxScope;
-use crate::slot::TableName;
+use crate::ident::TableName;
 
 /// Type OIDs walship treats specially.
 mod oid {
@@ -334,7 +334,7 @@ impl Relations {
                 oid: relation_id,
                 outbox: self.spec.table.to_string(),
                 publication: self.publication.clone(),
-                publication_sql: crate::slot::quote_ident(&self.publication),
+                publication_sql: crate::ident::quote_ident(&self.publication),
                 slot: self.slot.clone(),
                 commit_lsn: "<commit LSN of the transaction>".to_owned(),
             }),

@@ -1,13 +1,16 @@
 //! The command line: parses arguments, sets up logging and signals, maps results to exit codes.
 //!
-//! Exit codes: 0 after a graceful stop, 1 for a runtime error, 2 for a configuration error.
+//! Invariant: this is the top of the crate. It calls the commands (`run`, `init-sql`, `check`,
+//! `status`) and none of them calls back into it; what they share (loading the configuration,
+//! printing a report) lives in [`crate::command`]. Exit codes: 0 after a graceful stop, 1 for a
+//! runtime error, 2 for a configuration error.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-use crate::config::Config;
+use crate::command;
 use crate::error::Error;
 
 /// Streams transactional-outbox events from PostgreSQL to Kafka.
@@ -94,48 +97,6 @@ async fn shutdown_signal() {
     }
 }
 
-/// Loads the configuration; on failure prints why and returns exit code 2.
-pub(crate) fn load_config(path: &std::path::Path) -> Result<Config, ExitCode> {
-    Config::load(path).map_err(|e| {
-        eprintln!("error: {e}");
-        ExitCode::from(2)
-    })
-}
-
-/// Writes a report to stdout, as pretty JSON or as `human` text; exit code 0 when `ok`, else 1.
-pub(crate) fn print_report<T: serde::Serialize>(
-    report: &T,
-    json: bool,
-    human: impl FnOnce() -> String,
-    ok: bool,
-) -> ExitCode {
-    use std::io::Write;
-    let text = if json {
-        match serde_json::to_string_pretty(report) {
-            Ok(s) => s + "\n",
-            Err(e) => {
-                eprintln!("error: cannot encode the report as JSON: {e}");
-                return ExitCode::from(1);
-            }
-        }
-    } else {
-        human()
-    };
-    let mut stdout = std::io::stdout().lock();
-    if let Err(e) = stdout
-        .write_all(text.as_bytes())
-        .and_then(|()| stdout.flush())
-    {
-        eprintln!("error: cannot write the report to stdout: {e}");
-        return ExitCode::from(1);
-    }
-    if ok {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    }
-}
-
 /// Runs the CLI; returns the process exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -157,7 +118,7 @@ pub fn main() -> ExitCode {
         Command::Check { config, json } => crate::check::main(&config, json, &runtime),
         Command::Status { config, json } => crate::status::main(&config, json, &runtime),
         Command::Run { config } => {
-            let config = match load_config(&config) {
+            let config = match command::load_config(&config) {
                 Ok(c) => c,
                 Err(code) => return code,
             };

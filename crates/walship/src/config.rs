@@ -653,7 +653,7 @@ impl Config {
     }
 
     /// The slot history table, qualified with the outbox table's schema when unqualified.
-    pub fn slot_history(&self) -> walship_postgres::slot::SlotHistory {
+    pub fn slot_history(&self) -> walship_postgres::setup::SlotHistory {
         let name = &self.postgres.slot_history_table;
         let table = (!name.is_empty()).then(|| {
             if name.contains('.') {
@@ -665,7 +665,7 @@ impl Config {
                 }
             }
         });
-        walship_postgres::slot::SlotHistory { table }
+        walship_postgres::setup::SlotHistory { table }
     }
 
     /// The outbox definition for the PostgreSQL side.

@@ -10,6 +10,8 @@
 use std::io::Write;
 use std::process::ExitCode;
 
+use walship_postgres::quote_ident;
+
 /// The unpartitioned kit: table, publication, `outbox_emit`.
 pub const OUTBOX_SQL: &str = include_str!("../../../sql/outbox.sql");
 /// The range-partitioned kit: partitioned table, partition and retention helpers, publication
@@ -151,11 +153,6 @@ fn check_name(option: &str, name: &str) -> Result<(), InitSqlError> {
         )));
     }
     Ok(())
-}
-
-/// `s` as an SQL identifier, always quoted (so case and special characters survive).
-pub fn quote_ident(s: &str) -> String {
-    format!("\"{}\"", s.replace('"', "\"\""))
 }
 
 /// `s` as an SQL string literal (standard_conforming_strings: only quotes are doubled).

@@ -13,6 +13,7 @@
 //! - [`check`] — `walship check`: every setup problem at once, each with its fix.
 //! - [`status`] — `walship status`: the slot's position, lag and WAL retention.
 //! - [`cli`] — the command line (`walship run`, …); `main.rs` only calls it.
+//! - [`command`] — what the commands share: loading the config, printing a report, exit codes.
 //! - [`error`] — run errors, transient or definite.
 //! - [`telemetry`] — metrics, `/metrics`, `/healthz`, `/readyz`.
 //!
@@ -20,6 +21,7 @@
 
 pub mod check;
 pub mod cli;
+pub mod command;
 pub mod config;
 pub mod error;
 pub mod init_sql;

@@ -14,7 +14,7 @@ use std::time::Duration;
 use rand::Rng;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use walship_postgres::{Relations, ReplicationStream, slot};
+use walship_postgres::{Relations, ReplicationStream, catalog, management, quote_ident, setup};
 
 use std::sync::atomic::Ordering;
 
@@ -157,12 +157,12 @@ async fn watch(source: &SourceSettings, outbox_oid: u32, telemetry: &Telemetry) 
     loop {
         tokio::time::sleep(source.watch_interval).await;
         if client.is_none() {
-            client = slot::connect(&source.params, source.password_bytes())
+            client = management::connect(&source.params, source.password_bytes())
                 .await
                 .ok();
         }
         let Some(c) = &client else { continue };
-        match slot::watch(
+        match catalog::watch(
             c,
             &source.slot,
             &source.publication,
@@ -205,12 +205,12 @@ async fn standby(
             _ = tokio::time::sleep(STANDBY_POLL) => {}
         }
         if client.is_none() {
-            client = slot::connect(&source.params, source.password_bytes())
+            client = management::connect(&source.params, source.password_bytes())
                 .await
                 .ok();
         }
         let Some(c) = &client else { continue };
-        match slot::slot_state(c, &source.slot).await {
+        match catalog::slot_state(c, &source.slot).await {
             Ok(Some(state)) => match state.active_pid {
                 Some(pid) if pid != holder => {
                     tracing::info!(walsender_pid = pid, "standby: the slot changed hands");
@@ -266,7 +266,7 @@ async fn heartbeat(source: SourceSettings, interval: Duration) {
     loop {
         ticker.tick().await;
         if client.is_none() {
-            match slot::connect(&source.params, source.password_bytes()).await {
+            match management::connect(&source.params, source.password_bytes()).await {
                 Ok(c) => client = Some(c),
                 Err(e) => {
                     tracing::warn!("heartbeat: {e}");
@@ -299,9 +299,9 @@ fn backoff(attempt: u32) -> Duration {
 /// Checks and prepares the database; returns the slot's confirmed position and the outbox
 /// table's OID (the watchdog tells a renamed outbox from a dropped one by it).
 async fn preflight(source: &SourceSettings) -> Result<(pgoutput::Lsn, u32), Error> {
-    let client = slot::connect(&source.params, source.password_bytes()).await?;
-    slot::check_wal_level(&client).await?;
-    let scope = slot::ensure_publication(
+    let client = management::connect(&source.params, source.password_bytes()).await?;
+    catalog::check_wal_level(&client).await?;
+    let scope = setup::ensure_publication(
         &client,
         &source.publication,
         &source.outbox.table,
@@ -309,7 +309,7 @@ async fn preflight(source: &SourceSettings) -> Result<(pgoutput::Lsn, u32), Erro
     )
     .await?;
     let state =
-        slot::ensure_slot(&client, &source.slot, source.create_slot, &source.history).await?;
+        setup::ensure_slot(&client, &source.slot, source.create_slot, &source.history).await?;
     Ok((
         state.confirmed_flush_lsn.unwrap_or_default(),
         scope.family.root,
@@ -326,8 +326,8 @@ async fn session(
     // Read the confirmed position first: it seeds the tracker so the first status update never
     // reports less than what is already confirmed. A slot that vanished since preflight is a
     // definite error (never re-created silently).
-    let client = slot::connect(&source.params, source.password_bytes()).await?;
-    let state = slot::slot_state(&client, &source.slot).await?.ok_or_else(|| {
+    let client = management::connect(&source.params, source.password_bytes()).await?;
+    let state = catalog::slot_state(&client, &source.slot).await?.ok_or_else(|| {
         walship_postgres::PgError::Setup(format!(
             "replication slot {:?} disappeared while walship was running; it will not be re-created \
              automatically because that would skip every event committed since it was dropped. \
@@ -335,7 +335,7 @@ async fn session(
             source.slot
         ))
     })?;
-    slot::validate_slot(&state)?;
+    catalog::validate_slot(&state)?;
     if let Some(pid) = state.active_pid {
         return Err(Error::SlotInUse {
             slot: source.slot.clone(),
@@ -344,13 +344,13 @@ async fn session(
     }
     // Which relations are the outbox (its partitions too), as the catalog has them now; the
     // connection stays open for the rare relation only the catalog can place.
-    let scope = slot::outbox_scope(&client, &source.publication, &source.outbox.table).await?;
+    let scope = catalog::outbox_scope(&client, &source.publication, &source.outbox.table).await?;
     let start = state.confirmed_flush_lsn.unwrap_or_default();
 
     let progress = Arc::new(Progress::with_telemetry(start, Arc::clone(telemetry)));
     let mut sink = KafkaSink::new(settings.sink.clone(), Arc::clone(&progress))?;
     let producer_gone = sink.destroyed();
-    let publication = format!("\"{}\"", source.publication.replace('"', "\"\""));
+    let publication = quote_ident(&source.publication);
     let options = [
         ("proto_version", "1"),
         ("publication_names", publication.as_str()),

@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use walship_kafka::{SinkSettings, TopicRouter};
-use walship_postgres::slot::SlotHistory;
+use walship_postgres::setup::SlotHistory;
 use walship_postgres::{ConnectParams, OutboxSpec};
 
 use crate::config::{BadRowPolicy, Config, ConfigError, Secret};

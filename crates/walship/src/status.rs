@@ -10,10 +10,11 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use serde::Serialize;
-use walship_postgres::preflight;
-use walship_postgres::slot;
+use walship_postgres::catalog::WalRetention;
+use walship_postgres::error::error_chain;
+use walship_postgres::{catalog, management};
 
-use crate::check::human_bytes;
+use crate::command::{self, human_bytes};
 use crate::config::Config;
 use crate::error::Error;
 
@@ -63,7 +64,12 @@ pub struct SlotStatus {
 impl SlotStatus {
     /// True when the slot exists and is usable (not lost).
     pub fn healthy(&self) -> bool {
-        self.exists && self.wal_status.as_deref() != Some("lost")
+        self.exists && !self.retention_lost()
+    }
+
+    /// True when PostgreSQL no longer keeps the slot's WAL (the catalog's rule for `wal_status`).
+    fn retention_lost(&self) -> bool {
+        WalRetention::of(self.wal_status.as_deref()) == WalRetention::Lost
     }
 
     /// The human form: one `name  value` line per field.
@@ -106,10 +112,10 @@ impl SlotStatus {
             rows.push(("wal_status", self.wal_status.clone().unwrap_or_else(none)));
             rows.push((
                 "safe_wal_size",
-                match (self.safe_wal_size, self.wal_status.as_deref()) {
-                    (Some(b), _) => human_bytes(u64::try_from(b).unwrap_or(0)),
-                    (None, Some("lost")) => "none (slot lost)".to_owned(),
-                    (None, _) => "unlimited (max_slot_wal_keep_size = -1)".to_owned(),
+                match self.safe_wal_size {
+                    Some(b) => human_bytes(u64::try_from(b).unwrap_or(0)),
+                    None if self.retention_lost() => "none (slot lost)".to_owned(),
+                    None => "unlimited (max_slot_wal_keep_size = -1)".to_owned(),
                 },
             ));
         } else {
@@ -154,15 +160,16 @@ impl SlotStatus {
 pub async fn read_status(config: &Config) -> Result<SlotStatus, Error> {
     let password = config.postgres_password()?;
     let params = config.connect_params()?;
-    let client = slot::connect(&params, password.as_ref().map(|p| p.expose().as_bytes())).await?;
+    let client =
+        management::connect(&params, password.as_ref().map(|p| p.expose().as_bytes())).await?;
     let name = &config.postgres.slot;
-    let state = slot::slot_state(&client, name).await?;
-    let extra = preflight::slot_extra(&client, name).await?;
-    let current = slot::current_wal_lsn(&client).await?;
-    let publication = preflight::publication_info(&client, &config.postgres.publication).await?;
+    let state = catalog::slot_state(&client, name).await?;
+    let extra = catalog::slot_extra(&client, name).await?;
+    let current = catalog::current_wal_lsn(&client).await?;
+    let publication = catalog::publication_info(&client, &config.postgres.publication).await?;
     let table = config.outbox_spec().table;
-    let family = walship_postgres::catalog::outbox_family(&client, &table).await?;
-    let outbox_problem = walship_postgres::catalog::publication_problem(
+    let family = catalog::outbox_family(&client, &table).await?;
+    let outbox_problem = catalog::publication_problem(
         &config.postgres.publication,
         &table,
         family.as_ref(),
@@ -190,11 +197,11 @@ pub async fn read_status(config: &Config) -> Result<SlotStatus, Error> {
         lag_bytes: state
             .as_ref()
             .and_then(|s| s.confirmed_flush_lsn)
-            .map(|l| preflight::lag_bytes(current, l)),
+            .map(|l| catalog::lag_bytes(current, l)),
         retained_wal_bytes: state
             .as_ref()
             .and_then(|s| s.restart_lsn)
-            .map(|l| preflight::lag_bytes(current, l)),
+            .map(|l| catalog::lag_bytes(current, l)),
         wal_status: state.as_ref().and_then(|s| s.wal_status.clone()),
         safe_wal_size: extra.and_then(|e| e.safe_wal_size),
         publication: config.postgres.publication.clone(),
@@ -209,18 +216,18 @@ pub async fn read_status(config: &Config) -> Result<SlotStatus, Error> {
 /// `walship status`: exit 0 when the slot exists and is not lost, 1 when it is missing or lost
 /// (the status is still printed) or PostgreSQL cannot be read, 2 for a configuration error.
 pub fn main(path: &Path, json: bool, runtime: &tokio::runtime::Runtime) -> ExitCode {
-    let config = match crate::cli::load_config(path) {
+    let config = match command::load_config(path) {
         Ok(c) => c,
         Err(code) => return code,
     };
     let status = match runtime.block_on(read_status(&config)) {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("error: {}", crate::check::error_chain(&e));
+            eprintln!("error: {}", error_chain(&e));
             return ExitCode::from(if matches!(e, Error::Config(_)) { 2 } else { 1 });
         }
     };
-    crate::cli::print_report(&status, json, || status.render_human(), status.healthy())
+    command::print_report(&status, json, || status.render_human(), status.healthy())
 }
 
 #[cfg(test)]

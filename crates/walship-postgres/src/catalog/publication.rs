@@ -1,169 +1,104 @@
-//! Which relations are the outbox: the one rule start-up, the watchdog, the stream, `check` and
-//! `status` share.
+//! The publication and the outbox: whether the publication sends every outbox row, and the
+//! partition-root rule.
 //!
-//! ```text
-//!  outbox.table ─▶ OutboxFamily (root oid + every partition, any depth)
-//!  publication ─▶ PublicationInfo ──▶ publishes_outbox(family)  (start-up, watchdog, check)
-//!                                 └─▶ OutboxScope (the stream: which Relation messages are the outbox)
-//! ```
-//!
-//! Invariant: a relation pgoutput sends is treated as "not the outbox" only when the catalog
-//! says so. The outbox is identified by its OID and its partitions' OIDs, not just by name, so
-//! rows of a partitioned outbox arrive as events whether the publication publishes them under
-//! the root's name (`publish_via_partition_root = true`) or under each partition's, a partition
-//! attached while walship runs is still the outbox, and a renamed outbox is recognised (and
-//! reported) instead of being mistaken for another table. A relation the catalog cannot place
-//! (dropped since, in a publication that also publishes other tables) is an error when a row of
-//! it arrives: walship stops before confirming it.
-
-use std::collections::HashMap;
+//! Invariant: one rule, [`PublicationInfo::coverage`], decides whether a publication sends the
+//! outbox's rows and whether they arrive under the partitions' names; start-up
+//! ([`published_outbox`], [`outbox_scope`]), the watchdog, `walship check` and `walship status`
+//! all read it, each in its own words. A publication that lists some partitions only does not
+//! publish the outbox: rows in the others would never arrive.
 
 use tokio_postgres::Client;
 
+use super::outbox::{OutboxFamily, OutboxScope, outbox_family, relation_name};
 use crate::error::{PgError, sql_err};
-pub use crate::preflight::PublicationInfo;
-use crate::slot::{TableName, quote_ident};
+use crate::ident::{TableName, quote_ident};
 
-/// The outbox table and, when it is partitioned, every partition under it.
+/// A publication and the tables it publishes.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OutboxFamily {
-    /// The configured name.
-    pub table: TableName,
-    /// OID of the configured table.
-    pub root: u32,
-    /// `relkind = 'p'`.
-    pub partitioned: bool,
-    /// The root and its partitions (any depth): OID → current name.
-    pub members: HashMap<u32, TableName>,
-    /// The partitions that hold rows (not themselves partitioned); empty when unpartitioned.
-    pub leaves: Vec<TableName>,
+pub struct PublicationInfo {
+    /// Publication name.
+    pub name: String,
+    /// `FOR ALL TABLES`.
+    pub all_tables: bool,
+    /// Publishes inserts.
+    pub publishes_insert: bool,
+    /// `publish_via_partition_root`.
+    pub via_partition_root: bool,
+    /// `pg_publication_tables` rows, in name order.
+    pub tables: Vec<TableName>,
 }
 
-impl OutboxFamily {
-    /// True when `oid` is the outbox or one of its partitions.
-    pub fn contains(&self, oid: u32) -> bool {
-        self.members.contains_key(&oid)
-    }
-
-    /// True when `name` is the outbox or one of its partitions.
-    pub fn contains_name(&self, name: &TableName) -> bool {
-        self.members.values().any(|t| t == name)
-    }
-
-    /// A family of one unpartitioned table (tests, and servers that cannot be asked).
-    pub fn single(table: TableName, root: u32) -> Self {
-        OutboxFamily {
-            members: HashMap::from([(root, table.clone())]),
-            leaves: Vec::new(),
-            table,
-            root,
-            partitioned: false,
-        }
-    }
-}
-
-/// Reads the outbox table and its partitions; `None` when no table has the configured name.
-pub async fn outbox_family(
+/// Reads a publication; `None` when it does not exist.
+pub async fn publication_info(
     client: &Client,
-    table: &TableName,
-) -> Result<Option<OutboxFamily>, PgError> {
-    let Some(root) = client
+    publication: &str,
+) -> Result<Option<PublicationInfo>, PgError> {
+    let Some(row) = client
         .query_opt(
-            "SELECT c.oid, c.relkind::text FROM pg_class c \
-             JOIN pg_namespace n ON n.oid = c.relnamespace \
-             WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')",
-            &[&table.schema, &table.name],
+            "SELECT puballtables, pubinsert, pubviaroot FROM pg_publication WHERE pubname = $1",
+            &[&publication],
         )
         .await
-        .map_err(sql_err(format!("looking up table {table}")))?
+        .map_err(sql_err(format!("reading publication {publication:?}")))?
     else {
         return Ok(None);
     };
-    let oid: u32 = root.get(0);
-    let relkind: String = root.get(1);
-    // pg_inherits, walked down from the root, rather than pg_partition_tree: the watchdog runs
-    // this every few seconds, and pg_partition_tree locks every partition (waiting behind DDL).
-    let rows = client
+    let tables = client
         .query(
-            "WITH RECURSIVE tree(oid) AS ( \
-                 SELECT $1::oid \
-                 UNION ALL SELECT i.inhrelid FROM pg_inherits i JOIN tree t ON i.inhparent = t.oid) \
-             SELECT c.oid, n.nspname::text, c.relname::text, c.relkind::text FROM tree \
-             JOIN pg_class c ON c.oid = tree.oid JOIN pg_namespace n ON n.oid = c.relnamespace",
-            &[&oid],
+            "SELECT schemaname::text, tablename::text FROM pg_publication_tables \
+             WHERE pubname = $1 ORDER BY 1, 2",
+            &[&publication],
         )
         .await
-        .map_err(sql_err(format!("listing the partitions of {table}")))?;
-    let mut members = HashMap::new();
-    let mut leaves = Vec::new();
-    for r in rows {
-        let member: u32 = r.get(0);
-        let name = TableName {
-            schema: r.get(1),
-            name: r.get(2),
-        };
-        if member != oid && r.get::<_, String>(3) != "p" {
-            leaves.push(name.clone());
-        }
-        members.insert(member, name);
-    }
-    Ok(Some(OutboxFamily {
-        table: table.clone(),
-        root: oid,
-        partitioned: relkind == "p",
-        members,
-        leaves,
+        .map_err(sql_err(format!(
+            "reading tables of publication {publication:?}"
+        )))?
+        .into_iter()
+        .map(|r| TableName {
+            schema: r.get(0),
+            name: r.get(1),
+        })
+        .collect();
+    Ok(Some(PublicationInfo {
+        name: publication.to_owned(),
+        all_tables: row.get(0),
+        publishes_insert: row.get(1),
+        via_partition_root: row.get(2),
+        tables,
     }))
 }
 
-/// Where a relation OID stands now: its name and whether it is in the partition tree under
-/// `root` (the outbox's OID when the session started) or under the table now named `table`
-/// (an outbox replaced since). `None` when no relation has that OID any more.
-pub async fn place_relation(
-    client: &Client,
-    oid: u32,
-    root: u32,
-    table: &TableName,
-) -> Result<Option<(TableName, bool)>, PgError> {
-    let quoted = table.quoted();
-    let row = client
-        .query_opt(
-            "SELECT n.nspname::text, c.relname::text, \
-                    EXISTS (SELECT 1 FROM pg_partition_ancestors(c.oid) a \
-                            WHERE a.relid::oid IN ($2::oid, to_regclass($3::text)::oid)) \
-             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = $1::oid",
-            &[&oid, &root, &quoted],
-        )
-        .await
-        .map_err(sql_err(format!("looking up relation OID {oid}")))?;
-    Ok(row.map(|r| {
-        (
-            TableName {
-                schema: r.get(0),
-                name: r.get(1),
-            },
-            r.get(2),
-        )
-    }))
-}
-
-/// The current name of relation `oid`, if it still exists.
-pub async fn relation_name(client: &Client, oid: u32) -> Result<Option<TableName>, PgError> {
-    let row = client
-        .query_opt(
-            "SELECT n.nspname::text, c.relname::text FROM pg_class c \
-             JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = $1::oid",
-            &[&oid],
-        )
-        .await
-        .map_err(sql_err(format!("looking up relation OID {oid}")))?;
-    Ok(row.map(|r| TableName {
-        schema: r.get(0),
-        name: r.get(1),
-    }))
+/// What a publication does with the outbox's rows, as [`PublicationInfo::coverage`] decides it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Coverage {
+    /// It sends every row of the outbox ([`PublicationInfo::publishes_outbox`]); when the
+    /// outbox's partition tree is unknown, it lists the table by name.
+    pub outbox: bool,
+    /// It publishes inserts (outbox rows are inserts; updates and deletes are ignored).
+    pub inserts: bool,
+    /// The outbox is partitioned and the publication lacks `publish_via_partition_root`, so rows
+    /// arrive under each partition's name instead of the outbox's (walship maps them, with a
+    /// catalog lookup for partitions attached later).
+    pub partition_names: bool,
 }
 
 impl PublicationInfo {
+    /// The rule every caller applies: does this publication send the outbox's rows, its
+    /// inserts, and under which names. `family`: the outbox's partition tree, `None` when it
+    /// could not be read (then only the table's own name counts).
+    pub fn coverage(&self, table: &TableName, family: Option<&OutboxFamily>) -> Coverage {
+        Coverage {
+            outbox: family.map_or_else(|| self.includes(table), |f| self.publishes_outbox(f)),
+            inserts: self.publishes_insert,
+            partition_names: family.is_some_and(|f| f.partitioned) && !self.via_partition_root,
+        }
+    }
+
+    /// True when `table` is among the published tables.
+    fn includes(&self, table: &TableName) -> bool {
+        self.tables.iter().any(|t| t == table)
+    }
+
     /// True when the publication sends every row of the outbox: it lists the table itself, or
     /// (without `publish_via_partition_root`, when `pg_publication_tables` lists partitions
     /// instead of the parent) every partition that holds rows. A publication of some
@@ -243,8 +178,9 @@ pub fn publication_problem(
             create_publication_sql(publication, table)
         ));
     };
-    if !info.publishes_outbox(family) {
-        let via_root = if family.partitioned && !info.via_partition_root {
+    let coverage = info.coverage(table, Some(family));
+    if !coverage.outbox {
+        let via_root = if coverage.partition_names {
             format!(
                 " ALTER PUBLICATION {} SET (publish_via_partition_root = true);",
                 quote_ident(publication)
@@ -260,7 +196,7 @@ pub fn publication_problem(
             table.quoted()
         ));
     }
-    if !info.publishes_insert {
+    if !coverage.inserts {
         return Some(format!(
             "publication {publication:?} does not publish inserts, so no outbox row would arrive: run \
              ALTER PUBLICATION {} SET (publish = 'insert');",
@@ -285,7 +221,7 @@ pub async fn published_outbox(
         (None, Some(oid)) => relation_name(client, oid).await?,
         _ => None,
     };
-    let info = crate::preflight::publication_info(client, publication).await?;
+    let info = publication_info(client, publication).await?;
     if let Some(problem) = publication_problem(
         publication,
         table,
@@ -303,15 +239,32 @@ pub async fn published_outbox(
     })
 }
 
-/// What the stream needs to know to tell outbox rows from other tables' rows.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OutboxScope {
-    /// The outbox and its partitions as the catalog had them when the session started.
-    pub family: OutboxFamily,
+/// Reads the outbox's partition tree and the publication, and fails (with the fix) unless the
+/// publication sends the outbox's inserts.
+pub async fn outbox_scope(
+    client: &Client,
+    publication: &str,
+    table: &TableName,
+) -> Result<OutboxScope, PgError> {
+    let (family, info) = published_outbox(client, publication, table, None, false).await?;
+    if info.coverage(table, Some(&family)).partition_names {
+        tracing::warn!(
+            publication,
+            %table,
+            "publication {publication:?} publishes the partitioned outbox {table} without \
+             publish_via_partition_root, so rows arrive under each partition's name; walship maps \
+             them to the outbox, but a partition attached later needs a catalog lookup. Run ALTER \
+             PUBLICATION {} SET (publish_via_partition_root = true);",
+            quote_ident(publication)
+        );
+    }
+    Ok(OutboxScope { family })
 }
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+
     use super::*;
 
     fn family() -> OutboxFamily {
@@ -405,5 +358,28 @@ mod tests {
             sql.contains("publish_via_partition_root = true") && sql.contains("\"app\".\"outbox\""),
             "{sql}"
         );
+    }
+
+    #[test]
+    fn publication_includes_by_schema_and_name() {
+        let p = publication(&["app.outbox"], false);
+        assert!(p.includes(&TableName::parse("app.outbox")));
+        assert!(!p.includes(&TableName::parse("outbox")));
+    }
+
+    #[test]
+    fn coverage_names_partitions_only_for_a_partitioned_outbox_without_the_root_option() {
+        let f = family();
+        let leaves = publication(&["outbox_default", "outbox_p20260101"], false);
+        let c = leaves.coverage(&f.table, Some(&f));
+        assert!(c.outbox && c.inserts && c.partition_names, "{c:?}");
+        let root = publication(&["outbox"], true);
+        assert!(!root.coverage(&f.table, Some(&f)).partition_names);
+        let single = OutboxFamily::single(TableName::parse("outbox"), 10);
+        let plain = publication(&["outbox"], false);
+        assert!(!plain.coverage(&single.table, Some(&single)).partition_names);
+        // The partition tree unknown: the table's own name decides.
+        assert!(plain.coverage(&single.table, None).outbox);
+        assert!(!leaves.coverage(&f.table, None).outbox);
     }
 }

@@ -1,0 +1,255 @@
+//! What start-up creates: the publication and the replication slot, and the slot history that
+//! tells a dropped slot from a first start.
+//!
+//! ```text
+//!  ensure_publication: outbox table exists? ─▶ publication exists, or create it (if configured)
+//!                      ─▶ catalog::outbox_scope (fails unless it sends the outbox's inserts)
+//!  ensure_slot: slot exists? ─no─▶ slot history says walship created it? ─yes─▶ refuse (dropped)
+//!                                  └─no─▶ create it (if configured) and record it in the history
+//!               ─▶ catalog::validate_slot (pgoutput, not lost)
+//! ```
+//!
+//! Invariant: walship never creates a slot to replace one that existed and disappeared or was
+//! invalidated. Creating a slot starts streaming at the server's *current* position, so doing
+//! that silently would skip every event committed in between. Missing-at-first-start is the only
+//! case that creates one, and only when configured to. Likewise a publication is created only
+//! when missing and configured to; an existing one is never altered.
+
+use tokio_postgres::Client;
+use tokio_postgres::types::PgLsn;
+
+use crate::catalog::{self, OutboxScope, SlotState, lsn, slot_state, validate_slot};
+use crate::error::{PgError, sql_err};
+use crate::ident::{TableName, quote_ident};
+
+/// How often a slot creation that is still waiting for open transactions says so.
+const SLOT_CREATION_NOTICE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Where walship remembers the slots it created, so that a slot that disappeared later is
+/// recognised as dropped (and refused) instead of being created again as if for the first time.
+#[derive(Debug, Clone)]
+pub struct SlotHistory {
+    /// The table (`schema.walship_slots` by default); `None` disables the memory.
+    pub table: Option<TableName>,
+}
+
+/// A slot walship created, as the slot history records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CreatedSlot {
+    /// The history table that records it.
+    pub table: TableName,
+    /// When walship created it (`created_at`, as text).
+    pub at: String,
+    /// The slot's consistent point when created (`created_lsn`, as text).
+    pub lsn: String,
+}
+
+impl SlotHistory {
+    /// When and at which LSN walship created `slot`, if the history is kept and records it. A
+    /// missing slot with a record was dropped: start-up refuses to create it again, and `check`
+    /// says so.
+    pub async fn created(
+        &self,
+        client: &Client,
+        slot: &str,
+    ) -> Result<Option<CreatedSlot>, PgError> {
+        let Some(table) = &self.table else {
+            return Ok(None);
+        };
+        Ok(created_before(client, table, slot)
+            .await?
+            .map(|(at, lsn)| CreatedSlot {
+                table: table.clone(),
+                at,
+                lsn,
+            }))
+    }
+}
+
+/// Makes sure the slot exists and is usable; creates it when missing, `create` is set, and the
+/// slot history does not show that walship created it before.
+pub async fn ensure_slot(
+    client: &Client,
+    slot: &str,
+    create: bool,
+    history: &SlotHistory,
+) -> Result<SlotState, PgError> {
+    let state = match slot_state(client, slot).await? {
+        Some(s) => s,
+        None => {
+            if let Some(CreatedSlot {
+                table,
+                at: created_at,
+                lsn: created_lsn,
+            }) = history.created(client, slot).await?
+            {
+                return Err(PgError::Setup(format!(
+                    "replication slot {slot:?} does not exist, but walship created it on {created_at} at LSN \
+                     {created_lsn} (recorded in {table}): it has been dropped since, and creating a new one \
+                     would silently skip every event committed in between. Reconcile the outbox table with \
+                     Kafka, then run DELETE FROM {} WHERE slot_name = '{slot}'; and start walship again",
+                    table.quoted()
+                )));
+            }
+            if !create {
+                return Err(PgError::Setup(format!(
+                    "replication slot {slot:?} does not exist and postgres.create_slot is false: create it \
+                     with SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput'); or set \
+                     postgres.create_slot = true"
+                )));
+            }
+            tracing::info!(slot, "creating logical replication slot (pgoutput)");
+            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&slot];
+            let create = client.query_one(
+                "SELECT lsn FROM pg_create_logical_replication_slot($1, 'pgoutput')",
+                &params,
+            );
+            tokio::pin!(create);
+            let started = std::time::Instant::now();
+            let created = loop {
+                tokio::select! {
+                    created = &mut create => break created,
+                    () = tokio::time::sleep(SLOT_CREATION_NOTICE) => tracing::warn!(
+                        slot,
+                        waited_s = started.elapsed().as_secs(),
+                        "still creating replication slot {slot:?}: PostgreSQL waits for the \
+                         transactions holding an xid (prepared ones included) to end; find them \
+                         in pg_stat_activity (backend_xid) and pg_prepared_xacts"
+                    ),
+                }
+            };
+            let row = match created {
+                Ok(row) => row,
+                Err(source) if source.code().is_some_and(|c| c.code() == "42501") => {
+                    let user: String =
+                        match client.query_one("SELECT current_user::text", &[]).await {
+                            Ok(r) => r.get(0),
+                            Err(_) => "<user>".into(),
+                        };
+                    return Err(PgError::Setup(format!(
+                        "cannot create replication slot {slot:?}: user {user:?} lacks the REPLICATION attribute \
+                         ({source}); grant it with ALTER ROLE {} REPLICATION; or create the slot as a superuser",
+                        quote_ident(&user)
+                    )));
+                }
+                Err(source) => {
+                    return Err(PgError::Sql {
+                        context: format!("creating replication slot {slot:?}"),
+                        source,
+                    });
+                }
+            };
+            let created_lsn: Option<PgLsn> = row.get(0);
+            tracing::info!(
+                slot,
+                consistent_point = %lsn(created_lsn).map_or_else(|| "unknown".to_owned(), |l| l.to_string()),
+                "created logical replication slot (pgoutput): transactions committing after \
+                 the consistent point are published, earlier ones never are"
+            );
+            if let Some(table) = &history.table {
+                remember_slot(client, table, slot, created_lsn).await;
+            }
+            slot_state(client, slot).await?.ok_or_else(|| {
+                PgError::Setup(format!(
+                    "replication slot {slot:?} vanished right after creation"
+                ))
+            })?
+        }
+    };
+    validate_slot(&state)?;
+    Ok(state)
+}
+
+/// When and at which LSN walship created `slot`, if `table` records it.
+async fn created_before(
+    client: &Client,
+    table: &TableName,
+    slot: &str,
+) -> Result<Option<(String, String)>, PgError> {
+    if !table_exists(client, table).await? {
+        return Ok(None);
+    }
+    let sql = format!(
+        "SELECT created_at::text, created_lsn::text FROM {} WHERE slot_name = $1",
+        table.quoted()
+    );
+    let row = client
+        .query_opt(&sql, &[&slot])
+        .await
+        .map_err(sql_err(format!("reading {table}")))?;
+    Ok(row.map(|r| (r.get(0), r.get(1))))
+}
+
+/// Records a slot walship created. Failing to record is a warning, not an error: walship still
+/// works, it just cannot tell a later drop from a first start.
+async fn remember_slot(client: &Client, table: &TableName, slot: &str, lsn: Option<PgLsn>) {
+    let sql = format!(
+        "CREATE TABLE IF NOT EXISTS {t} (slot_name text PRIMARY KEY, created_at timestamptz NOT NULL DEFAULT now(), \
+         created_lsn pg_lsn); \
+         COMMENT ON TABLE {t} IS 'Replication slots walship created; a listed slot that no longer exists was dropped.'",
+        t = table.quoted()
+    );
+    let insert = format!(
+        "INSERT INTO {} (slot_name, created_lsn) VALUES ($1, $2) ON CONFLICT (slot_name) DO UPDATE SET \
+         created_at = now(), created_lsn = EXCLUDED.created_lsn",
+        table.quoted()
+    );
+    let result = async {
+        client.batch_execute(&sql).await?;
+        client.execute(&insert, &[&slot, &lsn]).await
+    }
+    .await;
+    if let Err(e) = result {
+        tracing::warn!(
+            %table,
+            "cannot record the new slot in {table} ({e}); walship will not be able to tell a dropped slot \
+             from a first start: grant CREATE on the schema, or set postgres.slot_history_table = \"\""
+        );
+    }
+}
+
+async fn table_exists(client: &Client, table: &TableName) -> Result<bool, PgError> {
+    let row = client
+        .query_opt(
+            "SELECT 1 FROM pg_tables WHERE schemaname = $1 AND tablename = $2",
+            &[&table.schema, &table.name],
+        )
+        .await
+        .map_err(sql_err(format!("looking up table {table}")))?;
+    Ok(row.is_some())
+}
+
+/// Makes sure the publication exists and publishes the outbox's inserts; creates it when
+/// missing and `create` is set (inserts only, partitions under the parent's name: see
+/// [`catalog::create_publication_sql`]). Returns what the stream needs to recognise the outbox.
+pub async fn ensure_publication(
+    client: &Client,
+    publication: &str,
+    table: &TableName,
+    create: bool,
+) -> Result<OutboxScope, PgError> {
+    if catalog::outbox_family(client, table).await?.is_none() {
+        return Err(PgError::Setup(format!(
+            "outbox table {table} does not exist: create it (walship init-sql prints a definition) or \
+             set outbox.table to the right schema.table"
+        )));
+    }
+    if catalog::publication_info(client, publication)
+        .await?
+        .is_none()
+    {
+        let sql = catalog::create_publication_sql(publication, table);
+        if !create {
+            return Err(PgError::Setup(format!(
+                "publication {publication:?} does not exist and postgres.create_publication is false: \
+                 run {sql};"
+            )));
+        }
+        client
+            .batch_execute(&sql)
+            .await
+            .map_err(sql_err(format!("creating publication {publication:?}")))?;
+        tracing::info!(publication, %table, "created publication");
+    }
+    catalog::outbox_scope(client, publication, table).await
+}

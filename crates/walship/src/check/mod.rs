@@ -1,0 +1,63 @@
+//! `walship check`: a preflight that reports every problem of a setup at once, each with its fix.
+//!
+//! ```text
+//!  config ──▶ PostgreSQL: connect ─▶ settings, role, slots/senders ─▶ table, columns ─▶ publication ─▶ slot
+//!         └─▶ Kafka: metadata (walship's own producer settings) ─▶ topics (fixed, or per aggregate type
+//!                                                                   found in the outbox table)
+//! ```
+//!
+//! Invariant: checking changes nothing — no slot, publication or topic is created, nothing is
+//! confirmed. Every check yields a [`Check`] (pass, warn, fail, or skip when an earlier failure
+//! makes it impossible), so one run lists every problem. The decisions are pure functions over
+//! what the catalog and the broker said, unit-tested without servers; the I/O only gathers facts.
+//! Messages name the object (host:port, table, column, slot, topic) and never a secret.
+//!
+//! Layout: `postgres` (connect, settings, role, capacity) with `outbox` (table, columns,
+//! publication) and `slot`, then `kafka` (broker, topics, limits, dead-letter topic); `report`
+//! holds the checks and renders them. The rules they report by are the catalog's
+//! (`walship_postgres::catalog`) and the router's (`walship_kafka::route`), not copies.
+
+mod kafka;
+mod outbox;
+mod postgres;
+mod report;
+mod slot;
+
+#[cfg(test)]
+mod fixtures;
+
+use std::path::Path;
+use std::process::ExitCode;
+
+pub use postgres::{message_check, role_check, wal_level_check};
+pub use report::{Check, Report, Status, Summary};
+pub use slot::slot_checks;
+
+use crate::command;
+use crate::config::Config;
+
+/// Runs every check against the configured PostgreSQL and Kafka.
+pub async fn run_checks(config: &Config) -> Report {
+    let mut checks = Vec::new();
+    let facts = postgres::postgres_checks(config, &mut checks).await;
+    kafka::kafka_checks(config, &facts, &mut checks).await;
+    Report::new(checks)
+}
+
+/// `walship check`: exit 0 when nothing failed, 1 when something did, 2 for an unreadable or
+/// invalid configuration.
+pub fn main(path: &Path, json: bool, runtime: &tokio::runtime::Runtime) -> ExitCode {
+    let config = match command::load_config(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let report = runtime.block_on(run_checks(&config));
+    let human = || {
+        format!(
+            "walship check ({})\n{}",
+            path.display(),
+            report.render_human()
+        )
+    };
+    command::print_report(&report, json, human, report.ok)
+}
