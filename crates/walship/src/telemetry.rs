@@ -43,7 +43,7 @@ use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
+use prometheus_client::encoding::{DescriptorEncoder, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
@@ -97,6 +97,9 @@ pub struct Telemetry {
     pub standby_for_pid: AtomicI64,
     /// Unix ms of the last delivery report (any outcome).
     pub last_delivery_ms: AtomicI64,
+    /// Why the pipeline stopped for good (a definite error), when it did: the process keeps
+    /// serving its other pipelines.
+    pub stopped: std::sync::Mutex<Option<String>>,
     latency_buckets: [AtomicU64; LATENCY_BUCKETS.len() + 1],
     latency_sum_us: AtomicU64,
 }
@@ -150,6 +153,24 @@ impl Telemetry {
         }
     }
 
+    /// `Ok` when ready, else why not (one line, for `/readyz`).
+    pub fn readiness(&self) -> Result<(), String> {
+        if let Some(why) = self.stopped.lock().ok().and_then(|s| s.clone()) {
+            return Err(format!("stopped: {why}"));
+        }
+        if self.is_ready() {
+            return Ok(());
+        }
+        if self.role() == Role::Standby {
+            return Err(format!(
+                "standby: the slot is streamed by another consumer (walsender PID {}); \
+                 this process takes over when it is released",
+                self.standby_for_pid.load(Ordering::Relaxed)
+            ));
+        }
+        Err("not ready: not streaming or the broker is not answering".to_owned())
+    }
+
     /// Ready: streaming, and the broker answered recently or nothing is waiting for it.
     pub fn is_ready(&self) -> bool {
         let quiet_broker = self.in_flight.load(Ordering::Relaxed) > 0
@@ -180,12 +201,16 @@ impl Role {
     }
 }
 
-/// The `/metrics` registry: one collector that reads `telemetry`'s atomics at each scrape.
+/// The telemetry of each pipeline a process serves, by name. A single-pipeline configuration
+/// has one unnamed entry, and its metrics carry no `pipeline` label (as before pipelines).
+pub type Pipelines = Arc<[(Option<String>, Arc<Telemetry>)]>;
+
+/// The `/metrics` registry: one collector that reads the pipelines' atomics at each scrape.
 ///
 /// Built once per server; the hot path never touches it.
-fn registry(telemetry: Arc<Telemetry>) -> Registry {
+fn registry(pipelines: Pipelines) -> Registry {
     let mut registry = Registry::default();
-    registry.register_collector(Box::new(TelemetryCollector(telemetry)));
+    registry.register_collector(Box::new(TelemetryCollector(pipelines)));
     registry
 }
 
@@ -203,89 +228,128 @@ fn render(registry: &Registry) -> String {
 ///
 /// Counters are named without `_total`: the encoder appends it.
 #[derive(Debug)]
-struct TelemetryCollector(Arc<Telemetry>);
+struct TelemetryCollector(Pipelines);
+
+/// The labels of one pipeline's sample: `pipeline` (when named) and `extra`.
+fn labels<'a>(
+    pipeline: &'a Option<String>,
+    extra: &[(&'a str, &'a str)],
+) -> Vec<(&'a str, &'a str)> {
+    pipeline
+        .as_deref()
+        .map(|name| ("pipeline", name))
+        .into_iter()
+        .chain(extra.iter().copied())
+        .collect()
+}
 
 impl Collector for TelemetryCollector {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> fmt::Result {
-        let t = &*self.0;
+        let all = &*self.0;
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        counter(
-            &mut encoder,
+        let e = &mut encoder;
+        family(
+            e,
+            all,
+            Kind::Counter,
             "walship_events_published",
             "Outbox events acknowledged by Kafka.",
-            get(&t.events_published),
+            |t| get(&t.events_published) as f64,
         )?;
-        counter(
-            &mut encoder,
+        family(
+            e,
+            all,
+            Kind::Counter,
             "walship_bytes_published",
             "Key and value bytes acknowledged by Kafka.",
-            get(&t.bytes_published),
+            |t| get(&t.bytes_published) as f64,
         )?;
-        counter(
-            &mut encoder,
+        family(
+            e,
+            all,
+            Kind::Counter,
             "walship_transactions",
             "Committed transactions decoded, with or without outbox events (again after a reconnect).",
-            get(&t.transactions),
+            |t| get(&t.transactions) as f64,
         )?;
-        gauge(
-            &mut encoder,
+        family(
+            e,
+            all,
+            Kind::Gauge,
             "walship_in_flight_events",
             "Events handed to the producer and not yet acknowledged.",
-            get(&t.in_flight),
+            |t| get(&t.in_flight) as f64,
         )?;
-        gauge(
-            &mut encoder,
+        family(
+            e,
+            all,
+            Kind::Gauge,
             "walship_pending_transactions",
             "Transactions tracked from the oldest not yet acknowledged (bounded by run.max_pending_transactions).",
-            get(&t.pending_transactions),
+            |t| get(&t.pending_transactions) as f64,
         )?;
-        gauge(
-            &mut encoder,
+        family(
+            e,
+            all,
+            Kind::Gauge,
             "walship_safe_lsn",
             "WAL position confirmed to PostgreSQL (as a number).",
-            get(&t.safe_lsn),
+            |t| get(&t.safe_lsn) as f64,
         )?;
-        gauge(
-            &mut encoder,
+        family(
+            e,
+            all,
+            Kind::Gauge,
             "walship_lag_bytes",
             "Bytes of WAL between the server's position (sampled at session start and every postgres.watch_interval_ms) and the confirmed position.",
-            t.lag_bytes(),
+            |t| t.lag_bytes() as f64,
         )?;
-        let last = t.last_acked_commit_ms.load(Ordering::Relaxed);
-        let since = if last == 0 {
-            0.0
-        } else {
-            (unix_ms() - last).max(0) as f64 / 1000.0
-        };
-        gauge(
-            &mut encoder,
+        family(
+            e,
+            all,
+            Kind::Gauge,
             "walship_seconds_since_last_acked_commit",
             "Seconds since the commit time of the newest acknowledged transaction with events (0 before the first).",
-            since,
+            |t| {
+                let last = t.last_acked_commit_ms.load(Ordering::Relaxed);
+                if last == 0 {
+                    0.0
+                } else {
+                    (unix_ms() - last).max(0) as f64 / 1000.0
+                }
+            },
         )?;
-        counter(
-            &mut encoder,
+        family(
+            e,
+            all,
+            Kind::Counter,
             "walship_reconnects",
             "Sessions restarted after a transient error.",
-            get(&t.reconnects),
+            |t| get(&t.reconnects) as f64,
         )?;
-        counter(
-            &mut encoder,
+        family(
+            e,
+            all,
+            Kind::Counter,
             "walship_dead_lettered",
             "Outbox rows published to the dead-letter topic.",
-            get(&t.dead_lettered),
+            |t| get(&t.dead_lettered) as f64,
         )?;
-        counter(
-            &mut encoder,
+        family(
+            e,
+            all,
+            Kind::Counter,
             "walship_resume_skipped",
             "Events not sent again after a restart because an earlier run had delivered them.",
-            get(&t.resume_skipped),
+            |t| get(&t.resume_skipped) as f64,
         )?;
-        gauge(
-            &mut encoder,
+        family(
+            e,
+            all,
+            Kind::Gauge,
             "walship_streaming",
             "1 while streaming from the slot.",
-            u64::from(t.streaming.load(Ordering::Relaxed)),
+            |t| f64::from(u8::from(t.streaming.load(Ordering::Relaxed))),
         )?;
         let mut role = encoder.encode_descriptor(
             "walship_role",
@@ -294,10 +358,12 @@ impl Collector for TelemetryCollector {
             None,
             MetricType::Gauge,
         )?;
-        let current = t.role();
-        for name in [Role::Active, Role::Standby, Role::Starting].map(Role::name) {
-            role.encode_family(&[("role", name)])?
-                .encode_gauge(&u64::from(current.name() == name))?;
+        for (pipeline, t) in all {
+            let current = t.role();
+            for name in [Role::Active, Role::Standby, Role::Starting].map(Role::name) {
+                role.encode_family(&labels(pipeline, &[("role", name)]))?
+                    .encode_gauge(&u64::from(current.name() == name))?;
+            }
         }
         let mut errors = encoder.encode_descriptor(
             "walship_delivery_errors",
@@ -305,53 +371,84 @@ impl Collector for TelemetryCollector {
             None,
             MetricType::Counter,
         )?;
-        for (class, v) in [
-            ("transient", &t.errors_transient),
-            ("record", &t.errors_record),
-            ("fatal", &t.errors_fatal),
-        ] {
-            errors
-                .encode_family(&[("class", class)])?
-                .encode_counter::<NoLabelSet, _, u64>(&get(v), None)?;
+        for (pipeline, t) in all {
+            for (class, v) in [
+                ("transient", &t.errors_transient),
+                ("record", &t.errors_record),
+                ("fatal", &t.errors_fatal),
+            ] {
+                errors
+                    .encode_family(&labels(pipeline, &[("class", class)]))?
+                    .encode_counter::<NoLabelSet, _, u64>(&get(v), None)?;
+            }
         }
-        // Per-bucket counts: the encoder makes them cumulative and adds `+Inf` (= count).
-        let buckets: [(f64, u64); LATENCY_BUCKETS.len()] =
-            std::array::from_fn(|i| (LATENCY_BUCKETS[i], get(&t.latency_buckets[i])));
-        let count = buckets.iter().map(|&(_, n)| n).sum::<u64>()
-            + get(&t.latency_buckets[LATENCY_BUCKETS.len()]);
-        encoder
-            .encode_descriptor(
-                "walship_commit_to_ack_seconds",
-                "Time from a transaction's commit to the acknowledgement of its last event.",
-                None,
-                MetricType::Histogram,
-            )?
-            .encode_histogram::<NoLabelSet>(
-                get(&t.latency_sum_us) as f64 / 1e6,
-                count,
-                &buckets,
-                None,
-            )
+        let mut histogram = encoder.encode_descriptor(
+            "walship_commit_to_ack_seconds",
+            "Time from a transaction's commit to the acknowledgement of its last event.",
+            None,
+            MetricType::Histogram,
+        )?;
+        for (pipeline, t) in all {
+            // Per-bucket counts: the encoder makes them cumulative and adds `+Inf` (= count).
+            let buckets: [(f64, u64); LATENCY_BUCKETS.len()] =
+                std::array::from_fn(|i| (LATENCY_BUCKETS[i], get(&t.latency_buckets[i])));
+            let count = buckets.iter().map(|&(_, n)| n).sum::<u64>()
+                + get(&t.latency_buckets[LATENCY_BUCKETS.len()]);
+            let sum = get(&t.latency_sum_us) as f64 / 1e6;
+            match pipeline {
+                None => histogram.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)?,
+                Some(_) => histogram
+                    .encode_family(&labels(pipeline, &[]))?
+                    .encode_histogram::<NoLabelSet>(sum, count, &buckets, None)?,
+            }
+        }
+        Ok(())
     }
 }
 
-/// Encodes one unlabelled counter (`name` without `_total`).
-fn counter(encoder: &mut DescriptorEncoder<'_>, name: &str, help: &str, value: u64) -> fmt::Result {
-    encoder
-        .encode_descriptor(name, help, None, MetricType::Counter)?
-        .encode_counter::<NoLabelSet, _, u64>(&value, None)
+/// Counter or gauge.
+#[derive(Clone, Copy)]
+enum Kind {
+    Counter,
+    Gauge,
 }
 
-/// Encodes one unlabelled gauge.
-fn gauge(
+/// Writes one sample. Counters and most gauges are whole numbers: written as such (`7`, not
+/// `7.0`).
+fn sample(metric: &mut MetricEncoder<'_>, kind: Kind, v: f64) -> fmt::Result {
+    match kind {
+        Kind::Counter => metric.encode_counter::<NoLabelSet, _, u64>(&(v as u64), None),
+        Kind::Gauge if v.fract() == 0.0 && v >= 0.0 => metric.encode_gauge(&(v as u64)),
+        Kind::Gauge => metric.encode_gauge(&v),
+    }
+}
+
+/// Encodes one family with a sample per pipeline (`name` without `_total` for a counter):
+/// labelled `pipeline` when the pipeline is named, unlabelled for a single-pipeline process.
+fn family(
     encoder: &mut DescriptorEncoder<'_>,
+    pipelines: &[(Option<String>, Arc<Telemetry>)],
+    kind: Kind,
     name: &str,
     help: &str,
-    value: impl prometheus_client::encoding::EncodeGaugeValue,
+    value: impl Fn(&Telemetry) -> f64,
 ) -> fmt::Result {
-    encoder
-        .encode_descriptor(name, help, None, MetricType::Gauge)?
-        .encode_gauge(&value)
+    let metric_type = match kind {
+        Kind::Counter => MetricType::Counter,
+        Kind::Gauge => MetricType::Gauge,
+    };
+    let mut metric = encoder.encode_descriptor(name, help, None, metric_type)?;
+    for (pipeline, t) in pipelines {
+        let v = value(t);
+        match pipeline {
+            None => sample(&mut metric, kind, v)?,
+            Some(_) => {
+                let set = labels(pipeline, &[]);
+                sample(&mut metric.encode_family(&set)?, kind, v)?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Bounds on what the metrics/health server spends on its clients.
@@ -419,7 +516,14 @@ pub async fn serve(listener: TcpListener, telemetry: Arc<Telemetry>) {
 /// Serves `/metrics`, `/healthz` and `/readyz` within `limits` until the future is dropped;
 /// dropping it also drops the connections being served.
 pub async fn serve_with(listener: TcpListener, telemetry: Arc<Telemetry>, limits: Limits) {
-    let registry = Arc::new(registry(Arc::clone(&telemetry)));
+    serve_pipelines(listener, Arc::new([(None, telemetry)]), limits).await;
+}
+
+/// [`serve_with`] for a process with several pipelines: every metric carries a `pipeline`
+/// label, `/readyz` is ready when every pipeline is (its body has a line per pipeline), and
+/// `/readyz/<pipeline>` answers for one.
+pub async fn serve_pipelines(listener: TcpListener, pipelines: Pipelines, limits: Limits) {
+    let registry = Arc::new(registry(Arc::clone(&pipelines)));
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let mut connections = JoinSet::new();
     let mut backoff = AcceptBackoff::default();
@@ -438,10 +542,10 @@ pub async fn serve_with(listener: TcpListener, telemetry: Arc<Telemetry>, limits
         };
         let socket = accept(&mut || listener.accept(), &mut backoff).await.0;
         let service = {
-            let telemetry = Arc::clone(&telemetry);
+            let pipelines = Arc::clone(&pipelines);
             let registry = Arc::clone(&registry);
             service_fn(move |request| {
-                let response = respond(&telemetry, &registry, &request);
+                let response = respond(&pipelines, &registry, &request);
                 async move { Ok::<_, std::convert::Infallible>(response) }
             })
         };
@@ -504,37 +608,30 @@ fn is_peer_error(e: &io::Error) -> bool {
 
 /// The answer to a request, by path (method, headers and body are ignored).
 fn respond<B>(
-    telemetry: &Telemetry,
+    pipelines: &[(Option<String>, Arc<Telemetry>)],
     registry: &Registry,
     request: &Request<B>,
 ) -> Response<Full<Bytes>> {
-    let (status, body, kind) = match request.uri().path() {
+    let path = request.uri().path();
+    let (status, body, kind) = match path {
         "/metrics" => (
             StatusCode::OK,
             render(registry),
             prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
         ),
         "/healthz" => (StatusCode::OK, "ok\n".to_owned(), "text/plain"),
-        "/readyz" if telemetry.is_ready() => (StatusCode::OK, "ready\n".to_owned(), "text/plain"),
-        "/readyz" if telemetry.role() == Role::Standby => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!(
-                "standby: the slot is streamed by another consumer (walsender PID {}); \
-                 this process takes over when it is released\n",
-                telemetry.standby_for_pid.load(Ordering::Relaxed)
+        "/readyz" => readyz(pipelines.iter()),
+        _ => match path
+            .strip_prefix("/readyz/")
+            .and_then(|name| pipelines.iter().find(|(p, _)| p.as_deref() == Some(name)))
+        {
+            Some(one) => readyz(std::iter::once(one)),
+            None => (
+                StatusCode::NOT_FOUND,
+                "try /metrics, /healthz or /readyz\n".to_owned(),
+                "text/plain",
             ),
-            "text/plain",
-        ),
-        "/readyz" => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: not streaming or the broker is not answering\n".to_owned(),
-            "text/plain",
-        ),
-        _ => (
-            StatusCode::NOT_FOUND,
-            "try /metrics, /healthz or /readyz\n".to_owned(),
-            "text/plain",
-        ),
+        },
     };
     let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
@@ -542,6 +639,30 @@ fn respond<B>(
         .headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static(kind));
     response
+}
+
+/// `/readyz` for some pipelines: 200 when all are ready. One pipeline answers as it always
+/// did (`ready`, or why not); several answer with a `name: ready` or `name: why` line each.
+fn readyz<'a>(
+    pipelines: impl Iterator<Item = &'a (Option<String>, Arc<Telemetry>)>,
+) -> (StatusCode, String, &'static str) {
+    let mut all_ready = true;
+    let mut body = String::new();
+    for (name, t) in pipelines {
+        let state = t.readiness();
+        all_ready &= state.is_ok();
+        let line = state.err().unwrap_or_else(|| "ready".to_owned());
+        match name {
+            Some(name) => body.push_str(&format!("{name}: {line}\n")),
+            None => body.push_str(&format!("{line}\n")),
+        }
+    }
+    let status = if all_ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, body, "text/plain")
 }
 
 #[cfg(test)]

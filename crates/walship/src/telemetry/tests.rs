@@ -1,4 +1,5 @@
 //! Unit tests of the metrics exposition and the health server.
+
 use std::collections::BTreeMap;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -10,7 +11,7 @@ use super::*;
 const WAIT: Duration = Duration::from_secs(10);
 
 fn scrape(t: &Arc<Telemetry>) -> String {
-    render(&registry(Arc::clone(t)))
+    render(&registry(Arc::new([(None, Arc::clone(t))])))
 }
 
 /// One family of a parsed exposition: its type, help and samples (`name{labels}` → value).
@@ -409,4 +410,35 @@ async fn connections_beyond_the_limit_wait_for_a_slot() {
     assert!(response.contains("walship_streaming 0"), "{response}");
     let response = get(&mut second, "/healthz").await;
     assert!(response.starts_with("HTTP/1.1 200 "), "{response}");
+}
+
+#[test]
+fn with_several_pipelines_every_sample_names_its_pipeline_and_readiness_needs_all() {
+    let (a, b) = (Arc::new(Telemetry::default()), Arc::new(Telemetry::default()));
+    a.events_published.store(3, Ordering::Relaxed);
+    a.streaming.store(true, Ordering::Relaxed);
+    a.last_delivery_ms.store(unix_ms(), Ordering::Relaxed);
+    *b.stopped.lock().unwrap() = Some("replication slot \"b\" was invalidated".into());
+    let pipelines: Pipelines = Arc::new([
+        (Some("orders".to_owned()), Arc::clone(&a)),
+        (Some("billing".to_owned()), Arc::clone(&b)),
+    ]);
+    let text = render(&registry(Arc::clone(&pipelines)));
+    let families = parse(&text);
+    let events = &families["walship_events_published_total"].samples;
+    assert_eq!(events["walship_events_published_total{pipeline=\"orders\"}"], 3.0);
+    assert_eq!(events["walship_events_published_total{pipeline=\"billing\"}"], 0.0);
+    for line in text.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+        assert!(line.contains("pipeline=\""), "a sample without its pipeline: {line}");
+    }
+    let role = &families["walship_role"].samples;
+    assert_eq!(role["walship_role{pipeline=\"orders\",role=\"active\"}"], 1.0);
+    let (status, body, _) = readyz(pipelines.iter());
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        body,
+        "orders: ready\nbilling: stopped: replication slot \"b\" was invalidated\n"
+    );
+    let (status, body, _) = readyz(pipelines.iter().take(1));
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "orders: ready\n"));
 }
