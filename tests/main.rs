@@ -15,6 +15,7 @@ mod messages;
 mod metrics;
 mod partitions;
 mod pgoutput_golden;
+mod pipelines;
 mod relay;
 mod reliability;
 mod resume;

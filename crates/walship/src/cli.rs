@@ -118,14 +118,14 @@ pub fn main() -> ExitCode {
         Command::Check { config, json } => crate::check::main(&config, json, &runtime),
         Command::Status { config, json } => crate::status::main(&config, json, &runtime),
         Command::Run { config } => {
-            let config = match command::load_config(&config) {
-                Ok(c) => c,
+            let deployment = match command::load_deployment(&config) {
+                Ok(d) => d,
                 Err(code) => return code,
             };
             // Dropping the runtime waits for a broker call a stop left running on a blocking
             // thread (bounded by its own timeout): exiting under librdkafka's threads could race
             // OpenSSL's exit-time cleanup.
-            match runtime.block_on(crate::run(config, shutdown_signal())) {
+            match runtime.block_on(crate::run::run_deployment(deployment, shutdown_signal())) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e}");

@@ -10,6 +10,7 @@
 use std::process::ExitCode;
 
 use crate::config::Config;
+use crate::pipelines::Deployment;
 
 /// Loads the configuration; on failure prints why and returns exit code 2.
 pub fn load_config(path: &std::path::Path) -> Result<Config, ExitCode> {
@@ -17,6 +18,25 @@ pub fn load_config(path: &std::path::Path) -> Result<Config, ExitCode> {
         eprintln!("error: {e}");
         ExitCode::from(2)
     })
+}
+
+/// Loads a configuration with one pipeline or several; on failure prints why and returns exit
+/// code 2.
+pub fn load_deployment(path: &std::path::Path) -> Result<Deployment, ExitCode> {
+    Deployment::load(path).map_err(|e| {
+        eprintln!("error: {e}");
+        ExitCode::from(2)
+    })
+}
+
+/// One pipeline's report in a multi-pipeline answer (`{"pipeline": name, ...report}`).
+#[derive(serde::Serialize)]
+pub struct Named<'a, T: serde::Serialize> {
+    /// The pipeline's name.
+    pub pipeline: &'a str,
+    /// Its report, flattened beside the name.
+    #[serde(flatten)]
+    pub report: &'a T,
 }
 
 /// Writes a report to stdout, as pretty JSON or as `human` text; exit code 0 when `ok`, else 1.

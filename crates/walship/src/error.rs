@@ -86,6 +86,9 @@ pub enum Error {
     /// The producer could not be created or refused a record outright.
     #[error("Kafka producer: {0}")]
     Producer(String),
+    /// Pipelines of a multi-pipeline process stopped with definite errors (each named).
+    #[error("pipelines stopped with errors: {0}")]
+    Pipelines(String),
     /// Another consumer streams the slot (another walship of an active-passive pair, or a
     /// leftover walsender): this process waits as a standby.
     #[error(
@@ -120,7 +123,8 @@ impl Error {
             | Error::Message { .. }
             | Error::Route { .. }
             | Error::Record { .. }
-            | Error::Producer(_) => false,
+            | Error::Producer(_)
+            | Error::Pipelines(_) => false,
             Error::SlotInUse { .. } => true,
         }
     }

@@ -5,6 +5,7 @@
 //!
 //! - [`config`] — the TOML configuration, environment overrides, validation, secrets.
 //! - [`run`](mod@run) — the supervisor: preflight, sessions, reconnect with backoff. Wiring only.
+//! - [`pipelines`] — a file with several pipelines (`[[pipelines]]`) over shared defaults.
 //! - [`settings`] — the configuration resolved once into typed per-layer settings.
 //! - [`session`] — one streaming session, generic over its WAL source and event sink: decode,
 //!   extract, route, produce, report status; [`session::seams`] holds the two traits.
@@ -25,6 +26,7 @@ pub mod command;
 pub mod config;
 pub mod error;
 pub mod init_sql;
+pub mod pipelines;
 pub mod progress;
 pub mod resume;
 pub mod run;

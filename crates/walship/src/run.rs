@@ -20,11 +20,13 @@ use std::sync::atomic::Ordering;
 
 use crate::config::{Config, ConfigError};
 use crate::error::Error;
+use crate::pipelines::Deployment;
 use crate::progress::Progress;
 use crate::resume::Resume;
 use crate::session::{KafkaSink, PgSource, Session};
 use crate::settings::{Settings, SourceSettings};
 use crate::telemetry::{self, Telemetry};
+use tracing::Instrument;
 
 /// Reconnect delays: exponential from `BACKOFF_MIN`, capped at `BACKOFF_MAX`, with full jitter.
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
@@ -65,21 +67,128 @@ pub async fn run_until_cancelled(config: &Config, cancel: &CancellationToken) ->
 /// Like [`run_until_cancelled`], with the configuration already resolved.
 pub async fn run_settings(settings: &Settings, cancel: &CancellationToken) -> Result<(), Error> {
     let telemetry = Arc::new(Telemetry::default());
-    let mut background = Vec::new();
-    if let Some(addr) = settings.metrics_listen {
-        let listener = telemetry::bind(addr).await.map_err(|e| {
-            ConfigError(format!(
-                "metrics.listen {addr}: cannot listen ({e}); pick a free address"
-            ))
-        })?;
-        tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
-        background.push(tokio::spawn(telemetry::serve(
-            listener,
-            Arc::clone(&telemetry),
-        )));
+    let server = match settings.metrics_listen {
+        Some(addr) => Some(metrics_server(addr, Arc::new([(None, Arc::clone(&telemetry))])).await?),
+        None => None,
+    };
+    let result = run_pipeline(settings, cancel, &telemetry).await;
+    if let Some(server) = server {
+        server.abort();
     }
-    background.push(tokio::spawn(log_catch_up(Arc::clone(&telemetry))));
-    let result = supervise(settings, cancel, &telemetry, &mut background).await;
+    result
+}
+
+/// Runs every pipeline of `deployment` until `shutdown` completes. A file without
+/// `[[pipelines]]` runs exactly as [`run`]. With several, each pipeline is a task of its own
+/// with its own sessions, progress, resume and reconnect loop: a database that is down only
+/// delays its pipeline, and a definite error stops only its pipeline (logged with its name,
+/// shown on `/readyz` and `/readyz/<name>`) while the others keep streaming. Returns an error
+/// naming the pipelines that stopped with one, once all have ended.
+pub async fn run_deployment(
+    deployment: Deployment,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
+    if deployment.is_single() {
+        let config = deployment.pipelines.into_iter().next().map(|p| p.config);
+        return match config {
+            Some(config) => run(config, shutdown).await,
+            None => Ok(()),
+        };
+    }
+    // Every pipeline's configuration is resolved (secrets included) before anything starts.
+    let mut pipelines = Vec::new();
+    for p in &deployment.pipelines {
+        let name = p.name.clone().unwrap_or_default();
+        let settings = Settings::resolve(&p.config)
+            .map_err(|e| ConfigError(format!("pipeline {name:?}: {}", e.0)))?;
+        pipelines.push((name, settings, Arc::new(Telemetry::default())));
+    }
+    let cancel = CancellationToken::new();
+    let trigger = cancel.clone();
+    let watcher = tokio::spawn(async move {
+        shutdown.await;
+        trigger.cancel();
+    });
+    let listen = pipelines.first().and_then(|(_, s, _)| s.metrics_listen);
+    let server = match listen {
+        Some(addr) => {
+            let all = pipelines
+                .iter()
+                .map(|(name, _, t)| (Some(name.clone()), Arc::clone(t)))
+                .collect();
+            Some(metrics_server(addr, all).await?)
+        }
+        None => None,
+    };
+    tracing::info!(
+        pipelines = %pipelines.iter().map(|(n, _, _)| n.as_str()).collect::<Vec<_>>().join(","),
+        "running {} pipelines",
+        pipelines.len()
+    );
+    let mut tasks = tokio::task::JoinSet::new();
+    for (name, settings, telemetry) in pipelines {
+        let cancel = cancel.clone();
+        let span = tracing::info_span!("pipeline", name = %name);
+        tasks.spawn(
+            async move {
+                let result = run_pipeline(&settings, &cancel, &telemetry).await;
+                if let Err(e) = &result {
+                    tracing::error!("pipeline stopped: {e}");
+                    if let Ok(mut stopped) = telemetry.stopped.lock() {
+                        *stopped = Some(e.to_string());
+                    }
+                }
+                (name, result)
+            }
+            .instrument(span),
+        );
+    }
+    let mut failed = Vec::new();
+    while let Some(joined) = tasks.join_next().await {
+        match joined {
+            Ok((_, Ok(()))) => {}
+            Ok((name, Err(e))) => failed.push(format!("{name}: {e}")),
+            Err(e) => failed.push(format!("a pipeline task ended abnormally: {e}")),
+        }
+    }
+    watcher.abort();
+    if let Some(server) = server {
+        server.abort();
+    }
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::Pipelines(failed.join("; ")))
+    }
+}
+
+/// Binds `/metrics`, `/healthz` and `/readyz` for `pipelines` and serves them on a task.
+async fn metrics_server(
+    addr: std::net::SocketAddr,
+    pipelines: telemetry::Pipelines,
+) -> Result<tokio::task::JoinHandle<()>, Error> {
+    let listener = telemetry::bind(addr).await.map_err(|e| {
+        ConfigError(format!(
+            "metrics.listen {addr}: cannot listen ({e}); pick a free address"
+        ))
+    })?;
+    tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
+    Ok(tokio::spawn(telemetry::serve_pipelines(
+        listener,
+        pipelines,
+        telemetry::Limits::default(),
+    )))
+}
+
+/// One pipeline: the catch-up log line, preflight, then sessions until cancelled or a definite
+/// error.
+async fn run_pipeline(
+    settings: &Settings,
+    cancel: &CancellationToken,
+    telemetry: &Arc<Telemetry>,
+) -> Result<(), Error> {
+    let mut background = vec![tokio::spawn(log_catch_up(Arc::clone(telemetry)))];
+    let result = supervise(settings, cancel, telemetry, &mut background).await;
     for task in background {
         task.abort();
     }

@@ -216,9 +216,41 @@ pub async fn read_status(config: &Config) -> Result<SlotStatus, Error> {
 /// `walship status`: exit 0 when the slot exists and is not lost, 1 when it is missing or lost
 /// (the status is still printed) or PostgreSQL cannot be read, 2 for a configuration error.
 pub fn main(path: &Path, json: bool, runtime: &tokio::runtime::Runtime) -> ExitCode {
-    let config = match command::load_config(path) {
-        Ok(c) => c,
+    let deployment = match command::load_deployment(path) {
+        Ok(d) => d,
         Err(code) => return code,
+    };
+    if !deployment.is_single() {
+        // Several pipelines: each one's status under its name; one that cannot be read is
+        // reported on stderr and makes the exit code 1, the others are still shown.
+        let mut all_read = true;
+        let mut statuses = Vec::new();
+        for p in &deployment.pipelines {
+            let name = p.name.clone().unwrap_or_default();
+            match runtime.block_on(read_status(&p.config)) {
+                Ok(s) => statuses.push((name, s)),
+                Err(e) => {
+                    eprintln!("error: pipeline {name}: {}", error_chain(&e));
+                    all_read = false;
+                }
+            }
+        }
+        let named: Vec<_> = statuses
+            .iter()
+            .map(|(pipeline, report)| command::Named { pipeline, report })
+            .collect();
+        let human = || {
+            statuses
+                .iter()
+                .map(|(name, s)| format!("pipeline {name}\n{}", s.render_human()))
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        let ok = all_read && statuses.iter().all(|(_, s)| s.healthy());
+        return command::print_report(&named, json, human, ok);
+    }
+    let Some(config) = deployment.pipelines.into_iter().next().map(|p| p.config) else {
+        return ExitCode::from(2);
     };
     let status = match runtime.block_on(read_status(&config)) {
         Ok(s) => s,

@@ -47,9 +47,42 @@ pub async fn run_checks(config: &Config) -> Report {
 /// `walship check`: exit 0 when nothing failed, 1 when something did, 2 for an unreadable or
 /// invalid configuration.
 pub fn main(path: &Path, json: bool, runtime: &tokio::runtime::Runtime) -> ExitCode {
-    let config = match command::load_config(path) {
-        Ok(c) => c,
+    let deployment = match command::load_deployment(path) {
+        Ok(d) => d,
         Err(code) => return code,
+    };
+    if !deployment.is_single() {
+        // Several pipelines: every one is checked, each report under its name.
+        let reports: Vec<(String, Report)> = deployment
+            .pipelines
+            .iter()
+            .map(|p| {
+                let name = p.name.clone().unwrap_or_default();
+                (name, runtime.block_on(run_checks(&p.config)))
+            })
+            .collect();
+        let named: Vec<_> = reports
+            .iter()
+            .map(|(pipeline, report)| command::Named { pipeline, report })
+            .collect();
+        let human = || {
+            reports
+                .iter()
+                .map(|(name, report)| {
+                    format!(
+                        "walship check ({}) pipeline {name}\n{}",
+                        path.display(),
+                        report.render_human()
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        let ok = reports.iter().all(|(_, r)| r.ok);
+        return command::print_report(&named, json, human, ok);
+    }
+    let Some(config) = deployment.pipelines.into_iter().next().map(|p| p.config) else {
+        return ExitCode::from(2);
     };
     let report = runtime.block_on(run_checks(&config));
     let human = || {

@@ -414,7 +414,10 @@ async fn connections_beyond_the_limit_wait_for_a_slot() {
 
 #[test]
 fn with_several_pipelines_every_sample_names_its_pipeline_and_readiness_needs_all() {
-    let (a, b) = (Arc::new(Telemetry::default()), Arc::new(Telemetry::default()));
+    let (a, b) = (
+        Arc::new(Telemetry::default()),
+        Arc::new(Telemetry::default()),
+    );
     a.events_published.store(3, Ordering::Relaxed);
     a.streaming.store(true, Ordering::Relaxed);
     a.last_delivery_ms.store(unix_ms(), Ordering::Relaxed);
@@ -426,13 +429,28 @@ fn with_several_pipelines_every_sample_names_its_pipeline_and_readiness_needs_al
     let text = render(&registry(Arc::clone(&pipelines)));
     let families = parse(&text);
     let events = &families["walship_events_published_total"].samples;
-    assert_eq!(events["walship_events_published_total{pipeline=\"orders\"}"], 3.0);
-    assert_eq!(events["walship_events_published_total{pipeline=\"billing\"}"], 0.0);
-    for line in text.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
-        assert!(line.contains("pipeline=\""), "a sample without its pipeline: {line}");
+    assert_eq!(
+        events["walship_events_published_total{pipeline=\"orders\"}"],
+        3.0
+    );
+    assert_eq!(
+        events["walship_events_published_total{pipeline=\"billing\"}"],
+        0.0
+    );
+    for line in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
+        assert!(
+            line.contains("pipeline=\""),
+            "a sample without its pipeline: {line}"
+        );
     }
     let role = &families["walship_role"].samples;
-    assert_eq!(role["walship_role{pipeline=\"orders\",role=\"active\"}"], 1.0);
+    assert_eq!(
+        role["walship_role{pipeline=\"orders\",role=\"active\"}"],
+        1.0
+    );
     let (status, body, _) = readyz(pipelines.iter());
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(

@@ -1,0 +1,318 @@
+//! Several pipelines in one configuration file: `[[pipelines]]` over shared defaults.
+//!
+//! Owns reading a configuration into a [`Deployment`]: one pipeline (the single-pipeline file
+//! of before, unchanged) or several, each a complete [`Config`] made of the file's top-level
+//! `[postgres]`, `[outbox]`, `[kafka]` and `[run]` tables with the pipeline's own tables laid
+//! over them key by key (nested tables such as `kafka.librdkafka` merge too).
+//!
+//! ```toml
+//! [kafka]                      # shared by every pipeline
+//! brokers = "kafka:9092"
+//!
+//! [[pipelines]]
+//! name = "orders"
+//! postgres = { url = "postgres://walship@orders-db/app", slot = "walship_orders" }
+//!
+//! [[pipelines]]
+//! name = "billing"
+//! postgres = { url = "postgres://walship@billing-db/app" }
+//! outbox = { topic = "billing.{aggregatetype}" }
+//! kafka = { librdkafka = { "linger.ms" = "20" } }
+//! ```
+//!
+//! Invariants: each pipeline is validated as a whole configuration would be, and its errors
+//! name it; two pipelines never share a name, nor a slot on the same server; `[metrics]` is the
+//! process's and cannot be set per pipeline. `WALSHIP_*` environment overrides apply to the
+//! shared tables (a pipeline's own value takes precedence over them).
+
+use std::collections::HashSet;
+use std::path::Path;
+
+use crate::config::{Config, ConfigError, MetricsConfig, apply_env};
+
+/// Tables a pipeline may set for itself.
+const PIPELINE_TABLES: [&str; 4] = ["postgres", "outbox", "kafka", "run"];
+
+/// What one process runs.
+#[derive(Debug, Clone)]
+pub struct Deployment {
+    /// The pipelines, in file order; exactly one, unnamed, for a file without `[[pipelines]]`.
+    pub pipelines: Vec<Pipeline>,
+    /// `[metrics]`, shared by the process.
+    pub metrics: MetricsConfig,
+}
+
+/// One pipeline: its name (`None` for a single-pipeline file) and its whole configuration.
+#[derive(Debug, Clone)]
+pub struct Pipeline {
+    /// `pipelines[].name`; labels its metrics, log lines and readiness.
+    pub name: Option<String>,
+    /// The merged configuration.
+    pub config: Config,
+}
+
+impl Deployment {
+    /// Reads, overrides from the process environment, merges and validates.
+    pub fn load(path: &Path) -> Result<Deployment, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(format!("cannot read config file {}: {e}", path.display())))?;
+        Self::from_toml(&text, std::env::vars(), &path.display().to_string())
+    }
+
+    /// Parses `text`, applies `WALSHIP_<SECTION>__<KEY>` overrides from `env` to the shared
+    /// tables, lays each pipeline over them and validates each. `origin` names the source.
+    pub fn from_toml(
+        text: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+        origin: &str,
+    ) -> Result<Deployment, ConfigError> {
+        let mut table: toml::Table =
+            toml::from_str(text).map_err(|e| ConfigError(format!("in {origin}: {e}")))?;
+        let listed = table.remove("pipelines");
+        let applied = apply_env(&mut table, env)?;
+        let Some(listed) = listed else {
+            let config = Config::from_table(table, &applied, origin)?;
+            return Ok(Deployment {
+                metrics: config.metrics.clone(),
+                pipelines: vec![Pipeline { name: None, config }],
+            });
+        };
+        let toml::Value::Array(entries) = listed else {
+            return Err(ConfigError(format!(
+                "in {origin}: pipelines must be an array of tables: write each as [[pipelines]]"
+            )));
+        };
+        if entries.is_empty() {
+            return Err(ConfigError(format!(
+                "in {origin}: pipelines is empty: declare at least one [[pipelines]] with a name, \
+                 or remove the key for a single-pipeline file"
+            )));
+        }
+        let mut pipelines = Vec::with_capacity(entries.len());
+        let mut names = HashSet::new();
+        let mut slots = HashSet::new();
+        for (i, entry) in entries.into_iter().enumerate() {
+            let toml::Value::Table(mut own) = entry else {
+                return Err(ConfigError(format!(
+                    "in {origin}: pipelines[{i}] is not a table: write it as [[pipelines]]"
+                )));
+            };
+            let name = pipeline_name(&mut own, i, origin)?;
+            if !names.insert(name.clone()) {
+                return Err(ConfigError(format!(
+                    "in {origin}: two pipelines are named {name:?}: give each its own name"
+                )));
+            }
+            if let Some(key) = own.keys().find(|k| !PIPELINE_TABLES.contains(&k.as_str())) {
+                return Err(ConfigError(format!(
+                    "in {origin}: pipelines[{i}] ({name}) sets {key:?}, which a pipeline cannot \
+                     set: a pipeline has a name and its own {} tables{}",
+                    PIPELINE_TABLES.join(", "),
+                    if key == "metrics" {
+                        "; [metrics] is the process's, at the top of the file"
+                    } else {
+                        ""
+                    }
+                )));
+            }
+            let mut merged = table.clone();
+            merge(&mut merged, own);
+            let here = format!("{origin}, pipeline {name:?}");
+            let config = Config::from_table(merged, &applied, &here).map_err(|e| {
+                // Validation errors do not say where; the pipeline does.
+                if e.0.starts_with("in ") {
+                    e
+                } else {
+                    ConfigError(format!("in {here}: {}", e.0))
+                }
+            })?;
+            let slot = (config.postgres.url.clone(), config.postgres.slot.clone());
+            if !slots.insert(slot) {
+                return Err(ConfigError(format!(
+                    "in {origin}: pipeline {name:?} uses slot {:?} of a server another pipeline \
+                     already streams from: give it its own postgres.slot (a slot admits one \
+                     consumer)",
+                    config.postgres.slot
+                )));
+            }
+            pipelines.push(Pipeline {
+                name: Some(name),
+                config,
+            });
+        }
+        let metrics = pipelines
+            .first()
+            .map(|p| p.config.metrics.clone())
+            .unwrap_or_default();
+        Ok(Deployment { pipelines, metrics })
+    }
+
+    /// True for a file without `[[pipelines]]`.
+    pub fn is_single(&self) -> bool {
+        matches!(self.pipelines.as_slice(), [Pipeline { name: None, .. }])
+    }
+}
+
+/// Takes `name` out of a pipeline's table: 1-63 lower-case letters, digits, `_` and `-`.
+fn pipeline_name(own: &mut toml::Table, i: usize, origin: &str) -> Result<String, ConfigError> {
+    match own.remove("name") {
+        Some(toml::Value::String(name))
+            if (1..=63).contains(&name.len())
+                && name.bytes().all(|c| {
+                    c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'_' || c == b'-'
+                }) =>
+        {
+            Ok(name)
+        }
+        Some(other) => Err(ConfigError(format!(
+            "in {origin}: pipelines[{i}].name = {other} is not a pipeline name: use 1-63 \
+             lower-case letters, digits, '_' and '-' (it labels metrics and log lines)"
+        ))),
+        None => Err(ConfigError(format!(
+            "in {origin}: pipelines[{i}] has no name: add name = \"...\" (it labels metrics, \
+             log lines and /readyz/<name>)"
+        ))),
+    }
+}
+
+/// Lays `over` onto `base`: tables merge key by key, anything else replaces.
+fn merge(base: &mut toml::Table, over: toml::Table) {
+    for (key, value) in over {
+        match (base.get_mut(&key), value) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            (_, v) => {
+                base.insert(key, v);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SHARED: &str = r#"
+[kafka]
+brokers = "k:9092"
+librdkafka = { "linger.ms" = "5", "batch.size" = "100000" }
+
+[outbox]
+topic = "shared.{aggregatetype}"
+
+[metrics]
+listen = "127.0.0.1:9187"
+"#;
+
+    fn load(pipelines: &str) -> Result<Deployment, ConfigError> {
+        Deployment::from_toml(
+            &format!("{SHARED}\n{pipelines}"),
+            std::iter::empty(),
+            "test",
+        )
+    }
+
+    #[test]
+    fn a_file_without_pipelines_is_one_unnamed_pipeline() {
+        let d = Deployment::from_toml(
+            "[postgres]\nurl = \"postgres://a/db\"\n[kafka]\nbrokers = \"k:9092\"\n",
+            std::iter::empty(),
+            "test",
+        )
+        .unwrap();
+        assert!(d.is_single());
+        assert_eq!(d.pipelines[0].config.postgres.slot, "walship");
+    }
+
+    #[test]
+    fn pipelines_lay_their_tables_over_the_shared_ones() {
+        let d = load(
+            r#"
+[[pipelines]]
+name = "orders"
+postgres = { url = "postgres://orders/db", slot = "s_orders" }
+
+[[pipelines]]
+name = "billing"
+postgres = { url = "postgres://billing/db" }
+outbox = { topic = "billing.{aggregatetype}" }
+kafka = { librdkafka = { "linger.ms" = "20" } }
+"#,
+        )
+        .unwrap();
+        assert!(!d.is_single());
+        assert_eq!(d.metrics.listen.as_deref(), Some("127.0.0.1:9187"));
+        let [orders, billing] = d.pipelines.as_slice() else {
+            panic!("two pipelines")
+        };
+        assert_eq!(orders.name.as_deref(), Some("orders"));
+        assert_eq!(orders.config.postgres.slot, "s_orders");
+        assert_eq!(orders.config.outbox.topic, "shared.{aggregatetype}");
+        assert_eq!(billing.config.postgres.slot, "walship");
+        assert_eq!(billing.config.outbox.topic, "billing.{aggregatetype}");
+        // Nested tables merge: the override changes one property and keeps the other.
+        assert_eq!(billing.config.kafka.librdkafka["linger.ms"], "20");
+        assert_eq!(billing.config.kafka.librdkafka["batch.size"], "100000");
+        assert_eq!(orders.config.kafka.librdkafka["linger.ms"], "5");
+    }
+
+    #[test]
+    fn environment_overrides_set_the_shared_tables_and_pipelines_keep_their_own() {
+        let d = Deployment::from_toml(
+            &format!(
+                "{SHARED}\n[[pipelines]]\nname = \"a\"\npostgres = {{ url = \"postgres://a/db\" }}\n\
+                 [[pipelines]]\nname = \"b\"\npostgres = {{ url = \"postgres://b/db\" }}\n\
+                 kafka = {{ brokers = \"own:9092\" }}\n"
+            ),
+            [("WALSHIP_KAFKA__BROKERS".to_owned(), "env:9092".to_owned())],
+            "test",
+        )
+        .unwrap();
+        assert_eq!(d.pipelines[0].config.kafka.brokers, "env:9092");
+        assert_eq!(d.pipelines[1].config.kafka.brokers, "own:9092");
+    }
+
+    #[test]
+    fn mistakes_are_named_with_their_pipeline_and_fix() {
+        let cases = [
+            (
+                "[[pipelines]]\npostgres = { url = \"postgres://a/db\" }\n",
+                "pipelines[0] has no name",
+            ),
+            (
+                "[[pipelines]]\nname = \"A b\"\npostgres = { url = \"postgres://a/db\" }\n",
+                "is not a pipeline name",
+            ),
+            (
+                "[[pipelines]]\nname = \"a\"\npostgres = { url = \"postgres://a/db\" }\n\
+                 [[pipelines]]\nname = \"a\"\npostgres = { url = \"postgres://b/db\" }\n",
+                "two pipelines are named \"a\"",
+            ),
+            (
+                "[[pipelines]]\nname = \"a\"\npostgres = { url = \"postgres://a/db\" }\n\
+                 [[pipelines]]\nname = \"b\"\npostgres = { url = \"postgres://a/db\" }\n",
+                "uses slot \"walship\" of a server another pipeline already streams from",
+            ),
+            (
+                "[[pipelines]]\nname = \"a\"\npostgres = { url = \"postgres://a/db\" }\n\
+                 metrics = { listen = \"127.0.0.1:1\" }\n",
+                "[metrics] is the process's",
+            ),
+            (
+                "[[pipelines]]\nname = \"a\"\npostgres = { url = \"postgres://a/db\", slot = \"Bad\" }\n",
+                "pipeline \"a\"",
+            ),
+            (
+                "[[pipelines]]\nname = \"a\"\n",
+                "pipeline \"a\": missing field `postgres`",
+            ),
+        ];
+        for (text, needle) in cases {
+            let e = load(text).unwrap_err().to_string();
+            assert!(e.contains(needle), "{needle:?} not in: {e}");
+        }
+        let e = Deployment::from_toml(&format!("pipelines = []\n{SHARED}"), [], "test")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("pipelines is empty"), "{e}");
+    }
+}
