@@ -10,11 +10,13 @@
 //! - [`preflight`] — read-only catalog queries for `walship check` and `walship status`.
 //! - [`batching`] — read batching on the replication socket (`SO_RCVLOWAT`, pacing, window).
 //! - [`tls`] — TLS (`sslmode`, `sslrootcert`, client certificates) for both connections.
+//! - [`hosts`] — several hosts in one connection string: which to try, which to keep.
 //! - [`error`] — errors split into transient (reconnect) and definite (stop and explain).
 
 pub mod batching;
 pub mod catalog;
 pub mod error;
+pub mod hosts;
 pub mod message;
 pub mod outbox;
 pub mod preflight;

@@ -660,11 +660,14 @@ impl Config {
             ));
         }
         let hosts = c.pg.get_hosts().len().max(c.pg.get_hostaddrs().len());
-        if hosts > 1 {
+        if hosts > 1 && c.session_target == walship_postgres::hosts::SessionTarget::Any {
             return Err(ConfigError(format!(
-                "postgres.url names {hosts} hosts: walship creates its slot on and streams from \
-                 one server (a logical slot lives on one primary), so a list could check one and \
-                 stream from another; name the primary alone"
+                "postgres.url names {hosts} hosts but no target_session_attrs: walship creates \
+                 its slot on and streams from the primary, and without it a list could check one \
+                 server and stream from another. Add target_session_attrs=read-write (URL: \
+                 ?target_session_attrs=read-write; key=value: target_session_attrs=read-write) \
+                 so walship connects to whichever host is the primary and follows a failover, or \
+                 name the primary alone"
             )));
         }
         Ok(c)
@@ -1030,14 +1033,64 @@ mod tests {
     }
 
     #[test]
-    fn a_url_with_several_hosts_is_refused() {
+    fn a_url_with_several_hosts_needs_a_session_target() {
+        let with_url =
+            |url: &str| format!("[postgres]\nurl = \"{url}\"\n[kafka]\nbrokers = \"k:9092\"\n");
+        let e = parse(&with_url("postgres://w@pg1,pg2/app"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("2 hosts")
+                && e.contains("primary")
+                && e.contains("?target_session_attrs=read-write"),
+            "{e}"
+        );
         let e = parse(
-            "[postgres]\nurl = \"postgres://w@pg1,pg2/app\"\n[kafka]\nbrokers = \"k:9092\"\n",
+            &with_url("host=pg1,pg2 user=w target_session_attrs=any"),
             &[],
         )
         .unwrap_err()
         .to_string();
-        assert!(e.contains("2 hosts") && e.contains("primary"), "{e}");
+        assert!(e.contains("2 hosts"), "{e}");
+        // read-write and primary: walship follows the primary, SQL and replication alike.
+        for (url, target) in [
+            (
+                "postgres://w@pg1:5432,pg2:5433/app?target_session_attrs=read-write",
+                walship_postgres::hosts::SessionTarget::ReadWrite,
+            ),
+            (
+                "host=pg1,pg2 port=5432 user=w dbname=app target_session_attrs=primary",
+                walship_postgres::hosts::SessionTarget::Primary,
+            ),
+        ] {
+            let c = parse(&with_url(url), &[]).unwrap();
+            let params = c.connect_params().unwrap();
+            assert_eq!(params.config.session_target, target, "{url}");
+            assert_eq!(
+                params.config.get_target_session_attrs(),
+                tokio_postgres::config::TargetSessionAttrs::ReadWrite,
+                "tokio-postgres checks read-write for both"
+            );
+            assert_eq!(params.endpoints().len(), 2);
+        }
+        // A target that picks a standby is refused, with the fix.
+        let e = parse(
+            &with_url("postgres://w@pg1,pg2/app?target_session_attrs=standby"),
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("postgres.url") && e.contains("read-write"),
+            "{e}"
+        );
+        // One host with a target is fine too (a name that moves to the new primary).
+        let c = parse(
+            &with_url("postgres://w@pg/app?target_session_attrs=read-write"),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.connect_params().unwrap().describe(), "pg:5432");
     }
 
     #[test]
