@@ -368,6 +368,7 @@ async fn postgres_checks(config: &Config, checks: &mut Vec<Check>) -> AggregateT
         }
         Err(e) => checks.push(query_failed("postgres.slot", &e)),
     }
+    checks.extend(crate::failover::checks(config, &client).await);
 
     // Aggregate types for the topic check.
     if !uses_type {

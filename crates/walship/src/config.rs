@@ -119,6 +119,12 @@ pub struct PostgresConfig {
     /// 50 MB/s per ms of round trip); `off`: OS defaults. Linux 5.8 or later only.
     #[serde(default = "default_read_batching")]
     pub read_batching: String,
+    /// Create the slot as a failover slot (PostgreSQL 17+), which standbys with
+    /// `sync_replication_slots = on` copy, so walship continues from it on a promoted standby;
+    /// an existing slot gets failover turned on at start. On an older server walship refuses to
+    /// start. Default false.
+    #[serde(default)]
+    pub failover_slot: bool,
 }
 
 /// `[outbox]`
@@ -1091,6 +1097,22 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.connect_params().unwrap().describe(), "pg:5432");
+    }
+
+    #[test]
+    fn failover_slot_defaults_to_off_and_comes_from_the_file_and_the_environment() {
+        assert!(!parse(MINIMAL, &[]).unwrap().postgres.failover_slot);
+        let file = MINIMAL.replace("[kafka]", "failover_slot = true\n[kafka]");
+        assert!(parse(&file, &[]).unwrap().postgres.failover_slot);
+        let c = parse(MINIMAL, &[("WALSHIP_POSTGRES__FAILOVER_SLOT", "true")]).unwrap();
+        assert!(c.postgres.failover_slot);
+        let e = parse(MINIMAL, &[("WALSHIP_POSTGRES__FAILOVER_SLOT", "yes")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("WALSHIP_POSTGRES__FAILOVER_SLOT") && e.contains("bool"),
+            "{e}"
+        );
     }
 
     #[test]

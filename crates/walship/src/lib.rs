@@ -11,6 +11,7 @@
 //! - [`check`] — `walship check`: every setup problem at once, each with its fix.
 //! - [`status`] — `walship status`: the slot's position, lag and WAL retention.
 //! - [`cli`] — the command line (`walship run`, …); `main.rs` only calls it.
+//! - [`failover`] — following a promotion (failover slots): start-up, sessions, `check`.
 //! - [`error`] — run errors, transient or definite.
 //! - [`telemetry`] — metrics, `/metrics`, `/healthz`, `/readyz`.
 //!
@@ -20,6 +21,7 @@ pub mod check;
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod failover;
 pub mod init_sql;
 pub mod pipeline;
 pub mod progress;

@@ -266,11 +266,13 @@ async fn preflight(
         config.postgres.create_publication,
     )
     .await?;
+    crate::failover::prepare(config, params, password, &client).await?;
     let state = slot::ensure_slot(
         &client,
         &config.postgres.slot,
         config.postgres.create_slot,
         &config.slot_history(),
+        config.postgres.failover_slot,
     )
     .await?;
     Ok((
@@ -294,6 +296,7 @@ async fn session(
     // reports less than what is already confirmed. A slot that vanished since preflight is a
     // definite error (never re-created silently).
     let client = slot::connect(params, pw).await?;
+    crate::failover::before_session(config, params, password, &client, telemetry).await?;
     let state = slot::slot_state(&client, &config.postgres.slot).await?.ok_or_else(|| {
         walship_postgres::PgError::Setup(format!(
             "replication slot {:?} disappeared while walship was running; it will not be re-created \

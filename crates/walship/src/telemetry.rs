@@ -92,6 +92,8 @@ pub struct Telemetry {
     pub resume_skipped: AtomicU64,
     /// True while a session streams.
     pub streaming: AtomicBool,
+    /// The timeline and highest confirmed position of earlier sessions (failover checks).
+    pub lineage: crate::failover::Lineage,
     /// Unix ms of the last delivery report (any outcome).
     pub last_delivery_ms: AtomicI64,
     latency_buckets: [AtomicU64; LATENCY_BUCKETS.len() + 1],
