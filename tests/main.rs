@@ -8,6 +8,7 @@
 
 mod check;
 mod cli;
+mod failover_slots;
 mod faults;
 mod harness;
 mod messages;
