@@ -268,7 +268,8 @@ pub fn require_support(info: &ServerInfo, target: &str) -> Result<(), PgError> {
 }
 
 /// Turns failover on for an existing slot (`ALTER_REPLICATION_SLOT … (FAILOVER true)` on a
-/// replication connection). The slot must not be in use.
+/// replication connection). The slot must not be in use: a slot still held by a walsender is a
+/// transient error (retried), any other refusal a definite one with the command to run.
 pub async fn enable(
     params: &ConnectParams,
     password: Option<&[u8]>,
@@ -276,6 +277,7 @@ pub async fn enable(
 ) -> Result<(), PgError> {
     match ReplicationStream::command(params, password, "walship", &alter_slot_command(slot)).await {
         Ok(_) => Ok(()),
+        Err(e @ PgError::Server { .. }) if e.is_transient() => Err(e),
         Err(PgError::Server { error, .. }) => Err(PgError::Setup(format!(
             "replication slot {slot:?} has failover = false and postgres.failover_slot = true, \
              but PostgreSQL refused to turn failover on ({error}); run {}, or set \

@@ -53,12 +53,12 @@ fn pw(password: Option<&Secret>) -> Option<&[u8]> {
     password.map(|p| p.expose().as_bytes())
 }
 
-/// At start-up, before the slot is ensured: with `postgres.failover_slot`, refuses a server older
-/// than 17, turns failover on for an existing slot, and warns about what a failover would lack.
+/// At start-up, before the slot is ensured (which creates a missing one with failover on): with
+/// `postgres.failover_slot`, refuses a server older than 17 and warns about what a failover
+/// would lack.
 pub(crate) async fn prepare(
     config: &Config,
     params: &ConnectParams,
-    password: Option<&Secret>,
     client: &Client,
 ) -> Result<(), Error> {
     let slot_name = config.postgres.slot.as_str();
@@ -75,16 +75,6 @@ pub(crate) async fn prepare(
         return Ok(());
     }
     failover::require_support(&info, &info.address)?;
-    let slot = failover::slot(client, slot_name).await?;
-    if let Some(s) = &slot
-        && s.failover == Some(false)
-    {
-        failover::enable(params, pw(password), slot_name).await?;
-        tracing::info!(
-            slot = slot_name,
-            "turned failover on for replication slot {slot_name:?} (postgres.failover_slot = true)"
-        );
-    }
     let settings = failover::settings(client).await?;
     let physical = failover::physical_slots(client).await?;
     let facts = PrimaryFacts {
@@ -109,9 +99,11 @@ pub(crate) async fn prepare(
     Ok(())
 }
 
-/// At the start of every session, on its SQL connection: if the server's timeline changed since
-/// the last session, walship followed a promotion, and [`failover::verify_continuity`] decides
-/// whether it may continue there.
+/// At the start of every session, on its SQL connection, before the stream takes the slot: if
+/// the server's timeline changed since the last session, walship followed a promotion, and
+/// [`failover::verify_continuity`] decides whether it may continue there. With
+/// `postgres.failover_slot`, turns failover on for a slot that has it off (the slot must be free,
+/// which it is between sessions).
 pub(crate) async fn before_session(
     config: &Config,
     params: &ConnectParams,
@@ -163,6 +155,17 @@ pub(crate) async fn before_session(
         }
     }
     lineage.timeline.store(timeline, Ordering::Relaxed);
+    if config.postgres.failover_slot
+        && let Some(slot) = failover::slot(client, &config.postgres.slot).await?
+        && slot.failover == Some(false)
+    {
+        failover::enable(params, pw(password), &config.postgres.slot).await?;
+        tracing::info!(
+            slot = %config.postgres.slot,
+            "turned failover on for replication slot {:?} (postgres.failover_slot = true)",
+            config.postgres.slot
+        );
+    }
     Ok(())
 }
 

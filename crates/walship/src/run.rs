@@ -266,7 +266,7 @@ async fn preflight(
         config.postgres.create_publication,
     )
     .await?;
-    crate::failover::prepare(config, params, password, &client).await?;
+    crate::failover::prepare(config, params, &client).await?;
     let state = slot::ensure_slot(
         &client,
         &config.postgres.slot,
