@@ -14,7 +14,7 @@ use std::time::Duration;
 use tokio_postgres::Client;
 
 use crate::harness::postgres::{connect, pg_bin_major};
-use crate::harness::standby::Pair;
+use crate::harness::standby::{Pair, set_standby_slots};
 use crate::harness::{self, Binary, TIMEOUT, TestDb, broker, consume, topic};
 
 /// True (after saying so) when the server binaries are older than 17.
@@ -32,9 +32,16 @@ fn skipped(test: &str) -> bool {
 
 /// walship's configuration for `db` on a pair: both hosts, the primary first.
 fn config(db: &TestDb, pair: &Pair, failover_slot: bool) -> String {
+    config_with_hosts(db, &[pair.primary.port, pair.standby.port], failover_slot)
+}
+
+/// walship's configuration for `db` with `ports` (on 127.0.0.1) as the URL's hosts, in order.
+fn config_with_hosts(db: &TestDb, ports: &[u16], failover_slot: bool) -> String {
+    let hosts: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
     let url = format!(
-        "postgres://postgres@127.0.0.1:{},127.0.0.1:{}/{}?target_session_attrs=read-write",
-        pair.primary.port, pair.standby.port, db.name
+        "postgres://postgres@{}/{}?target_session_attrs=read-write",
+        hosts.join(","),
+        db.name
     );
     let toml = harness::config_toml(db, &broker().bootstrap, "");
     let line = format!("url = \"{}\"", db.url);
@@ -213,6 +220,12 @@ async fn walship_follows_a_promoted_standby_under_load_and_loses_nothing() {
     }
     let duplicates = records.len() - consumed.len();
     let log = walship.log_text();
+    let skipped_by_resume: u64 = log
+        .lines()
+        .filter(|l| l.contains("resumed:"))
+        .filter_map(|l| l.split(" skipped=").nth(1))
+        .filter_map(|n| n.split_whitespace().next()?.parse::<u64>().ok())
+        .sum();
     let followed = log
         .lines()
         .find(|l| l.contains("followed a failover"))
@@ -221,7 +234,8 @@ async fn walship_follows_a_promoted_standby_under_load_and_loses_nothing() {
     eprintln!(
         "failover on PostgreSQL {}: {} events ({rounds} rounds of 50 acknowledged by the old \
          primary before it died, {} on the new primary after), {lost} lost, {phantoms} not on \
-         the new primary, {} keys reordered, {duplicates} duplicates; promote -> streaming {:.2} \
+         the new primary, {} keys reordered, {duplicates} duplicates ({skipped_by_resume} events read \
+         again from the synced slot and skipped by the resume lookup); promote -> streaming {:.2} \
          s (crash -> streaming {:.2} s); first sync of the slot {:.2} s; synced copy {sync_lag} \
          bytes behind the primary's confirmed position 3 s into the load\nwalship: {followed}",
         pg_bin_major(),
@@ -373,9 +387,18 @@ async fn check_says_what_failover_needs_and_passes_once_it_is_set() {
     }
     let pair = Pair::new(false).await;
     let db = TestDb::new_in(&pair.primary).await;
-    let config = config(&db, &pair, true);
+    // The standby first: check and walship (SQL and replication) must both pick the primary.
+    let config = config_with_hosts(&db, &[pair.standby.port, pair.primary.port], true);
+    // A slot made before, without failover: walship turns failover on when it starts.
+    db.client
+        .batch_execute(&format!(
+            "SELECT pg_create_logical_replication_slot('{}', 'pgoutput')",
+            db.slot()
+        ))
+        .await
+        .expect("create the slot without failover");
 
-    // Before: no synchronized_standby_slots, no slot anywhere yet.
+    // Before: no synchronized_standby_slots, a slot without failover.
     let (code, checks) = check(&config).await;
     let get = |checks: &BTreeMap<String, (String, String, String)>, name: &str| {
         checks
@@ -386,12 +409,21 @@ async fn check_says_what_failover_needs_and_passes_once_it_is_set() {
     assert_ne!(code, 0, "{checks:#?}");
     let (status, _, fix) = get(&checks, "postgres.failover.synchronized_standby_slots");
     assert_eq!(status, "fail", "{checks:#?}");
-    assert!(fix.contains("synchronized_standby_slots = 'standby1'"), "{fix}");
-    let (status, message, _) = get(&checks, "postgres.failover.slot");
-    assert_eq!(status, "pass", "{message}");
+    assert!(
+        fix.contains("synchronized_standby_slots = 'standby1'"),
+        "{fix}"
+    );
+    let (status, message, fix) = get(&checks, "postgres.failover.slot");
+    assert_eq!(status, "warn", "{message}");
+    assert!(
+        message.contains("failover = false") && fix.contains("(FAILOVER true)"),
+        "{message} / {fix}"
+    );
     let (status, message, _) = get(&checks, "postgres.standby.slot");
     assert_eq!(status, "fail", "{message}");
     assert!(message.contains("is not on standby"), "{message}");
+    let (status, message, _) = get(&checks, "postgres.connect");
+    assert_eq!(status, "pass", "{message}");
     for setting in [
         "postgres.standby.sync_replication_slots",
         "postgres.standby.hot_standby_feedback",
@@ -404,12 +436,7 @@ async fn check_says_what_failover_needs_and_passes_once_it_is_set() {
     }
 
     // Set it, let walship create the slot and the standby sync it: everything passes.
-    db.client
-        .batch_execute(
-            "ALTER SYSTEM SET synchronized_standby_slots = 'standby1'; SELECT pg_reload_conf();",
-        )
-        .await
-        .expect("set synchronized_standby_slots");
+    set_standby_slots(&db.client, "standby1").await;
     let walship = Binary::start(&config);
     db.await_streaming().await;
     let failover: bool = db
@@ -421,7 +448,12 @@ async fn check_says_what_failover_needs_and_passes_once_it_is_set() {
         .await
         .expect("read the slot")
         .get(0);
-    assert!(failover, "walship creates the slot with failover = true");
+    assert!(failover, "walship turned failover on for the existing slot");
+    assert!(
+        walship.log_text().contains("turned failover on"),
+        "{}",
+        walship.log_text()
+    );
     pair.await_synced(&db).await;
     let (code, checks) = check(&config).await;
     let failing: Vec<_> = checks
@@ -437,4 +469,38 @@ async fn check_says_what_failover_needs_and_passes_once_it_is_set() {
     eprintln!("check on a ready pair: {message}");
     let (code, log) = walship.stop().await;
     assert_eq!(code, 0, "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_slot_on_a_server_before_17_is_refused_naming_its_version() {
+    let major = pg_bin_major();
+    if major >= 17 {
+        eprintln!(
+            "failover_slot_on_a_server_before_17_is_refused_naming_its_version: skipped: this \
+             run's server is {major}, which has failover slots"
+        );
+        return;
+    }
+    let db = TestDb::new().await;
+    let config = harness::config(&db, &broker().bootstrap, "")
+        .postgres
+        .clone();
+    let mut full = harness::config(&db, &broker().bootstrap, "");
+    full.postgres = walship::config::PostgresConfig {
+        failover_slot: true,
+        ..config
+    };
+    let e = harness::Relay::start(full)
+        .exit()
+        .await
+        .expect_err("refused")
+        .to_string();
+    assert!(
+        e.contains("postgres.failover_slot = true needs PostgreSQL 17 or later")
+            && e.contains(&format!("runs PostgreSQL {major}."))
+            && e.contains("postgres.failover_slot = false"),
+        "{e}"
+    );
+    // Nothing was created.
+    assert_eq!(db.confirmed_lsn().await, pgoutput::Lsn::ZERO);
 }

@@ -101,6 +101,21 @@ impl Drop for Link {
     }
 }
 
+/// Sets the primary's `synchronized_standby_slots` (`ALTER SYSTEM` runs alone, outside the
+/// implicit transaction of a multi-statement query) and reloads.
+pub async fn set_standby_slots(primary: &tokio_postgres::Client, slots: &str) {
+    primary
+        .batch_execute(&format!(
+            "ALTER SYSTEM SET synchronized_standby_slots = '{slots}'"
+        ))
+        .await
+        .expect("set synchronized_standby_slots");
+    primary
+        .batch_execute("SELECT pg_reload_conf()")
+        .await
+        .expect("reload");
+}
+
 /// How a standby's copy of a logical slot looks.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SyncedSlot {
@@ -179,13 +194,7 @@ impl Pair {
         if standby_slots {
             // After the copy, so the standby never inherits it (pitfall 2).
             let admin = connect(&format!("{}/postgres", primary.base_url)).await;
-            admin
-                .batch_execute(&format!(
-                    "ALTER SYSTEM SET synchronized_standby_slots = '{STANDBY_SLOT}'; \
-                     SELECT pg_reload_conf();"
-                ))
-                .await
-                .expect("set synchronized_standby_slots");
+            set_standby_slots(&admin, STANDBY_SLOT).await;
         }
         let pair = Pair {
             primary,
