@@ -246,6 +246,36 @@ async fn walship_follows_a_promoted_standby_under_load_and_loses_nothing() {
         crash_to_streaming.as_secs_f64(),
         first_sync.as_secs_f64(),
     );
+    // Duplicates may only come from the window the synced slot reads again: committed after
+    // its position and before the new timeline began.
+    let field = |name: &str| -> pgoutput::Lsn {
+        followed
+            .split(&format!(" {name}="))
+            .nth(1)
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {followed:?}"))
+    };
+    let (from, until) = (field("slot_confirmed"), field("switch"));
+    let mut seen = HashSet::new();
+    let outside: Vec<pgoutput::Lsn> = records
+        .iter()
+        .filter(|r| !seen.insert(r.id()))
+        .map(harness::Consumed::commit_lsn)
+        .filter(|lsn| *lsn < from || *lsn > until)
+        .collect();
+    assert!(
+        outside.is_empty(),
+        "duplicates outside the re-read window {from}..{until}: {outside:?}"
+    );
+    if duplicates > 0 {
+        // Say where they came from (a resume lookup cut short, a session that ended early).
+        let notes: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("WARN") || l.contains("resum") || l.contains("streaming"))
+            .collect();
+        eprintln!("walship's log about the duplicates:\n{}", notes.join("\n"));
+    }
     assert_eq!(
         lost, 0,
         "events committed on the new primary missing from Kafka"
