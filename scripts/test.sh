@@ -60,10 +60,11 @@ cargo_test "cargo test" --workspace --all-targets --locked --no-fail-fast
 
 # The version matrix: the end-to-end suites that depend on the server (relay, reliability with
 # the kill and crash tests, resume, check, the decoder's golden captures, partitions, the SQL kit,
-# logical-message outbox, TLS) again on each newer PostgreSQL, with its server binaries (scripts/postgres.sh fetches the
+# logical-message outbox, TLS, and failover slots, which need 17 and say they are skipped on 15
+# and 16) again on each newer PostgreSQL, with its server binaries (scripts/postgres.sh fetches the
 # pinned build once) and Debian 15's client tools. cli, metrics and faults do not depend on the
 # server's version and run on 15 only.
-matrix_suites=(relay:: reliability:: resume:: check:: pgoutput_golden:: partitions:: messages:: sql:: tls::)
+matrix_suites=(relay:: reliability:: resume:: check:: pgoutput_golden:: partitions:: messages:: sql:: tls:: failover_slots::)
 if [ -n "${WALSHIP_TEST_PG_URL:-}" ]; then
   echo "== PostgreSQL version matrix: skipped (WALSHIP_TEST_PG_URL points the tests at one server)"
 else

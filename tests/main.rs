@@ -9,6 +9,7 @@
 mod check;
 mod cli;
 mod failover;
+mod failover_slots;
 mod faults;
 mod harness;
 mod messages;

@@ -8,6 +8,7 @@
 pub mod kafka;
 pub mod postgres;
 pub mod process;
+pub mod standby;
 
 use std::time::Duration;
 

@@ -241,6 +241,42 @@ impl Cluster {
         cluster
     }
 
+    /// A cluster on a data directory made elsewhere (a copy of another cluster's, for a
+    /// standby: see `harness::standby`), under `root`, with extra `name=value` settings, on a
+    /// free port; started at once. Stopped when dropped, like [`Cluster::private`].
+    pub fn from_data_dir(root: &Path, extra: &[&str]) -> Cluster {
+        note_failures();
+        let port = free_port();
+        let cluster = Cluster {
+            base_url: format!("postgres://postgres@127.0.0.1:{port}"),
+            port,
+            data_dir: Some(root.join("data")),
+            bin_dir: Some(pg_bin_dir()),
+            run_as: postgres_user(),
+            child: Mutex::new(None),
+            extra: extra.iter().map(|s| (*s).to_owned()).collect(),
+        };
+        cluster.start_server();
+        cluster
+    }
+
+    /// Runs `pg_ctl <args> -D <data dir>` as the server's user (`promote -w`, …); panics unless
+    /// it succeeds.
+    pub fn pg_ctl(&self, args: &[&str]) {
+        let (Some(bin), Some(data)) = (&self.bin_dir, &self.data_dir) else {
+            panic!("external server has no pg_ctl")
+        };
+        let mut cmd = Command::new(bin.join("pg_ctl"));
+        cmd.args(args).arg("-D").arg(data).stdout(Stdio::null());
+        as_user(&mut cmd, self.run_as);
+        let out = cmd.output().expect("run pg_ctl");
+        assert!(
+            out.status.success(),
+            "pg_ctl {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// Starts the server process (again, after [`Cluster::stop_server`]).
     pub fn start_server(&self) {
         let (Some(bin), Some(data)) = (&self.bin_dir, &self.data_dir) else {

@@ -14,11 +14,16 @@
 //! - [`batching`] — read batching on the replication socket (`SO_RCVLOWAT`, pacing, window).
 //! - [`tls`] — TLS (`sslmode`, `sslrootcert`, client certificates) for both connections.
 //! - [`ident`] — SQL names: schema-qualified table names and identifier quoting.
+//! - [`hosts`] — several hosts in one connection string: which to try, which to keep.
+//! - [`failover`] — PostgreSQL 17+ failover slots: setup, what `check` verifies, and what makes
+//!   a promoted server safe to continue from.
 //! - [`error`] — errors split into transient (reconnect) and definite (stop and explain).
 
 pub mod batching;
 pub mod catalog;
 pub mod error;
+pub mod failover;
+pub mod hosts;
 pub mod ident;
 pub mod management;
 pub mod message;

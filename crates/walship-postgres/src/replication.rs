@@ -23,6 +23,7 @@ use std::os::fd::AsRawFd;
 
 use crate::batching::{self, Batcher, ReadBatching};
 use crate::error::{PgError, ServerError};
+use crate::hosts::{self, Endpoint, SessionTarget};
 use crate::tls::{self, ConnectConfig, Negotiated, TlsSession};
 
 /// Anything the replication protocol can run over (TCP, Unix socket).
@@ -68,22 +69,15 @@ pub struct ConnectParams {
 }
 
 impl ConnectParams {
-    fn target(&self) -> (Option<&Host>, u16) {
-        let host = self.config.get_hosts().first();
-        let port = self.config.get_ports().first().copied().unwrap_or(5432);
-        (host, port)
+    /// The hosts to try, in order (see [`crate::hosts`]).
+    pub fn endpoints(&self) -> Vec<Endpoint> {
+        hosts::endpoints(&self.config)
     }
 
-    /// `host:port` (or the socket path) for messages; never includes credentials.
+    /// `host:port` (or the socket path) for messages, every host of a list comma-separated;
+    /// never includes credentials.
     pub fn describe(&self) -> String {
-        match self.target() {
-            (Some(Host::Tcp(h)), port) => format!("{h}:{port}"),
-            (Some(Host::Unix(p)), port) => format!("{}/.s.PGSQL.{port}", p.display()),
-            (None, port) => match self.config.get_hostaddrs().first() {
-                Some(addr) => format!("{addr}:{port}"),
-                None => format!("localhost:{port}"),
-            },
-        }
+        hosts::describe(&self.config)
     }
 
     /// Connects to the first of `addrs` that answers (like libpq, in order). A batched
@@ -123,10 +117,13 @@ impl ConnectParams {
         }))
     }
 
-    /// Connects and negotiates TLS per `sslmode`; returns the stream, the TLS session (`None`
-    /// without TLS) and the read batcher (`None` when reads are not batched).
-    async fn open(&self) -> Result<(Box<dyn Io>, Option<TlsSession>, Option<Batcher>), PgError> {
-        let target = self.describe();
+    /// Connects to `endpoint` and negotiates TLS per `sslmode`; returns the stream, the TLS
+    /// session (`None` without TLS) and the read batcher (`None` when reads are not batched).
+    async fn open(
+        &self,
+        endpoint: &Endpoint,
+    ) -> Result<(Box<dyn Io>, Option<TlsSession>, Option<Batcher>), PgError> {
+        let target = endpoint.to_string();
         let io_err = |source| PgError::Io {
             target: target.clone(),
             source,
@@ -136,9 +133,11 @@ impl ConnectParams {
             .get_connect_timeout()
             .copied()
             .unwrap_or(std::time::Duration::from_secs(10));
+        let port = endpoint.port;
         let connect = async {
-            match self.target() {
-                (Some(Host::Unix(dir)), port) => {
+            match &endpoint.host {
+                #[cfg(unix)]
+                Some(Host::Unix(dir)) if endpoint.hostaddr.is_none() => {
                     // PostgreSQL offers no TLS on Unix sockets; libpq skips it there too.
                     let path = dir.join(format!(".s.PGSQL.{port}"));
                     let s = tokio::net::UnixStream::connect(path)
@@ -146,24 +145,21 @@ impl ConnectParams {
                         .map_err(io_err)?;
                     Ok((Box::new(s) as Box<dyn Io>, None, None))
                 }
-                (host, port) => {
+                host => {
                     // hostaddr, when given, is where to connect; the host name is what the
                     // certificate must name (libpq semantics).
-                    let name = self.config.tls_host().unwrap_or_else(|| "localhost".into());
-                    let addrs: Vec<std::net::SocketAddr> =
-                        match (self.config.get_hostaddrs().first(), host) {
-                            (Some(addr), _) => vec![(*addr, port).into()],
-                            (None, Some(Host::Tcp(h))) => {
-                                tokio::net::lookup_host((h.as_str(), port))
-                                    .await
-                                    .map_err(io_err)?
-                                    .collect()
-                            }
-                            (None, _) => tokio::net::lookup_host(("localhost", port))
-                                .await
-                                .map_err(io_err)?
-                                .collect(),
-                        };
+                    let name = endpoint.tls_name();
+                    let addrs: Vec<std::net::SocketAddr> = match (endpoint.hostaddr, host) {
+                        (Some(addr), _) => vec![(addr, port).into()],
+                        (None, Some(Host::Tcp(h))) => tokio::net::lookup_host((h.as_str(), port))
+                            .await
+                            .map_err(io_err)?
+                            .collect(),
+                        (None, _) => tokio::net::lookup_host(("localhost", port))
+                            .await
+                            .map_err(io_err)?
+                            .collect(),
+                    };
                     let (s, batched) = self.connect_tcp(&addrs).await.map_err(io_err)?;
                     s.set_nodelay(true).map_err(io_err)?;
                     // The stream (plain or TLS) owns the socket for the batcher's whole life:
@@ -205,17 +201,151 @@ pub struct ReplicationStream {
 pub struct SystemIdentity {
     /// The cluster's unique system identifier (kept across physical failover).
     pub system_id: String,
+    /// The server's timeline: 1 from `initdb`, one more at each promotion (or point-in-time
+    /// recovery), so a change tells a promoted standby from the server walship streamed from.
+    pub timeline: u32,
     /// The server's WAL flush position: every transaction a stream can deliver that committed
     /// before this session started ends before it.
     pub xlogpos: Lsn,
 }
 
+/// The rows of a replication command's answer, every field as text (`None`: NULL).
+pub type TextRows = Vec<Vec<Option<String>>>;
+
 impl ReplicationStream {
+    /// Connects with `replication=database` and authenticates, to the first host of the
+    /// connection string that answers and is what `target_session_attrs` asks for (see
+    /// [`crate::hosts`]); returns the connection and the read batcher to use once streaming.
+    async fn connect(
+        params: &ConnectParams,
+        password: Option<&[u8]>,
+        application_name: &str,
+    ) -> Result<(Self, Option<Batcher>), PgError> {
+        let endpoints = params.endpoints();
+        let wanted = params.config.session_target;
+        let mut failures: Vec<(String, PgError)> = Vec::new();
+        for endpoint in &endpoints {
+            let attempt = async {
+                let (io, tls, batcher) = params.open(endpoint).await?;
+                let mut s = ReplicationStream {
+                    io,
+                    target: endpoint.to_string(),
+                    rbuf: BytesMut::with_capacity(READ_CHUNK),
+                    wbuf: BytesMut::with_capacity(1024),
+                    system: SystemIdentity::default(),
+                    batcher: None,
+                };
+                s.startup(params, password, application_name, tls).await?;
+                if wanted != SessionTarget::Any {
+                    s.check_session_target(wanted).await?;
+                }
+                Ok::<_, PgError>((s, batcher))
+            };
+            match attempt.await {
+                Ok(connected) => return Ok(connected),
+                Err(e) if endpoints.len() == 1 => return Err(e),
+                Err(e) => {
+                    tracing::debug!(host = %endpoint, error = %e, "skipping host");
+                    failures.push((endpoint.to_string(), e));
+                }
+            }
+        }
+        Err(no_host_fits(params, wanted, failures))
+    }
+
+    /// Fails (transiently: a standby may be promoted soon) unless the server is what
+    /// `target_session_attrs` asks for.
+    async fn check_session_target(&mut self, wanted: SessionTarget) -> Result<(), PgError> {
+        let rows = self
+            .simple_query("SELECT pg_is_in_recovery(), current_setting('transaction_read_only')")
+            .await?;
+        let field = |i: usize| {
+            rows.first()
+                .and_then(|r| r.get(i))
+                .cloned()
+                .flatten()
+                .unwrap_or_default()
+        };
+        let (in_recovery, read_only) = (field(0) == "t", field(1) == "on");
+        if wanted.accepts(in_recovery, read_only) {
+            return Ok(());
+        }
+        let what = if in_recovery {
+            "in recovery (a standby)"
+        } else {
+            "read-only (default_transaction_read_only = on)"
+        };
+        let _ = self.terminate().await;
+        Err(PgError::Io {
+            target: self.target.clone(),
+            source: std::io::Error::other(format!(
+                "the server is {what}, and target_session_attrs={} asks for the primary",
+                wanted.as_str()
+            )),
+        })
+    }
+
+    /// Runs `sql` (a replication command, or SQL on a `replication=database` connection) on a
+    /// connection of its own, picked like the stream's: `ALTER_REPLICATION_SLOT`,
+    /// `TIMELINE_HISTORY`, `IDENTIFY_SYSTEM`.
+    pub async fn command(
+        params: &ConnectParams,
+        password: Option<&[u8]>,
+        application_name: &str,
+        sql: &str,
+    ) -> Result<TextRows, PgError> {
+        let (mut s, _) = Self::connect(params, password, application_name).await?;
+        let rows = s.simple_query(sql).await;
+        let _ = s.terminate().await;
+        rows
+    }
+
+    /// Runs one simple query and collects its rows as text.
+    async fn simple_query(&mut self, sql: &str) -> Result<TextRows, PgError> {
+        frontend::query(sql, &mut self.wbuf).map_err(|e| PgError::Protocol(e.to_string()))?;
+        self.flush_wbuf().await?;
+        let mut rows = Vec::new();
+        let mut error = None;
+        loop {
+            let (tag, body) = self.read_message().await?;
+            match tag {
+                b'D' => rows.push(
+                    data_row_fields(&body)?
+                        .into_iter()
+                        .map(|f| f.map(|b| String::from_utf8_lossy(b).into_owned()))
+                        .collect(),
+                ),
+                b'E' => error = Some(ServerError::parse(&body)),
+                b'N' => log_notice(&body),
+                b'Z' => {
+                    return match error {
+                        Some(error) => Err(PgError::Server {
+                            context: sql.split_whitespace().take(2).collect::<Vec<_>>().join(" "),
+                            error,
+                        }),
+                        None => Ok(rows),
+                    };
+                }
+                // RowDescription, CommandComplete, ParameterStatus.
+                _ => {}
+            }
+        }
+    }
+
+    /// Says goodbye on a connection that is not streaming.
+    async fn terminate(&mut self) -> Result<(), PgError> {
+        frontend::terminate(&mut self.wbuf);
+        self.flush_wbuf().await?;
+        let _ = self.io.shutdown().await;
+        Ok(())
+    }
+
     /// Connects with `replication=database`, authenticates, and runs
     /// `START_REPLICATION SLOT <slot> LOGICAL <start> (<options>)`.
     ///
     /// `start` = [`Lsn::ZERO`] resumes from the slot's `confirmed_flush_lsn`. Option values are
-    /// quoted here; names must be plain identifiers.
+    /// quoted here; names must be plain identifiers. With several hosts, the stream is opened on
+    /// the first one `target_session_attrs` accepts.
     pub async fn start(
         params: &ConnectParams,
         password: Option<&[u8]>,
@@ -224,16 +354,7 @@ impl ReplicationStream {
         start: Lsn,
         options: &[(&str, &str)],
     ) -> Result<Self, PgError> {
-        let (io, tls, batcher) = params.open().await?;
-        let mut s = ReplicationStream {
-            io,
-            target: params.describe(),
-            rbuf: BytesMut::with_capacity(READ_CHUNK),
-            wbuf: BytesMut::with_capacity(1024),
-            system: SystemIdentity::default(),
-            batcher: None,
-        };
-        s.startup(params, password, application_name, tls).await?;
+        let (mut s, batcher) = Self::connect(params, password, application_name).await?;
         s.system = s.identify_system().await?;
         let opts = options
             .iter()
@@ -665,9 +786,9 @@ fn parse_copy_data(mut body: Bytes) -> Result<Frame, PgError> {
     }
 }
 
-/// Parses the `DataRow` of `IDENTIFY_SYSTEM`: `systemid`, `timeline`, `xlogpos`, `dbname`.
-fn parse_identify_row(body: &[u8]) -> Result<SystemIdentity, PgError> {
-    let bad = || PgError::Protocol("malformed IDENTIFY_SYSTEM row".into());
+/// The fields of a `DataRow` (`None`: NULL).
+fn data_row_fields(body: &[u8]) -> Result<Vec<Option<&[u8]>>, PgError> {
+    let bad = || PgError::Protocol("malformed DataRow".into());
     let count = body.get(..2).ok_or_else(bad)?;
     let mut rest = &body[2..];
     let mut fields: Vec<Option<&[u8]>> = Vec::with_capacity(4);
@@ -682,6 +803,13 @@ fn parse_identify_row(body: &[u8]) -> Result<SystemIdentity, PgError> {
         fields.push(Some(rest.get(..len).ok_or_else(bad)?));
         rest = &rest[len..];
     }
+    Ok(fields)
+}
+
+/// Parses the `DataRow` of `IDENTIFY_SYSTEM`: `systemid`, `timeline`, `xlogpos`, `dbname`.
+fn parse_identify_row(body: &[u8]) -> Result<SystemIdentity, PgError> {
+    let bad = || PgError::Protocol("malformed IDENTIFY_SYSTEM row".into());
+    let fields = data_row_fields(body).map_err(|_| bad())?;
     let text = |i: usize| -> Result<&str, PgError> {
         fields
             .get(i)
@@ -692,8 +820,36 @@ fn parse_identify_row(body: &[u8]) -> Result<SystemIdentity, PgError> {
     };
     Ok(SystemIdentity {
         system_id: text(0)?.to_owned(),
+        timeline: text(1)?.parse().map_err(|_| bad())?,
         xlogpos: text(2)?.parse().map_err(|_| bad())?,
     })
+}
+
+/// The error when no host of a list fits: transient (a standby may be promoted any moment)
+/// unless every host refused for a reason that retrying cannot fix (authentication, setup).
+fn no_host_fits(
+    params: &ConnectParams,
+    wanted: SessionTarget,
+    mut failures: Vec<(String, PgError)>,
+) -> PgError {
+    if !failures.is_empty() && failures.iter().all(|(_, e)| !e.is_transient()) {
+        return failures.swap_remove(0).1;
+    }
+    let reasons = failures
+        .iter()
+        .map(|(host, e)| match e {
+            PgError::Io { source, .. } => format!("{host}: {source}"),
+            other => format!("{host}: {other}"),
+        })
+        .collect::<Vec<_>>()
+        .join("; ");
+    PgError::Io {
+        target: params.describe(),
+        source: std::io::Error::other(format!(
+            "no host is what target_session_attrs={} asks for ({reasons})",
+            wanted.as_str()
+        )),
+    }
 }
 
 fn log_notice(body: &[u8]) {
@@ -757,6 +913,7 @@ mod tests {
             parse_identify_row(&row).unwrap(),
             SystemIdentity {
                 system_id: "7301234567890123456".into(),
+                timeline: 1,
                 xlogpos: "0/16B3F28".parse().unwrap(),
             }
         );

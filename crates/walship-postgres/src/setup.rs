@@ -73,6 +73,7 @@ pub async fn ensure_slot(
     slot: &str,
     create: bool,
     history: &SlotHistory,
+    failover: bool,
 ) -> Result<SlotState, PgError> {
     let state = match slot_state(client, slot).await? {
         Some(s) => s,
@@ -100,10 +101,7 @@ pub async fn ensure_slot(
             }
             tracing::info!(slot, "creating logical replication slot (pgoutput)");
             let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&slot];
-            let create = client.query_one(
-                "SELECT lsn FROM pg_create_logical_replication_slot($1, 'pgoutput')",
-                &params,
-            );
+            let create = client.query_one(crate::failover::create_slot_sql(failover), &params);
             tokio::pin!(create);
             let started = std::time::Instant::now();
             let created = loop {

@@ -29,6 +29,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::error::{PgError, error_chain};
 
+use crate::hosts::SessionTarget;
+
 /// How hard to insist on TLS and what to verify (libpq's `sslmode`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum SslMode {
@@ -240,10 +242,19 @@ pub struct ConnectConfig {
     pub pg: tokio_postgres::Config,
     /// TLS settings.
     pub tls: TlsOptions,
+    /// Which server of a multi-host list to keep (`target_session_attrs`, `primary` included).
+    pub session_target: SessionTarget,
 }
 
-/// TLS keys of a connection string handled here rather than by tokio-postgres.
-const TLS_KEYS: [&str; 4] = ["sslmode", "sslrootcert", "sslcert", "sslkey"];
+/// Keys of a connection string handled here rather than by tokio-postgres: the TLS keys, and
+/// `target_session_attrs` (tokio-postgres does not know `primary`).
+const TLS_KEYS: [&str; 5] = [
+    "sslmode",
+    "sslrootcert",
+    "sslcert",
+    "sslkey",
+    "target_session_attrs",
+];
 
 impl ConnectConfig {
     /// Parses a libpq URL (`postgres://…?sslmode=verify-full&sslrootcert=/ca.pem`) or key=value
@@ -259,8 +270,14 @@ impl ConnectConfig {
             );
         }
         let mut tls = TlsOptions::default();
+        let mut pg = pg;
+        let mut session_target = SessionTarget::Any;
         for (key, value) in pairs {
             match key.as_str() {
+                "target_session_attrs" => {
+                    session_target = SessionTarget::parse(&value)?;
+                    pg.target_session_attrs(session_target.for_tokio_postgres());
+                }
                 "sslmode" => tls.mode = value.parse()?,
                 "sslrootcert" => tls.set_root_cert(&value),
                 "sslcert" => tls.client_cert = Some(PathBuf::from(value)),
@@ -268,7 +285,11 @@ impl ConnectConfig {
                 _ => {}
             }
         }
-        Ok(ConnectConfig { pg, tls })
+        Ok(ConnectConfig {
+            pg,
+            tls,
+            session_target,
+        })
     }
 
     /// The TCP host name (for TLS verification and messages), if the first host is not a socket.
@@ -295,12 +316,17 @@ impl From<tokio_postgres::Config> for ConnectConfig {
             tokio_postgres::config::SslMode::Require => SslMode::Require,
             _ => SslMode::Prefer,
         };
+        let session_target = match pg.get_target_session_attrs() {
+            tokio_postgres::config::TargetSessionAttrs::ReadWrite => SessionTarget::ReadWrite,
+            _ => SessionTarget::Any,
+        };
         ConnectConfig {
             pg,
             tls: TlsOptions {
                 mode,
                 ..TlsOptions::default()
             },
+            session_target,
         }
     }
 }
@@ -325,6 +351,7 @@ impl fmt::Debug for ConnectConfig {
         f.debug_struct("ConnectConfig")
             .field("pg", &self.pg)
             .field("tls", &self.tls)
+            .field("session_target", &self.session_target)
             .finish()
     }
 }

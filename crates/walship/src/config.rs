@@ -119,6 +119,12 @@ pub struct PostgresConfig {
     /// 50 MB/s per ms of round trip); `off`: OS defaults. Linux 5.8 or later only.
     #[serde(default = "default_read_batching")]
     pub read_batching: String,
+    /// Create the slot as a failover slot (PostgreSQL 17+), which standbys with
+    /// `sync_replication_slots = on` copy, so walship continues from it on a promoted standby;
+    /// an existing slot gets failover turned on at start. On an older server walship refuses to
+    /// start. Default false.
+    #[serde(default)]
+    pub failover_slot: bool,
 }
 
 /// `[outbox]`
@@ -622,11 +628,14 @@ impl Config {
             ));
         }
         let hosts = c.pg.get_hosts().len().max(c.pg.get_hostaddrs().len());
-        if hosts > 1 {
+        if hosts > 1 && c.session_target == walship_postgres::hosts::SessionTarget::Any {
             return Err(ConfigError(format!(
-                "postgres.url names {hosts} hosts: walship creates its slot on and streams from \
-                 one server (a logical slot lives on one primary), so a list could check one and \
-                 stream from another; name the primary alone"
+                "postgres.url names {hosts} hosts but no target_session_attrs: walship creates \
+                 its slot on and streams from the primary, and without it a list could check one \
+                 server and stream from another. Add target_session_attrs=read-write (URL: \
+                 ?target_session_attrs=read-write; key=value: target_session_attrs=read-write) \
+                 so walship connects to whichever host is the primary and follows a failover, or \
+                 name the primary alone"
             )));
         }
         Ok(c)

@@ -15,6 +15,7 @@
 //! - [`status`] — `walship status`: the slot's position, lag and WAL retention.
 //! - [`cli`] — the command line (`walship run`, …); `main.rs` only calls it.
 //! - [`command`] — what the commands share: loading the config, printing a report, exit codes.
+//! - [`failover`] — following a promotion (failover slots): start-up, sessions, `check`.
 //! - [`error`] — run errors, transient or definite.
 //! - [`telemetry`] — metrics, `/metrics`, `/healthz`, `/readyz`.
 //!
@@ -25,6 +26,7 @@ pub mod cli;
 pub mod command;
 pub mod config;
 pub mod error;
+pub mod failover;
 pub mod init_sql;
 pub mod pipelines;
 pub mod progress;

@@ -417,8 +417,15 @@ async fn preflight(source: &SourceSettings) -> Result<(pgoutput::Lsn, u32), Erro
         source.create_publication,
     )
     .await?;
-    let state =
-        setup::ensure_slot(&client, &source.slot, source.create_slot, &source.history).await?;
+    crate::failover::prepare(source, &client).await?;
+    let state = setup::ensure_slot(
+        &client,
+        &source.slot,
+        source.create_slot,
+        &source.history,
+        source.failover_slot,
+    )
+    .await?;
     Ok((
         state.confirmed_flush_lsn.unwrap_or_default(),
         scope.family.root,
@@ -436,6 +443,7 @@ async fn session(
     // reports less than what is already confirmed. A slot that vanished since preflight is a
     // definite error (never re-created silently).
     let client = management::connect(&source.params, source.password_bytes()).await?;
+    crate::failover::before_session(source, &client, telemetry).await?;
     let state = catalog::slot_state(&client, &source.slot).await?.ok_or_else(|| {
         walship_postgres::PgError::Setup(format!(
             "replication slot {:?} disappeared while walship was running; it will not be re-created \

@@ -48,6 +48,8 @@ pub struct SourceSettings {
     pub create_slot: bool,
     /// `postgres.create_publication`.
     pub create_publication: bool,
+    /// `postgres.failover_slot`: the slot is a failover slot (PostgreSQL 17+).
+    pub failover_slot: bool,
     /// Where walship records the slots it created.
     pub history: SlotHistory,
     /// The outbox table and which columns mean what.
@@ -134,6 +136,7 @@ impl Settings {
             publication: pg.publication.clone(),
             create_slot: pg.create_slot,
             create_publication: pg.create_publication,
+            failover_slot: pg.failover_slot,
             history: config.slot_history(),
             outbox: config.outbox_spec(),
             heartbeat: (pg.heartbeat_interval_ms > 0)

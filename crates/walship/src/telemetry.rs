@@ -95,6 +95,8 @@ pub struct Telemetry {
     /// PID of the walsender of another consumer holding the slot while this process waits to
     /// take over (active-passive); 0 when not waiting.
     pub standby_for_pid: AtomicI64,
+    /// The timeline and highest confirmed position of earlier sessions (failover checks).
+    pub lineage: crate::failover::Lineage,
     /// Unix ms of the last delivery report (any outcome).
     pub last_delivery_ms: AtomicI64,
     /// Why the pipeline stopped for good (a definite error), when it did: the process keeps

@@ -214,14 +214,80 @@ fn the_dead_letter_topic_is_exempt_from_the_bound_when_in_use() {
 }
 
 #[test]
-fn a_url_with_several_hosts_is_refused() {
+fn a_url_with_several_hosts_needs_a_session_target() {
+    let with_url =
+        |url: &str| format!("[postgres]\nurl = \"{url}\"\n[kafka]\nbrokers = \"k:9092\"\n");
+    let e = parse(&with_url("postgres://w@pg1,pg2/app"), &[])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("2 hosts")
+            && e.contains("primary")
+            && e.contains("?target_session_attrs=read-write"),
+        "{e}"
+    );
     let e = parse(
-        "[postgres]\nurl = \"postgres://w@pg1,pg2/app\"\n[kafka]\nbrokers = \"k:9092\"\n",
+        &with_url("host=pg1,pg2 user=w target_session_attrs=any"),
         &[],
     )
     .unwrap_err()
     .to_string();
-    assert!(e.contains("2 hosts") && e.contains("primary"), "{e}");
+    assert!(e.contains("2 hosts"), "{e}");
+    // read-write and primary: walship follows the primary, SQL and replication alike.
+    for (url, target) in [
+        (
+            "postgres://w@pg1:5432,pg2:5433/app?target_session_attrs=read-write",
+            walship_postgres::hosts::SessionTarget::ReadWrite,
+        ),
+        (
+            "host=pg1,pg2 port=5432 user=w dbname=app target_session_attrs=primary",
+            walship_postgres::hosts::SessionTarget::Primary,
+        ),
+    ] {
+        let c = parse(&with_url(url), &[]).unwrap();
+        let params = c.connect_params().unwrap();
+        assert_eq!(params.config.session_target, target, "{url}");
+        assert_eq!(
+            params.config.get_target_session_attrs(),
+            tokio_postgres::config::TargetSessionAttrs::ReadWrite,
+            "tokio-postgres checks read-write for both"
+        );
+        assert_eq!(params.endpoints().len(), 2);
+    }
+    // A target that picks a standby is refused, with the fix.
+    let e = parse(
+        &with_url("postgres://w@pg1,pg2/app?target_session_attrs=standby"),
+        &[],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("postgres.url") && e.contains("read-write"),
+        "{e}"
+    );
+    // One host with a target is fine too (a name that moves to the new primary).
+    let c = parse(
+        &with_url("postgres://w@pg/app?target_session_attrs=read-write"),
+        &[],
+    )
+    .unwrap();
+    assert_eq!(c.connect_params().unwrap().describe(), "pg:5432");
+}
+
+#[test]
+fn failover_slot_defaults_to_off_and_comes_from_the_file_and_the_environment() {
+    assert!(!parse(MINIMAL, &[]).unwrap().postgres.failover_slot);
+    let file = MINIMAL.replace("[kafka]", "failover_slot = true\n[kafka]");
+    assert!(parse(&file, &[]).unwrap().postgres.failover_slot);
+    let c = parse(MINIMAL, &[("WALSHIP_POSTGRES__FAILOVER_SLOT", "true")]).unwrap();
+    assert!(c.postgres.failover_slot);
+    let e = parse(MINIMAL, &[("WALSHIP_POSTGRES__FAILOVER_SLOT", "yes")])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("WALSHIP_POSTGRES__FAILOVER_SLOT") && e.contains("bool"),
+        "{e}"
+    );
 }
 
 #[test]
