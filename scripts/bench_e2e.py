@@ -35,7 +35,8 @@ import urllib.request
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORK = os.path.join(ROOT, ".walship-bench")
 PG_BIN = sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(p.split("/")[-2]))[-1]
-WALSHIP = os.path.join(ROOT, "target", "release", "walship")
+# WALSHIP_BENCH_BIN: another walship binary (e.g. an older commit's) to compare in the same way.
+WALSHIP = os.environ.get("WALSHIP_BENCH_BIN") or os.path.join(ROOT, "target", "release", "walship")
 TANSU = shutil.which("tansu") or os.path.expanduser("~/.cargo/bin/tansu")
 UNIX_SOCKET = False  # --unix: walship and pg_recvlogical reach PostgreSQL over its Unix socket
 
