@@ -9,18 +9,9 @@ use std::time::{Duration, Instant};
 
 use crate::harness::postgres::connect;
 use crate::harness::process::free_port;
-use crate::harness::{self, Binary, TIMEOUT, TestDb, broker, consume, topic};
+use crate::harness::{self, Binary, TIMEOUT, TestDb, broker, consume, topic, until};
 use crate::metrics::{get, value};
 use crate::reliability::{deduped_seqs, write_events};
-
-/// Waits until `ready` holds, polling every 20 ms; panics with `what` after `timeout`.
-async fn until(what: &str, timeout: Duration, mut ready: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !ready() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 /// The PID of the walsender streaming the test's slot, if any.
 async fn slot_holder(db: &TestDb) -> Option<i32> {
@@ -47,13 +38,13 @@ async fn a_standby_takes_over_when_the_active_walship_is_killed_and_loses_nothin
 
     // The second one, same configuration: a standby that says so.
     let standby = Binary::start(&with_metrics(port_b));
-    until("the standby's log line", TIMEOUT, || {
+    until("the standby's log line", || {
         standby
             .log_text()
             .contains("standby: another consumer streams the slot")
     })
     .await;
-    until("the standby's /readyz", TIMEOUT, || {
+    until("the standby's /readyz", || {
         std::net::TcpStream::connect(("127.0.0.1", port_b)).is_ok()
     })
     .await;
@@ -117,10 +108,7 @@ async fn a_standby_takes_over_when_the_active_walship_is_killed_and_loses_nothin
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let takeover = took_over.unwrap_or_default();
-    until("the new active /readyz", TIMEOUT, || {
-        get(port_b, "/readyz").0 == 200
-    })
-    .await;
+    until("the new active /readyz", || get(port_b, "/readyz").0 == 200).await;
     let ready = killed.elapsed();
     writing.store(false, Ordering::Relaxed);
 

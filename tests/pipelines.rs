@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use crate::harness::postgres::{Cluster, connect};
 use crate::harness::process::free_port;
-use crate::harness::{self, Binary, TIMEOUT, TestDb, broker, consume, topic};
+use crate::harness::{self, Binary, TIMEOUT, TestDb, broker, consume, topic, until};
 use crate::metrics::{get, value};
 use crate::reliability::{deduped_seqs, write_events};
 
@@ -20,14 +20,6 @@ fn pipeline(name: &str, db: &TestDb) -> String {
         url = db.url,
         slot = db.slot(),
     )
-}
-
-async fn until(what: &str, mut ready: impl FnMut() -> bool) {
-    let deadline = Instant::now() + TIMEOUT;
-    while !ready() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// Consumes `db`'s topic until every id of `ids` is there; checks per-key order `0..per_key`.

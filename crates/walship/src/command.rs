@@ -9,16 +9,7 @@
 
 use std::process::ExitCode;
 
-use crate::config::Config;
 use crate::pipelines::Deployment;
-
-/// Loads the configuration; on failure prints why and returns exit code 2.
-pub fn load_config(path: &std::path::Path) -> Result<Config, ExitCode> {
-    Config::load(path).map_err(|e| {
-        eprintln!("error: {e}");
-        ExitCode::from(2)
-    })
-}
 
 /// Loads a configuration with one pipeline or several; on failure prints why and returns exit
 /// code 2.
@@ -31,12 +22,32 @@ pub fn load_deployment(path: &std::path::Path) -> Result<Deployment, ExitCode> {
 
 /// One pipeline's report in a multi-pipeline answer (`{"pipeline": name, ...report}`).
 #[derive(serde::Serialize)]
-pub struct Named<'a, T: serde::Serialize> {
-    /// The pipeline's name.
-    pub pipeline: &'a str,
-    /// Its report, flattened beside the name.
+struct Named<'a, T: serde::Serialize> {
+    pipeline: &'a str,
     #[serde(flatten)]
-    pub report: &'a T,
+    report: &'a T,
+}
+
+/// Writes the reports of several pipelines: as JSON an array of reports each with a
+/// `pipeline` field, as text one `human` section per pipeline. Exit code 0 when `ok`.
+pub fn print_named<T: serde::Serialize>(
+    reports: &[(String, T)],
+    json: bool,
+    human: impl Fn(&str, &T) -> String,
+    ok: bool,
+) -> ExitCode {
+    let named: Vec<_> = reports
+        .iter()
+        .map(|(pipeline, report)| Named { pipeline, report })
+        .collect();
+    let text = || {
+        reports
+            .iter()
+            .map(|(name, report)| human(name, report))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    print_report(&named, json, text, ok)
 }
 
 /// Writes a report to stdout, as pretty JSON or as `human` text; exit code 0 when `ok`, else 1.

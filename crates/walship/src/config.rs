@@ -350,9 +350,11 @@ pub const ENV_PREFIX: &str = "WALSHIP_";
 impl Config {
     /// Reads, overrides from the process environment, and validates.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ConfigError(format!("cannot read config file {}: {e}", path.display())))?;
-        Self::from_toml(&text, std::env::vars(), &path.display().to_string())
+        Self::from_toml(
+            &read_file(path)?,
+            std::env::vars(),
+            &path.display().to_string(),
+        )
     }
 
     /// Parses `text`, applies `WALSHIP_<SECTION>__<KEY>` overrides from `env`, and validates.
@@ -772,6 +774,12 @@ fn read_secret_file(path: &Path, key: &str) -> Result<Secret, ConfigError> {
     let v = std::fs::read_to_string(path)
         .map_err(|e| ConfigError(format!("{key}: cannot read {}: {e}", path.display())))?;
     Ok(Secret(v.trim_end_matches(['\n', '\r']).to_owned()))
+}
+
+/// The text of the configuration file at `path`.
+pub(crate) fn read_file(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path)
+        .map_err(|e| ConfigError(format!("cannot read config file {}: {e}", path.display())))
 }
 
 /// Applies `WALSHIP_<SECTION>__<KEY>` overrides from `env` to `table`; returns the names of

@@ -28,7 +28,7 @@
 use std::collections::HashSet;
 use std::path::Path;
 
-use crate::config::{Config, ConfigError, MetricsConfig, apply_env};
+use crate::config::{Config, ConfigError, MetricsConfig, apply_env, read_file};
 
 /// Tables a pipeline may set for itself.
 const PIPELINE_TABLES: [&str; 4] = ["postgres", "outbox", "kafka", "run"];
@@ -54,9 +54,11 @@ pub struct Pipeline {
 impl Deployment {
     /// Reads, overrides from the process environment, merges and validates.
     pub fn load(path: &Path) -> Result<Deployment, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ConfigError(format!("cannot read config file {}: {e}", path.display())))?;
-        Self::from_toml(&text, std::env::vars(), &path.display().to_string())
+        Self::from_toml(
+            &read_file(path)?,
+            std::env::vars(),
+            &path.display().to_string(),
+        )
     }
 
     /// Parses `text`, applies `WALSHIP_<SECTION>__<KEY>` overrides from `env` to the shared

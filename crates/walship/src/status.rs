@@ -235,19 +235,9 @@ pub fn main(path: &Path, json: bool, runtime: &tokio::runtime::Runtime) -> ExitC
                 }
             }
         }
-        let named: Vec<_> = statuses
-            .iter()
-            .map(|(pipeline, report)| command::Named { pipeline, report })
-            .collect();
-        let human = || {
-            statuses
-                .iter()
-                .map(|(name, s)| format!("pipeline {name}\n{}", s.render_human()))
-                .collect::<Vec<_>>()
-                .join("\n")
-        };
+        let human = |name: &str, s: &SlotStatus| format!("pipeline {name}\n{}", s.render_human());
         let ok = all_read && statuses.iter().all(|(_, s)| s.healthy());
-        return command::print_report(&named, json, human, ok);
+        return command::print_named(&statuses, json, human, ok);
     }
     let Some(config) = deployment.pipelines.into_iter().next().map(|p| p.config) else {
         return ExitCode::from(2);

@@ -61,25 +61,15 @@ pub fn main(path: &Path, json: bool, runtime: &tokio::runtime::Runtime) -> ExitC
                 (name, runtime.block_on(run_checks(&p.config)))
             })
             .collect();
-        let named: Vec<_> = reports
-            .iter()
-            .map(|(pipeline, report)| command::Named { pipeline, report })
-            .collect();
-        let human = || {
-            reports
-                .iter()
-                .map(|(name, report)| {
-                    format!(
-                        "walship check ({}) pipeline {name}\n{}",
-                        path.display(),
-                        report.render_human()
-                    )
-                })
-                .collect::<Vec<_>>()
-                .join("\n")
+        let human = |name: &str, report: &Report| {
+            format!(
+                "walship check ({}) pipeline {name}\n{}",
+                path.display(),
+                report.render_human()
+            )
         };
         let ok = reports.iter().all(|(_, r)| r.ok);
-        return command::print_report(&named, json, human, ok);
+        return command::print_named(&reports, json, human, ok);
     }
     let Some(config) = deployment.pipelines.into_iter().next().map(|p| p.config) else {
         return ExitCode::from(2);
