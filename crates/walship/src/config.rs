@@ -65,6 +65,22 @@ pub struct MetricsConfig {
     pub listen: Option<String>,
 }
 
+impl MetricsConfig {
+    /// `listen`, parsed; `None` when the endpoints are off.
+    pub fn address(&self) -> Result<Option<std::net::SocketAddr>, ConfigError> {
+        self.listen
+            .as_deref()
+            .map(|addr| {
+                addr.parse().map_err(|e| {
+                    ConfigError(format!(
+                        "metrics.listen {addr:?} is not a socket address ({e}); expected e.g. \"0.0.0.0:9187\""
+                    ))
+                })
+            })
+            .transpose()
+    }
+}
+
 /// `[postgres]`
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -476,11 +492,7 @@ impl Config {
                 self.outbox.dead_letter_topic
             )));
         }
-        if let Some(addr) = &self.metrics.listen {
-            addr.parse::<std::net::SocketAddr>().map_err(|e| {
-                ConfigError(format!("metrics.listen {addr:?} is not a socket address ({e}); expected e.g. \"0.0.0.0:9187\""))
-            })?;
-        }
+        self.metrics.address()?;
         if self.run.max_in_flight_events < 2 {
             return Err(ConfigError(
                 "run.max_in_flight_events must be at least 2".into(),

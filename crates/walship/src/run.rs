@@ -109,8 +109,7 @@ pub async fn run_deployment(
         shutdown.await;
         trigger.cancel();
     });
-    let listen = pipelines.first().and_then(|(_, s, _)| s.metrics_listen);
-    let server = match listen {
+    let server = match deployment.metrics.address()? {
         Some(addr) => {
             let all = pipelines
                 .iter()

@@ -56,7 +56,7 @@ pub struct SourceSettings {
     pub outbox: OutboxSpec,
     /// `postgres.heartbeat_interval_ms`; `None` when off.
     pub heartbeat: Option<Duration>,
-    /// How often the watchdog checks slot, publication and table (at least 100 ms).
+    /// How often the watchdog checks slot, publication and table (validated: at least 100 ms).
     pub watch_interval: Duration,
 }
 
@@ -86,7 +86,7 @@ pub struct SessionSettings {
     pub status_interval: Duration,
     /// How long a stop waits to finish the open transaction and for acknowledgements.
     pub shutdown_timeout: Duration,
-    /// Most events handed to the producer and not acknowledged (at least 2).
+    /// Most events handed to the producer and not acknowledged (validated: at least 2).
     pub max_in_flight: u64,
     /// Most transactions tracked between the oldest unacknowledged one and the newest read
     /// (at least 2).
@@ -116,18 +116,7 @@ impl Default for SessionSettings {
 impl Settings {
     /// Resolves every derived setting of `config` (secrets included) once.
     pub fn resolve(config: &Config) -> Result<Settings, ConfigError> {
-        let metrics_listen = config
-            .metrics
-            .listen
-            .as_deref()
-            .map(|addr| {
-                addr.parse().map_err(|e| {
-                    ConfigError(format!(
-                        "metrics.listen {addr:?}: {e}; expected host:port, e.g. 0.0.0.0:9187"
-                    ))
-                })
-            })
-            .transpose()?;
+        let metrics_listen = config.metrics.address()?;
         let pg = &config.postgres;
         let source = SourceSettings {
             params: config.connect_params()?,
@@ -141,13 +130,13 @@ impl Settings {
             outbox: config.outbox_spec(),
             heartbeat: (pg.heartbeat_interval_ms > 0)
                 .then(|| Duration::from_millis(pg.heartbeat_interval_ms)),
-            watch_interval: Duration::from_millis(pg.watch_interval_ms.max(100)),
+            watch_interval: Duration::from_millis(pg.watch_interval_ms),
         };
         let session = SessionSettings {
             status_interval: config.status_interval(),
             shutdown_timeout: config.shutdown_timeout(),
-            max_in_flight: config.run.max_in_flight_events.max(2),
-            max_pending: config.run.max_pending_transactions.max(2),
+            max_in_flight: config.run.max_in_flight_events,
+            max_pending: config.run.max_pending_transactions,
             dead_letter_topic: (config.outbox.on_bad_row == BadRowPolicy::DeadLetter)
                 .then(|| config.outbox.dead_letter_topic.clone()),
             message_prefixes: config.outbox.message_prefixes.clone(),
