@@ -209,6 +209,12 @@ pub fn publication_problem(
 /// Reads the outbox's partition tree and the publication, and fails with
 /// [`publication_problem`]'s explanation unless the publication sends the outbox's inserts.
 /// `outbox_oid`: the table's OID when walship started (tells a rename from a drop).
+///
+/// The table and the publication are read by separate statements, so DDL committing between
+/// them (a rename, with the publication now listing the new name) can pair a table read before
+/// it with a publication read after it. A problem is therefore read twice: the second read
+/// starts after the first ended, so it sees any DDL that raced the first one whole, and only a
+/// problem it confirms is reported (with its own, consistent explanation).
 pub async fn published_outbox(
     client: &Client,
     publication: &str,
@@ -216,27 +222,33 @@ pub async fn published_outbox(
     outbox_oid: Option<u32>,
     while_running: bool,
 ) -> Result<(OutboxFamily, PublicationInfo), PgError> {
-    let family = outbox_family(client, table).await?;
-    let renamed_to = match (&family, outbox_oid) {
-        (None, Some(oid)) => relation_name(client, oid).await?,
-        _ => None,
-    };
-    let info = publication_info(client, publication).await?;
-    if let Some(problem) = publication_problem(
-        publication,
-        table,
-        family.as_ref(),
-        info.as_ref(),
-        renamed_to.as_ref(),
-        while_running,
-    ) {
-        return Err(PgError::Setup(problem));
+    let mut confirmed = false;
+    loop {
+        let family = outbox_family(client, table).await?;
+        let renamed_to = match (&family, outbox_oid) {
+            (None, Some(oid)) => relation_name(client, oid).await?,
+            _ => None,
+        };
+        let info = publication_info(client, publication).await?;
+        let problem = publication_problem(
+            publication,
+            table,
+            family.as_ref(),
+            info.as_ref(),
+            renamed_to.as_ref(),
+            while_running,
+        );
+        match (problem, family.zip(info)) {
+            (None, Some(found)) => return Ok(found),
+            (Some(problem), _) if confirmed => return Err(PgError::Setup(problem)),
+            (None, None) if confirmed => {
+                return Err(PgError::Setup(format!(
+                    "outbox table {table} or publication {publication:?} vanished while walship read them"
+                )));
+            }
+            _ => confirmed = true,
+        }
     }
-    family.zip(info).ok_or_else(|| {
-        PgError::Setup(format!(
-            "outbox table {table} or publication {publication:?} vanished while walship read them"
-        ))
-    })
 }
 
 /// Reads the outbox's partition tree and the publication, and fails (with the fix) unless the
