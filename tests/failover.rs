@@ -14,7 +14,7 @@ use crate::metrics::{get, value};
 use crate::reliability::{deduped_seqs, write_events};
 
 /// The PID of the walsender streaming the test's slot, if any.
-async fn slot_holder(db: &TestDb) -> Option<i32> {
+pub(crate) async fn slot_holder(db: &TestDb) -> Option<i32> {
     db.client
         .query_one(
             "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",

@@ -8,6 +8,7 @@
 
 mod check;
 mod cli;
+mod cluster;
 mod failover;
 mod failover_slots;
 mod faults;

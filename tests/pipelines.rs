@@ -12,7 +12,7 @@ use crate::metrics::{get, value};
 use crate::reliability::{deduped_seqs, write_events};
 
 /// One `[[pipelines]]` entry for `db`, named `name`.
-fn pipeline(name: &str, db: &TestDb) -> String {
+pub(crate) fn pipeline(name: &str, db: &TestDb) -> String {
     format!(
         "[[pipelines]]\nname = \"{name}\"\n\
          postgres = {{ url = \"{url}\", slot = \"{slot}\", publication = \"{slot}_pub\", status_interval_ms = 200 }}\n\

@@ -5,9 +5,11 @@
 //! - [`sink`] — producer configuration, sending, delivery reports, topic creation.
 //! - [`route`] — the topic template and topic-name validation.
 //! - [`headers`] — the record header format: source, position and id of each event.
+//! - [`group`] — membership in the consumer group that divides pipelines among processes.
 //! - [`probe`] — a one-shot metadata request for `walship check`.
 //! - [`resume`] — reading the position headers back from topic tails after a crash.
 
+pub mod group;
 pub mod headers;
 pub mod probe;
 pub mod resume;

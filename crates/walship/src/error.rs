@@ -89,6 +89,9 @@ pub enum Error {
     /// Pipelines of a multi-pipeline process stopped with definite errors (each named).
     #[error("pipelines stopped with errors: {0}")]
     Pipelines(String),
+    /// Joining `[cluster]`'s consumer group failed.
+    #[error("cluster: {0}")]
+    Group(#[from] walship_kafka::group::GroupError),
     /// Another consumer streams the slot (another walship of an active-passive pair, or a
     /// leftover walsender): this process waits as a standby.
     #[error(
@@ -118,6 +121,7 @@ impl Error {
             Error::Postgres(e) => e.is_transient(),
             Error::Topic(e) => e.is_transient(),
             Error::Delivery(e) => e.class() == ErrorClass::Transient,
+            Error::Group(e) => e.is_transient(),
             Error::Config(_)
             | Error::Row { .. }
             | Error::Message { .. }

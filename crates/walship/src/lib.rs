@@ -6,6 +6,7 @@
 //! - [`config`] — the TOML configuration, environment overrides, validation, secrets.
 //! - [`run`](mod@run) — the supervisor: preflight, sessions, reconnect with backoff. Wiring only.
 //! - [`pipelines`] — a file with several pipelines (`[[pipelines]]`) over shared defaults.
+//! - [`cluster`] — several processes share the pipelines through a Kafka consumer group.
 //! - [`settings`] — the configuration resolved once into typed per-layer settings.
 //! - [`session`] — one streaming session, generic over its WAL source and event sink: decode,
 //!   extract, route, produce, report status; [`session::seams`] holds the two traits.
@@ -23,6 +24,7 @@
 
 pub mod check;
 pub mod cli;
+pub mod cluster;
 pub mod command;
 pub mod config;
 pub mod error;

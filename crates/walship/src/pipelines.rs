@@ -20,6 +20,9 @@
 //! kafka = { librdkafka = { "linger.ms" = "20" } }
 //! ```
 //!
+//! `[cluster]` (with `[[pipelines]]` only) lets several processes started with this file divide
+//! the pipelines among themselves; see [`crate::cluster`].
+//!
 //! Invariants: each pipeline is validated as a whole configuration would be, and its errors
 //! name it; two pipelines never share a name, nor a slot on the same server; `[metrics]` is the
 //! process's and cannot be set per pipeline. `WALSHIP_*` environment overrides apply to the
@@ -27,6 +30,9 @@
 
 use std::collections::HashSet;
 use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
 
 use crate::config::{Config, ConfigError, MetricsConfig, apply_env, read_file};
 
@@ -40,6 +46,76 @@ pub struct Deployment {
     pub pipelines: Vec<Pipeline>,
     /// `[metrics]`, shared by the process.
     pub metrics: MetricsConfig,
+    /// `[cluster]`: several processes share the pipelines (`None`: this process runs them all).
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// `[cluster]`: the Kafka consumer group through which processes started with the same file
+/// divide its pipelines.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// Consumer group id, the same in every process of the deployment (required).
+    pub group: String,
+    /// Coordination topic, one partition per pipeline, holding no records
+    /// (default `walship.<group>.pipelines`).
+    pub topic: Option<String>,
+    /// How long the group waits for a process that stopped answering before moving its
+    /// pipelines (default 6,000 ms, the smallest a Kafka broker accepts by default).
+    #[serde(default = "default_session_timeout_ms")]
+    pub session_timeout_ms: u64,
+}
+
+fn default_session_timeout_ms() -> u64 {
+    6_000
+}
+
+impl ClusterConfig {
+    /// The coordination topic's name.
+    pub fn topic(&self) -> String {
+        self.topic
+            .clone()
+            .unwrap_or_else(|| format!("walship.{}.pipelines", self.group))
+    }
+
+    /// `session_timeout_ms` as a duration.
+    pub fn session_timeout(&self) -> Duration {
+        Duration::from_millis(self.session_timeout_ms)
+    }
+
+    /// Takes `[cluster]` out of `table` and checks it; `None` when absent.
+    fn take(table: &mut toml::Table, origin: &str) -> Result<Option<Self>, ConfigError> {
+        let Some(value) = table.remove("cluster") else {
+            return Ok(None);
+        };
+        let cluster: ClusterConfig = value
+            .try_into()
+            .map_err(|e| ConfigError(format!("in {origin}: [cluster]: {e}")))?;
+        if cluster.group.is_empty()
+            || !walship_kafka::route::is_legal_topic(cluster.group.as_bytes())
+        {
+            return Err(ConfigError(format!(
+                "in {origin}: cluster.group = {:?}: use letters, digits, '.', '_' and '-' \
+                 (the same in every process that shares these pipelines)",
+                cluster.group
+            )));
+        }
+        let topic = cluster.topic();
+        if !walship_kafka::route::is_legal_topic(topic.as_bytes()) {
+            return Err(ConfigError(format!(
+                "in {origin}: cluster.topic = {topic:?} is not a legal Kafka topic name: use up \
+                 to 249 letters, digits, '.', '_' and '-'"
+            )));
+        }
+        if !(1_000..=300_000).contains(&cluster.session_timeout_ms) {
+            return Err(ConfigError(format!(
+                "in {origin}: cluster.session_timeout_ms = {} is out of range: use 1000 to \
+                 300000 (and at least the broker's group.min.session.timeout.ms, 6000 by default)",
+                cluster.session_timeout_ms
+            )));
+        }
+        Ok(Some(cluster))
+    }
 }
 
 /// One pipeline: its name (`None` for a single-pipeline file) and its whole configuration.
@@ -72,11 +148,21 @@ impl Deployment {
             toml::from_str(text).map_err(|e| ConfigError(format!("in {origin}: {e}")))?;
         let listed = table.remove("pipelines");
         let applied = apply_env(&mut table, env)?;
+        let cluster = ClusterConfig::take(&mut table, origin)?;
         let Some(listed) = listed else {
+            if cluster.is_some() {
+                return Err(ConfigError(format!(
+                    "in {origin}: [cluster] shares [[pipelines]] among processes, and this file \
+                     has none: declare the pipelines as [[pipelines]] with names, or remove \
+                     [cluster] (for one slot, two processes with this file already run \
+                     active-passive: the slot admits one of them)"
+                )));
+            }
             let config = Config::from_table(table, &applied, origin)?;
             return Ok(Deployment {
                 metrics: config.metrics.clone(),
                 pipelines: vec![Pipeline { name: None, config }],
+                cluster: None,
             });
         };
         let toml::Value::Array(entries) = listed else {
@@ -146,7 +232,27 @@ impl Deployment {
             .first()
             .map(|p| p.config.metrics.clone())
             .unwrap_or_default();
-        Ok(Deployment { pipelines, metrics })
+        if cluster.is_some()
+            && let Some(first) = pipelines.first()
+            && let Some(other) = pipelines
+                .iter()
+                .find(|p| p.config.kafka.brokers != first.config.kafka.brokers)
+        {
+            return Err(ConfigError(format!(
+                "in {origin}: with [cluster], every pipeline uses the same kafka.brokers (the \
+                 group that divides them lives there), but pipeline {:?} uses {:?} and pipeline \
+                 {:?} uses {:?}: set kafka.brokers once, in the shared [kafka] table",
+                first.name.as_deref().unwrap_or_default(),
+                first.config.kafka.brokers,
+                other.name.as_deref().unwrap_or_default(),
+                other.config.kafka.brokers
+            )));
+        }
+        Ok(Deployment {
+            pipelines,
+            metrics,
+            cluster,
+        })
     }
 
     /// True for a file without `[[pipelines]]`.
@@ -316,5 +422,64 @@ kafka = { librdkafka = { "linger.ms" = "20" } }
             .unwrap_err()
             .to_string();
         assert!(e.contains("pipelines is empty"), "{e}");
+    }
+
+    #[test]
+    fn cluster_is_read_with_defaults_and_its_mistakes_are_named() {
+        let two = "[[pipelines]]\nname = \"b\"\npostgres = { url = \"postgres://b/db\" }\n\
+                   [[pipelines]]\nname = \"a\"\npostgres = { url = \"postgres://a/db\" }\n";
+        let d = load(&format!("[cluster]\ngroup = \"fleet\"\n{two}")).unwrap();
+        let c = d.cluster.expect("cluster");
+        assert_eq!(c.topic(), "walship.fleet.pipelines");
+        assert_eq!(c.session_timeout(), Duration::from_secs(6));
+        // The environment reaches [cluster] as any other table.
+        let d = Deployment::from_toml(
+            &format!("{SHARED}\n[cluster]\ngroup = \"fleet\"\n{two}"),
+            [(
+                "WALSHIP_CLUSTER__SESSION_TIMEOUT_MS".to_owned(),
+                "10000".to_owned(),
+            )],
+            "test",
+        )
+        .unwrap();
+        assert_eq!(d.cluster.unwrap().session_timeout_ms, 10_000);
+        let cases = [
+            (format!("[cluster]\n{two}"), "missing field `group`"),
+            (
+                format!("[cluster]\ngroup = \"a b\"\n{two}"),
+                "cluster.group = \"a b\"",
+            ),
+            (
+                format!("[cluster]\ngroup = \"g\"\ntopic = \"a/b\"\n{two}"),
+                "not a legal Kafka topic name",
+            ),
+            (
+                format!("[cluster]\ngroup = \"g\"\nsession_timeout_ms = 10\n{two}"),
+                "out of range",
+            ),
+            (
+                format!("[cluster]\ngroup = \"g\"\nsessions = 1\n{two}"),
+                "unknown field `sessions`",
+            ),
+            (
+                format!(
+                    "[cluster]\ngroup = \"g\"\n{two}[[pipelines]]\nname = \"c\"\n\
+                     postgres = {{ url = \"postgres://c/db\" }}\nkafka = {{ brokers = \"other:9092\" }}\n"
+                ),
+                "every pipeline uses the same kafka.brokers",
+            ),
+        ];
+        for (text, needle) in cases {
+            let e = load(&text).unwrap_err().to_string();
+            assert!(e.contains(needle), "{needle:?} not in: {e}");
+        }
+        let e = Deployment::from_toml(
+            "[cluster]\ngroup = \"g\"\n[postgres]\nurl = \"postgres://a/db\"\n[kafka]\nbrokers = \"k:9092\"\n",
+            std::iter::empty(),
+            "test",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("this file has none"), "{e}");
     }
 }

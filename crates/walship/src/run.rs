@@ -124,6 +124,28 @@ pub async fn run_deployment(
         "running {} pipelines",
         pipelines.len()
     );
+    let failed = match &deployment.cluster {
+        Some(cluster) => crate::cluster::run(cluster, pipelines, &cancel).await,
+        None => Ok(run_all(pipelines, &cancel).await),
+    };
+    watcher.abort();
+    if let Some(server) = server {
+        server.abort();
+    }
+    let failed = failed?;
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::Pipelines(failed.join("; ")))
+    }
+}
+
+/// Runs every pipeline on a task of its own until each has ended; returns those that stopped
+/// with a definite error (`name: error`).
+async fn run_all(
+    pipelines: Vec<crate::cluster::Member>,
+    cancel: &CancellationToken,
+) -> Vec<String> {
     let mut tasks = tokio::task::JoinSet::new();
     for (name, settings, telemetry) in pipelines {
         let cancel = cancel.clone();
@@ -131,12 +153,7 @@ pub async fn run_deployment(
         tasks.spawn(
             async move {
                 let result = run_pipeline(&settings, &cancel, &telemetry).await;
-                if let Err(e) = &result {
-                    tracing::error!("pipeline stopped: {e}");
-                    if let Ok(mut stopped) = telemetry.stopped.lock() {
-                        *stopped = Some(e.to_string());
-                    }
-                }
+                note_stopped(&telemetry, &result);
                 (name, result)
             }
             .instrument(span),
@@ -144,20 +161,19 @@ pub async fn run_deployment(
     }
     let mut failed = Vec::new();
     while let Some(joined) = tasks.join_next().await {
-        match joined {
-            Ok((_, Ok(()))) => {}
-            Ok((name, Err(e))) => failed.push(format!("{name}: {e}")),
-            Err(e) => failed.push(format!("a pipeline task ended abnormally: {e}")),
+        failed.extend(crate::cluster::failure(joined));
+    }
+    failed
+}
+
+/// Logs a pipeline's definite error and shows it on `/readyz` (the process keeps serving its
+/// other pipelines).
+pub(crate) fn note_stopped(telemetry: &Telemetry, result: &Result<(), Error>) {
+    if let Err(e) = result {
+        tracing::error!("pipeline stopped: {e}");
+        if let Ok(mut stopped) = telemetry.stopped.lock() {
+            *stopped = Some(e.to_string());
         }
-    }
-    watcher.abort();
-    if let Some(server) = server {
-        server.abort();
-    }
-    if failed.is_empty() {
-        Ok(())
-    } else {
-        Err(Error::Pipelines(failed.join("; ")))
     }
 }
 
@@ -181,7 +197,7 @@ async fn metrics_server(
 
 /// One pipeline: the catch-up log line, preflight, then sessions until cancelled or a definite
 /// error.
-async fn run_pipeline(
+pub(crate) async fn run_pipeline(
     settings: &Settings,
     cancel: &CancellationToken,
     telemetry: &Arc<Telemetry>,

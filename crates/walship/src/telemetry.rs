@@ -95,6 +95,8 @@ pub struct Telemetry {
     /// PID of the walsender of another consumer holding the slot while this process waits to
     /// take over (active-passive); 0 when not waiting.
     pub standby_for_pid: AtomicI64,
+    /// True while `[cluster]` has this pipeline assigned to another process.
+    pub elsewhere: AtomicBool,
     /// The timeline and highest confirmed position of earlier sessions (failover checks).
     pub lineage: crate::failover::Lineage,
     /// Unix ms of the last delivery report (any outcome).
@@ -148,6 +150,8 @@ impl Telemetry {
     pub fn role(&self) -> Role {
         if self.streaming.load(Ordering::Relaxed) {
             Role::Active
+        } else if self.elsewhere.load(Ordering::Relaxed) {
+            Role::Elsewhere
         } else if self.standby_for_pid.load(Ordering::Relaxed) != 0 {
             Role::Standby
         } else {
@@ -162,6 +166,9 @@ impl Telemetry {
         }
         if self.is_ready() {
             return Ok(());
+        }
+        if self.role() == Role::Elsewhere {
+            return Err("elsewhere: another process of the cluster runs this pipeline".to_owned());
         }
         if self.role() == Role::Standby {
             return Err(format!(
@@ -190,6 +197,8 @@ pub enum Role {
     Standby,
     /// Neither yet: starting, or reconnecting after an error.
     Starting,
+    /// `[cluster]` assigned the pipeline to another process.
+    Elsewhere,
 }
 
 impl Role {
@@ -199,6 +208,7 @@ impl Role {
             Role::Active => "active",
             Role::Standby => "standby",
             Role::Starting => "starting",
+            Role::Elsewhere => "elsewhere",
         }
     }
 }
@@ -356,13 +366,16 @@ impl Collector for TelemetryCollector {
         let mut role = encoder.encode_descriptor(
             "walship_role",
             "1 for this process's role: active (streams the slot), standby (another consumer \
-             holds the slot; takes over when it is released) or starting (neither yet).",
+             holds the slot; takes over when it is released), starting (neither yet) or elsewhere \
+             (with [cluster]: another process runs the pipeline).",
             None,
             MetricType::Gauge,
         )?;
         for (pipeline, t) in all {
             let current = t.role();
-            for name in [Role::Active, Role::Standby, Role::Starting].map(Role::name) {
+            for name in
+                [Role::Active, Role::Standby, Role::Starting, Role::Elsewhere].map(Role::name)
+            {
                 role.encode_family(&labels(pipeline, &[("role", name)]))?
                     .encode_gauge(&u64::from(current.name() == name))?;
             }
@@ -622,12 +635,12 @@ fn respond<B>(
             prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
         ),
         "/healthz" => (StatusCode::OK, "ok\n".to_owned(), "text/plain"),
-        "/readyz" => readyz(pipelines.iter()),
+        "/readyz" => readyz(pipelines.iter(), false),
         _ => match path
             .strip_prefix("/readyz/")
             .and_then(|name| pipelines.iter().find(|(p, _)| p.as_deref() == Some(name)))
         {
-            Some(one) => readyz(std::iter::once(one)),
+            Some(one) => readyz(std::iter::once(one), true),
             None => (
                 StatusCode::NOT_FOUND,
                 "try /metrics, /healthz or /readyz\n".to_owned(),
@@ -645,14 +658,17 @@ fn respond<B>(
 
 /// `/readyz` for some pipelines: 200 when all are ready. One pipeline answers as it always
 /// did (`ready`, or why not); several answer with a `name: ready` or `name: why` line each.
+/// A pipeline another process of the cluster runs is listed but does not make the process
+/// unready, unless it was asked for by name (`one`).
 fn readyz<'a>(
     pipelines: impl Iterator<Item = &'a (Option<String>, Arc<Telemetry>)>,
+    one: bool,
 ) -> (StatusCode, String, &'static str) {
     let mut all_ready = true;
     let mut body = String::new();
     for (name, t) in pipelines {
         let state = t.readiness();
-        all_ready &= state.is_ok();
+        all_ready &= state.is_ok() || (!one && t.role() == Role::Elsewhere);
         let line = state.err().unwrap_or_else(|| "ready".to_owned());
         match name {
             Some(name) => body.push_str(&format!("{name}: {line}\n")),

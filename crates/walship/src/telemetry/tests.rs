@@ -118,7 +118,12 @@ fn exposition_parses_and_carries_every_value() {
     }
     assert_eq!(families["walship_commit_to_ack_seconds"].kind, "histogram");
     assert_eq!(families["walship_role"].kind, "gauge");
-    for (role, v) in [("active", 1.0), ("standby", 0.0), ("starting", 0.0)] {
+    for (role, v) in [
+        ("active", 1.0),
+        ("standby", 0.0),
+        ("starting", 0.0),
+        ("elsewhere", 0.0),
+    ] {
         assert_eq!(
             value("walship_role", &format!("walship_role{{role=\"{role}\"}}")),
             v
@@ -144,7 +149,7 @@ fn exposition_parses_and_carries_every_value() {
             "walship_dead_lettered_total Outbox rows published to the dead-letter topic.",
             "walship_resume_skipped_total Events not sent again after a restart because an earlier run had delivered them.",
             "walship_streaming 1 while streaming from the slot.",
-            "walship_role 1 for this process's role: active (streams the slot), standby (another consumer holds the slot; takes over when it is released) or starting (neither yet).",
+            "walship_role 1 for this process's role: active (streams the slot), standby (another consumer holds the slot; takes over when it is released), starting (neither yet) or elsewhere (with [cluster]: another process runs the pipeline).",
             "walship_delivery_errors_total Failed deliveries by class.",
             "walship_commit_to_ack_seconds Time from a transaction's commit to the acknowledgement of its last event.",
         ]
@@ -451,12 +456,47 @@ fn with_several_pipelines_every_sample_names_its_pipeline_and_readiness_needs_al
         role["walship_role{pipeline=\"orders\",role=\"active\"}"],
         1.0
     );
-    let (status, body, _) = readyz(pipelines.iter());
+    let (status, body, _) = readyz(pipelines.iter(), false);
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(
         body,
         "orders: ready\nbilling: stopped: replication slot \"b\" was invalidated\n"
     );
-    let (status, body, _) = readyz(pipelines.iter().take(1));
+    let (status, body, _) = readyz(pipelines.iter().take(1), true);
     assert_eq!((status, body.as_str()), (StatusCode::OK, "orders: ready\n"));
+}
+
+/// With `[cluster]`, a pipeline another process runs is listed as elsewhere: the process stays
+/// ready for it, `/readyz/<name>` is not, and the role metric says so.
+#[test]
+fn a_pipeline_run_elsewhere_keeps_the_process_ready_but_not_itself() {
+    let here = Arc::new(Telemetry::default());
+    here.streaming.store(true, Ordering::Relaxed);
+    let away = Arc::new(Telemetry::default());
+    away.elsewhere.store(true, Ordering::Relaxed);
+    let pipelines: Pipelines = Arc::new([
+        (Some("orders".to_owned()), Arc::clone(&here)),
+        (Some("billing".to_owned()), Arc::clone(&away)),
+    ]);
+    let (status, body, _) = readyz(pipelines.iter(), false);
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        body,
+        "orders: ready\nbilling: elsewhere: another process of the cluster runs this pipeline\n"
+    );
+    let (status, _, _) = readyz(pipelines.iter().skip(1), true);
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    let text = render(&registry(Arc::clone(&pipelines)));
+    let role = &parse(&text)["walship_role"].samples;
+    assert_eq!(
+        role["walship_role{pipeline=\"billing\",role=\"elsewhere\"}"],
+        1.0
+    );
+    assert_eq!(
+        role["walship_role{pipeline=\"billing\",role=\"starting\"}"],
+        0.0
+    );
+    // Streaming wins: a pipeline that still finishes its session after a move is active.
+    away.streaming.store(true, Ordering::Relaxed);
+    assert_eq!(away.role(), Role::Active);
 }

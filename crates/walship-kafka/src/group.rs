@@ -1,0 +1,289 @@
+//! Membership in a Kafka consumer group that divides work items among processes.
+//!
+//! Owns the coordination topic (one partition per work item; it never holds a record) and one
+//! group member: a consumer subscribed to that topic whose assignment, decided by Kafka's group
+//! protocol with the cooperative-sticky assignor, says which items this process runs. This is
+//! how Kafka Connect spreads tasks over workers, with no coordinator of walship's own.
+//!
+//! Invariant: [`Membership::assigned`] only ever reports the partitions librdkafka holds
+//! assigned now. A member that cannot reach the group coordinator for `session.timeout.ms`
+//! loses its assignment (librdkafka revokes it as lost) and reports the empty set, so a process
+//! cut off from the group stops its items no later than the group hands them to another member.
+//! Exclusivity at the source is not this module's promise: the caller keeps a lock of its own
+//! (walship: the replication slot, which admits one walsender) for the moment both sides of a
+//! move believe they own an item.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewPartitions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::types::RDKafkaErrorCode;
+use tokio::sync::watch;
+
+use crate::sink::SinkSettings;
+
+/// How often the member thread serves librdkafka's callbacks and looks at its assignment.
+const POLL: Duration = Duration::from_millis(100);
+
+/// Where and how a process joins the group.
+#[derive(Debug, Clone)]
+pub struct GroupSettings {
+    /// Kafka consumer group id shared by every process of the deployment.
+    pub group: String,
+    /// The coordination topic: partition `i` is work item `i`.
+    pub topic: String,
+    /// Work items (the topic gets at least this many partitions).
+    pub items: usize,
+    /// How long the group waits for a silent member before moving its items.
+    pub session_timeout: Duration,
+}
+
+/// Why joining failed.
+#[derive(Debug, thiserror::Error)]
+pub enum GroupError {
+    /// The coordination topic cannot be read, created or grown.
+    #[error(
+        "coordination topic {topic:?} on {brokers}: {what}: {error}. walship keeps one partition \
+         per pipeline there (it holds no records); create it with {items} partitions, or let \
+         walship create it (the broker must accept CreateTopics and CreatePartitions)"
+    )]
+    Topic {
+        /// The topic.
+        topic: String,
+        /// bootstrap.servers.
+        brokers: String,
+        /// What walship tried.
+        what: &'static str,
+        /// Partitions it needs.
+        items: usize,
+        /// The client's or broker's error.
+        error: String,
+        /// The request went unanswered (retrying can succeed); false when the broker refused.
+        unanswered: bool,
+    },
+    /// The consumer could not be created or subscribed.
+    #[error("joining consumer group {group:?} on {brokers}: {error}")]
+    Join {
+        /// The group.
+        group: String,
+        /// bootstrap.servers.
+        brokers: String,
+        /// The client's error.
+        error: KafkaError,
+    },
+}
+
+impl GroupError {
+    /// True when retrying later can succeed without a change (the broker was not reachable).
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            GroupError::Topic {
+                unanswered: true,
+                ..
+            }
+        )
+    }
+}
+
+/// This process's membership: the assignment as it changes, until [`Membership::leave`].
+pub struct Membership {
+    assigned: watch::Receiver<BTreeSet<usize>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Membership {
+    /// The work items assigned here now; `changed()` wakes on every change.
+    pub fn assigned(&self) -> watch::Receiver<BTreeSet<usize>> {
+        self.assigned.clone()
+    }
+
+    /// Leaves the group (the others get this member's items at once instead of after the
+    /// session timeout) and waits for the member thread to end.
+    pub async fn leave(mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+    }
+}
+
+impl Drop for Membership {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Makes sure the coordination topic has a partition per item, then joins the group.
+pub async fn join(sink: &SinkSettings, group: &GroupSettings) -> Result<Membership, GroupError> {
+    coordination_topic(sink, group).await?;
+    let mut config = sink.connection_config();
+    let session_ms = group.session_timeout.as_millis().max(1) as u64;
+    config
+        .set("group.id", &group.group)
+        .set("partition.assignment.strategy", "cooperative-sticky")
+        .set("session.timeout.ms", session_ms.to_string())
+        // A third of the session, as Kafka advises, and never slower than a second.
+        .set(
+            "heartbeat.interval.ms",
+            (session_ms / 3).clamp(100, 1000).to_string(),
+        )
+        // Sent as the rebalance timeout: how long the coordinator waits for every member to
+        // rejoin during a rebalance. Brokers that wait for it in full before dropping a dead
+        // member (tansu does) would otherwise hold a move for librdkafka's default 300 s. The
+        // member thread polls every 100 ms, far within it; librdkafka wants it ≥ the session.
+        .set("max.poll.interval.ms", session_ms.to_string())
+        // Nothing is read or committed: the assignment is all that matters.
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "latest")
+        .set_log_level(RDKafkaLogLevel::Warning);
+    let join_error = |error| GroupError::Join {
+        group: group.group.clone(),
+        brokers: sink.brokers.clone(),
+        error,
+    };
+    let consumer: BaseConsumer = config.create().map_err(join_error)?;
+    consumer.subscribe(&[&group.topic]).map_err(join_error)?;
+    let (tx, rx) = watch::channel(BTreeSet::new());
+    let stop = Arc::new(AtomicBool::new(false));
+    let thread = {
+        let stop = Arc::clone(&stop);
+        let (name, items) = (group.group.clone(), group.items);
+        std::thread::Builder::new()
+            .name("walship-group".into())
+            .spawn(move || member(consumer, items, &tx, &stop, &name))
+            .map_err(|e| join_error(KafkaError::ClientCreation(e.to_string())))?
+    };
+    Ok(Membership {
+        assigned: rx,
+        stop,
+        thread: Some(thread),
+    })
+}
+
+/// The member thread: serves the consumer's callbacks (heartbeats run on librdkafka's own
+/// threads; rebalances are applied here) and publishes each new assignment.
+fn member(
+    consumer: BaseConsumer,
+    items: usize,
+    tx: &watch::Sender<BTreeSet<usize>>,
+    stop: &AtomicBool,
+    group: &str,
+) {
+    let mut last_error = String::new();
+    while !stop.load(Ordering::Relaxed) {
+        match consumer.poll(POLL) {
+            // Records are never produced there; one written by hand is ignored.
+            None | Some(Ok(_)) => {}
+            Some(Err(e)) => {
+                let text = e.to_string();
+                if text != last_error {
+                    tracing::warn!(group, error = %text, "consumer group member");
+                    last_error = text;
+                }
+            }
+        }
+        let assigned: BTreeSet<usize> = consumer
+            .assignment()
+            .map(|list| {
+                list.elements()
+                    .iter()
+                    .filter_map(|e| usize::try_from(e.partition()).ok())
+                    // Extra partitions (the topic grew elsewhere) stand for no item.
+                    .filter(|&p| p < items)
+                    .collect()
+            })
+            .unwrap_or_default();
+        tx.send_if_modified(|current| {
+            let changed = *current != assigned;
+            if changed {
+                *current = assigned;
+            }
+            changed
+        });
+    }
+    // Closing leaves the group: the others rebalance now, not after the session timeout.
+    consumer.unsubscribe();
+    drop(consumer);
+    tx.send_replace(BTreeSet::new());
+}
+
+/// Creates the coordination topic with `items` partitions, or grows it to that many.
+async fn coordination_topic(sink: &SinkSettings, group: &GroupSettings) -> Result<(), GroupError> {
+    let fail = |what: &'static str, error: String, unanswered: bool| GroupError::Topic {
+        topic: group.topic.clone(),
+        brokers: sink.brokers.clone(),
+        what,
+        items: group.items,
+        error,
+        unanswered,
+    };
+    let mut config = sink.connection_config();
+    config.set_log_level(RDKafkaLogLevel::Error);
+    let admin: AdminClient<DefaultClientContext> = config
+        .create()
+        .map_err(|e| fail("connecting", e.to_string(), false))?;
+    let admin = Arc::new(admin);
+    let want = i32::try_from(group.items).unwrap_or(i32::MAX);
+    let have = {
+        let (admin, topic) = (Arc::clone(&admin), group.topic.clone());
+        tokio::task::spawn_blocking(move || {
+            let md = admin
+                .inner()
+                .fetch_metadata(Some(&topic), Duration::from_secs(10))?;
+            Ok::<usize, KafkaError>(
+                md.topics()
+                    .iter()
+                    .find(|t| t.name() == topic && t.error().is_none())
+                    .map_or(0, |t| t.partitions().len()),
+            )
+        })
+        .await
+        .map_err(|e| fail("reading its metadata", e.to_string(), false))?
+        .map_err(|e| fail("reading its metadata", e.to_string(), true))?
+    };
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    if have == 0 {
+        let new = NewTopic::new(
+            &group.topic,
+            want,
+            TopicReplication::Fixed(sink.topic_replication_factor),
+        );
+        let results = admin
+            .create_topics(&[new], &opts)
+            .await
+            .map_err(|e| fail("creating it", e.to_string(), true))?;
+        for r in results {
+            match r {
+                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((_, code)) => return Err(fail("creating it", code.to_string(), false)),
+            }
+        }
+        tracing::info!(topic = %group.topic, partitions = want, "created the coordination topic");
+    } else if have < group.items {
+        let grow = NewPartitions::new(&group.topic, group.items);
+        let results = admin
+            .create_partitions(&[grow], &opts)
+            .await
+            .map_err(|e| fail("adding partitions for new pipelines", e.to_string(), true))?;
+        for r in results {
+            if let Err((_, code)) = r {
+                return Err(fail(
+                    "adding partitions for new pipelines",
+                    code.to_string(),
+                    false,
+                ));
+            }
+        }
+        tracing::info!(topic = %group.topic, from = have, to = want, "grew the coordination topic");
+    }
+    Ok(())
+}
