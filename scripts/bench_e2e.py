@@ -38,6 +38,7 @@ PG_BIN = sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(p.spli
 # WALSHIP_BENCH_BIN: another walship binary (e.g. an older commit's) to compare in the same way.
 WALSHIP = os.environ.get("WALSHIP_BENCH_BIN") or os.path.join(ROOT, "target", "release", "walship")
 TANSU = shutil.which("tansu") or os.path.expanduser("~/.cargo/bin/tansu")
+MAX_SLOTS = 10  # scripts/bench_pipelines.py raises it for 16 pipelines
 UNIX_SOCKET = False  # --unix: walship and pg_recvlogical reach PostgreSQL over its Unix socket
 
 
@@ -81,7 +82,7 @@ class Servers:
                         "-E", "UTF8", "--locale=C"], check=True, stdout=subprocess.DEVNULL, **as_postgres())
         opts = " ".join(f"-c {s}" for s in [
             "listen_addresses=127.0.0.1", "wal_level=logical", "max_wal_size=8GB", "checkpoint_timeout=30min",
-            "shared_buffers=512MB", "max_replication_slots=10", "max_wal_senders=10"
+            "shared_buffers=512MB", f"max_replication_slots={MAX_SLOTS}", f"max_wal_senders={MAX_SLOTS}"
         ])
         subprocess.run([f"{PG_BIN}/pg_ctl", "start", "-w", "-D", self.data, "-l", os.path.join(WORK, "postgres.log"),
                         "-o", f"-p {self.pg_port} -k {WORK} {opts}"], check=True, stdout=subprocess.DEVNULL,

@@ -57,6 +57,22 @@ async fn two_processes_spread_the_pipelines_and_a_killed_ones_move_losing_nothin
         )
     };
     let (port_a, port_b) = (free_port(), free_port());
+    // `check` reports the coordination topic before anything runs.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("walship.toml");
+    std::fs::write(&path, file(port_a)).expect("write config");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_walship"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .expect("walship check");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("walship check (")
+            && text.contains(") [cluster]")
+            && text.contains("creates it with 3 partitions"),
+        "{text}"
+    );
     // Alone in the group, the first process runs every pipeline.
     let a = Binary::start(&file(port_a));
     until("the first process streams all three", || {

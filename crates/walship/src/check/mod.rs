@@ -13,10 +13,12 @@
 //! Messages name the object (host:port, table, column, slot, topic) and never a secret.
 //!
 //! Layout: `postgres` (connect, settings, role, capacity) with `outbox` (table, columns,
-//! publication) and `slot`, then `kafka` (broker, topics, limits, dead-letter topic); `report`
+//! publication) and `slot`, then `kafka` (broker, topics, limits, dead-letter topic), and for a
+//! file with `[cluster]` its coordination topic (`cluster`); `report`
 //! holds the checks and renders them. The rules they report by are the catalog's
 //! (`walship_postgres::catalog`) and the router's (`walship_kafka::route`), not copies.
 
+mod cluster;
 mod kafka;
 mod outbox;
 mod postgres;
@@ -53,7 +55,7 @@ pub fn main(path: &Path, json: bool, runtime: &tokio::runtime::Runtime) -> ExitC
     };
     if !deployment.is_single() {
         // Several pipelines: every one is checked, each report under its name.
-        let reports: Vec<(String, Report)> = deployment
+        let mut reports: Vec<(String, Report)> = deployment
             .pipelines
             .iter()
             .map(|p| {
@@ -61,9 +63,23 @@ pub fn main(path: &Path, json: bool, runtime: &tokio::runtime::Runtime) -> ExitC
                 (name, runtime.block_on(run_checks(&p.config)))
             })
             .collect();
+        if let (Some(c), Some(first)) = (&deployment.cluster, deployment.pipelines.first()) {
+            let checks = runtime.block_on(cluster::cluster_checks(
+                c,
+                &first.config,
+                deployment.pipelines.len(),
+            ));
+            reports.push(("[cluster]".to_owned(), Report::new(checks)));
+        }
         let human = |name: &str, report: &Report| {
+            // The `[cluster]` report is the file's, not a pipeline's.
+            let what = if name.starts_with('[') {
+                ""
+            } else {
+                "pipeline "
+            };
             format!(
-                "walship check ({}) pipeline {name}\n{}",
+                "walship check ({}) {what}{name}\n{}",
                 path.display(),
                 report.render_human()
             )
