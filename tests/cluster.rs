@@ -39,6 +39,24 @@ fn active(port: u16) -> HashSet<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_processes_spread_the_pipelines_and_a_killed_ones_move_losing_nothing() {
+    spread_then_kill(Kill::Second).await;
+}
+
+/// The first process is the group's leader. tansu 0.6.0 never completes a rebalance after its
+/// leader dies: the survivor's membership stays unsettled, and after two session timeouts it
+/// runs every pipeline, the slots admitting it once the dead process's walsenders are gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_group_leaders_pipelines_move_even_when_the_group_never_settles() {
+    spread_then_kill(Kill::First).await;
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kill {
+    First,
+    Second,
+}
+
+async fn spread_then_kill(kill: Kill) {
     let _heavy = harness::heavy().await;
     let dbs = [
         TestDb::new().await,
@@ -74,7 +92,7 @@ async fn two_processes_spread_the_pipelines_and_a_killed_ones_move_losing_nothin
         "{text}"
     );
     // Alone in the group, the first process runs every pipeline.
-    let a = Binary::start(&file(port_a));
+    let mut a = Binary::start(&file(port_a));
     until("the first process streams all three", || {
         active(port_a).len() == 3
     })
@@ -86,18 +104,20 @@ async fn two_processes_spread_the_pipelines_and_a_killed_ones_move_losing_nothin
         !on_b.is_empty() && on_a.len() + on_b.len() == 3 && on_a.is_disjoint(&on_b)
     })
     .await;
-    let on_b = active(port_b);
     let (code, body) = get(port_a, "/readyz");
     assert_eq!(
         code, 200,
         "pipelines run elsewhere keep a process ready: {body}"
     );
     assert!(body.contains(": elsewhere: "), "{body}");
-    let moved: Vec<usize> = (0..3).filter(|&i| on_b.contains(NAMES[i])).collect();
+    let (victim_port, survivor_port) = match kill {
+        Kill::First => (port_a, port_b),
+        Kill::Second => (port_b, port_a),
+    };
+    let on_victim = active(victim_port);
+    let moved: Vec<usize> = (0..3).filter(|&i| on_victim.contains(NAMES[i])).collect();
 
-    // Load on every database; kill -9 the second process in the middle of it. (The second, not
-    // the first: the first is the group's leader, and tansu 0.6.0's coordinator never completes
-    // a rebalance after its leader dies — see README, "Several instances".)
+    // Load on every database; kill -9 one process in the middle of it.
     let writing = Arc::new(AtomicBool::new(true));
     let mut writers = Vec::new();
     for db in &dbs {
@@ -109,6 +129,9 @@ async fn two_processes_spread_the_pipelines_and_a_killed_ones_move_losing_nothin
             while per_key < 60 || writing.load(Ordering::Relaxed) {
                 ids.extend(write_events(&client, &keys, 10, per_key, false).await);
                 per_key += 10;
+                // Paced (load, not synchronisation): a move of up to ~25 s stays a few
+                // hundred thousand events to consume.
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
             (keys, per_key, ids)
         }));
@@ -117,9 +140,13 @@ async fn two_processes_spread_the_pipelines_and_a_killed_ones_move_losing_nothin
     for &i in &moved {
         let now = dbs[i].current_lsn().await;
         dbs[i].await_confirmed(now, TIMEOUT).await;
-        holders.push(slot_holder(&dbs[i]).await.expect("streamed by the second"));
+        holders.push(slot_holder(&dbs[i]).await.expect("streamed by the victim"));
     }
-    b.kill();
+    let (victim, survivor) = match kill {
+        Kill::First => (&mut a, &mut b),
+        Kill::Second => (&mut b, &mut a),
+    };
+    victim.kill();
     let killed = Instant::now();
     let deadline = killed + TIMEOUT;
     loop {
@@ -133,13 +160,13 @@ async fn two_processes_spread_the_pipelines_and_a_killed_ones_move_losing_nothin
         assert!(
             Instant::now() < deadline,
             "the killed process's pipelines never moved:\n{}",
-            a.log_text()
+            survivor.log_text()
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let moved_after = killed.elapsed();
-    until("the first process streams all three again", || {
-        active(port_a).len() == 3
+    until("the survivor streams all three", || {
+        active(survivor_port).len() == 3
     })
     .await;
     writing.store(false, Ordering::Relaxed);
@@ -177,15 +204,26 @@ async fn two_processes_spread_the_pipelines_and_a_killed_ones_move_losing_nothin
     }
     let events: usize = totals.iter().map(|t| t.0).sum();
     let duplicates: usize = totals.iter().map(|t| t.1).sum();
+    let log = survivor.log_text();
+    let fallback = log.contains("the consumer group has not settled");
     eprintln!(
-        "cluster move: {} pipeline(s) streamed by the other process {} ms after the kill -9 \
-         (session timeout 6,000 ms); {events} events, 0 lost, {duplicates} duplicates",
+        "cluster move ({} killed): {} pipeline(s) streamed by the other process {} ms after the \
+         kill -9 (session timeout 6,000 ms{}); {events} events, 0 lost, {duplicates} duplicates",
+        if kill == Kill::First {
+            "group leader"
+        } else {
+            "member"
+        },
         moved.len(),
-        moved_after.as_millis()
+        moved_after.as_millis(),
+        if fallback {
+            "; the group never settled: every pipeline on the survivor"
+        } else {
+            ""
+        },
     );
-    let log = a.log_text();
     for &i in &moved {
-        // Started at first, handed to the second process, started again after the kill.
+        // Second killed: started by the first, handed over, started again after the kill.
         let starts = log
             .lines()
             .filter(|l| {
@@ -193,9 +231,10 @@ async fn two_processes_spread_the_pipelines_and_a_killed_ones_move_losing_nothin
                     && l.contains("assigned to this process: starting")
             })
             .count();
-        assert_eq!(
-            starts, 2,
-            "{} moved back to the first process:\n{log}",
+        let expected = if kill == Kill::Second { 2 } else { 1 };
+        assert!(
+            starts >= expected,
+            "{} moved to the survivor:\n{log}",
             NAMES[i]
         );
     }
@@ -203,6 +242,10 @@ async fn two_processes_spread_the_pipelines_and_a_killed_ones_move_losing_nothin
         (duplicates as f64) < 0.01 * events as f64,
         "{duplicates} duplicates of {events}: the resume lookup should have removed them"
     );
-    let (code, log) = a.stop().await;
+    let survivor = match kill {
+        Kill::First => b,
+        Kill::Second => a,
+    };
+    let (code, log) = survivor.stop().await;
     assert_eq!(code, 0, "{log}");
 }

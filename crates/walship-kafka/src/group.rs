@@ -12,16 +12,24 @@
 //! Exclusivity at the source is not this module's promise: the caller keeps a lock of its own
 //! (walship: the replication slot, which admits one walsender) for the moment both sides of a
 //! move believe they own an item.
+//!
+//! A coordinator that never completes a rebalance leaves every member without an assignment.
+//! The member watches its own join state (librdkafka's statistics, once a second) and reports
+//! [`Assignment::unsettled`] once it has not been steady for [`GroupSettings::settle_limit`]:
+//! the caller can then fall back on its own lock for every item (walship runs every pipeline,
+//! each slot admitting one process) until the group settles again.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use rdkafka::ClientContext;
+use rdkafka::Statistics;
 use rdkafka::admin::{AdminClient, AdminOptions, NewPartitions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::RDKafkaLogLevel;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
 use rdkafka::types::RDKafkaErrorCode;
 use tokio::sync::watch;
@@ -42,6 +50,19 @@ pub struct GroupSettings {
     pub items: usize,
     /// How long the group waits for a silent member before moving its items.
     pub session_timeout: Duration,
+    /// How long the member may go without a steady membership before it reports
+    /// [`Assignment::unsettled`].
+    pub settle_limit: Duration,
+}
+
+/// What the group gave this process.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Assignment {
+    /// The items assigned here.
+    pub items: BTreeSet<usize>,
+    /// The member has not been in a steady membership for longer than the settle limit: the
+    /// coordinator is not completing rebalances, and `items` says nothing about the others.
+    pub unsettled: bool,
 }
 
 /// Why joining failed.
@@ -94,14 +115,14 @@ impl GroupError {
 
 /// This process's membership: the assignment as it changes, until [`Membership::leave`].
 pub struct Membership {
-    assigned: watch::Receiver<BTreeSet<usize>>,
+    assigned: watch::Receiver<Assignment>,
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Membership {
-    /// The work items assigned here now; `changed()` wakes on every change.
-    pub fn assigned(&self) -> watch::Receiver<BTreeSet<usize>> {
+    /// The assignment now; `changed()` wakes on every change.
+    pub fn assigned(&self) -> watch::Receiver<Assignment> {
         self.assigned.clone()
     }
 
@@ -144,22 +165,28 @@ pub async fn join(sink: &SinkSettings, group: &GroupSettings) -> Result<Membersh
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "latest")
+        // The join state, for telling a slow rebalance from one that never completes.
+        .set("statistics.interval.ms", "1000")
         .set_log_level(RDKafkaLogLevel::Warning);
     let join_error = |error| GroupError::Join {
         group: group.group.clone(),
         brokers: sink.brokers.clone(),
         error,
     };
-    let consumer: BaseConsumer = config.create().map_err(join_error)?;
+    let context = MemberContext {
+        steady: AtomicBool::new(false),
+    };
+    let consumer: BaseConsumer<MemberContext> =
+        config.create_with_context(context).map_err(join_error)?;
     consumer.subscribe(&[&group.topic]).map_err(join_error)?;
-    let (tx, rx) = watch::channel(BTreeSet::new());
+    let (tx, rx) = watch::channel(Assignment::default());
     let stop = Arc::new(AtomicBool::new(false));
     let thread = {
         let stop = Arc::clone(&stop);
-        let (name, items) = (group.group.clone(), group.items);
+        let (name, items, limit) = (group.group.clone(), group.items, group.settle_limit);
         std::thread::Builder::new()
             .name("walship-group".into())
-            .spawn(move || member(consumer, items, &tx, &stop, &name))
+            .spawn(move || member(consumer, items, limit, &tx, &stop, &name))
             .map_err(|e| join_error(KafkaError::ClientCreation(e.to_string())))?
     };
     Ok(Membership {
@@ -169,16 +196,43 @@ pub async fn join(sink: &SinkSettings, group: &GroupSettings) -> Result<Membersh
     })
 }
 
+/// Receives the member's statistics (on the member thread's poll) and librdkafka's log.
+struct MemberContext {
+    /// The member's join state was `steady` at the last statistics.
+    steady: AtomicBool,
+}
+
+impl ClientContext for MemberContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        if (level as i32) <= (RDKafkaLogLevel::Warning as i32) {
+            tracing::warn!(target: "librdkafka", "consumer group member: {fac}: {message}");
+        }
+    }
+
+    fn stats(&self, statistics: Statistics) {
+        let steady = statistics
+            .cgrp
+            .is_some_and(|g| g.state == "up" && g.join_state == "steady");
+        self.steady.store(steady, Ordering::Relaxed);
+    }
+}
+
+impl ConsumerContext for MemberContext {}
+
 /// The member thread: serves the consumer's callbacks (heartbeats run on librdkafka's own
-/// threads; rebalances are applied here) and publishes each new assignment.
+/// threads; rebalances and statistics are served here) and publishes each new assignment.
 fn member(
-    consumer: BaseConsumer,
+    consumer: BaseConsumer<MemberContext>,
     items: usize,
-    tx: &watch::Sender<BTreeSet<usize>>,
+    settle_limit: Duration,
+    tx: &watch::Sender<Assignment>,
     stop: &AtomicBool,
     group: &str,
 ) {
     let mut last_error = String::new();
+    // Since when the membership has not been steady (joining counts: a first join that never
+    // completes is the same failure).
+    let mut unsteady_since = Some(std::time::Instant::now());
     while !stop.load(Ordering::Relaxed) {
         match consumer.poll(POLL) {
             // Records are never produced there; one written by hand is ignored.
@@ -202,10 +256,19 @@ fn member(
                     .collect()
             })
             .unwrap_or_default();
+        if consumer.context().steady.load(Ordering::Relaxed) {
+            unsteady_since = None;
+        } else if unsteady_since.is_none() {
+            unsteady_since = Some(std::time::Instant::now());
+        }
+        let now = Assignment {
+            items: assigned,
+            unsettled: unsteady_since.is_some_and(|t| t.elapsed() >= settle_limit),
+        };
         tx.send_if_modified(|current| {
-            let changed = *current != assigned;
+            let changed = *current != now;
             if changed {
-                *current = assigned;
+                *current = now;
             }
             changed
         });
@@ -213,7 +276,7 @@ fn member(
     // Closing leaves the group: the others rebalance now, not after the session timeout.
     consumer.unsubscribe();
     drop(consumer);
-    tx.send_replace(BTreeSet::new());
+    tx.send_replace(Assignment::default());
 }
 
 /// Creates the coordination topic with `items` partitions, or grows it to that many.

@@ -18,6 +18,11 @@
 //! that dies is noticed when its group session times out (`cluster.session_timeout_ms`, 6 s by
 //! default), then the group rebalances and the new owner takes the slot as soon as PostgreSQL
 //! has ended the dead process's walsender.
+//!
+//! When the group does not settle for [`UNSETTLED_SESSIONS`] session timeouts (a coordinator
+//! that never completes a rebalance: tansu 0.6.0 after its leader died), every process runs
+//! every pipeline, which is active-passive per slot: still one process per slot, no spreading,
+//! and nothing left unstreamed. Once the group settles, the assignment rules again.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -34,6 +39,10 @@ use crate::pipelines::ClusterConfig;
 use crate::run::{note_stopped, run_pipeline};
 use crate::settings::Settings;
 use crate::telemetry::Telemetry;
+
+/// Session timeouts without a steady group membership after which this process runs every
+/// pipeline, the slots deciding which process streams which, until the group settles.
+const UNSETTLED_SESSIONS: u32 = 2;
 
 /// Pause before joining again after the broker did not answer.
 const JOIN_RETRY: Duration = Duration::from_secs(2);
@@ -58,6 +67,7 @@ pub async fn run(
         topic: cluster.topic(),
         items: pipelines.len(),
         session_timeout: cluster.session_timeout(),
+        settle_limit: cluster.session_timeout() * UNSETTLED_SESSIONS,
     };
     let membership = loop {
         match group::join(&first.sink, &settings).await {
@@ -98,6 +108,7 @@ pub async fn run(
     }
     let mut assignment = membership.assigned();
     let mut failed = Vec::new();
+    let mut unsettled = false;
     loop {
         tokio::select! {
             _ = cancel.cancelled() => break,
@@ -105,13 +116,34 @@ pub async fn run(
                 if changed.is_err() {
                     break;
                 }
-                let now: BTreeSet<usize> = assignment.borrow_and_update().clone();
+                let now = assignment.borrow_and_update().clone();
+                let here: BTreeSet<usize> = if now.unsettled {
+                    (0..names.len()).collect()
+                } else {
+                    now.items.clone()
+                };
+                if now.unsettled != unsettled {
+                    unsettled = now.unsettled;
+                    if unsettled {
+                        tracing::warn!(
+                            group = %settings.group,
+                            "the consumer group has not settled for {} s (its coordinator is not \
+                             completing rebalances): running every pipeline, each slot admitting \
+                             one process, until it settles",
+                            settings.settle_limit.as_secs()
+                        );
+                    } else {
+                        tracing::info!(group = %settings.group, "the consumer group settled again");
+                    }
+                }
                 tracing::info!(
-                    here = %now.iter().map(|&i| names[i].as_str()).collect::<Vec<_>>().join(","),
+                    here = %here.iter().map(|&i| names[i].as_str()).collect::<Vec<_>>().join(","),
+                    unsettled,
                     "the cluster's assignment changed"
                 );
                 for (i, tx) in assigned_to.iter().enumerate() {
-                    tx.send_if_modified(|a| std::mem::replace(a, now.contains(&i)) != now.contains(&i));
+                    let want = here.contains(&i);
+                    tx.send_if_modified(|a| std::mem::replace(a, want) != want);
                 }
             }
             Some(joined) = followers.join_next() => failed.extend(failure(joined)),
