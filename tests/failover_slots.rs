@@ -281,6 +281,11 @@ async fn walship_follows_a_promoted_standby_under_load_and_loses_nothing() {
         "events committed on the new primary missing from Kafka"
     );
     assert_eq!(phantoms, 0, "events in Kafka the new primary does not have");
+    assert!(
+        (duplicates as f64) < 0.01 * ids.len() as f64,
+        "{duplicates} duplicates of {}: the resume lookup should have removed them",
+        ids.len()
+    );
     assert!(reordered.is_empty(), "keys out of order: {reordered:?}");
     assert!(log.contains("followed a failover"), "{log}");
     let (code, log) = walship.stop().await;

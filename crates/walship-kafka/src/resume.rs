@@ -296,6 +296,11 @@ impl ResumeScanner {
         self.consumer.assign(&assignment)?;
         let mut open: HashSet<i32> = ranges.keys().copied().collect();
         let mut reached_older: HashSet<i32> = HashSet::new();
+        // The lowest offset actually read in each range. A fetch need not start where it was
+        // asked: tansu answers one that starts inside a record batch from a later batch, and a
+        // message fetched for an earlier pass can still arrive. What lies between the range's
+        // start and the first record read is left to the next pass.
+        let mut first_read: HashMap<i32, i64> = HashMap::new();
         while !open.is_empty() {
             let Ok(wait) = remaining(deadline) else {
                 // Out of time: what was found stands; the rest is sent again.
@@ -324,16 +329,17 @@ impl ResumeScanner {
                 Err(e) => return Err(e),
             };
             let p = message.partition();
-            let Some(&(_, end)) = ranges.get(&p) else {
+            let Some(&(start, end)) = ranges.get(&p) else {
                 continue;
             };
-            if !open.contains(&p) {
+            if !open.contains(&p) || message.offset() < start {
                 continue;
             }
             if message.offset() >= end {
                 open.remove(&p);
                 continue;
             }
+            first_read.entry(p).or_insert(message.offset());
             found.scanned += 1;
             if let Some((position, id)) = self.position_of(&message) {
                 if position.commit_lsn >= since {
@@ -348,9 +354,16 @@ impl ResumeScanner {
                 open.remove(&p);
             }
         }
-        for (p, (start, _)) in ranges {
+        for (p, (start, end)) in ranges {
             if let Some(t) = tails.get_mut(&p) {
-                t.from = start;
+                // Read from the first record read on; a range of which nothing was read is
+                // read again, whole, by the next (wider) pass.
+                let unread_from = if end == i64::MAX { t.high } else { end };
+                t.from = first_read
+                    .get(&p)
+                    .copied()
+                    .unwrap_or(unread_from)
+                    .max(start);
                 t.done = start <= t.low || reached_older.contains(&p);
             }
         }
