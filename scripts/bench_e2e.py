@@ -303,6 +303,20 @@ def context_switches(pid):
     return total
 
 
+def thread_cpu_seconds(pid):
+    """{thread name: CPU seconds} of a live process's threads (same-named ones summed)."""
+    out = {}
+    for stat in glob.glob(f"/proc/{pid}/task/*/stat"):
+        try:
+            head, rest = open(stat).read().rsplit(")", 1)
+        except OSError:
+            continue
+        name = head.split("(", 1)[1]
+        f = rest.split()
+        out[name] = out.get(name, 0) + (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+    return {k: round(v, 2) for k, v in sorted(out.items(), key=lambda kv: -kv[1]) if v >= 0.01}
+
+
 def innermost(pid):
     """The innermost descendant of pid (time -> [wrappers ->] the measured program)."""
     kids = [int(c) for c in open(f"/proc/{pid}/task/{pid}/children").read().split()]
@@ -389,6 +403,7 @@ def drain(args):
         broker_cpu = cpu_seconds(s.broker.pid) - broker_cpu0
         w_switches = context_switches(innermost(proc.pid))
         w_rss = peak_rss_mb(innermost(proc.pid))
+        w_threads = thread_cpu_seconds(innermost(proc.pid))
         terminate(proc)
         _, w_cpu, _ = read_time(report)
         w_counts = read_perf(w_perf)
@@ -402,17 +417,20 @@ def drain(args):
                                      "-o", "proto_version=1", "-o", "publication_names=walship_outbox"]
                              + (["-o", "messages=true"] if args.messages else []) + ["-f", out],
                              stderr=subprocess.DEVNULL)
-        sender, r_sender_cpu, r_sender_waits, r_rss = None, 0.0, 0.0, 0.0
+        sender, r_sender_start, r_sender_cpu, r_sender_waits, r_rss = None, None, 0.0, 0.0, 0.0
         while proc.poll() is None:
             # The walsender ends with its client: keep the last reading.
-            sender = sender or walsender_pid(s, "recvlogical")
+            if sender is None:
+                sender = walsender_pid(s, "recvlogical")
+                r_sender_start = sender and started_at(sender)
             r_sender_cpu = max(r_sender_cpu, cpu_seconds(sender) if sender else 0.0)
             r_sender_waits = max(r_sender_waits, runqueue_wait_seconds(sender) if sender else 0.0)
             client = innermost(proc.pid)
             if open(f"/proc/{client}/comm").read().strip() == "pg_recvlogical":
                 r_rss = max(r_rss, peak_rss_mb(client))
             time.sleep(0.02)
-        recv_secs = time.time() - start
+        r_end = time.time()
+        recv_secs = r_end - start
         _, r_cpu, _ = read_time(report)
         r_counts = read_perf(r_perf)
 
@@ -432,14 +450,19 @@ def drain(args):
             "walship_cpu_seconds": round(w_cpu, 2),
             "walship_cpu_us_per_event": round(w_cpu / n * 1e6, 2),
             "walship_peak_rss_mb": round(w_rss, 1),
+            "walship_threads_cpu_seconds": w_threads,
             "walship_syscalls_per_event": per_event(w_counts.get("raw_syscalls:sys_enter")),
             "walship_wakeups_per_event": per_event(w_switches),
             "walsender_cpu_seconds": round(sender_cpu, 2),
             "walsender_busy_pct": round(100 * sender_cpu / walship_secs),
             # The same over the walsender's own life (walship's startup left out).
             "walsender_busy_pct_streaming": round(100 * sender_cpu / (end - sender_start)) if sender_start else None,
-            # Of the rest, how much it was runnable but had no core (the others busy) ...
-            "walsender_runqueue_wait_pct": round(100 * sender_waits / walship_secs),
+            # Of the rest, how much it was runnable but had no core (the others busy), and how
+            # much it slept (blocked: waiting for its client, for WAL, or gone idle at the end),
+            # both over its own life.
+            "walsender_runqueue_wait_pct": round(100 * sender_waits / (end - sender_start)) if sender_start else None,
+            "walsender_blocked_pct": round(100 * (end - sender_start - sender_cpu - sender_waits) / (end - sender_start))
+            if sender_start else None,
             "broker_cpu_seconds": round(broker_cpu, 2),
             "pg_recvlogical_events_per_s": round(n / recv_secs),
             "pg_recvlogical_seconds": round(recv_secs, 2),
@@ -450,7 +473,11 @@ def drain(args):
             "pg_recvlogical_wakeups_per_event": per_event(r_counts.get("context-switches")),
             "pg_recvlogical_walsender_cpu_seconds": round(r_sender_cpu, 2),
             "pg_recvlogical_walsender_busy_pct": round(100 * r_sender_cpu / recv_secs),
-            "pg_recvlogical_walsender_runqueue_wait_pct": round(100 * r_sender_waits / recv_secs),
+            "pg_recvlogical_walsender_runqueue_wait_pct": round(100 * r_sender_waits / (r_end - r_sender_start))
+            if r_sender_start else None,
+            "pg_recvlogical_walsender_blocked_pct": round(
+                100 * (r_end - r_sender_start - r_sender_cpu - r_sender_waits) / (r_end - r_sender_start))
+            if r_sender_start else None,
             "ratio_walship_over_pg_recvlogical": round(recv_secs / walship_secs, 2),
             "decode_bound_seconds": round(decode_secs, 2),
             "decode_bound_events_per_s": round(n / decode_secs),
@@ -558,10 +585,10 @@ def consume(args):
     print("ready", flush=True)
     lat, expect, give_up = [], None, None
     while True:
-        for m in c.consume(num_messages=1000, timeout=0.05):
-            now = time.time() * 1000
-            if m.error() is None and m.timestamp()[1] >= args.since_ms:
-                lat.append(now - m.timestamp()[1])
+        # One record per poll: a batch call would hold records until the batch fills or it times out.
+        m = c.poll(0.05)
+        if m is not None and m.error() is None and m.timestamp()[1] >= args.since_ms:
+            lat.append(time.time() * 1000 - m.timestamp()[1])
         if expect is None and os.path.exists(args.expect_file):
             expect = int(open(args.expect_file).read())
             give_up = time.time() + 15
