@@ -10,11 +10,14 @@ walship draining its slot into Kafka until the slot confirms the end, and pg_rec
 the second slot to a file (--endpos). Reports, from the same run:
   - events/s for both and the ratio; CPU seconds, CPU per event and peak RSS (VmHWM) of both;
   - the walsender's CPU seconds and busy % (walsender CPU-s / the client's wall-s) during each
-    client's drain, and how much of its time it was runnable but waiting for a core
-    (/proc/<pid>/schedstat): the walsender, the client and the broker share the machine's cores;
+    client's drain, and its life split into busy, runnable but waiting for a core
+    (/proc/<pid>/schedstat) and blocked: the walsender, the client and the broker share the
+    machine's cores, so an idle walsender is not necessarily waiting for its client;
   - syscalls per event of both clients: every syscall entry of every thread, counted in the
-    kernel by the raw_syscalls:sys_enter tracepoint (`perf stat`, counting mode: no sampling, no
-    strace); left out (null) where perf does not work;
+    kernel by the raw_syscalls:sys_enter tracepoint (`perf stat` from Debian's linux-perf,
+    counting mode: no sampling, no strace). An enabled tracepoint adds a little to each syscall
+    (~0.1 us), which matters only for a client making several per event (pg_recvlogical);
+    WALSHIP_BENCH_PERF=0 leaves perf out, and without a working perf these are null;
   - wake-ups per event: walship's voluntary + involuntary context switches summed over all its
     threads (/proc/<pid>/task/*/status, read just before it is stopped); pg_recvlogical's from
     perf's context-switches count (the same thing; it exits on its own);
@@ -261,7 +264,7 @@ _perf_ok = None
 def perf_works():
     global _perf_ok
     if _perf_ok is None:
-        perf = shutil.which("perf")
+        perf = os.environ.get("WALSHIP_BENCH_PERF") != "0" and shutil.which("perf")
         _perf_ok = bool(perf) and subprocess.run(
             [perf, "stat", "-x,", "-e", PERF_EVENTS, "true"], stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL).returncode == 0
