@@ -535,7 +535,8 @@ def live(args):
         if not ready.startswith("ready"):
             sys.exit(f"the consumer did not start; see {WORK}/consumer.log")
         before = scrape(metrics_port)
-        clients = max(4, args.rate // 500)
+        # Enough clients that commit latency (a WAL flush each) does not cap the rate.
+        clients = args.clients or max(4, args.rate // 500)
         print(f"writing {args.rate}/s single-row transactions for {args.seconds}s ({clients} clients) ...",
               flush=True)
         out = pgbench(s, ["-c", str(clients), "-j", "2", "-R", str(args.rate), "-T", str(args.seconds)])
@@ -644,6 +645,7 @@ def main():
     l.add_argument("--rate", type=int, default=5000)
     l.add_argument("--seconds", type=int, default=30)
     l.add_argument("--extra", default="")
+    l.add_argument("--clients", type=int, default=0, help="pgbench clients (default: one per 500/s, at least 4)")
     c = sub.add_parser("consume", help="(internal) the consumer that live runs")
     c.add_argument("--brokers", required=True)
     c.add_argument("--topic", required=True)
