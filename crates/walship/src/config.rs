@@ -262,7 +262,9 @@ pub struct RunConfig {
     #[serde(default = "default_shutdown_timeout_ms")]
     pub shutdown_timeout_ms: u64,
     /// Most events handed to the producer and not yet acknowledged. When reached, walship stops
-    /// reading until half of them are acknowledged (bounded memory, batched wake-ups).
+    /// reading until half of them are acknowledged (bounded memory, batched wake-ups). The
+    /// window caps throughput at about half of it per acknowledgement round trip: 20,000 keeps
+    /// that cap far above what one slot streams even where round trips take tens of ms.
     #[serde(default = "default_max_in_flight_events")]
     pub max_in_flight_events: u64,
     /// Most transactions with events tracked between the oldest unacknowledged one and the
@@ -351,7 +353,7 @@ fn default_shutdown_timeout_ms() -> u64 {
     30_000
 }
 fn default_max_in_flight_events() -> u64 {
-    2_000
+    20_000
 }
 /// Default of `run.max_pending_transactions`.
 pub const DEFAULT_MAX_PENDING_TRANSACTIONS: u64 = 100_000;
