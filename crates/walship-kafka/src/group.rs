@@ -296,23 +296,10 @@ async fn coordination_topic(sink: &SinkSettings, group: &GroupSettings) -> Resul
         .map_err(|e| fail("connecting", e.to_string(), false))?;
     let admin = Arc::new(admin);
     let want = i32::try_from(group.items).unwrap_or(i32::MAX);
-    let have = {
-        let (admin, topic) = (Arc::clone(&admin), group.topic.clone());
-        tokio::task::spawn_blocking(move || {
-            let md = admin
-                .inner()
-                .fetch_metadata(Some(&topic), Duration::from_secs(10))?;
-            Ok::<usize, KafkaError>(
-                md.topics()
-                    .iter()
-                    .find(|t| t.name() == topic && t.error().is_none())
-                    .map_or(0, |t| t.partitions().len()),
-            )
-        })
+    let have = crate::sink::listed_partitions(&admin, &group.topic)
         .await
         .map_err(|e| fail("reading its metadata", e.to_string(), false))?
-        .map_err(|e| fail("reading its metadata", e.to_string(), true))?
-    };
+        .map_err(|e| fail("reading its metadata", e.to_string(), true))?;
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
     if have == 0 {
         let new = NewTopic::new(

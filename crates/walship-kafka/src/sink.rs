@@ -518,6 +518,26 @@ impl<T: Send + 'static> Drop for OffRuntime<T> {
     }
 }
 
+/// How many partitions the brokers list for `topic` (0 when it is missing or has an error),
+/// asked off the async runtime: the outer error is the blocking task's, the inner the request's.
+pub(crate) async fn listed_partitions(
+    admin: &Arc<AdminClient<DefaultClientContext>>,
+    topic: &str,
+) -> Result<Result<usize, KafkaError>, tokio::task::JoinError> {
+    let (admin, topic) = (Arc::clone(admin), topic.to_owned());
+    tokio::task::spawn_blocking(move || {
+        let md = admin
+            .inner()
+            .fetch_metadata(Some(&topic), Duration::from_secs(10))?;
+        Ok(md
+            .topics()
+            .iter()
+            .find(|t| t.name() == topic && t.error().is_none())
+            .map_or(0, |t| t.partitions().len()))
+    })
+    .await
+}
+
 /// Makes sure `topic` exists, creating it if `settings.create_topics`.
 pub async fn ensure_topic(settings: &SinkSettings, topic: &str) -> Result<(), TopicError> {
     let mut config = settings.connection_config();
@@ -529,19 +549,7 @@ pub async fn ensure_topic(settings: &SinkSettings, topic: &str) -> Result<(), To
             error,
         })?;
     let admin = Arc::new(admin);
-    let exists = {
-        let admin = Arc::clone(&admin);
-        let name = topic.to_owned();
-        tokio::task::spawn_blocking(move || {
-            let md = admin
-                .inner()
-                .fetch_metadata(Some(&name), Duration::from_secs(10))?;
-            Ok::<bool, KafkaError>(
-                md.topics()
-                    .iter()
-                    .any(|t| t.name() == name && t.error().is_none() && !t.partitions().is_empty()),
-            )
-        })
+    let exists = listed_partitions(&admin, topic)
         .await
         .map_err(|e| TopicError::CreateFailed {
             topic: topic.to_owned(),
@@ -552,7 +560,7 @@ pub async fn ensure_topic(settings: &SinkSettings, topic: &str) -> Result<(), To
             brokers: settings.brokers.clone(),
             error,
         })?
-    };
+        > 0;
     if exists {
         return Ok(());
     }
