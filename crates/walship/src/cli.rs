@@ -125,7 +125,10 @@ pub fn main() -> ExitCode {
             // Dropping the runtime waits for a broker call a stop left running on a blocking
             // thread (bounded by its own timeout): exiting under librdkafka's threads could race
             // OpenSSL's exit-time cleanup.
-            match runtime.block_on(crate::run::run_deployment(deployment, shutdown_signal())) {
+            match runtime.block_on(crate::deployment::run_deployment(
+                deployment,
+                shutdown_signal(),
+            )) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e}");

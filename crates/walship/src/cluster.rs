@@ -36,7 +36,7 @@ use walship_kafka::group::{self, GroupSettings};
 
 use crate::error::Error;
 use crate::pipelines::ClusterConfig;
-use crate::run::{note_stopped, run_pipeline};
+use crate::run::{Member, failure, note_stopped, run_pipeline};
 use crate::settings::Settings;
 use crate::telemetry::Telemetry;
 
@@ -46,9 +46,6 @@ const UNSETTLED_SESSIONS: u32 = 2;
 
 /// Pause before joining again after the broker did not answer.
 const JOIN_RETRY: Duration = Duration::from_secs(2);
-
-/// One pipeline of the deployment: its name, settings and telemetry.
-pub type Member = (String, Settings, Arc<Telemetry>);
 
 /// Joins the group and runs the pipelines assigned to this process until `cancel`; returns
 /// the pipelines that stopped with a definite error (`name: error`).
@@ -155,17 +152,6 @@ pub async fn run(
     }
     membership.leave().await;
     Ok(failed)
-}
-
-/// `name: error` for a follower that ended with one.
-pub(crate) fn failure(
-    joined: Result<(String, Result<(), Error>), tokio::task::JoinError>,
-) -> Option<String> {
-    match joined {
-        Ok((_, Ok(()))) => None,
-        Ok((name, Err(e))) => Some(format!("{name}: {e}")),
-        Err(e) => Some(format!("a pipeline task ended abnormally: {e}")),
-    }
 }
 
 /// Runs one pipeline whenever `assigned` is true, stopping it when it turns false, until

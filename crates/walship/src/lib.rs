@@ -5,6 +5,7 @@
 //!
 //! - [`config`] — the TOML configuration, environment overrides, validation, secrets.
 //! - [`run`](mod@run) — the supervisor: preflight, sessions, reconnect with backoff. Wiring only.
+//! - [`deployment`] — every pipeline of a file in this process: all, or those `[cluster]` assigns.
 //! - [`pipelines`] — a file with several pipelines (`[[pipelines]]`) over shared defaults.
 //! - [`cluster`] — several processes share the pipelines through a Kafka consumer group.
 //! - [`settings`] — the configuration resolved once into typed per-layer settings.
@@ -27,6 +28,7 @@ pub mod cli;
 pub mod cluster;
 pub mod command;
 pub mod config;
+pub mod deployment;
 pub mod error;
 pub mod failover;
 pub mod init_sql;

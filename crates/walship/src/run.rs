@@ -20,13 +20,11 @@ use std::sync::atomic::Ordering;
 
 use crate::config::{Config, ConfigError};
 use crate::error::Error;
-use crate::pipelines::Deployment;
 use crate::progress::Progress;
 use crate::resume::Resume;
 use crate::session::{KafkaSink, PgSource, Session};
 use crate::settings::{Settings, SourceSettings};
 use crate::telemetry::{self, Telemetry};
-use tracing::Instrument;
 
 /// Reconnect delays: exponential from `BACKOFF_MIN`, capped at `BACKOFF_MAX`, with full jitter.
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
@@ -78,92 +76,18 @@ pub async fn run_settings(settings: &Settings, cancel: &CancellationToken) -> Re
     result
 }
 
-/// Runs every pipeline of `deployment` until `shutdown` completes. A file without
-/// `[[pipelines]]` runs exactly as [`run`]. With several, each pipeline is a task of its own
-/// with its own sessions, progress, resume and reconnect loop: a database that is down only
-/// delays its pipeline, and a definite error stops only its pipeline (logged with its name,
-/// shown on `/readyz` and `/readyz/<name>`) while the others keep streaming. Returns an error
-/// naming the pipelines that stopped with one, once all have ended.
-pub async fn run_deployment(
-    deployment: Deployment,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), Error> {
-    if deployment.is_single() {
-        let config = deployment.pipelines.into_iter().next().map(|p| p.config);
-        return match config {
-            Some(config) => run(config, shutdown).await,
-            None => Ok(()),
-        };
-    }
-    // Every pipeline's configuration is resolved (secrets included) before anything starts.
-    let mut pipelines = Vec::new();
-    for p in &deployment.pipelines {
-        let name = p.name.clone().unwrap_or_default();
-        let settings = Settings::resolve(&p.config)
-            .map_err(|e| ConfigError(format!("pipeline {name:?}: {}", e.0)))?;
-        pipelines.push((name, settings, Arc::new(Telemetry::default())));
-    }
-    let cancel = CancellationToken::new();
-    let trigger = cancel.clone();
-    let watcher = tokio::spawn(async move {
-        shutdown.await;
-        trigger.cancel();
-    });
-    let server = match deployment.metrics.address()? {
-        Some(addr) => {
-            let all = pipelines
-                .iter()
-                .map(|(name, _, t)| (Some(name.clone()), Arc::clone(t)))
-                .collect();
-            Some(metrics_server(addr, all).await?)
-        }
-        None => None,
-    };
-    tracing::info!(
-        pipelines = %pipelines.iter().map(|(n, _, _)| n.as_str()).collect::<Vec<_>>().join(","),
-        "running {} pipelines",
-        pipelines.len()
-    );
-    let failed = match &deployment.cluster {
-        Some(cluster) => crate::cluster::run(cluster, pipelines, &cancel).await,
-        None => Ok(run_all(pipelines, &cancel).await),
-    };
-    watcher.abort();
-    if let Some(server) = server {
-        server.abort();
-    }
-    let failed = failed?;
-    if failed.is_empty() {
-        Ok(())
-    } else {
-        Err(Error::Pipelines(failed.join("; ")))
-    }
-}
+/// One pipeline of a deployment: its name, settings and telemetry.
+pub type Member = (String, Settings, Arc<Telemetry>);
 
-/// Runs every pipeline on a task of its own until each has ended; returns those that stopped
-/// with a definite error (`name: error`).
-async fn run_all(
-    pipelines: Vec<crate::cluster::Member>,
-    cancel: &CancellationToken,
-) -> Vec<String> {
-    let mut tasks = tokio::task::JoinSet::new();
-    for (name, settings, telemetry) in pipelines {
-        let cancel = cancel.clone();
-        let span = tracing::info_span!("pipeline", name = %name);
-        tasks.spawn(
-            async move {
-                let result = run_pipeline(&settings, &cancel, &telemetry).await;
-                note_stopped(&telemetry, &result);
-                (name, result)
-            }
-            .instrument(span),
-        );
+/// `name: error` for a pipeline task that ended with one.
+pub(crate) fn failure(
+    joined: Result<(String, Result<(), Error>), tokio::task::JoinError>,
+) -> Option<String> {
+    match joined {
+        Ok((_, Ok(()))) => None,
+        Ok((name, Err(e))) => Some(format!("{name}: {e}")),
+        Err(e) => Some(format!("a pipeline task ended abnormally: {e}")),
     }
-    let mut failed = Vec::new();
-    while let Some(joined) = tasks.join_next().await {
-        failed.extend(crate::cluster::failure(joined));
-    }
-    failed
 }
 
 /// Logs a pipeline's definite error and shows it on `/readyz` (the process keeps serving its
@@ -178,7 +102,7 @@ pub(crate) fn note_stopped(telemetry: &Telemetry, result: &Result<(), Error>) {
 }
 
 /// Binds `/metrics`, `/healthz` and `/readyz` for `pipelines` and serves them on a task.
-async fn metrics_server(
+pub(crate) async fn metrics_server(
     addr: std::net::SocketAddr,
     pipelines: telemetry::Pipelines,
 ) -> Result<tokio::task::JoinHandle<()>, Error> {
@@ -458,7 +382,13 @@ async fn session(
     // reports less than what is already confirmed. A slot that vanished since preflight is a
     // definite error (never re-created silently).
     let client = management::connect(&source.params, source.password_bytes()).await?;
-    crate::failover::before_session(source, &client, telemetry).await?;
+    crate::failover::before_session(
+        source,
+        &client,
+        &telemetry.lineage,
+        pgoutput::Lsn(telemetry.safe_lsn.load(Ordering::Relaxed)),
+    )
+    .await?;
     let state = catalog::slot_state(&client, &source.slot).await?.ok_or_else(|| {
         walship_postgres::PgError::Setup(format!(
             "replication slot {:?} disappeared while walship was running; it will not be re-created \

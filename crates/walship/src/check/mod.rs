@@ -19,6 +19,7 @@
 //! (`walship_postgres::catalog`) and the router's (`walship_kafka::route`), not copies.
 
 mod cluster;
+mod failover;
 mod kafka;
 mod outbox;
 mod postgres;

@@ -163,7 +163,7 @@ pub(super) async fn postgres_checks(config: &Config, checks: &mut Vec<Check>) ->
         ),
         Err(e) => checks.push(query_failed("postgres.slot", &e)),
     }
-    checks.extend(crate::failover::checks(config, &client).await);
+    checks.extend(super::failover::checks(config, &client).await);
 
     // Aggregate types for the topic check.
     if !uses_type {
