@@ -19,7 +19,7 @@ use tracing::Instrument;
 use crate::config::ConfigError;
 use crate::error::Error;
 use crate::pipelines::Deployment;
-use crate::run::{Member, failure, metrics_server, note_stopped, run, run_pipeline};
+use crate::run::{Member, cancel_on, failure, metrics_server, note_stopped, run, run_pipeline};
 use crate::settings::Settings;
 use crate::telemetry::Telemetry;
 
@@ -48,12 +48,7 @@ pub async fn run_deployment(
             .map_err(|e| ConfigError(format!("pipeline {name:?}: {}", e.0)))?;
         pipelines.push((name, settings, Arc::new(Telemetry::default())));
     }
-    let cancel = CancellationToken::new();
-    let trigger = cancel.clone();
-    let watcher = tokio::spawn(async move {
-        shutdown.await;
-        trigger.cancel();
-    });
+    let (cancel, watcher) = cancel_on(shutdown);
     let server = match deployment.metrics.address()? {
         Some(addr) => {
             let all = pipelines

@@ -45,15 +45,24 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
+    let (cancel, watcher) = cancel_on(shutdown);
+    let result = run_until_cancelled(&config, &cancel).await;
+    watcher.abort();
+    result
+}
+
+/// A token cancelled when `shutdown` completes, and the task that waits for it (abort it when
+/// done).
+pub(crate) fn cancel_on(
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> (CancellationToken, tokio::task::JoinHandle<()>) {
     let cancel = CancellationToken::new();
     let trigger = cancel.clone();
     let watcher = tokio::spawn(async move {
         shutdown.await;
         trigger.cancel();
     });
-    let result = run_until_cancelled(&config, &cancel).await;
-    watcher.abort();
-    result
+    (cancel, watcher)
 }
 
 /// Like [`run`], with cancellation given as a token.

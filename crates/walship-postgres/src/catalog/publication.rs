@@ -222,33 +222,44 @@ pub async fn published_outbox(
     outbox_oid: Option<u32>,
     while_running: bool,
 ) -> Result<(OutboxFamily, PublicationInfo), PgError> {
-    let mut confirmed = false;
-    loop {
-        let family = outbox_family(client, table).await?;
-        let renamed_to = match (&family, outbox_oid) {
-            (None, Some(oid)) => relation_name(client, oid).await?,
-            _ => None,
-        };
-        let info = publication_info(client, publication).await?;
-        let problem = publication_problem(
-            publication,
-            table,
-            family.as_ref(),
-            info.as_ref(),
-            renamed_to.as_ref(),
-            while_running,
-        );
-        match (problem, family.zip(info)) {
-            (None, Some(found)) => return Ok(found),
-            (Some(problem), _) if confirmed => return Err(PgError::Setup(problem)),
-            (None, None) if confirmed => {
-                return Err(PgError::Setup(format!(
-                    "outbox table {table} or publication {publication:?} vanished while walship read them"
-                )));
-            }
-            _ => confirmed = true,
-        }
+    match read_published(client, publication, table, outbox_oid, while_running).await? {
+        Ok(found) => Ok(found),
+        Err(_) => read_published(client, publication, table, outbox_oid, while_running)
+            .await?
+            .map_err(PgError::Setup),
     }
+}
+
+/// One read of the outbox's partition tree and the publication: what they are, or
+/// [`publication_problem`]'s explanation of why the outbox's rows would not arrive.
+async fn read_published(
+    client: &Client,
+    publication: &str,
+    table: &TableName,
+    outbox_oid: Option<u32>,
+    while_running: bool,
+) -> Result<Result<(OutboxFamily, PublicationInfo), String>, PgError> {
+    let family = outbox_family(client, table).await?;
+    let renamed_to = match (&family, outbox_oid) {
+        (None, Some(oid)) => relation_name(client, oid).await?,
+        _ => None,
+    };
+    let info = publication_info(client, publication).await?;
+    if let Some(problem) = publication_problem(
+        publication,
+        table,
+        family.as_ref(),
+        info.as_ref(),
+        renamed_to.as_ref(),
+        while_running,
+    ) {
+        return Ok(Err(problem));
+    }
+    Ok(family.zip(info).ok_or_else(|| {
+        format!(
+            "outbox table {table} or publication {publication:?} vanished while walship read them"
+        )
+    }))
 }
 
 /// Reads the outbox's partition tree and the publication, and fails (with the fix) unless the
