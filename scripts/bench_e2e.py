@@ -516,7 +516,8 @@ def live(args):
         metrics_port = free_port()
         cfg = walship_config(s, "walship", metrics_port, extra=args.extra)
         log = open(os.path.join(WORK, "walship.log"), "w")
-        proc, report = timed([WALSHIP, "run", "--config", cfg], stdout=log, stderr=log)
+        wrap = os.environ.get("WALSHIP_BENCH_WRAP", "").split()
+        proc, report = timed(wrap + [WALSHIP, "run", "--config", cfg], stdout=log, stderr=log)
         deadline = time.time() + 30
         while s.psql("bench", "SELECT count(*) FROM pg_replication_slots WHERE slot_name='walship' AND active") != "1":
             if time.time() > deadline or proc.poll() is not None:
@@ -554,11 +555,14 @@ def live(args):
         consumer = None
         terminate(proc)
         _, cpu, rss = read_time(report)
-        hist = latency_histogram(before, after)
+        hist = latency_histogram(before, after, "walship_commit_to_ack_seconds")
+        read_hist = latency_histogram(before, after, "walship_read_to_ack_seconds")
         result = {"rate_asked": args.rate, "seconds": args.seconds, "pgbench_clients": clients,
                   "pgbench_transactions": done,
                   "rate_achieved": round(done / secs) if done and secs else None,
                   "commit_to_ack": hist,
+                  # Of which walship and the broker: from walship reading the transaction.
+                  "read_to_ack": read_hist,
                   "commit_to_consumer": consumed,
                   "walship_cpu_seconds": round(cpu, 2), "walship_peak_rss_mb": round(rss, 1)}
         print(json.dumps(result, indent=2))
@@ -608,12 +612,12 @@ def consume(args):
                       "fetch_wait_max_ms": CONSUMER_FETCH_WAIT_MS}))
 
 
-def latency_histogram(before, after):
-    """Percentiles of walship_commit_to_ack_seconds from the bucket deltas of two scrapes."""
+def latency_histogram(before, after, name):
+    """Percentiles of the histogram `name` from the bucket deltas of two scrapes."""
     def buckets(text):
         out = {}
         for line in text.splitlines():
-            if line.startswith("walship_commit_to_ack_seconds_bucket"):
+            if line.startswith(name + "_bucket"):
                 le = line.split('le="')[1].split('"')[0]
                 out[float("inf") if le == "+Inf" else float(le)] = float(line.split()[-1])
         return out

@@ -23,6 +23,7 @@
 use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Instant;
 
 use pgoutput::Lsn;
 use tokio::sync::Notify;
@@ -44,6 +45,9 @@ struct Entry {
     /// the broker rejects after they were sent.
     xid: u32,
     commit_lsn: Lsn,
+    /// When the session opened the entry (read the transaction's first event); `None` for
+    /// positions that never had events.
+    read_at: Option<Instant>,
 }
 
 /// Where a transaction came from, as [`Progress::origin`] tells it.
@@ -183,6 +187,7 @@ impl Progress {
             commit_time_ms: origin.commit_time_ms,
             xid: origin.xid,
             commit_lsn: origin.commit_lsn,
+            read_at: Some(Instant::now()),
         });
         self.pending
             .store(s.entries.len() as u64, Ordering::Release);
@@ -253,6 +258,7 @@ impl Progress {
                     commit_time_ms: 0,
                     xid: 0,
                     commit_lsn: Lsn::ZERO,
+                    read_at: None,
                 });
                 self.pending
                     .store(s.entries.len() as u64, Ordering::Release);
@@ -267,12 +273,18 @@ impl Progress {
         let before = s.entries.len();
         let mut moved = false;
         let mut now_ms = None;
+        let mut now = None;
         while let Some(head) = s.entries.front() {
             if !(head.sealed && head.outstanding == 0) {
                 break;
             }
             let end = head.end;
             let commit_time = head.commit_time_ms;
+            if let Some(read_at) = head.read_at {
+                let elapsed = now.get_or_insert_with(Instant::now).duration_since(read_at);
+                let us = i64::try_from(elapsed.as_micros()).unwrap_or(i64::MAX);
+                self.telemetry.read_to_ack.observe_us(us);
+            }
             if commit_time != 0 {
                 let now = *now_ms.get_or_insert_with(unix_ms);
                 self.telemetry.observe_commit_to_ack(commit_time, now);
@@ -477,6 +489,30 @@ mod tests {
         ack(&p, a);
         assert_eq!(p.safe_lsn(), Lsn(200), "a and b complete");
         assert_eq!(p.pending_transactions(), 0);
+    }
+
+    #[test]
+    fn each_acknowledged_transaction_is_timed_from_commit_and_from_read() {
+        let telemetry = std::sync::Arc::new(Telemetry::default());
+        let p = Progress::with_telemetry(Lsn(0), std::sync::Arc::clone(&telemetry));
+        let origin = TxnOrigin {
+            commit_time_ms: unix_ms() - 1000,
+            ..TxnOrigin::default()
+        };
+        let a = p.open(origin);
+        p.seal(a, 1, Lsn(100));
+        p.complete_empty(Lsn(150));
+        let b = p.open(origin);
+        p.seal(b, 1, Lsn(200));
+        ack(&p, a);
+        let (_, commit_count, commit_sum) = telemetry.commit_to_ack.snapshot();
+        let (_, read_count, read_sum) = telemetry.read_to_ack.snapshot();
+        assert_eq!((commit_count, read_count), (1, 1), "a alone is complete");
+        assert!(commit_sum >= 1.0, "committed a second before: {commit_sum}");
+        assert!(read_sum < commit_sum, "read after its commit: {read_sum}");
+        ack(&p, b);
+        assert_eq!(telemetry.read_to_ack.snapshot().1, 2);
+        assert_eq!(p.safe_lsn(), Lsn(200));
     }
 
     #[test]

@@ -104,8 +104,42 @@ pub struct Telemetry {
     /// Why the pipeline stopped for good (a definite error), when it did: the process keeps
     /// serving its other pipelines.
     pub stopped: std::sync::Mutex<Option<String>>,
-    latency_buckets: [AtomicU64; LATENCY_BUCKETS.len() + 1],
-    latency_sum_us: AtomicU64,
+    /// Commit → acknowledgement of the transaction's last event.
+    pub commit_to_ack: Latency,
+    /// walship reading the transaction's first event → acknowledgement of its last: the share
+    /// of commit → ack spent in walship and the broker (the rest is PostgreSQL: the WAL flush,
+    /// decoding, the walsender's send).
+    pub read_to_ack: Latency,
+}
+
+/// A latency histogram over [`LATENCY_BUCKETS`].
+#[derive(Debug, Default)]
+pub struct Latency {
+    buckets: [AtomicU64; LATENCY_BUCKETS.len() + 1],
+    sum_us: AtomicU64,
+}
+
+impl Latency {
+    /// Records one observation of `us` microseconds (negative counts as 0).
+    pub fn observe_us(&self, us: i64) {
+        let us = us.max(0) as u64;
+        let secs = us as f64 / 1e6;
+        let idx = LATENCY_BUCKETS
+            .iter()
+            .position(|&b| secs <= b)
+            .unwrap_or(LATENCY_BUCKETS.len());
+        self.buckets[idx].fetch_add(1, Ordering::Relaxed);
+        self.sum_us.fetch_add(us, Ordering::Relaxed);
+    }
+
+    /// Per-bucket counts (not cumulative), the count including `+Inf`, and the sum in seconds.
+    pub(crate) fn snapshot(&self) -> ([(f64, u64); LATENCY_BUCKETS.len()], u64, f64) {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let buckets = std::array::from_fn(|i| (LATENCY_BUCKETS[i], get(&self.buckets[i])));
+        let count = buckets.iter().map(|&(_, n)| n).sum::<u64>()
+            + get(&self.buckets[LATENCY_BUCKETS.len()]);
+        (buckets, count, get(&self.sum_us) as f64 / 1e6)
+    }
 }
 
 /// Now, in Unix milliseconds.
@@ -119,14 +153,7 @@ pub fn unix_ms() -> i64 {
 impl Telemetry {
     /// Records a transaction whose events are all acknowledged: `now - commit time`.
     pub fn observe_commit_to_ack(&self, commit_ms: i64, now_ms: i64) {
-        let secs = (now_ms - commit_ms).max(0) as f64 / 1000.0;
-        let idx = LATENCY_BUCKETS
-            .iter()
-            .position(|&b| secs <= b)
-            .unwrap_or(LATENCY_BUCKETS.len());
-        self.latency_buckets[idx].fetch_add(1, Ordering::Relaxed);
-        self.latency_sum_us
-            .fetch_add((secs * 1e6) as u64, Ordering::Relaxed);
+        self.commit_to_ack.observe_us((now_ms - commit_ms) * 1000);
     }
 
     /// Counts a failed delivery (or a record the producer refused at once) by its class.
@@ -397,24 +424,29 @@ impl Collector for TelemetryCollector {
                     .encode_counter::<NoLabelSet, _, u64>(&get(v), None)?;
             }
         }
-        let mut histogram = encoder.encode_descriptor(
-            "walship_commit_to_ack_seconds",
-            "Time from a transaction's commit to the acknowledgement of its last event.",
-            None,
-            MetricType::Histogram,
-        )?;
-        for (pipeline, t) in all {
-            // Per-bucket counts: the encoder makes them cumulative and adds `+Inf` (= count).
-            let buckets: [(f64, u64); LATENCY_BUCKETS.len()] =
-                std::array::from_fn(|i| (LATENCY_BUCKETS[i], get(&t.latency_buckets[i])));
-            let count = buckets.iter().map(|&(_, n)| n).sum::<u64>()
-                + get(&t.latency_buckets[LATENCY_BUCKETS.len()]);
-            let sum = get(&t.latency_sum_us) as f64 / 1e6;
-            match pipeline {
-                None => histogram.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)?,
-                Some(_) => histogram
-                    .encode_family(&labels(pipeline, &[]))?
-                    .encode_histogram::<NoLabelSet>(sum, count, &buckets, None)?,
+        for (name, help, of) in [
+            (
+                "walship_commit_to_ack_seconds",
+                "Time from a transaction's commit to the acknowledgement of its last event.",
+                (|t| &t.commit_to_ack) as fn(&Telemetry) -> &Latency,
+            ),
+            (
+                "walship_read_to_ack_seconds",
+                "Time from walship reading a transaction's first event to the acknowledgement of its last (walship's and the broker's share of commit to ack).",
+                |t| &t.read_to_ack,
+            ),
+        ] {
+            let mut histogram =
+                encoder.encode_descriptor(name, help, None, MetricType::Histogram)?;
+            for (pipeline, t) in all {
+                // Per-bucket counts: the encoder makes them cumulative and adds `+Inf` (= count).
+                let (buckets, count, sum) = of(t).snapshot();
+                match pipeline {
+                    None => histogram.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)?,
+                    Some(_) => histogram
+                        .encode_family(&labels(pipeline, &[]))?
+                        .encode_histogram::<NoLabelSet>(sum, count, &buckets, None)?,
+                }
             }
         }
         Ok(())

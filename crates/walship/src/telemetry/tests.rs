@@ -152,6 +152,7 @@ fn exposition_parses_and_carries_every_value() {
             "walship_role 1 for this process's role: active (streams the slot), standby (another consumer holds the slot; takes over when it is released), starting (neither yet) or elsewhere (with [cluster]: another process runs the pipeline).",
             "walship_delivery_errors_total Failed deliveries by class.",
             "walship_commit_to_ack_seconds Time from a transaction's commit to the acknowledgement of its last event.",
+            "walship_read_to_ack_seconds Time from walship reading a transaction's first event to the acknowledgement of its last (walship's and the broker's share of commit to ack).",
         ]
     );
 }
