@@ -102,6 +102,17 @@ async fn sigterm_drains_confirms_and_exits_0() {
     );
 
     let pid = i32::try_from(child.id()).unwrap();
+    // run.cpu_scheduling defaults to batch: every thread, librdkafka's included, runs under it.
+    let policies = thread_policies(pid);
+    assert!(
+        policies.len() >= 3,
+        "walship and librdkafka threads: {policies:?}"
+    );
+    assert!(
+        policies.iter().all(|(_, p)| *p == libc::SCHED_BATCH),
+        "every thread SCHED_BATCH ({}): {policies:?}",
+        libc::SCHED_BATCH
+    );
     #[allow(unsafe_code)]
     // SAFETY: sending a signal to our own child process.
     let rc = unsafe { libc::kill(pid, libc::SIGTERM) };
@@ -126,4 +137,21 @@ async fn sigterm_drains_confirms_and_exits_0() {
     assert!(err.contains("SIGTERM"), "{err}");
     // The walsender is gone and the final position stays confirmed.
     assert!(db.confirmed_lsn().await >= end);
+}
+
+/// `(thread name, scheduling policy)` of every thread of `pid`, from `/proc/<pid>/task/*/stat`.
+fn thread_policies(pid: i32) -> Vec<(String, i32)> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("task list");
+    tasks
+        .map(|task| {
+            let stat =
+                std::fs::read_to_string(task.expect("task").path().join("stat")).expect("stat");
+            // `pid (comm) state ...`: the name may hold spaces and parentheses; the fields
+            // after the last ')' start at field 3, and the policy is field 41.
+            let (head, rest) = stat.rsplit_once(')').expect("comm");
+            let name = head.split_once('(').map_or("", |(_, n)| n).to_owned();
+            let policy = rest.split_whitespace().nth(41 - 3).expect("policy field");
+            (name, policy.parse().expect("policy number"))
+        })
+        .collect()
 }

@@ -122,6 +122,12 @@ pub fn main() -> ExitCode {
                 Ok(d) => d,
                 Err(code) => return code,
             };
+            // Before any thread starts (the runtime's blocking pool and librdkafka's start
+            // later), so every thread inherits the policy.
+            match deployment.cpu_scheduling.apply() {
+                Ok(()) => tracing::debug!(policy = ?deployment.cpu_scheduling, "CPU scheduling"),
+                Err(why) => tracing::warn!("{why}"),
+            }
             // Dropping the runtime waits for a broker call a stop left running on a blocking
             // thread (bounded by its own timeout): exiting under librdkafka's threads could race
             // OpenSSL's exit-time cleanup.

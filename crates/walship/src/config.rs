@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
+
+use crate::scheduling::CpuScheduling;
 use walship_kafka::{SinkSettings, TopicLimits, TopicRouter};
 use walship_postgres::{
     ConnectConfig, ConnectParams, OutboxSpec, ReadBatching, SslMode, TableName,
@@ -278,6 +280,11 @@ pub struct RunConfig {
     /// topics; without it walship warns and sends them again).
     #[serde(default = "yes")]
     pub resume_dedup: bool,
+    /// How the kernel schedules walship's threads: `"batch"` (`SCHED_BATCH`: walship's
+    /// wake-ups do not preempt what runs, usually the database) or `"normal"` (the OS
+    /// default). The process's: with `[[pipelines]]`, set it in the top-level `[run]`.
+    #[serde(default = "default_cpu_scheduling")]
+    pub cpu_scheduling: String,
 }
 
 impl Default for RunConfig {
@@ -287,10 +294,14 @@ impl Default for RunConfig {
             max_in_flight_events: default_max_in_flight_events(),
             max_pending_transactions: default_max_pending_transactions(),
             resume_dedup: true,
+            cpu_scheduling: default_cpu_scheduling(),
         }
     }
 }
 
+fn default_cpu_scheduling() -> String {
+    "batch".into()
+}
 fn yes() -> bool {
     true
 }
@@ -429,6 +440,7 @@ impl Config {
             ));
         }
         self.read_batching()?;
+        self.cpu_scheduling()?;
         let router = TopicRouter::new(&self.outbox.topic)
             .map_err(|e| ConfigError(format!("outbox.topic: {e}")))?;
         if router.uses_aggregate_type() && self.outbox.aggregate_type_column.is_empty() {
@@ -752,6 +764,14 @@ impl Config {
             .read_batching
             .parse()
             .map_err(|e| ConfigError(format!("postgres.{e}")))
+    }
+
+    /// `run.cpu_scheduling`, parsed.
+    pub fn cpu_scheduling(&self) -> Result<CpuScheduling, ConfigError> {
+        self.run
+            .cpu_scheduling
+            .parse()
+            .map_err(|e| ConfigError(format!("run.{e}")))
     }
 
     /// How often to send standby status while streaming.

@@ -19,6 +19,7 @@
 //! - [`command`] — what the commands share: loading the config, printing a report, exit codes.
 //! - [`failover`] — following a promotion (failover slots): start-up, sessions, `check`.
 //! - [`error`] — run errors, transient or definite.
+//! - [`scheduling`] — how the kernel schedules walship's threads (`run.cpu_scheduling`).
 //! - [`telemetry`] — metrics, `/metrics`, `/healthz`, `/readyz`.
 //!
 //! The protocol code lives in the `pgoutput`, `walship-postgres` and `walship-kafka` crates.
@@ -36,6 +37,7 @@ pub mod pipelines;
 pub mod progress;
 pub mod resume;
 pub mod run;
+pub mod scheduling;
 pub mod session;
 pub mod settings;
 pub mod status;

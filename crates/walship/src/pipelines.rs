@@ -35,6 +35,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::config::{Config, ConfigError, MetricsConfig, apply_env, read_file};
+use crate::scheduling::CpuScheduling;
 
 /// Tables a pipeline may set for itself.
 const PIPELINE_TABLES: [&str; 4] = ["postgres", "outbox", "kafka", "run"];
@@ -48,6 +49,8 @@ pub struct Deployment {
     pub metrics: MetricsConfig,
     /// `[cluster]`: several processes share the pipelines (`None`: this process runs them all).
     pub cluster: Option<ClusterConfig>,
+    /// `run.cpu_scheduling`, the process's (every pipeline has the same).
+    pub cpu_scheduling: CpuScheduling,
 }
 
 /// `[cluster]`: the Kafka consumer group through which processes started with the same file
@@ -161,6 +164,7 @@ impl Deployment {
             let config = Config::from_table(table, &applied, origin)?;
             return Ok(Deployment {
                 metrics: config.metrics.clone(),
+                cpu_scheduling: config.cpu_scheduling()?,
                 pipelines: vec![Pipeline { name: None, config }],
                 cluster: None,
             });
@@ -248,10 +252,29 @@ impl Deployment {
                 other.config.kafka.brokers
             )));
         }
+        let cpu_scheduling = match pipelines.first() {
+            Some(first) => first.config.cpu_scheduling()?,
+            None => CpuScheduling::default(),
+        };
+        if let Some(other) = pipelines
+            .iter()
+            .find(|p| p.config.run.cpu_scheduling != pipelines[0].config.run.cpu_scheduling)
+        {
+            return Err(ConfigError(format!(
+                "in {origin}: run.cpu_scheduling is the process's (its threads serve every \
+                 pipeline), but pipeline {:?} sets {:?} and pipeline {:?} {:?}: set it once, in \
+                 the top-level [run] table",
+                pipelines[0].name.as_deref().unwrap_or_default(),
+                pipelines[0].config.run.cpu_scheduling,
+                other.name.as_deref().unwrap_or_default(),
+                other.config.run.cpu_scheduling
+            )));
+        }
         Ok(Deployment {
             pipelines,
             metrics,
             cluster,
+            cpu_scheduling,
         })
     }
 
@@ -329,6 +352,32 @@ listen = "127.0.0.1:9187"
         .unwrap();
         assert!(d.is_single());
         assert_eq!(d.pipelines[0].config.postgres.slot, "walship");
+    }
+
+    #[test]
+    fn cpu_scheduling_is_the_processs_and_one_pipeline_cannot_change_it() {
+        let two = |b_run: &str| {
+            format!(
+                "[[pipelines]]\nname = \"a\"\npostgres = {{ url = \"postgres://a/db\" }}\n\
+                 [[pipelines]]\nname = \"b\"\npostgres = {{ url = \"postgres://b/db\" }}\n{b_run}"
+            )
+        };
+        let d = load(&two("")).unwrap();
+        assert_eq!(d.cpu_scheduling, CpuScheduling::Batch);
+        let d = Deployment::from_toml(
+            &format!("{SHARED}[run]\ncpu_scheduling = \"normal\"\n{}", two("")),
+            std::iter::empty(),
+            "test",
+        )
+        .unwrap();
+        assert_eq!(d.cpu_scheduling, CpuScheduling::Normal);
+        let e = load(&two("run = { cpu_scheduling = \"normal\" }\n")).unwrap_err();
+        assert!(
+            e.0.contains("run.cpu_scheduling is the process's")
+                && e.0.contains("\"b\"")
+                && e.0.contains("top-level [run]"),
+            "{e}"
+        );
     }
 
     #[test]

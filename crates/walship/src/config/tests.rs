@@ -426,6 +426,20 @@ fn invalid_values_explain_the_fix() {
             .expect("parsed"),
         ReadBatching::Auto
     );
+    let e = parse(MINIMAL, &[("WALSHIP_RUN__CPU_SCHEDULING", "fifo")])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("run.cpu_scheduling \"fifo\"") && e.contains("\"batch\", \"normal\""),
+        "{e}"
+    );
+    let default = parse(MINIMAL, &[]).expect("default");
+    assert_eq!(
+        default.cpu_scheduling().expect("parsed"),
+        CpuScheduling::Batch
+    );
+    let c = parse(MINIMAL, &[("WALSHIP_RUN__CPU_SCHEDULING", "normal")]).expect("normal");
+    assert_eq!(c.cpu_scheduling().expect("parsed"), CpuScheduling::Normal);
 }
 
 #[test]
