@@ -3,6 +3,7 @@
 
     scripts/bench_e2e.py drain [--events 1000000] [--messages]   # backlog drain: walship vs pg_recvlogical
     scripts/bench_e2e.py live  [--rate 5000 --seconds 30]   # commit -> ack and commit -> consumer latency
+    scripts/bench_e2e.py floor [--rate 5000 --seconds 30]   # the broker's own latency under live's load
 
 drain: writes N single-row outbox transactions (~150-byte jsonb payload, 5,000 aggregates) while
 three identical pgoutput slots (created together, before the backlog) hold them, then times
@@ -37,6 +38,12 @@ the rate pgbench actually achieved (transactions it ran / seconds) beside the ra
     which walship sets to the transaction's commit time (in whole milliseconds: up to 1 ms high).
     It includes the consumer's fetch wait (fetch.wait.max.ms, printed with the result).
 
+floor: live's load without walship (pgbench at the same rate, the same consumer reading), and a
+bare librdkafka producer (confluent-kafka) sending the same number of keyed ~150-byte records per
+second straight to the broker with walship's producer settings (idempotent, acks=all, linger.ms
+5, 6 partitions). Reports its send -> ack percentiles, measured per record (not bucketed), twice:
+on the idle machine, then under the load. What walship's read -> ack could be at best here.
+
 Everything runs in .walship-bench/ under private servers on free ports; nothing is left running.
 Build first: cargo build --release -p walship (the binary is taken from $CARGO_TARGET_DIR or
 target/, or WALSHIP_BENCH_BIN).
@@ -51,6 +58,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 
@@ -612,6 +620,65 @@ def consume(args):
                       "fetch_wait_max_ms": CONSUMER_FETCH_WAIT_MS}))
 
 
+def floor(args):
+    from confluent_kafka import Producer
+    from confluent_kafka.admin import AdminClient, NewTopic
+    s = Servers()
+    consumer = None
+    try:
+        brokers = f"127.0.0.1:{s.kafka_port}"
+        topic = "outbox.event.order"
+        for f in AdminClient({"bootstrap.servers": brokers}).create_topics([NewTopic(topic, 6, 1)]).values():
+            f.result()
+        consumer = subprocess.Popen([sys.executable, os.path.abspath(__file__), "consume", "--brokers", brokers,
+                                     "--topic", topic, "--since-ms", str(int(time.time() * 1000)), "--expect-file",
+                                     os.path.join(WORK, "never")],
+                                    stdout=subprocess.PIPE, stderr=open(os.path.join(WORK, "consumer.log"), "w"),
+                                    text=True)
+        if not consumer.stdout.readline().startswith("ready"):
+            sys.exit(f"the consumer did not start; see {WORK}/consumer.log")
+        producer = Producer({"bootstrap.servers": brokers, "enable.idempotence": True, "acks": "all",
+                             "linger.ms": 5})
+        payload = b"x" * 150
+
+        def produce(seconds):
+            """Sends args.rate records/s for `seconds`; the send -> ack percentiles in ms."""
+            lat = []
+            start, n = time.perf_counter(), 0
+            while time.perf_counter() - start < seconds:
+                due = int((time.perf_counter() - start) * args.rate)
+                while n < due:
+                    t0 = time.perf_counter()
+                    producer.produce(topic, payload, key=f"agg-{n % 5000}".encode(),
+                                     on_delivery=lambda err, msg, t0=t0: lat.append((time.perf_counter() - t0) * 1000))
+                    n += 1
+                producer.poll(0.0005)
+            producer.flush(30)
+            lat.sort()
+
+            def pct(p):
+                return round(lat[min(len(lat) - 1, int(p * len(lat)))], 1) if lat else None
+            return {"acked": len(lat), "p50_ms": pct(0.50), "p99_ms": pct(0.99), "max_ms": pct(1.0)}
+
+        produce(2)  # warm up: connections, producer id
+        idle = produce(args.seconds)
+        clients = args.clients or max(4, args.rate // 500)
+        print(f"the same under pgbench at {args.rate}/s ({clients} clients) ...", flush=True)
+        # pgbench in a thread: it is a child process, so this thread only waits for it.
+        load = threading.Thread(target=pgbench, args=(s, ["-c", str(clients), "-j", "2", "-R", str(args.rate),
+                                                          "-T", str(args.seconds + 4)]))
+        load.start()
+        time.sleep(2)
+        loaded = produce(args.seconds)
+        load.join()
+        print(json.dumps({"rate": args.rate, "seconds": args.seconds, "linger_ms": 5,
+                          "send_to_ack_idle": idle, "send_to_ack_under_load": loaded}, indent=2))
+    finally:
+        if consumer:
+            consumer.kill()
+        s.stop()
+
+
 def latency_histogram(before, after, name):
     """Percentiles of the histogram `name` from the bucket deltas of two scrapes."""
     def buckets(text):
@@ -651,6 +718,10 @@ def main():
     l.add_argument("--seconds", type=int, default=30)
     l.add_argument("--extra", default="")
     l.add_argument("--clients", type=int, default=0, help="pgbench clients (default: one per 500/s, at least 4)")
+    f = sub.add_parser("floor", help="a bare producer's latency to the broker, idle and under live's load")
+    f.add_argument("--rate", type=int, default=5000)
+    f.add_argument("--seconds", type=int, default=30)
+    f.add_argument("--clients", type=int, default=0)
     c = sub.add_parser("consume", help="(internal) the consumer that live runs")
     c.add_argument("--brokers", required=True)
     c.add_argument("--topic", required=True)
@@ -659,6 +730,8 @@ def main():
     args = ap.parse_args()
     if args.mode == "consume":
         return consume(args)
+    if args.mode == "floor":
+        return floor(args)
     global UNIX_SOCKET
     UNIX_SOCKET = getattr(args, "unix", False)
     if not os.path.exists(WALSHIP):
