@@ -432,6 +432,8 @@ async fn check_says_what_failover_needs_and_passes_once_it_is_set() {
         ))
         .await
         .expect("create the slot without failover");
+    // check connects to the standby too: the test's database must exist there first.
+    pair.await_replayed().await;
 
     // Before: no synchronized_standby_slots, a slot without failover.
     let (code, checks) = check(&config).await;

@@ -235,6 +235,36 @@ impl Pair {
         }
     }
 
+    /// Waits until the standby has replayed everything the primary has written so far (a
+    /// database just created on the primary exists on the standby afterwards).
+    pub async fn await_replayed(&self) {
+        let primary = connect(&format!("{}/postgres", self.primary.base_url)).await;
+        let standby = connect(&format!("{}/postgres", self.standby.base_url)).await;
+        let lsn = |row: tokio_postgres::Row| {
+            row.get::<_, Option<tokio_postgres::types::PgLsn>>(0)
+                .map_or(0, u64::from)
+        };
+        let target = lsn(primary
+            .query_one("SELECT pg_current_wal_lsn()", &[])
+            .await
+            .expect("read the primary's position"));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let replayed = lsn(standby
+                .query_one("SELECT pg_last_wal_replay_lsn()", &[])
+                .await
+                .expect("read the standby's replay position"));
+            if replayed >= target {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the standby did not replay up to {target:X} within 60 s (at {replayed:X})"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// The standby's copy of `slot` (`None`: not there).
     pub async fn standby_slot(&self, slot: &str) -> Option<SyncedSlot> {
         let standby = connect(&format!("{}/postgres", self.standby.base_url)).await;
