@@ -628,7 +628,8 @@ def floor(args):
     try:
         brokers = f"127.0.0.1:{s.kafka_port}"
         topic = "outbox.event.order"
-        for f in AdminClient({"bootstrap.servers": brokers}).create_topics([NewTopic(topic, 6, 1)]).values():
+        admin = AdminClient({"bootstrap.servers": brokers})  # kept alive until the topic exists
+        for f in admin.create_topics([NewTopic(topic, 6, 1)]).values():
             f.result()
         consumer = subprocess.Popen([sys.executable, os.path.abspath(__file__), "consume", "--brokers", brokers,
                                      "--topic", topic, "--since-ms", str(int(time.time() * 1000)), "--expect-file",
