@@ -536,17 +536,9 @@ def live(args):
         time.sleep(2)
         expect = os.path.join(WORK, "consumer.expect")
         since_ms = int(time.time() * 1000)
-        consumer = subprocess.Popen([sys.executable, os.path.abspath(__file__), "consume", "--brokers",
-                                     f"127.0.0.1:{s.kafka_port}", "--topic", "outbox.event.order", "--since-ms",
-                                     str(since_ms), "--expect-file", expect],
-                                    stdout=subprocess.PIPE, stderr=open(os.path.join(WORK, "consumer.log"), "w"),
-                                    text=True)
-        ready = consumer.stdout.readline()
-        if not ready.startswith("ready"):
-            sys.exit(f"the consumer did not start; see {WORK}/consumer.log")
+        consumer = start_consumer(f"127.0.0.1:{s.kafka_port}", "outbox.event.order", since_ms, expect)
         before = scrape(metrics_port)
-        # Enough clients that commit latency (a WAL flush each) does not cap the rate.
-        clients = args.clients or max(4, args.rate // 500)
+        clients = live_clients(args)
         print(f"writing {args.rate}/s single-row transactions for {args.seconds}s ({clients} clients) ...",
               flush=True)
         out = pgbench(s, ["-c", str(clients), "-j", "2", "-R", str(args.rate), "-T", str(args.seconds)])
@@ -580,6 +572,40 @@ def live(args):
         s.stop()
 
 
+def confluent_kafka():
+    """Makes `confluent_kafka` importable, installing it with pip if missing."""
+    try:
+        import confluent_kafka  # noqa: F401
+    except ImportError:
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "confluent-kafka"], check=True,
+                       stdout=subprocess.DEVNULL)
+
+
+def percentiles(lat):
+    """p50, p99 and max of latencies in ms (sorted), to 0.1 ms; None for an empty list."""
+    def pct(p):
+        return round(lat[min(len(lat) - 1, int(p * len(lat)))], 1) if lat else None
+    return {"p50_ms": pct(0.50), "p99_ms": pct(0.99), "max_ms": pct(1.0)}
+
+
+def start_consumer(brokers, topic, since_ms, expect_file):
+    """Starts `consume` as a child process and waits until it has its partitions."""
+    consumer = subprocess.Popen([sys.executable, os.path.abspath(__file__), "consume", "--brokers", brokers,
+                                 "--topic", topic, "--since-ms", str(since_ms), "--expect-file", expect_file],
+                                stdout=subprocess.PIPE, stderr=open(os.path.join(WORK, "consumer.log"), "w"),
+                                text=True)
+    if not consumer.stdout.readline().startswith("ready"):
+        consumer.kill()
+        sys.exit(f"the consumer did not start; see {WORK}/consumer.log")
+    return consumer
+
+
+def live_clients(args):
+    """pgbench clients for live's load: enough that commit latency (a WAL flush each) does not
+    cap the rate."""
+    return args.clients or max(4, args.rate // 500)
+
+
 def consume(args):
     """The consumer of `live` (run as a child process, so it never waits on this script's own
     work): reads every partition of the topic while the load runs and, for each record committed
@@ -587,12 +613,8 @@ def consume(args):
     which walship sets to the transaction's commit time (PostgreSQL's commit timestamp, cut to
     whole milliseconds: the figure can read up to 1 ms high). Prints "ready" once assigned, then,
     after --expect-file appears holding the number of transactions to expect, the percentiles."""
-    try:
-        from confluent_kafka import Consumer, TopicPartition, OFFSET_BEGINNING
-    except ImportError:
-        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "confluent-kafka"], check=True,
-                       stdout=subprocess.DEVNULL)
-        from confluent_kafka import Consumer, TopicPartition, OFFSET_BEGINNING
+    confluent_kafka()
+    from confluent_kafka import Consumer, TopicPartition, OFFSET_BEGINNING
     c = Consumer({"bootstrap.servers": args.brokers, "group.id": "walship-bench", "enable.auto.commit": False,
                   # A consumer that wants records soon: the broker answers a fetch as soon as a
                   # record is there, or after this long with nothing.
@@ -613,14 +635,11 @@ def consume(args):
             break
     c.close()
     lat.sort()
-
-    def pct(p):
-        return round(lat[min(len(lat) - 1, int(p * len(lat)))], 1) if lat else None
-    print(json.dumps({"received": len(lat), "p50_ms": pct(0.50), "p99_ms": pct(0.99), "max_ms": pct(1.0),
-                      "fetch_wait_max_ms": CONSUMER_FETCH_WAIT_MS}))
+    print(json.dumps({"received": len(lat), **percentiles(lat), "fetch_wait_max_ms": CONSUMER_FETCH_WAIT_MS}))
 
 
 def floor(args):
+    confluent_kafka()
     from confluent_kafka import Producer
     from confluent_kafka.admin import AdminClient, NewTopic
     s = Servers()
@@ -631,13 +650,8 @@ def floor(args):
         admin = AdminClient({"bootstrap.servers": brokers})  # kept alive until the topic exists
         for f in admin.create_topics([NewTopic(topic, 6, 1)]).values():
             f.result()
-        consumer = subprocess.Popen([sys.executable, os.path.abspath(__file__), "consume", "--brokers", brokers,
-                                     "--topic", topic, "--since-ms", str(int(time.time() * 1000)), "--expect-file",
-                                     os.path.join(WORK, "never")],
-                                    stdout=subprocess.PIPE, stderr=open(os.path.join(WORK, "consumer.log"), "w"),
-                                    text=True)
-        if not consumer.stdout.readline().startswith("ready"):
-            sys.exit(f"the consumer did not start; see {WORK}/consumer.log")
+        # The same consumer as live's, never told to stop: it reads until it is killed.
+        consumer = start_consumer(brokers, topic, int(time.time() * 1000), os.path.join(WORK, "never"))
         producer = Producer({"bootstrap.servers": brokers, "enable.idempotence": True, "acks": "all",
                              "linger.ms": 5})
         payload = b"x" * 150
@@ -656,14 +670,11 @@ def floor(args):
                 producer.poll(0.0005)
             producer.flush(30)
             lat.sort()
-
-            def pct(p):
-                return round(lat[min(len(lat) - 1, int(p * len(lat)))], 1) if lat else None
-            return {"acked": len(lat), "p50_ms": pct(0.50), "p99_ms": pct(0.99), "max_ms": pct(1.0)}
+            return {"acked": len(lat), **percentiles(lat)}
 
         produce(2)  # warm up: connections, producer id
         idle = produce(args.seconds)
-        clients = args.clients or max(4, args.rate // 500)
+        clients = live_clients(args)
         print(f"the same under pgbench at {args.rate}/s ({clients} clients) ...", flush=True)
         # pgbench in a thread: it is a child process, so this thread only waits for it.
         load = threading.Thread(target=pgbench, args=(s, ["-c", str(clients), "-j", "2", "-R", str(args.rate),
