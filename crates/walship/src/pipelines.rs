@@ -252,24 +252,26 @@ impl Deployment {
                 other.config.kafka.brokers
             )));
         }
-        let cpu_scheduling = match pipelines.first() {
-            Some(first) => first.config.cpu_scheduling()?,
-            None => CpuScheduling::default(),
-        };
-        if let Some(other) = pipelines
-            .iter()
-            .find(|p| p.config.run.cpu_scheduling != pipelines[0].config.run.cpu_scheduling)
+        if let Some(first) = pipelines.first()
+            && let Some(other) = pipelines
+                .iter()
+                .find(|p| p.config.run.cpu_scheduling != first.config.run.cpu_scheduling)
         {
             return Err(ConfigError(format!(
                 "in {origin}: run.cpu_scheduling is the process's (its threads serve every \
                  pipeline), but pipeline {:?} sets {:?} and pipeline {:?} {:?}: set it once, in \
                  the top-level [run] table",
-                pipelines[0].name.as_deref().unwrap_or_default(),
-                pipelines[0].config.run.cpu_scheduling,
+                first.name.as_deref().unwrap_or_default(),
+                first.config.run.cpu_scheduling,
                 other.name.as_deref().unwrap_or_default(),
                 other.config.run.cpu_scheduling
             )));
         }
+        // Every pipeline's value was validated with its configuration and they are all equal.
+        let cpu_scheduling = match pipelines.first() {
+            Some(first) => first.config.cpu_scheduling()?,
+            None => CpuScheduling::default(),
+        };
         Ok(Deployment {
             pipelines,
             metrics,

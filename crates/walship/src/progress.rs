@@ -273,7 +273,8 @@ impl Progress {
         let before = s.entries.len();
         let mut moved = false;
         let mut now_ms = None;
-        let mut now = None;
+        // The monotonic clock for read -> ack (commit -> ack needs the wall clock: `now_ms`).
+        let mut acked_at = None;
         while let Some(head) = s.entries.front() {
             if !(head.sealed && head.outstanding == 0) {
                 break;
@@ -281,7 +282,9 @@ impl Progress {
             let end = head.end;
             let commit_time = head.commit_time_ms;
             if let Some(read_at) = head.read_at {
-                let elapsed = now.get_or_insert_with(Instant::now).duration_since(read_at);
+                let elapsed = acked_at
+                    .get_or_insert_with(Instant::now)
+                    .duration_since(read_at);
                 let us = i64::try_from(elapsed.as_micros()).unwrap_or(i64::MAX);
                 self.telemetry.read_to_ack.observe_us(us);
             }
