@@ -10,9 +10,8 @@
 //! `SCHED_BATCH` is the ordinary fair policy without wake-up preemption: walship still gets its
 //! fair share of CPU and any idle core at once, but waits for the running task's slice to end
 //! instead of taking the core from it. On the 2-core VM of the README's benchmarks it cut the
-//! walsender's time spent waiting for a core during a drain from 3–5 % to 1–3 % (5–13 % to
-//! 2–4 % on a busier day) and walship's wake-ups per event by ~40 %; live latency at 5,000
-//! events/s stayed within run-to-run noise. `normal` (`SCHED_OTHER`) is the OS default.
+//! walsender's time spent waiting for a core during a drain from 3–5 % to 1–3 % and walship's
+//! wake-ups per event by ~40 %; live latency at 5,000 events/s stayed within run-to-run noise. `normal` (`SCHED_OTHER`) is the OS default.
 //!
 //! Invariant: a policy that cannot be applied is reported (with what to do) and walship runs on
 //! under the OS default; nothing else depends on the policy.
