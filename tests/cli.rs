@@ -57,18 +57,23 @@ fn missing_config_file_exits_2_naming_it() {
     assert!(err.contains("/nonexistent/walship.toml"), "{err}");
 }
 
-#[test]
-fn unreachable_database_exits_1_naming_it() {
+/// A database that cannot be reached at start is a transient problem: walship retries with
+/// backoff, saying why and naming the server, until it answers or walship is stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_database_is_retried_naming_it_until_stopped() {
     let port = harness::process::free_port();
-    let (code, err) = run_with_config(&format!(
+    let walship = harness::Binary::start(&format!(
         "[postgres]\nurl = \"postgres://walship@127.0.0.1:{port}/app?connect_timeout=5\"\n[kafka]\nbrokers = \"127.0.0.1:1\"\n"
     ));
-    assert_eq!(code, 1, "{err}");
-    assert!(
-        err.contains(&format!("127.0.0.1:{port}")),
-        "names the server: {err}"
-    );
-    assert!(!err.contains("password"), "{err}");
+    let server = format!("127.0.0.1:{port}");
+    harness::until("two attempts, each naming the server", || {
+        let log = walship.log_text();
+        log.matches("cannot start yet; retrying").count() >= 2 && log.contains(&server)
+    })
+    .await;
+    let (code, log) = walship.stop().await;
+    assert_eq!(code, 0, "{log}");
+    assert!(!log.contains("password"), "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -88,7 +88,8 @@ async fn spread_then_kill(kill: Kill) {
     assert!(
         text.contains("walship check (")
             && text.contains(") [cluster]")
-            && text.contains("creates it with 3 partitions"),
+            && text.contains("3 of 3 coordination topics")
+            && text.contains("walship run creates them with 1 partition each"),
         "{text}"
     );
     // Alone in the group, the first process runs every pipeline.

@@ -1,23 +1,29 @@
 //! Membership in a Kafka consumer group that divides work items among processes.
 //!
-//! Owns the coordination topic (one partition per work item; it never holds a record) and one
-//! group member: a consumer subscribed to that topic whose assignment, decided by Kafka's group
-//! protocol with the cooperative-sticky assignor, says which items this process runs. This is
-//! how Kafka Connect spreads tasks over workers, with no coordinator of walship's own.
+//! Owns the coordination topics (one per work item, one partition each; they never hold a
+//! record) and one group member: a consumer subscribed to the topics of the items *this*
+//! process knows, whose assignment, decided by Kafka's group protocol with the
+//! cooperative-sticky assignor, says which items it runs. This is how Kafka Connect spreads
+//! tasks over workers, with no coordinator of walship's own. An item is named by its topic, so
+//! processes that know different items agree on what each topic means, and an item only some
+//! processes know is assigned to one of those (the group assigns a topic's partition only to
+//! members subscribed to it). Nothing needs more partitions than a topic is created with.
 //!
-//! Invariant: [`Membership::assigned`] only ever reports the partitions librdkafka holds
-//! assigned now. A member that cannot reach the group coordinator for `session.timeout.ms`
-//! loses its assignment (librdkafka revokes it as lost) and reports the empty set, so a process
-//! cut off from the group stops its items no later than the group hands them to another member.
-//! Exclusivity at the source is not this module's promise: the caller keeps a lock of its own
-//! (walship: the replication slot, which admits one walsender) for the moment both sides of a
-//! move believe they own an item.
+//! Invariant: [`Membership::assigned`] only ever reports the items librdkafka holds assigned
+//! now. A member that cannot reach the group coordinator for `session.timeout.ms` loses its
+//! assignment and reports the empty set with [`Assignment::reachable`] false, so the caller
+//! can tell "moved to another member" (reachable, not assigned) from "cut off" (unreachable:
+//! nobody may have been given the item yet). Exclusivity at the source is not this module's
+//! promise: the caller keeps a lock of its own (walship: the replication slot, which admits one
+//! walsender) for the moment both sides of a move believe they own an item.
 //!
-//! A coordinator that never completes a rebalance leaves every member without an assignment.
-//! The member watches its own join state (librdkafka's statistics, once a second) and reports
-//! [`Assignment::unsettled`] once it has not been steady for [`GroupSettings::settle_limit`]:
-//! the caller can then fall back on its own lock for every item (walship runs every pipeline,
-//! each slot admitting one process) until the group settles again.
+//! A coordinator that answers but never completes a rebalance leaves every member without an
+//! assignment. The member watches its own join state (librdkafka's statistics, once a second)
+//! and reports [`Assignment::unsettled`] once it has been reachable without a steady
+//! membership for [`GroupSettings::settle_limit`]: the caller can then fall back on its own
+//! lock for every item (walship runs every pipeline, each slot admitting one process) until
+//! the group settles again. A member that cannot reach the coordinator is never unsettled: it
+//! is cut off, and falling back would take slots it cannot publish from.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -26,7 +32,7 @@ use std::time::Duration;
 
 use rdkafka::ClientContext;
 use rdkafka::Statistics;
-use rdkafka::admin::{AdminClient, AdminOptions, NewPartitions, NewTopic, TopicReplication};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
@@ -44,13 +50,11 @@ const POLL: Duration = Duration::from_millis(100);
 pub struct GroupSettings {
     /// Kafka consumer group id shared by every process of the deployment.
     pub group: String,
-    /// The coordination topic: partition `i` is work item `i`.
-    pub topic: String,
-    /// Work items (the topic gets at least this many partitions).
-    pub items: usize,
+    /// The coordination topic of each work item this process knows: item `i` is `topics[i]`.
+    pub topics: Vec<String>,
     /// How long the group waits for a silent member before moving its items.
     pub session_timeout: Duration,
-    /// How long the member may go without a steady membership before it reports
+    /// How long the member may be reachable without a steady membership before it reports
     /// [`Assignment::unsettled`].
     pub settle_limit: Duration,
 }
@@ -58,21 +62,25 @@ pub struct GroupSettings {
 /// What the group gave this process.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Assignment {
-    /// The items assigned here.
+    /// The items assigned here (indices into [`GroupSettings::topics`]).
     pub items: BTreeSet<usize>,
-    /// The member has not been in a steady membership for longer than the settle limit: the
-    /// coordinator is not completing rebalances, and `items` says nothing about the others.
+    /// The member has been reachable without a steady membership for longer than the settle
+    /// limit: the coordinator answers but is not completing rebalances, and `items` says
+    /// nothing about the others.
     pub unsettled: bool,
+    /// The group coordinator answers this member. False while cut off (and before the first
+    /// contact): `items` is then empty, and which member runs what is unknown.
+    pub reachable: bool,
 }
 
 /// Why joining failed.
 #[derive(Debug, thiserror::Error)]
 pub enum GroupError {
-    /// The coordination topic cannot be read, created or grown.
+    /// A coordination topic cannot be read or created.
     #[error(
-        "coordination topic {topic:?} on {brokers}: {what}: {error}. walship keeps one partition \
-         per pipeline there (it holds no records); create it with {items} partitions, or let \
-         walship create it (the broker must accept CreateTopics and CreatePartitions)"
+        "coordination topic {topic:?} on {brokers}: {what}: {error}. walship keeps one topic \
+         per pipeline for the group (one partition, no records); create it with 1 partition, or \
+         let walship create it (the broker must accept CreateTopics from walship's principal)"
     )]
     Topic {
         /// The topic.
@@ -81,8 +89,6 @@ pub enum GroupError {
         brokers: String,
         /// What walship tried.
         what: &'static str,
-        /// Partitions it needs.
-        items: usize,
         /// The client's or broker's error.
         error: String,
         /// The request went unanswered (retrying can succeed); false when the broker refused.
@@ -142,9 +148,9 @@ impl Drop for Membership {
     }
 }
 
-/// Makes sure the coordination topic has a partition per item, then joins the group.
+/// Makes sure every coordination topic exists, then joins the group.
 pub async fn join(sink: &SinkSettings, group: &GroupSettings) -> Result<Membership, GroupError> {
-    coordination_topic(sink, group).await?;
+    coordination_topics(sink, group).await?;
     let mut config = sink.connection_config();
     let session_ms = group.session_timeout.as_millis().max(1) as u64;
     config
@@ -165,7 +171,8 @@ pub async fn join(sink: &SinkSettings, group: &GroupSettings) -> Result<Membersh
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "latest")
-        // The join state, for telling a slow rebalance from one that never completes.
+        // The join state, for telling a slow rebalance from one that never completes and a
+        // member that is cut off from one that is not.
         .set("statistics.interval.ms", "1000")
         .set_log_level(RDKafkaLogLevel::Warning);
     let join_error = |error| GroupError::Join {
@@ -175,18 +182,24 @@ pub async fn join(sink: &SinkSettings, group: &GroupSettings) -> Result<Membersh
     };
     let context = MemberContext {
         steady: AtomicBool::new(false),
+        reachable: AtomicBool::new(false),
     };
     let consumer: BaseConsumer<MemberContext> =
-        config.create_with_context(context).map_err(join_error)?;
-    consumer.subscribe(&[&group.topic]).map_err(join_error)?;
+        sink.create(&config, context).map_err(join_error)?;
+    let topics: Vec<&str> = group.topics.iter().map(String::as_str).collect();
+    consumer.subscribe(&topics).map_err(join_error)?;
     let (tx, rx) = watch::channel(Assignment::default());
     let stop = Arc::new(AtomicBool::new(false));
     let thread = {
         let stop = Arc::clone(&stop);
-        let (name, items, limit) = (group.group.clone(), group.items, group.settle_limit);
+        let (name, topics, limit) = (
+            group.group.clone(),
+            group.topics.clone(),
+            group.settle_limit,
+        );
         std::thread::Builder::new()
             .name("walship-group".into())
-            .spawn(move || member(consumer, items, limit, &tx, &stop, &name))
+            .spawn(move || member(consumer, &topics, limit, &tx, &stop, &name))
             .map_err(|e| join_error(KafkaError::ClientCreation(e.to_string())))?
     };
     Ok(Membership {
@@ -200,6 +213,8 @@ pub async fn join(sink: &SinkSettings, group: &GroupSettings) -> Result<Membersh
 struct MemberContext {
     /// The member's join state was `steady` at the last statistics.
     steady: AtomicBool,
+    /// The group coordinator was connected (`cgrp.state` "up") at the last statistics.
+    reachable: AtomicBool,
 }
 
 impl ClientContext for MemberContext {
@@ -210,9 +225,10 @@ impl ClientContext for MemberContext {
     }
 
     fn stats(&self, statistics: Statistics) {
-        let steady = statistics
-            .cgrp
-            .is_some_and(|g| g.state == "up" && g.join_state == "steady");
+        let (reachable, steady) = statistics.cgrp.map_or((false, false), |g| {
+            (g.state == "up", g.state == "up" && g.join_state == "steady")
+        });
+        self.reachable.store(reachable, Ordering::Relaxed);
         self.steady.store(steady, Ordering::Relaxed);
     }
 }
@@ -223,16 +239,16 @@ impl ConsumerContext for MemberContext {}
 /// threads; rebalances and statistics are served here) and publishes each new assignment.
 fn member(
     consumer: BaseConsumer<MemberContext>,
-    items: usize,
+    topics: &[String],
     settle_limit: Duration,
     tx: &watch::Sender<Assignment>,
     stop: &AtomicBool,
     group: &str,
 ) {
     let mut last_error = String::new();
-    // Since when the membership has not been steady (joining counts: a first join that never
-    // completes is the same failure).
-    let mut unsteady_since = Some(std::time::Instant::now());
+    // Since when the member has been reachable without a steady membership (joining counts: a
+    // first join that never completes is the same failure).
+    let mut unsteady_since: Option<std::time::Instant> = None;
     while !stop.load(Ordering::Relaxed) {
         match consumer.poll(POLL) {
             // Records are never produced there; one written by hand is ignored.
@@ -250,13 +266,13 @@ fn member(
             .map(|list| {
                 list.elements()
                     .iter()
-                    .filter_map(|e| usize::try_from(e.partition()).ok())
-                    // Extra partitions (the topic grew elsewhere) stand for no item.
-                    .filter(|&p| p < items)
+                    .filter_map(|e| topics.iter().position(|t| t == e.topic()))
                     .collect()
             })
             .unwrap_or_default();
-        if consumer.context().steady.load(Ordering::Relaxed) {
+        let context = consumer.context();
+        let reachable = context.reachable.load(Ordering::Relaxed);
+        if !reachable || context.steady.load(Ordering::Relaxed) {
             unsteady_since = None;
         } else if unsteady_since.is_none() {
             unsteady_since = Some(std::time::Instant::now());
@@ -264,6 +280,7 @@ fn member(
         let now = Assignment {
             items: assigned,
             unsettled: unsteady_since.is_some_and(|t| t.elapsed() >= settle_limit),
+            reachable,
         };
         tx.send_if_modified(|current| {
             let changed = *current != now;
@@ -279,61 +296,59 @@ fn member(
     tx.send_replace(Assignment::default());
 }
 
-/// Creates the coordination topic with `items` partitions, or grows it to that many.
-async fn coordination_topic(sink: &SinkSettings, group: &GroupSettings) -> Result<(), GroupError> {
+/// Creates the coordination topics that do not exist yet (one partition each). Processes
+/// creating the same topic at once all succeed: the broker's "already exists" counts as done.
+async fn coordination_topics(sink: &SinkSettings, group: &GroupSettings) -> Result<(), GroupError> {
+    let topics = group.topics.join(", ");
     let fail = |what: &'static str, error: String, unanswered: bool| GroupError::Topic {
-        topic: group.topic.clone(),
+        topic: topics.clone(),
         brokers: sink.brokers.clone(),
         what,
-        items: group.items,
         error,
         unanswered,
     };
     let mut config = sink.connection_config();
     config.set_log_level(RDKafkaLogLevel::Error);
-    let admin: AdminClient<DefaultClientContext> = config
-        .create()
+    let admin: AdminClient<DefaultClientContext> = sink
+        .create(&config, DefaultClientContext)
         .map_err(|e| fail("connecting", e.to_string(), false))?;
     let admin = Arc::new(admin);
-    let want = i32::try_from(group.items).unwrap_or(i32::MAX);
-    let have = crate::sink::listed_partitions(&admin, &group.topic)
-        .await
-        .map_err(|e| fail("reading its metadata", e.to_string(), false))?
-        .map_err(|e| fail("reading its metadata", e.to_string(), true))?;
+    let mut missing = Vec::new();
+    for topic in &group.topics {
+        let have = crate::sink::listed_partitions(&admin, topic)
+            .await
+            .map_err(|e| fail("reading its metadata", e.to_string(), false))?
+            .map_err(|e| fail("reading its metadata", e.to_string(), true))?;
+        if have == 0 {
+            missing.push(NewTopic::new(
+                topic,
+                1,
+                TopicReplication::Fixed(sink.topic_replication_factor),
+            ));
+        }
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
-    if have == 0 {
-        let new = NewTopic::new(
-            &group.topic,
-            want,
-            TopicReplication::Fixed(sink.topic_replication_factor),
-        );
-        let results = admin
-            .create_topics(&[new], &opts)
-            .await
-            .map_err(|e| fail("creating it", e.to_string(), true))?;
-        for r in results {
-            match r {
-                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-                Err((_, code)) => return Err(fail("creating it", code.to_string(), false)),
+    let results = admin
+        .create_topics(&missing, &opts)
+        .await
+        .map_err(|e| fail("creating it", e.to_string(), true))?;
+    for r in results {
+        match r {
+            Ok(topic) => tracing::info!(%topic, "created a coordination topic"),
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => {
+                return Err(GroupError::Topic {
+                    topic,
+                    brokers: sink.brokers.clone(),
+                    what: "creating it",
+                    error: code.to_string(),
+                    unanswered: false,
+                });
             }
         }
-        tracing::info!(topic = %group.topic, partitions = want, "created the coordination topic");
-    } else if have < group.items {
-        let grow = NewPartitions::new(&group.topic, group.items);
-        let results = admin
-            .create_partitions(&[grow], &opts)
-            .await
-            .map_err(|e| fail("adding partitions for new pipelines", e.to_string(), true))?;
-        for r in results {
-            if let Err((_, code)) = r {
-                return Err(fail(
-                    "adding partitions for new pipelines",
-                    code.to_string(),
-                    false,
-                ));
-            }
-        }
-        tracing::info!(topic = %group.topic, from = have, to = want, "grew the coordination topic");
     }
     Ok(())
 }

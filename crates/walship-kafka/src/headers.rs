@@ -6,6 +6,8 @@
 //!  walship.source   = <PostgreSQL system identifier>/<slot>
 //!  walship.position = <commit LSN hi>/<commit LSN lo>:<index in the transaction>   e.g. 16/B374D848:0
 //!  id               = the outbox row's id
+//!  walship.timeline = the server's timeline when walship read the event (only after a
+//!                     promotion: absent means timeline 1)
 //! ```
 //!
 //! Invariant: [`Position::parse`] reads back exactly what [`Position::encode`] writes, and
@@ -20,6 +22,20 @@ pub const SOURCE_HEADER: &str = "walship.source";
 /// Header naming the event: `<commit LSN>:<index in the transaction>`, e.g. `16/B374D848:0`.
 /// Increases strictly, per source, in the order events were committed.
 pub const POSITION_HEADER: &str = "walship.position";
+/// Header naming the PostgreSQL timeline the event was read on, written only on timelines
+/// after the first (absent = 1). A position names one event only within one history: after a
+/// promotion that branched before what was published, the same position can name another
+/// event on the new timeline, and this header tells the two apart.
+pub const TIMELINE_HEADER: &str = "walship.timeline";
+
+/// The timeline a record names in its [`TIMELINE_HEADER`] (`None`: absent, timeline 1).
+pub fn parse_timeline(value: Option<&[u8]>) -> u32 {
+    value
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1)
+}
+
 /// Header carrying the outbox row's id (Debezium's name), compared too before skipping.
 pub const ID_HEADER: &str = "id";
 
@@ -34,6 +50,14 @@ pub struct Position {
 
 /// Room for the longest [`Position`] text (`FFFFFFFF/FFFFFFFF:4294967295`).
 pub type PositionText = [u8; 32];
+
+impl std::fmt::Display for Position {
+    /// The header's text: `16/B374D848:0`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut buf = PositionText::default();
+        f.write_str(std::str::from_utf8(self.encode(&mut buf)).unwrap_or("?"))
+    }
+}
 
 impl Position {
     /// Writes the header value into `buf` and returns it.

@@ -16,7 +16,9 @@ pub mod resume;
 pub mod route;
 pub mod sink;
 
-pub use headers::{ID_HEADER, POSITION_HEADER, Position, PositionText, SOURCE_HEADER};
+pub use headers::{
+    ID_HEADER, POSITION_HEADER, Position, PositionText, SOURCE_HEADER, TIMELINE_HEADER,
+};
 pub use resume::{Delivered, ResumeScanner};
 pub use route::{RouteError, TopicLimits, TopicRouter};
 pub use sink::{

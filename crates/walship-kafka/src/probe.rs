@@ -106,10 +106,13 @@ pub async fn probe(settings: &SinkSettings, timeout: Duration) -> Result<Cluster
     let last_error = Arc::new(Mutex::new(None));
     let mut config = settings.client_config();
     config.set_log_level(RDKafkaLogLevel::Error);
-    let producer: BaseProducer<ProbeContext> = config
-        .create_with_context(ProbeContext {
-            last_error: Arc::clone(&last_error),
-        })
+    let producer: BaseProducer<ProbeContext> = settings
+        .create(
+            &config,
+            ProbeContext {
+                last_error: Arc::clone(&last_error),
+            },
+        )
         .map_err(|e| ProbeError::Config {
             reason: match e {
                 KafkaError::ClientConfig(_, description, property, _value) => {

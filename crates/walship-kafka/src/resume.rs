@@ -26,7 +26,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Headers;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
-use crate::headers::{ID_HEADER, POSITION_HEADER, Position, SOURCE_HEADER};
+use crate::headers::{ID_HEADER, POSITION_HEADER, Position, SOURCE_HEADER, TIMELINE_HEADER};
 use crate::sink::SinkSettings;
 
 /// Records read back per partition in the first pass; each further pass reads four times more.
@@ -35,6 +35,13 @@ const FIRST_PASS: i64 = 1024;
 /// sent again).
 const MAX_PER_PARTITION: i64 = 1 << 20;
 
+/// A record of this source read back: its outbox `id` header and the timeline it names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Found {
+    id: Option<Box<[u8]>>,
+    timeline: u32,
+}
+
 /// The positions one source already wrote to one topic, at or after some LSN.
 ///
 /// Holds at most the limit given to [`ResumeScanner::delivered`]: beyond it the newest
@@ -42,8 +49,8 @@ const MAX_PER_PARTITION: i64 = 1 << 20;
 /// always a prefix of the stream from the confirmed position.
 #[derive(Debug, Default)]
 pub struct Delivered {
-    /// Position → the record's `id` header.
-    positions: BTreeMap<Position, Option<Box<[u8]>>>,
+    /// Position → the record's `id` header and its timeline ([`crate::headers::TIMELINE_HEADER`]).
+    positions: BTreeMap<Position, Found>,
     /// Records read.
     pub scanned: u64,
     /// False when some partition could not be searched back far enough (time or size limit):
@@ -56,7 +63,12 @@ impl Delivered {
     pub fn contains(&self, position: Position, id: Option<&[u8]>) -> bool {
         self.positions
             .get(&position)
-            .is_some_and(|found| found.as_deref() == id)
+            .is_some_and(|found| found.id.as_deref() == id)
+    }
+
+    /// Every position held with the timeline its record names.
+    pub fn timelines(&self) -> impl Iterator<Item = (Position, u32)> + '_ {
+        self.positions.iter().map(|(p, f)| (*p, f.timeline))
     }
 
     /// How many positions are held.
@@ -82,8 +94,8 @@ impl Delivered {
 
     /// Records a found position, keeping at most `limit` (the oldest): false when it or a newer
     /// one had to be dropped.
-    fn insert(&mut self, position: Position, id: Option<Box<[u8]>>, limit: usize) -> bool {
-        self.positions.insert(position, id);
+    fn insert(&mut self, position: Position, record: Found, limit: usize) -> bool {
+        self.positions.insert(position, record);
         if self.positions.len() > limit {
             self.positions.pop_last();
             return false;
@@ -98,10 +110,21 @@ impl Delivered {
 }
 
 impl FromIterator<(Position, Option<Box<[u8]>>)> for Delivered {
-    /// A complete set of found positions (tests, and callers that know them otherwise).
+    /// A complete set of found positions of timeline 1 (tests, and callers that know them
+    /// otherwise).
     fn from_iter<I: IntoIterator<Item = (Position, Option<Box<[u8]>>)>>(iter: I) -> Self {
+        iter.into_iter().map(|(p, id)| (p, id, 1)).collect()
+    }
+}
+
+impl FromIterator<(Position, Option<Box<[u8]>>, u32)> for Delivered {
+    /// A complete set of found positions with their timelines.
+    fn from_iter<I: IntoIterator<Item = (Position, Option<Box<[u8]>>, u32)>>(iter: I) -> Self {
         Delivered {
-            positions: iter.into_iter().collect(),
+            positions: iter
+                .into_iter()
+                .map(|(p, id, timeline)| (p, Found { id, timeline }))
+                .collect(),
             scanned: 0,
             complete: true,
         }
@@ -177,7 +200,7 @@ impl ResumeScanner {
             .max(fetch + 512)
             .min(2_147_483_647);
         config.set("receive.message.max.bytes", receive.to_string());
-        let consumer = config.create_with_context(ScanContext)?;
+        let consumer = settings.create(&config, ScanContext)?;
         Ok(ResumeScanner {
             consumer,
             source: source.as_bytes().to_vec(),
@@ -341,9 +364,9 @@ impl ResumeScanner {
             }
             first_read.entry(p).or_insert(message.offset());
             found.scanned += 1;
-            if let Some((position, id)) = self.position_of(&message) {
+            if let Some((position, record)) = self.position_of(&message) {
                 if position.commit_lsn >= since {
-                    if !found.insert(position, id, limit) {
+                    if !found.insert(position, record, limit) {
                         found.complete = false;
                     }
                 } else {
@@ -370,16 +393,17 @@ impl ResumeScanner {
         Ok(())
     }
 
-    /// The position and outbox id of a record written by this source, `None` for anyone
-    /// else's. walship writes these headers first, so the first of each name counts.
-    fn position_of<M: Message>(&self, message: &M) -> Option<(Position, Option<Box<[u8]>>)> {
+    /// The position, outbox id and timeline of a record written by this source, `None` for
+    /// anyone else's. walship writes these headers first, so the first of each name counts.
+    fn position_of<M: Message>(&self, message: &M) -> Option<(Position, Found)> {
         let headers = message.headers()?;
-        let (mut source, mut position, mut id) = (None, None, None);
+        let (mut source, mut position, mut id, mut timeline) = (None, None, None, None);
         for h in headers.iter() {
             match h.key {
                 SOURCE_HEADER if source.is_none() => source = Some(h.value),
                 POSITION_HEADER if position.is_none() => position = Some(h.value),
                 ID_HEADER if id.is_none() => id = Some(h.value),
+                TIMELINE_HEADER if timeline.is_none() => timeline = Some(h.value),
                 _ => {}
             }
         }
@@ -387,7 +411,13 @@ impl ResumeScanner {
             return None;
         }
         let position = Position::parse(position??)?;
-        Some((position, id.flatten().map(Box::from)))
+        Some((
+            position,
+            Found {
+                id: id.flatten().map(Box::from),
+                timeline: crate::headers::parse_timeline(timeline.flatten()),
+            },
+        ))
     }
 }
 

@@ -111,10 +111,44 @@ pub struct TopicRouter {
     counted: Arc<Mutex<HashSet<Arc<str>>>>,
 }
 
+/// True when `topic` has the shape `template` gives: equal to it, or — with placeholders —
+/// made of its literal parts around non-empty values.
+fn matches_template(template: &str, topic: &str) -> bool {
+    let parts: Vec<&str> = template.split(AGGREGATE_TYPE).collect();
+    let (Some(first), Some(last)) = (parts.first(), parts.last()) else {
+        return false;
+    };
+    if parts.len() == 1 {
+        return topic == *first;
+    }
+    let Some(mut rest) = topic.strip_prefix(first) else {
+        return false;
+    };
+    let Some(middle) = rest.strip_suffix(last) else {
+        return false;
+    };
+    rest = middle;
+    // Each placeholder takes at least one character; a literal between two is found greedily
+    // from the left, which is enough for a shape test.
+    for literal in &parts[1..parts.len() - 1] {
+        match rest.get(1..).and_then(|r| r.find(literal)) {
+            Some(at) => rest = &rest[1 + at + literal.len()..],
+            None => return false,
+        }
+    }
+    !rest.is_empty()
+}
+
 /// Cached distinct aggregate types before the cache is reset (bounds memory on hostile input).
 const CACHE_LIMIT: usize = 10_000;
 
 impl TopicRouter {
+    /// True when this router could have routed an event to `topic` (its name has the
+    /// template's shape): which existing topics may hold this source's events.
+    pub fn could_route_to(&self, topic: &str) -> bool {
+        matches_template(&self.template, topic)
+    }
+
     /// A router for a template such as `outbox.event.{aggregatetype}`, without limits.
     ///
     /// Fails when the template without placeholders could never form a legal name.
@@ -466,5 +500,21 @@ mod tests {
         let mut r = limited(&["a"], 0, None);
         let e = r.route(Some(&[b'z'; 5000])).unwrap_err().to_string();
         assert!(e.len() < 1000 && e.contains("(5000 bytes)"), "{e}");
+    }
+
+    #[test]
+    fn knows_which_topics_have_its_shape() {
+        let r = TopicRouter::new("outbox.event.{aggregatetype}").unwrap();
+        assert!(r.could_route_to("outbox.event.order"));
+        assert!(r.could_route_to("outbox.event.a.b"));
+        assert!(!r.could_route_to("outbox.event."));
+        assert!(!r.could_route_to("outbox.dead-letter"));
+        assert!(!r.could_route_to("other.event.order"));
+        let fixed = TopicRouter::new("events").unwrap();
+        assert!(fixed.could_route_to("events") && !fixed.could_route_to("events2"));
+        let two = TopicRouter::new("{aggregatetype}.x.{aggregatetype}-y").unwrap();
+        assert!(two.could_route_to("a.x.a-y"));
+        assert!(!two.could_route_to(".x.a-y"));
+        assert!(!two.could_route_to("a.x.-y"));
     }
 }

@@ -21,7 +21,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::producer::{BaseRecord, DeliveryResult, ProducerContext, ThreadedProducer};
 
 /// Receives the outcome of every record accepted by [`Sink::send`].
 ///
@@ -244,6 +244,55 @@ impl SinkSettings {
         c.set("allow.auto.create.topics", "false");
         c
     }
+
+    /// The largest record the producer accepts (`message.max.bytes`, librdkafka's default
+    /// 1,000,000 unless set).
+    pub fn max_record_bytes(&self) -> usize {
+        self.librdkafka
+            .get("message.max.bytes")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1_000_000)
+    }
+
+    /// `text` with every secret property's value replaced by `***`.
+    pub fn mask(&self, text: &str) -> String {
+        let mut text = text.to_owned();
+        for secret in self.secret_properties.values().filter(|v| !v.is_empty()) {
+            text = text.replace(secret.as_str(), "***");
+        }
+        text
+    }
+
+    /// `error` with every secret value masked: librdkafka echoes the value of a property it
+    /// rejects, and a value from `kafka.secret_env` / `kafka.secret_files` must never reach a
+    /// log or an error message, whatever the property's name.
+    pub fn mask_error(&self, error: KafkaError) -> KafkaError {
+        match error {
+            KafkaError::ClientConfig(res, description, key, value) => {
+                let value = if self.secret_properties.contains_key(&key) {
+                    "***".to_owned()
+                } else {
+                    self.mask(&value)
+                };
+                KafkaError::ClientConfig(res, self.mask(&description), key, value)
+            }
+            KafkaError::ClientCreation(text) => KafkaError::ClientCreation(self.mask(&text)),
+            other => other,
+        }
+    }
+
+    /// Creates a client of any kind (producer, consumer, admin) from `config`, which was built
+    /// from these settings, with its errors masked ([`SinkSettings::mask_error`]). Every
+    /// client walship builds is created here.
+    pub fn create<C, X>(&self, config: &ClientConfig, context: X) -> Result<C, KafkaError>
+    where
+        C: rdkafka::config::FromClientConfigAndContext<X>,
+        X: ClientContext,
+    {
+        config
+            .create_with_context(context)
+            .map_err(|e| self.mask_error(e))
+    }
 }
 
 /// Routes librdkafka callbacks to tracing and the listener.
@@ -392,9 +441,7 @@ impl TopicError {
 impl<L: DeliveryListener> Sink<L> {
     /// Creates the producer (connecting happens in the background).
     pub fn new(settings: SinkSettings, listener: Arc<L>) -> Result<Self, KafkaError> {
-        let producer = settings
-            .client_config()
-            .create_with_context(Context { listener })?;
+        let producer = settings.create(&settings.client_config(), Context { listener })?;
         let (producer, gone) = OffRuntime::new(Arc::new(producer));
         Ok(Sink {
             producer,
@@ -407,7 +454,7 @@ impl<L: DeliveryListener> Sink<L> {
     /// Resolves once this sink's producer has been destroyed (its queue purged, its threads
     /// gone), after the sink is dropped. A next producer must not start sending before: the
     /// old one's queued records could otherwise reach the broker after the new one's.
-    pub fn destroyed(&mut self) -> impl Future<Output = ()> + Send + 'static {
+    pub fn destroyed(&mut self) -> impl Future<Output = ()> + Send + 'static + use<L> {
         let gone = self.gone.take();
         async move {
             if let Some(gone) = gone {
@@ -462,18 +509,6 @@ impl<L: DeliveryListener> Sink<L> {
     /// Remembers that `topic` exists.
     pub fn topic_exists(&mut self, topic: &str) {
         self.known_topics.insert(topic.to_owned());
-    }
-
-    /// Waits up to `timeout` for every record in flight to be reported. Returns how many are
-    /// still outstanding.
-    pub async fn flush(&self, timeout: Duration) -> i32 {
-        let producer = Arc::clone(self.producer.get());
-        tokio::task::spawn_blocking(move || {
-            let _ = producer.flush(timeout);
-            producer.in_flight_count()
-        })
-        .await
-        .unwrap_or(-1)
     }
 }
 
@@ -538,16 +573,40 @@ pub(crate) async fn listed_partitions(
     .await
 }
 
+/// Every topic the brokers list (without errors), asked once off the async runtime: which
+/// topics may hold a source's events is decided by the caller.
+pub async fn list_topics(settings: &SinkSettings) -> Result<Vec<String>, KafkaError> {
+    let mut config = settings.connection_config();
+    config.set_log_level(RDKafkaLogLevel::Error);
+    let admin: AdminClient<DefaultClientContext> =
+        settings.create(&config, DefaultClientContext)?;
+    tokio::task::spawn_blocking(move || {
+        let md = admin
+            .inner()
+            .fetch_metadata(None, Duration::from_secs(10))?;
+        Ok(md
+            .topics()
+            .iter()
+            .filter(|t| t.error().is_none())
+            .map(|t| t.name().to_owned())
+            .collect())
+    })
+    .await
+    // Only a panic in the metadata call ends the blocking task otherwise.
+    .map_err(|_| KafkaError::MetadataFetch(RDKafkaErrorCode::Fail))?
+}
+
 /// Makes sure `topic` exists, creating it if `settings.create_topics`.
 pub async fn ensure_topic(settings: &SinkSettings, topic: &str) -> Result<(), TopicError> {
     let mut config = settings.connection_config();
     config.set_log_level(RDKafkaLogLevel::Error);
-    let admin: AdminClient<DefaultClientContext> =
-        config.create().map_err(|error| TopicError::Unreachable {
-            topic: topic.to_owned(),
-            brokers: settings.brokers.clone(),
-            error,
-        })?;
+    let admin: AdminClient<DefaultClientContext> = settings
+        .create(&config, DefaultClientContext)
+        .map_err(|error| TopicError::Unreachable {
+        topic: topic.to_owned(),
+        brokers: settings.brokers.clone(),
+        error,
+    })?;
     let admin = Arc::new(admin);
     let exists = listed_partitions(&admin, topic)
         .await
@@ -679,6 +738,57 @@ pub(crate) mod tests {
         // A metadata request must never create a topic (librdkafka's producer-type handles,
         // the admin client among them, would allow it by default).
         assert_eq!(c.get("allow.auto.create.topics"), Some("false"));
+    }
+
+    /// A secret under a property name librdkafka does not know (a Java client's) makes every
+    /// client's creation fail, and librdkafka echoes the value: none of walship's clients may
+    /// let it through, whatever the name.
+    #[tokio::test]
+    async fn no_client_error_carries_a_secret_value() {
+        const SECRET: &str = "PW-4f1d9c";
+        let mut s = settings("127.0.0.1:9");
+        s.secret_properties
+            .insert("ssl.truststore.password".into(), SECRET.into());
+        // A known property whose value is invalid: librdkafka quotes the value in its message.
+        let mut invalid = settings("127.0.0.1:9");
+        invalid
+            .secret_properties
+            .insert("security.protocol".into(), SECRET.into());
+        for s in [s, invalid] {
+            let mut texts = Vec::new();
+            let listener = Arc::new(Threads(Default::default(), Default::default()));
+            match Sink::new(s.clone(), listener) {
+                Ok(_) => panic!("the producer accepted {:?}", s.secret_properties),
+                Err(e) => texts.push(format!("producer: {e} / {e:?}")),
+            }
+            let e = ensure_topic(&s, "t").await.expect_err("admin client");
+            texts.push(format!("admin: {e} / {e:?}"));
+            match crate::resume::ResumeScanner::new(&s, "7/w", Duration::from_secs(1)) {
+                Ok(_) => panic!("the resume reader accepted {:?}", s.secret_properties),
+                Err(e) => texts.push(format!("resume reader: {e} / {e:?}")),
+            }
+            let group = crate::group::GroupSettings {
+                group: "g".into(),
+                topics: vec!["walship.g.a".into()],
+                session_timeout: Duration::from_secs(6),
+                settle_limit: Duration::from_secs(12),
+            };
+            match crate::group::join(&s, &group).await {
+                Ok(_) => panic!("the group member accepted {:?}", s.secret_properties),
+                Err(e) => texts.push(format!("group member: {e} / {e:?}")),
+            }
+            let e = crate::probe::probe(&s, Duration::from_secs(1))
+                .await
+                .expect_err("probe");
+            texts.push(format!("probe: {e} / {e:?}"));
+            for text in &texts {
+                assert!(!text.contains(SECRET), "{text}");
+                assert!(
+                    text.contains("security.protocol") || text.contains("truststore"),
+                    "the error names the property: {text}"
+                );
+            }
+        }
     }
 
     /// librdkafka's in-process mock cluster, which cannot create topics through the Admin API

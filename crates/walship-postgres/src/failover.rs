@@ -30,12 +30,20 @@
 //!   primary sent walship WAL the standby never received (no `synchronized_standby_slots`), so
 //!   Kafka holds events that are not in the new primary's history;
 //! - the slot is missing there (never synced, or still temporary at the promotion), was not synced
-//!   from the old primary (`synced = false`: created on the standby or after the promotion), is
-//!   invalidated, or is ahead of what walship confirmed (events in between would be skipped).
+//!   from the old primary (`synced = false`: created on the standby or after the promotion), or
+//!   is invalidated.
 //!
-//! walship remembers the timeline and the highest position it confirmed for the life of the
-//! process ([`Streamed`]); a process started after the failover has nothing to compare, so
-//! `synchronized_standby_slots` (which `walship check` demands) is what keeps `S ≥ P` then.
+//! A synced slot *ahead* of what this process confirmed is normal: another walship process
+//! (the other half of an active-passive pair, another member of `[cluster]`) streamed the slot
+//! and confirmed more before the promotion. The slot only moves behind acknowledged events.
+//!
+//! What was *published* is the measure, not what one process remembers: events can be in
+//! Kafka that no process confirmed (in flight at a crash) or that a process that has since died
+//! confirmed. Kafka holds them, each with its position and, after the first promotion, its
+//! timeline ([`History::holds`] decides whether a record is in the server's history); the
+//! session reads the topics back and stops before its first record when one is not. The
+//! process's own memory ([`Streamed`]: the timeline and the highest position it confirmed) adds
+//! one quick, certain case: a promotion that branched before what it confirmed itself.
 //!
 //! Invariant: nothing here creates a slot to replace a missing one (see [`crate::slot`]).
 
@@ -676,6 +684,48 @@ pub struct TimelineSwitch {
     pub end: Lsn,
 }
 
+/// A server's timeline and the history that led to it: which positions of which timelines
+/// its WAL contains.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct History {
+    /// The server's timeline.
+    pub timeline: u32,
+    /// Where each earlier timeline of its history ended (empty on timeline 1).
+    pub switches: Vec<TimelineSwitch>,
+}
+
+impl History {
+    /// The history of a server on timeline 1 (or of one whose history was not read).
+    pub fn first() -> Self {
+        History {
+            timeline: 1,
+            switches: Vec::new(),
+        }
+    }
+
+    /// True when an event read on `timeline` with commit LSN `commit_lsn` is in this server's
+    /// history: read on the server's own timeline, or on an ancestor before it ended. Anything
+    /// else (a later timeline, a sibling, an ancestor's WAL past its switch point) was
+    /// published from WAL this server does not have, and its position may name another event
+    /// here.
+    pub fn holds(&self, timeline: u32, commit_lsn: Lsn) -> bool {
+        timeline == self.timeline
+            || self
+                .switches
+                .iter()
+                .any(|s| s.timeline == timeline && commit_lsn < s.end)
+    }
+
+    /// Where the server's own timeline began: the end of its parent (`None` on timeline 1).
+    pub fn branch_point(&self) -> Option<Lsn> {
+        self.switches
+            .iter()
+            .filter(|s| s.timeline < self.timeline)
+            .max_by_key(|s| s.timeline)
+            .map(|s| s.end)
+    }
+}
+
 /// Parses a timeline history file (`TIMELINE_HISTORY` content): `1\t0/3000158\treason` lines.
 pub fn parse_history(text: &str) -> Vec<TimelineSwitch> {
     text.lines()
@@ -726,7 +776,8 @@ pub async fn timeline_history(
 pub enum Continuity {
     /// Nothing to compare (first session) or the same timeline.
     Same,
-    /// A promotion walship followed: everything it confirmed is in the new primary's history.
+    /// A promotion walship followed: everything this process confirmed is in the new
+    /// primary's history (what others published is judged against Kafka by the session).
     Promoted {
         /// The timeline walship streamed from.
         from: u32,
@@ -736,7 +787,8 @@ pub enum Continuity {
         switch: Lsn,
         /// The synced slot's position: streaming restarts here.
         slot_confirmed: Lsn,
-        /// What walship had confirmed: events between the two are sent again.
+        /// What this process had confirmed: events between the two are sent again (another
+        /// process may have confirmed more: then the slot is ahead of it).
         confirmed: Lsn,
     },
 }
@@ -812,13 +864,19 @@ pub fn verify_continuity(before: Streamed, now: &SessionFacts<'_>) -> Result<Con
              this: walship then only receives WAL the standby has"
         )));
     }
-    if now.major >= MIN_MAJOR && slot.synced != Some(true) {
+    // Before 17 no slot is ever synchronized: one on a promoted server was created there.
+    if slot.synced != Some(true) {
+        let why = if now.major >= MIN_MAJOR {
+            "synced = false".to_owned()
+        } else {
+            format!("PostgreSQL {} does not synchronize slots", now.major)
+        };
         return Err(PgError::Setup(format!(
             "the primary failed over to {server} (timeline {to}), but its replication slot \
-             {slot_name:?} was not synchronized from the old primary (synced = false): it was \
-             created there, and streaming from it could skip or repeat events. Reconcile the \
-             outbox with Kafka from {confirmed} on, drop that slot, create a new one and start \
-             walship again"
+             {slot_name:?} was not synchronized from the old primary ({why}): it was created \
+             there, and streaming from it could skip or repeat events. Reconcile the outbox \
+             with Kafka from {confirmed} on, drop that slot, create a new one and start walship \
+             again"
         )));
     }
     if let Some(why) = slot.invalidated() {
@@ -830,16 +888,9 @@ pub fn verify_continuity(before: Streamed, now: &SessionFacts<'_>) -> Result<Con
              the standbys"
         )));
     }
+    // A slot ahead of `confirmed` was moved by another walship process that streamed it
+    // behind the broker's acknowledgements: normal (see the module documentation).
     let slot_confirmed = slot.confirmed_flush_lsn.unwrap_or_default();
-    if slot_confirmed > confirmed {
-        return Err(PgError::Setup(format!(
-            "the primary failed over to {server} (timeline {to}), and replication slot \
-             {slot_name:?} there is at {slot_confirmed}, past the position {confirmed} walship \
-             had confirmed: streaming from it would skip the events in between. Another client \
-             moved it, or it is not the slot walship streamed from. Reconcile the outbox with \
-             Kafka from {confirmed} on, then start walship again"
-        )));
-    }
     Ok(Continuity::Promoted {
         from,
         to,
@@ -973,7 +1024,58 @@ mod tests {
     }
 
     #[test]
-    fn unsynced_invalidated_or_advanced_slots_are_fatal() {
+    fn a_synced_slot_another_process_advanced_is_followed() {
+        let history = [TimelineSwitch {
+            timeline: 1,
+            end: lsn("0/3000400"),
+        }];
+        // This process confirmed 0/3000100; its peer confirmed up to 0/3000300 before the
+        // promotion, and the slot was synced there.
+        let ahead = synced("0/3000300");
+        assert_eq!(
+            verify_continuity(BEFORE, &promoted(Some(&ahead), &history)).unwrap(),
+            Continuity::Promoted {
+                from: 1,
+                to: 2,
+                switch: lsn("0/3000400"),
+                slot_confirmed: lsn("0/3000300"),
+                confirmed: BEFORE.confirmed,
+            }
+        );
+    }
+
+    #[test]
+    fn a_history_holds_its_own_timeline_and_its_ancestors_up_to_their_ends() {
+        let h = History {
+            timeline: 3,
+            switches: vec![
+                TimelineSwitch {
+                    timeline: 1,
+                    end: lsn("0/3000000"),
+                },
+                TimelineSwitch {
+                    timeline: 2,
+                    end: lsn("0/5000000"),
+                },
+            ],
+        };
+        assert!(h.holds(3, lsn("0/1000000")) && h.holds(3, lsn("0/9000000")));
+        assert!(h.holds(1, lsn("0/2FFFFFF")));
+        assert!(!h.holds(1, lsn("0/3000000")), "past timeline 1's end");
+        assert!(h.holds(2, lsn("0/4000000")));
+        assert!(!h.holds(2, lsn("0/5000000")));
+        assert!(!h.holds(4, lsn("0/1000000")), "a later timeline");
+        assert_eq!(h.branch_point(), Some(lsn("0/5000000")));
+        assert!(History::first().holds(1, lsn("F/0")));
+        assert!(
+            !History::first().holds(2, lsn("0/1")),
+            "an old primary back"
+        );
+        assert_eq!(History::first().branch_point(), None);
+    }
+
+    #[test]
+    fn unsynced_or_invalidated_slots_are_fatal() {
         let history = [TimelineSwitch {
             timeline: 1,
             end: lsn("0/3000200"),
@@ -992,7 +1094,10 @@ mod tests {
             ..promoted(Some(&created_there), &history)
         };
         let e = verify_continuity(BEFORE, &pg16).unwrap_err().to_string();
-        assert!(e.contains("past the position 0/3000100"), "{e}");
+        assert!(
+            e.contains("PostgreSQL 16 does not synchronize slots"),
+            "{e}"
+        );
         let lost = SlotSync {
             invalidation_reason: Some("rows_removed".into()),
             ..synced("0/2F00000")

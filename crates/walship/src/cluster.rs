@@ -1,30 +1,39 @@
 //! Several processes share a deployment's pipelines (`[cluster]`).
 //!
-//! Owns the mapping from the consumer group's assignment to running pipelines. Pipelines are
-//! numbered in name order, partition `i` of the coordination topic stands for pipeline `i`, and
-//! Kafka's group protocol ([`walship_kafka::group`]) decides which process holds which
-//! partition — as Kafka Connect spreads connector tasks over its workers. Each pipeline has a
-//! follower task here that runs it while it is assigned to this process and stops it when it
-//! is not: gracefully, so its open transaction is finished, the slot confirmed behind the
-//! broker's acks, and its walsender gone.
+//! Owns the mapping from the consumer group's assignment to running pipelines. Each pipeline
+//! has a coordination topic named after it ([`ClusterConfig::coordination_topic`]), and Kafka's
+//! group protocol ([`walship_kafka::group`]) decides which process holds which topic — as Kafka
+//! Connect spreads connector tasks over its workers. A process subscribes to the topics of the
+//! pipelines its file lists, so processes whose files differ (a rolling deploy that adds a
+//! pipeline) agree on what each topic means, and a pipeline only some processes know is run by
+//! one of those. Each pipeline has a follower task here that runs it while its claim says so.
 //!
-//! Invariants: a pipeline runs in this process only while assigned here, and a new run starts
-//! only after the previous one here has ended. Between processes the replication slot stays the
-//! lock: a pipeline moved here while the old owner's walsender still holds its slot waits as a
-//! standby ([`crate::run`]) until the slot is released, so a move never puts two producers on
-//! one slot, even when the group and PostgreSQL disagree for a moment about who owns it.
+//! ```text
+//!  group member ──Assignment──▶ claim per pipeline ──▶ follower: run_pipeline / stop / hold
+//!   reachable, assigned here          Run
+//!   reachable, assigned elsewhere     Release  (graceful stop: acks awaited, slot confirmed, let go)
+//!   reachable, group never settles    Run      (every pipeline; the slot admits one process)
+//!   cut off from the coordinator      Hold     (start nothing; keep what runs until the broker
+//!                                               answers again, or another process waits for
+//!                                               the slot: then stop at once)
+//! ```
 //!
-//! How long a move takes: a process that leaves (SIGTERM) hands its pipelines over at once; one
-//! that dies is noticed when its group session times out (`cluster.session_timeout_ms`, 6 s by
-//! default), then the group rebalances and the new owner takes the slot as soon as PostgreSQL
-//! has ended the dead process's walsender.
+//! Invariants: a pipeline runs in this process only while its claim is Run or Hold, and a new
+//! run starts only after the previous one here has ended. Between processes the replication
+//! slot stays the lock: a pipeline moved here while the old owner's walsender still holds its
+//! slot waits as a standby ([`crate::run`]) until the slot is released, and the old owner
+//! releases it only once its producer is gone ([`crate::session`]), so a move never puts two
+//! producers on one slot. A process cut off from the broker takes nothing new: falling back on
+//! the slots there would take pipelines it cannot publish from.
 //!
-//! When the group does not settle for [`UNSETTLED_SESSIONS`] session timeouts (a coordinator
-//! that never completes a rebalance: tansu 0.6.0 after its leader died), every process runs
-//! every pipeline, which is active-passive per slot: still one process per slot, no spreading,
-//! and nothing left unstreamed. Once the group settles, the assignment rules again.
+//! How long a move takes (the bound [`ClusterConfig::move_bound`], 2 session timeouts + 5 s):
+//! a process that leaves (SIGTERM) hands its pipelines over at once; one that dies is noticed
+//! when its group session times out (`cluster.session_timeout_ms`, 6 s by default), then the
+//! group rebalances and the new owner takes the slot as soon as PostgreSQL has ended the dead
+//! process's walsender; when the group does not settle (tansu 0.6.0 after its leader died)
+//! every process falls back after two session timeouts. A pipeline that nobody streams for
+//! longer than the bound is logged and shows in `walship_unowned_seconds`.
 
-use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -32,45 +41,76 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
-use walship_kafka::group::{self, GroupSettings};
+use walship_kafka::group::{self, Assignment, GroupSettings};
 
 use crate::error::Error;
 use crate::pipelines::ClusterConfig;
-use crate::run::{Member, failure, note_stopped, run_pipeline};
+use crate::run::{
+    Member, contender, failure, log_unowned, note_stopped, run_pipeline, watch_owner,
+};
 use crate::settings::Settings;
 use crate::telemetry::Telemetry;
 
-/// Session timeouts without a steady group membership after which this process runs every
-/// pipeline, the slots deciding which process streams which, until the group settles.
+/// Session timeouts without a steady group membership (while the coordinator answers) after
+/// which this process runs every pipeline, the slots deciding which process streams which,
+/// until the group settles.
 const UNSETTLED_SESSIONS: u32 = 2;
 
 /// Pause before joining again after the broker did not answer.
 const JOIN_RETRY: Duration = Duration::from_secs(2);
 
+/// What this process may do with one pipeline, from the group's assignment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Claim {
+    /// Run it: assigned here, or the group never settles (the slot decides).
+    Run,
+    /// Stop it gracefully: the group gave it to another process.
+    Release,
+    /// Cut off from the group's coordinator: start nothing, keep it if it runs here until the
+    /// broker answers again or another process waits for its slot.
+    Hold,
+}
+
+impl Claim {
+    /// The claim on pipeline `i` under `assignment`.
+    pub(crate) fn of(assignment: &Assignment, i: usize) -> Claim {
+        if !assignment.reachable {
+            Claim::Hold
+        } else if assignment.unsettled || assignment.items.contains(&i) {
+            Claim::Run
+        } else {
+            Claim::Release
+        }
+    }
+}
+
 /// Joins the group and runs the pipelines assigned to this process until `cancel`; returns
 /// the pipelines that stopped with a definite error (`name: error`).
 pub async fn run(
     cluster: &ClusterConfig,
-    mut pipelines: Vec<Member>,
+    pipelines: Vec<Member>,
     cancel: &CancellationToken,
 ) -> Result<Vec<String>, Error> {
-    // Every process numbers the pipelines alike: by name, whatever the file's order.
-    pipelines.sort_by(|a, b| a.0.cmp(&b.0));
     let Some((_, first, _)) = pipelines.first() else {
         return Ok(Vec::new());
     };
     let settings = GroupSettings {
         group: cluster.group.clone(),
-        topic: cluster.topic(),
-        items: pipelines.len(),
+        topics: pipelines
+            .iter()
+            .map(|(name, _, _)| cluster.coordination_topic(name))
+            .collect(),
         session_timeout: cluster.session_timeout(),
         settle_limit: cluster.session_timeout() * UNSETTLED_SESSIONS,
     };
+    for (_, _, telemetry) in &pipelines {
+        telemetry.elsewhere.store(true, Ordering::Relaxed);
+    }
     let membership = loop {
         match group::join(&first.sink, &settings).await {
             Ok(m) => break m,
             Err(e) if e.is_transient() => {
-                tracing::warn!(error = %e, retry_in_ms = JOIN_RETRY.as_millis() as u64, "cannot join the cluster yet");
+                tracing::warn!(error = %e, retry_in_ms = JOIN_RETRY.as_millis() as u64, "cannot join the cluster yet; running no pipeline meanwhile");
                 tokio::select! {
                     _ = cancel.cancelled() => return Ok(Vec::new()),
                     _ = tokio::time::sleep(JOIN_RETRY) => {}
@@ -81,17 +121,28 @@ pub async fn run(
     };
     tracing::info!(
         group = %settings.group,
-        topic = %settings.topic,
+        topics = %format!("{}<pipeline>", cluster.topic_prefix()),
         pipelines = pipelines.len(),
         "joined the cluster; pipelines start as the group assigns them to this process"
     );
     let names: Vec<String> = pipelines.iter().map(|(n, _, _)| n.clone()).collect();
+    let mut watchers = tokio::task::JoinSet::new();
+    for (name, settings, telemetry) in &pipelines {
+        let span = tracing::info_span!("pipeline", name = %name);
+        watchers.spawn(
+            log_unowned(
+                Arc::clone(telemetry),
+                settings.source.slot.clone(),
+                cluster.move_bound(),
+            )
+            .instrument(span),
+        );
+    }
     let mut followers = tokio::task::JoinSet::new();
-    let mut assigned_to = Vec::with_capacity(pipelines.len());
+    let mut claims = Vec::with_capacity(pipelines.len());
     for (name, settings, telemetry) in pipelines {
-        let (tx, rx) = watch::channel(false);
-        assigned_to.push(tx);
-        telemetry.elsewhere.store(true, Ordering::Relaxed);
+        let (tx, rx) = watch::channel(Claim::Hold);
+        claims.push(tx);
         let cancel = cancel.clone();
         let span = tracing::info_span!("pipeline", name = %name);
         followers.spawn(
@@ -105,7 +156,7 @@ pub async fn run(
     }
     let mut assignment = membership.assigned();
     let mut failed = Vec::new();
-    let mut unsettled = false;
+    let mut last = Assignment::default();
     loop {
         tokio::select! {
             _ = cancel.cancelled() => break,
@@ -114,34 +165,12 @@ pub async fn run(
                     break;
                 }
                 let now = assignment.borrow_and_update().clone();
-                let here: BTreeSet<usize> = if now.unsettled {
-                    (0..names.len()).collect()
-                } else {
-                    now.items.clone()
-                };
-                if now.unsettled != unsettled {
-                    unsettled = now.unsettled;
-                    if unsettled {
-                        tracing::warn!(
-                            group = %settings.group,
-                            "the consumer group has not settled for {} s (its coordinator is not \
-                             completing rebalances): running every pipeline, each slot admitting \
-                             one process, until it settles",
-                            settings.settle_limit.as_secs()
-                        );
-                    } else {
-                        tracing::info!(group = %settings.group, "the consumer group settled again");
-                    }
+                log_change(&settings, &names, &last, &now);
+                for (i, tx) in claims.iter().enumerate() {
+                    let claim = Claim::of(&now, i);
+                    tx.send_if_modified(|c| std::mem::replace(c, claim) != claim);
                 }
-                tracing::info!(
-                    here = %here.iter().map(|&i| names[i].as_str()).collect::<Vec<_>>().join(","),
-                    unsettled,
-                    "the cluster's assignment changed"
-                );
-                for (i, tx) in assigned_to.iter().enumerate() {
-                    let want = here.contains(&i);
-                    tx.send_if_modified(|a| std::mem::replace(a, want) != want);
-                }
+                last = now;
             }
             Some(joined) = followers.join_next() => failed.extend(failure(joined)),
         }
@@ -151,14 +180,52 @@ pub async fn run(
         failed.extend(failure(joined));
     }
     membership.leave().await;
+    watchers.abort_all();
     Ok(failed)
 }
 
-/// Runs one pipeline whenever `assigned` is true, stopping it when it turns false, until
-/// `cancel`. Ends with the pipeline's definite error, if it has one (the pipeline stays
-/// assigned here, stopped: another process would meet the same error).
+/// Logs what changed between two assignments: reachability, settling, and where pipelines run.
+fn log_change(settings: &GroupSettings, names: &[String], last: &Assignment, now: &Assignment) {
+    let group = &settings.group;
+    if now.reachable != last.reachable {
+        if now.reachable {
+            tracing::info!(%group, "the group coordinator answers");
+        } else {
+            tracing::warn!(
+                %group,
+                "cut off from the group coordinator: starting no pipeline, and keeping those \
+                 that run here until the broker answers again or another process waits for \
+                 their slots"
+            );
+        }
+    }
+    if now.unsettled != last.unsettled {
+        if now.unsettled {
+            tracing::warn!(
+                %group,
+                "the consumer group has not settled for {} s while its coordinator answers (it is \
+                 not completing rebalances): running every pipeline, each slot admitting one \
+                 process, until it settles",
+                settings.settle_limit.as_secs()
+            );
+        } else {
+            tracing::info!(%group, "the consumer group settled again");
+        }
+    }
+    if now.reachable {
+        tracing::info!(
+            here = %now.items.iter().map(|&i| names[i].as_str()).collect::<Vec<_>>().join(","),
+            unsettled = now.unsettled,
+            "the cluster's assignment changed"
+        );
+    }
+}
+
+/// Runs one pipeline while `claim` is Run (or Hold, once running), stopping it when it turns
+/// Release, until `cancel`. Ends with the pipeline's definite error, if it has one (the
+/// pipeline stays assigned here, stopped: another process would meet the same error).
 async fn follow(
-    mut assigned: watch::Receiver<bool>,
+    mut claim: watch::Receiver<Claim>,
     settings: &Settings,
     telemetry: &Arc<Telemetry>,
     cancel: &CancellationToken,
@@ -167,20 +234,40 @@ async fn follow(
         telemetry.elsewhere.store(true, Ordering::Relaxed);
         tokio::select! {
             _ = cancel.cancelled() => return Ok(()),
-            here = assigned.wait_for(|a| *a) => if here.is_err() {
+            run = claim.wait_for(|c| *c == Claim::Run) => if run.is_err() {
                 return Ok(());
             },
+            // Who streams the slot meanwhile, for `walship_unowned_seconds`.
+            () = watch_owner(&settings.source, telemetry) => {}
         }
         telemetry.elsewhere.store(false, Ordering::Relaxed);
         tracing::info!("assigned to this process: starting");
         let run_token = cancel.child_token();
-        let run = run_pipeline(settings, &run_token, telemetry);
+        let abandon = CancellationToken::new();
+        let run = run_pipeline(settings, &run_token, &abandon, telemetry);
         tokio::pin!(run);
         let result = loop {
+            let held = *claim.borrow() == Claim::Hold && !run_token.is_cancelled();
             tokio::select! {
                 result = &mut run => break result,
-                _ = assigned.wait_for(|a| !*a), if !run_token.is_cancelled() => {
-                    tracing::info!("assigned to another process: stopping to release the slot");
+                changed = claim.changed(), if !run_token.is_cancelled() => {
+                    if changed.is_err() {
+                        run_token.cancel();
+                        continue;
+                    }
+                    let now = *claim.borrow_and_update();
+                    if now == Claim::Release {
+                        tracing::info!("assigned to another process: stopping to release the slot");
+                        run_token.cancel();
+                    }
+                }
+                () = contender(&settings.source), if held => {
+                    tracing::warn!(
+                        "cut off from the group while another process waits for this \
+                         pipeline's slot: stopping now, without waiting for acknowledgements \
+                         (what was not acknowledged is read again by the slot's next owner)"
+                    );
+                    abandon.cancel();
                     run_token.cancel();
                 }
             }
@@ -190,5 +277,29 @@ async fn follow(
             return Ok(());
         }
         tracing::info!("stopped; the slot is free for the process the group chose");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+
+    #[test]
+    fn the_claim_follows_reachability_then_settling_then_the_assignment() {
+        let a = |items: &[usize], unsettled, reachable| Assignment {
+            items: items.iter().copied().collect::<BTreeSet<_>>(),
+            unsettled,
+            reachable,
+        };
+        assert_eq!(Claim::of(&a(&[0], false, true), 0), Claim::Run);
+        assert_eq!(Claim::of(&a(&[0], false, true), 1), Claim::Release);
+        // A group that never settles while the broker answers: every pipeline, the slots decide.
+        assert_eq!(Claim::of(&a(&[], true, true), 1), Claim::Run);
+        // Cut off: nothing new, whatever was assigned before and however long it lasts.
+        assert_eq!(Claim::of(&a(&[0], false, false), 0), Claim::Hold);
+        assert_eq!(Claim::of(&a(&[], true, false), 1), Claim::Hold);
+        assert_eq!(Claim::of(&Assignment::default(), 0), Claim::Hold);
     }
 }

@@ -143,6 +143,12 @@ pub struct PostgresConfig {
     /// start. Default false.
     #[serde(default)]
     pub failover_slot: bool,
+    /// Starts a new `walship.source` (`<system id>/<slot>/<epoch>` instead of
+    /// `<system id>/<slot>`) when above 0: for continuing on a server whose history branched
+    /// before what Kafka holds (walship stops there and names the value to set), or on a
+    /// cloned cluster that shares the system identifier and the slot name. Default 0.
+    #[serde(default)]
+    pub source_epoch: u32,
 }
 
 /// `[outbox]`

@@ -19,7 +19,10 @@ use tracing::Instrument;
 use crate::config::ConfigError;
 use crate::error::Error;
 use crate::pipelines::Deployment;
-use crate::run::{Member, cancel_on, failure, metrics_server, note_stopped, run, run_pipeline};
+use crate::run::{
+    Member, UNOWNED_LOG_AFTER, cancel_on, failure, log_unowned, metrics_server, note_stopped, run,
+    run_pipeline,
+};
 use crate::settings::Settings;
 use crate::telemetry::Telemetry;
 
@@ -40,6 +43,7 @@ pub async fn run_deployment(
             None => Ok(()),
         };
     }
+    crate::telemetry::process_start_ms();
     // Every pipeline's configuration is resolved (secrets included) before anything starts.
     let mut pipelines = Vec::new();
     for p in &deployment.pipelines {
@@ -84,12 +88,22 @@ pub async fn run_deployment(
 /// with a definite error (`name: error`).
 async fn run_all(pipelines: Vec<Member>, cancel: &CancellationToken) -> Vec<String> {
     let mut tasks = tokio::task::JoinSet::new();
+    let mut watchers = tokio::task::JoinSet::new();
     for (name, settings, telemetry) in pipelines {
         let cancel = cancel.clone();
         let span = tracing::info_span!("pipeline", name = %name);
+        watchers.spawn(
+            log_unowned(
+                Arc::clone(&telemetry),
+                settings.source.slot.clone(),
+                UNOWNED_LOG_AFTER,
+            )
+            .instrument(span.clone()),
+        );
         tasks.spawn(
             async move {
-                let result = run_pipeline(&settings, &cancel, &telemetry).await;
+                let result =
+                    run_pipeline(&settings, &cancel, &CancellationToken::new(), &telemetry).await;
                 note_stopped(&telemetry, &result);
                 (name, result)
             }
@@ -100,5 +114,6 @@ async fn run_all(pipelines: Vec<Member>, cancel: &CancellationToken) -> Vec<Stri
     while let Some(joined) = tasks.join_next().await {
         failed.extend(failure(joined));
     }
+    watchers.abort_all();
     failed
 }

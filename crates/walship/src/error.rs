@@ -77,6 +77,72 @@ pub enum Error {
         /// The producer's error.
         error: String,
     },
+    /// The dead-letter topic refused a dead letter, even cut to its key, headers and reason.
+    /// Nothing at or after `lsn` was confirmed.
+    #[error(
+        "outbox row at LSN {lsn} (transaction {xid}) could not be dead-lettered: topic {topic:?} \
+         refused its dead letter even without a value ({error}). Nothing from this row on has \
+         been confirmed; fix the dead-letter topic (its max.message.bytes and \
+         message.timestamp settings, walship's permission to write it) or point \
+         outbox.dead_letter_topic at another, then restart walship"
+    )]
+    DeadLetterRefused {
+        /// WAL position of the row.
+        lsn: Lsn,
+        /// Transaction id.
+        xid: u32,
+        /// The dead-letter topic.
+        topic: String,
+        /// The producer's or broker's error.
+        error: String,
+    },
+    /// Kafka holds records of this source that the server's history does not contain: a
+    /// promotion branched before what was published (or an old primary, or a sibling, is
+    /// streamed from). Continuing would let new events take their positions.
+    #[error(
+        "Kafka holds events of source {walship_source:?} that {server} does not have: {count} record(s) \
+         in topic {topic:?}, walship.position {first} to {last}, were read on timeline \
+         {record_timeline}, which is not in the history of {server} (timeline {timeline}{}). \
+         The server's history branched before them (a promotion without \
+         synchronized_standby_slots, or an old primary or a sibling standby started again), so \
+         its new events would take the same positions. Nothing was published or confirmed \
+         from this server. Decide what those events mean for their consumers (this server does \
+         not have them: write again those that must happen); then either point postgres.url \
+         at the server that has them, or set postgres.source_epoch = {next_epoch} to publish \
+         from this server as a new source ({walship_source:?} followed by \"/{next_epoch}\"), so that no \
+         position names two events",
+        branch.map(|b| format!(", which began at {b}")).unwrap_or_default()
+    )]
+    Fork {
+        /// The `walship.source` header value.
+        walship_source: String,
+        /// `host:port` of the server.
+        server: String,
+        /// Its timeline.
+        timeline: u32,
+        /// Where its timeline began, if it is not the first.
+        branch: Option<Lsn>,
+        /// The topic holding the records.
+        topic: String,
+        /// How many records of this source there are outside the history.
+        count: usize,
+        /// The lowest and highest of their positions.
+        first: walship_kafka::Position,
+        /// See `first`.
+        last: walship_kafka::Position,
+        /// The timeline the newest of them names.
+        record_timeline: u32,
+        /// The `postgres.source_epoch` to set to continue as a new source.
+        next_epoch: u32,
+    },
+    /// What Kafka holds of this source could not be read to check a promotion.
+    #[error(
+        "cannot check what Kafka holds of this source against the promoted server: {0}. \
+         Retrying; grant walship's Kafka principal Describe and Read on its topics (with \
+         run.resume_dedup = false walship does not read its topics, and a promotion is then not \
+         checked against them)"
+    )]
+    PublishedUnread(String),
     /// A topic problem.
     #[error(transparent)]
     Topic(#[from] TopicError),
@@ -92,6 +158,22 @@ pub enum Error {
     /// Joining `[cluster]`'s consumer group failed.
     #[error("cluster: {0}")]
     Group(#[from] walship_kafka::group::GroupError),
+    /// The session did not report status to PostgreSQL for longer than it may: the process
+    /// was frozen (stopped, or starved of CPU), and the walsender may have ended the stream and
+    /// another process may stream the slot now. Nothing more of what it read is published.
+    #[error(
+        "this process did not report to PostgreSQL for {} ms, past {} ms (three quarters of the \
+         server's wal_sender_timeout): it was frozen or starved of CPU, and another process may \
+         stream the slot now. Nothing more of what it had read is published; reconnecting",
+        silent.as_millis(),
+        limit.as_millis()
+    )]
+    Silenced {
+        /// How long it was silent.
+        silent: std::time::Duration,
+        /// The limit.
+        limit: std::time::Duration,
+    },
     /// Another consumer streams the slot (another walship of an active-passive pair, or a
     /// leftover walsender): this process waits as a standby.
     #[error(
@@ -127,9 +209,11 @@ impl Error {
             | Error::Message { .. }
             | Error::Route { .. }
             | Error::Record { .. }
+            | Error::DeadLetterRefused { .. }
+            | Error::Fork { .. }
             | Error::Producer(_)
             | Error::Pipelines(_) => false,
-            Error::SlotInUse { .. } => true,
+            Error::SlotInUse { .. } | Error::Silenced { .. } | Error::PublishedUnread(_) => true,
         }
     }
 

@@ -16,7 +16,9 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use pgoutput::Lsn;
 use tokio_postgres::Client;
-use walship_postgres::failover::{self, Continuity, Level, PrimaryFacts, SessionFacts, Streamed};
+use walship_postgres::failover::{
+    self, Continuity, History, Level, PrimaryFacts, SessionFacts, Streamed,
+};
 
 use crate::config::Secret;
 use crate::error::Error;
@@ -87,11 +89,25 @@ pub(crate) async fn prepare(source: &SourceSettings, client: &Client) -> Result<
     Ok(())
 }
 
-/// At the start of every session, on its SQL connection, before the stream takes the slot: if
-/// the server's timeline changed since the last session, walship followed a promotion, and
-/// [`failover::verify_continuity`] decides whether it may continue there. With
-/// `postgres.failover_slot`, turns failover on for a slot that has it off (the slot must be free,
-/// which it is between sessions).
+/// What a session knows of its server's history before it streams.
+#[derive(Debug, Clone)]
+pub(crate) struct ServerHistory {
+    /// The server's timeline and where its ancestors ended.
+    pub history: History,
+    /// `host:port` of the server, for messages.
+    pub server: String,
+    /// The server's timeline began after the slot's confirmed position, or this process
+    /// streamed another timeline before: Kafka may hold events the server does not have, so
+    /// the session reads its topics back before its first record.
+    pub check_published: bool,
+}
+
+/// At the start of every session, on its SQL connection, before the stream takes the slot:
+/// reads the server's timeline history; if the timeline changed since this process's last
+/// session, [`failover::verify_continuity`] decides whether it may continue there; and says
+/// whether Kafka must be read back first ([`ServerHistory::check_published`]). With
+/// `postgres.failover_slot`, turns failover on for a slot that has it off (the slot must be
+/// free, which it is between sessions).
 /// `lineage`: what earlier sessions of this process streamed; `safe`: the position the last
 /// one confirmed.
 pub(crate) async fn before_session(
@@ -99,23 +115,35 @@ pub(crate) async fn before_session(
     client: &Client,
     lineage: &Lineage,
     safe: Lsn,
-) -> Result<(), Error> {
+) -> Result<ServerHistory, Error> {
     let (params, password) = (&source.params, source.password.as_ref());
+    let slot_name = source.slot.as_str();
     let before = lineage.update(safe);
     let info = failover::server_info(client).await?;
     let Some(timeline) = info.timeline else {
         // A standby (a one-host URL pointing at one): the session fails on its own.
-        return Ok(());
+        return Ok(ServerHistory {
+            history: History::first(),
+            server: info.address,
+            check_published: false,
+        });
     };
+    let history = if timeline > 1 {
+        History {
+            timeline,
+            switches: failover::timeline_history(params, pw(password), timeline).await?,
+        }
+    } else {
+        History::first()
+    };
+    let slot = failover::slot(client, slot_name).await?;
+    let mut check_published = false;
     if before.timeline != 0 && before.timeline != timeline {
-        let slot_name = source.slot.as_str();
-        let history = failover::timeline_history(params, pw(password), timeline).await?;
-        let slot = failover::slot(client, slot_name).await?;
         let facts = SessionFacts {
             server: &info.address,
             major: info.major,
             timeline,
-            history: &history,
+            history: &history.switches,
             slot: slot.as_ref(),
             slot_name,
         };
@@ -134,18 +162,24 @@ pub(crate) async fn before_session(
                 %switch,
                 %slot_confirmed,
                 %confirmed,
-                resend_bytes = confirmed.0.saturating_sub(slot_confirmed.0),
                 "followed a failover: {} is the primary now (timeline {to}, branched from {from} \
-                 at {switch}); continuing from the synced slot at {slot_confirmed}, the WAL up to \
-                 walship's confirmed {confirmed} is read again and the resume lookup skips the \
-                 events already in Kafka",
+                 at {switch}); continuing from the synced slot at {slot_confirmed} (this process \
+                 had confirmed {confirmed}) once Kafka is checked for events this server does not \
+                 have; the resume lookup skips those already there",
                 info.address
             );
         }
+        check_published = true;
+    } else if let (Some(branch), Some(slot)) = (history.branch_point(), slot.as_ref())
+        && slot.confirmed_flush_lsn.is_some_and(|c| c < branch)
+    {
+        // Nobody has confirmed anything on this timeline yet: this may be the first session
+        // after the promotion (in this process or any other).
+        check_published = true;
     }
     lineage.timeline.store(timeline, Ordering::Relaxed);
     if source.failover_slot
-        && let Some(slot) = failover::slot(client, &source.slot).await?
+        && let Some(slot) = slot
         && slot.failover == Some(false)
     {
         failover::enable(params, pw(password), &source.slot).await?;
@@ -155,7 +189,11 @@ pub(crate) async fn before_session(
             source.slot
         );
     }
-    Ok(())
+    Ok(ServerHistory {
+        history,
+        server: info.address,
+        check_published,
+    })
 }
 
 #[cfg(test)]

@@ -54,14 +54,17 @@ pub struct Deployment {
 }
 
 /// `[cluster]`: the Kafka consumer group through which processes started with the same file
-/// divide its pipelines.
+/// (or with files that share some pipelines) divide its pipelines.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterConfig {
     /// Consumer group id, the same in every process of the deployment (required).
     pub group: String,
-    /// Coordination topic, one partition per pipeline, holding no records
-    /// (default `walship.<group>.pipelines`).
+    /// Prefix of the coordination topics: pipeline `name` is coordinated through topic
+    /// `<prefix><name>` (one partition, no records). Default `walship.<group>.pipeline.`.
+    pub topic_prefix: Option<String>,
+    /// The single coordination topic of earlier versions (one partition per pipeline, by
+    /// index): refused with the way to move on, never silently ignored.
     pub topic: Option<String>,
     /// How long the group waits for a process that stopped answering before moving its
     /// pipelines (default 6,000 ms, the smallest a Kafka broker accepts by default).
@@ -73,17 +76,33 @@ fn default_session_timeout_ms() -> u64 {
     6_000
 }
 
+/// The longest pipeline name (see [`pipeline_name`]).
+const MAX_PIPELINE_NAME: usize = 63;
+
 impl ClusterConfig {
-    /// The coordination topic's name.
-    pub fn topic(&self) -> String {
-        self.topic
+    /// The prefix of the coordination topics.
+    pub fn topic_prefix(&self) -> String {
+        self.topic_prefix
             .clone()
-            .unwrap_or_else(|| format!("walship.{}.pipelines", self.group))
+            .unwrap_or_else(|| format!("walship.{}.pipeline.", self.group))
+    }
+
+    /// The coordination topic of pipeline `name`: named after the pipeline, so every process
+    /// that knows the pipeline means the same topic by it, whatever else its file lists.
+    pub fn coordination_topic(&self, name: &str) -> String {
+        format!("{}{name}", self.topic_prefix())
     }
 
     /// `session_timeout_ms` as a duration.
     pub fn session_timeout(&self) -> Duration {
         Duration::from_millis(self.session_timeout_ms)
+    }
+
+    /// How long a pipeline may go without an owner after any change before it counts as
+    /// unowned: the group notices a silent process within a session timeout, a group that
+    /// does not settle falls back after two, and the new owner needs a few seconds to start.
+    pub fn move_bound(&self) -> Duration {
+        self.session_timeout() * 2 + Duration::from_secs(5)
     }
 
     /// Takes `[cluster]` out of `table` and checks it; `None` when absent.
@@ -103,11 +122,24 @@ impl ClusterConfig {
                 cluster.group
             )));
         }
-        let topic = cluster.topic();
-        if !walship_kafka::route::is_legal_topic(topic.as_bytes()) {
+        if let Some(topic) = &cluster.topic {
             return Err(ConfigError(format!(
-                "in {origin}: cluster.topic = {topic:?} is not a legal Kafka topic name: use up \
-                 to 249 letters, digits, '.', '_' and '-'"
+                "in {origin}: cluster.topic = {topic:?} named the single coordination topic of \
+                 earlier versions, which mapped pipelines to its partitions by their place in \
+                 each file; every pipeline now has a coordination topic of its own, named \
+                 cluster.topic_prefix + the pipeline's name. Remove cluster.topic (set \
+                 cluster.topic_prefix to choose the names; the old topic can be deleted once \
+                 no process of an earlier version runs)"
+            )));
+        }
+        let longest = cluster.coordination_topic(&"x".repeat(MAX_PIPELINE_NAME));
+        if !walship_kafka::route::is_legal_topic(longest.as_bytes()) {
+            return Err(ConfigError(format!(
+                "in {origin}: cluster.topic_prefix = {:?} does not make legal Kafka topic names \
+                 with the pipelines' names: use letters, digits, '.', '_' and '-', at most {} \
+                 characters",
+                cluster.topic_prefix(),
+                249 - MAX_PIPELINE_NAME
             )));
         }
         if !(1_000..=300_000).contains(&cluster.session_timeout_ms) {
@@ -290,7 +322,7 @@ impl Deployment {
 fn pipeline_name(own: &mut toml::Table, i: usize, origin: &str) -> Result<String, ConfigError> {
     match own.remove("name") {
         Some(toml::Value::String(name))
-            if (1..=63).contains(&name.len())
+            if (1..=MAX_PIPELINE_NAME).contains(&name.len())
                 && name.bytes().all(|c| {
                     c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'_' || c == b'-'
                 }) =>
@@ -481,7 +513,7 @@ kafka = { librdkafka = { "linger.ms" = "20" } }
                    [[pipelines]]\nname = \"a\"\npostgres = { url = \"postgres://a/db\" }\n";
         let d = load(&format!("[cluster]\ngroup = \"fleet\"\n{two}")).unwrap();
         let c = d.cluster.expect("cluster");
-        assert_eq!(c.topic(), "walship.fleet.pipelines");
+        assert_eq!(c.coordination_topic("b"), "walship.fleet.pipeline.b");
         assert_eq!(c.session_timeout(), Duration::from_secs(6));
         // The environment reaches [cluster] as any other table.
         let d = Deployment::from_toml(
@@ -501,8 +533,19 @@ kafka = { librdkafka = { "linger.ms" = "20" } }
                 "cluster.group = \"a b\"",
             ),
             (
-                format!("[cluster]\ngroup = \"g\"\ntopic = \"a/b\"\n{two}"),
-                "not a legal Kafka topic name",
+                format!("[cluster]\ngroup = \"g\"\ntopic_prefix = \"a/b.\"\n{two}"),
+                "does not make legal Kafka topic names",
+            ),
+            (
+                format!(
+                    "[cluster]\ngroup = \"g\"\ntopic_prefix = \"{}\"\n{two}",
+                    "p".repeat(190)
+                ),
+                "at most 186 characters",
+            ),
+            (
+                format!("[cluster]\ngroup = \"g\"\ntopic = \"walship.g.pipelines\"\n{two}"),
+                "every pipeline now has a coordination topic of its own",
             ),
             (
                 format!("[cluster]\ngroup = \"g\"\nsession_timeout_ms = 10\n{two}"),

@@ -4,8 +4,10 @@
 //! [`Settings`] resolved once, and the processing logic lives in [`crate::session`].
 //!
 //! Invariant: every session starts from the slot's confirmed position with a fresh producer, and
-//! the previous producer is dropped first (which purges its queue), so a retry can duplicate unconfirmed events but
-//! can never reorder or skip them.
+//! the previous session's producer is destroyed (its queue purged) before its stream lets the
+//! slot go ([`Session::run`]), so a retry — here, or in another process that takes the slot —
+//! can duplicate unconfirmed events but can never reorder or skip them. A transient error,
+//! at start-up as later, only delays the pipeline: it is retried with backoff.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -22,7 +24,7 @@ use crate::config::{Config, ConfigError};
 use crate::error::Error;
 use crate::progress::Progress;
 use crate::resume::Resume;
-use crate::session::{KafkaSink, PgSource, Session};
+use crate::session::{EventSink, KafkaSink, PgSource, Session};
 use crate::settings::{Settings, SourceSettings};
 use crate::telemetry::{self, Telemetry};
 
@@ -38,6 +40,12 @@ const CATCH_UP_LAG_BYTES: u64 = 1 << 20;
 /// How often a standby looks whether the slot was released (one small query on one
 /// connection): most of a takeover's time after the active process dies.
 const STANDBY_POLL: Duration = Duration::from_millis(200);
+/// How often a process that lost its claim on a pipeline while cut off from the broker looks
+/// for another process waiting for the slot.
+const CONTENDER_POLL: Duration = Duration::from_secs(1);
+/// Without `[cluster]`: how long nobody may stream a pipeline's slot before it is logged (the
+/// longest reconnect delay, 30 s, twice).
+pub(crate) const UNOWNED_LOG_AFTER: Duration = Duration::from_secs(60);
 
 /// Runs walship until `shutdown` completes (returns `Ok` after a graceful stop) or a definite
 /// error occurs.
@@ -73,12 +81,19 @@ pub async fn run_until_cancelled(config: &Config, cancel: &CancellationToken) ->
 
 /// Like [`run_until_cancelled`], with the configuration already resolved.
 pub async fn run_settings(settings: &Settings, cancel: &CancellationToken) -> Result<(), Error> {
+    telemetry::process_start_ms();
     let telemetry = Arc::new(Telemetry::default());
+    let unowned = tokio::spawn(log_unowned(
+        Arc::clone(&telemetry),
+        settings.source.slot.clone(),
+        UNOWNED_LOG_AFTER,
+    ));
     let server = match settings.metrics_listen {
         Some(addr) => Some(metrics_server(addr, Arc::new([(None, Arc::clone(&telemetry))])).await?),
         None => None,
     };
-    let result = run_pipeline(settings, cancel, &telemetry).await;
+    let result = run_pipeline(settings, cancel, &CancellationToken::new(), &telemetry).await;
+    unowned.abort();
     if let Some(server) = server {
         server.abort();
     }
@@ -129,30 +144,73 @@ pub(crate) async fn metrics_server(
 }
 
 /// One pipeline: the catch-up log line, preflight, then sessions until cancelled or a definite
-/// error.
+/// error. `abandon` (with `cancel`) stops it without waiting for acknowledgements.
 pub(crate) async fn run_pipeline(
     settings: &Settings,
     cancel: &CancellationToken,
+    abandon: &CancellationToken,
     telemetry: &Arc<Telemetry>,
 ) -> Result<(), Error> {
     let mut background = vec![tokio::spawn(log_catch_up(Arc::clone(telemetry)))];
-    let result = supervise(settings, cancel, telemetry, &mut background).await;
+    let result = supervise(settings, cancel, abandon, telemetry, &mut background).await;
+    telemetry.saw_owner();
     for task in background {
         task.abort();
     }
     result
 }
 
-/// Preflight once, then sessions until cancelled or a definite error.
+/// Waits out a reconnect delay after `error`; false when cancelled meanwhile.
+async fn back_off(
+    error: &Error,
+    attempt: &mut u32,
+    telemetry: &Telemetry,
+    cancel: &CancellationToken,
+    what: &str,
+) -> bool {
+    let delay = backoff(*attempt);
+    *attempt = attempt.saturating_add(1);
+    telemetry.reconnects.fetch_add(1, Ordering::Relaxed);
+    tracing::warn!(error = %error, retry_in_ms = delay.as_millis() as u64, attempt = *attempt, "{what}");
+    tokio::select! {
+        _ = cancel.cancelled() => false,
+        _ = tokio::time::sleep(delay) => true,
+    }
+}
+
+/// Preflight (retried while its errors are transient), then sessions until cancelled or a
+/// definite error.
 async fn supervise(
     settings: &Settings,
     cancel: &CancellationToken,
+    abandon: &CancellationToken,
     telemetry: &Arc<Telemetry>,
     background: &mut Vec<tokio::task::JoinHandle<()>>,
 ) -> Result<(), Error> {
     let source = &settings.source;
-    // Fail fast on a wrong setup: these are definite problems an operator must fix.
-    let (start_lsn, outbox_oid) = preflight(source).await?;
+    // A definite problem (a wrong setup an operator must fix) stops the pipeline at once; a
+    // transient one (the database down or starting, no read-write host yet, too many
+    // connections) only delays it.
+    let mut attempt: u32 = 0;
+    let (start_lsn, outbox_oid) = loop {
+        match preflight(source).await {
+            Ok(found) => break found,
+            Err(e) if e.is_transient() => {
+                if !back_off(
+                    &e,
+                    &mut attempt,
+                    telemetry,
+                    cancel,
+                    "cannot start yet; retrying",
+                )
+                .await
+                {
+                    return Ok(());
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    };
     tracing::info!(
         slot = %source.slot,
         publication = %source.publication,
@@ -167,14 +225,13 @@ async fn supervise(
     }
     let watchdog = watch(source, outbox_oid, telemetry);
     tokio::pin!(watchdog);
-    let mut attempt: u32 = 0;
+    attempt = 0;
     loop {
         let started = Instant::now();
-        let result = tokio::select! {
-            r = session(settings, cancel, telemetry) => r,
-            e = &mut watchdog => Err(e),
-        };
-        telemetry.streaming.store(false, Ordering::Relaxed);
+        let result = session(settings, cancel, abandon, telemetry, watchdog.as_mut()).await;
+        if telemetry.streaming.swap(false, Ordering::Relaxed) {
+            telemetry.saw_owner();
+        }
         // The session's producer is gone: what it held is read again by the next session.
         telemetry.in_flight.store(0, Ordering::Relaxed);
         telemetry.pending_transactions.store(0, Ordering::Relaxed);
@@ -191,13 +248,16 @@ async fn supervise(
                 if started.elapsed() >= HEALTHY_AFTER {
                     attempt = 0;
                 }
-                let delay = backoff(attempt);
-                attempt = attempt.saturating_add(1);
-                telemetry.reconnects.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, attempt, "transient error; reconnecting");
-                tokio::select! {
-                    _ = cancel.cancelled() => return Ok(()),
-                    _ = tokio::time::sleep(delay) => {}
+                if !back_off(
+                    &e,
+                    &mut attempt,
+                    telemetry,
+                    cancel,
+                    "transient error; reconnecting",
+                )
+                .await
+                {
+                    return Ok(());
                 }
             }
             Err(e) if e.is_transient() => return Ok(()),
@@ -262,21 +322,20 @@ async fn standby(
             _ = tokio::time::sleep(STANDBY_POLL) => {}
         }
         if client.is_none() {
-            client = management::connect(&source.params, source.password_bytes())
-                .await
-                .ok();
+            client = standby_connection(source).await;
         }
         let Some(c) = &client else { continue };
         match catalog::slot_state(c, &source.slot).await {
             Ok(Some(state)) => match state.active_pid {
                 Some(pid) if pid != holder => {
+                    telemetry.saw_owner();
                     tracing::info!(walsender_pid = pid, "standby: the slot changed hands");
                     holder = pid;
                     telemetry
                         .standby_for_pid
                         .store(i64::from(pid).max(1), Ordering::Relaxed);
                 }
-                Some(_) => {}
+                Some(_) => telemetry.saw_owner(),
                 None => break true,
             },
             Ok(None) => break true,
@@ -292,6 +351,115 @@ async fn standby(
         );
     }
     released
+}
+
+/// What a standby's connection calls itself (`application_name`, at most 63 bytes): how a
+/// process that lost its claim on the slot's pipeline sees that another waits for the slot
+/// ([`contender`]).
+fn standby_marker(slot: &str) -> String {
+    let mut marker = format!("walship standby {slot}");
+    marker.truncate(63);
+    marker
+}
+
+/// The standby's polling connection, named by [`standby_marker`].
+async fn standby_connection(source: &SourceSettings) -> Option<tokio_postgres::Client> {
+    let client = management::connect(&source.params, source.password_bytes())
+        .await
+        .ok()?;
+    let marker = standby_marker(&source.slot).replace('\'', "''");
+    client
+        .batch_execute(&format!("SET application_name = '{marker}'"))
+        .await
+        .ok()?;
+    Some(client)
+}
+
+/// Resolves once another process waits for the slot as a standby ([`standby_marker`] in
+/// `pg_stat_activity` of the slot's database): then a process that lost its claim on the
+/// pipeline without being able to hand it over (cut off from the broker) lets the slot go.
+pub(crate) async fn contender(source: &SourceSettings) {
+    let marker = standby_marker(&source.slot);
+    let mut client = None;
+    loop {
+        tokio::time::sleep(CONTENDER_POLL).await;
+        if client.is_none() {
+            client = management::connect(&source.params, source.password_bytes())
+                .await
+                .ok();
+        }
+        let Some(c) = &client else { continue };
+        match c
+            .query_opt(
+                "SELECT pid FROM pg_stat_activity WHERE application_name = $1 \
+                 AND datname = current_database() AND pid <> pg_backend_pid() LIMIT 1",
+                &[&marker],
+            )
+            .await
+        {
+            Ok(Some(row)) => {
+                let pid: i32 = row.get(0);
+                tracing::info!(
+                    slot = %source.slot,
+                    standby_pid = pid,
+                    "another process waits for the slot"
+                );
+                return;
+            }
+            Ok(None) => {}
+            Err(_) => client = None,
+        }
+    }
+}
+
+/// Polls the pipeline's slot every `postgres.watch_interval_ms` while another process runs the
+/// pipeline, noting when some process streams it ([`Telemetry::saw_owner`]). Never resolves.
+pub(crate) async fn watch_owner(source: &SourceSettings, telemetry: &Telemetry) {
+    let mut client = None;
+    loop {
+        if client.is_none() {
+            client = management::connect(&source.params, source.password_bytes())
+                .await
+                .ok();
+        }
+        if let Some(c) = &client {
+            match catalog::slot_state(c, &source.slot).await {
+                Ok(Some(state)) if state.active_pid.is_some() => telemetry.saw_owner(),
+                Ok(_) => {}
+                Err(_) => client = None,
+            }
+        }
+        tokio::time::sleep(source.watch_interval).await;
+    }
+}
+
+/// Logs once when nobody has streamed the pipeline's slot for longer than `bound` (as
+/// [`Telemetry::unowned_seconds`] tells), and once when somebody does again.
+pub(crate) async fn log_unowned(telemetry: Arc<Telemetry>, slot: String, bound: Duration) {
+    let mut warned = false;
+    let mut ticker = tokio::time::interval(Duration::from_secs(1).max(bound / 10));
+    loop {
+        ticker.tick().await;
+        let unowned = telemetry.unowned_seconds();
+        if !warned && unowned > bound.as_secs_f64() {
+            warned = true;
+            tracing::warn!(
+                %slot,
+                unowned_s = unowned.round() as u64,
+                role = telemetry.role().name(),
+                "nobody has streamed this pipeline's slot for {} s: no walship process runs the \
+                 pipeline (this one: {}); see walship status and the other processes' logs",
+                unowned.round() as u64,
+                telemetry
+                    .readiness()
+                    .err()
+                    .unwrap_or_else(|| "streaming".into())
+            );
+        } else if warned && unowned < bound.as_secs_f64() / 2.0 {
+            warned = false;
+            tracing::info!(%slot, "the pipeline's slot is streamed again");
+        }
+    }
 }
 
 /// While behind, logs throughput and lag every [`CATCH_UP_LOG_EVERY`].
@@ -380,18 +548,22 @@ async fn preflight(source: &SourceSettings) -> Result<(pgoutput::Lsn, u32), Erro
     ))
 }
 
-/// One streaming session from the slot's confirmed position.
+/// One streaming session from the slot's confirmed position. When `watchdog` reports a
+/// problem, the session is stopped as on a shutdown (its producer silent before the stream is
+/// let go) and the watchdog's error is returned.
 async fn session(
     settings: &Settings,
     cancel: &CancellationToken,
+    abandon: &CancellationToken,
     telemetry: &Arc<Telemetry>,
+    watchdog: std::pin::Pin<&mut impl Future<Output = Error>>,
 ) -> Result<(), Error> {
     let source = &settings.source;
     // Read the confirmed position first: it seeds the tracker so the first status update never
     // reports less than what is already confirmed. A slot that vanished since preflight is a
     // definite error (never re-created silently).
     let client = management::connect(&source.params, source.password_bytes()).await?;
-    crate::failover::before_session(
+    let server = crate::failover::before_session(
         source,
         &client,
         &telemetry.lineage,
@@ -416,11 +588,33 @@ async fn session(
     // Which relations are the outbox (its partitions too), as the catalog has them now; the
     // connection stays open for the rare relation only the catalog can place.
     let scope = catalog::outbox_scope(&client, &source.publication, &source.outbox.table).await?;
+    let wal_sender_timeout = catalog::wal_sender_timeout(&client).await?;
     let start = state.confirmed_flush_lsn.unwrap_or_default();
+    // After a promotion: the topics that may hold this source's events, read back before the
+    // first record (listed now, while the slot is not held yet).
+    let published = if !server.check_published {
+        None
+    } else if !settings.session.resume_dedup {
+        tracing::warn!(
+            server = %server.server,
+            "after a promotion walship reads its topics back to make sure Kafka holds nothing \
+             this server lacks, but run.resume_dedup = false: not checked"
+        );
+        None
+    } else {
+        let all = walship_kafka::sink::list_topics(&settings.sink)
+            .await
+            .map_err(|e| Error::PublishedUnread(format!("listing topics: {e}")))?;
+        let dead_letter = settings.session.dead_letter_topic.as_deref();
+        Some(
+            all.into_iter()
+                .filter(|t| settings.router.could_route_to(t) || Some(t.as_str()) == dead_letter)
+                .collect::<Vec<_>>(),
+        )
+    };
 
     let progress = Arc::new(Progress::with_telemetry(start, Arc::clone(telemetry)));
-    let mut sink = KafkaSink::new(settings.sink.clone(), Arc::clone(&progress))?;
-    let producer_gone = sink.destroyed();
+    let sink = KafkaSink::new(settings.sink.clone(), Arc::clone(&progress))?;
     let publication = quote_ident(&source.publication);
     let options = [
         ("proto_version", "1"),
@@ -442,7 +636,15 @@ async fn session(
         pgoutput::Lsn::ZERO,
         &options,
     )
-    .await?;
+    .await;
+    let stream = match stream {
+        Ok(stream) => stream,
+        Err(e) => {
+            // Nothing was sent; the producer is still destroyed before the next one starts.
+            sink.close().await;
+            return Err(e.into());
+        }
+    };
     let system = stream.system().clone();
     tracing::info!(from = %start, server_wal = %system.xlogpos, read_batching = stream.reads_batched(), "streaming");
     // Events committed before the server's current WAL position may have reached Kafka in an
@@ -462,9 +664,16 @@ async fn session(
         Arc::clone(&progress),
         settings.session.clone(),
         Arc::clone(telemetry),
-        &format!("{}/{}", system.system_id, source.slot),
+        &source.source_id(&system.system_id),
         resume,
-    );
+    )
+    .abandon_on(abandon.clone())
+    .silence_limit(wal_sender_timeout)
+    .on_server(server.history, &server.server, source.source_epoch);
+    let session = match published {
+        Some(topics) => session.check_published(topics, start),
+        None => session,
+    };
     // Readiness measures the broker's silence from here, not from an earlier session.
     telemetry
         .last_delivery_ms
@@ -474,11 +683,18 @@ async fn session(
     telemetry
         .server_wal_end
         .store(system.xlogpos.0, Ordering::Relaxed);
-    let result = session.run(cancel).await.map(|_| ());
-    // The session's producer is destroyed on the blocking pool: the next session starts only
-    // once its queue is purged, so its records can never overtake the next session's.
-    producer_gone.await;
-    result
+    let stop = cancel.child_token();
+    let run = session.run(&stop);
+    tokio::pin!(run);
+    tokio::select! {
+        result = &mut run => result.map(|_| ()),
+        error = watchdog => {
+            // Stopped like a shutdown, so its producer is silent before the slot is let go.
+            stop.cancel();
+            let _ = run.await;
+            Err(error)
+        }
+    }
 }
 
 #[cfg(test)]

@@ -58,6 +58,8 @@ pub struct SourceSettings {
     pub heartbeat: Option<Duration>,
     /// How often the watchdog checks slot, publication and table (validated: at least 100 ms).
     pub watch_interval: Duration,
+    /// `postgres.source_epoch`: 0, or the epoch appended to the `walship.source` header.
+    pub source_epoch: u32,
 }
 
 impl std::fmt::Debug for SourceSettings {
@@ -73,6 +75,15 @@ impl std::fmt::Debug for SourceSettings {
 }
 
 impl SourceSettings {
+    /// The `walship.source` header value for a server with `system_id`: `<system id>/<slot>`,
+    /// with `/<epoch>` after it when `postgres.source_epoch` is set.
+    pub fn source_id(&self, system_id: &str) -> String {
+        match self.source_epoch {
+            0 => format!("{system_id}/{}", self.slot),
+            epoch => format!("{system_id}/{}/{epoch}", self.slot),
+        }
+    }
+
     /// The password as libpq wants it.
     pub fn password_bytes(&self) -> Option<&[u8]> {
         self.password.as_ref().map(|p| p.expose().as_bytes())
@@ -97,6 +108,9 @@ pub struct SessionSettings {
     pub message_prefixes: Vec<String>,
     /// Read topics back after an unclean stop (`run.resume_dedup`).
     pub resume_dedup: bool,
+    /// The largest record the producer accepts (`message.max.bytes`): a dead letter's value is
+    /// cut to fit it.
+    pub max_record_bytes: usize,
 }
 
 impl Default for SessionSettings {
@@ -109,6 +123,7 @@ impl Default for SessionSettings {
             dead_letter_topic: None,
             message_prefixes: Vec::new(),
             resume_dedup: true,
+            max_record_bytes: 1_000_000,
         }
     }
 }
@@ -131,7 +146,9 @@ impl Settings {
             heartbeat: (pg.heartbeat_interval_ms > 0)
                 .then(|| Duration::from_millis(pg.heartbeat_interval_ms)),
             watch_interval: Duration::from_millis(pg.watch_interval_ms),
+            source_epoch: pg.source_epoch,
         };
+        let sink = config.sink_settings()?;
         let session = SessionSettings {
             status_interval: config.status_interval(),
             shutdown_timeout: config.shutdown_timeout(),
@@ -141,10 +158,11 @@ impl Settings {
                 .then(|| config.outbox.dead_letter_topic.clone()),
             message_prefixes: config.outbox.message_prefixes.clone(),
             resume_dedup: config.run.resume_dedup,
+            max_record_bytes: sink.max_record_bytes(),
         };
         Ok(Settings {
             source,
-            sink: config.sink_settings()?,
+            sink,
             session,
             router: config.topic_router()?,
             metrics_listen,

@@ -97,6 +97,9 @@ pub struct Telemetry {
     pub standby_for_pid: AtomicI64,
     /// True while `[cluster]` has this pipeline assigned to another process.
     pub elsewhere: AtomicBool,
+    /// Unix ms when this process last saw the pipeline's slot streamed, by itself or by another
+    /// process (0: not since it started); see [`Telemetry::unowned_seconds`].
+    pub owner_seen_ms: AtomicI64,
     /// The timeline and highest confirmed position of earlier sessions (failover checks).
     pub lineage: crate::failover::Lineage,
     /// Unix ms of the last delivery report (any outcome).
@@ -142,6 +145,13 @@ impl Latency {
     }
 }
 
+/// When this process started (Unix ms): the first call fixes it ([`crate::run`] and
+/// [`crate::deployment`] call it before anything starts).
+pub fn process_start_ms() -> i64 {
+    static STARTED: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
+    *STARTED.get_or_init(unix_ms)
+}
+
 /// Now, in Unix milliseconds.
 pub fn unix_ms() -> i64 {
     SystemTime::now()
@@ -171,6 +181,28 @@ impl Telemetry {
         self.server_wal_end
             .load(Ordering::Relaxed)
             .saturating_sub(self.safe_lsn.load(Ordering::Relaxed))
+    }
+
+    /// Notes that the slot is streamed now (by this process or another).
+    pub fn saw_owner(&self) {
+        self.owner_seen_ms.store(unix_ms(), Ordering::Relaxed);
+    }
+
+    /// How long, as far as this process saw, nobody has streamed the pipeline's slot: 0 while
+    /// this process streams it, else the seconds since it or another process was last seen
+    /// streaming it (counted from the process's start when never). The pipeline's owner is the
+    /// process whose walsender holds its slot.
+    pub fn unowned_seconds(&self) -> f64 {
+        self.unowned_seconds_at(unix_ms(), process_start_ms())
+    }
+
+    /// [`Telemetry::unowned_seconds`] at `now_ms` for a process started at `started_ms`.
+    pub(crate) fn unowned_seconds_at(&self, now_ms: i64, started_ms: i64) -> f64 {
+        if self.streaming.load(Ordering::Relaxed) {
+            return 0.0;
+        }
+        let seen = self.owner_seen_ms.load(Ordering::Relaxed).max(started_ms);
+        (now_ms - seen).max(0) as f64 / 1000.0
     }
 
     /// What this process does for its slot now.
@@ -389,6 +421,14 @@ impl Collector for TelemetryCollector {
             "walship_streaming",
             "1 while streaming from the slot.",
             |t| f64::from(u8::from(t.streaming.load(Ordering::Relaxed))),
+        )?;
+        family(
+            e,
+            all,
+            Kind::Gauge,
+            "walship_unowned_seconds",
+            "Seconds nobody has streamed the pipeline's slot, as this process saw it (0 while some process streams it; polled every postgres.watch_interval_ms while another process runs it). Alert on the maximum over processes.",
+            Telemetry::unowned_seconds,
         )?;
         let mut role = encoder.encode_descriptor(
             "walship_role",

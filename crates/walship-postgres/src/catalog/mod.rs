@@ -44,7 +44,7 @@ pub use publication::{
 };
 pub use server::{
     ReplicationUsage, RoleInfo, ServerSettings, check_wal_level, is_logical_wal_level,
-    replication_usage, role_info, server_settings,
+    replication_usage, role_info, server_settings, wal_sender_timeout,
 };
 pub(crate) use slot::lsn;
 pub use slot::{

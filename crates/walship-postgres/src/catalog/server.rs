@@ -29,6 +29,21 @@ pub async fn check_wal_level(client: &Client) -> Result<(), PgError> {
     Ok(())
 }
 
+/// The session's `wal_sender_timeout` (what a walsender started with this connection's
+/// settings uses): how long a walsender waits for a status report before it ends the stream.
+/// `None` when it is 0 (never).
+pub async fn wal_sender_timeout(client: &Client) -> Result<Option<std::time::Duration>, PgError> {
+    let row = client
+        .query_one(
+            "SELECT setting::bigint FROM pg_settings WHERE name = 'wal_sender_timeout'",
+            &[],
+        )
+        .await
+        .map_err(sql_err("reading wal_sender_timeout"))?;
+    let ms: i64 = row.get(0);
+    Ok((ms > 0).then(|| std::time::Duration::from_millis(ms as u64)))
+}
+
 /// Server settings that logical replication depends on.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ServerSettings {

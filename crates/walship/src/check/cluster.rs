@@ -1,8 +1,8 @@
 //! The `[cluster]` check: can the processes of this file meet in their consumer group.
 //!
-//! Owns one check, `cluster.topic`: the coordination topic on the pipelines' brokers exists
-//! with a partition per pipeline, or `walship run` will create or grow it. Like every check it
-//! changes nothing; the decision ([`topic_check`]) is a pure function of what the broker said.
+//! Owns one check, `cluster.topics`: each pipeline's coordination topic on the pipelines'
+//! brokers exists, or `walship run` will create it. Like every check it changes nothing; the
+//! decision ([`topic_check`]) is a pure function of what the broker said.
 
 use std::time::Duration;
 
@@ -11,14 +11,14 @@ use walship_kafka::probe::{self, ClusterInfo};
 use super::report::Check;
 use crate::pipelines::ClusterConfig;
 
-const NAME: &str = "cluster.topic";
+const NAME: &str = "cluster.topics";
 
-/// Checks the coordination topic with the first pipeline's Kafka settings (every pipeline has
-/// the same brokers under `[cluster]`).
+/// Checks the coordination topics of `pipelines` with the first pipeline's Kafka settings
+/// (every pipeline has the same brokers under `[cluster]`).
 pub(super) async fn cluster_checks(
     cluster: &ClusterConfig,
     first: &crate::Config,
-    pipelines: usize,
+    pipelines: &[String],
 ) -> Vec<Check> {
     let settings = match first.sink_settings() {
         Ok(s) => s,
@@ -39,43 +39,50 @@ pub(super) async fn cluster_checks(
     }
 }
 
-/// What the broker's metadata says about the coordination topic.
-pub(super) fn topic_check(cluster: &ClusterConfig, pipelines: usize, info: &ClusterInfo) -> Check {
-    let topic = cluster.topic();
+/// What the broker's metadata says about the coordination topics of `pipelines`.
+pub(super) fn topic_check(
+    cluster: &ClusterConfig,
+    pipelines: &[String],
+    info: &ClusterInfo,
+) -> Check {
     let group = &cluster.group;
-    match info.topics.get(&topic) {
-        Some(t) if t.error.is_some() => Check::fail(
+    let topics: Vec<String> = pipelines
+        .iter()
+        .map(|p| cluster.coordination_topic(p))
+        .collect();
+    if let Some((topic, error)) = topics.iter().find_map(|t| {
+        info.topics
+            .get(t)
+            .and_then(|i| i.error.clone())
+            .map(|e| (t, e))
+    }) {
+        return Check::fail(
+            NAME,
+            format!("coordination topic {topic:?} of group {group:?}: {error}"),
+            "grant walship's Kafka principal Describe, Create and Read on the topics \
+             cluster.topic_prefix names and Read on the group",
+        );
+    }
+    let missing: Vec<&String> = topics.iter().filter(|t| !info.has_topic(t)).collect();
+    let prefix = cluster.topic_prefix();
+    if missing.is_empty() {
+        Check::pass(
             NAME,
             format!(
-                "coordination topic {topic:?} of group {group:?}: {}",
-                t.error.clone().unwrap_or_default()
+                "group {group:?}: the {} pipelines' coordination topics ({prefix}<pipeline>) exist",
+                topics.len()
             ),
-            "grant walship's Kafka principal Describe, Create and Read on the topic and Read on \
-             the group",
-        ),
-        Some(t) if t.partitions >= pipelines => Check::pass(
+        )
+    } else {
+        Check::pass(
             NAME,
             format!(
-                "group {group:?}: coordination topic {topic:?} has {} partitions for {pipelines} \
-                 pipelines",
-                t.partitions
+                "group {group:?}: {} of {} coordination topics ({prefix}<pipeline>) do not exist \
+                 yet; walship run creates them with 1 partition each",
+                missing.len(),
+                topics.len()
             ),
-        ),
-        Some(t) => Check::pass(
-            NAME,
-            format!(
-                "group {group:?}: coordination topic {topic:?} has {} partitions; walship run \
-                 adds partitions up to {pipelines}, one per pipeline",
-                t.partitions
-            ),
-        ),
-        None => Check::pass(
-            NAME,
-            format!(
-                "group {group:?}: coordination topic {topic:?} does not exist yet; walship run \
-                 creates it with {pipelines} partitions"
-            ),
-        ),
+        )
     }
 }
 
@@ -89,49 +96,56 @@ mod tests {
     fn cluster() -> ClusterConfig {
         ClusterConfig {
             group: "fleet".into(),
+            topic_prefix: None,
             topic: None,
             session_timeout_ms: 6000,
         }
     }
 
     #[test]
-    fn the_coordination_topic_is_judged_by_its_partitions_and_errors() {
+    fn the_coordination_topics_are_judged_by_their_existence_and_errors() {
+        let names = ["a".to_owned(), "b".to_owned()];
         let mut info = ClusterInfo::default();
-        let c = topic_check(&cluster(), 3, &info);
+        let c = topic_check(&cluster(), &names, &info);
         assert_eq!(c.status, Status::Pass);
         assert!(
-            c.message.contains("creates it with 3 partitions"),
+            c.message.contains(
+                "2 of 2 coordination topics (walship.fleet.pipeline.<pipeline>) do not exist yet"
+            ),
+            "{}",
+            c.message
+        );
+        let exists = TopicInfo {
+            partitions: 1,
+            error: None,
+        };
+        info.topics
+            .insert("walship.fleet.pipeline.a".into(), exists.clone());
+        let c = topic_check(&cluster(), &names, &info);
+        assert!(c.message.contains("1 of 2"), "{}", c.message);
+        info.topics
+            .insert("walship.fleet.pipeline.b".into(), exists);
+        let c = topic_check(&cluster(), &names, &info);
+        assert!(
+            c.message
+                .contains("topics (walship.fleet.pipeline.<pipeline>) exist"),
             "{}",
             c.message
         );
         info.topics.insert(
-            "walship.fleet.pipelines".into(),
-            TopicInfo {
-                partitions: 2,
-                error: None,
-            },
-        );
-        let c = topic_check(&cluster(), 3, &info);
-        assert!(
-            c.message.contains("adds partitions up to 3"),
-            "{}",
-            c.message
-        );
-        let c = topic_check(&cluster(), 2, &info);
-        assert!(
-            c.message.contains("has 2 partitions for 2 pipelines"),
-            "{}",
-            c.message
-        );
-        info.topics.insert(
-            "walship.fleet.pipelines".into(),
+            "walship.fleet.pipeline.b".into(),
             TopicInfo {
                 partitions: 0,
                 error: Some("Broker: Topic authorization failed".into()),
             },
         );
-        let c = topic_check(&cluster(), 2, &info);
+        let c = topic_check(&cluster(), &names, &info);
         assert_eq!(c.status, Status::Fail);
+        assert!(
+            c.message.contains("walship.fleet.pipeline.b"),
+            "{}",
+            c.message
+        );
         assert!(c.fix.unwrap_or_default().contains("Read on the group"));
     }
 }

@@ -65,11 +65,12 @@ pub fn main(path: &Path, json: bool, runtime: &tokio::runtime::Runtime) -> ExitC
             })
             .collect();
         if let (Some(c), Some(first)) = (&deployment.cluster, deployment.pipelines.first()) {
-            let checks = runtime.block_on(cluster::cluster_checks(
-                c,
-                &first.config,
-                deployment.pipelines.len(),
-            ));
+            let names: Vec<String> = deployment
+                .pipelines
+                .iter()
+                .filter_map(|p| p.name.clone())
+                .collect();
+            let checks = runtime.block_on(cluster::cluster_checks(c, &first.config, &names));
             reports.push(("[cluster]".to_owned(), Report::new(checks)));
         }
         let human = |name: &str, report: &Report| {

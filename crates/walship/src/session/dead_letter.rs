@@ -6,19 +6,34 @@
 //!
 //! Invariant: a dead letter takes the place of the event it stands for in its transaction, so
 //! the transaction is confirmed only once the dead letter is acknowledged; and one that an
-//! earlier run already wrote (found by its position and id) is not written again.
+//! earlier run already wrote (found by its position and id) is not written again. A dead
+//! letter always fits: its value is cut to what the producer accepts (`message.max.bytes`
+//! less the key, the headers and [`RECORD_OVERHEAD`]), marked with [`TRUNCATED_HEADER`]; one
+//! the producer or the broker refuses anyway is sent once more without a value, and one
+//! refused even then stops the session ([`Error::DeadLetterRefused`]) before its transaction
+//! is confirmed — never a loop, never a skip.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use pgoutput::Lsn;
 use tokio_util::sync::CancellationToken;
-use walship_kafka::{ID_HEADER, POSITION_HEADER, Position, PositionText, Record, SOURCE_HEADER};
+use walship_kafka::{
+    ID_HEADER, POSITION_HEADER, Position, PositionText, Record, SOURCE_HEADER, TIMELINE_HEADER,
+};
 
 use super::seams::{EventSink, WalSource};
 use super::{Session, Stop};
 use crate::error::Error;
 use crate::progress::TxnToken;
+
+/// Header of a dead letter whose value was cut to fit: the original value's size in bytes.
+pub const TRUNCATED_HEADER: &str = "walship.truncated";
+
+/// Room left in a record for what is not key, value or header text: the record's and its
+/// batch's framing (a record batch header is 61 bytes; lengths, offsets and attributes add a
+/// few per field).
+const RECORD_OVERHEAD: usize = 512;
 
 /// A row or record bound for the dead-letter topic, and where it came from.
 pub(super) struct DeadLetter<'a> {
@@ -84,7 +99,10 @@ impl<W: WalSource, K: EventSink> Session<W, K> {
         };
         let mut text = PositionText::default();
         let source = Arc::clone(&self.source_id);
-        let mut headers: [(&str, Option<&[u8]>); 7] = [
+        let full = dead.value.len();
+        let full_text = full.to_string();
+        let timeline = self.timeline_text.clone();
+        let mut headers: [(&str, Option<&[u8]>); 9] = [
             ("walship.error", Some(dead.reason.as_bytes())),
             ("walship.lsn", Some(lsn_text.as_bytes())),
             ("walship.xid", Some(xid_text.as_bytes())),
@@ -92,8 +110,14 @@ impl<W: WalSource, K: EventSink> Session<W, K> {
             (SOURCE_HEADER, Some(source.as_bytes())),
             ("", None),
             ("", None),
+            ("", None),
+            ("", None),
         ];
         let mut n = 5;
+        if let Some(timeline) = timeline.as_deref() {
+            headers[n] = (TIMELINE_HEADER, Some(timeline.as_bytes()));
+            n += 1;
+        }
         if let Some(position) = dead.position {
             headers[n] = (POSITION_HEADER, Some(position.encode(&mut text)));
             n += 1;
@@ -102,18 +126,86 @@ impl<W: WalSource, K: EventSink> Session<W, K> {
             headers[n] = (ID_HEADER, Some(id));
             n += 1;
         }
+        let framing: usize = key.len()
+            + RECORD_OVERHEAD
+            + TRUNCATED_HEADER.len()
+            + full_text.len()
+            + headers[..n]
+                .iter()
+                .map(|(k, v)| k.len() + v.map_or(0, <[u8]>::len))
+                .sum::<usize>();
+        let room = self.settings.max_record_bytes.saturating_sub(framing);
+        let mut value = dead.value;
+        if value.len() > room {
+            value = &value[..room];
+            headers[n] = (TRUNCATED_HEADER, Some(full_text.as_bytes()));
+            n += 1;
+            tracing::warn!(lsn = %dead.lsn, xid = dead.xid, dead_letter_topic = %topic,
+                "the dead letter's value is cut from {full} to {room} bytes to fit message.max.bytes ({}); header {TRUNCATED_HEADER} keeps the original size",
+                self.settings.max_record_bytes);
+        }
         let record = Record {
             topic: &topic,
             key,
-            payload: Some(dead.value),
+            payload: Some(value),
             headers: &headers[..n],
             timestamp_ms: Some(dead.commit_ms),
         };
         tracing::warn!(lsn = %dead.lsn, xid = dead.xid, dead_letter_topic = %topic,
             "dead-lettering outbox row: {}", dead.reason);
         self.telemetry.dead_lettered.fetch_add(1, Ordering::Relaxed);
-        self.send(&record, dead.lsn, dead.xid, dead.commit_ms, cancel, token)
+        match self
+            .send(&record, dead.lsn, dead.xid, dead.commit_ms, cancel, token)
             .await
+        {
+            // The producer refused it at once (larger than it accepts, whatever the estimate):
+            // once more without a value, then never again.
+            Err(Error::Record { error, .. }) if !value.is_empty() => {
+                tracing::warn!(lsn = %dead.lsn, xid = dead.xid, dead_letter_topic = %topic,
+                    "the producer refused the dead letter ({error}); sending it without its value");
+                let record = Record {
+                    payload: Some(b""),
+                    ..record
+                };
+                self.send_dead_letter_again(
+                    &record,
+                    dead.lsn,
+                    dead.xid,
+                    dead.commit_ms,
+                    cancel,
+                    token,
+                )
+                .await
+            }
+            Err(Error::Record { error, .. }) => Err(Error::DeadLetterRefused {
+                lsn: dead.lsn,
+                xid: dead.xid,
+                topic: topic.clone(),
+                error,
+            }),
+            other => other,
+        }
+    }
+
+    /// The last attempt at a dead letter: refused, it stops the session.
+    async fn send_dead_letter_again(
+        &mut self,
+        record: &Record<'_>,
+        lsn: Lsn,
+        xid: u32,
+        commit_ms: i64,
+        cancel: &CancellationToken,
+        token: Option<TxnToken>,
+    ) -> Result<(), Error> {
+        match self.send(record, lsn, xid, commit_ms, cancel, token).await {
+            Err(Error::Record { error, .. }) => Err(Error::DeadLetterRefused {
+                lsn,
+                xid,
+                topic: record.topic.to_owned(),
+                error,
+            }),
+            other => other,
+        }
     }
 
     /// Dead-letters the records the broker rejected for good since the last call, with their
@@ -127,11 +219,22 @@ impl<W: WalSource, K: EventSink> Session<W, K> {
                 // Their transactions stay incomplete: read again on the next start.
                 break;
             }
+            let origin = self.progress.origin(token).unwrap_or_default();
+            if self.settings.dead_letter_topic.as_deref() == Some(rejected.topic.as_str())
+                && rejected.payload_len == 0
+            {
+                // A dead letter without a value, refused by the broker: the last attempt.
+                return Err(Error::DeadLetterRefused {
+                    lsn: origin.commit_lsn,
+                    xid: origin.xid,
+                    topic: rejected.topic.clone(),
+                    error: rejected.error.to_string(),
+                });
+            }
             let reason = format!(
                 "{}; the record (key and {} bytes of value) was not accepted by topic {:?}",
                 rejected.error, rejected.payload_len, rejected.topic
             );
-            let origin = self.progress.origin(token).unwrap_or_default();
             let key = rejected.key.clone();
             let id = rejected.id.clone();
             let dead = DeadLetter {

@@ -14,7 +14,9 @@ use std::sync::atomic::Ordering;
 
 use pgoutput::{Begin, LogicalMessage, Lsn, Message, PgTimestamp};
 use tokio_util::sync::CancellationToken;
-use walship_kafka::{ID_HEADER, POSITION_HEADER, Position, PositionText, Record, SOURCE_HEADER};
+use walship_kafka::{
+    ID_HEADER, POSITION_HEADER, Position, PositionText, Record, SOURCE_HEADER, TIMELINE_HEADER,
+};
 use walship_postgres::{MessageError, MessageEvent, OutboxRow, PgError, RowError};
 
 use super::dead_letter::DeadLetter;
@@ -331,14 +333,21 @@ impl<W: WalSource, K: EventSink> Session<W, K> {
         // The usual headers live on the stack; only extra header columns need a Vec.
         let mut text = PositionText::default();
         let source = Arc::clone(&self.source_id);
-        let mut fixed: [(&str, Option<&[u8]>); 4] = [
+        let timeline = self.timeline_text.clone();
+        let mut fixed: [(&str, Option<&[u8]>); 5] = [
             (SOURCE_HEADER, Some(source.as_bytes())),
             (POSITION_HEADER, Some(position.encode(&mut text))),
             ("", None),
             ("", None),
+            ("", None),
         ];
         let mut n = 2;
-        for (name, value) in [(ID_HEADER, row.id), ("type", row.event_type)] {
+        let timeline = timeline.as_deref().map(str::as_bytes);
+        for (name, value) in [
+            (ID_HEADER, row.id),
+            ("type", row.event_type),
+            (TIMELINE_HEADER, timeline),
+        ] {
             if value.is_some() {
                 fixed[n] = (name, value);
                 n += 1;
@@ -392,6 +401,9 @@ impl<W: WalSource, K: EventSink> Session<W, K> {
                 let Some(found) = self.await_broker(&what, scan, cancel, abandonable).await? else {
                     return Ok(None);
                 };
+                if let Ok(found) = &found {
+                    self.check_history(topic, found)?;
+                }
                 if let Some(resume) = self.resume.as_mut() {
                     resume.store(topic, found, started.elapsed());
                 }

@@ -30,6 +30,15 @@
 //! - After an unclean stop, an event is left out only when [`Resume`] read back a record of this
 //!   source with its position and outbox id from its topic; such an event is not counted in its
 //!   transaction, so the transaction completes on the acks of the events actually sent.
+//! - **The producer is silent before the slot is released.** On every way out — a stop, an
+//!   error, a lost stream — the sink is closed (its queue purged, the producer destroyed) while
+//!   the session still holds the stream, reporting status so the walsender keeps it; only then
+//!   is the stream ended or dropped. So the next owner of the slot starts after this session's
+//!   producer can send nothing more (bar bytes already in a socket, see [`EventSink::close`]).
+//! - **A session that was frozen produces nothing more.** Before each record it looks how long
+//!   it has not reported status; past three quarters of the server's `wal_sender_timeout` the
+//!   walsender may have ended the stream and another process may own the slot, so it stops
+//!   ([`Error::Silenced`]) instead of publishing what it had read before the freeze.
 
 mod dead_letter;
 mod events;
@@ -44,6 +53,7 @@ use pgoutput::{Begin, Decoder, Lsn};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use walship_kafka::{Record, SendError, TopicRouter};
+use walship_postgres::failover::History;
 use walship_postgres::{Frame, PgError, Relations};
 
 pub use seams::{EventSink, KafkaSink, PgSource, WalSource};
@@ -93,8 +103,10 @@ pub struct SessionStats {
 
 /// A streaming session: see the module documentation.
 pub struct Session<W: WalSource, K: EventSink> {
-    source: W,
+    // The sink before the source: should a session be dropped without running its way out (a
+    // panic), the producer's destruction starts before the stream is closed.
     sink: K,
+    source: W,
     decoder: Decoder,
     relations: Relations,
     router: TopicRouter,
@@ -111,6 +123,24 @@ pub struct Session<W: WalSource, K: EventSink> {
     last_status_at: Instant,
     stats: SessionStats,
     stop: Stop,
+    /// Fires when the session must stop without waiting for acknowledgements (its process lost
+    /// its claim on the pipeline); see [`Session::abandon_on`].
+    abandon: CancellationToken,
+    /// Silence after which the walsender may have ended the stream; see
+    /// [`Session::silence_limit`].
+    silence_limit: Option<Duration>,
+    /// The server's history: records this source has in Kafka must lie in it.
+    history: History,
+    /// `host:port` of the server, for messages.
+    server: Arc<str>,
+    /// The server's timeline as [`walship_kafka::TIMELINE_HEADER`] text; `None` on timeline 1
+    /// (the header is left out).
+    timeline_text: Option<Arc<str>>,
+    /// Topics to read back before the first record, and from which position; see
+    /// [`Session::check_published`].
+    published_check: Option<(Vec<String>, Lsn)>,
+    /// `postgres.source_epoch`, for the way on that [`Error::Fork`] names.
+    source_epoch: u32,
 }
 
 impl<W: WalSource, K: EventSink> Session<W, K> {
@@ -152,14 +182,74 @@ impl<W: WalSource, K: EventSink> Session<W, K> {
             last_status_at: Instant::now(),
             stats: SessionStats::default(),
             stop: Stop::Streaming,
+            abandon: CancellationToken::new(),
+            silence_limit: None,
+            history: History::first(),
+            server: Arc::from("the server"),
+            timeline_text: None,
+            published_check: None,
+            source_epoch: 0,
         }
+    }
+
+    /// The server's history (the timeline its records are read on, and its ancestors'
+    /// ends), `host:port` for messages, and `postgres.source_epoch`. Every record carries the
+    /// timeline when it is not the first, and every read-back checks what it finds against
+    /// the history ([`Error::Fork`]).
+    pub fn on_server(mut self, history: History, server: &str, source_epoch: u32) -> Self {
+        self.timeline_text =
+            (history.timeline > 1).then(|| Arc::from(history.timeline.to_string()));
+        self.history = history;
+        self.server = Arc::from(server);
+        self.source_epoch = source_epoch;
+        self
+    }
+
+    /// Before its first record, reads `topics` back (what this source wrote there at or after
+    /// `since`) and stops with [`Error::Fork`] if any of it is outside the server's history:
+    /// after a promotion, before anything new can take a published event's position.
+    pub fn check_published(mut self, topics: Vec<String>, since: Lsn) -> Self {
+        self.published_check = Some((topics, since));
+        self
+    }
+
+    /// Stops at once when `abandon` fires (cancel the run's token too): the open transaction
+    /// stays unconfirmed, acknowledgements are not waited for, and the producer's queue is
+    /// purged before the slot is released. For a process that lost its claim on the pipeline
+    /// while another waits for the slot.
+    pub fn abandon_on(mut self, abandon: CancellationToken) -> Self {
+        self.abandon = abandon;
+        self
+    }
+
+    /// The server's `wal_sender_timeout` (`None` or zero: the walsender never times out). A
+    /// session that has not reported status for three quarters of it stops before its next
+    /// record: it was frozen or starved, and the walsender may have ended the stream.
+    pub fn silence_limit(mut self, wal_sender_timeout: Option<Duration>) -> Self {
+        self.silence_limit = wal_sender_timeout
+            .filter(|t| !t.is_zero())
+            .map(|t| t * 3 / 4);
+        self
     }
 
     /// Streams until `cancel` fires (then drains and confirms) or an error occurs.
     ///
     /// On cancellation the transaction being decoded is finished first (bounded by the shutdown
-    /// timeout), so a graceful stop leaves nothing half-sent to be duplicated on restart.
+    /// timeout), so a graceful stop leaves nothing half-sent to be duplicated on restart. Every
+    /// way out closes the sink before the stream (see the module documentation).
     pub async fn run(mut self, cancel: &CancellationToken) -> Result<SessionStats, Error> {
+        match self.stream(cancel).await {
+            Ok(()) => self.shutdown().await,
+            Err(e) => self.close_after(e).await,
+        }
+    }
+
+    /// The streaming loop: `Ok` when it is time to shut down.
+    async fn stream(&mut self, cancel: &CancellationToken) -> Result<(), Error> {
+        self.read_published(cancel).await?;
+        if self.stop == Stop::Abandoned {
+            return Ok(());
+        }
         loop {
             // Checked once per read buffer, not per message: `is_cancelled` takes a lock.
             self.note_stop(cancel);
@@ -169,18 +259,18 @@ impl<W: WalSource, K: EventSink> Session<W, K> {
                 if self.stop == Stop::Abandoned
                     || (self.stop != Stop::Streaming && self.txn.is_none())
                 {
-                    return self.shutdown().await;
+                    return Ok(());
                 }
             }
             self.check_failure()?;
             self.dead_letter_rejected(cancel).await?;
             self.note_stop(cancel);
             match self.stop {
-                Stop::Abandoned => return self.shutdown().await,
-                Stop::Finishing { .. } if self.txn.is_none() => return self.shutdown().await,
+                Stop::Abandoned => return Ok(()),
+                Stop::Finishing { .. } if self.txn.is_none() => return Ok(()),
                 // Out of time for the rest of the open transaction: it stays unsealed.
                 Stop::Finishing { deadline } if Instant::now() >= deadline => {
-                    return self.shutdown().await;
+                    return Ok(());
                 }
                 _ => {}
             }
@@ -206,13 +296,88 @@ impl<W: WalSource, K: EventSink> Session<W, K> {
         }
     }
 
-    /// Turns a stop request into [`Stop::Finishing`] with the shutdown timeout as deadline.
+    /// The check [`Session::check_published`] asks for, if any: each topic read back, its
+    /// findings judged against the history and kept for the resume lookup.
+    async fn read_published(&mut self, cancel: &CancellationToken) -> Result<(), Error> {
+        let Some((topics, since)) = self.published_check.take() else {
+            return Ok(());
+        };
+        for topic in &topics {
+            let started = std::time::Instant::now();
+            let limit = crate::resume::MAX_POSITIONS;
+            let scan = self.sink.read_back(topic, &self.source_id, since, limit);
+            let what = format!("reading topic {topic:?} back to check the promotion");
+            let Some(found) = self.await_broker(&what, scan, cancel, true).await? else {
+                return Ok(());
+            };
+            let found =
+                found.map_err(|e| Error::PublishedUnread(format!("topic {topic:?}: {e}")))?;
+            self.check_history(topic, &found)?;
+            if let Some(resume) = self.resume.as_mut()
+                && resume.since() == since
+                && !resume.knows(topic)
+            {
+                resume.store(topic, Ok(found), started.elapsed());
+            }
+        }
+        tracing::info!(
+            topics = topics.len(),
+            server = %self.server,
+            timeline = self.history.timeline,
+            "checked what Kafka holds of this source since {since}: all of it is in this \
+             server's history"
+        );
+        Ok(())
+    }
+
+    /// [`Error::Fork`] when `found` (records of this source read back from `topic`) holds a
+    /// record outside the server's history.
+    fn check_history(&self, topic: &str, found: &walship_kafka::Delivered) -> Result<(), Error> {
+        let foreign: Vec<(walship_kafka::Position, u32)> = found
+            .timelines()
+            .filter(|(p, t)| !self.history.holds(*t, Lsn(p.commit_lsn)))
+            .collect();
+        let (Some(&(first, _)), Some(&(last, record_timeline))) = (foreign.first(), foreign.last())
+        else {
+            return Ok(());
+        };
+        Err(Error::Fork {
+            walship_source: self.source_id.to_string(),
+            server: self.server.to_string(),
+            timeline: self.history.timeline,
+            branch: self.history.branch_point(),
+            topic: topic.to_owned(),
+            count: foreign.len(),
+            first,
+            last,
+            record_timeline,
+            next_epoch: self.source_epoch + 1,
+        })
+    }
+
+    /// Turns a stop request into [`Stop::Finishing`] with the shutdown timeout as deadline, or
+    /// into [`Stop::Abandoned`] when the stop is to be immediate.
     fn note_stop(&mut self, cancel: &CancellationToken) {
-        if self.stop == Stop::Streaming && cancel.is_cancelled() {
+        if self.stop != Stop::Abandoned && self.abandon.is_cancelled() {
+            self.stop = Stop::Abandoned;
+        } else if self.stop == Stop::Streaming && cancel.is_cancelled() {
             self.stop = Stop::Finishing {
                 deadline: Instant::now() + self.settings.shutdown_timeout,
             };
         }
+    }
+
+    /// An error when the session has not reported status for longer than its silence limit: it
+    /// was frozen (or starved of CPU), the walsender may have ended the stream meanwhile and
+    /// another process may stream the slot now, so nothing more it read may be published.
+    fn check_silence(&self) -> Result<(), Error> {
+        if let Some(limit) = self.silence_limit {
+            let silent = self.last_status_at.elapsed();
+            if silent > limit {
+                return Err(Error::Silenced { silent, limit });
+            }
+        }
+        Ok(())
     }
 
     /// The deadline of a requested stop, if one is under way.
@@ -280,6 +445,7 @@ impl<W: WalSource, K: EventSink> Session<W, K> {
                 && (token.is_some()
                     || self.progress.pending_transactions() < self.settings.max_pending);
             if room {
+                self.check_silence()?;
                 let t = match token {
                     Some(t) => t,
                     None => {
@@ -506,22 +672,120 @@ impl<W: WalSource, K: EventSink> Session<W, K> {
         Ok(())
     }
 
-    /// Stops reading, waits for acknowledgements, confirms the final safe position.
+    /// Stops reading, waits for acknowledgements while holding the stream, closes the sink,
+    /// then confirms the final safe position and ends the stream.
     async fn shutdown(mut self) -> Result<SessionStats, Error> {
-        let left = self.sink.flush(self.settings.shutdown_timeout).await;
+        if let Err(e) = self.await_acks().await {
+            return self.close_after(e).await;
+        }
+        let left = self.progress.in_flight();
         if left > 0 {
             tracing::warn!(
                 in_flight = left,
-                "shutdown: {left} records not acknowledged within run.shutdown_timeout_ms; they stay \
-                 unconfirmed and will be sent again on the next start"
+                "shutdown: {left} records not acknowledged within run.shutdown_timeout_ms; they are \
+                 purged, stay unconfirmed and will be sent again by the slot's next owner"
             );
         }
-        self.check_failure()?;
-        let safe = self.progress.safe_lsn();
-        self.source.send_status(safe, false).await?;
-        self.telemetry.safe_lsn.store(safe.0, Ordering::Relaxed);
-        self.source.finish().await?;
-        tracing::info!(confirmed_lsn = %safe, events = self.stats.events_sent, "stopped; slot confirmed");
-        Ok(self.stats)
+        // Failures are read before the close: the purge reports every record it drops as failed.
+        if let Err(e) = self.check_failure() {
+            return self.close_after(e).await;
+        }
+        let Session {
+            mut source,
+            sink,
+            progress,
+            settings,
+            telemetry,
+            stats,
+            ..
+        } = self;
+        hold_stream_while(
+            &mut source,
+            &progress,
+            settings.status_interval,
+            sink.close(),
+        )
+        .await?;
+        let safe = progress.safe_lsn();
+        source.send_status(safe, false).await?;
+        telemetry.safe_lsn.store(safe.0, Ordering::Relaxed);
+        source.finish().await?;
+        tracing::info!(confirmed_lsn = %safe, events = stats.events_sent, "stopped; slot confirmed");
+        Ok(stats)
+    }
+
+    /// Waits until every record handed to the sink is acknowledged (or failed), up to the
+    /// shutdown timeout, reporting status meanwhile so the walsender keeps the stream (and the
+    /// slot) this session's: the next owner cannot start while these records are in flight. An
+    /// abandoned session does not wait.
+    async fn await_acks(&mut self) -> Result<(), Error> {
+        if self.abandon.is_cancelled() {
+            return Ok(());
+        }
+        let until = Instant::now() + self.settings.shutdown_timeout;
+        loop {
+            self.check_failure()?;
+            if self.progress.in_flight() == 0 || Instant::now() >= until {
+                return Ok(());
+            }
+            if Instant::now() >= self.status_due() {
+                self.report(false).await?;
+            }
+            let wake = self.status_due().min(until);
+            let progress = Arc::clone(&self.progress);
+            tokio::select! {
+                () = progress.wait_for_room(0, None, Duration::from_secs(3600)) => {}
+                () = tokio::time::sleep_until(wake) => {}
+                () = self.abandon.cancelled() => return Ok(()),
+            }
+        }
+    }
+
+    /// The way out after `error`: closes the sink while still holding the stream (status keeps
+    /// flowing where the stream still works), then drops the stream, releasing the slot.
+    async fn close_after(self, error: Error) -> Result<SessionStats, Error> {
+        let Session {
+            mut source,
+            sink,
+            progress,
+            settings,
+            ..
+        } = self;
+        // A failed status report here only means the stream is gone already.
+        let _ = hold_stream_while(
+            &mut source,
+            &progress,
+            settings.status_interval,
+            sink.close(),
+        )
+        .await;
+        drop(source);
+        Err(error)
+    }
+}
+
+/// Awaits `work` while reporting the safe position every `interval`, so the walsender keeps the
+/// stream (and the slot) this session's meanwhile. `work` is awaited to its end even when a
+/// report fails (the first failure is returned afterwards): what it waits for must be over
+/// before the stream can be let go.
+async fn hold_stream_while<W: WalSource, T>(
+    source: &mut W,
+    progress: &Progress,
+    interval: Duration,
+    work: impl Future<Output = T>,
+) -> Result<T, Error> {
+    tokio::pin!(work);
+    let mut failed = None;
+    loop {
+        tokio::select! {
+            out = &mut work => return failed.map_or(Ok(out), Err),
+            () = tokio::time::sleep(interval) => {
+                if failed.is_none()
+                    && let Err(e) = source.send_status(progress.safe_lsn(), false).await
+                {
+                    failed = Some(e.into());
+                }
+            }
+        }
     }
 }

@@ -82,9 +82,13 @@ pub trait EventSink: Send {
         limit: usize,
     ) -> impl Future<Output = Result<Delivered, String>> + Send + 'static;
 
-    /// Waits up to `timeout` for every accepted record to be reported; returns how many were
-    /// not.
-    fn flush(&mut self, timeout: Duration) -> impl Future<Output = i32> + Send;
+    /// Drops every record not yet acknowledged and destroys the producer; resolves once it is
+    /// gone, so nothing it holds can be sent after. Bytes it had already written to a socket
+    /// can still reach the broker (without broker-side fencing nothing can recall them): a
+    /// consumer recognises such a copy by a `walship.position` at or below one it has seen.
+    fn close(self) -> impl Future<Output = ()> + Send
+    where
+        Self: Sized;
 }
 
 /// [`WalSource`] over PostgreSQL: the replication stream, and a SQL connection for catalog
@@ -146,31 +150,16 @@ pub struct KafkaSink {
 }
 
 impl KafkaSink {
-    /// Creates the producer; acknowledgements go to `progress`. A librdkafka error is returned
-    /// with every secret property value masked (librdkafka echoes rejected values).
+    /// Creates the producer; acknowledgements go to `progress`. Its error never carries a
+    /// secret value ([`SinkSettings::create`]).
     pub fn new(settings: SinkSettings, progress: Arc<Progress>) -> Result<Self, crate::Error> {
-        let sink = Sink::new(settings.clone(), progress).map_err(|e| {
-            let mut text = e.to_string();
-            for secret in settings
-                .secret_properties
-                .values()
-                .filter(|v| !v.is_empty())
-            {
-                text = text.replace(secret.as_str(), "***");
-            }
-            crate::Error::Producer(text)
-        })?;
+        let sink = Sink::new(settings.clone(), progress)
+            .map_err(|e| crate::Error::Producer(e.to_string()))?;
         Ok(KafkaSink {
             sink,
             settings,
             scanner: Arc::default(),
         })
-    }
-
-    /// Resolves once the producer is destroyed after this sink is dropped (see
-    /// [`Sink::destroyed`]): the next session's producer must not start before.
-    pub fn destroyed(&mut self) -> impl Future<Output = ()> + Send + 'static {
-        self.sink.destroyed()
     }
 }
 
@@ -219,8 +208,10 @@ impl EventSink for KafkaSink {
         }
     }
 
-    fn flush(&mut self, timeout: Duration) -> impl Future<Output = i32> + Send {
-        self.sink.flush(timeout)
+    fn close(mut self) -> impl Future<Output = ()> + Send {
+        let gone = self.sink.destroyed();
+        drop(self);
+        gone
     }
 }
 

@@ -56,6 +56,9 @@ struct WalState {
 #[derive(Default)]
 struct WalShared {
     state: Mutex<WalState>,
+    /// What happened to the session's two ends, in order: "sink closed", "stream finished",
+    /// "stream released" (the source dropped).
+    ends: Mutex<Vec<&'static str>>,
     /// Frames were pushed.
     pushed: Notify,
     /// A status was sent or the stream finished.
@@ -64,6 +67,13 @@ struct WalShared {
 
 /// A replication stream the test writes to.
 struct FakeWal(Arc<WalShared>);
+
+impl Drop for FakeWal {
+    fn drop(&mut self) {
+        self.0.ends.lock().unwrap().push("stream released");
+        self.0.reported.notify_waiters();
+    }
+}
 
 impl WalSource for FakeWal {
     fn try_next(&mut self) -> Result<Option<Frame>, PgError> {
@@ -96,6 +106,7 @@ impl WalSource for FakeWal {
 
     async fn finish(self) -> Result<(), PgError> {
         self.0.state.lock().unwrap().finished = true;
+        self.0.ends.lock().unwrap().push("stream finished");
         self.0.reported.notify_waiters();
         Ok(())
     }
@@ -137,14 +148,25 @@ struct SinkState {
     topic_checks: u64,
     /// What a read-back of a topic finds.
     found: HashMap<String, Vec<(Position, &'static str)>>,
+    /// Like `found`, with the timeline each record names.
+    found_on: HashMap<String, Vec<(Position, &'static str, u32)>>,
     read_backs: Vec<String>,
     known: HashSet<String>,
+    /// While set, closing the sink (destroying the producer) waits for it.
+    close_gate: Option<Arc<Notify>>,
+    /// Every record that was still unacknowledged when the sink closed (purged).
+    purged: usize,
+    /// Sends to the dead-letter topic refused at once with this error (a producer that refuses
+    /// what it cannot accept).
+    refuse_dead_letters: Option<RDKafkaErrorCode>,
 }
 
 struct SinkShared {
     state: Mutex<SinkState>,
     changed: Notify,
     progress: Arc<Progress>,
+    /// The source's shared state, to log the close among the stream's ends.
+    wal: Arc<WalShared>,
 }
 
 /// A broker the test acknowledges for.
@@ -153,6 +175,17 @@ struct FakeSink(Arc<SinkShared>);
 impl EventSink for FakeSink {
     fn send(&mut self, record: &Record<'_>, token: usize) -> Result<(), SendError> {
         let mut state = self.0.state.lock().unwrap();
+        if let Some(code) = state.refuse_dead_letters
+            && record.topic == "outbox.dead-letter"
+        {
+            state.refused += 1;
+            drop(state);
+            self.0.changed.notify_waiters();
+            return Err(SendError::Rejected {
+                topic: record.topic.to_owned(),
+                error: KafkaError::MessageProduction(code),
+            });
+        }
         if state.queue_full {
             state.refused += 1;
             drop(state);
@@ -213,19 +246,24 @@ impl EventSink for FakeSink {
             .get(topic)
             .into_iter()
             .flatten()
-            .map(|(p, id)| (*p, Some(Box::from(id.as_bytes()))))
+            .map(|(p, id)| (*p, *id, 1))
+            .chain(state.found_on.get(topic).into_iter().flatten().copied())
+            .map(|(p, id, timeline)| (p, Some(Box::from(id.as_bytes())), timeline))
             .collect();
         async move { Ok(found) }
     }
 
-    /// Like a producer that delivers what it holds: everything sent and not yet reported is
-    /// acknowledged.
-    async fn flush(&mut self, _timeout: Duration) -> i32 {
-        let sent = self.0.state.lock().unwrap().sent.clone();
-        for s in sent {
-            self.0.progress.on_delivery(s.token, Ok(1));
+    /// Like a producer being destroyed: waits for the close gate if one is set, counts what
+    /// is unacknowledged as purged, and logs the close.
+    async fn close(self) {
+        let gate = self.0.state.lock().unwrap().close_gate.clone();
+        if let Some(gate) = gate {
+            gate.notified().await;
         }
-        0
+        let in_flight = self.0.progress.in_flight();
+        self.0.state.lock().unwrap().purged = usize::try_from(in_flight).unwrap();
+        self.0.wal.ends.lock().unwrap().push("sink closed");
+        self.0.changed.notify_waiters();
     }
 }
 
@@ -260,6 +298,26 @@ fn start_with(
     resume: Option<Resume>,
     prepare: impl FnOnce(&mut SinkState),
 ) -> Harness {
+    start_configured(settings, resume, prepare, |s| s)
+}
+
+/// A session that stops at once when `abandon` fires.
+fn start_abandonable(settings: SessionSettings, abandon: CancellationToken) -> Harness {
+    start_configured(settings, None, |_| {}, |s| s.abandon_on(abandon))
+}
+
+/// A session on a server whose `wal_sender_timeout` makes `limit` its silence limit.
+fn start_with_limit(limit: Option<Duration>) -> Harness {
+    let timeout = limit.map(|l| l * 4 / 3);
+    start_configured(settings(), None, |_| {}, |s| s.silence_limit(timeout))
+}
+
+fn start_configured(
+    settings: SessionSettings,
+    resume: Option<Resume>,
+    prepare: impl FnOnce(&mut SinkState),
+    configure: impl FnOnce(Session<FakeWal, FakeSink>) -> Session<FakeWal, FakeSink>,
+) -> Harness {
     let telemetry = Arc::new(Telemetry::default());
     let progress = Arc::new(Progress::with_telemetry(START, Arc::clone(&telemetry)));
     let wal = Arc::new(WalShared::default());
@@ -269,6 +327,7 @@ fn start_with(
         state: Mutex::new(sink_state),
         changed: Notify::new(),
         progress: Arc::clone(&progress),
+        wal: Arc::clone(&wal),
     });
     let spec = OutboxSpec::debezium(TableName::parse("public.outbox"));
     let session = Session::new(
@@ -285,6 +344,7 @@ fn start_with(
         "7/walship",
         resume,
     );
+    let session = configure(session);
     let cancel = CancellationToken::new();
     let token = cancel.clone();
     let task = tokio::spawn(async move { session.run(&token).await });
@@ -506,6 +566,22 @@ impl Harness {
     fn finished(&self) -> bool {
         self.wal.state.lock().unwrap().finished
     }
+
+    /// The session's ends in order; asserts the sink closed before the stream was let go.
+    fn ends(&self) -> Vec<&'static str> {
+        let ends = self.wal.ends.lock().unwrap().clone();
+        let closed = ends.iter().position(|e| *e == "sink closed");
+        let released = ends.iter().position(|e| *e != "sink closed");
+        assert!(
+            closed.is_some() && closed < released,
+            "the producer must be gone before the stream is let go: {ends:?}"
+        );
+        ends
+    }
+
+    fn statuses(&self) -> usize {
+        self.wal.state.lock().unwrap().statuses.len()
+    }
 }
 
 fn keys(sent: &[Sent]) -> Vec<&str> {
@@ -647,11 +723,128 @@ async fn a_stop_mid_transaction_finishes_the_transaction_first() {
     h.cancel.cancel();
     h.insert(("2", "order", Some("A")));
     let end = h.commit(0x200);
+    let sent = h.records(2).await;
+    h.ack(&sent, 0);
+    h.ack(&sent, 1);
     let stats = h.end().await.unwrap();
     assert_eq!(stats.events_sent, 2, "the rest of the transaction was sent");
-    // The shutdown flush delivered both: the whole transaction is confirmed.
+    // Both acknowledged before the end: the whole transaction is confirmed.
     assert_eq!(h.last_status(), end);
     assert!(h.finished());
+    assert_eq!(
+        h.ends(),
+        ["sink closed", "stream finished", "stream released"]
+    );
+}
+
+#[tokio::test]
+async fn a_stop_holds_the_stream_reporting_status_until_its_records_are_acknowledged() {
+    let mut h = start(
+        SessionSettings {
+            shutdown_timeout: Duration::from_secs(3600),
+            ..settings()
+        },
+        None,
+    );
+    let end = h.txn(1, 0x200, &[("1", "order", Some("A"))]);
+    let sent = h.records(1).await;
+    h.cancel.cancel();
+    // The acknowledgement is slow: the walsender keeps hearing from the session meanwhile
+    // (three more status reports), and the stream is neither finished nor released.
+    let before = h.statuses();
+    h.until_status("status while the acknowledgement is awaited", |s| {
+        s.statuses.len() >= before + 3
+    })
+    .await;
+    assert!(
+        h.wal.ends.lock().unwrap().is_empty(),
+        "let go before the ack"
+    );
+    h.ack(&sent, 0);
+    h.end().await.unwrap();
+    assert_eq!(h.last_status(), end);
+    assert_eq!(h.sink.state.lock().unwrap().purged, 0);
+    assert_eq!(
+        h.ends(),
+        ["sink closed", "stream finished", "stream released"]
+    );
+}
+
+#[tokio::test]
+async fn a_stop_whose_acknowledgements_never_come_lets_the_stream_go_after_the_timeout_and_the_close()
+ {
+    let gate = Arc::new(Notify::new());
+    let held = Arc::clone(&gate);
+    let mut h = start_with(settings(), None, move |s| s.close_gate = Some(held));
+    let first = h.txn(1, 0x200, &[("1", "order", Some("A"))]);
+    h.records(1).await;
+    let stopped = tokio::time::Instant::now();
+    let before = h.statuses();
+    h.cancel.cancel();
+    // Status every 50 ms: twelve reports span the 300 ms shutdown timeout and then some of the
+    // producer's (slow) destruction. The stream stays meanwhile.
+    h.until_status("status through the timeout and the close", |s| {
+        s.statuses.len() >= before + 12
+    })
+    .await;
+    assert!(stopped.elapsed() > settings().shutdown_timeout);
+    assert!(
+        h.wal.ends.lock().unwrap().is_empty(),
+        "let go before the close"
+    );
+    gate.notify_one();
+    h.end().await.unwrap();
+    assert!(stopped.elapsed() >= settings().shutdown_timeout);
+    assert!(
+        h.last_status() < first,
+        "an unacknowledged transaction was confirmed"
+    );
+    assert_eq!(h.sink.state.lock().unwrap().purged, 1);
+    assert_eq!(
+        h.ends(),
+        ["sink closed", "stream finished", "stream released"]
+    );
+}
+
+#[tokio::test]
+async fn an_abandoned_session_does_not_wait_for_acknowledgements() {
+    let abandon = CancellationToken::new();
+    let mut h = start_abandonable(
+        SessionSettings {
+            shutdown_timeout: Duration::from_secs(3600),
+            ..settings()
+        },
+        abandon.clone(),
+    );
+    let first = h.txn(1, 0x200, &[("1", "order", Some("A"))]);
+    h.records(1).await;
+    abandon.cancel();
+    h.cancel.cancel();
+    h.end().await.unwrap();
+    assert!(h.last_status() < first);
+    assert_eq!(h.sink.state.lock().unwrap().purged, 1);
+    assert_eq!(
+        h.ends(),
+        ["sink closed", "stream finished", "stream released"]
+    );
+}
+
+#[tokio::test]
+async fn a_session_that_was_silent_too_long_publishes_nothing_more_of_what_it_read() {
+    let mut h = start_with_limit(Some(Duration::from_millis(400)));
+    h.txn(1, 0x200, &[("1", "order", Some("A"))]);
+    let sent = h.records(1).await;
+    h.ack(&sent, 0);
+    // Frozen: the runtime does not run the session for longer than the limit allows, while
+    // frames it had read wait in its buffer.
+    h.txn(2, 0x300, &[("2", "order", Some("B"))]);
+    std::thread::sleep(Duration::from_millis(700));
+    let error = h.end().await.unwrap_err();
+    assert!(matches!(error, Error::Silenced { .. }), "{error}");
+    assert!(error.is_transient());
+    assert!(error.to_string().contains("wal_sender_timeout"), "{error}");
+    assert_eq!(h.records(1).await.len(), 1, "published after the freeze");
+    assert_eq!(h.ends(), ["sink closed", "stream released"]);
 }
 
 #[tokio::test]
@@ -746,6 +939,95 @@ async fn a_bad_row_is_dead_lettered_in_its_place_and_confirmed_behind_its_dead_l
     );
     h.ack(&sent, 1);
     h.until_confirmed(end).await;
+}
+
+fn dead_lettering() -> SessionSettings {
+    SessionSettings {
+        dead_letter_topic: Some("outbox.dead-letter".into()),
+        ..settings()
+    }
+}
+
+#[tokio::test]
+async fn an_oversized_bad_row_is_dead_lettered_cut_to_fit_with_its_size() {
+    let mut h = start(
+        SessionSettings {
+            max_record_bytes: 4_000,
+            ..dead_lettering()
+        },
+        None,
+    );
+    let big = "x".repeat(10_000);
+    let end = h.txn(1, 0x200, &[(&big, "order", None)]);
+    let sent = h.records(1).await;
+    let dead = &sent[0];
+    assert_eq!(dead.topic, "outbox.dead-letter");
+    let value = dead.payload.clone().unwrap_or_default();
+    let headers: usize = dead.headers.iter().map(|(k, v)| k.len() + v.len()).sum();
+    assert!(!value.is_empty() && value.len() < 10_000, "{}", value.len());
+    assert!(
+        value.len() + headers + dead.key.len() <= 4_000,
+        "{} + {headers} does not fit",
+        value.len()
+    );
+    let full: usize = String::from_utf8(dead.headers["walship.truncated"].clone())
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(full > 10_000, "the original JSON's size: {full}");
+    assert!(value.starts_with(b"{"), "the value is the row's JSON, cut");
+    h.ack(&sent, 0);
+    h.until_confirmed(end).await;
+}
+
+#[tokio::test]
+async fn a_dead_letter_the_producer_refuses_is_sent_once_without_its_value_then_stops() {
+    let mut h = start_with(dead_lettering(), None, |s| {
+        s.refuse_dead_letters = Some(RDKafkaErrorCode::MessageSizeTooLarge);
+    });
+    let first = h.txn(1, 0x200, &[("1", "order", Some("A"))]);
+    h.txn(2, 0x300, &[("2", "order", None)]);
+    let sent = h.records(1).await;
+    h.ack(&sent, 0);
+    let error = h.end().await.unwrap_err();
+    assert!(
+        matches!(error, Error::DeadLetterRefused { xid: 2, .. }),
+        "{error}"
+    );
+    assert!(!error.is_transient());
+    assert!(error.to_string().contains("outbox.dead-letter"), "{error}");
+    assert_eq!(
+        h.sink.state.lock().unwrap().refused,
+        2,
+        "once with its value, once without"
+    );
+    assert!(h.last_status() <= first, "confirmed past the row");
+    h.ends();
+}
+
+#[tokio::test]
+async fn a_dead_letter_the_broker_refuses_twice_stops_without_confirming_its_row() {
+    let mut h = start(dead_lettering(), None);
+    let first = h.txn(1, 0x200, &[("1", "order", Some("A"))]);
+    h.txn(2, 0x300, &[("2", "order", None)]);
+    let sent = h.records(2).await;
+    h.ack(&sent, 0);
+    assert!(!sent[1].payload.as_ref().is_none_or(Vec::is_empty));
+    h.fail(&sent, 1, RDKafkaErrorCode::InvalidTimestamp);
+    // Sent again in its place, without its value.
+    let sent = h.records(3).await;
+    assert_eq!(sent[2].topic, "outbox.dead-letter");
+    assert_eq!(sent[2].payload.as_deref(), Some(&b""[..]));
+    assert_eq!(sent[2].token, sent[1].token);
+    h.fail(&sent, 2, RDKafkaErrorCode::InvalidTimestamp);
+    let error = h.end().await.unwrap_err();
+    assert!(
+        matches!(error, Error::DeadLetterRefused { xid: 2, .. }),
+        "{error}"
+    );
+    assert_eq!(h.records(3).await.len(), 3, "no third attempt");
+    assert!(h.last_status() <= first, "confirmed past the row");
+    h.ends();
 }
 
 #[tokio::test]
@@ -890,4 +1172,136 @@ async fn resume_ends_once_the_stream_passes_what_an_earlier_run_can_have_sent() 
     assert!(h.sink.state.lock().unwrap().read_backs.is_empty());
     h.ack(&sent, 0);
     h.until_confirmed(end).await;
+}
+
+// ------------------------------------------------------------------------------------------
+// Published events and the server's history
+
+/// Timeline 2, which branched from 1 at 0x300.
+fn promoted() -> walship_postgres::failover::History {
+    walship_postgres::failover::History {
+        timeline: 2,
+        switches: vec![walship_postgres::failover::TimelineSwitch {
+            timeline: 1,
+            end: Lsn(0x300),
+        }],
+    }
+}
+
+#[tokio::test]
+async fn after_a_promotion_records_beyond_the_branch_stop_the_session_before_its_first_record() {
+    let mut h = start_configured(
+        settings(),
+        None,
+        |s| {
+            s.found_on.insert(
+                "outbox.event.order".into(),
+                vec![
+                    (at(0x200, 0), "1", 1),
+                    (at(0x300, 0), "2", 1),
+                    (at(0x380, 0), "3", 1),
+                ],
+            );
+        },
+        |s| {
+            s.on_server(promoted(), "pg2:5432", 0)
+                .check_published(vec!["outbox.event.order".into()], START)
+        },
+    );
+    h.txn(1, 0x400, &[("9", "order", Some("A"))]);
+    let error = h.end().await.unwrap_err();
+    let Error::Fork {
+        count,
+        first,
+        last,
+        record_timeline,
+        next_epoch,
+        ..
+    } = &error
+    else {
+        panic!("{error}");
+    };
+    assert_eq!((*count, *first, *last), (2, at(0x300, 0), at(0x380, 0)));
+    assert_eq!((*record_timeline, *next_epoch), (1, 1));
+    assert!(!error.is_transient());
+    let text = error.to_string();
+    assert!(
+        text.contains("pg2:5432")
+            && text.contains("0/300:0 to 0/380:0")
+            && text.contains("which began at 0/300")
+            && text.contains("postgres.source_epoch = 1"),
+        "{text}"
+    );
+    assert!(
+        h.sink.state.lock().unwrap().sent.is_empty(),
+        "published on a fork"
+    );
+    assert!(h.last_status() < Lsn(0x400));
+    h.ends();
+}
+
+#[tokio::test]
+async fn after_a_promotion_records_within_the_history_let_the_session_go_on_naming_its_timeline() {
+    let mut h = start_configured(
+        settings(),
+        Some(Resume::new(START, Lsn(0x1000))),
+        |s| {
+            s.found_on.insert(
+                "outbox.event.order".into(),
+                vec![(at(0x200, 0), "1", 1), (at(0x400, 0), "2", 2)],
+            );
+        },
+        |s| {
+            s.on_server(promoted(), "pg2:5432", 0)
+                .check_published(vec!["outbox.event.order".into()], START)
+        },
+    );
+    let end = h.txn(
+        1,
+        0x400,
+        &[("2", "order", Some("A")), ("3", "order", Some("A"))],
+    );
+    // Event 2 was published on this timeline by an earlier session: the check's read-back
+    // serves the resume lookup too, without a second read.
+    let sent = h.records(1).await;
+    assert_eq!(sent[0].headers["id"], b"3");
+    assert_eq!(sent[0].headers["walship.timeline"], b"2");
+    assert_eq!(
+        h.sink.state.lock().unwrap().read_backs,
+        ["outbox.event.order"]
+    );
+    h.ack(&sent, 0);
+    h.until_confirmed(end).await;
+}
+
+#[tokio::test]
+async fn a_resume_lookup_that_finds_a_later_timeline_stops_an_old_primary() {
+    let resume = Resume::new(START, Lsn(0x1000));
+    let mut h = start_with(settings(), Some(resume), |s| {
+        s.found_on
+            .insert("outbox.event.order".into(), vec![(at(0x200, 0), "1", 2)]);
+    });
+    h.txn(1, 0x200, &[("1", "order", Some("A"))]);
+    let error = h.end().await.unwrap_err();
+    assert!(
+        matches!(
+            error,
+            Error::Fork {
+                record_timeline: 2,
+                timeline: 1,
+                ..
+            }
+        ),
+        "{error}"
+    );
+    assert!(h.sink.state.lock().unwrap().sent.is_empty());
+    h.ends();
+}
+
+#[tokio::test]
+async fn records_on_the_first_timeline_carry_no_timeline_header() {
+    let mut h = start(settings(), None);
+    h.txn(1, 0x200, &[("1", "order", Some("A"))]);
+    let sent = h.records(1).await;
+    assert!(!sent[0].headers.contains_key("walship.timeline"));
 }

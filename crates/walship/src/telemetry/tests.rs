@@ -149,11 +149,36 @@ fn exposition_parses_and_carries_every_value() {
             "walship_dead_lettered_total Outbox rows published to the dead-letter topic.",
             "walship_resume_skipped_total Events not sent again after a restart because an earlier run had delivered them.",
             "walship_streaming 1 while streaming from the slot.",
+            "walship_unowned_seconds Seconds nobody has streamed the pipeline's slot, as this process saw it (0 while some process streams it; polled every postgres.watch_interval_ms while another process runs it). Alert on the maximum over processes.",
             "walship_role 1 for this process's role: active (streams the slot), standby (another consumer holds the slot; takes over when it is released), starting (neither yet) or elsewhere (with [cluster]: another process runs the pipeline).",
             "walship_delivery_errors_total Failed deliveries by class.",
             "walship_commit_to_ack_seconds Time from a transaction's commit to the acknowledgement of its last event.",
             "walship_read_to_ack_seconds Time from walship reading a transaction's first event to the acknowledgement of its last (walship's and the broker's share of commit to ack).",
         ]
+    );
+}
+
+#[test]
+fn a_slot_nobody_streams_counts_as_unowned_until_some_process_is_seen_streaming_it() {
+    let t = Telemetry::default();
+    let now = 1_000_000_000;
+    // Never seen streamed: counted from the process's start.
+    assert_eq!(t.unowned_seconds_at(now, now - 5_000), 5.0);
+    t.owner_seen_ms.store(now - 90_000, Ordering::Relaxed);
+    assert_eq!(t.unowned_seconds_at(now, now - 200_000), 90.0);
+    t.streaming.store(true, Ordering::Relaxed);
+    assert_eq!(
+        t.unowned_seconds_at(now, now - 200_000),
+        0.0,
+        "streamed here"
+    );
+    t.streaming.store(false, Ordering::Relaxed);
+    t.saw_owner();
+    assert!(t.unowned_seconds() < 1.0);
+    let text = scrape(&Arc::new(t));
+    assert!(
+        parse(&text)["walship_unowned_seconds"].samples["walship_unowned_seconds"] < 1.0,
+        "{text}"
     );
 }
 
