@@ -501,7 +501,7 @@ async fn status_reports_the_slot_position_and_its_lag_after_catching_up() {
         "wal_status",
         "safe_wal_size",
         "public.outbox",
-        &format!("active pid           {}", v["active_pid"]),
+        &format!("owner                walsender PID {}", v["active_pid"]),
     ] {
         assert!(
             human.stdout.contains(needle),

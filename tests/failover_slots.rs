@@ -370,6 +370,220 @@ async fn a_promoted_standby_behind_what_walship_confirmed_stops_walship_with_an_
     );
 }
 
+/// Active-passive across a failover: A streams, then B takes the slot over and confirms more
+/// (A, a standby now, remembers less than the slot holds); the primary dies, B is killed, the
+/// standby is promoted. A, the only one left, continues from the synced slot — another
+/// process's progress led up to it — with nothing lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_survivor_continues_after_a_promotion_its_peer_led_up_to_and_loses_nothing() {
+    if skipped("a_survivor_continues_after_a_promotion_its_peer_led_up_to_and_loses_nothing") {
+        return;
+    }
+    let _heavy = harness::heavy().await;
+    let pair = Pair::new(true).await;
+    let db = TestDb::new_in(&pair.primary).await;
+    db.client
+        .batch_execute(&format!(
+            "ALTER DATABASE {} SET wal_sender_timeout = '3s'",
+            db.name
+        ))
+        .await
+        .expect("set wal_sender_timeout");
+    let config = config(&db, &pair, true);
+    let a = Binary::start(&config);
+    db.await_streaming().await;
+    pair.await_synced(&db).await;
+    let a_walsender = crate::failover::slot_holder(&db).await.expect("A streams");
+    let b = Binary::start(&config);
+    harness::until("B to wait as a standby", || {
+        b.log_text()
+            .contains("standby: another consumer streams the slot")
+    })
+    .await;
+    let keys: Vec<String> = (0..10).map(|k| format!("k{k}")).collect();
+    let mut client = connect(&db.url).await;
+    for seq in 0..20 {
+        for key in &keys {
+            harness::insert_txn(&mut client, &[harness::Row::new("order", key, seq)]).await;
+        }
+    }
+    let a_confirmed = db.await_caught_up().await;
+    // A is frozen at a quiet moment (nothing in flight) until B has the slot, then thawed: it
+    // waits as a standby, remembering timeline 1 and what it confirmed.
+    a.signal(libc::SIGSTOP);
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    while crate::failover::slot_holder(&db)
+        .await
+        .is_none_or(|pid| pid == a_walsender)
+    {
+        assert!(tokio::time::Instant::now() < deadline, "B never took over");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    a.signal(libc::SIGCONT);
+    harness::until("A to wait as a standby", || {
+        a.log_text()
+            .contains("standby: another consumer streams the slot")
+    })
+    .await;
+    // B confirms more than A ever did, and the standby's copy of the slot follows.
+    for seq in 20..40 {
+        for key in &keys {
+            harness::insert_txn(&mut client, &[harness::Row::new("order", key, seq)]).await;
+        }
+    }
+    let b_confirmed = pair.await_synced(&db).await;
+    let synced = pair
+        .standby_slot(db.slot())
+        .await
+        .and_then(|s| s.confirmed)
+        .unwrap_or_default();
+    assert!(
+        synced > a_confirmed,
+        "the synced slot {synced} is past A's {a_confirmed}"
+    );
+    // The primary dies, B is killed, the standby is promoted.
+    tokio::task::block_in_place(|| pair.primary.stop_server_mode("immediate"));
+    let mut b = b;
+    b.kill();
+    tokio::task::block_in_place(|| pair.standby.pg_ctl(&["promote", "-w"]));
+    let new = on(&pair.standby, &db).await;
+    new.await_streaming().await;
+    let (before, _) = outbox(&new.client).await;
+    for (key, seqs) in &before {
+        for seq in seqs.len() as u64..seqs.len() as u64 + 10 {
+            new.client
+                .execute(
+                    "INSERT INTO outbox (id, aggregatetype, aggregateid, type, payload) \
+                     VALUES (gen_random_uuid(), 'order', $1, 'Updated', $2::text::jsonb)",
+                    &[key, &format!("{{\"aggregate\":\"{key}\",\"seq\":{seq}}}")],
+                )
+                .await
+                .expect("write to the new primary");
+        }
+    }
+    let (_, ids) = outbox(&new.client).await;
+    new.await_caught_up().await;
+    let records = consume(
+        &broker().bootstrap,
+        &[&topic(&db, "order")],
+        ids.len(),
+        TIMEOUT,
+        Duration::from_secs(2),
+    );
+    let consumed: HashSet<String> = records.iter().map(harness::Consumed::id).collect();
+    let lost = ids.difference(&consumed).count();
+    let late = harness::late_copies(&records);
+    let log = a.log_text();
+    eprintln!(
+        "survivor on PostgreSQL {}: A confirmed {a_confirmed}, B {synced} (synced after {:.1} s); \
+         after the promotion A continued: {} events, {lost} lost, {} duplicates, {} late copies\n\
+         A: {}",
+        pg_bin_major(),
+        b_confirmed.as_secs_f64(),
+        ids.len(),
+        records.len() - consumed.len(),
+        late.len(),
+        log.lines()
+            .find(|l| l.contains("followed a failover"))
+            .unwrap_or("(no line)")
+    );
+    assert_eq!(lost, 0, "events of the new primary missing from Kafka");
+    assert!(log.contains("followed a failover"), "{log}");
+    assert!(
+        log.contains("all of it is in this server's history"),
+        "Kafka was checked: {log}"
+    );
+    assert!(
+        late.iter().all(|c| c.seen_before && c.below_published),
+        "{late:?}"
+    );
+    let (code, log) = a.stop().await;
+    assert_eq!(code, 0, "{log}");
+}
+
+/// Without `synchronized_standby_slots`, the standby is cut off while walship keeps
+/// publishing; walship is killed (its successor has no memory of the old timeline), the
+/// primary dies and the standby is promoted. A new walship finds in Kafka events the new
+/// primary does not have, stops naming them and the way on, and confirms nothing; with
+/// `postgres.source_epoch` set as it says, it publishes the new primary's events as a new
+/// source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_promotion_behind_what_was_published_stops_a_new_process_before_it_confirms_anything() {
+    if skipped(
+        "a_promotion_behind_what_was_published_stops_a_new_process_before_it_confirms_anything",
+    ) {
+        return;
+    }
+    let pair = Pair::new(false).await;
+    let db = TestDb::new_in(&pair.primary).await;
+    let config = config(&db, &pair, true);
+    let mut walship = Binary::start(&config);
+    db.await_streaming().await;
+    pair.await_synced(&db).await;
+    pair.cut_standby();
+    let mut client = connect(&db.url).await;
+    for seq in 0..50 {
+        harness::insert_txn(&mut client, &[harness::Row::new("order", "a", seq)]).await;
+    }
+    db.await_caught_up().await;
+    walship.kill();
+    tokio::task::block_in_place(|| pair.primary.stop_server_mode("immediate"));
+    tokio::task::block_in_place(|| pair.standby.pg_ctl(&["promote", "-w"]));
+    let new = on(&pair.standby, &db).await;
+    let slot_before = new.slot_confirmed_lsn(db.slot()).await;
+    let fresh = Binary::start(&config);
+    let (code, log) = fresh.wait_exit(TIMEOUT).await;
+    assert_ne!(code, 0, "{log}");
+    assert!(
+        log.contains("Kafka holds events of source")
+            && log.contains("which is not in the history of")
+            && log.contains("postgres.source_epoch = 1"),
+        "{log}"
+    );
+    assert_eq!(
+        new.slot_confirmed_lsn(db.slot()).await,
+        slot_before,
+        "confirmed past what Kafka holds beyond the branch"
+    );
+    eprintln!(
+        "a promotion behind what was published: {}",
+        log.lines()
+            .find(|l| l.contains("Kafka holds events of source"))
+            .unwrap_or_default()
+    );
+    // The way on it names: a new source, whose positions name no published event.
+    let epoch = config.replace(
+        "failover_slot = true",
+        "failover_slot = true\nsource_epoch = 1",
+    );
+    let walship = Binary::start(&epoch);
+    new.await_streaming().await;
+    let mut client = connect(&new.url).await;
+    for seq in 50..60 {
+        harness::insert_txn(&mut client, &[harness::Row::new("order", "b", seq)]).await;
+    }
+    new.await_caught_up().await;
+    let records = consume(
+        &broker().bootstrap,
+        &[&topic(&db, "order")],
+        60,
+        TIMEOUT,
+        Duration::from_secs(2),
+    );
+    let of_b: Vec<&harness::Consumed> = records.iter().filter(|r| r.key_str() == "b").collect();
+    assert_eq!(of_b.len(), 10, "{of_b:?}");
+    assert!(
+        of_b.iter().all(|r| r
+            .header("walship.source")
+            .is_some_and(|s| s.ends_with("/1"))
+            && r.header("walship.timeline").as_deref() == Some("2")),
+        "{:?}",
+        of_b[0].headers
+    );
+    let (code, log) = walship.stop().await;
+    assert_eq!(code, 0, "{log}");
+}
+
 /// Runs `walship check --json` with `config_text`; returns the exit code and each check's
 /// (status, message, fix) by name (the last of a repeated name).
 async fn check(config_text: &str) -> (i32, BTreeMap<String, (String, String, String)>) {

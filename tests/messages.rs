@@ -333,3 +333,59 @@ async fn bad_messages_are_dead_lettered_with_their_content_and_walship_continues
     let (code, log) = walship.stop().await;
     assert_eq!(code, 0, "{log}");
 }
+
+/// A bad message larger than a record may be (2 MB, not JSON) under `dead-letter`: its dead
+/// letter arrives with the content cut to fit `message.max.bytes` and the original size in a
+/// header, and walship goes on with the next event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_bad_message_is_dead_lettered_cut_to_fit_and_walship_continues() {
+    let db = TestDb::new().await;
+    let dlq = format!("{}.dlq", db.name);
+    let config = config_toml(
+        &db,
+        &format!("on_bad_row = \"dead-letter\"\ndead_letter_topic = \"{dlq}\"\n"),
+    );
+    let walship = Binary::start(&config);
+    db.await_streaming().await;
+    let big = "x".repeat(2 << 20);
+    emit(&db.client, true, "outbox", &big).await;
+    emit(
+        &db.client,
+        true,
+        "outbox",
+        &event("order", "a", 1).to_string(),
+    )
+    .await;
+    db.await_caught_up().await;
+    let good = consume(
+        &broker().bootstrap,
+        &[&topic(&db, "order")],
+        1,
+        TIMEOUT,
+        SETTLE,
+    );
+    assert_eq!(harness::seqs(&good), vec![1], "the next event arrived");
+    let dead = consume(&broker().bootstrap, &[&dlq], 1, TIMEOUT, SETTLE);
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    let value = dead[0].payload.clone().unwrap_or_default();
+    assert!(
+        !value.is_empty() && value.len() < 1_000_000 && value.iter().all(|&b| b == b'x'),
+        "cut, not emptied: {} bytes",
+        value.len()
+    );
+    assert_eq!(
+        dead[0].header("walship.truncated").as_deref(),
+        Some(big.len().to_string().as_str())
+    );
+    assert!(
+        dead[0]
+            .header("walship.error")
+            .unwrap_or_default()
+            .contains("not JSON"),
+        "{:?}",
+        dead[0].headers
+    );
+    let (code, log) = walship.stop().await;
+    assert_eq!(code, 0, "{log}");
+    assert!(log.contains("the dead letter's value is cut from"), "{log}");
+}

@@ -206,6 +206,60 @@ pub fn by_key(records: &[Consumed]) -> std::collections::BTreeMap<(String, Strin
     map
 }
 
+/// A copy of an event that arrived after a newer event of its key: what a consumer applying
+/// events in log order sees as e6, then e5 again.
+#[derive(Debug, Clone)]
+pub struct LateCopy {
+    pub record: Consumed,
+    /// The newest `seq` of the key before it.
+    pub after_seq: u64,
+    /// An earlier record of the partition is the same event (same position and id): a copy,
+    /// not an event of its own.
+    pub seen_before: bool,
+    /// An earlier record of the partition, of the same `walship.source`, has a position at or
+    /// above its own: a consumer keeping the highest position per source recognises it.
+    pub below_published: bool,
+}
+
+/// Every late copy in `records` — looking at every copy of every event in log order, not only
+/// the first.
+pub fn late_copies(records: &[Consumed]) -> Vec<LateCopy> {
+    use std::collections::{HashMap, HashSet};
+    let mut sorted: Vec<&Consumed> = records.iter().collect();
+    sorted.sort_by_key(|r| (r.topic.clone(), r.partition, r.offset));
+    let mut newest: HashMap<(String, String), u64> = HashMap::new();
+    let mut seen: HashSet<(String, i32, String, String)> = HashSet::new();
+    let mut highest: HashMap<(String, i32, String), walship_kafka::Position> = HashMap::new();
+    let mut late = Vec::new();
+    for r in sorted {
+        let seq = r.json()["seq"].as_u64().expect("seq");
+        let position_text = r.header(walship_kafka::POSITION_HEADER).expect("position");
+        let position =
+            walship_kafka::Position::parse(position_text.as_bytes()).expect("position parses");
+        let source = r.header(walship_kafka::SOURCE_HEADER).expect("source");
+        let event = (r.topic.clone(), r.partition, position_text, r.id());
+        let partition_source = (r.topic.clone(), r.partition, source);
+        let key = (r.topic.clone(), r.key_str());
+        match newest.get(&key) {
+            Some(&after) if seq < after => late.push(LateCopy {
+                record: r.clone(),
+                after_seq: after,
+                seen_before: seen.contains(&event),
+                below_published: highest
+                    .get(&partition_source)
+                    .is_some_and(|h| *h >= position),
+            }),
+            _ => {
+                newest.insert(key, seq);
+            }
+        }
+        seen.insert(event);
+        let high = highest.entry(partition_source).or_insert(position);
+        *high = (*high).max(position);
+    }
+    late
+}
+
 /// The `seq` field of each record's JSON payload.
 pub fn seqs(records: &[Consumed]) -> Vec<u64> {
     records

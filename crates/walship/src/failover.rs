@@ -171,10 +171,11 @@ pub(crate) async fn before_session(
         }
         check_published = true;
     } else if let (Some(branch), Some(slot)) = (history.branch_point(), slot.as_ref())
-        && slot.confirmed_flush_lsn.is_some_and(|c| c < branch)
+        && slot.confirmed_flush_lsn.is_some_and(|c| c <= branch)
     {
-        // Nobody has confirmed anything on this timeline yet: this may be the first session
-        // after the promotion (in this process or any other).
+        // Nobody has confirmed anything past the branch point yet: this may be the first
+        // session after the promotion (in this process or any other). A synced slot can stand
+        // exactly at the branch point: the standby's last replayed position.
         check_published = true;
     }
     lineage.timeline.store(timeline, Ordering::Relaxed);

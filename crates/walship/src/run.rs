@@ -356,7 +356,7 @@ async fn standby(
 /// What a standby's connection calls itself (`application_name`, at most 63 bytes): how a
 /// process that lost its claim on the slot's pipeline sees that another waits for the slot
 /// ([`contender`]).
-fn standby_marker(slot: &str) -> String {
+pub(crate) fn standby_marker(slot: &str) -> String {
     let mut marker = format!("walship standby {slot}");
     marker.truncate(63);
     marker

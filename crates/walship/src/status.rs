@@ -35,6 +35,12 @@ pub struct SlotStatus {
     pub active: bool,
     /// PID of that walsender.
     pub active_pid: Option<i32>,
+    /// Who streams the slot — its owner: the walsender's `application_name` and client
+    /// address (`null` when nobody does, or the role may not see them).
+    pub owner: Option<String>,
+    /// walship processes waiting for the slot as standbys (active-passive, or `[cluster]`
+    /// during a move).
+    pub standbys: u32,
     /// Where streaming resumes (everything before it reached Kafka).
     pub confirmed_flush_lsn: Option<String>,
     /// Oldest WAL the slot keeps.
@@ -87,11 +93,21 @@ impl SlotStatus {
                 ),
             ));
             rows.push((
-                "active pid",
-                self.active_pid.map_or_else(
-                    || "none (nobody is streaming)".to_owned(),
-                    |p| p.to_string(),
-                ),
+                "owner",
+                match (self.active_pid, &self.owner) {
+                    (Some(pid), Some(owner)) => format!("walsender PID {pid}, {owner}"),
+                    (Some(pid), None) => format!("walsender PID {pid}"),
+                    (None, _) => "none: nobody streams this slot, so no walship process runs \
+                                  this pipeline now (see their logs and walship_unowned_seconds)"
+                        .to_owned(),
+                },
+            ));
+            rows.push((
+                "standbys",
+                match self.standbys {
+                    0 => "none waiting for the slot".to_owned(),
+                    n => format!("{n} walship process(es) waiting for the slot"),
+                },
             ));
             rows.push((
                 "confirmed_flush_lsn",
@@ -166,6 +182,35 @@ pub async fn read_status(config: &Config) -> Result<SlotStatus, Error> {
     let state = catalog::slot_state(&client, name).await?;
     let extra = catalog::slot_extra(&client, name).await?;
     let current = catalog::current_wal_lsn(&client).await?;
+    let owner = match state.as_ref().and_then(|s| s.active_pid) {
+        Some(pid) => client
+            .query_opt(
+                "SELECT application_name, host(client_addr) FROM pg_stat_replication WHERE pid = $1",
+                &[&pid],
+            )
+            .await
+            .ok()
+            .flatten()
+            .map(|r| {
+                let app: Option<String> = r.get(0);
+                let addr: Option<String> = r.get(1);
+                format!(
+                    "application_name {:?}, client {}",
+                    app.unwrap_or_default(),
+                    addr.unwrap_or_else(|| "local or not visible to this role".to_owned())
+                )
+            }),
+        None => None,
+    };
+    let standbys = client
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 \
+             AND datname = current_database()",
+            &[&crate::run::standby_marker(name)],
+        )
+        .await
+        .map(|r| u32::try_from(r.get::<_, i64>(0)).unwrap_or(0))
+        .unwrap_or(0);
     let publication = catalog::publication_info(&client, &config.postgres.publication).await?;
     let table = config.outbox_spec().table;
     let family = catalog::outbox_family(&client, &table).await?;
@@ -185,6 +230,8 @@ pub async fn read_status(config: &Config) -> Result<SlotStatus, Error> {
         database: state.as_ref().and_then(|s| s.database.clone()),
         active: state.as_ref().is_some_and(|s| s.active_pid.is_some()),
         active_pid: state.as_ref().and_then(|s| s.active_pid),
+        owner,
+        standbys,
         confirmed_flush_lsn: state
             .as_ref()
             .and_then(|s| s.confirmed_flush_lsn)
@@ -265,6 +312,8 @@ mod tests {
             database: Some("app".into()),
             active: true,
             active_pid: Some(4242),
+            owner: Some("application_name \"walship\", client 10.0.0.5".into()),
+            standbys: 1,
             confirmed_flush_lsn: Some("0/16B3F40".into()),
             restart_lsn: Some("0/16B3F08".into()),
             current_wal_lsn: "0/16B3F40".into(),
@@ -283,7 +332,8 @@ mod tests {
     fn human_table_names_every_field() {
         let text = sample().render_human();
         for needle in [
-            "active pid           4242",
+            "owner                walsender PID 4242, application_name \"walship\", client 10.0.0.5",
+            "standbys             1 walship process(es) waiting for the slot",
             "confirmed_flush_lsn  0/16B3F40",
             "lag                  0 bytes behind",
             "wal_status           reserved",
@@ -298,6 +348,11 @@ mod tests {
     fn missing_or_lost_slot_is_unhealthy() {
         let mut s = sample();
         assert!(s.healthy());
+        s.active_pid = None;
+        assert!(
+            s.render_human().contains("none: nobody streams this slot"),
+            "an unowned pipeline shows"
+        );
         s.wal_status = Some("lost".into());
         assert!(!s.healthy());
         s.exists = false;
