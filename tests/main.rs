@@ -9,6 +9,7 @@
 mod check;
 mod cli;
 mod cluster;
+mod codecs;
 mod failover;
 mod failover_slots;
 mod faults;
