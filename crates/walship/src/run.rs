@@ -89,7 +89,14 @@ pub async fn run_settings(settings: &Settings, cancel: &CancellationToken) -> Re
         UNOWNED_LOG_AFTER,
     ));
     let server = match settings.metrics_listen {
-        Some(addr) => Some(metrics_server(addr, Arc::new([(None, Arc::clone(&telemetry))])).await?),
+        // A file without [[pipelines]]: its one pipeline is named after its slot.
+        Some(addr) => Some(
+            metrics_server(
+                addr,
+                Arc::new([(settings.source.slot.clone(), Arc::clone(&telemetry))]),
+            )
+            .await?,
+        ),
         None => None,
     };
     let result = run_pipeline(settings, cancel, &CancellationToken::new(), &telemetry).await;
@@ -125,7 +132,8 @@ pub(crate) fn note_stopped(telemetry: &Telemetry, result: &Result<(), Error>) {
     }
 }
 
-/// Binds `/metrics`, `/healthz` and `/readyz` for `pipelines` and serves them on a task.
+/// Binds `/metrics`, `/healthz`, `/readyz` and `/active` for `pipelines` and serves them on a
+/// task.
 pub(crate) async fn metrics_server(
     addr: std::net::SocketAddr,
     pipelines: telemetry::Pipelines,
@@ -135,7 +143,7 @@ pub(crate) async fn metrics_server(
             "metrics.listen {addr}: cannot listen ({e}); pick a free address"
         ))
     })?;
-    tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
+    tracing::info!(%addr, "serving /metrics, /healthz, /readyz and /active");
     Ok(tokio::spawn(telemetry::serve_pipelines(
         listener,
         pipelines,
@@ -308,6 +316,9 @@ async fn standby(
     let since = Instant::now();
     let mut holder = holder;
     telemetry
+        .standby_polled_ms
+        .store(telemetry::unix_ms(), Ordering::Relaxed);
+    telemetry
         .standby_for_pid
         .store(i64::from(holder).max(1), Ordering::Relaxed);
     tracing::info!(
@@ -325,7 +336,13 @@ async fn standby(
             client = standby_connection(source).await;
         }
         let Some(c) = &client else { continue };
-        match catalog::slot_state(c, &source.slot).await {
+        let state = catalog::slot_state(c, &source.slot).await;
+        if state.is_ok() {
+            telemetry
+                .standby_polled_ms
+                .store(telemetry::unix_ms(), Ordering::Relaxed);
+        }
+        match state {
             Ok(Some(state)) => match state.active_pid {
                 Some(pid) if pid != holder => {
                     telemetry.saw_owner();
@@ -450,10 +467,7 @@ pub(crate) async fn log_unowned(telemetry: Arc<Telemetry>, slot: String, bound: 
                 "nobody has streamed this pipeline's slot for {} s: no walship process runs the \
                  pipeline (this one: {}); see walship status and the other processes' logs",
                 unowned.round() as u64,
-                telemetry
-                    .readiness()
-                    .err()
-                    .unwrap_or_else(|| "streaming".into())
+                telemetry.health().line
             );
         } else if warned && unowned < bound.as_secs_f64() / 2.0 {
             warned = false;
