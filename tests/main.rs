@@ -21,6 +21,7 @@ mod ownership;
 mod partitions;
 mod pgoutput_golden;
 mod pipelines;
+mod privilege;
 mod relay;
 mod reliability;
 mod resume;

@@ -230,11 +230,18 @@ async fn lag_counts_the_backlog_while_the_broker_is_down_and_returns_to_zero() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heartbeat_writes_logical_messages_that_the_slot_confirms() {
     let db = TestDb::new().await;
-    let witness = format!("{}_witness", db.name);
     let mut config = harness::config(&db, &broker().bootstrap, "");
     config.postgres.heartbeat_interval_ms = 100;
     let relay = Relay::start_streaming(config, &db).await;
-    // A second slot, created now, records what the server decodes from here on.
+    await_heartbeat(&db).await;
+    relay.stop().await.expect("graceful stop");
+}
+
+/// Waits until walship (streaming from the test's slot) has written a heartbeat message and
+/// its slot has confirmed it: a second slot, created now, records what the server decodes
+/// from here on.
+pub(crate) async fn await_heartbeat(db: &TestDb) {
+    let witness = format!("{}_witness", db.name);
     db.client
         .execute(
             "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
@@ -280,5 +287,4 @@ async fn heartbeat_writes_logical_messages_that_the_slot_confirms() {
         .execute("SELECT pg_drop_replication_slot($1)", &[&witness])
         .await
         .unwrap();
-    relay.stop().await.expect("graceful stop");
 }

@@ -25,6 +25,7 @@ fn kit(partitioned: bool) -> String {
         schema: "kit".into(),
         partitioned,
         publication: init_sql::DEFAULT_PUBLICATION.into(),
+        ..InitSqlArgs::default()
     })
     .expect("the kit renders for schema kit")
 }
@@ -718,10 +719,11 @@ fn docker_files_reference_each_other_consistently() {
 }
 
 /// The postgres container's setup (sql/outbox.sql, then docker/initdb/20-walship-role.sh) gives
-/// walship's REPLICATION-only role all it needs, with docker/walship.toml and compose's
-/// environment (only the addresses, slot and topic changed to this test's).
+/// walship's least-privilege role all it needs, the slot history included, with
+/// docker/walship.toml and compose's environment (only the addresses, slot and topic changed to
+/// this test's).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn docker_setup_streams_with_the_replication_only_role() {
+async fn docker_setup_streams_with_the_least_privilege_role() {
     let db = TestDb::new().await;
     db.client
         .batch_execute(init_sql::OUTBOX_SQL)
@@ -818,15 +820,23 @@ async fn docker_setup_streams_with_the_replication_only_role() {
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{log}");
+    // The role keeps the slot history: no protection is off, and the slot is recorded.
+    assert!(!log.contains("G6"), "{log}");
+    let recorded: i64 = db
+        .client
+        .query_one(
+            "SELECT count(*) FROM public.walship_slots WHERE slot_name = $1",
+            &[&db.slot()],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(recorded, 1, "{log}");
     // Roles outlive the test database (matters with WALSHIP_TEST_PG_URL's external server).
     db.client
-        .batch_execute(&format!("DROP ROLE \"{role}\""))
+        .batch_execute(&format!("DROP OWNED BY \"{role}\"; DROP ROLE \"{role}\""))
         .await
         .expect("drop the test role");
 }

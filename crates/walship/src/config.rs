@@ -212,6 +212,12 @@ pub struct OutboxConfig {
     /// prefix, content)`) that are outbox events, matched exactly; empty (the default) = none.
     #[serde(default)]
     pub message_prefixes: Vec<String>,
+    /// Roles that write outbox messages. Only `walship check` reads it: with
+    /// `message_prefixes` set it warns when any other login role (superusers and walship's own
+    /// aside) may execute `pg_logical_emit_message`, since each could publish events or stop
+    /// the pipeline.
+    #[serde(default)]
+    pub message_writers: Vec<String>,
 }
 
 /// `outbox.on_bad_row`
@@ -242,6 +248,7 @@ impl Default for OutboxConfig {
             allowed_aggregate_types: Vec::new(),
             max_topics: default_max_topics(),
             message_prefixes: Vec::new(),
+            message_writers: Vec::new(),
         }
     }
 }

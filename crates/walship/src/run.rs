@@ -556,6 +556,20 @@ async fn preflight(source: &SourceSettings) -> Result<(pgoutput::Lsn, u32), Erro
         source.failover_slot,
     )
     .await?;
+    // A walship that may create its slot relies on the slot history never to re-create a
+    // dropped one (G6): say at every start when that protection is off, not only once.
+    if source.create_slot {
+        match setup::unprotected_slot(&client, &source.history, &source.slot).await {
+            Ok(Some(off)) => {
+                tracing::warn!(slot = %source.slot, "{}; fix: {}", off.message, off.fix)
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(
+                slot = %source.slot,
+                "cannot tell whether the slot history protects the slot: {e}"
+            ),
+        }
+    }
     Ok((
         state.confirmed_flush_lsn.unwrap_or_default(),
         scope.family.root,

@@ -10,6 +10,7 @@
 //!  slot ─────────▶ SlotState ─▶ uses_pgoutput, retention (kept / at risk / lost)    [slot]
 //!                        └─▶ validate_slot (start-up, watchdog); check and status read the same
 //!  server ───────▶ ServerSettings, ReplicationUsage, RoleInfo, wal_level rule      [server]
+//!  privileges ───▶ slot history access (G6), who may emit logical messages     [privilege]
 //! ```
 //!
 //! Invariants:
@@ -27,6 +28,7 @@
 //! - A missing, lost or foreign-plugin slot is a definite error, never a reason to create one.
 
 mod outbox;
+mod privilege;
 mod publication;
 mod server;
 mod slot;
@@ -38,13 +40,17 @@ pub use outbox::{
     ColumnInfo, OutboxFamily, OutboxScope, TableInfo, distinct_values, outbox_family,
     place_relation, relation_name, table_columns, table_info,
 };
+pub use privilege::{
+    EmitAccess, HistoryAccess, Unprotected, emit_access, emit_grants, heartbeat_grant,
+    history_access, history_grant, history_table_ddl,
+};
 pub use publication::{
     Coverage, PublicationInfo, create_publication_sql, outbox_scope, publication_info,
     publication_problem, published_outbox,
 };
 pub use server::{
-    ReplicationUsage, RoleInfo, ServerSettings, check_wal_level, is_logical_wal_level,
-    replication_usage, role_info, server_settings, wal_sender_timeout,
+    ReplicationRight, ReplicationUsage, RoleInfo, ServerSettings, check_wal_level,
+    is_logical_wal_level, replication_usage, role_info, server_settings, wal_sender_timeout,
 };
 pub(crate) use slot::lsn;
 pub use slot::{
