@@ -296,8 +296,12 @@ async fn watch(source: &SourceSettings, outbox_oid: u32, telemetry: &Telemetry) 
         )
         .await
         {
-            Ok(Some(end)) => telemetry.server_wal_end.store(end.0, Ordering::Relaxed),
-            Ok(None) => {}
+            Ok(watched) => {
+                telemetry.note_slot(&watched.slot);
+                if let Some(end) = watched.wal_end {
+                    telemetry.server_wal_end.store(end.0, Ordering::Relaxed);
+                }
+            }
             Err(e) if e.is_transient() => client = None,
             Err(e) => return e.into(),
         }
@@ -337,10 +341,13 @@ async fn standby(
         }
         let Some(c) = &client else { continue };
         let state = catalog::slot_state(c, &source.slot).await;
-        if state.is_ok() {
+        if let Ok(found) = &state {
             telemetry
                 .standby_polled_ms
                 .store(telemetry::unix_ms(), Ordering::Relaxed);
+            if let Some(slot) = found {
+                telemetry.note_slot(slot);
+            }
         }
         match state {
             Ok(Some(state)) => match state.active_pid {
@@ -441,8 +448,13 @@ pub(crate) async fn watch_owner(source: &SourceSettings, telemetry: &Telemetry) 
         }
         if let Some(c) = &client {
             match catalog::slot_state(c, &source.slot).await {
-                Ok(Some(state)) if state.active_pid.is_some() => telemetry.saw_owner(),
-                Ok(_) => {}
+                Ok(Some(state)) => {
+                    telemetry.note_slot(&state);
+                    if state.active_pid.is_some() {
+                        telemetry.saw_owner();
+                    }
+                }
+                Ok(None) => {}
                 Err(_) => client = None,
             }
         }

@@ -110,6 +110,14 @@ pub struct Telemetry {
     /// Unix ms when a standby last looked at the slot successfully (or began waiting): a standby
     /// that cannot reach PostgreSQL could not take over, so it is not healthy.
     pub standby_polled_ms: AtomicI64,
+    /// The slot's `wal_status` as this process last read it ([`SLOT_WAL_STATUSES`] index + 1;
+    /// 0: not read yet): the watchdog, a standby's polls and `[cluster]`'s owner polls read it.
+    pub slot_wal_status: std::sync::atomic::AtomicU8,
+    /// The slot's `safe_wal_size` as last read, when [`Telemetry::slot_safe_wal_known`].
+    pub slot_safe_wal_bytes: AtomicI64,
+    /// False while `safe_wal_size` was not read, or is unlimited (`max_slot_wal_keep_size =
+    /// -1`) or lost.
+    pub slot_safe_wal_known: AtomicBool,
     /// True while `[cluster]` has this pipeline assigned to another process.
     pub elsewhere: AtomicBool,
     /// Unix ms when this process last saw the pipeline's slot streamed, by itself or by another
@@ -220,8 +228,26 @@ impl Telemetry {
         (now_ms - seen).max(0) as f64 / 1000.0
     }
 
+    /// Notes the slot as the catalog has it now: its `wal_status` and `safe_wal_size`.
+    pub fn note_slot(&self, slot: &walship_postgres::SlotState) {
+        let status = slot
+            .wal_status
+            .as_deref()
+            .and_then(|s| SLOT_WAL_STATUSES.iter().position(|&k| k == s))
+            .map_or(0, |i| i as u8 + 1);
+        self.slot_wal_status.store(status, Ordering::Relaxed);
+        if let Some(bytes) = slot.safe_wal_size {
+            self.slot_safe_wal_bytes.store(bytes, Ordering::Relaxed);
+        }
+        self.slot_safe_wal_known
+            .store(slot.safe_wal_size.is_some(), Ordering::Relaxed);
+    }
+
     /// What this process does for its slot now.
     pub fn role(&self) -> Role {
+        if self.stopped.lock().is_ok_and(|s| s.is_some()) {
+            return Role::Stopped;
+        }
         if self.streaming.load(Ordering::Relaxed) {
             Role::Active
         } else if self.elsewhere.load(Ordering::Relaxed) {
@@ -287,6 +313,8 @@ impl Telemetry {
                 "not ready: starting or reconnecting; not streaming and not a standby yet"
                     .to_owned(),
             ),
+            // Returned above, with the error.
+            Role::Stopped => Health::unhealthy("stopped".to_owned()),
         }
     }
 
@@ -329,6 +357,9 @@ impl Health {
     }
 }
 
+/// The values of `pg_replication_slots.wal_status`, in the order of increasing danger.
+pub const SLOT_WAL_STATUSES: [&str; 4] = ["reserved", "extended", "unreserved", "lost"];
+
 /// What a process does for its slot (metric `walship_role`, `/readyz`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
@@ -340,6 +371,8 @@ pub enum Role {
     Starting,
     /// `[cluster]` assigned the pipeline to another process.
     Elsewhere,
+    /// Stopped by a definite error (a process with several pipelines keeps serving the others).
+    Stopped,
 }
 
 impl Role {
@@ -350,6 +383,7 @@ impl Role {
             Role::Standby => "standby",
             Role::Starting => "starting",
             Role::Elsewhere => "elsewhere",
+            Role::Stopped => "stopped",
         }
     }
 }
@@ -511,18 +545,50 @@ impl Collector for TelemetryCollector {
         let mut role = encoder.encode_descriptor(
             "walship_role",
             "1 for this process's role: active (streams the slot), standby (another consumer \
-             holds the slot; takes over when it is released), starting (neither yet) or elsewhere \
-             (with [cluster]: another process runs the pipeline).",
+             holds the slot; takes over when it is released), starting (neither yet), elsewhere \
+             (with [cluster]: another process runs the pipeline) or stopped (by a definite error).",
             None,
             MetricType::Gauge,
         )?;
         for (pipeline, t) in all {
             let current = t.role();
-            for name in
-                [Role::Active, Role::Standby, Role::Starting, Role::Elsewhere].map(Role::name)
+            for name in [
+                Role::Active,
+                Role::Standby,
+                Role::Starting,
+                Role::Elsewhere,
+                Role::Stopped,
+            ]
+            .map(Role::name)
             {
                 role.encode_family(&labels(pipeline, &[("role", name)]))?
                     .encode_gauge(&u64::from(current.name() == name))?;
+            }
+        }
+        let mut wal = encoder.encode_descriptor(
+            "walship_slot_wal_status",
+            "1 for the slot's wal_status as this process last read it (reserved, extended, unreserved: removed at the next checkpoint unless the slot catches up, lost); all 0 before it was read.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (pipeline, t) in all {
+            let current = t.slot_wal_status.load(Ordering::Relaxed);
+            for (i, name) in SLOT_WAL_STATUSES.iter().enumerate() {
+                wal.encode_family(&labels(pipeline, &[("status", name)]))?
+                    .encode_gauge(&u64::from(usize::from(current) == i + 1))?;
+            }
+        }
+        let mut safe = encoder.encode_descriptor(
+            "walship_slot_safe_wal_size_bytes",
+            "The slot's safe_wal_size as this process last read it: bytes of WAL that can still be written before the slot is in danger of invalidation (no sample while unlimited by max_slot_wal_keep_size, or not read yet).",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (pipeline, t) in all {
+            if t.slot_safe_wal_known.load(Ordering::Relaxed) {
+                let bytes = t.slot_safe_wal_bytes.load(Ordering::Relaxed);
+                safe.encode_family(&labels(pipeline, &[]))?
+                    .encode_gauge(&bytes)?;
             }
         }
         let mut errors = encoder.encode_descriptor(

@@ -61,19 +61,28 @@ pub use slot::{
 use crate::error::PgError;
 use crate::ident::TableName;
 
+/// What the watchdog saw: the slot, and the server's current WAL position (for the lag metric;
+/// `None` if it could not be read).
+#[derive(Debug, Clone)]
+pub struct Watched {
+    /// The slot as the catalog has it.
+    pub slot: SlotState,
+    /// `pg_current_wal_lsn()`.
+    pub wal_end: Option<Lsn>,
+}
+
 /// The watchdog's check, while walship runs, that what it streams from still exists: the slot (not
 /// invalidated), the publication, and the outbox table in it (by the rule of
 /// [`publication_problem`]; `outbox_oid` is the table's OID at start, to tell a rename
-/// from a drop). Returns the first definite problem, else the server's current WAL position (for
-/// the lag metric; None if it could not be read).
+/// from a drop). Returns the first definite problem, else what it saw.
 pub async fn watch(
     client: &Client,
     slot: &str,
     publication: &str,
     table: &TableName,
     outbox_oid: Option<u32>,
-) -> Result<Option<Lsn>, PgError> {
-    match slot_state(client, slot).await? {
+) -> Result<Watched, PgError> {
+    let state = match slot_state(client, slot).await? {
         None => {
             return Err(PgError::Setup(format!(
                 "replication slot {slot:?} was dropped while walship was running; it will not be re-created \
@@ -81,14 +90,21 @@ pub async fn watch(
                  with Kafka, then remove the slot's row from the slot history table and restart walship"
             )));
         }
-        Some(state) => validate_slot(&state)?,
-    }
+        Some(state) => {
+            validate_slot(&state)?;
+            state
+        }
+    };
     published_outbox(client, publication, table, outbox_oid, true).await?;
-    match current_wal_lsn(client).await {
-        Ok(end) => Ok(Some(end)),
+    let wal_end = match current_wal_lsn(client).await {
+        Ok(end) => Some(end),
         Err(e) => {
             tracing::debug!(error = %e, "cannot read the server's WAL position");
-            Ok(None)
+            None
         }
-    }
+    };
+    Ok(Watched {
+        slot: state,
+        wal_end,
+    })
 }

@@ -605,6 +605,7 @@ mod tests {
             wal_status: Some("reserved".into()),
             invalidation_reason: None,
             active_pid: Some(7),
+            safe_wal_size: None,
         };
         let [slots, senders] = capacity_checks(&settings, full, Some(&ours));
         assert_eq!(slots.status, Status::Pass, "{slots:?}");

@@ -150,6 +150,7 @@ fn exposition_parses_and_carries_every_value() {
         ("standby", 0.0),
         ("starting", 0.0),
         ("elsewhere", 0.0),
+        ("stopped", 0.0),
     ] {
         assert_eq!(
             value(
@@ -216,7 +217,9 @@ fn exposition_parses_and_carries_every_value() {
             "walship_resume_skipped_total Events not sent again after a restart because an earlier run had delivered them.",
             "walship_streaming 1 while streaming from the slot.",
             "walship_unowned_seconds Seconds nobody has streamed the pipeline's slot, as this process saw it (0 while some process streams it; polled every postgres.watch_interval_ms while another process runs it). Alert on the maximum over processes.",
-            "walship_role 1 for this process's role: active (streams the slot), standby (another consumer holds the slot; takes over when it is released), starting (neither yet) or elsewhere (with [cluster]: another process runs the pipeline).",
+            "walship_role 1 for this process's role: active (streams the slot), standby (another consumer holds the slot; takes over when it is released), starting (neither yet), elsewhere (with [cluster]: another process runs the pipeline) or stopped (by a definite error).",
+            "walship_slot_wal_status 1 for the slot's wal_status as this process last read it (reserved, extended, unreserved: removed at the next checkpoint unless the slot catches up, lost); all 0 before it was read.",
+            "walship_slot_safe_wal_size_bytes The slot's safe_wal_size as this process last read it: bytes of WAL that can still be written before the slot is in danger of invalidation (no sample while unlimited by max_slot_wal_keep_size, or not read yet).",
             "walship_delivery_errors_total Failed deliveries by class.",
             "walship_commit_to_ack_seconds Time from a transaction's commit to the acknowledgement of its last event.",
             "walship_read_to_ack_seconds Time from walship reading a transaction's first event to the acknowledgement of its last (walship's and the broker's share of commit to ack).",
@@ -253,6 +256,83 @@ fn a_slot_nobody_streams_counts_as_unowned_until_some_process_is_seen_streaming_
     assert!(
         parse(&text)["walship_unowned_seconds"].samples[&one("walship_unowned_seconds", "")] < 1.0,
         "{text}"
+    );
+}
+
+/// The slot's WAL retention as last read: one status at 1, and the safe size only while the
+/// server limits it.
+#[test]
+fn the_slot_wal_status_and_safe_size_are_those_last_read() {
+    let t = Arc::new(Telemetry::default());
+    let text = scrape(&t);
+    let families = parse(&text);
+    assert!(
+        families["walship_slot_wal_status"]
+            .samples
+            .values()
+            .all(|&v| v == 0.0),
+        "not read yet: {text}"
+    );
+    assert!(
+        families["walship_slot_safe_wal_size_bytes"]
+            .samples
+            .is_empty()
+    );
+    let mut slot = walship_postgres::SlotState {
+        name: "w".into(),
+        plugin: Some("pgoutput".into()),
+        database: Some("app".into()),
+        confirmed_flush_lsn: None,
+        restart_lsn: None,
+        wal_status: Some("unreserved".into()),
+        invalidation_reason: None,
+        active_pid: None,
+        safe_wal_size: Some(-4096),
+    };
+    t.note_slot(&slot);
+    let text = scrape(&t);
+    let families = parse(&text);
+    let status = &families["walship_slot_wal_status"].samples;
+    assert_eq!(
+        status[&one("walship_slot_wal_status", ",status=\"unreserved\"")],
+        1.0
+    );
+    assert_eq!(status.values().sum::<f64>(), 1.0, "{text}");
+    assert_eq!(
+        families["walship_slot_safe_wal_size_bytes"].samples
+            [&one("walship_slot_safe_wal_size_bytes", "")],
+        -4096.0
+    );
+    // Unlimited again: no safe size to report.
+    slot.wal_status = Some("reserved".into());
+    slot.safe_wal_size = None;
+    t.note_slot(&slot);
+    let families = parse(&scrape(&t));
+    assert!(
+        families["walship_slot_safe_wal_size_bytes"]
+            .samples
+            .is_empty()
+    );
+    assert_eq!(
+        families["walship_slot_wal_status"].samples
+            [&one("walship_slot_wal_status", ",status=\"reserved\"")],
+        1.0
+    );
+}
+
+/// A pipeline stopped by a definite error says so in its role, whatever else it was.
+#[test]
+fn a_stopped_pipeline_has_the_stopped_role() {
+    let t = Arc::new(Telemetry::default());
+    t.standby_for_pid.store(7, Ordering::Relaxed);
+    *t.stopped.lock().unwrap() = Some("replication slot \"w\" has been invalidated".into());
+    assert_eq!(t.role(), Role::Stopped);
+    let health = t.health();
+    assert!(!health.healthy && health.line.starts_with("stopped: replication slot"));
+    assert!(
+        scrape(&t).contains(&format!("{} 1", one("walship_role", ",role=\"stopped\""))),
+        "{}",
+        scrape(&t)
     );
 }
 
@@ -637,7 +717,7 @@ fn with_several_pipelines_every_sample_names_its_pipeline_and_readiness_needs_al
     let (status, body, _) = active(pipelines.iter());
     assert_eq!(
         (status, body.as_str()),
-        (StatusCode::OK, "orders: active\nbilling: starting\n")
+        (StatusCode::OK, "orders: active\nbilling: stopped\n")
     );
     let (status, _, _) = active(pipelines.iter().skip(1));
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
