@@ -17,6 +17,7 @@ mod handover;
 mod harness;
 mod messages;
 mod metrics;
+mod monitoring;
 mod ownership;
 mod partitions;
 mod pgoutput_golden;
