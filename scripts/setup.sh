@@ -2,6 +2,8 @@
 # Installs what walship's build, tests and demo need, idempotently; safe to run again.
 #
 #   scripts/setup.sh            build tools + PostgreSQL server binaries + the tansu broker
+#                               + Prometheus/promtool and kubernetes-validate (cached by
+#                               scripts/operator-tools.sh)
 #                               (PostgreSQL 16-18 for the test matrix: scripts/postgres.sh)
 #   scripts/setup.sh --no-broker   skip the broker (the demo then uses librdkafka's mock cluster)
 #
@@ -75,4 +77,11 @@ if [ "$want_broker" -eq 1 ]; then
     cargo install tansu --version "$TANSU_VERSION" --locked --features dynostore
   fi
 fi
+# --- operator-side tools -------------------------------------------------------------------------
+# Prometheus and promtool (the alert rules' unit tests, the dashboard queries against a real
+# server) and kubernetes-validate (the manifests), each fetched once into a cache behind a
+# version check: see scripts/operator-tools.sh.
+tools="$(dirname "$0")/operator-tools.sh"
+log "Prometheus/promtool: $("$tools" prometheus)"
+log "kubernetes-validate: $("$tools" kubernetes-validate)"
 log "ready"
