@@ -716,6 +716,21 @@ fn docker_files_reference_each_other_consistently() {
         }
     }
     assert!(postgres.contains("../sql/outbox.sql:/docker-entrypoint-initdb.d/10-outbox.sql"));
+    // A stop may take the shutdown timeout twice (finishing the transaction, then the acks):
+    // compose's grace period is longer, with a margin, or SIGKILL cuts the drain short.
+    let grace: u64 = walship
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("stop_grace_period: "))
+        .and_then(|v| v.strip_suffix('s'))
+        .and_then(|v| v.parse().ok())
+        .expect("stop_grace_period in seconds");
+    let config = Config::from_toml(&docker_file("walship.toml"), std::iter::empty(), "docker")
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        grace * 1000 > 2 * config.run.shutdown_timeout_ms + 10_000,
+        "stop_grace_period {grace}s against run.shutdown_timeout_ms {}",
+        config.run.shutdown_timeout_ms
+    );
 }
 
 /// The postgres container's setup (sql/outbox.sql, then docker/initdb/20-walship-role.sh) gives
