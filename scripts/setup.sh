@@ -81,7 +81,9 @@ fi
 # Prometheus and promtool (the alert rules' unit tests, the dashboard queries against a real
 # server) and kubernetes-validate (the manifests), each fetched once into a cache behind a
 # version check: see scripts/operator-tools.sh.
+# A failure here is reported and fails the tests that need the tool, not the setup.
 tools="$(dirname "$0")/operator-tools.sh"
-log "Prometheus/promtool: $("$tools" prometheus)"
-log "kubernetes-validate: $("$tools" kubernetes-validate)"
+for tool in prometheus kubernetes-validate; do
+  if where="$("$tools" "$tool")"; then log "$tool: $where"; else log "warning: could not fetch $tool (above)"; fi
+done
 log "ready"

@@ -22,10 +22,11 @@ cd "$(dirname "$0")/.."
 
 if [ -n "${WALSHIP_TEST_KAFKA:-}" ]; then scripts/setup.sh --no-broker; else scripts/setup.sh; fi
 export PATH="$HOME/.cargo/bin:$PATH"
-# The operator-side tools, cached by setup.sh (this only prints where they are).
-prometheus_bin="$(scripts/operator-tools.sh prometheus)"
-export WALSHIP_TEST_PROMETHEUS="$prometheus_bin/prometheus"
-kubernetes_validate="$(scripts/operator-tools.sh kubernetes-validate)"
+# The operator-side tools, cached by setup.sh (this only prints where they are). A tool that
+# cannot be had fails its steps below, not the whole run.
+prometheus_bin="$(scripts/operator-tools.sh prometheus)" || prometheus_bin=""
+[ -z "$prometheus_bin" ] || export WALSHIP_TEST_PROMETHEUS="$prometheus_bin/prometheus"
+kubernetes_validate="$(scripts/operator-tools.sh kubernetes-validate)" || kubernetes_validate=""
 
 # A failed run keeps its PostgreSQL data directories and broker logs for inspection (the
 # harness says where); forget those of runs more than a day old.
@@ -107,10 +108,12 @@ tool_check() { # label, then the command
   fi
 }
 step "alert rules (promtool check rules, promtool test rules)"
-tool_check "alert rules" bash -c '"$1/promtool" check rules deploy/prometheus/walship-alerts.yml &&
+tool_check "alert rules" bash -c '[ -n "$1" ] || { echo "no promtool (scripts/operator-tools.sh prometheus failed)"; exit 1; }
+  "$1/promtool" check rules deploy/prometheus/walship-alerts.yml &&
   (cd deploy/prometheus && "$1/promtool" test rules walship-alerts.test.yml)' _ "$prometheus_bin"
 step "Kubernetes manifests (kubernetes-validate --strict, static checks)"
-tool_check "Kubernetes manifests" env PYTHONPATH="$kubernetes_validate" python3 deploy/kubernetes/check_manifests.py
+tool_check "Kubernetes manifests" bash -c '[ -n "$1" ] || { echo "no kubernetes-validate (scripts/operator-tools.sh kubernetes-validate failed)"; exit 1; }
+  PYTHONPATH="$1" python3 deploy/kubernetes/check_manifests.py' _ "$kubernetes_validate"
 # PostgreSQL 15 only: the dashboard's queries and the alert rules read walship's metrics, and the
 # codecs are librdkafka's and the broker's; none depends on the server's version. The
 # least-privilege suite relies on what every version from 15 on does alike (no CREATE on public
