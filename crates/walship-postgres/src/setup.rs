@@ -129,8 +129,9 @@ pub async fn ensure_slot(
                         };
                     return Err(PgError::Setup(format!(
                         "cannot create replication slot {slot:?}: user {user:?} lacks the REPLICATION attribute \
-                         ({source}); grant it with ALTER ROLE {} REPLICATION; or create the slot as a superuser",
-                        quote_ident(&user)
+                         ({source}); grant it with ALTER ROLE {u} REPLICATION; (on Amazon RDS or Aurora: \
+                         GRANT rds_replication TO {u};) or create the slot as a superuser",
+                        u = quote_ident(&user)
                     )));
                 }
                 Err(source) => {
