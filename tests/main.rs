@@ -9,6 +9,7 @@
 mod check;
 mod cli;
 mod cluster;
+mod cutoff;
 mod failover;
 mod failover_slots;
 mod faults;
