@@ -44,6 +44,8 @@ for pkg in libicu72 libssl3 libzstd1 liblz4-1 libgssapi-krb5-2 libxml2 zlib1g li
 done
 have_pg_server || missing+=(postgresql)
 command -v psql >/dev/null || missing+=(postgresql-client)
+# tests/cutoff.rs cuts a walship process off from the broker in a network namespace of its own.
+command -v ip >/dev/null || missing+=(iproute2)
 # The end-to-end bench (scripts/bench_e2e.py) measures CPU and peak RSS with GNU time.
 [ -x /usr/bin/time ] || missing+=(time)
 command -v pg_recvlogical >/dev/null || missing+=(postgresql-client)
