@@ -22,7 +22,8 @@ case "$mode" in
   tansu | mock) ;;
   *) echo "[demo] WALSHIP_DEMO_BROKER must be tansu, mock or auto, not '$mode'" >&2; exit 2 ;;
 esac
-if [ "$mode" = tansu ]; then scripts/setup.sh; else scripts/setup.sh --no-broker; fi
+# The demo needs no documentation tools (mdBook, markdownlint-cli2): --no-docs.
+if [ "$mode" = tansu ]; then scripts/setup.sh --no-docs; else scripts/setup.sh --no-broker --no-docs; fi
 
 profile="${WALSHIP_DEMO_PROFILE:-release}"
 echo "[demo] building walship (profile $profile) ..."

@@ -2,20 +2,29 @@
 # Installs what walship's build, tests and demo need, idempotently; safe to run again.
 #
 #   scripts/setup.sh            build tools + PostgreSQL server binaries + the tansu broker
+#                               + the documentation tools (mdBook, markdownlint-cli2)
 #                               + Prometheus/promtool and kubernetes-validate (cached by
 #                               scripts/operator-tools.sh)
 #                               (PostgreSQL 16-18 for the test matrix: scripts/postgres.sh)
 #   scripts/setup.sh --no-broker   skip the broker (the demo then uses librdkafka's mock cluster)
+#   scripts/setup.sh --no-docs     skip the documentation tools (the demo does not need them)
 #
 # Cached: the tansu binary lives in ~/.cargo/bin and is only built when missing or the wrong
-# version (about 10-25 minutes on a 2-core machine).
+# version (about 10-25 minutes on a 2-core machine); so does mdbook (about 5 minutes once).
+# markdownlint-cli2 is installed with npm under ~/.cache/walship/ (seconds), again only when
+# missing or the wrong version.
 set -euo pipefail
 
 TANSU_VERSION="0.6.0"
+MDBOOK_VERSION="0.5.4"
+# 0.17.x runs on Node.js 18 (Debian 12's); later releases need Node.js 20 or 22.
+MARKDOWNLINT_CLI2_VERSION="0.17.2"
 want_broker=1
+want_docs=1
 for arg in "$@"; do
   case "$arg" in
     --no-broker) want_broker=0 ;;
+    --no-docs) want_docs=0 ;;
     *) echo "setup.sh: unknown option $arg" >&2; exit 2 ;;
   esac
 done
@@ -46,9 +55,16 @@ for pkg in libicu72 libssl3 libzstd1 liblz4-1 libgssapi-krb5-2 libxml2 zlib1g li
 done
 have_pg_server || missing+=(postgresql)
 command -v psql >/dev/null || missing+=(postgresql-client)
+# tests/cutoff.rs cuts a walship process off from the broker in a network namespace of its own.
+command -v ip >/dev/null || missing+=(iproute2)
 # The end-to-end bench (scripts/bench_e2e.py) measures CPU and peak RSS with GNU time.
 [ -x /usr/bin/time ] || missing+=(time)
 command -v pg_recvlogical >/dev/null || missing+=(postgresql-client)
+# markdownlint-cli2 (the documentation check) runs on Node.js, installed with npm.
+if [ "$want_docs" -eq 1 ]; then
+  command -v node >/dev/null || missing+=(nodejs)
+  command -v npm >/dev/null || missing+=(npm)
+fi
 if [ ${#missing[@]} -gt 0 ]; then
   log "installing Debian packages: ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
@@ -75,6 +91,28 @@ if [ "$want_broker" -eq 1 ]; then
   else
     log "building the tansu broker $TANSU_VERSION (cargo install; 10-25 minutes, cached in ~/.cargo/bin)"
     cargo install tansu --version "$TANSU_VERSION" --locked --features dynostore
+  fi
+fi
+# --- the documentation tools ----------------------------------------------------------------------
+if [ "$want_docs" -eq 1 ]; then
+  mdbook_bin="$(command -v mdbook || echo "$HOME/.cargo/bin/mdbook")"
+  if [ -x "$mdbook_bin" ] && "$mdbook_bin" --version 2>/dev/null | grep -q "v$MDBOOK_VERSION\$"; then
+    log "mdbook $MDBOOK_VERSION present: $mdbook_bin"
+  else
+    # Without the serve and watch features: the book is only built here (a few minutes less).
+    log "building mdbook $MDBOOK_VERSION (cargo install; about 5 minutes, cached in ~/.cargo/bin)"
+    cargo install mdbook --version "$MDBOOK_VERSION" --locked --no-default-features --features search
+  fi
+  # scripts/markdownlint.sh runs it from here.
+  mdl_dir="${XDG_CACHE_HOME:-$HOME/.cache}/walship/markdownlint-cli2"
+  mdl_pkg="$mdl_dir/node_modules/markdownlint-cli2/package.json"
+  if [ -f "$mdl_pkg" ] && [ "$(node -p "require('$mdl_pkg').version" 2>/dev/null)" = "$MARKDOWNLINT_CLI2_VERSION" ]; then
+    log "markdownlint-cli2 $MARKDOWNLINT_CLI2_VERSION present: $mdl_dir"
+  else
+    log "installing markdownlint-cli2 $MARKDOWNLINT_CLI2_VERSION (npm, into $mdl_dir)"
+    mkdir -p "$mdl_dir"
+    npm install --prefix "$mdl_dir" --no-audit --no-fund --loglevel=error \
+      "markdownlint-cli2@$MARKDOWNLINT_CLI2_VERSION" >/dev/null
   fi
 fi
 # --- operator-side tools -------------------------------------------------------------------------

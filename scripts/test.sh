@@ -3,7 +3,8 @@
 # unit tests, the end-to-end tests against a real PostgreSQL (Debian's 15) and a real broker
 # (tansu), the operator's side (alert rules under promtool, the Kubernetes manifests, the
 # dashboard's queries against a real Prometheus, a least-privilege role, every compression
-# codec), the PostgreSQL-facing end-to-end suites again on PostgreSQL 16, 17 and 18, and the
+# codec), the PostgreSQL-facing end-to-end suites again on PostgreSQL 16, 17 and 18, the
+# documentation checks (Markdown lint, links, the book's build, the README's quick start), and the
 # demo (scripts/demo.sh) with each of its brokers.
 #
 #   scripts/test.sh
@@ -50,6 +51,35 @@ steps+=("$(printf '%5d s  %s' "$SECONDS" "setup (prerequisites)")")
 
 step "cargo fmt --check"
 cargo fmt --all -- --check
+
+# The documentation: each check counts as one test in the closing line, and a failure fails the
+# run at the end like any other (see docs/src/contributing/docs.md).
+docs_passed=0
+docs_failed=0
+doc_check() { # label, then the command
+  local label="$1"
+  shift
+  if "$@"; then
+    docs_passed=$((docs_passed + 1))
+  else
+    docs_failed=$((docs_failed + 1))
+    echo "$label: FAILED"
+  fi
+}
+step "docs: markdownlint"
+doc_check "markdownlint" scripts/markdownlint.sh
+step "docs: links"
+doc_check "links" scripts/check_links.py
+# mdBook reports a missing chapter as an error but a missing {{#include}} only in its log, with
+# exit code 0: any ERROR or WARN line fails the step.
+mdbook_build() {
+  local out
+  out="$(mdbook build docs 2>&1)" || { echo "$out"; return 1; }
+  echo "$out"
+  ! grep -Eq '(^| )(ERROR|WARN) ' <<<"$out"
+}
+step "docs: mdbook build"
+doc_check "mdbook build" mdbook_build
 step "cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 log="$(mktemp)"
@@ -86,10 +116,11 @@ operator_suites=(codecs:: privilege:: monitoring::)
 skip_operator=()
 for suite in "${operator_suites[@]}"; do skip_operator+=(--skip "$suite"); done
 step "cargo test (unit + end-to-end, PostgreSQL 15)"
-# Every target as `cargo test --workspace --all-targets` runs them, the e2e binary (walship's
-# only test target) without the operator suites: criterion's benches refuse libtest's --skip.
+# Every target as `cargo test --workspace --all-targets` runs them, the e2e binary without the
+# operator suites (criterion's benches refuse libtest's --skip, so it runs on its own). walship's
+# test targets are e2e and docs (crates/walship/Cargo.toml): a new one is listed here too.
 cargo_test "cargo test" --workspace --exclude walship --all-targets --locked --no-fail-fast
-cargo_test "cargo test -p walship" -p walship --lib --bins --benches --examples --locked --no-fail-fast
+cargo_test "cargo test -p walship" -p walship --lib --bins --test docs --benches --examples --locked --no-fail-fast
 cargo_test "cargo test e2e" -p walship --test e2e --locked --no-fail-fast -- "${skip_operator[@]}"
 
 # The operator's side. Each step counts as tests in the closing line: the cargo suites by their
@@ -149,6 +180,15 @@ else
   done
 fi
 
+# The README's quick start, step by step, against a private PostgreSQL and tansu (on the dev
+# build cargo test made).
+step "docs: quick start"
+if ! command -v tansu >/dev/null; then
+  echo "skipped: tansu is not installed (WALSHIP_TEST_KAFKA set); run scripts/setup.sh to install it"
+else
+  doc_check "quick start" scripts/quickstart.sh
+fi
+
 # The README's first command, in both broker modes, so it cannot break unnoticed. It uses the dev
 # profile, which cargo test has mostly built (the examples as plain binaries take under a minute;
 # the demo's default release build would take several). A run passes when the demo exits 0 and
@@ -181,9 +221,10 @@ echo "== seconds per step (total $SECONDS s)"
 printf '%s\n' "${steps[@]}"
 
 # One closing line over every test binary (cargo prints one "test result" line per binary), the
-# demo runs and the tool checks (one test each), the matrix's versions that could not be fetched
-# and the cargo runs that failed without a failing test (one each).
-awk -v dp="$((demo_passed + tool_passed))" -v df="$((demo_failed + failed_runs + tool_failed))" \
+# documentation checks, the tool checks and the demo runs (one test each), the matrix's versions
+# that could not be fetched and the cargo runs that failed without a failing test (one each).
+awk -v dp="$((demo_passed + docs_passed + tool_passed))" \
+  -v df="$((demo_failed + docs_failed + failed_runs + tool_failed))" \
   '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
    END { printf "tests: %d passed, %d failed\n", p + dp, f + df }' "$log"
-[ "$demo_failed" -eq 0 ] && [ "$run_failed" -eq 0 ] && [ "$tool_failed" -eq 0 ]
+[ "$demo_failed" -eq 0 ] && [ "$docs_failed" -eq 0 ] && [ "$run_failed" -eq 0 ] && [ "$tool_failed" -eq 0 ]

@@ -201,3 +201,32 @@ async fn a_refused_record_at_the_pending_bound_is_dead_lettered_instead_of_waiti
     );
     relay.stop().await.expect("clean stop");
 }
+
+/// The broker refuses a record, then refuses its dead letter too (a dead-letter topic that
+/// takes nothing walship sends): walship stops naming the row and the topic after that second
+/// refusal, with the row's transaction unconfirmed — never a loop, never a skip.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_the_broker_refuses_stops_walship_without_confirming_its_row() {
+    let mut db = TestDb::new().await;
+    let (cluster, _topic, dlq, relay) = refusing_broker(&db, "").await;
+    // The record's refusal is queued by `refusing_broker`; its dead letter is refused next.
+    cluster.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE],
+    );
+    let before = db.confirmed_lsn().await;
+    insert_txn(&mut db.client, &[Row::new("order", "a", 0)]).await;
+    let error = relay.exit().await.expect_err("walship stops");
+    let text = error.to_string();
+    assert!(
+        matches!(error, walship::Error::DeadLetterRefused { .. })
+            && text.contains(&format!("topic {dlq:?} refused its dead letter")),
+        "{text}"
+    );
+    let commit: pgoutput::Lsn = db.current_lsn().await;
+    let confirmed = db.confirmed_lsn().await;
+    assert!(
+        confirmed < commit && confirmed >= before,
+        "confirmed {confirmed}, the row's transaction ends by {commit}"
+    );
+}

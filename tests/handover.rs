@@ -13,9 +13,11 @@ use std::time::{Duration, Instant};
 
 use crate::failover::slot_holder;
 use crate::harness::postgres::connect;
+use crate::harness::process::free_port;
 use crate::harness::{
     self, Binary, Broker, Consumed, TIMEOUT, TestDb, broker, consume, late_copies, topic, until,
 };
+use crate::metrics::{get, value};
 use crate::reliability::write_events;
 
 /// A database whose walsenders end a stream after `timeout` without a status report.
@@ -80,7 +82,19 @@ async fn a_graceful_stop_holds_the_slot_until_its_records_are_acknowledged() {
         &broker.bootstrap,
         "[run]\nshutdown_timeout_ms = 60000\n",
     );
-    let (a, b, walsender) = pair(&config, &db).await;
+    // The first process (the one stopped) serves metrics: its in-flight count says when its
+    // producer holds the records.
+    let port = free_port();
+    let with_metrics = format!("{config}\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n");
+    let a = Binary::start(&with_metrics);
+    db.await_streaming().await;
+    let walsender = slot_holder(&db).await.expect("the first streams");
+    let b = Binary::start(&config);
+    until("the second to wait as a standby", || {
+        b.log_text()
+            .contains("standby: another consumer streams the slot")
+    })
+    .await;
     let client = connect(&db.url).await;
     let keys: Vec<String> = (0..20).map(|k| format!("k{k}")).collect();
     let mut ids: HashSet<String> = write_events(&client, &keys, 25, 0, false)
@@ -92,8 +106,10 @@ async fn a_graceful_stop_holds_the_slot_until_its_records_are_acknowledged() {
     // The broker stops answering; events keep coming and reach the active process's producer.
     broker.freeze();
     ids.extend(write_events(&client, &keys, 25, 25, false).await);
-    let written = db.current_lsn().await;
-    until_sent(&db, written).await;
+    until("the stopping process's producer to hold records", || {
+        value(&get(port, "/metrics").1, "walship_in_flight_events") > 0.0
+    })
+    .await;
     a.signal(libc::SIGTERM);
     let stopped = Instant::now();
     // Three times the walsender's timeout: it keeps the stopping process's stream all along.
@@ -137,15 +153,6 @@ async fn a_graceful_stop_holds_the_slot_until_its_records_are_acknowledged() {
     );
     let (code, log) = b.stop().await;
     assert_eq!(code, 0, "{log}");
-}
-
-/// Waits until the walsender has sent everything up to `lsn` (the active process read it).
-async fn until_sent(db: &TestDb, lsn: pgoutput::Lsn) {
-    let deadline = Instant::now() + TIMEOUT;
-    while db.sent_lsn().await < lsn {
-        assert!(Instant::now() < deadline, "the walsender never sent {lsn}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// The active process is frozen (SIGSTOP) under full-speed load for longer than the

@@ -10,6 +10,7 @@ mod check;
 mod cli;
 mod cluster;
 mod codecs;
+mod cutoff;
 mod deploy;
 mod failover;
 mod failover_slots;

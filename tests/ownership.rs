@@ -126,6 +126,16 @@ async fn database_down_at_start(group: Option<&str>) {
         value(&metrics, "walship_unowned_seconds{pipeline=\"down\"}") > 0.0,
         "{metrics}"
     );
+    if group.is_some() {
+        // Past the move bound (2 x 6 s + 5 s) the process says so, once.
+        until("the unowned pipeline to be logged", || {
+            walship.log_text().lines().any(|l| {
+                l.contains("pipeline{name=down}")
+                    && l.contains("nobody has streamed this pipeline's slot")
+            })
+        })
+        .await;
+    }
     tokio::task::block_in_place(|| cluster.start_server());
     let down = TestDb {
         client: crate::harness::postgres::connect(&down.url).await,

@@ -47,7 +47,13 @@ pub struct Broker {
 
 impl Broker {
     fn spawn_at(port: u16) -> Child {
-        let url = format!("tcp://127.0.0.1:{port}");
+        Self::spawn_advertising(port, "127.0.0.1", "127.0.0.1")
+    }
+
+    /// tansu on `listen:port`, telling clients to connect to `advertised:port`.
+    fn spawn_advertising(port: u16, listen: &str, advertised: &str) -> Child {
+        let url = format!("tcp://{listen}:{port}");
+        let advertised_url = format!("tcp://{advertised}:{port}");
         let path = std::env::temp_dir().join(format!(
             "walship-test-tansu-{}-{port}.log",
             std::process::id()
@@ -70,7 +76,7 @@ impl Broker {
             "--listener-url",
             &url,
             "--advertised-listener-url",
-            &url,
+            &advertised_url,
             "--storage-engine",
             "memory://tansu/",
         ])
@@ -92,6 +98,20 @@ impl Broker {
         Broker {
             port,
             bootstrap: format!("127.0.0.1:{port}"),
+            child: Mutex::new(Some(child)),
+            external: false,
+        }
+    }
+
+    /// A broker process of the caller's own that listens on every address and tells clients
+    /// to connect to `advertised` (an address of this host, for clients in a network
+    /// namespace: see `harness::netns`).
+    pub fn dedicated_advertising(advertised: &str) -> Broker {
+        let port = free_port();
+        let child = Self::spawn_advertising(port, "0.0.0.0", advertised);
+        Broker {
+            port,
+            bootstrap: format!("{advertised}:{port}"),
             child: Mutex::new(Some(child)),
             external: false,
         }

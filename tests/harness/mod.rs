@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod kafka;
+pub mod netns;
 pub mod postgres;
 pub mod process;
 pub mod standby;
@@ -294,13 +295,37 @@ impl Binary {
         }
     }
 
+    /// Like [`Binary::start`], inside network namespace `netns`.
+    pub fn start_in(netns: &netns::Netns, config_toml: &str) -> Binary {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = dir.path().join("walship.toml");
+        std::fs::write(&config, config_toml).expect("write config");
+        let log = dir.path().join("walship.log");
+        let mut cmd = netns.command(std::path::Path::new(env!("CARGO_BIN_EXE_walship")));
+        Self::prepare(&mut cmd, &config, &log);
+        let child = process::spawn_owned(cmd, libc::SIGKILL).expect("start walship");
+        Binary {
+            child,
+            dir,
+            config,
+            log,
+            starts: 1,
+        }
+    }
+
     fn spawn(config: &std::path::Path, log: &std::path::Path) -> std::process::Child {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_walship"));
+        Self::prepare(&mut cmd, config, log);
+        process::spawn_owned(cmd, libc::SIGKILL).expect("start walship")
+    }
+
+    /// `run --config`, the log to `log`, no `WALSHIP_*` of the test's environment.
+    fn prepare(cmd: &mut std::process::Command, config: &std::path::Path, log: &std::path::Path) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(log)
             .expect("log file");
-        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_walship"));
         for (k, _) in std::env::vars() {
             if k.starts_with("WALSHIP_") {
                 cmd.env_remove(k);
@@ -310,7 +335,6 @@ impl Binary {
             .arg(config)
             .stdout(std::process::Stdio::null())
             .stderr(log);
-        process::spawn_owned(cmd, libc::SIGKILL).expect("start walship")
     }
 
     pub fn pid(&self) -> i32 {
@@ -399,6 +423,21 @@ pub fn long_tests() -> bool {
 pub async fn heavy() -> tokio::sync::MutexGuard<'static, ()> {
     static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
     HEAVY.lock().await
+}
+
+/// Like [`until`], with a condition that awaits (a query).
+pub async fn until_async<F: std::future::Future<Output = bool>>(
+    what: &str,
+    mut ready: impl FnMut() -> F,
+) {
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    while !ready().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Waits until `ready` holds, looking every 20 ms; fails naming `what` after [`TIMEOUT`].

@@ -44,6 +44,13 @@ use crate::sink::SinkSettings;
 
 /// How often the member thread serves librdkafka's callbacks and looks at its assignment.
 const POLL: Duration = Duration::from_millis(100);
+/// How often the member asks the broker for metadata to know it can reach it, and how long it
+/// waits for the answer. A connection into a network partition stays "up" in librdkafka until
+/// its requests time out (`socket.timeout.ms`, a minute): an answer is the only proof.
+const PROBE_EVERY: Duration = Duration::from_secs(1);
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+/// Without an answer for this long, the member counts as cut off.
+const CUT_OFF_AFTER: Duration = Duration::from_secs(3);
 
 /// Where and how a process joins the group.
 #[derive(Debug, Clone)]
@@ -68,8 +75,9 @@ pub struct Assignment {
     /// limit: the coordinator answers but is not completing rebalances, and `items` says
     /// nothing about the others.
     pub unsettled: bool,
-    /// The group coordinator answers this member. False while cut off (and before the first
-    /// contact): `items` is then empty, and which member runs what is unknown.
+    /// The broker answers this member (a metadata request within the last few seconds) and its
+    /// group coordinator is known. False while cut off (and before the first contact): which
+    /// member runs what is then unknown.
     pub reachable: bool,
 }
 
@@ -182,7 +190,7 @@ pub async fn join(sink: &SinkSettings, group: &GroupSettings) -> Result<Membersh
     };
     let context = MemberContext {
         steady: AtomicBool::new(false),
-        reachable: AtomicBool::new(false),
+        coordinator: AtomicBool::new(false),
     };
     let consumer: BaseConsumer<MemberContext> =
         sink.create(&config, context).map_err(join_error)?;
@@ -213,8 +221,9 @@ pub async fn join(sink: &SinkSettings, group: &GroupSettings) -> Result<Membersh
 struct MemberContext {
     /// The member's join state was `steady` at the last statistics.
     steady: AtomicBool,
-    /// The group coordinator was connected (`cgrp.state` "up") at the last statistics.
-    reachable: AtomicBool,
+    /// The group coordinator was known and connected (`cgrp.state` "up") at the last
+    /// statistics.
+    coordinator: AtomicBool,
 }
 
 impl ClientContext for MemberContext {
@@ -225,10 +234,10 @@ impl ClientContext for MemberContext {
     }
 
     fn stats(&self, statistics: Statistics) {
-        let (reachable, steady) = statistics.cgrp.map_or((false, false), |g| {
+        let (coordinator, steady) = statistics.cgrp.map_or((false, false), |g| {
             (g.state == "up", g.state == "up" && g.join_state == "steady")
         });
-        self.reachable.store(reachable, Ordering::Relaxed);
+        self.coordinator.store(coordinator, Ordering::Relaxed);
         self.steady.store(steady, Ordering::Relaxed);
     }
 }
@@ -249,7 +258,16 @@ fn member(
     // Since when the member has been reachable without a steady membership (joining counts: a
     // first join that never completes is the same failure).
     let mut unsteady_since: Option<std::time::Instant> = None;
+    let (mut probed_at, mut answered_at): (Option<std::time::Instant>, Option<std::time::Instant>) =
+        (None, None);
     while !stop.load(Ordering::Relaxed) {
+        if probed_at.is_none_or(|t| t.elapsed() >= PROBE_EVERY) {
+            probed_at = Some(std::time::Instant::now());
+            let probe = topics.first().map(String::as_str);
+            if consumer.fetch_metadata(probe, PROBE_TIMEOUT).is_ok() {
+                answered_at = Some(std::time::Instant::now());
+            }
+        }
         match consumer.poll(POLL) {
             // Records are never produced there; one written by hand is ignored.
             None | Some(Ok(_)) => {}
@@ -271,7 +289,8 @@ fn member(
             })
             .unwrap_or_default();
         let context = consumer.context();
-        let reachable = context.reachable.load(Ordering::Relaxed);
+        let reachable = context.coordinator.load(Ordering::Relaxed)
+            && answered_at.is_some_and(|t| t.elapsed() < CUT_OFF_AFTER);
         if !reachable || context.steady.load(Ordering::Relaxed) {
             unsteady_since = None;
         } else if unsteady_since.is_none() {
@@ -340,12 +359,26 @@ async fn coordination_topics(sink: &SinkSettings, group: &GroupSettings) -> Resu
             Ok(topic) => tracing::info!(%topic, "created a coordination topic"),
             Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
             Err((topic, code)) => {
+                // A controller being elected, a broker away: creating it again can succeed.
+                use RDKafkaErrorCode as C;
+                let passing = matches!(
+                    code,
+                    C::RequestTimedOut
+                        | C::NotController
+                        | C::NetworkException
+                        | C::BrokerNotAvailable
+                        | C::LeaderNotAvailable
+                        | C::NotCoordinator
+                        | C::CoordinatorNotAvailable
+                        | C::CoordinatorLoadInProgress
+                        | C::OperationTimedOut
+                );
                 return Err(GroupError::Topic {
                     topic,
                     brokers: sink.brokers.clone(),
                     what: "creating it",
                     error: code.to_string(),
-                    unanswered: false,
+                    unanswered: passing,
                 });
             }
         }

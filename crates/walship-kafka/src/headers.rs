@@ -6,8 +6,8 @@
 //!  walship.source   = <PostgreSQL system identifier>/<slot>
 //!  walship.position = <commit LSN hi>/<commit LSN lo>:<index in the transaction>   e.g. 16/B374D848:0
 //!  id               = the outbox row's id
-//!  walship.timeline = the server's timeline when walship read the event (only after a
-//!                     promotion: absent means timeline 1)
+//!  walship.timeline = the PostgreSQL timeline whose WAL held the event's commit (absent on
+//!                     records of versions before it was written: unknown)
 //! ```
 //!
 //! Invariant: [`Position::parse`] reads back exactly what [`Position::encode`] writes, and
@@ -22,18 +22,18 @@ pub const SOURCE_HEADER: &str = "walship.source";
 /// Header naming the event: `<commit LSN>:<index in the transaction>`, e.g. `16/B374D848:0`.
 /// Increases strictly, per source, in the order events were committed.
 pub const POSITION_HEADER: &str = "walship.position";
-/// Header naming the PostgreSQL timeline the event was read on, written only on timelines
-/// after the first (absent = 1). A position names one event only within one history: after a
-/// promotion that branched before what was published, the same position can name another
-/// event on the new timeline, and this header tells the two apart.
+/// Header naming the PostgreSQL timeline whose WAL held the event's commit. A position names
+/// one event only within one history: after a promotion that branched before what was
+/// published, the same position can name another event on the new timeline, and this header
+/// tells the two apart. Records of earlier versions lack it (timeline unknown).
 pub const TIMELINE_HEADER: &str = "walship.timeline";
 
-/// The timeline a record names in its [`TIMELINE_HEADER`] (`None`: absent, timeline 1).
-pub fn parse_timeline(value: Option<&[u8]>) -> u32 {
+/// The timeline a record names in its [`TIMELINE_HEADER`]; `None` when it has none (written by
+/// an earlier version) or it does not parse.
+pub fn parse_timeline(value: Option<&[u8]>) -> Option<u32> {
     value
         .and_then(|v| std::str::from_utf8(v).ok())
         .and_then(|v| v.parse().ok())
-        .unwrap_or(1)
 }
 
 /// Header carrying the outbox row's id (Debezium's name), compared too before skipping.

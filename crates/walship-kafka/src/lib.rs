@@ -19,7 +19,7 @@ pub mod sink;
 pub use headers::{
     ID_HEADER, POSITION_HEADER, Position, PositionText, SOURCE_HEADER, TIMELINE_HEADER,
 };
-pub use resume::{Delivered, ResumeScanner};
+pub use resume::{Delivered, ResumeScanner, TimelineSpan};
 pub use route::{RouteError, TopicLimits, TopicRouter};
 pub use sink::{
     DeliveryError, DeliveryListener, ErrorClass, Record, SendError, Sink, SinkSettings, TopicError,

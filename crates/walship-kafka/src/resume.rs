@@ -39,7 +39,19 @@ const MAX_PER_PARTITION: i64 = 1 << 20;
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Found {
     id: Option<Box<[u8]>>,
-    timeline: u32,
+    timeline: Option<u32>,
+}
+
+/// What a read-back saw of one timeline: every record of this source at or after the LSN asked
+/// for that names it, however many positions the limit let [`Delivered`] keep.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TimelineSpan {
+    /// Records read.
+    pub records: u64,
+    /// The lowest and the highest of their positions.
+    pub first: Position,
+    /// See `first`.
+    pub last: Position,
 }
 
 /// The positions one source already wrote to one topic, at or after some LSN.
@@ -51,6 +63,9 @@ struct Found {
 pub struct Delivered {
     /// Position → the record's `id` header and its timeline ([`crate::headers::TIMELINE_HEADER`]).
     positions: BTreeMap<Position, Found>,
+    /// Per timeline named, every record read (not bounded by the limit: the newest positions,
+    /// which a limit drops first, are the ones a promotion can have left behind).
+    spans: BTreeMap<u32, TimelineSpan>,
     /// Records read.
     pub scanned: u64,
     /// False when some partition could not be searched back far enough (time or size limit):
@@ -66,9 +81,27 @@ impl Delivered {
             .is_some_and(|found| found.id.as_deref() == id)
     }
 
-    /// Every position held with the timeline its record names.
-    pub fn timelines(&self) -> impl Iterator<Item = (Position, u32)> + '_ {
-        self.positions.iter().map(|(p, f)| (*p, f.timeline))
+    /// What was read of each timeline the records name (records without the header are not
+    /// counted: their timeline is unknown).
+    pub fn timelines(&self) -> impl Iterator<Item = (u32, TimelineSpan)> + '_ {
+        self.spans.iter().map(|(t, s)| (*t, *s))
+    }
+
+    /// Counts a record of `timeline` at `position` in [`Delivered::timelines`].
+    fn note_timeline(&mut self, timeline: Option<u32>, position: Position) {
+        let Some(timeline) = timeline else { return };
+        self.spans
+            .entry(timeline)
+            .and_modify(|s| {
+                s.records += 1;
+                s.first = s.first.min(position);
+                s.last = s.last.max(position);
+            })
+            .or_insert(TimelineSpan {
+                records: 1,
+                first: position,
+                last: position,
+            });
     }
 
     /// How many positions are held.
@@ -95,6 +128,7 @@ impl Delivered {
     /// Records a found position, keeping at most `limit` (the oldest): false when it or a newer
     /// one had to be dropped.
     fn insert(&mut self, position: Position, record: Found, limit: usize) -> bool {
+        self.note_timeline(record.timeline, position);
         self.positions.insert(position, record);
         if self.positions.len() > limit {
             self.positions.pop_last();
@@ -110,24 +144,26 @@ impl Delivered {
 }
 
 impl FromIterator<(Position, Option<Box<[u8]>>)> for Delivered {
-    /// A complete set of found positions of timeline 1 (tests, and callers that know them
+    /// A complete set of found positions without timelines (tests, and callers that know them
     /// otherwise).
     fn from_iter<I: IntoIterator<Item = (Position, Option<Box<[u8]>>)>>(iter: I) -> Self {
-        iter.into_iter().map(|(p, id)| (p, id, 1)).collect()
+        iter.into_iter().map(|(p, id)| (p, id, None)).collect()
     }
 }
 
-impl FromIterator<(Position, Option<Box<[u8]>>, u32)> for Delivered {
-    /// A complete set of found positions with their timelines.
-    fn from_iter<I: IntoIterator<Item = (Position, Option<Box<[u8]>>, u32)>>(iter: I) -> Self {
-        Delivered {
-            positions: iter
-                .into_iter()
-                .map(|(p, id, timeline)| (p, Found { id, timeline }))
-                .collect(),
-            scanned: 0,
+impl FromIterator<(Position, Option<Box<[u8]>>, Option<u32>)> for Delivered {
+    /// A complete set of found positions with the timelines their records name.
+    fn from_iter<I: IntoIterator<Item = (Position, Option<Box<[u8]>>, Option<u32>)>>(
+        iter: I,
+    ) -> Self {
+        let mut d = Delivered {
             complete: true,
+            ..Delivered::default()
+        };
+        for (position, id, timeline) in iter {
+            d.insert(position, Found { id, timeline }, usize::MAX);
         }
+        d
     }
 }
 
@@ -366,7 +402,11 @@ impl ResumeScanner {
             found.scanned += 1;
             if let Some((position, record)) = self.position_of(&message) {
                 if position.commit_lsn >= since {
-                    if !found.insert(position, record, limit) {
+                    if found.len() >= limit && found.last().is_some_and(|l| position > l) {
+                        // Beyond what may be held: counted for its timeline only.
+                        found.note_timeline(record.timeline, position);
+                        found.complete = false;
+                    } else if !found.insert(position, record, limit) {
                         found.complete = false;
                     }
                 } else {

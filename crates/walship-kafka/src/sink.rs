@@ -370,7 +370,7 @@ impl<L: DeliveryListener> ProducerContext for Context<L> {
 /// thread, purges its queue and waits up to 500 ms for the purge reports, so on a runtime that
 /// happens on the blocking pool.
 pub struct Sink<L: DeliveryListener> {
-    producer: OffRuntime<Arc<ThreadedProducer<Context<L>>>>,
+    producer: OffRuntime<ThreadedProducer<Context<L>>>,
     /// Fires once the producer is destroyed (see [`Sink::destroyed`]).
     gone: Option<tokio::sync::oneshot::Receiver<()>>,
     settings: SinkSettings,
@@ -442,7 +442,7 @@ impl<L: DeliveryListener> Sink<L> {
     /// Creates the producer (connecting happens in the background).
     pub fn new(settings: SinkSettings, listener: Arc<L>) -> Result<Self, KafkaError> {
         let producer = settings.create(&settings.client_config(), Context { listener })?;
-        let (producer, gone) = OffRuntime::new(Arc::new(producer));
+        let (producer, gone) = OffRuntime::new(producer);
         Ok(Sink {
             producer,
             gone: Some(gone),

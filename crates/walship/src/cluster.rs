@@ -46,15 +46,19 @@ use walship_kafka::group::{self, Assignment, GroupSettings};
 use crate::error::Error;
 use crate::pipelines::ClusterConfig;
 use crate::run::{
-    Member, contender, failure, log_unowned, note_stopped, run_pipeline, watch_owner,
+    Member, contender, failure, note_stopped, run_pipeline, watch_owner, watch_unowned,
 };
 use crate::settings::Settings;
 use crate::telemetry::Telemetry;
 
 /// Session timeouts without a steady group membership (while the coordinator answers) after
 /// which this process runs every pipeline, the slots deciding which process streams which,
-/// until the group settles.
-const UNSETTLED_SESSIONS: u32 = 2;
+/// until the group settles. A rebalance waits at most one rebalance timeout (walship sets it
+/// to the session timeout) for the members to rejoin, so one that is still not steady after a
+/// whole session timeout is not completing — and one session timeout keeps the fallback within
+/// [`ClusterConfig::move_bound`] after the group's leader dies (its death is noticed after one
+/// session timeout, the fallback after a second).
+const UNSETTLED_SESSIONS: u32 = 1;
 
 /// Pause before joining again after the broker did not answer.
 const JOIN_RETRY: Duration = Duration::from_secs(2);
@@ -126,18 +130,7 @@ pub async fn run(
         "joined the cluster; pipelines start as the group assigns them to this process"
     );
     let names: Vec<String> = pipelines.iter().map(|(n, _, _)| n.clone()).collect();
-    let mut watchers = tokio::task::JoinSet::new();
-    for (name, settings, telemetry) in &pipelines {
-        let span = tracing::info_span!("pipeline", name = %name);
-        watchers.spawn(
-            log_unowned(
-                Arc::clone(telemetry),
-                settings.source.slot.clone(),
-                cluster.move_bound(),
-            )
-            .instrument(span),
-        );
-    }
+    let mut watchers = watch_unowned(&pipelines, cluster.move_bound());
     let mut followers = tokio::task::JoinSet::new();
     let mut claims = Vec::with_capacity(pipelines.len());
     for (name, settings, telemetry) in pipelines {

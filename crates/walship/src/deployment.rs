@@ -20,8 +20,8 @@ use crate::config::ConfigError;
 use crate::error::Error;
 use crate::pipelines::Deployment;
 use crate::run::{
-    Member, UNOWNED_LOG_AFTER, cancel_on, failure, log_unowned, metrics_server, note_stopped, run,
-    run_pipeline,
+    Member, UNOWNED_LOG_AFTER, cancel_on, failure, metrics_server, note_stopped, run, run_pipeline,
+    watch_unowned,
 };
 use crate::settings::Settings;
 use crate::telemetry::Telemetry;
@@ -88,18 +88,10 @@ pub async fn run_deployment(
 /// with a definite error (`name: error`).
 async fn run_all(pipelines: Vec<Member>, cancel: &CancellationToken) -> Vec<String> {
     let mut tasks = tokio::task::JoinSet::new();
-    let mut watchers = tokio::task::JoinSet::new();
+    let mut watchers = watch_unowned(&pipelines, UNOWNED_LOG_AFTER);
     for (name, settings, telemetry) in pipelines {
         let cancel = cancel.clone();
         let span = tracing::info_span!("pipeline", name = %name);
-        watchers.spawn(
-            log_unowned(
-                Arc::clone(&telemetry),
-                settings.source.slot.clone(),
-                UNOWNED_LOG_AFTER,
-            )
-            .instrument(span.clone()),
-        );
         tasks.spawn(
             async move {
                 let result =

@@ -100,18 +100,29 @@ pub enum Error {
     /// promotion branched before what was published (or an old primary, or a sibling, is
     /// streamed from). Continuing would let new events take their positions.
     #[error(
-        "Kafka holds events of source {walship_source:?} that {server} does not have: {count} record(s) \
-         in topic {topic:?}, walship.position {first} to {last}, were read on timeline \
-         {record_timeline}, which is not in the history of {server} (timeline {timeline}{}). \
-         The server's history branched before them (a promotion without \
-         synchronized_standby_slots, or an old primary or a sibling standby started again), so \
-         its new events would take the same positions. Nothing was published or confirmed \
-         from this server. Decide what those events mean for their consumers (this server does \
-         not have them: write again those that must happen); then either point postgres.url \
-         at the server that has them, or set postgres.source_epoch = {next_epoch} to publish \
-         from this server as a new source ({walship_source:?} followed by \"/{next_epoch}\"), so that no \
-         position names two events",
-        branch.map(|b| format!(", which began at {b}")).unwrap_or_default()
+        "Kafka holds events of source {walship_source:?} that {server} does not have: topic \
+         {topic:?} has {records} record(s) read on timeline {record_timeline}, walship.position \
+         {first} to {last}, {}, on timeline {timeline}{}. The server's history branched before \
+         them (a promotion without synchronized_standby_slots, or an old primary or a sibling \
+         standby started again), so its new events would take the same positions. {}Decide \
+         what those events mean for their consumers (this server does not have them: write \
+         again those that must happen); then either point postgres.url at the server that has \
+         them, or set postgres.source_epoch = {next_epoch} to publish from this server as a new \
+         source ({walship_source:?} followed by \"/{next_epoch}\"), so that no position names \
+         two events",
+        match ended {
+            Some(end) => format!("past where timeline {record_timeline} ended ({end}) in the history of {server}"),
+            None => format!("a timeline that is not in the history of {server}"),
+        },
+        branch.map(|b| format!(", which began at {b}")).unwrap_or_default(),
+        if *published_before == 0 {
+            "Nothing was published or confirmed from this server. ".to_owned()
+        } else {
+            format!(
+                "This session published {published_before} event(s) from this server before it \
+                 read that topic, and nothing after. "
+            )
+        }
     )]
     Fork {
         /// The `walship.source` header value.
@@ -124,25 +135,42 @@ pub enum Error {
         branch: Option<Lsn>,
         /// The topic holding the records.
         topic: String,
-        /// How many records of this source there are outside the history.
-        count: usize,
+        /// Records of this source read there that name `record_timeline`.
+        records: u64,
         /// The lowest and highest of their positions.
         first: walship_kafka::Position,
         /// See `first`.
         last: walship_kafka::Position,
-        /// The timeline the newest of them names.
+        /// The timeline they name.
         record_timeline: u32,
+        /// Where that timeline ended in the server's history (`None`: not in it).
+        ended: Option<Lsn>,
+        /// Events this session had published before it found them.
+        published_before: u64,
         /// The `postgres.source_epoch` to set to continue as a new source.
         next_epoch: u32,
     },
     /// What Kafka holds of this source could not be read to check a promotion.
     #[error(
-        "cannot check what Kafka holds of this source against the promoted server: {0}. \
-         Retrying; grant walship's Kafka principal Describe and Read on its topics (with \
-         run.resume_dedup = false walship does not read its topics, and a promotion is then not \
-         checked against them)"
+        "cannot check what Kafka holds of this source against the promoted server: {what}: \
+         {error}. {}",
+        if *denied {
+            "Grant walship's Kafka principal Describe and Read on the topics outbox.topic routes \
+             to and on the dead-letter topic (or set run.resume_dedup = false: walship then \
+             reads none of its topics, and a promotion is not checked against them), then \
+             restart walship"
+        } else {
+            "Retrying"
+        }
     )]
-    PublishedUnread(String),
+    PublishedUnread {
+        /// What walship tried.
+        what: String,
+        /// The client's or broker's error.
+        error: String,
+        /// The broker refused for lack of permission (definite); otherwise retried.
+        denied: bool,
+    },
     /// A topic problem.
     #[error(transparent)]
     Topic(#[from] TopicError),
@@ -213,7 +241,8 @@ impl Error {
             | Error::Fork { .. }
             | Error::Producer(_)
             | Error::Pipelines(_) => false,
-            Error::SlotInUse { .. } | Error::Silenced { .. } | Error::PublishedUnread(_) => true,
+            Error::PublishedUnread { denied, .. } => !denied,
+            Error::SlotInUse { .. } | Error::Silenced { .. } => true,
         }
     }
 

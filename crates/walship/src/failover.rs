@@ -12,7 +12,7 @@
 //! position it confirmed) only grows within a timeline, so a promoted server is always compared
 //! with everything Kafka may hold.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use pgoutput::Lsn;
 use tokio_postgres::Client;
@@ -29,9 +29,21 @@ use crate::settings::SourceSettings;
 pub struct Lineage {
     timeline: AtomicU32,
     confirmed: AtomicU64,
+    /// A session was asked to read Kafka back against the server's history and has not
+    /// finished doing so: the next session asks again.
+    unchecked: AtomicBool,
+    /// The last server history read (`TIMELINE_HISTORY` needs a replication connection of its
+    /// own: read once per timeline).
+    history: std::sync::Mutex<Option<History>>,
 }
 
 impl Lineage {
+    /// The session's check of what Kafka holds passed (or cannot be made): later sessions on
+    /// the same timeline need none.
+    pub fn checked(&self) {
+        self.unchecked.store(false, Ordering::Relaxed);
+    }
+
     /// Folds in the position the last session confirmed, and returns what to compare with.
     fn update(&self, confirmed: Lsn) -> Streamed {
         let high = self.confirmed.fetch_max(confirmed.0, Ordering::Relaxed);
@@ -96,9 +108,9 @@ pub(crate) struct ServerHistory {
     pub history: History,
     /// `host:port` of the server, for messages.
     pub server: String,
-    /// The server's timeline began after the slot's confirmed position, or this process
-    /// streamed another timeline before: Kafka may hold events the server does not have, so
-    /// the session reads its topics back before its first record.
+    /// This process streamed another timeline before, or this is its first session on a
+    /// timeline after the first: Kafka may hold events the server does not have, so the
+    /// session reads its topics back before its first record.
     pub check_published: bool,
 }
 
@@ -128,13 +140,25 @@ pub(crate) async fn before_session(
             check_published: false,
         });
     };
-    let history = if timeline > 1 {
-        History {
-            timeline,
-            switches: failover::timeline_history(params, pw(password), timeline).await?,
+    let known = lineage
+        .history
+        .lock()
+        .ok()
+        .and_then(|h| h.clone())
+        .filter(|h| h.timeline == timeline);
+    let history = match known {
+        Some(history) => history,
+        None if timeline > 1 => {
+            let history = History {
+                timeline,
+                switches: failover::timeline_history(params, pw(password), timeline).await?,
+            };
+            if let Ok(mut h) = lineage.history.lock() {
+                *h = Some(history.clone());
+            }
+            history
         }
-    } else {
-        History::first()
+        None => History::first(),
     };
     let slot = failover::slot(client, slot_name).await?;
     let mut check_published = false;
@@ -170,14 +194,17 @@ pub(crate) async fn before_session(
             );
         }
         check_published = true;
-    } else if let (Some(branch), Some(slot)) = (history.branch_point(), slot.as_ref())
-        && slot.confirmed_flush_lsn.is_some_and(|c| c <= branch)
-    {
-        // Nobody has confirmed anything past the branch point yet: this may be the first
-        // session after the promotion (in this process or any other). A synced slot can stand
-        // exactly at the branch point: the standby's last replayed position.
+    } else if before.timeline == 0 && timeline > 1 {
+        // The first session of this process on a server that was promoted (or recovered to a
+        // point in time) at some time: it may be the first session after the promotion in any
+        // process, and a slot created there since (as the errors above tell an operator to)
+        // says nothing of what the old primary published. Kafka is read back once per process.
         check_published = true;
     }
+    // Until a session has read Kafka back, every session asks again (one that ended early, on
+    // a transient error, did not finish).
+    let check_published = check_published || lineage.unchecked.load(Ordering::Relaxed);
+    lineage.unchecked.store(check_published, Ordering::Relaxed);
     lineage.timeline.store(timeline, Ordering::Relaxed);
     if source.failover_slot
         && let Some(slot) = slot

@@ -99,8 +99,9 @@ impl ClusterConfig {
     }
 
     /// How long a pipeline may go without an owner after any change before it counts as
-    /// unowned: the group notices a silent process within a session timeout, a group that
-    /// does not settle falls back after two, and the new owner needs a few seconds to start.
+    /// unowned: the group notices a silent process within a session timeout, a group that then
+    /// does not settle falls back after one more, and the new owner needs a few seconds to
+    /// start.
     pub fn move_bound(&self) -> Duration {
         self.session_timeout() * 2 + Duration::from_secs(5)
     }

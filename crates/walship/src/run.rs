@@ -16,6 +16,7 @@ use std::time::Duration;
 use rand::Rng;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 use walship_postgres::{Relations, ReplicationStream, catalog, management, quote_ident, setup};
 
 use std::sync::atomic::Ordering;
@@ -278,15 +279,10 @@ async fn supervise(
 /// (or the slot invalidated). Connection trouble is left to the session to notice. Meanwhile
 /// samples the server's WAL position for the lag metric.
 async fn watch(source: &SourceSettings, outbox_oid: u32, telemetry: &Telemetry) -> Error {
-    let mut client = None;
+    let mut catalog = Lazy::new(source);
     loop {
         tokio::time::sleep(source.watch_interval).await;
-        if client.is_none() {
-            client = management::connect(&source.params, source.password_bytes())
-                .await
-                .ok();
-        }
-        let Some(c) = &client else { continue };
+        let Ok(c) = catalog.get().await else { continue };
         match catalog::watch(
             c,
             &source.slot,
@@ -302,9 +298,64 @@ async fn watch(source: &SourceSettings, outbox_oid: u32, telemetry: &Telemetry) 
                     telemetry.server_wal_end.store(end.0, Ordering::Relaxed);
                 }
             }
-            Err(e) if e.is_transient() => client = None,
+            Err(e) if e.is_transient() => catalog.lost(),
             Err(e) => return e.into(),
         }
+    }
+}
+
+/// A management connection that a background loop (watchdog, standby, contender, owner watch,
+/// heartbeat) makes when it first needs it and again after it failed.
+struct Lazy<'a> {
+    source: &'a SourceSettings,
+    /// `application_name` to set after connecting.
+    name: Option<String>,
+    client: Option<tokio_postgres::Client>,
+}
+
+impl<'a> Lazy<'a> {
+    fn new(source: &'a SourceSettings) -> Self {
+        Lazy {
+            source,
+            name: None,
+            client: None,
+        }
+    }
+
+    /// One whose connection calls itself `name` (`application_name`).
+    fn named(source: &'a SourceSettings, name: String) -> Self {
+        Lazy {
+            name: Some(name),
+            ..Lazy::new(source)
+        }
+    }
+
+    /// The connection, made now if there is none.
+    async fn get(&mut self) -> Result<&tokio_postgres::Client, Error> {
+        let client = match self.client.take() {
+            Some(client) => client,
+            None => {
+                let client =
+                    management::connect(&self.source.params, self.source.password_bytes()).await?;
+                if let Some(name) = &self.name {
+                    let name = name.replace('\'', "''");
+                    client
+                        .batch_execute(&format!("SET application_name = '{name}'"))
+                        .await
+                        .map_err(|source| walship_postgres::PgError::Sql {
+                            context: "naming the connection".into(),
+                            source,
+                        })?;
+                }
+                client
+            }
+        };
+        Ok(self.client.insert(client))
+    }
+
+    /// Forgets a connection that failed: the next [`Lazy::get`] makes another.
+    fn lost(&mut self) {
+        self.client = None;
     }
 }
 
@@ -330,16 +381,13 @@ async fn standby(
         walsender_pid = holder,
         "standby: another consumer streams the slot; this process takes over when it is released"
     );
-    let mut client = None;
+    let mut catalog = Lazy::named(source, standby_marker(&source.slot));
     let released = loop {
         tokio::select! {
             _ = cancel.cancelled() => break false,
             _ = tokio::time::sleep(STANDBY_POLL) => {}
         }
-        if client.is_none() {
-            client = standby_connection(source).await;
-        }
-        let Some(c) = &client else { continue };
+        let Ok(c) = catalog.get().await else { continue };
         let state = catalog::slot_state(c, &source.slot).await;
         if let Ok(found) = &state {
             telemetry
@@ -363,7 +411,7 @@ async fn standby(
                 None => break true,
             },
             Ok(None) => break true,
-            Err(_) => client = None,
+            Err(_) => catalog.lost(),
         }
     };
     telemetry.standby_for_pid.store(0, Ordering::Relaxed);
@@ -386,52 +434,41 @@ pub(crate) fn standby_marker(slot: &str) -> String {
     marker
 }
 
-/// The standby's polling connection, named by [`standby_marker`].
-async fn standby_connection(source: &SourceSettings) -> Option<tokio_postgres::Client> {
-    let client = management::connect(&source.params, source.password_bytes())
-        .await
-        .ok()?;
-    let marker = standby_marker(&source.slot).replace('\'', "''");
-    client
-        .batch_execute(&format!("SET application_name = '{marker}'"))
-        .await
-        .ok()?;
-    Some(client)
+/// PIDs of the backends of walship processes waiting for `slot` as standbys
+/// ([`standby_marker`] in `pg_stat_activity` of the slot's database), other than `client`'s own.
+pub(crate) async fn standbys_waiting(
+    client: &tokio_postgres::Client,
+    slot: &str,
+) -> Result<Vec<i32>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = $1 \
+             AND datname = current_database() AND pid <> pg_backend_pid()",
+            &[&standby_marker(slot)],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
-/// Resolves once another process waits for the slot as a standby ([`standby_marker`] in
-/// `pg_stat_activity` of the slot's database): then a process that lost its claim on the
-/// pipeline without being able to hand it over (cut off from the broker) lets the slot go.
+/// Resolves once another process waits for the slot as a standby ([`standbys_waiting`]): then
+/// a process that lost its claim on the pipeline without being able to hand it over (cut off
+/// from the broker) lets the slot go.
 pub(crate) async fn contender(source: &SourceSettings) {
-    let marker = standby_marker(&source.slot);
-    let mut client = None;
+    let mut catalog = Lazy::new(source);
     loop {
         tokio::time::sleep(CONTENDER_POLL).await;
-        if client.is_none() {
-            client = management::connect(&source.params, source.password_bytes())
-                .await
-                .ok();
-        }
-        let Some(c) = &client else { continue };
-        match c
-            .query_opt(
-                "SELECT pid FROM pg_stat_activity WHERE application_name = $1 \
-                 AND datname = current_database() AND pid <> pg_backend_pid() LIMIT 1",
-                &[&marker],
-            )
-            .await
-        {
-            Ok(Some(row)) => {
-                let pid: i32 = row.get(0);
+        let Ok(c) = catalog.get().await else { continue };
+        match standbys_waiting(c, &source.slot).await {
+            Ok(pids) if !pids.is_empty() => {
                 tracing::info!(
                     slot = %source.slot,
-                    standby_pid = pid,
+                    standby_pid = pids[0],
                     "another process waits for the slot"
                 );
                 return;
             }
-            Ok(None) => {}
-            Err(_) => client = None,
+            Ok(_) => {}
+            Err(_) => catalog.lost(),
         }
     }
 }
@@ -439,14 +476,9 @@ pub(crate) async fn contender(source: &SourceSettings) {
 /// Polls the pipeline's slot every `postgres.watch_interval_ms` while another process runs the
 /// pipeline, noting when some process streams it ([`Telemetry::saw_owner`]). Never resolves.
 pub(crate) async fn watch_owner(source: &SourceSettings, telemetry: &Telemetry) {
-    let mut client = None;
+    let mut catalog = Lazy::new(source);
     loop {
-        if client.is_none() {
-            client = management::connect(&source.params, source.password_bytes())
-                .await
-                .ok();
-        }
-        if let Some(c) = &client {
+        if let Ok(c) = catalog.get().await {
             match catalog::slot_state(c, &source.slot).await {
                 Ok(Some(state)) => {
                     telemetry.note_slot(&state);
@@ -455,11 +487,24 @@ pub(crate) async fn watch_owner(source: &SourceSettings, telemetry: &Telemetry) 
                     }
                 }
                 Ok(None) => {}
-                Err(_) => client = None,
+                Err(_) => catalog.lost(),
             }
         }
         tokio::time::sleep(source.watch_interval).await;
     }
+}
+
+/// [`log_unowned`] for each of `pipelines`, on tasks of their own (abort them when done).
+pub(crate) fn watch_unowned(pipelines: &[Member], bound: Duration) -> tokio::task::JoinSet<()> {
+    let mut tasks = tokio::task::JoinSet::new();
+    for (name, settings, telemetry) in pipelines {
+        let span = tracing::info_span!("pipeline", name = %name);
+        tasks.spawn(
+            log_unowned(Arc::clone(telemetry), settings.source.slot.clone(), bound)
+                .instrument(span),
+        );
+    }
+    tasks
 }
 
 /// Logs once when nobody has streamed the pipeline's slot for longer than `bound` (as
@@ -512,29 +557,26 @@ async fn log_catch_up(telemetry: Arc<Telemetry>) {
 /// Writes a non-transactional logical message now and then, so the walsender has WAL to send
 /// (and walship a position to confirm) even when this database is quiet.
 async fn heartbeat(source: SourceSettings, interval: Duration) {
-    let mut client = None;
+    let mut catalog = Lazy::new(&source);
     let mut ticker = tokio::time::interval(interval);
     loop {
         ticker.tick().await;
-        if client.is_none() {
-            match management::connect(&source.params, source.password_bytes()).await {
-                Ok(c) => client = Some(c),
-                Err(e) => {
-                    tracing::warn!("heartbeat: {e}");
-                    continue;
-                }
+        let c = match catalog.get().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!("heartbeat: {e}");
+                continue;
             }
-        }
-        if let Some(c) = &client
-            && let Err(e) = c
-                .execute(
-                    "SELECT pg_logical_emit_message(false, 'walship.heartbeat', '')",
-                    &[],
-                )
-                .await
+        };
+        if let Err(e) = c
+            .execute(
+                "SELECT pg_logical_emit_message(false, 'walship.heartbeat', '')",
+                &[],
+            )
+            .await
         {
             tracing::warn!("heartbeat: {e}");
-            client = None;
+            catalog.lost();
         }
     }
 }
@@ -635,6 +677,7 @@ async fn session(
     let published = if !server.check_published {
         None
     } else if !settings.session.resume_dedup {
+        telemetry.lineage.checked();
         tracing::warn!(
             server = %server.server,
             "after a promotion walship reads its topics back to make sure Kafka holds nothing \
@@ -644,11 +687,19 @@ async fn session(
     } else {
         let all = walship_kafka::sink::list_topics(&settings.sink)
             .await
-            .map_err(|e| Error::PublishedUnread(format!("listing topics: {e}")))?;
+            .map_err(|e| Error::PublishedUnread {
+                what: format!("listing the topics on {}", settings.sink.brokers),
+                error: e.to_string(),
+                denied: false,
+            })?;
         let dead_letter = settings.session.dead_letter_topic.as_deref();
+        // Kafka's internal topics (`__consumer_offsets`, …) never hold events.
         Some(
             all.into_iter()
-                .filter(|t| settings.router.could_route_to(t) || Some(t.as_str()) == dead_letter)
+                .filter(|t| {
+                    !t.starts_with("__")
+                        && (settings.router.could_route_to(t) || Some(t.as_str()) == dead_letter)
+                })
                 .collect::<Vec<_>>(),
         )
     };

@@ -202,14 +202,9 @@ pub async fn read_status(config: &Config) -> Result<SlotStatus, Error> {
             }),
         None => None,
     };
-    let standbys = client
-        .query_one(
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 \
-             AND datname = current_database()",
-            &[&crate::run::standby_marker(name)],
-        )
+    let standbys = crate::run::standbys_waiting(&client, name)
         .await
-        .map(|r| u32::try_from(r.get::<_, i64>(0)).unwrap_or(0))
+        .map(|pids| u32::try_from(pids.len()).unwrap_or(u32::MAX))
         .unwrap_or(0);
     let publication = catalog::publication_info(&client, &config.postgres.publication).await?;
     let table = config.outbox_spec().table;

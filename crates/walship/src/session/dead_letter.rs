@@ -101,7 +101,7 @@ impl<W: WalSource, K: EventSink> Session<W, K> {
         let source = Arc::clone(&self.source_id);
         let full = dead.value.len();
         let full_text = full.to_string();
-        let timeline = self.timeline_text.clone();
+        let timeline = self.timeline_text(dead.lsn);
         let mut headers: [(&str, Option<&[u8]>); 9] = [
             ("walship.error", Some(dead.reason.as_bytes())),
             ("walship.lsn", Some(lsn_text.as_bytes())),
@@ -113,11 +113,8 @@ impl<W: WalSource, K: EventSink> Session<W, K> {
             ("", None),
             ("", None),
         ];
-        let mut n = 5;
-        if let Some(timeline) = timeline.as_deref() {
-            headers[n] = (TIMELINE_HEADER, Some(timeline.as_bytes()));
-            n += 1;
-        }
+        headers[5] = (TIMELINE_HEADER, Some(timeline.as_bytes()));
+        let mut n = 6;
         if let Some(position) = dead.position {
             headers[n] = (POSITION_HEADER, Some(position.encode(&mut text)));
             n += 1;
@@ -154,57 +151,29 @@ impl<W: WalSource, K: EventSink> Session<W, K> {
         tracing::warn!(lsn = %dead.lsn, xid = dead.xid, dead_letter_topic = %topic,
             "dead-lettering outbox row: {}", dead.reason);
         self.telemetry.dead_lettered.fetch_add(1, Ordering::Relaxed);
-        match self
-            .send(&record, dead.lsn, dead.xid, dead.commit_ms, cancel, token)
-            .await
-        {
-            // The producer refused it at once (larger than it accepts, whatever the estimate):
-            // once more without a value, then never again.
-            Err(Error::Record { error, .. }) if !value.is_empty() => {
-                tracing::warn!(lsn = %dead.lsn, xid = dead.xid, dead_letter_topic = %topic,
-                    "the producer refused the dead letter ({error}); sending it without its value");
-                let record = Record {
-                    payload: Some(b""),
-                    ..record
-                };
-                self.send_dead_letter_again(
-                    &record,
-                    dead.lsn,
-                    dead.xid,
-                    dead.commit_ms,
-                    cancel,
-                    token,
-                )
+        // The producer may refuse it at once (larger than it accepts, whatever the estimate):
+        // then once more without a value, and never again.
+        let mut record = record;
+        loop {
+            match self
+                .send(&record, dead.lsn, dead.xid, dead.commit_ms, cancel, token)
                 .await
+            {
+                Err(Error::Record { error, .. }) if record.payload != Some(b"") => {
+                    tracing::warn!(lsn = %dead.lsn, xid = dead.xid, dead_letter_topic = %topic,
+                        "the producer refused the dead letter ({error}); sending it without its value");
+                    record.payload = Some(b"");
+                }
+                Err(Error::Record { error, .. }) => {
+                    return Err(Error::DeadLetterRefused {
+                        lsn: dead.lsn,
+                        xid: dead.xid,
+                        topic: topic.clone(),
+                        error,
+                    });
+                }
+                other => return other,
             }
-            Err(Error::Record { error, .. }) => Err(Error::DeadLetterRefused {
-                lsn: dead.lsn,
-                xid: dead.xid,
-                topic: topic.clone(),
-                error,
-            }),
-            other => other,
-        }
-    }
-
-    /// The last attempt at a dead letter: refused, it stops the session.
-    async fn send_dead_letter_again(
-        &mut self,
-        record: &Record<'_>,
-        lsn: Lsn,
-        xid: u32,
-        commit_ms: i64,
-        cancel: &CancellationToken,
-        token: Option<TxnToken>,
-    ) -> Result<(), Error> {
-        match self.send(record, lsn, xid, commit_ms, cancel, token).await {
-            Err(Error::Record { error, .. }) => Err(Error::DeadLetterRefused {
-                lsn,
-                xid,
-                topic: record.topic.to_owned(),
-                error,
-            }),
-            other => other,
         }
     }
 

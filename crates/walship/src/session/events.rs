@@ -333,21 +333,16 @@ impl<W: WalSource, K: EventSink> Session<W, K> {
         // The usual headers live on the stack; only extra header columns need a Vec.
         let mut text = PositionText::default();
         let source = Arc::clone(&self.source_id);
-        let timeline = self.timeline_text.clone();
+        let timeline = self.timeline_text(Lsn(position.commit_lsn));
         let mut fixed: [(&str, Option<&[u8]>); 5] = [
             (SOURCE_HEADER, Some(source.as_bytes())),
             (POSITION_HEADER, Some(position.encode(&mut text))),
-            ("", None),
+            (TIMELINE_HEADER, Some(timeline.as_bytes())),
             ("", None),
             ("", None),
         ];
-        let mut n = 2;
-        let timeline = timeline.as_deref().map(str::as_bytes);
-        for (name, value) in [
-            (ID_HEADER, row.id),
-            ("type", row.event_type),
-            (TIMELINE_HEADER, timeline),
-        ] {
+        let mut n = 3;
+        for (name, value) in [(ID_HEADER, row.id), ("type", row.event_type)] {
             if value.is_some() {
                 fixed[n] = (name, value);
                 n += 1;
@@ -405,7 +400,7 @@ impl<W: WalSource, K: EventSink> Session<W, K> {
                     self.check_history(topic, found)?;
                 }
                 if let Some(resume) = self.resume.as_mut() {
-                    resume.store(topic, found, started.elapsed());
+                    resume.store(topic, found.map_err(|e| e.message), started.elapsed());
                 }
             }
         }

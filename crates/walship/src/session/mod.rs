@@ -56,7 +56,7 @@ use walship_kafka::{Record, SendError, TopicRouter};
 use walship_postgres::failover::History;
 use walship_postgres::{Frame, PgError, Relations};
 
-pub use seams::{EventSink, KafkaSink, PgSource, WalSource};
+pub use seams::{EventSink, KafkaSink, PgSource, ReadBackError, WalSource};
 
 use crate::error::Error;
 use crate::progress::{Progress, TxnOrigin, TxnToken};
@@ -69,6 +69,8 @@ use std::sync::atomic::Ordering;
 const MIN_STATUS_GAP: Duration = Duration::from_millis(2);
 /// A broker round trip the stream waits for is logged once it takes this long.
 const BROKER_WAIT_NOTICE: Duration = Duration::from_secs(5);
+/// Longest the check after a promotion reads topics back ([`Session::check_published`]).
+const PUBLISHED_CHECK_BUDGET: Duration = Duration::from_secs(60);
 
 /// The transaction currently being decoded.
 struct OpenTxn {
@@ -80,7 +82,7 @@ struct OpenTxn {
 }
 
 /// Where the session is on its way to a stop. Set in one place ([`Session::note_stop`],
-/// [`Session::abandon`]) and read by every wait.
+/// [`Session::give_up`]) and read by every wait.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Stop {
     /// No stop requested.
@@ -103,8 +105,8 @@ pub struct SessionStats {
 
 /// A streaming session: see the module documentation.
 pub struct Session<W: WalSource, K: EventSink> {
-    // The sink before the source: should a session be dropped without running its way out (a
-    // panic), the producer's destruction starts before the stream is closed.
+    // The sink before the source: should a session be dropped without running its way out (its
+    // future dropped), the producer's destruction starts before the stream is closed.
     sink: K,
     source: W,
     decoder: Decoder,
@@ -133,9 +135,10 @@ pub struct Session<W: WalSource, K: EventSink> {
     history: History,
     /// `host:port` of the server, for messages.
     server: Arc<str>,
-    /// The server's timeline as [`walship_kafka::TIMELINE_HEADER`] text; `None` on timeline 1
-    /// (the header is left out).
-    timeline_text: Option<Arc<str>>,
+    /// The server's timeline as [`walship_kafka::TIMELINE_HEADER`] text.
+    timeline_text: Arc<str>,
+    /// Each ancestor timeline's end and text, oldest first ([`Session::timeline_text`]).
+    timeline_texts: Vec<(Lsn, Arc<str>)>,
     /// Topics to read back before the first record, and from which position; see
     /// [`Session::check_published`].
     published_check: Option<(Vec<String>, Lsn)>,
@@ -186,19 +189,26 @@ impl<W: WalSource, K: EventSink> Session<W, K> {
             silence_limit: None,
             history: History::first(),
             server: Arc::from("the server"),
-            timeline_text: None,
+            timeline_text: Arc::from("1"),
+            timeline_texts: Vec::new(),
             published_check: None,
             source_epoch: 0,
         }
     }
 
-    /// The server's history (the timeline its records are read on, and its ancestors'
-    /// ends), `host:port` for messages, and `postgres.source_epoch`. Every record carries the
-    /// timeline when it is not the first, and every read-back checks what it finds against
-    /// the history ([`Error::Fork`]).
+    /// The server's history (its timeline and its ancestors' ends), `host:port` for messages,
+    /// and `postgres.source_epoch`. Every record names the timeline that holds its commit, and
+    /// every read-back checks what it finds against the history ([`Error::Fork`]).
     pub fn on_server(mut self, history: History, server: &str, source_epoch: u32) -> Self {
-        self.timeline_text =
-            (history.timeline > 1).then(|| Arc::from(history.timeline.to_string()));
+        self.timeline_text = Arc::from(history.timeline.to_string());
+        let mut ancestors: Vec<_> = history
+            .switches
+            .iter()
+            .filter(|s| s.timeline < history.timeline)
+            .map(|s| (s.end, Arc::from(s.timeline.to_string())))
+            .collect();
+        ancestors.sort_by_key(|(end, _)| *end);
+        self.timeline_texts = ancestors;
         self.history = history;
         self.server = Arc::from(server);
         self.source_epoch = source_epoch;
@@ -238,9 +248,20 @@ impl<W: WalSource, K: EventSink> Session<W, K> {
     /// timeout), so a graceful stop leaves nothing half-sent to be duplicated on restart. Every
     /// way out closes the sink before the stream (see the module documentation).
     pub async fn run(mut self, cancel: &CancellationToken) -> Result<SessionStats, Error> {
-        match self.stream(cancel).await {
-            Ok(()) => self.shutdown().await,
-            Err(e) => self.close_after(e).await,
+        use futures::FutureExt;
+        let streamed = std::panic::AssertUnwindSafe(self.stream(cancel))
+            .catch_unwind()
+            .await;
+        match streamed {
+            Ok(Ok(())) => self.shutdown().await,
+            Ok(Err(e)) => self.close_after(e).await,
+            Err(panic) => {
+                // A bug; even then the producer is gone before the stream lets the slot go.
+                let _ = self
+                    .close_after(Error::Producer("the session panicked".into()))
+                    .await;
+                std::panic::resume_unwind(panic)
+            }
         }
     }
 
@@ -298,27 +319,69 @@ impl<W: WalSource, K: EventSink> Session<W, K> {
 
     /// The check [`Session::check_published`] asks for, if any: each topic read back, its
     /// findings judged against the history and kept for the resume lookup.
+    ///
+    /// Records a promotion can have left behind are the newest of this source in their
+    /// partitions (nothing of it was published after them), and a read-back reads each
+    /// partition from its end: what a scan cut short by its limits or by
+    /// [`PUBLISHED_CHECK_BUDGET`] did not read is older. Such topics are named in a warning;
+    /// they do not hold the pipeline back for ever.
     async fn read_published(&mut self, cancel: &CancellationToken) -> Result<(), Error> {
         let Some((topics, since)) = self.published_check.take() else {
             return Ok(());
         };
+        let until = std::time::Instant::now() + PUBLISHED_CHECK_BUDGET;
+        let mut partly = Vec::new();
         for topic in &topics {
+            if std::time::Instant::now() >= until {
+                partly.push(topic.as_str());
+                continue;
+            }
             let started = std::time::Instant::now();
-            let limit = crate::resume::MAX_POSITIONS;
-            let scan = self.sink.read_back(topic, &self.source_id, since, limit);
+            // The resume lookup keeps what it may hold of this read; the check itself needs
+            // only the timelines, which are counted whatever the limit.
+            let for_resume = match self.resume.as_mut() {
+                Some(r) if r.since() == since && !r.knows(topic) => r.begin_scan(topic),
+                _ => None,
+            };
+            let scan = self
+                .sink
+                .read_back(topic, &self.source_id, since, for_resume.unwrap_or(1));
             let what = format!("reading topic {topic:?} back to check the promotion");
             let Some(found) = self.await_broker(&what, scan, cancel, true).await? else {
                 return Ok(());
             };
-            let found =
-                found.map_err(|e| Error::PublishedUnread(format!("topic {topic:?}: {e}")))?;
+            let found = found.map_err(|e| Error::PublishedUnread {
+                what: format!("reading topic {topic:?} back"),
+                error: e.message,
+                denied: e.denied,
+            })?;
             self.check_history(topic, &found)?;
-            if let Some(resume) = self.resume.as_mut()
-                && resume.since() == since
-                && !resume.knows(topic)
-            {
+            if !found.complete {
+                partly.push(topic.as_str());
+            }
+            if let (Some(_), Some(resume)) = (for_resume, self.resume.as_mut()) {
                 resume.store(topic, Ok(found), started.elapsed());
             }
+        }
+        self.telemetry.lineage.checked();
+        if !partly.is_empty() {
+            tracing::warn!(
+                topics = partly.len(),
+                "after a promotion, {} of {} topics were read back only in part (the newest \
+                 records of each partition first, within {} s in all): {}{}; records this server \
+                 lacks would be the newest of this source, so these were looked for first, but \
+                 older records there were not judged",
+                partly.len(),
+                topics.len(),
+                PUBLISHED_CHECK_BUDGET.as_secs(),
+                partly
+                    .iter()
+                    .take(10)
+                    .copied()
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                if partly.len() > 10 { ", …" } else { "" }
+            );
         }
         tracing::info!(
             topics = topics.len(),
@@ -331,28 +394,45 @@ impl<W: WalSource, K: EventSink> Session<W, K> {
     }
 
     /// [`Error::Fork`] when `found` (records of this source read back from `topic`) holds a
-    /// record outside the server's history.
+    /// record outside the server's history. Records without a timeline (written by an earlier
+    /// version) cannot be judged and pass.
     fn check_history(&self, topic: &str, found: &walship_kafka::Delivered) -> Result<(), Error> {
-        let foreign: Vec<(walship_kafka::Position, u32)> = found
-            .timelines()
-            .filter(|(p, t)| !self.history.holds(*t, Lsn(p.commit_lsn)))
-            .collect();
-        let (Some(&(first, _)), Some(&(last, record_timeline))) = (foreign.first(), foreign.last())
-        else {
-            return Ok(());
-        };
-        Err(Error::Fork {
-            walship_source: self.source_id.to_string(),
-            server: self.server.to_string(),
-            timeline: self.history.timeline,
-            branch: self.history.branch_point(),
-            topic: topic.to_owned(),
-            count: foreign.len(),
-            first,
-            last,
-            record_timeline,
-            next_epoch: self.source_epoch + 1,
-        })
+        let history = &self.history;
+        for (timeline, span) in found.timelines() {
+            if history.holds(timeline, Lsn(span.last.commit_lsn)) {
+                continue;
+            }
+            let ended = history
+                .switches
+                .iter()
+                .find(|s| s.timeline == timeline && timeline != history.timeline)
+                .map(|s| s.end);
+            return Err(Error::Fork {
+                walship_source: self.source_id.to_string(),
+                server: self.server.to_string(),
+                timeline: history.timeline,
+                branch: history.branch_point(),
+                topic: topic.to_owned(),
+                records: span.records,
+                first: span.first,
+                last: span.last,
+                record_timeline: timeline,
+                ended,
+                published_before: self.stats.events_sent,
+                next_epoch: self.source_epoch + 1,
+            });
+        }
+        Ok(())
+    }
+
+    /// The [`walship_kafka::TIMELINE_HEADER`] value for an event committed at `commit_lsn`:
+    /// the timeline whose WAL holds it — an ancestor's for what a promoted server reads again
+    /// from before it branched.
+    fn timeline_text(&self, commit_lsn: Lsn) -> Arc<str> {
+        self.timeline_texts
+            .iter()
+            .find(|(end, _)| commit_lsn < *end)
+            .map_or_else(|| Arc::clone(&self.timeline_text), |(_, t)| Arc::clone(t))
     }
 
     /// Turns a stop request into [`Stop::Finishing`] with the shutdown timeout as deadline, or
@@ -500,6 +580,10 @@ impl<W: WalSource, K: EventSink> Session<W, K> {
             // keep the walsender informed so it does not time us out.
             self.check_failure()?;
             self.note_stop(cancel);
+            if self.stop == Stop::Abandoned {
+                // Told to stop at once: this event was not sent, its transaction stays unsealed.
+                return Ok(());
+            }
             if self.stop_deadline().is_some_and(|d| Instant::now() >= d) {
                 // Out of time: this event was not sent. Its transaction is never sealed, so the
                 // confirmed position stays before it and the whole transaction is read again
@@ -530,9 +614,11 @@ impl<W: WalSource, K: EventSink> Session<W, K> {
             } else {
                 self.settings.max_in_flight / 2
             };
-            self.progress
-                .wait_for_room(low_water, pending_low, Duration::from_millis(100))
-                .await;
+            let (progress, abandon) = (Arc::clone(&self.progress), self.abandon.clone());
+            tokio::select! {
+                () = progress.wait_for_room(low_water, pending_low, Duration::from_millis(100)) => {}
+                () = abandon.cancelled() => continue,
+            }
             if queue_full && in_flight == 0 {
                 // A full queue holding nothing of this session's: nothing will wake us, so
                 // look again shortly rather than spin.
@@ -586,14 +672,20 @@ impl<W: WalSource, K: EventSink> Session<W, K> {
         let nothing_sent = abandonable && self.txn.as_ref().is_none_or(|t| t.sent == 0);
         self.note_stop(cancel);
         if nothing_sent && self.stop != Stop::Streaming {
-            return Ok(self.abandon());
+            return Ok(self.give_up());
         }
         tokio::pin!(work);
         let notice = tokio::time::sleep(BROKER_WAIT_NOTICE);
         tokio::pin!(notice);
         let mut noticed = false;
         loop {
+            self.note_stop(cancel);
+            if self.stop == Stop::Abandoned {
+                return Ok(self.give_up());
+            }
             let deadline = self.stop_deadline();
+            let streaming = self.stop == Stop::Streaming;
+            let abandon = self.abandon.clone();
             tokio::select! {
                 out = &mut work => return Ok(Some(out)),
                 () = &mut notice, if !noticed => {
@@ -603,21 +695,22 @@ impl<W: WalSource, K: EventSink> Session<W, K> {
                         BROKER_WAIT_NOTICE.as_secs()
                     );
                 }
-                _ = cancel.cancelled(), if deadline.is_none() => {
+                _ = cancel.cancelled(), if streaming => {
                     if nothing_sent {
-                        return Ok(self.abandon());
+                        return Ok(self.give_up());
                     }
                     self.note_stop(cancel);
                 }
+                () = abandon.cancelled() => return Ok(self.give_up()),
                 _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)),
-                    if deadline.is_some() => return Ok(self.abandon()),
+                    if deadline.is_some() => return Ok(self.give_up()),
                 _ = tokio::time::sleep(self.settings.status_interval) => self.report(false).await?,
             }
         }
     }
 
     /// Gives up the open transaction on the way to a stop; see [`Session::await_broker`].
-    fn abandon<T>(&mut self) -> Option<T> {
+    fn give_up<T>(&mut self) -> Option<T> {
         let lsn = self.txn.as_ref().map(|t| t.begin.final_lsn);
         tracing::info!(
             commit_lsn = ?lsn,
@@ -690,28 +783,28 @@ impl<W: WalSource, K: EventSink> Session<W, K> {
         if let Err(e) = self.check_failure() {
             return self.close_after(e).await;
         }
-        let Session {
-            mut source,
-            sink,
+        let (mut source, closed) = self.close_sink().await;
+        let Closed {
             progress,
-            settings,
             telemetry,
             stats,
-            ..
-        } = self;
-        hold_stream_while(
-            &mut source,
-            &progress,
-            settings.status_interval,
-            sink.close(),
-        )
-        .await?;
+        } = closed?;
         let safe = progress.safe_lsn();
         source.send_status(safe, false).await?;
         telemetry.safe_lsn.store(safe.0, Ordering::Relaxed);
         source.finish().await?;
         tracing::info!(confirmed_lsn = %safe, events = stats.events_sent, "stopped; slot confirmed");
         Ok(stats)
+    }
+
+    /// How often status is reported while the session holds the stream without reading it
+    /// (waiting for acknowledgements, closing the sink): the status interval, and at least
+    /// twice per silence limit, so the walsender never times the stream out meanwhile.
+    fn hold_interval(&self) -> Duration {
+        self.silence_limit
+            .map_or(self.settings.status_interval, |l| {
+                self.settings.status_interval.min(l / 2)
+            })
     }
 
     /// Waits until every record handed to the sink is acknowledged (or failed), up to the
@@ -728,15 +821,21 @@ impl<W: WalSource, K: EventSink> Session<W, K> {
             if self.progress.in_flight() == 0 || Instant::now() >= until {
                 return Ok(());
             }
-            if Instant::now() >= self.status_due() {
+            let due = self
+                .status_due()
+                .min(self.last_status_at + self.hold_interval());
+            if Instant::now() >= due {
                 self.report(false).await?;
             }
-            let wake = self.status_due().min(until);
-            let progress = Arc::clone(&self.progress);
+            let wake = self
+                .status_due()
+                .min(self.last_status_at + self.hold_interval())
+                .min(until);
+            let (progress, abandon) = (Arc::clone(&self.progress), self.abandon.clone());
             tokio::select! {
                 () = progress.wait_for_room(0, None, Duration::from_secs(3600)) => {}
                 () = tokio::time::sleep_until(wake) => {}
-                () = self.abandon.cancelled() => return Ok(()),
+                () = abandon.cancelled() => return Ok(()),
             }
         }
     }
@@ -744,24 +843,39 @@ impl<W: WalSource, K: EventSink> Session<W, K> {
     /// The way out after `error`: closes the sink while still holding the stream (status keeps
     /// flowing where the stream still works), then drops the stream, releasing the slot.
     async fn close_after(self, error: Error) -> Result<SessionStats, Error> {
+        // A failed status report here only means the stream is gone already.
+        let (source, _) = self.close_sink().await;
+        drop(source);
+        Err(error)
+    }
+
+    /// Closes the sink (purge, destroy, await) while holding the stream and reporting status
+    /// ([`hold_stream_while`]); returns the stream, still open, and what the session leaves.
+    async fn close_sink(self) -> (W, Result<Closed, Error>) {
+        let interval = self.hold_interval();
         let Session {
             mut source,
             sink,
             progress,
-            settings,
+            telemetry,
+            stats,
             ..
         } = self;
-        // A failed status report here only means the stream is gone already.
-        let _ = hold_stream_while(
-            &mut source,
-            &progress,
-            settings.status_interval,
-            sink.close(),
-        )
-        .await;
-        drop(source);
-        Err(error)
+        let held = hold_stream_while(&mut source, &progress, interval, sink.close()).await;
+        let closed = held.map(|()| Closed {
+            progress,
+            telemetry,
+            stats,
+        });
+        (source, closed)
     }
+}
+
+/// What a session leaves once its sink is closed.
+struct Closed {
+    progress: Arc<Progress>,
+    telemetry: Arc<Telemetry>,
+    stats: SessionStats,
 }
 
 /// Awaits `work` while reporting the safe position every `interval`, so the walsender keeps the

@@ -54,6 +54,45 @@ pub trait WalSource: Send {
     ) -> impl Future<Output = Result<Option<(TableName, bool)>, PgError>> + Send;
 }
 
+/// Why a topic could not be read back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadBackError {
+    /// What the client or the broker said.
+    pub message: String,
+    /// The broker refused for lack of permission: reading again will not help.
+    pub denied: bool,
+}
+
+impl std::fmt::Display for ReadBackError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl ReadBackError {
+    fn of(error: &rdkafka::error::KafkaError) -> Self {
+        use rdkafka::types::RDKafkaErrorCode as C;
+        ReadBackError {
+            message: error.to_string(),
+            denied: matches!(
+                error.rdkafka_error_code(),
+                Some(
+                    C::TopicAuthorizationFailed
+                        | C::GroupAuthorizationFailed
+                        | C::ClusterAuthorizationFailed
+                )
+            ),
+        }
+    }
+
+    fn other(message: String) -> Self {
+        ReadBackError {
+            message,
+            denied: false,
+        }
+    }
+}
+
 /// Where records go: hands them to the broker and reports acknowledgements to the session's
 /// [`Progress`] (out of band, in any order).
 pub trait EventSink: Send {
@@ -80,7 +119,7 @@ pub trait EventSink: Send {
         source: &str,
         since: Lsn,
         limit: usize,
-    ) -> impl Future<Output = Result<Delivered, String>> + Send + 'static;
+    ) -> impl Future<Output = Result<Delivered, ReadBackError>> + Send + 'static;
 
     /// Drops every record not yet acknowledged and destroys the producer; resolves once it is
     /// gone, so nothing it holds can be sent after. Bytes it had already written to a socket
@@ -185,7 +224,7 @@ impl EventSink for KafkaSink {
         source: &str,
         since: Lsn,
         limit: usize,
-    ) -> impl Future<Output = Result<Delivered, String>> + Send + 'static {
+    ) -> impl Future<Output = Result<Delivered, ReadBackError>> + Send + 'static {
         let (settings, scanner) = (self.settings.clone(), Arc::clone(&self.scanner));
         let (topic, source) = (topic.to_owned(), source.to_owned());
         // The consumer blocks: off the async runtime.
@@ -194,17 +233,20 @@ impl EventSink for KafkaSink {
             if held.is_none() {
                 *held = Some(
                     ResumeScanner::new(&settings, &source, SCAN_TIMEOUT)
-                        .map_err(|e| e.to_string())?,
+                        .map_err(|e| ReadBackError::of(&e))?,
                 );
             }
             let found = held.as_ref().map(|s| s.delivered(&topic, since.0, limit));
             found
                 .unwrap_or_else(|| Ok(Delivered::default()))
-                .map_err(|e| e.to_string())
+                .map_err(|e| ReadBackError::of(&e))
         });
         async move {
-            scan.await
-                .unwrap_or_else(|e| Err(format!("the read-back did not finish: {e}")))
+            scan.await.unwrap_or_else(|e| {
+                Err(ReadBackError::other(format!(
+                    "the read-back did not finish: {e}"
+                )))
+            })
         }
     }
 

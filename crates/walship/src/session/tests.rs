@@ -159,6 +159,8 @@ struct SinkState {
     /// Sends to the dead-letter topic refused at once with this error (a producer that refuses
     /// what it cannot accept).
     refuse_dead_letters: Option<RDKafkaErrorCode>,
+    /// A send panics (a bug somewhere on the way).
+    panic_on_send: bool,
 }
 
 struct SinkShared {
@@ -174,6 +176,9 @@ struct FakeSink(Arc<SinkShared>);
 
 impl EventSink for FakeSink {
     fn send(&mut self, record: &Record<'_>, token: usize) -> Result<(), SendError> {
+        if self.0.state.lock().unwrap().panic_on_send {
+            panic!("a bug on the way to the broker");
+        }
         let mut state = self.0.state.lock().unwrap();
         if let Some(code) = state.refuse_dead_letters
             && record.topic == "outbox.dead-letter"
@@ -238,7 +243,7 @@ impl EventSink for FakeSink {
         _source: &str,
         _since: Lsn,
         _limit: usize,
-    ) -> impl Future<Output = Result<Delivered, String>> + Send + 'static {
+    ) -> impl Future<Output = Result<Delivered, super::ReadBackError>> + Send + 'static {
         let mut state = self.0.state.lock().unwrap();
         state.read_backs.push(topic.to_owned());
         let found: Delivered = state
@@ -246,8 +251,15 @@ impl EventSink for FakeSink {
             .get(topic)
             .into_iter()
             .flatten()
-            .map(|(p, id)| (*p, *id, 1))
-            .chain(state.found_on.get(topic).into_iter().flatten().copied())
+            .map(|(p, id)| (*p, *id, None))
+            .chain(
+                state
+                    .found_on
+                    .get(topic)
+                    .into_iter()
+                    .flatten()
+                    .map(|(p, id, t)| (*p, *id, Some(*t))),
+            )
             .map(|(p, id, timeline)| (p, Some(Box::from(id.as_bytes())), timeline))
             .collect();
         async move { Ok(found) }
@@ -830,6 +842,87 @@ async fn an_abandoned_session_does_not_wait_for_acknowledgements() {
 }
 
 #[tokio::test]
+async fn an_abandoned_session_waiting_for_room_ends_at_once() {
+    let abandon = CancellationToken::new();
+    let mut h = start_abandonable(
+        SessionSettings {
+            shutdown_timeout: Duration::from_secs(3600),
+            max_in_flight: 2,
+            ..settings()
+        },
+        abandon.clone(),
+    );
+    // Two records fill the window; the third waits for room that never comes (a broker cut off).
+    let first = h.txn(
+        1,
+        0x200,
+        &[
+            ("1", "order", Some("A")),
+            ("2", "order", Some("A")),
+            ("3", "order", Some("A")),
+        ],
+    );
+    h.records(2).await;
+    abandon.cancel();
+    h.cancel.cancel();
+    h.end().await.unwrap();
+    assert_eq!(
+        h.sink.state.lock().unwrap().sent.len(),
+        2,
+        "sent after the abandon"
+    );
+    assert!(h.last_status() < first);
+    assert_eq!(
+        h.ends(),
+        ["sink closed", "stream finished", "stream released"]
+    );
+}
+
+#[tokio::test]
+async fn an_abandoned_session_waiting_for_the_broker_mid_transaction_ends_at_once() {
+    let gate = Arc::new(Notify::new());
+    let abandon = CancellationToken::new();
+    let held = Arc::clone(&gate);
+    let mut h = start_configured(
+        SessionSettings {
+            shutdown_timeout: Duration::from_secs(3600),
+            ..settings()
+        },
+        None,
+        |s| {
+            s.known.insert("outbox.event.order".into());
+            s.topic_gate = Some(held);
+        },
+        |s| s.abandon_on(abandon.clone()),
+    );
+    // The first event went out; the second needs a topic check the broker does not answer.
+    h.begin(1, 0x200);
+    h.insert(("1", "order", Some("A")));
+    h.insert(("2", "invoice", Some("B")));
+    let end = h.commit(0x200);
+    h.records(1).await;
+    h.until_sink("the topic check", |s| (s.topic_checks > 0).then_some(()))
+        .await;
+    abandon.cancel();
+    h.cancel.cancel();
+    h.end().await.unwrap();
+    assert_eq!(h.sink.state.lock().unwrap().sent.len(), 1);
+    assert!(h.last_status() < end);
+    h.ends();
+    drop(gate);
+}
+
+#[tokio::test]
+async fn a_session_that_panics_still_closes_its_sink_before_letting_the_stream_go() {
+    let mut h = start_with(settings(), None, |s| s.panic_on_send = true);
+    h.txn(1, 0x200, &[("1", "order", Some("A"))]);
+    let task = h.task.take().expect("running");
+    let joined = tokio::time::timeout(WAIT, task).await.expect("ended");
+    assert!(joined.is_err_and(|e| e.is_panic()), "the panic goes on");
+    h.ends();
+}
+
+#[tokio::test]
 async fn a_session_that_was_silent_too_long_publishes_nothing_more_of_what_it_read() {
     let mut h = start_with_limit(Some(Duration::from_millis(400)));
     h.txn(1, 0x200, &[("1", "order", Some("A"))]);
@@ -1211,24 +1304,31 @@ async fn after_a_promotion_records_beyond_the_branch_stop_the_session_before_its
     h.txn(1, 0x400, &[("9", "order", Some("A"))]);
     let error = h.end().await.unwrap_err();
     let Error::Fork {
-        count,
+        records,
         first,
         last,
         record_timeline,
+        ended,
         next_epoch,
         ..
     } = &error
     else {
         panic!("{error}");
     };
-    assert_eq!((*count, *first, *last), (2, at(0x300, 0), at(0x380, 0)));
-    assert_eq!((*record_timeline, *next_epoch), (1, 1));
+    // Every record of timeline 1 since the slot's position is named, the newest past its end.
+    assert_eq!((*records, *first, *last), (3, at(0x200, 0), at(0x380, 0)));
+    assert_eq!(
+        (*record_timeline, *ended, *next_epoch),
+        (1, Some(Lsn(0x300)), 1)
+    );
     assert!(!error.is_transient());
     let text = error.to_string();
     assert!(
         text.contains("pg2:5432")
-            && text.contains("0/300:0 to 0/380:0")
+            && text.contains("0/200:0 to 0/380:0")
+            && text.contains("past where timeline 1 ended (0/300)")
             && text.contains("which began at 0/300")
+            && text.contains("Nothing was published or confirmed")
             && text.contains("postgres.source_epoch = 1"),
         "{text}"
     );
@@ -1299,9 +1399,41 @@ async fn a_resume_lookup_that_finds_a_later_timeline_stops_an_old_primary() {
 }
 
 #[tokio::test]
-async fn records_on_the_first_timeline_carry_no_timeline_header() {
-    let mut h = start(settings(), None);
+async fn every_record_names_the_timeline_whose_wal_holds_its_commit() {
+    let mut h = start_configured(
+        settings(),
+        None,
+        |_| {},
+        |s| s.on_server(promoted(), "pg2", 0),
+    );
+    // Read again from before the branch point (0x300): timeline 1's; after it: 2's.
     h.txn(1, 0x200, &[("1", "order", Some("A"))]);
+    h.txn(2, 0x400, &[("2", "order", Some("A"))]);
+    let sent = h.records(2).await;
+    assert_eq!(sent[0].headers["walship.timeline"], b"1");
+    assert_eq!(sent[1].headers["walship.timeline"], b"2");
+    let mut first = start(settings(), None);
+    first.txn(1, 0x200, &[("1", "order", Some("A"))]);
+    assert_eq!(first.records(1).await[0].headers["walship.timeline"], b"1");
+}
+
+#[tokio::test]
+async fn records_of_earlier_versions_without_a_timeline_are_not_judged() {
+    let mut h = start_configured(
+        settings(),
+        Some(Resume::new(START, Lsn(0x1000))),
+        |s| {
+            // Past the branch point, without a timeline header: unknown, not a fork.
+            s.found
+                .insert("outbox.event.order".into(), vec![(at(0x380, 0), "7")]);
+        },
+        |s| {
+            s.on_server(promoted(), "pg2:5432", 0)
+                .check_published(vec!["outbox.event.order".into()], START)
+        },
+    );
+    let end = h.txn(1, 0x400, &[("8", "order", Some("A"))]);
     let sent = h.records(1).await;
-    assert!(!sent[0].headers.contains_key("walship.timeline"));
+    h.ack(&sent, 0);
+    h.until_confirmed(end).await;
 }
