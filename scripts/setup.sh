@@ -3,6 +3,8 @@
 #
 #   scripts/setup.sh            build tools + PostgreSQL server binaries + the tansu broker
 #                               + the documentation tools (mdBook, markdownlint-cli2)
+#                               + Prometheus/promtool and kubernetes-validate (cached by
+#                               scripts/operator-tools.sh)
 #                               (PostgreSQL 16-18 for the test matrix: scripts/postgres.sh)
 #   scripts/setup.sh --no-broker   skip the broker (the demo then uses librdkafka's mock cluster)
 #   scripts/setup.sh --no-docs     skip the documentation tools (the demo does not need them)
@@ -113,4 +115,13 @@ if [ "$want_docs" -eq 1 ]; then
       "markdownlint-cli2@$MARKDOWNLINT_CLI2_VERSION" >/dev/null
   fi
 fi
+# --- operator-side tools -------------------------------------------------------------------------
+# Prometheus and promtool (the alert rules' unit tests, the dashboard queries against a real
+# server) and kubernetes-validate (the manifests), each fetched once into a cache behind a
+# version check: see scripts/operator-tools.sh.
+# A failure here is reported and fails the tests that need the tool, not the setup.
+tools="$(dirname "$0")/operator-tools.sh"
+for tool in prometheus kubernetes-validate; do
+  if where="$("$tools" "$tool")"; then log "$tool: $where"; else log "warning: could not fetch $tool (above)"; fi
+done
 log "ready"

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh machine: installs prerequisites, then formatting, lints,
 # unit tests, the end-to-end tests against a real PostgreSQL (Debian's 15) and a real broker
-# (tansu), the PostgreSQL-facing end-to-end suites again on PostgreSQL 16, 17 and 18, the
+# (tansu), the operator's side (alert rules under promtool, the Kubernetes manifests, the
+# dashboard's queries against a real Prometheus, a least-privilege role, every compression
+# codec), the PostgreSQL-facing end-to-end suites again on PostgreSQL 16, 17 and 18, the
 # documentation checks (Markdown lint, links, the book's build, the README's quick start), and the
 # demo (scripts/demo.sh) with each of its brokers.
 #
@@ -21,6 +23,11 @@ cd "$(dirname "$0")/.."
 
 if [ -n "${WALSHIP_TEST_KAFKA:-}" ]; then scripts/setup.sh --no-broker; else scripts/setup.sh; fi
 export PATH="$HOME/.cargo/bin:$PATH"
+# The operator-side tools, cached by setup.sh (this only prints where they are). A tool that
+# cannot be had fails its steps below, not the whole run.
+prometheus_bin="$(scripts/operator-tools.sh prometheus)" || prometheus_bin=""
+[ -z "$prometheus_bin" ] || export WALSHIP_TEST_PROMETHEUS="$prometheus_bin/prometheus"
+kubernetes_validate="$(scripts/operator-tools.sh kubernetes-validate)" || kubernetes_validate=""
 
 # A failed run keeps its PostgreSQL data directories and broker logs for inspection (the
 # harness says where); forget those of runs more than a day old.
@@ -104,8 +111,50 @@ cargo_test "doc tests" --workspace --doc --locked
 # The end-to-end suites run here on PostgreSQL 15. handover:: and ownership:: run on 15 only:
 # what they test (the hand-over between walship processes, which process owns a pipeline) is
 # decided by walship and the broker, and the slot they rely on behaves alike on every version.
+# The operator-side suites run in steps of their own below (and on 15 only).
+operator_suites=(codecs:: privilege:: monitoring::)
+skip_operator=()
+for suite in "${operator_suites[@]}"; do skip_operator+=(--skip "$suite"); done
 step "cargo test (unit + end-to-end, PostgreSQL 15)"
-cargo_test "cargo test" --workspace --all-targets --locked --no-fail-fast
+# Every target as `cargo test --workspace --all-targets` runs them, the e2e binary without the
+# operator suites (criterion's benches refuse libtest's --skip, so it runs on its own). walship's
+# test targets are e2e and docs (crates/walship/Cargo.toml): a new one is listed here too.
+cargo_test "cargo test" --workspace --exclude walship --all-targets --locked --no-fail-fast
+cargo_test "cargo test -p walship" -p walship --lib --bins --test docs --benches --examples --locked --no-fail-fast
+cargo_test "cargo test e2e" -p walship --test e2e --locked --no-fail-fast -- "${skip_operator[@]}"
+
+# The operator's side. Each step counts as tests in the closing line: the cargo suites by their
+# tests, the two tool checks as one test each.
+tool_passed=0
+tool_failed=0
+tool_check() { # label, then the command
+  local label="$1"
+  shift
+  if "$@"; then
+    tool_passed=$((tool_passed + 1))
+    echo "$label: ok"
+  else
+    tool_failed=$((tool_failed + 1))
+    echo "$label: FAILED"
+  fi
+}
+step "alert rules (promtool check rules, promtool test rules)"
+tool_check "alert rules" bash -c '[ -n "$1" ] || { echo "no promtool (scripts/operator-tools.sh prometheus failed)"; exit 1; }
+  "$1/promtool" check rules deploy/prometheus/walship-alerts.yml &&
+  (cd deploy/prometheus && "$1/promtool" test rules walship-alerts.test.yml)' _ "$prometheus_bin"
+step "Kubernetes manifests (kubernetes-validate --strict, static checks)"
+tool_check "Kubernetes manifests" bash -c '[ -n "$1" ] || { echo "no kubernetes-validate (scripts/operator-tools.sh kubernetes-validate failed)"; exit 1; }
+  PYTHONPATH="$1" python3 deploy/kubernetes/check_manifests.py' _ "$kubernetes_validate"
+# PostgreSQL 15 only: the dashboard's queries and the alert rules read walship's metrics, and the
+# codecs are librdkafka's and the broker's; none depends on the server's version. The
+# least-privilege suite relies on what every version from 15 on does alike (no CREATE on public
+# for PUBLIC, pg_logical_emit_message's grants, which it reads per server).
+step "dashboard and alert rules against a real Prometheus (PostgreSQL 15)"
+cargo_test "monitoring" --locked --test e2e -- monitoring::
+step "least privilege: walship as the role init-sql makes (PostgreSQL 15)"
+cargo_test "privilege" --locked --test e2e -- privilege::
+step "compression codecs through tansu (PostgreSQL 15)"
+cargo_test "codecs" --locked --test e2e -- codecs::
 
 # The version matrix: the end-to-end suites that depend on the server (relay, reliability with
 # the kill and crash tests, resume, check, the decoder's golden captures, partitions, the SQL kit,
@@ -172,9 +221,10 @@ echo "== seconds per step (total $SECONDS s)"
 printf '%s\n' "${steps[@]}"
 
 # One closing line over every test binary (cargo prints one "test result" line per binary), the
-# documentation checks and the demo runs (one test each), the matrix's versions that could not be
-# fetched and the cargo runs that failed without a failing test (one each).
-awk -v dp="$((demo_passed + docs_passed))" -v df="$((demo_failed + docs_failed + failed_runs))" \
+# documentation checks, the tool checks and the demo runs (one test each), the matrix's versions
+# that could not be fetched and the cargo runs that failed without a failing test (one each).
+awk -v dp="$((demo_passed + docs_passed + tool_passed))" \
+  -v df="$((demo_failed + docs_failed + failed_runs + tool_failed))" \
   '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
    END { printf "tests: %d passed, %d failed\n", p + dp, f + df }' "$log"
-[ "$demo_failed" -eq 0 ] && [ "$docs_failed" -eq 0 ] && [ "$run_failed" -eq 0 ]
+[ "$demo_failed" -eq 0 ] && [ "$docs_failed" -eq 0 ] && [ "$run_failed" -eq 0 ] && [ "$tool_failed" -eq 0 ]

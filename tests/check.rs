@@ -10,7 +10,7 @@ use serde_json::Value;
 use crate::harness::{self, Relay, Row, TestDb, broker, insert_txn};
 
 /// The binary without inherited `WALSHIP_*` variables.
-fn walship() -> Command {
+pub(crate) fn walship() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_walship"));
     for (k, _) in std::env::vars() {
         if k.starts_with("WALSHIP_") {
@@ -20,21 +20,21 @@ fn walship() -> Command {
     c
 }
 
-struct Output {
-    code: i32,
-    stdout: String,
-    stderr: String,
+pub(crate) struct Output {
+    pub(crate) code: i32,
+    pub(crate) stdout: String,
+    pub(crate) stderr: String,
 }
 
 impl Output {
-    fn json(&self) -> Value {
+    pub(crate) fn json(&self) -> Value {
         serde_json::from_str(&self.stdout)
             .unwrap_or_else(|e| panic!("stdout is JSON ({e}):\n{}\n{}", self.stdout, self.stderr))
     }
 }
 
 /// Runs `walship <command> --config <file with text> [--json]` off the async workers.
-async fn run(command: &str, config_text: &str, json: bool) -> Output {
+pub(crate) async fn run(command: &str, config_text: &str, json: bool) -> Output {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("walship.toml");
     std::fs::write(&path, config_text).unwrap();
@@ -58,7 +58,7 @@ async fn run(command: &str, config_text: &str, json: bool) -> Output {
 }
 
 /// The checks of a JSON report, by name.
-fn checks(report: &Value) -> Vec<(String, String, Option<String>, String)> {
+pub(crate) fn checks(report: &Value) -> Vec<(String, String, Option<String>, String)> {
     report["checks"]
         .as_array()
         .expect("checks array")
@@ -84,7 +84,7 @@ fn with_status<'a>(
         .collect()
 }
 
-fn find<'a>(
+pub(crate) fn find<'a>(
     all: &'a [(String, String, Option<String>, String)],
     name: &str,
 ) -> &'a (String, String, Option<String>, String) {

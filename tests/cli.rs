@@ -30,6 +30,29 @@ fn run_with_config(text: &str) -> (i32, String) {
     )
 }
 
+/// `--version` says what `walship_build_info` says: the version, the commit, the compiler.
+#[test]
+fn version_names_the_git_commit_and_the_compiler() {
+    let out = walship().arg("--version").output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let commit = Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned());
+    assert!(
+        text.starts_with(&format!("walship {} (git ", env!("CARGO_PKG_VERSION")))
+            && text.contains(", rustc 1."),
+        "{text}"
+    );
+    // Built from this checkout (cargo rebuilds the binary when HEAD moves).
+    if let Some(commit) = commit {
+        assert!(text.contains(&format!("(git {commit},")), "{text}");
+    }
+}
+
 #[test]
 fn missing_required_key_exits_2_naming_it() {
     let (code, err) = run_with_config("[postgres]\nurl = \"postgres://a@127.0.0.1/x\"\n[kafka]\n");

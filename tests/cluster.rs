@@ -111,6 +111,18 @@ async fn spread_then_kill(kill: Kill) {
         "pipelines run elsewhere keep a process ready: {body}"
     );
     assert!(body.contains(": elsewhere: "), "{body}");
+    // Each process is active for the pipelines it streams, and only for those.
+    for (port, on) in [(port_a, active(port_a)), (port_b, active(port_b))] {
+        for name in NAMES {
+            let (code, body) = get(port, &format!("/active/{name}"));
+            let expected = if on.contains(name) { 200 } else { 503 };
+            assert_eq!(code, expected, "{name} on :{port}: {body}");
+            if code == 503 {
+                // Healthy all the same: run by the other process.
+                assert_eq!(get(port, &format!("/readyz/{name}")).0, 200, "{name}");
+            }
+        }
+    }
     let (victim_port, survivor_port) = match kill {
         Kill::First => (port_a, port_b),
         Kill::Second => (port_b, port_a),

@@ -48,9 +48,20 @@ async fn a_standby_takes_over_when_the_active_walship_is_killed_and_loses_nothin
         std::net::TcpStream::connect(("127.0.0.1", port_b)).is_ok()
     })
     .await;
+    // A healthy standby is ready (a rolling update or a drain waits for it), but not active.
     let (code, body) = get(port_b, "/readyz");
-    assert_eq!(code, 503, "{body}");
-    assert!(body.starts_with("standby:"), "{body}");
+    assert_eq!(code, 200, "{body}");
+    assert!(
+        body.starts_with(&format!("{}: standby: ", db.slot())),
+        "{body}"
+    );
+    let (code, body) = get(port_b, "/active");
+    assert_eq!(
+        (code, body.as_str()),
+        (503, format!("{}: standby\n", db.slot()).as_str())
+    );
+    assert_eq!(get(port_a, "/active").0, 200, "the first one is active");
+    assert_eq!(get(port_a, "/readyz").0, 200);
     let metrics = get(port_b, "/metrics").1;
     assert_eq!(
         value(&metrics, "walship_role{role=\"standby\"}"),
@@ -108,7 +119,8 @@ async fn a_standby_takes_over_when_the_active_walship_is_killed_and_loses_nothin
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let takeover = took_over.unwrap_or_default();
-    until("the new active /readyz", || get(port_b, "/readyz").0 == 200).await;
+    until("the new active /active", || get(port_b, "/active").0 == 200).await;
+    assert_eq!(get(port_b, "/readyz").0, 200);
     let ready = killed.elapsed();
     writing.store(false, Ordering::Relaxed);
 

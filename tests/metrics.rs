@@ -21,13 +21,42 @@ pub(crate) fn get(port: u16, path: &str) -> (u16, String) {
     )
 }
 
-pub(crate) fn value(metrics: &str, name: &str) -> f64 {
-    metrics
+/// The value of the one sample of `series` in a scrape: `series` is a metric name, optionally
+/// with some of its labels (`walship_role{role="standby"}`); the sample may carry more labels
+/// (every per-pipeline sample has `pipeline`). Panics unless exactly one sample matches.
+pub(crate) fn value(metrics: &str, series: &str) -> f64 {
+    let (name, wanted) = split_series(series);
+    let found: Vec<f64> = metrics
         .lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-        .and_then(|l| l.split_whitespace().last())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("metric {name} missing:\n{metrics}"))
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (sample, v) = l.rsplit_once(' ')?;
+            let (n, labels) = split_series(sample);
+            (n == name && wanted.iter().all(|w| labels.contains(w)))
+                .then(|| v.parse().ok())
+                .flatten()
+        })
+        .collect();
+    match found.as_slice() {
+        [v] => *v,
+        [] => panic!("metric {series} missing:\n{metrics}"),
+        _ => panic!("metric {series} has {} samples:\n{metrics}", found.len()),
+    }
+}
+
+/// `name{a="1",b="2"}` → (`name`, [`a="1"`, `b="2"`]). Label values in these tests hold no
+/// commas.
+fn split_series(series: &str) -> (&str, Vec<&str>) {
+    match series.split_once('{') {
+        Some((name, rest)) => (
+            name,
+            rest.trim_end_matches('}')
+                .split(',')
+                .filter(|l| !l.is_empty())
+                .collect(),
+        ),
+        None => (series, Vec::new()),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -54,6 +83,11 @@ async fn metrics_move_and_lag_returns_to_zero() {
     }
     let before = get(port, "/metrics").1;
     assert_eq!(value(&before, "walship_events_published_total"), 0.0);
+    assert_eq!(
+        value(&before, "walship_last_ack_timestamp_seconds"),
+        0.0,
+        "no acknowledgement yet: the epoch, not now"
+    );
 
     for i in 0..30 {
         insert_txn(&mut db.client, &[Row::new("order", "m", i)]).await;
@@ -82,7 +116,45 @@ async fn metrics_move_and_lag_returns_to_zero() {
     assert!(value(&after, "walship_safe_lsn") >= end.0 as f64);
     assert_eq!(value(&after, "walship_in_flight_events"), 0.0);
     assert_eq!(value(&after, "walship_streaming"), 1.0);
-    assert!(after.contains("walship_delivery_errors_total{class=\"transient\"} 0"));
+    assert_eq!(
+        value(&after, "walship_delivery_errors_total{class=\"transient\"}"),
+        0.0
+    );
+    // The single pipeline is named after its slot, on every per-pipeline sample.
+    assert_eq!(
+        value(
+            &after,
+            &format!("walship_streaming{{pipeline=\"{}\"}}", db.slot())
+        ),
+        1.0
+    );
+    // The acknowledgement timestamps: the newest acknowledged commit is among the ones just
+    // written, and the last acknowledgement came after it.
+    let acked_commit = value(&after, "walship_last_acked_commit_timestamp_seconds");
+    let acked = value(&after, "walship_last_ack_timestamp_seconds");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(
+        acked_commit > now - 600.0 && acked_commit <= acked && acked <= now + 1.0,
+        "last acked commit {acked_commit}, last ack {acked}, now {now}"
+    );
+    // The process's own metrics and the build.
+    assert!(value(&after, "process_resident_memory_bytes") > 1e6);
+    assert!(value(&after, "process_cpu_seconds_total") > 0.0);
+    assert_eq!(
+        value(
+            &after,
+            &format!(
+                "walship_build_info{{version=\"{}\"}}",
+                env!("CARGO_PKG_VERSION")
+            )
+        ),
+        1.0
+    );
+    // The one active process: /active says so.
+    assert_eq!(get(port, "/active").0, 200);
     relay.stop().await.expect("graceful stop");
 }
 
@@ -158,11 +230,18 @@ async fn lag_counts_the_backlog_while_the_broker_is_down_and_returns_to_zero() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heartbeat_writes_logical_messages_that_the_slot_confirms() {
     let db = TestDb::new().await;
-    let witness = format!("{}_witness", db.name);
     let mut config = harness::config(&db, &broker().bootstrap, "");
     config.postgres.heartbeat_interval_ms = 100;
     let relay = Relay::start_streaming(config, &db).await;
-    // A second slot, created now, records what the server decodes from here on.
+    await_heartbeat(&db).await;
+    relay.stop().await.expect("graceful stop");
+}
+
+/// Waits until walship (streaming from the test's slot) has written a heartbeat message and
+/// its slot has confirmed it: a second slot, created now, records what the server decodes
+/// from here on.
+pub(crate) async fn await_heartbeat(db: &TestDb) {
+    let witness = format!("{}_witness", db.name);
     db.client
         .execute(
             "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
@@ -208,5 +287,4 @@ async fn heartbeat_writes_logical_messages_that_the_slot_confirms() {
         .execute("SELECT pg_drop_replication_slot($1)", &[&witness])
         .await
         .unwrap();
-    relay.stop().await.expect("graceful stop");
 }

@@ -84,9 +84,15 @@ async fn three_databases_one_process_a_server_restart_affects_only_its_pipeline(
     let (code, body) = get(port, "/readyz");
     assert_eq!(code, 503, "{body}");
     assert!(
-        body.contains("alpha: ready") && body.contains("gamma: not ready"),
+        body.contains("alpha: active: ") && body.contains("gamma: not ready: "),
         "{body}"
     );
+    assert_eq!(
+        get(port, "/active").0,
+        200,
+        "the process streams alpha and beta"
+    );
+    assert_eq!(get(port, "/active/gamma").0, 503);
     let metrics = get(port, "/metrics").1;
     assert_eq!(
         value(&metrics, "walship_streaming{pipeline=\"alpha\"}"),

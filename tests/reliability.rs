@@ -363,6 +363,7 @@ async fn broker_outage_during_load_recovers_with_bounded_memory() {
     kafka.start();
     db.await_caught_up().await;
     let rss = walship.peak_rss_mib();
+    println!("broker outage: walship's peak RSS {rss:.1} MiB");
     assert!(rss < 200.0, "peak RSS {rss:.0} MiB");
     // The restarted in-memory broker only holds what was (re)sent after it came back: per key
     // that must be a gap-free run up to the last event written, and the marker.
@@ -503,6 +504,7 @@ async fn stalled_broker_stops_reading_but_keeps_the_walsender_alive() {
     );
     assert!(walship.running());
     let rss = walship.peak_rss_mib();
+    println!("stalled broker: walship's peak RSS {rss:.1} MiB");
     assert!(rss < 100.0, "peak RSS {rss:.0} MiB while blocked");
     kafka.thaw();
     db.await_caught_up().await;
@@ -540,6 +542,7 @@ async fn one_huge_transaction_is_delivered_with_bounded_memory() {
     let end = db.current_lsn().await;
     db.await_confirmed(end, TIMEOUT * 3).await;
     let rss = walship.peak_rss_mib();
+    println!("{rows}-row transaction: walship's peak RSS {rss:.1} MiB");
     assert!(
         rss < 200.0,
         "peak RSS {rss:.0} MiB for a {rows}-row transaction"

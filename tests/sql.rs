@@ -25,6 +25,7 @@ fn kit(partitioned: bool) -> String {
         schema: "kit".into(),
         partitioned,
         publication: init_sql::DEFAULT_PUBLICATION.into(),
+        ..InitSqlArgs::default()
     })
     .expect("the kit renders for schema kit")
 }
@@ -715,13 +716,29 @@ fn docker_files_reference_each_other_consistently() {
         }
     }
     assert!(postgres.contains("../sql/outbox.sql:/docker-entrypoint-initdb.d/10-outbox.sql"));
+    // A stop may take the shutdown timeout twice (finishing the transaction, then the acks):
+    // compose's grace period is longer, with a margin, or SIGKILL cuts the drain short.
+    let grace: u64 = walship
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("stop_grace_period: "))
+        .and_then(|v| v.strip_suffix('s'))
+        .and_then(|v| v.parse().ok())
+        .expect("stop_grace_period in seconds");
+    let config = Config::from_toml(&docker_file("walship.toml"), std::iter::empty(), "docker")
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        grace * 1000 > 2 * config.run.shutdown_timeout_ms + 10_000,
+        "stop_grace_period {grace}s against run.shutdown_timeout_ms {}",
+        config.run.shutdown_timeout_ms
+    );
 }
 
 /// The postgres container's setup (sql/outbox.sql, then docker/initdb/20-walship-role.sh) gives
-/// walship's REPLICATION-only role all it needs, with docker/walship.toml and compose's
-/// environment (only the addresses, slot and topic changed to this test's).
+/// walship's least-privilege role all it needs, the slot history included, with
+/// docker/walship.toml and compose's environment (only the addresses, slot and topic changed to
+/// this test's).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn docker_setup_streams_with_the_replication_only_role() {
+async fn docker_setup_streams_with_the_least_privilege_role() {
     let db = TestDb::new().await;
     db.client
         .batch_execute(init_sql::OUTBOX_SQL)
@@ -818,15 +835,23 @@ async fn docker_setup_streams_with_the_replication_only_role() {
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{log}");
+    // The role keeps the slot history: no protection is off, and the slot is recorded.
+    assert!(!log.contains("G6"), "{log}");
+    let recorded: i64 = db
+        .client
+        .query_one(
+            "SELECT count(*) FROM public.walship_slots WHERE slot_name = $1",
+            &[&db.slot()],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(recorded, 1, "{log}");
     // Roles outlive the test database (matters with WALSHIP_TEST_PG_URL's external server).
     db.client
-        .batch_execute(&format!("DROP ROLE \"{role}\""))
+        .batch_execute(&format!("DROP OWNED BY \"{role}\"; DROP ROLE \"{role}\""))
         .await
         .expect("drop the test role");
 }

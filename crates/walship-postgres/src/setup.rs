@@ -18,7 +18,10 @@
 use tokio_postgres::Client;
 use tokio_postgres::types::PgLsn;
 
-use crate::catalog::{self, OutboxScope, SlotState, lsn, slot_state, validate_slot};
+use crate::catalog::{
+    self, OutboxScope, SlotState, Unprotected, history_access, history_table_ddl, lsn, slot_state,
+    validate_slot,
+};
 use crate::error::{PgError, sql_err};
 use crate::ident::{TableName, quote_ident};
 
@@ -126,8 +129,9 @@ pub async fn ensure_slot(
                         };
                     return Err(PgError::Setup(format!(
                         "cannot create replication slot {slot:?}: user {user:?} lacks the REPLICATION attribute \
-                         ({source}); grant it with ALTER ROLE {} REPLICATION; or create the slot as a superuser",
-                        quote_ident(&user)
+                         ({source}); grant it with ALTER ROLE {u} REPLICATION; (on Amazon RDS or Aurora: \
+                         GRANT rds_replication TO {u};) or create the slot as a superuser",
+                        u = quote_ident(&user)
                     )));
                 }
                 Err(source) => {
@@ -168,7 +172,8 @@ async fn created_before(
         return Ok(None);
     }
     let sql = format!(
-        "SELECT created_at::text, created_lsn::text FROM {} WHERE slot_name = $1",
+        "SELECT created_at::text, COALESCE(created_lsn::text, 'unknown') FROM {} \
+         WHERE slot_name = $1",
         table.quoted()
     );
     let row = client
@@ -178,14 +183,54 @@ async fn created_before(
     Ok(row.map(|r| (r.get(0), r.get(1))))
 }
 
-/// Records a slot walship created. Failing to record is a warning, not an error: walship still
-/// works, it just cannot tell a later drop from a first start.
+/// When the slot history does not protect `slot` (G6: a dropped slot is never re-created
+/// silently): the history is kept but cannot be written, or holds no record of the slot (it
+/// was created by hand, or while the history could not be written). `None` when protected, or
+/// when the history is off (`postgres.slot_history_table = ""`, the operator's choice).
+pub async fn unprotected_slot(
+    client: &Client,
+    history: &SlotHistory,
+    slot: &str,
+) -> Result<Option<Unprotected>, PgError> {
+    let Some(table) = &history.table else {
+        return Ok(None);
+    };
+    let role: String = client
+        .query_one("SELECT current_user::text", &[])
+        .await
+        .map_err(sql_err("reading the current user"))?
+        .get(0);
+    if let Some(problem) = history_access(client, table).await?.problem(table, &role) {
+        return Ok(Some(problem));
+    }
+    if history.created(client, slot).await?.is_some() {
+        return Ok(None);
+    }
+    Ok(Some(Unprotected {
+        message: format!(
+            "replication slot {slot:?} is not recorded in the slot history table {table} (it was \
+             created by hand, or while walship could not write the table), so G6's protection is \
+             off for it: if it were dropped, walship would create a new one and silently skip \
+             every event committed in between"
+        ),
+        fix: format!(
+            "INSERT INTO {} (slot_name) VALUES ('{}') ON CONFLICT DO NOTHING;",
+            table.quoted(),
+            slot.replace('\'', "''")
+        ),
+    }))
+}
+
+/// Records a slot walship created, creating the table first when it is missing (a table made
+/// by an administrator is used as it is: walship then needs only SELECT, INSERT and UPDATE on
+/// it). Failing to record is a warning, not an error: walship still works, but cannot tell a
+/// later drop from a first start; every start says so again ([`unprotected_slot`]).
 async fn remember_slot(client: &Client, table: &TableName, slot: &str, lsn: Option<PgLsn>) {
-    let sql = format!(
-        "CREATE TABLE IF NOT EXISTS {t} (slot_name text PRIMARY KEY, created_at timestamptz NOT NULL DEFAULT now(), \
-         created_lsn pg_lsn); \
-         COMMENT ON TABLE {t} IS 'Replication slots walship created; a listed slot that no longer exists was dropped.'",
-        t = table.quoted()
+    let create = format!(
+        "{}; COMMENT ON TABLE {} IS 'Replication slots walship created; a listed slot that no \
+         longer exists was dropped.'",
+        history_table_ddl(table),
+        table.quoted()
     );
     let insert = format!(
         "INSERT INTO {} (slot_name, created_lsn) VALUES ($1, $2) ON CONFLICT (slot_name) DO UPDATE SET \
@@ -193,15 +238,34 @@ async fn remember_slot(client: &Client, table: &TableName, slot: &str, lsn: Opti
         table.quoted()
     );
     let result = async {
-        client.batch_execute(&sql).await?;
+        // CREATE TABLE IF NOT EXISTS checks the schema's CREATE privilege even when the table
+        // exists, so only a missing table is created.
+        if !table_exists(client, table).await.unwrap_or(false) {
+            client.batch_execute(&create).await?;
+        }
         client.execute(&insert, &[&slot, &lsn]).await
     }
     .await;
     if let Err(e) = result {
+        let role = client
+            .query_one("SELECT current_user::text", &[])
+            .await
+            .map(|r| r.get::<_, String>(0))
+            .unwrap_or_else(|_| "<walship's user>".into());
+        let fix = match history_access(client, table)
+            .await
+            .map(|a| a.problem(table, &role))
+        {
+            Ok(Some(problem)) => problem.fix,
+            _ => format!(
+                "make {table} writable for {role}, or set postgres.slot_history_table = \"\""
+            ),
+        };
         tracing::warn!(
             %table,
-            "cannot record the new slot in {table} ({e}); walship will not be able to tell a dropped slot \
-             from a first start: grant CREATE on the schema, or set postgres.slot_history_table = \"\""
+            "cannot record the new slot {slot:?} in {table} ({e}): G6's protection against \
+             re-creating a dropped slot is off for it, so if it were dropped walship would \
+             create a new one and silently skip every event committed in between; fix: {fix}"
         );
     }
 }

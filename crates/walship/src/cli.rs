@@ -13,9 +13,20 @@ use clap::{Parser, Subcommand, ValueEnum};
 use crate::command;
 use crate::error::Error;
 
+/// `walship --version`: the version, the git commit it was built from and the compiler, as
+/// `walship_build_info` reports them.
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (git ",
+    env!("WALSHIP_GIT_COMMIT"),
+    ", rustc ",
+    env!("WALSHIP_RUSTC_VERSION"),
+    ")"
+);
+
 /// Streams transactional-outbox events from PostgreSQL to Kafka.
 #[derive(Debug, Parser)]
-#[command(name = "walship", version, about)]
+#[command(name = "walship", version = VERSION, about)]
 pub struct Cli {
     /// What to do.
     #[command(subcommand)]

@@ -63,20 +63,34 @@ pub struct Config {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MetricsConfig {
-    /// Address for `/metrics`, `/healthz` and `/readyz` (e.g. `0.0.0.0:9187`); unset = off.
+    /// Address for `/metrics`, `/healthz`, `/readyz` and `/active` (e.g. `0.0.0.0:10187`, or an
+    /// IP address alone for [`DEFAULT_METRICS_PORT`]); unset = off.
     pub listen: Option<String>,
 }
 
+/// walship's metrics port when `metrics.listen` names an address without one. Not 9187
+/// (postgres_exporter's) nor any port of 9100-9999, which the Prometheus project's list of
+/// exporter ports has given out; clear of the Kubernetes components' 10248-10260 too.
+pub const DEFAULT_METRICS_PORT: u16 = 10187;
+
 impl MetricsConfig {
-    /// `listen`, parsed; `None` when the endpoints are off.
+    /// `listen`, parsed; `None` when the endpoints are off. An IP address without a port gets
+    /// [`DEFAULT_METRICS_PORT`].
     pub fn address(&self) -> Result<Option<std::net::SocketAddr>, ConfigError> {
         self.listen
             .as_deref()
             .map(|addr| {
-                addr.parse().map_err(|e| {
-                    ConfigError(format!(
-                        "metrics.listen {addr:?} is not a socket address ({e}); expected e.g. \"0.0.0.0:9187\""
-                    ))
+                addr.parse().or_else(|e| {
+                    let ip = addr.trim_start_matches('[').trim_end_matches(']');
+                    ip.parse::<std::net::IpAddr>()
+                        .map(|ip| std::net::SocketAddr::new(ip, DEFAULT_METRICS_PORT))
+                        .map_err(|_| {
+                            ConfigError(format!(
+                                "metrics.listen {addr:?} is not a socket address ({e}); expected \
+                                 e.g. \"0.0.0.0:{DEFAULT_METRICS_PORT}\", or \"0.0.0.0\" for \
+                                 port {DEFAULT_METRICS_PORT}"
+                            ))
+                        })
                 })
             })
             .transpose()
@@ -198,6 +212,12 @@ pub struct OutboxConfig {
     /// prefix, content)`) that are outbox events, matched exactly; empty (the default) = none.
     #[serde(default)]
     pub message_prefixes: Vec<String>,
+    /// Roles that write outbox messages. Only `walship check` reads it: with
+    /// `message_prefixes` set it warns when any other login role (superusers and walship's own
+    /// aside) may execute `pg_logical_emit_message`, since each could publish events or stop
+    /// the pipeline.
+    #[serde(default)]
+    pub message_writers: Vec<String>,
 }
 
 /// `outbox.on_bad_row`
@@ -228,6 +248,7 @@ impl Default for OutboxConfig {
             allowed_aggregate_types: Vec::new(),
             max_topics: default_max_topics(),
             message_prefixes: Vec::new(),
+            message_writers: Vec::new(),
         }
     }
 }

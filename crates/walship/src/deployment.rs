@@ -57,7 +57,7 @@ pub async fn run_deployment(
         Some(addr) => {
             let all = pipelines
                 .iter()
-                .map(|(name, _, t)| (Some(name.clone()), Arc::clone(t)))
+                .map(|(name, _, t)| (name.clone(), Arc::clone(t)))
                 .collect();
             Some(metrics_server(addr, all).await?)
         }

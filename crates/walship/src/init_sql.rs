@@ -1,5 +1,6 @@
 //! `walship init-sql`: prints the SQL kit (`sql/outbox.sql`, or `sql/outbox_partitioned.sql`
-//! with `--partitioned`) for a schema and publication name.
+//! with `--partitioned`) for a schema and publication name, and with `--role` a login role with
+//! only what walship needs ([`role_sql`]).
 //!
 //! The files stay plain SQL that psql runs as they are (the demo does), so they name the
 //! defaults in a form that is valid SQL *and* unambiguous to substitute: the schema appears only
@@ -43,6 +44,18 @@ pub struct InitSqlArgs {
     /// Publication to create for the outbox table (walship's postgres.publication).
     #[arg(long, default_value = DEFAULT_PUBLICATION)]
     pub publication: String,
+    /// Also create (or complete) this login role for walship with only what it needs:
+    /// REPLICATION, SELECT on the outbox, the slot history table it writes. The publication
+    /// stays yours (set postgres.create_publication = false). No password is set here.
+    #[arg(long, value_name = "NAME")]
+    pub role: Option<String>,
+    /// With --role: let the role emit walship's heartbeat (EXECUTE on pg_logical_emit_message),
+    /// for postgres.heartbeat_interval_ms > 0 once EXECUTE is revoked from PUBLIC.
+    #[arg(long, requires = "role")]
+    pub heartbeat: bool,
+    /// With --role: print the role's statements only, not the kit (for an outbox that exists).
+    #[arg(long, requires = "role")]
+    pub role_only: bool,
 }
 
 impl Default for InitSqlArgs {
@@ -51,6 +64,9 @@ impl Default for InitSqlArgs {
             schema: DEFAULT_SCHEMA.to_owned(),
             partitioned: false,
             publication: DEFAULT_PUBLICATION.to_owned(),
+            role: None,
+            heartbeat: false,
+            role_only: false,
         }
     }
 }
@@ -65,6 +81,9 @@ pub struct InitSqlError(pub String);
 pub fn render(args: &InitSqlArgs) -> Result<String, InitSqlError> {
     check_name("--schema", &args.schema)?;
     check_name("--publication", &args.publication)?;
+    if let Some(role) = &args.role {
+        check_name("--role", role)?;
+    }
     if args.schema.contains('.') {
         // walship's outbox.table is "schema.table", split at the first dot.
         return Err(InitSqlError(format!(
@@ -80,11 +99,20 @@ pub fn render(args: &InitSqlArgs) -> Result<String, InitSqlError> {
     };
     let table = toml_string(&format!("{}.outbox", args.schema));
     let publication = toml_string(&args.publication);
+    let role_settings = match &args.role {
+        Some(role) => format!(
+            "--   url = {}\n\
+             --   create_publication = false\n",
+            toml_string(&format!("postgres://{role}@HOST/DATABASE"))
+        ),
+        None => String::new(),
+    };
     let mut out = format!(
-        "-- Printed by `walship init-sql{partitioned}` from {file} for schema {schema} and \
+        "-- Printed by `walship init-sql{partitioned}{role_flags}`{from} for schema {schema} and \
          publication {pub_name}.\n\
          -- Matching walship configuration:\n\
          --   [postgres]\n\
+         {role_settings}\
          --   publication = {publication}\n\
          --   [outbox]\n\
          --   table = {table}\n\n",
@@ -93,17 +121,111 @@ pub fn render(args: &InitSqlArgs) -> Result<String, InitSqlError> {
         } else {
             ""
         },
+        role_flags = match &args.role {
+            Some(role) => format!(
+                " --role {role}{}{}",
+                if args.heartbeat { " --heartbeat" } else { "" },
+                if args.role_only { " --role-only" } else { "" }
+            ),
+            None => String::new(),
+        },
+        from = if args.role_only {
+            String::new()
+        } else {
+            format!(" from {file}")
+        },
         schema = quote_ident(&args.schema),
         pub_name = quote_ident(&args.publication),
     );
-    if args.schema != DEFAULT_SCHEMA {
-        out.push_str(&format!(
-            "CREATE SCHEMA IF NOT EXISTS {};\n\n",
-            quote_ident(&args.schema)
+    if !args.role_only {
+        if args.schema != DEFAULT_SCHEMA {
+            out.push_str(&format!(
+                "CREATE SCHEMA IF NOT EXISTS {};\n\n",
+                quote_ident(&args.schema)
+            ));
+        }
+        out.push_str(&substitute(template, &args.schema, &args.publication));
+    }
+    if let Some(role) = &args.role {
+        if !args.role_only {
+            out.push('\n');
+        }
+        out.push_str(&role_sql(&args.schema, role, args.heartbeat));
+    }
+    Ok(out)
+}
+
+/// The statements that create (or complete) walship's login `role` with only what walship
+/// needs, for the outbox in `schema`: safe to run again, and they set no password.
+///
+/// - `LOGIN REPLICATION`: the replication connection (on Amazon RDS and Aurora, membership in
+///   `rds_replication` instead, which `walship check` accepts there);
+/// - `CONNECT` on the database and `USAGE` on the schema;
+/// - `SELECT` on the outbox (`walship check` lists its aggregate types; streaming needs none);
+/// - the slot history table, created here and owned by the caller, with `SELECT, INSERT,
+///   UPDATE` for the role (G6: walship records the slot it creates, and refuses to re-create a
+///   dropped one);
+/// - with `heartbeat`, `EXECUTE` on `pg_logical_emit_message`'s text form (needed once it is
+///   revoked from PUBLIC, which message mode calls for).
+///
+/// The publication is not the role's: the kit creates it, and walship only reads it.
+pub fn role_sql(schema: &str, role: &str, heartbeat: bool) -> String {
+    let r = quote_ident(role);
+    let lit = quote_literal(role);
+    let s = quote_ident(schema);
+    let history = walship_postgres::TableName {
+        schema: schema.to_owned(),
+        name: "walship_slots".to_owned(),
+    };
+    let mut sql = format!(
+        "-- walship's role {r}, with only what walship needs (`walship init-sql --role`). Set its
+-- password yourself, never in a file: \\password {r} in psql. On Amazon RDS and Aurora the
+-- REPLICATION attribute cannot be granted: GRANT rds_replication TO {r}; instead.
+DO $walship$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = {lit}) THEN
+        CREATE ROLE {r} LOGIN REPLICATION;
+    END IF;
+END
+$walship$;
+ALTER ROLE {r} LOGIN REPLICATION;
+DO $walship$
+BEGIN
+    EXECUTE format('GRANT CONNECT ON DATABASE %I TO %I', current_database(), {lit});
+END
+$walship$;
+GRANT USAGE ON SCHEMA {s} TO {r};
+-- walship streams without reading the table; `walship check` reads its aggregate types.
+GRANT SELECT ON {s}.outbox TO {r};
+-- The slot history (postgres.slot_history_table = \"walship_slots\"): walship records the slot it
+-- creates, and refuses to create it again once dropped (G6). Yours; the role only writes rows.
+{ddl};
+{grant};
+",
+        ddl = walship_postgres::catalog::history_table_ddl(&history),
+        grant = walship_postgres::catalog::history_grant(&history, role),
+    );
+    if heartbeat {
+        sql.push_str(&format!(
+            "-- The heartbeat (postgres.heartbeat_interval_ms): EXECUTE on the text form of
+-- pg_logical_emit_message (it has a fourth argument, flush, from PostgreSQL 17).
+DO $walship$
+DECLARE
+    f regprocedure;
+BEGIN
+    FOR f IN SELECT p.oid::regprocedure FROM pg_proc p
+             WHERE p.proname = 'pg_logical_emit_message'
+               AND p.pronamespace = 'pg_catalog'::regnamespace
+               AND p.proargtypes[2] = 'text'::regtype
+    LOOP
+        EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO %I', f, {lit});
+    END LOOP;
+END
+$walship$;
+"
         ));
     }
-    out.push_str(&substitute(template, &args.schema, &args.publication));
-    Ok(out)
+    sql
 }
 
 /// `walship init-sql`: prints the kit to stdout. Exit code 2 for an unusable name (like a
@@ -204,7 +326,68 @@ mod tests {
             schema: schema.into(),
             partitioned,
             publication: publication.into(),
+            ..InitSqlArgs::default()
         }
+    }
+
+    #[test]
+    fn a_role_gets_replication_select_and_the_slot_history_and_the_heartbeat_when_asked() {
+        let with_role = |heartbeat, role_only| InitSqlArgs {
+            role: Some("ws'x".into()),
+            heartbeat,
+            role_only,
+            ..args("kit", "kit_pub", false)
+        };
+        let sql = render(&with_role(false, false)).unwrap();
+        assert!(
+            sql.contains("CREATE TABLE IF NOT EXISTS \"kit\".outbox"),
+            "the kit first"
+        );
+        let role = &sql[sql.find("-- walship's role").unwrap()..];
+        for part in [
+            "IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'ws''x')",
+            "CREATE ROLE \"ws'x\" LOGIN REPLICATION;",
+            "GRANT USAGE ON SCHEMA \"kit\" TO \"ws'x\";",
+            "GRANT SELECT ON \"kit\".outbox TO \"ws'x\";",
+            "CREATE TABLE IF NOT EXISTS \"kit\".\"walship_slots\"",
+            "GRANT SELECT, INSERT, UPDATE ON \"kit\".\"walship_slots\" TO \"ws'x\";",
+        ] {
+            assert!(role.contains(part), "{part}:\n{role}");
+        }
+        assert!(!role.contains("pg_logical_emit_message"), "{role}");
+        assert!(
+            !role.to_lowercase().contains("password '"),
+            "never a password"
+        );
+        let sql = render(&with_role(true, true)).unwrap();
+        assert!(!sql.contains(".outbox_emit("), "--role-only prints no kit");
+        assert!(
+            sql.contains("EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO %I', f, 'ws''x');"),
+            "{sql}"
+        );
+        // The header stays TOML, with the role in the URL and the publication left alone.
+        let header: String = sql
+            .lines()
+            .take_while(|l| !l.is_empty())
+            .filter_map(|l| l.strip_prefix("--   "))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let header: toml::Table = toml::from_str(&header).expect("the header is TOML");
+        assert_eq!(
+            header["postgres"]["url"].as_str(),
+            Some("postgres://ws'x@HOST/DATABASE")
+        );
+        assert_eq!(
+            header["postgres"]["create_publication"].as_bool(),
+            Some(false)
+        );
+        let e = render(&InitSqlArgs {
+            role: Some("a$walship$".into()),
+            ..args("s", "p", false)
+        })
+        .unwrap_err()
+        .0;
+        assert!(e.contains("--role"), "{e}");
     }
 
     /// Byte offsets where `word` occurs as a whole word (not inside `publication`, `outbox_x`).

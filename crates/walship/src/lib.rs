@@ -20,7 +20,7 @@
 //! - [`failover`] — following a promotion (failover slots): start-up, sessions, `check`.
 //! - [`error`] — run errors, transient or definite.
 //! - [`scheduling`] — how the kernel schedules walship's threads (`run.cpu_scheduling`).
-//! - [`telemetry`] — metrics, `/metrics`, `/healthz`, `/readyz`.
+//! - [`telemetry`] — metrics, `/metrics`, `/healthz`, `/readyz`, `/active`.
 //!
 //! The protocol code lives in the `pgoutput`, `walship-postgres` and `walship-kafka` crates.
 

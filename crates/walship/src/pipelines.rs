@@ -366,7 +366,7 @@ librdkafka = { "linger.ms" = "5", "batch.size" = "100000" }
 topic = "shared.{aggregatetype}"
 
 [metrics]
-listen = "127.0.0.1:9187"
+listen = "127.0.0.1:10187"
 "#;
 
     fn load(pipelines: &str) -> Result<Deployment, ConfigError> {
@@ -432,7 +432,7 @@ kafka = { librdkafka = { "linger.ms" = "20" } }
         )
         .unwrap();
         assert!(!d.is_single());
-        assert_eq!(d.metrics.listen.as_deref(), Some("127.0.0.1:9187"));
+        assert_eq!(d.metrics.listen.as_deref(), Some("127.0.0.1:10187"));
         let [orders, billing] = d.pipelines.as_slice() else {
             panic!("two pipelines")
         };

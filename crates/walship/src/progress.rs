@@ -306,6 +306,7 @@ impl Progress {
             self.telemetry
                 .last_delivery_ms
                 .store(now, Ordering::Relaxed);
+            self.telemetry.last_ack_ms.store(now, Ordering::Relaxed);
         }
         if s.entries.len() != before {
             let len = s.entries.len() as u64;
@@ -381,7 +382,8 @@ impl DeliveryListener for Progress {
     fn on_delivery(&self, token: usize, result: Result<usize, DeliveryError>) {
         // `last_delivery_ms` is stamped when transactions complete (in `advance`), every 256th
         // report and on failures: reading the clock per record would cost more than the rest
-        // of this call.
+        // of this call. `last_ack_ms` likewise, for acknowledgements only.
+        let acknowledged = result.is_ok();
         if let Err(e) = &result {
             self.telemetry
                 .last_delivery_ms
@@ -435,9 +437,13 @@ impl DeliveryListener for Progress {
         let reported = self.reported_events.fetch_add(1, Ordering::AcqRel) + 1;
         if reported.is_multiple_of(256) {
             // Also while one long transaction is being acknowledged (nothing completes).
+            let now = unix_ms();
             self.telemetry
                 .last_delivery_ms
-                .store(unix_ms(), Ordering::Relaxed);
+                .store(now, Ordering::Relaxed);
+            if acknowledged {
+                self.telemetry.last_ack_ms.store(now, Ordering::Relaxed);
+            }
         }
         let wake_at = self.wake_at_in_flight.load(Ordering::Acquire);
         if wake_at != u64::MAX
@@ -530,10 +536,15 @@ mod tests {
             ack(&p, a);
         }
         assert_eq!(telemetry.last_delivery_ms.load(Ordering::Relaxed), 0);
+        assert_eq!(telemetry.last_ack_ms.load(Ordering::Relaxed), 0);
         ack(&p, a);
         assert!(
             telemetry.last_delivery_ms.load(Ordering::Relaxed) > 0,
             "256 acks of a transaction still being read count as the broker answering"
+        );
+        assert!(
+            telemetry.last_ack_ms.load(Ordering::Relaxed) > 0,
+            "and as acknowledgements (walship_last_ack_timestamp_seconds)"
         );
         assert_eq!(p.safe_lsn(), Lsn(0), "the transaction is not complete");
     }

@@ -90,7 +90,14 @@ pub async fn run_settings(settings: &Settings, cancel: &CancellationToken) -> Re
         UNOWNED_LOG_AFTER,
     ));
     let server = match settings.metrics_listen {
-        Some(addr) => Some(metrics_server(addr, Arc::new([(None, Arc::clone(&telemetry))])).await?),
+        // A file without [[pipelines]]: its one pipeline is named after its slot.
+        Some(addr) => Some(
+            metrics_server(
+                addr,
+                Arc::new([(settings.source.slot.clone(), Arc::clone(&telemetry))]),
+            )
+            .await?,
+        ),
         None => None,
     };
     let result = run_pipeline(settings, cancel, &CancellationToken::new(), &telemetry).await;
@@ -126,7 +133,8 @@ pub(crate) fn note_stopped(telemetry: &Telemetry, result: &Result<(), Error>) {
     }
 }
 
-/// Binds `/metrics`, `/healthz` and `/readyz` for `pipelines` and serves them on a task.
+/// Binds `/metrics`, `/healthz`, `/readyz` and `/active` for `pipelines` and serves them on a
+/// task.
 pub(crate) async fn metrics_server(
     addr: std::net::SocketAddr,
     pipelines: telemetry::Pipelines,
@@ -136,7 +144,7 @@ pub(crate) async fn metrics_server(
             "metrics.listen {addr}: cannot listen ({e}); pick a free address"
         ))
     })?;
-    tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
+    tracing::info!(%addr, "serving /metrics, /healthz, /readyz and /active");
     Ok(tokio::spawn(telemetry::serve_pipelines(
         listener,
         pipelines,
@@ -284,8 +292,12 @@ async fn watch(source: &SourceSettings, outbox_oid: u32, telemetry: &Telemetry) 
         )
         .await
         {
-            Ok(Some(end)) => telemetry.server_wal_end.store(end.0, Ordering::Relaxed),
-            Ok(None) => {}
+            Ok(watched) => {
+                telemetry.note_slot(&watched.slot);
+                if let Some(end) = watched.wal_end {
+                    telemetry.server_wal_end.store(end.0, Ordering::Relaxed);
+                }
+            }
             Err(e) if e.is_transient() => catalog.lost(),
             Err(e) => return e.into(),
         }
@@ -359,6 +371,9 @@ async fn standby(
     let since = Instant::now();
     let mut holder = holder;
     telemetry
+        .standby_polled_ms
+        .store(telemetry::unix_ms(), Ordering::Relaxed);
+    telemetry
         .standby_for_pid
         .store(i64::from(holder).max(1), Ordering::Relaxed);
     tracing::info!(
@@ -373,7 +388,16 @@ async fn standby(
             _ = tokio::time::sleep(STANDBY_POLL) => {}
         }
         let Ok(c) = catalog.get().await else { continue };
-        match catalog::slot_state(c, &source.slot).await {
+        let state = catalog::slot_state(c, &source.slot).await;
+        if let Ok(found) = &state {
+            telemetry
+                .standby_polled_ms
+                .store(telemetry::unix_ms(), Ordering::Relaxed);
+            if let Some(slot) = found {
+                telemetry.note_slot(slot);
+            }
+        }
+        match state {
             Ok(Some(state)) => match state.active_pid {
                 Some(pid) if pid != holder => {
                     telemetry.saw_owner();
@@ -456,8 +480,13 @@ pub(crate) async fn watch_owner(source: &SourceSettings, telemetry: &Telemetry) 
     loop {
         if let Ok(c) = catalog.get().await {
             match catalog::slot_state(c, &source.slot).await {
-                Ok(Some(state)) if state.active_pid.is_some() => telemetry.saw_owner(),
-                Ok(_) => {}
+                Ok(Some(state)) => {
+                    telemetry.note_slot(&state);
+                    if state.active_pid.is_some() {
+                        telemetry.saw_owner();
+                    }
+                }
+                Ok(None) => {}
                 Err(_) => catalog.lost(),
             }
         }
@@ -495,10 +524,7 @@ pub(crate) async fn log_unowned(telemetry: Arc<Telemetry>, slot: String, bound: 
                 "nobody has streamed this pipeline's slot for {} s: no walship process runs the \
                  pipeline (this one: {}); see walship status and the other processes' logs",
                 unowned.round() as u64,
-                telemetry
-                    .readiness()
-                    .err()
-                    .unwrap_or_else(|| "streaming".into())
+                telemetry.health().line
             );
         } else if warned && unowned < bound.as_secs_f64() / 2.0 {
             warned = false;
@@ -584,6 +610,20 @@ async fn preflight(source: &SourceSettings) -> Result<(pgoutput::Lsn, u32), Erro
         source.failover_slot,
     )
     .await?;
+    // A walship that may create its slot relies on the slot history never to re-create a
+    // dropped one (G6): say at every start when that protection is off, not only once.
+    if source.create_slot {
+        match setup::unprotected_slot(&client, &source.history, &source.slot).await {
+            Ok(Some(off)) => {
+                tracing::warn!(slot = %source.slot, "{}; fix: {}", off.message, off.fix)
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(
+                slot = %source.slot,
+                "cannot tell whether the slot history protects the slot: {e}"
+            ),
+        }
+    }
     Ok((
         state.confirmed_flush_lsn.unwrap_or_default(),
         scope.family.root,

@@ -1,9 +1,15 @@
 //! Metrics and health: process-lifetime counters, the commit→ack histogram, and the HTTP
-//! endpoints `/metrics` (Prometheus text format 0.0.4), `/healthz` and `/readyz`.
+//! endpoints `/metrics` (Prometheus text format 0.0.4), `/healthz` (the process runs),
+//! `/readyz` (every pipeline is healthy: active, standby or run elsewhere) and `/active` (this
+//! process streams a pipeline's slot).
 //!
 //! Invariant: recording is a few relaxed atomic operations on the hot path, never a lock or an
 //! allocation; all formatting happens when a scraper asks. The values survive reconnects: a new
-//! session reuses the same [`Telemetry`].
+//! session reuses the same [`Telemetry`]. Every per-pipeline sample carries a `pipeline` label;
+//! the process's own metrics (`process_*`, `walship_build_info`: [`process`]) carry none.
+//! "Is it healthy" (`/readyz`) and "is it the active one" (`/active`, `walship_role`) are
+//! separate questions, as Patroni's `/health` and `/primary` are: a healthy standby is ready,
+//! so a rolling update or a node drain is never held up by the process that waits to take over.
 //!
 //! ```text
 //!  session, progress, run ──(relaxed atomics)──▶ Telemetry
@@ -50,6 +56,8 @@ use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
+pub mod process;
+
 /// Upper bounds (seconds) of the commit→ack histogram buckets.
 pub const LATENCY_BUCKETS: [f64; 20] = [
     0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0,
@@ -76,8 +84,12 @@ pub struct Telemetry {
     /// `postgres.watch_interval_ms` (the stream itself does not carry it: a logical walsender
     /// reports only how far it has decoded).
     pub server_wal_end: AtomicU64,
-    /// Commit time (Unix ms) of the newest fully acknowledged transaction with events.
+    /// Commit time (Unix ms) of the newest fully acknowledged transaction with events (0: none
+    /// yet).
     pub last_acked_commit_ms: AtomicI64,
+    /// Unix ms of the last acknowledgement from the broker (0: none yet): when a transaction's
+    /// last event was acknowledged, and at least every 256th acknowledged record.
+    pub last_ack_ms: AtomicI64,
     /// Delivery failures by class.
     pub errors_transient: AtomicU64,
     /// Records the broker can never accept (bad rows).
@@ -95,6 +107,17 @@ pub struct Telemetry {
     /// PID of the walsender of another consumer holding the slot while this process waits to
     /// take over (active-passive); 0 when not waiting.
     pub standby_for_pid: AtomicI64,
+    /// Unix ms when a standby last looked at the slot successfully (or began waiting): a standby
+    /// that cannot reach PostgreSQL could not take over, so it is not healthy.
+    pub standby_polled_ms: AtomicI64,
+    /// The slot's `wal_status` as this process last read it ([`SLOT_WAL_STATUSES`] index + 1;
+    /// 0: not read yet): the watchdog, a standby's polls and `[cluster]`'s owner polls read it.
+    pub slot_wal_status: std::sync::atomic::AtomicU8,
+    /// The slot's `safe_wal_size` as last read, when [`Telemetry::slot_safe_wal_known`].
+    pub slot_safe_wal_bytes: AtomicI64,
+    /// False while `safe_wal_size` was not read, or is unlimited (`max_slot_wal_keep_size =
+    /// -1`) or lost.
+    pub slot_safe_wal_known: AtomicBool,
     /// True while `[cluster]` has this pipeline assigned to another process.
     pub elsewhere: AtomicBool,
     /// Unix ms when this process last saw the pipeline's slot streamed, by itself or by another
@@ -205,8 +228,26 @@ impl Telemetry {
         (now_ms - seen).max(0) as f64 / 1000.0
     }
 
+    /// Notes the slot as the catalog has it now: its `wal_status` and `safe_wal_size`.
+    pub fn note_slot(&self, slot: &walship_postgres::SlotState) {
+        let status = slot
+            .wal_status
+            .as_deref()
+            .and_then(|s| SLOT_WAL_STATUSES.iter().position(|&k| k == s))
+            .map_or(0, |i| i as u8 + 1);
+        self.slot_wal_status.store(status, Ordering::Relaxed);
+        if let Some(bytes) = slot.safe_wal_size {
+            self.slot_safe_wal_bytes.store(bytes, Ordering::Relaxed);
+        }
+        self.slot_safe_wal_known
+            .store(slot.safe_wal_size.is_some(), Ordering::Relaxed);
+    }
+
     /// What this process does for its slot now.
     pub fn role(&self) -> Role {
+        if self.stopped.lock().is_ok_and(|s| s.is_some()) {
+            return Role::Stopped;
+        }
         if self.streaming.load(Ordering::Relaxed) {
             Role::Active
         } else if self.elsewhere.load(Ordering::Relaxed) {
@@ -218,34 +259,106 @@ impl Telemetry {
         }
     }
 
-    /// `Ok` when ready, else why not (one line, for `/readyz`).
-    pub fn readiness(&self) -> Result<(), String> {
-        if let Some(why) = self.stopped.lock().ok().and_then(|s| s.clone()) {
-            return Err(format!("stopped: {why}"));
-        }
-        if self.is_ready() {
-            return Ok(());
-        }
-        if self.role() == Role::Elsewhere {
-            return Err("elsewhere: another process of the cluster runs this pipeline".to_owned());
-        }
-        if self.role() == Role::Standby {
-            return Err(format!(
-                "standby: the slot is streamed by another consumer (walsender PID {}); \
-                 this process takes over when it is released",
-                self.standby_for_pid.load(Ordering::Relaxed)
-            ));
-        }
-        Err("not ready: not streaming or the broker is not answering".to_owned())
+    /// Whether the pipeline is healthy here, with one line saying what it does (`/readyz`).
+    ///
+    /// Healthy: active (streaming, and the broker answered within [`BROKER_SILENCE`] or nothing
+    /// waits for it), standby (another consumer holds the slot, and this process could look at
+    /// it within [`STANDBY_SILENCE`]), or elsewhere (`[cluster]` runs it in another process).
+    /// Not healthy: starting or reconnecting, stopped by a definite error, the broker silent
+    /// while records wait, a standby that cannot reach PostgreSQL.
+    pub fn health(&self) -> Health {
+        self.health_at(unix_ms())
     }
 
-    /// Ready: streaming, and the broker answered recently or nothing is waiting for it.
+    /// [`Telemetry::health`] at `now_ms`.
+    pub(crate) fn health_at(&self, now_ms: i64) -> Health {
+        if let Some(why) = self.stopped.lock().ok().and_then(|s| s.clone()) {
+            return Health::unhealthy(format!("stopped: {why}"));
+        }
+        let silent_for = |since: &AtomicI64| (now_ms - since.load(Ordering::Relaxed)).max(0);
+        match self.role() {
+            Role::Active => {
+                let waiting = self.in_flight.load(Ordering::Relaxed);
+                let silent = silent_for(&self.last_delivery_ms);
+                if waiting > 0 && silent > BROKER_SILENCE.as_millis() as i64 {
+                    Health::unhealthy(format!(
+                        "not ready: streaming, but the broker has answered nothing for {} s \
+                         while {waiting} records wait for it",
+                        silent / 1000
+                    ))
+                } else {
+                    Health::healthy("active: streams the slot".to_owned())
+                }
+            }
+            Role::Standby => {
+                let pid = self.standby_for_pid.load(Ordering::Relaxed);
+                let silent = silent_for(&self.standby_polled_ms);
+                if silent > STANDBY_SILENCE.as_millis() as i64 {
+                    Health::unhealthy(format!(
+                        "not ready: standby, but it has not been able to look at the slot for \
+                         {} s (PostgreSQL unreachable?), so it could not take over",
+                        silent / 1000
+                    ))
+                } else {
+                    Health::healthy(format!(
+                        "standby: the slot is streamed by another consumer (walsender PID \
+                         {pid}); this process takes over when it is released"
+                    ))
+                }
+            }
+            Role::Elsewhere => Health::healthy(
+                "elsewhere: another process of the cluster runs this pipeline".to_owned(),
+            ),
+            Role::Starting => Health::unhealthy(
+                "not ready: starting or reconnecting; not streaming and not a standby yet"
+                    .to_owned(),
+            ),
+            // Returned above, with the error.
+            Role::Stopped => Health::unhealthy("stopped".to_owned()),
+        }
+    }
+
+    /// Healthy (see [`Telemetry::health`]).
     pub fn is_ready(&self) -> bool {
-        let quiet_broker = self.in_flight.load(Ordering::Relaxed) > 0
-            && unix_ms() - self.last_delivery_ms.load(Ordering::Relaxed) > 30_000;
-        self.streaming.load(Ordering::Relaxed) && !quiet_broker
+        self.health().healthy
     }
 }
+
+/// Longest the broker may stay silent while records wait before an active pipeline counts as
+/// unhealthy.
+pub const BROKER_SILENCE: Duration = Duration::from_secs(30);
+/// Longest a standby may go without looking at the slot before it counts as unhealthy (it polls
+/// every 200 ms while PostgreSQL answers).
+pub const STANDBY_SILENCE: Duration = Duration::from_secs(30);
+
+/// A pipeline's health in this process: healthy or not, and a line saying what it does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Health {
+    /// Ready (`/readyz` 200).
+    pub healthy: bool,
+    /// What it does, or why it is not healthy; starts with the role (`active:`, `standby:`,
+    /// `elsewhere:`) or with `not ready:` / `stopped:`.
+    pub line: String,
+}
+
+impl Health {
+    fn healthy(line: String) -> Self {
+        Health {
+            healthy: true,
+            line,
+        }
+    }
+
+    fn unhealthy(line: String) -> Self {
+        Health {
+            healthy: false,
+            line,
+        }
+    }
+}
+
+/// The values of `pg_replication_slots.wal_status`, in the order of increasing danger.
+pub const SLOT_WAL_STATUSES: [&str; 4] = ["reserved", "extended", "unreserved", "lost"];
 
 /// What a process does for its slot (metric `walship_role`, `/readyz`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -258,6 +371,8 @@ pub enum Role {
     Starting,
     /// `[cluster]` assigned the pipeline to another process.
     Elsewhere,
+    /// Stopped by a definite error (a process with several pipelines keeps serving the others).
+    Stopped,
 }
 
 impl Role {
@@ -268,13 +383,14 @@ impl Role {
             Role::Standby => "standby",
             Role::Starting => "starting",
             Role::Elsewhere => "elsewhere",
+            Role::Stopped => "stopped",
         }
     }
 }
 
-/// The telemetry of each pipeline a process serves, by name. A single-pipeline configuration
-/// has one unnamed entry, and its metrics carry no `pipeline` label (as before pipelines).
-pub type Pipelines = Arc<[(Option<String>, Arc<Telemetry>)]>;
+/// The telemetry of each pipeline a process serves, by name: a `[[pipelines]]` entry's name, or
+/// for a file without `[[pipelines]]` its slot's name (`postgres.slot`).
+pub type Pipelines = Arc<[(String, Arc<Telemetry>)]>;
 
 /// The `/metrics` registry: one collector that reads the pipelines' atomics at each scrape.
 ///
@@ -282,6 +398,7 @@ pub type Pipelines = Arc<[(Option<String>, Arc<Telemetry>)]>;
 fn registry(pipelines: Pipelines) -> Registry {
     let mut registry = Registry::default();
     registry.register_collector(Box::new(TelemetryCollector(pipelines)));
+    registry.register_collector(Box::new(process::ProcessCollector));
     registry
 }
 
@@ -301,15 +418,9 @@ fn render(registry: &Registry) -> String {
 #[derive(Debug)]
 struct TelemetryCollector(Pipelines);
 
-/// The labels of one pipeline's sample: `pipeline` (when named) and `extra`.
-fn labels<'a>(
-    pipeline: &'a Option<String>,
-    extra: &[(&'a str, &'a str)],
-) -> Vec<(&'a str, &'a str)> {
-    pipeline
-        .as_deref()
-        .map(|name| ("pipeline", name))
-        .into_iter()
+/// The labels of one pipeline's sample: `pipeline` and `extra`.
+fn labels<'a>(pipeline: &'a str, extra: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
+    std::iter::once(("pipeline", pipeline))
         .chain(extra.iter().copied())
         .collect()
 }
@@ -379,16 +490,17 @@ impl Collector for TelemetryCollector {
             e,
             all,
             Kind::Gauge,
-            "walship_seconds_since_last_acked_commit",
-            "Seconds since the commit time of the newest acknowledged transaction with events (0 before the first).",
-            |t| {
-                let last = t.last_acked_commit_ms.load(Ordering::Relaxed);
-                if last == 0 {
-                    0.0
-                } else {
-                    (unix_ms() - last).max(0) as f64 / 1000.0
-                }
-            },
+            "walship_last_acked_commit_timestamp_seconds",
+            "Commit time (Unix seconds) of the newest transaction whose events Kafka has all acknowledged; 0 before the first.",
+            |t| t.last_acked_commit_ms.load(Ordering::Relaxed) as f64 / 1000.0,
+        )?;
+        family(
+            e,
+            all,
+            Kind::Gauge,
+            "walship_last_ack_timestamp_seconds",
+            "When Kafka last acknowledged a record of this pipeline (Unix seconds); 0 before the first.",
+            |t| t.last_ack_ms.load(Ordering::Relaxed) as f64 / 1000.0,
         )?;
         family(
             e,
@@ -433,18 +545,50 @@ impl Collector for TelemetryCollector {
         let mut role = encoder.encode_descriptor(
             "walship_role",
             "1 for this process's role: active (streams the slot), standby (another consumer \
-             holds the slot; takes over when it is released), starting (neither yet) or elsewhere \
-             (with [cluster]: another process runs the pipeline).",
+             holds the slot; takes over when it is released), starting (neither yet), elsewhere \
+             (with [cluster]: another process runs the pipeline) or stopped (by a definite error).",
             None,
             MetricType::Gauge,
         )?;
         for (pipeline, t) in all {
             let current = t.role();
-            for name in
-                [Role::Active, Role::Standby, Role::Starting, Role::Elsewhere].map(Role::name)
+            for name in [
+                Role::Active,
+                Role::Standby,
+                Role::Starting,
+                Role::Elsewhere,
+                Role::Stopped,
+            ]
+            .map(Role::name)
             {
                 role.encode_family(&labels(pipeline, &[("role", name)]))?
                     .encode_gauge(&u64::from(current.name() == name))?;
+            }
+        }
+        let mut wal = encoder.encode_descriptor(
+            "walship_slot_wal_status",
+            "1 for the slot's wal_status as this process last read it (reserved, extended, unreserved: removed at the next checkpoint unless the slot catches up, lost); all 0 before it was read.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (pipeline, t) in all {
+            let current = t.slot_wal_status.load(Ordering::Relaxed);
+            for (i, name) in SLOT_WAL_STATUSES.iter().enumerate() {
+                wal.encode_family(&labels(pipeline, &[("status", name)]))?
+                    .encode_gauge(&u64::from(usize::from(current) == i + 1))?;
+            }
+        }
+        let mut safe = encoder.encode_descriptor(
+            "walship_slot_safe_wal_size_bytes",
+            "The slot's safe_wal_size as this process last read it: bytes of WAL that can still be written before the slot is in danger of invalidation (no sample while unlimited by max_slot_wal_keep_size, or not read yet).",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (pipeline, t) in all {
+            if t.slot_safe_wal_known.load(Ordering::Relaxed) {
+                let bytes = t.slot_safe_wal_bytes.load(Ordering::Relaxed);
+                safe.encode_family(&labels(pipeline, &[]))?
+                    .encode_gauge(&bytes)?;
             }
         }
         let mut errors = encoder.encode_descriptor(
@@ -481,12 +625,9 @@ impl Collector for TelemetryCollector {
             for (pipeline, t) in all {
                 // Per-bucket counts: the encoder makes them cumulative and adds `+Inf` (= count).
                 let (buckets, count, sum) = of(t).snapshot();
-                match pipeline {
-                    None => histogram.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)?,
-                    Some(_) => histogram
-                        .encode_family(&labels(pipeline, &[]))?
-                        .encode_histogram::<NoLabelSet>(sum, count, &buckets, None)?,
-                }
+                histogram
+                    .encode_family(&labels(pipeline, &[]))?
+                    .encode_histogram::<NoLabelSet>(sum, count, &buckets, None)?;
             }
         }
         Ok(())
@@ -510,11 +651,11 @@ fn sample(metric: &mut MetricEncoder<'_>, kind: Kind, v: f64) -> fmt::Result {
     }
 }
 
-/// Encodes one family with a sample per pipeline (`name` without `_total` for a counter):
-/// labelled `pipeline` when the pipeline is named, unlabelled for a single-pipeline process.
+/// Encodes one family with a sample per pipeline (`name` without `_total` for a counter),
+/// labelled `pipeline`.
 fn family(
     encoder: &mut DescriptorEncoder<'_>,
-    pipelines: &[(Option<String>, Arc<Telemetry>)],
+    pipelines: &[(String, Arc<Telemetry>)],
     kind: Kind,
     name: &str,
     help: &str,
@@ -526,14 +667,8 @@ fn family(
     };
     let mut metric = encoder.encode_descriptor(name, help, None, metric_type)?;
     for (pipeline, t) in pipelines {
-        let v = value(t);
-        match pipeline {
-            None => sample(&mut metric, kind, v)?,
-            Some(_) => {
-                let set = labels(pipeline, &[]);
-                sample(&mut metric.encode_family(&set)?, kind, v)?;
-            }
-        }
+        let set = labels(pipeline, &[]);
+        sample(&mut metric.encode_family(&set)?, kind, value(t))?;
     }
     Ok(())
 }
@@ -594,21 +729,27 @@ pub async fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     TcpListener::bind(addr).await
 }
 
-/// Serves `/metrics`, `/healthz` and `/readyz` with the default [`Limits`] until the task is
-/// dropped.
-pub async fn serve(listener: TcpListener, telemetry: Arc<Telemetry>) {
-    serve_with(listener, telemetry, Limits::default()).await;
+/// Serves `/metrics`, `/healthz`, `/readyz` and `/active` for one pipeline named `name` with
+/// the default [`Limits`] until the task is dropped.
+pub async fn serve(listener: TcpListener, name: String, telemetry: Arc<Telemetry>) {
+    serve_with(listener, name, telemetry, Limits::default()).await;
 }
 
-/// Serves `/metrics`, `/healthz` and `/readyz` within `limits` until the future is dropped;
-/// dropping it also drops the connections being served.
-pub async fn serve_with(listener: TcpListener, telemetry: Arc<Telemetry>, limits: Limits) {
-    serve_pipelines(listener, Arc::new([(None, telemetry)]), limits).await;
+/// Serves `/metrics`, `/healthz`, `/readyz` and `/active` for one pipeline within `limits`
+/// until the future is dropped; dropping it also drops the connections being served.
+pub async fn serve_with(
+    listener: TcpListener,
+    name: String,
+    telemetry: Arc<Telemetry>,
+    limits: Limits,
+) {
+    serve_pipelines(listener, Arc::new([(name, telemetry)]), limits).await;
 }
 
-/// [`serve_with`] for a process with several pipelines: every metric carries a `pipeline`
-/// label, `/readyz` is ready when every pipeline is (its body has a line per pipeline), and
-/// `/readyz/<pipeline>` answers for one.
+/// Serves the endpoints for every pipeline of a process: every per-pipeline metric carries a
+/// `pipeline` label; `/readyz` is ready when every pipeline is healthy and `/active` when this
+/// process streams at least one (each body has a line per pipeline); `/readyz/<pipeline>` and
+/// `/active/<pipeline>` answer for one.
 pub async fn serve_pipelines(listener: TcpListener, pipelines: Pipelines, limits: Limits) {
     let registry = Arc::new(registry(Arc::clone(&pipelines)));
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
@@ -695,11 +836,15 @@ fn is_peer_error(e: &io::Error) -> bool {
 
 /// The answer to a request, by path (method, headers and body are ignored).
 fn respond<B>(
-    pipelines: &[(Option<String>, Arc<Telemetry>)],
+    pipelines: &[(String, Arc<Telemetry>)],
     registry: &Registry,
     request: &Request<B>,
 ) -> Response<Full<Bytes>> {
     let path = request.uri().path();
+    let one = |prefix: &str| {
+        path.strip_prefix(prefix)
+            .and_then(|name| pipelines.iter().find(|(p, _)| p == name))
+    };
     let (status, body, kind) = match path {
         "/metrics" => (
             StatusCode::OK,
@@ -707,18 +852,22 @@ fn respond<B>(
             prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
         ),
         "/healthz" => (StatusCode::OK, "ok\n".to_owned(), "text/plain"),
-        "/readyz" => readyz(pipelines.iter(), false),
-        _ => match path
-            .strip_prefix("/readyz/")
-            .and_then(|name| pipelines.iter().find(|(p, _)| p.as_deref() == Some(name)))
-        {
-            Some(one) => readyz(std::iter::once(one), true),
-            None => (
-                StatusCode::NOT_FOUND,
-                "try /metrics, /healthz or /readyz\n".to_owned(),
-                "text/plain",
-            ),
-        },
+        "/readyz" => readyz(pipelines.iter()),
+        "/active" => active(pipelines.iter()),
+        _ => {
+            if let Some(p) = one("/readyz/") {
+                readyz(std::iter::once(p))
+            } else if let Some(p) = one("/active/") {
+                active(std::iter::once(p))
+            } else {
+                (
+                    StatusCode::NOT_FOUND,
+                    "try /metrics, /healthz, /readyz[/<pipeline>] or /active[/<pipeline>]\n"
+                        .to_owned(),
+                    "text/plain",
+                )
+            }
+        }
     };
     let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
@@ -728,31 +877,43 @@ fn respond<B>(
     response
 }
 
-/// `/readyz` for some pipelines: 200 when all are ready. One pipeline answers as it always
-/// did (`ready`, or why not); several answer with a `name: ready` or `name: why` line each.
-/// A pipeline another process of the cluster runs is listed but does not make the process
-/// unready, unless it was asked for by name (`one`).
-fn readyz<'a>(
-    pipelines: impl Iterator<Item = &'a (Option<String>, Arc<Telemetry>)>,
-    one: bool,
-) -> (StatusCode, String, &'static str) {
-    let mut all_ready = true;
-    let mut body = String::new();
-    for (name, t) in pipelines {
-        let state = t.readiness();
-        all_ready &= state.is_ok() || (!one && t.role() == Role::Elsewhere);
-        let line = state.err().unwrap_or_else(|| "ready".to_owned());
-        match name {
-            Some(name) => body.push_str(&format!("{name}: {line}\n")),
-            None => body.push_str(&format!("{line}\n")),
-        }
-    }
-    let status = if all_ready {
+/// 200 when `ok`, else 503.
+fn status(ok: bool) -> StatusCode {
+    if ok {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
-    };
-    (status, body, "text/plain")
+    }
+}
+
+/// `/readyz` for some pipelines: 200 when every one is healthy ([`Telemetry::health`]: a
+/// standby and a pipeline run elsewhere are); a `name: what it does` line each.
+fn readyz<'a>(
+    pipelines: impl Iterator<Item = &'a (String, Arc<Telemetry>)>,
+) -> (StatusCode, String, &'static str) {
+    let mut all_healthy = true;
+    let mut body = String::new();
+    for (name, t) in pipelines {
+        let health = t.health();
+        all_healthy &= health.healthy;
+        body.push_str(&format!("{name}: {}\n", health.line));
+    }
+    (status(all_healthy), body, "text/plain")
+}
+
+/// `/active` for some pipelines: 200 when this process streams at least one of them
+/// ([`Role::Active`]), else 503; a `name: role` line each.
+fn active<'a>(
+    pipelines: impl Iterator<Item = &'a (String, Arc<Telemetry>)>,
+) -> (StatusCode, String, &'static str) {
+    let mut any_active = false;
+    let mut body = String::new();
+    for (name, t) in pipelines {
+        let role = t.role();
+        any_active |= role == Role::Active;
+        body.push_str(&format!("{name}: {}\n", role.name()));
+    }
+    (status(any_active), body, "text/plain")
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@
 //!  slot ─────────▶ SlotState ─▶ uses_pgoutput, retention (kept / at risk / lost)    [slot]
 //!                        └─▶ validate_slot (start-up, watchdog); check and status read the same
 //!  server ───────▶ ServerSettings, ReplicationUsage, RoleInfo, wal_level rule      [server]
+//!  privileges ───▶ slot history access (G6), who may emit logical messages     [privilege]
 //! ```
 //!
 //! Invariants:
@@ -27,6 +28,7 @@
 //! - A missing, lost or foreign-plugin slot is a definite error, never a reason to create one.
 
 mod outbox;
+mod privilege;
 mod publication;
 mod server;
 mod slot;
@@ -38,13 +40,17 @@ pub use outbox::{
     ColumnInfo, OutboxFamily, OutboxScope, TableInfo, distinct_values, outbox_family,
     place_relation, relation_name, table_columns, table_info,
 };
+pub use privilege::{
+    EmitAccess, HistoryAccess, Unprotected, emit_access, emit_grants, heartbeat_grant,
+    history_access, history_grant, history_table_ddl,
+};
 pub use publication::{
     Coverage, PublicationInfo, create_publication_sql, outbox_scope, publication_info,
     publication_problem, published_outbox,
 };
 pub use server::{
-    ReplicationUsage, RoleInfo, ServerSettings, check_wal_level, is_logical_wal_level,
-    replication_usage, role_info, server_settings, wal_sender_timeout,
+    ReplicationRight, ReplicationUsage, RoleInfo, ServerSettings, check_wal_level,
+    is_logical_wal_level, replication_usage, role_info, server_settings, wal_sender_timeout,
 };
 pub(crate) use slot::lsn;
 pub use slot::{
@@ -55,19 +61,28 @@ pub use slot::{
 use crate::error::PgError;
 use crate::ident::TableName;
 
+/// What the watchdog saw: the slot, and the server's current WAL position (for the lag metric;
+/// `None` if it could not be read).
+#[derive(Debug, Clone)]
+pub struct Watched {
+    /// The slot as the catalog has it.
+    pub slot: SlotState,
+    /// `pg_current_wal_lsn()`.
+    pub wal_end: Option<Lsn>,
+}
+
 /// The watchdog's check, while walship runs, that what it streams from still exists: the slot (not
 /// invalidated), the publication, and the outbox table in it (by the rule of
 /// [`publication_problem`]; `outbox_oid` is the table's OID at start, to tell a rename
-/// from a drop). Returns the first definite problem, else the server's current WAL position (for
-/// the lag metric; None if it could not be read).
+/// from a drop). Returns the first definite problem, else what it saw.
 pub async fn watch(
     client: &Client,
     slot: &str,
     publication: &str,
     table: &TableName,
     outbox_oid: Option<u32>,
-) -> Result<Option<Lsn>, PgError> {
-    match slot_state(client, slot).await? {
+) -> Result<Watched, PgError> {
+    let state = match slot_state(client, slot).await? {
         None => {
             return Err(PgError::Setup(format!(
                 "replication slot {slot:?} was dropped while walship was running; it will not be re-created \
@@ -75,14 +90,21 @@ pub async fn watch(
                  with Kafka, then remove the slot's row from the slot history table and restart walship"
             )));
         }
-        Some(state) => validate_slot(&state)?,
-    }
+        Some(state) => {
+            validate_slot(&state)?;
+            state
+        }
+    };
     published_outbox(client, publication, table, outbox_oid, true).await?;
-    match current_wal_lsn(client).await {
-        Ok(end) => Ok(Some(end)),
+    let wal_end = match current_wal_lsn(client).await {
+        Ok(end) => Some(end),
         Err(e) => {
             tracing::debug!(error = %e, "cannot read the server's WAL position");
-            Ok(None)
+            None
         }
-    }
+    };
+    Ok(Watched {
+        slot: state,
+        wal_end,
+    })
 }

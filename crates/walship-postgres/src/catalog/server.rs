@@ -120,6 +120,43 @@ pub struct RoleInfo {
     pub can_create_in_database: bool,
     /// `current_database()`.
     pub database: String,
+    /// Member of a role named `rds_replication` (how Amazon RDS and Aurora grant replication).
+    pub rds_replication_member: bool,
+    /// The server is Amazon RDS or Aurora (it has `rds.*` settings).
+    pub on_rds: bool,
+}
+
+/// Where the connected role's right to open a replication connection comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplicationRight {
+    /// A superuser may.
+    Superuser,
+    /// The `REPLICATION` attribute.
+    Attribute,
+    /// Amazon RDS / Aurora: membership in `rds_replication` (`rolreplication` stays false there).
+    RdsReplication,
+    /// Member of a role named `rds_replication` on a server that is not RDS: such a role gives
+    /// no replication right.
+    RdsRoleOffRds,
+    /// None.
+    Missing,
+}
+
+impl RoleInfo {
+    /// Where the role's right to stream comes from, if it has one.
+    pub fn replication_right(&self) -> ReplicationRight {
+        if self.superuser {
+            ReplicationRight::Superuser
+        } else if self.replication {
+            ReplicationRight::Attribute
+        } else if self.rds_replication_member && self.on_rds {
+            ReplicationRight::RdsReplication
+        } else if self.rds_replication_member {
+            ReplicationRight::RdsRoleOffRds
+        } else {
+            ReplicationRight::Missing
+        }
+    }
 }
 
 /// Reads the connected role's attributes.
@@ -127,7 +164,10 @@ pub async fn role_info(client: &Client) -> Result<RoleInfo, PgError> {
     let row = client
         .query_one(
             "SELECT current_user::text, r.rolreplication, r.rolsuper, \
-                    has_database_privilege(current_database(), 'CREATE'), current_database()::text \
+                    has_database_privilege(current_database(), 'CREATE'), current_database()::text, \
+                    COALESCE((SELECT pg_has_role(current_user, x.oid, 'MEMBER') \
+                              FROM pg_roles x WHERE x.rolname = 'rds_replication'), false), \
+                    EXISTS (SELECT 1 FROM pg_settings WHERE name LIKE 'rds.%') \
              FROM pg_roles r WHERE r.rolname = current_user",
             &[],
         )
@@ -139,5 +179,42 @@ pub async fn role_info(client: &Client) -> Result<RoleInfo, PgError> {
         superuser: row.get(2),
         can_create_in_database: row.get(3),
         database: row.get(4),
+        rds_replication_member: row.get(5),
+        on_rds: row.get(6),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn role(superuser: bool, replication: bool, rds_member: bool, on_rds: bool) -> RoleInfo {
+        RoleInfo {
+            name: "walship".into(),
+            replication,
+            superuser,
+            can_create_in_database: false,
+            database: "app".into(),
+            rds_replication_member: rds_member,
+            on_rds,
+        }
+    }
+
+    /// On RDS and Aurora `rolreplication` stays false: membership in `rds_replication` is the
+    /// right. Elsewhere a role of that name is an ordinary role and gives no right to stream.
+    #[test]
+    fn the_replication_right_comes_from_the_attribute_superuser_or_rds_replication_on_rds() {
+        use ReplicationRight::*;
+        for (r, right) in [
+            (role(true, false, false, false), Superuser),
+            (role(false, true, false, false), Attribute),
+            (role(false, true, true, true), Attribute),
+            (role(false, false, true, true), RdsReplication),
+            (role(false, false, true, false), RdsRoleOffRds),
+            (role(false, false, false, true), Missing),
+            (role(false, false, false, false), Missing),
+        ] {
+            assert_eq!(r.replication_right(), right, "{r:?}");
+        }
+    }
 }

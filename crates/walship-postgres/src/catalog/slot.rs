@@ -38,6 +38,9 @@ pub struct SlotState {
     pub invalidation_reason: Option<String>,
     /// PID of the walsender using the slot, if any.
     pub active_pid: Option<i32>,
+    /// `safe_wal_size`: bytes that can still be written before the slot is in danger of being
+    /// invalidated; `None` when unlimited (`max_slot_wal_keep_size = -1`) or the slot is lost.
+    pub safe_wal_size: Option<i64>,
 }
 
 impl SlotState {
@@ -163,7 +166,7 @@ pub async fn slot_state(client: &Client, slot: &str) -> Result<Option<SlotState>
             // invalidation_reason exists from PostgreSQL 17 on: read through to_jsonb, it is
             // NULL on 15 and 16 instead of an error.
             "SELECT slot_name::text, plugin::text, database::text, confirmed_flush_lsn, restart_lsn, \
-                    wal_status, active_pid, to_jsonb(s) ->> 'invalidation_reason' \
+                    wal_status, active_pid, to_jsonb(s) ->> 'invalidation_reason', safe_wal_size \
              FROM pg_replication_slots s WHERE slot_name = $1",
             &[&slot],
         )
@@ -178,6 +181,7 @@ pub async fn slot_state(client: &Client, slot: &str) -> Result<Option<SlotState>
         wal_status: r.get(5),
         invalidation_reason: r.get(7),
         active_pid: r.get(6),
+        safe_wal_size: r.get(8),
     }))
 }
 
@@ -267,6 +271,7 @@ mod tests {
             wal_status: Some("lost".into()),
             invalidation_reason: None,
             active_pid: None,
+            safe_wal_size: None,
         };
         let msg = validate_slot(&s).unwrap_err().to_string();
         assert!(

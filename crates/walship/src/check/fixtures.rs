@@ -24,5 +24,7 @@ pub(super) fn role(replication: bool, superuser: bool) -> RoleInfo {
         superuser,
         can_create_in_database: false,
         database: "app".into(),
+        rds_replication_member: false,
+        on_rds: false,
     }
 }

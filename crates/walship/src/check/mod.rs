@@ -13,7 +13,8 @@
 //! Messages name the object (host:port, table, column, slot, topic) and never a secret.
 //!
 //! Layout: `postgres` (connect, settings, role, capacity) with `outbox` (table, columns,
-//! publication) and `slot`, then `kafka` (broker, topics, limits, dead-letter topic), and for a
+//! publication), `slot` and `privilege` (the slot history, the heartbeat, who may emit
+//! messages), then `kafka` (broker, topics, limits, dead-letter topic), and for a
 //! file with `[cluster]` its coordination topic (`cluster`); `report`
 //! holds the checks and renders them. The rules they report by are the catalog's
 //! (`walship_postgres::catalog`) and the router's (`walship_kafka::route`), not copies.
@@ -23,6 +24,7 @@ mod failover;
 mod kafka;
 mod outbox;
 mod postgres;
+mod privilege;
 mod report;
 mod slot;
 

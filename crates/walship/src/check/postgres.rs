@@ -14,7 +14,9 @@
 use std::time::Duration;
 
 use tokio_postgres::Client;
-use walship_postgres::catalog::{self, ReplicationUsage, RoleInfo, ServerSettings, TableInfo};
+use walship_postgres::catalog::{
+    self, ReplicationRight, ReplicationUsage, RoleInfo, ServerSettings, TableInfo,
+};
 use walship_postgres::error::error_chain;
 use walship_postgres::replication::ConnectParams;
 use walship_postgres::{PgError, SlotState, management, quote_ident};
@@ -64,6 +66,7 @@ pub(super) async fn postgres_checks(config: &Config, checks: &mut Vec<Check>) ->
             "outbox.table",
             "postgres.publication",
             "postgres.slot",
+            "postgres.slot_history_table",
         ] {
             checks.push(Check::skip(name, PG_UNREACHABLE));
         }
@@ -157,6 +160,7 @@ pub(super) async fn postgres_checks(config: &Config, checks: &mut Vec<Check>) ->
     }
 
     // The slot.
+    let slot_exists = matches!(state, Ok(Some(_)));
     match state {
         Ok(state) => checks.extend(
             slot::server_slot_checks(config, &client, state.as_ref(), &role.database).await,
@@ -164,6 +168,9 @@ pub(super) async fn postgres_checks(config: &Config, checks: &mut Vec<Check>) ->
         Err(e) => checks.push(query_failed("postgres.slot", &e)),
     }
     checks.extend(super::failover::checks(config, &client).await);
+    // What the protections need of the roles: the slot history, the heartbeat, who may emit.
+    checks
+        .extend(super::privilege::privilege_checks(config, &client, &role.name, slot_exists).await);
 
     // Aggregate types for the topic check.
     if !uses_type {
@@ -446,30 +453,48 @@ fn capacity_checks(
     [slots, senders]
 }
 
-/// The role needs REPLICATION (or superuser) to open a replication connection.
+/// The role needs REPLICATION (or superuser; on Amazon RDS and Aurora membership in
+/// `rds_replication`) to open a replication connection.
 pub fn role_check(role: &RoleInfo) -> Check {
     const NAME: &str = "postgres.role";
-    if role.superuser {
-        Check::pass(NAME, format!("user {} is a superuser", role.name))
-    } else if role.replication {
-        Check::pass(
-            NAME,
-            format!("user {} has the REPLICATION attribute", role.name),
-        )
-    } else {
-        Check::fail(
+    let user = &role.name;
+    let alter = format!(
+        "as a superuser: ALTER ROLE {} WITH REPLICATION; (pg_hba.conf must also allow it: \
+         replication connections to a named database match ordinary entries)",
+        quote_ident(user)
+    );
+    match role.replication_right() {
+        ReplicationRight::Superuser => Check::pass(NAME, format!("user {user} is a superuser")),
+        ReplicationRight::Attribute => {
+            Check::pass(NAME, format!("user {user} has the REPLICATION attribute"))
+        }
+        ReplicationRight::RdsReplication => Check::pass(
             NAME,
             format!(
-                "user {} has neither the REPLICATION attribute nor superuser, so it cannot open \
-                 a replication connection",
-                role.name
+                "user {user} is a member of rds_replication, which gives the right to stream on \
+                 Amazon RDS and Aurora (rolreplication stays false there)"
+            ),
+        ),
+        ReplicationRight::RdsRoleOffRds => Check::fail(
+            NAME,
+            format!(
+                "user {user} has neither the REPLICATION attribute nor superuser; it is a member \
+                 of a role named rds_replication, but this server is not Amazon RDS or Aurora, \
+                 where that role would give the right to stream"
+            ),
+            alter,
+        ),
+        ReplicationRight::Missing => Check::fail(
+            NAME,
+            format!(
+                "user {user} has neither the REPLICATION attribute nor superuser, so it cannot \
+                 open a replication connection"
             ),
             format!(
-                "as a superuser: ALTER ROLE {} WITH REPLICATION; (pg_hba.conf must also allow \
-                 it: replication connections to a named database match ordinary entries)",
-                quote_ident(&role.name)
+                "{alter}; on Amazon RDS or Aurora: GRANT rds_replication TO {};",
+                quote_ident(user)
             ),
-        )
+        ),
     }
 }
 
@@ -523,6 +548,38 @@ mod tests {
         assert_eq!(role_check(&role(false, true)).status, Status::Pass);
     }
 
+    /// On RDS and Aurora a role streams through rds_replication with rolreplication false;
+    /// a role of that name on another server gives no right and is not taken for one.
+    #[test]
+    fn rds_replication_membership_passes_on_rds_only() {
+        let rds = RoleInfo {
+            rds_replication_member: true,
+            on_rds: true,
+            ..role(false, false)
+        };
+        let c = role_check(&rds);
+        assert_eq!(c.status, Status::Pass, "{c:?}");
+        assert!(c.message.contains("rds_replication"), "{c:?}");
+        let local = RoleInfo {
+            on_rds: false,
+            ..rds.clone()
+        };
+        let c = role_check(&local);
+        assert_eq!(c.status, Status::Fail, "{c:?}");
+        assert!(c.message.contains("not Amazon RDS"), "{c:?}");
+        let c = role_check(&RoleInfo {
+            rds_replication_member: false,
+            ..rds
+        });
+        assert_eq!(c.status, Status::Fail, "{c:?}");
+        assert!(
+            c.fix
+                .as_deref()
+                .is_some_and(|f| f.contains("GRANT rds_replication TO \"nrep\"")),
+            "{c:?}"
+        );
+    }
+
     #[test]
     fn capacity_counts_used_against_max_and_existing_slot_needs_none() {
         let settings = ServerSettings {
@@ -548,6 +605,7 @@ mod tests {
             wal_status: Some("reserved".into()),
             invalidation_reason: None,
             active_pid: Some(7),
+            safe_wal_size: None,
         };
         let [slots, senders] = capacity_checks(&settings, full, Some(&ours));
         assert_eq!(slots.status, Status::Pass, "{slots:?}");

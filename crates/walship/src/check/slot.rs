@@ -216,6 +216,7 @@ mod tests {
             wal_status: Some("lost".into()),
             invalidation_reason: None,
             active_pid: None,
+            safe_wal_size: None,
         };
         let c = slot_checks("w", true, Some(&s), "app", Some(Lsn(300)));
         let by = |c: &[Check], n: &str| c.iter().find(|c| c.name == n).unwrap().clone();

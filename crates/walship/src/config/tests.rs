@@ -546,3 +546,31 @@ fn kafka_sasl_ssl_scram_config_is_accepted_and_the_password_stays_secret() {
         "{e}"
     );
 }
+
+#[test]
+fn metrics_listen_takes_an_address_with_or_without_its_port() {
+    let listen = |v: &str| {
+        MetricsConfig {
+            listen: Some(v.to_owned()),
+        }
+        .address()
+    };
+    assert_eq!(
+        listen("0.0.0.0:9999").unwrap().unwrap().to_string(),
+        "0.0.0.0:9999"
+    );
+    assert_eq!(
+        listen("0.0.0.0").unwrap().unwrap().to_string(),
+        format!("0.0.0.0:{DEFAULT_METRICS_PORT}")
+    );
+    assert_eq!(
+        listen("[::]").unwrap().unwrap().to_string(),
+        format!("[::]:{DEFAULT_METRICS_PORT}")
+    );
+    let e = listen("metrics.local").unwrap_err().to_string();
+    assert!(
+        e.contains("\"metrics.local\"") && e.contains("0.0.0.0:10187"),
+        "{e}"
+    );
+    assert_eq!(MetricsConfig { listen: None }.address().unwrap(), None);
+}
