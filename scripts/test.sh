@@ -108,23 +108,17 @@ cargo_test() { # label, then cargo test's arguments
 run_failed=0
 step "doc tests"
 cargo_test "doc tests" --workspace --doc --locked
-# The end-to-end suites run here on PostgreSQL 15. handover:: and ownership:: run on 15 only:
-# what they test (the hand-over between walship processes, which process owns a pipeline) is
-# decided by walship and the broker, and the slot they rely on behaves alike on every version.
-# The operator-side suites run in steps of their own below (and on 15 only).
-operator_suites=(codecs:: privilege:: monitoring::)
-skip_operator=()
-for suite in "${operator_suites[@]}"; do skip_operator+=(--skip "$suite"); done
+# The end-to-end suites run here on PostgreSQL 15. handover::, ownership:: and cutoff:: run on
+# 15 only: what they test (the hand-over between walship processes, which process owns a
+# pipeline) is decided by walship and the broker, and the slot they rely on behaves alike on every
+# version. So do the operator-side suites: monitoring:: (the dashboard's queries and the alert
+# rules read walship's metrics), codecs:: (librdkafka's and the broker's) and privilege:: (what
+# every version from 15 on does alike: no CREATE on public for PUBLIC, pg_logical_emit_message's
+# grants, which it reads per server).
 step "cargo test (unit + end-to-end, PostgreSQL 15)"
-# Every target as `cargo test --workspace --all-targets` runs them, the e2e binary without the
-# operator suites (criterion's benches refuse libtest's --skip, so it runs on its own). walship's
-# test targets are e2e and docs (crates/walship/Cargo.toml): a new one is listed here too.
-cargo_test "cargo test" --workspace --exclude walship --all-targets --locked --no-fail-fast
-cargo_test "cargo test -p walship" -p walship --lib --bins --test docs --benches --examples --locked --no-fail-fast
-cargo_test "cargo test e2e" -p walship --test e2e --locked --no-fail-fast -- "${skip_operator[@]}"
+cargo_test "cargo test" --workspace --all-targets --locked --no-fail-fast
 
-# The operator's side. Each step counts as tests in the closing line: the cargo suites by their
-# tests, the two tool checks as one test each.
+# The operator's side with its own tools. Each check counts as one test in the closing line.
 tool_passed=0
 tool_failed=0
 tool_check() { # label, then the command
@@ -145,17 +139,6 @@ tool_check "alert rules" bash -c '[ -n "$1" ] || { echo "no promtool (scripts/op
 step "Kubernetes manifests (kubernetes-validate --strict, static checks)"
 tool_check "Kubernetes manifests" bash -c '[ -n "$1" ] || { echo "no kubernetes-validate (scripts/operator-tools.sh kubernetes-validate failed)"; exit 1; }
   PYTHONPATH="$1" python3 deploy/kubernetes/check_manifests.py' _ "$kubernetes_validate"
-# PostgreSQL 15 only: the dashboard's queries and the alert rules read walship's metrics, and the
-# codecs are librdkafka's and the broker's; none depends on the server's version. The
-# least-privilege suite relies on what every version from 15 on does alike (no CREATE on public
-# for PUBLIC, pg_logical_emit_message's grants, which it reads per server).
-step "dashboard and alert rules against a real Prometheus (PostgreSQL 15)"
-cargo_test "monitoring" --locked --test e2e -- monitoring::
-step "least privilege: walship as the role init-sql makes (PostgreSQL 15)"
-cargo_test "privilege" --locked --test e2e -- privilege::
-step "compression codecs through tansu (PostgreSQL 15)"
-cargo_test "codecs" --locked --test e2e -- codecs::
-
 # The version matrix: the end-to-end suites that depend on the server (relay, reliability with
 # the kill and crash tests, resume, check, the decoder's golden captures, partitions, the SQL kit,
 # logical-message outbox, TLS, and failover slots, which need 17 and say they are skipped on 15
