@@ -5,7 +5,9 @@ Every relative link must name a file that exists, and its #anchor a heading of t
 the same file for a bare #anchor), with anchors made the way GitHub and mdBook make them: lower
 case, punctuation dropped, spaces to hyphens, a repeated heading numbered -1, -2. A link from
 the book must stay inside docs/src/: the built book contains nothing else. Links to other sites
-(http:, https:, mailto:) are not followed. Code blocks and code spans are skipped.
+(http:, https:, mailto:) are not followed. Code blocks and code spans are skipped. The book's
+`{{#include}}`s must name files that exist, and a named anchor must be marked in its file:
+mdBook includes nothing for an anchor it does not find, and builds without a word.
 
     scripts/check_links.py        (a step of scripts/test.sh; exits 1 naming each broken link)
 """
@@ -71,9 +73,38 @@ def anchors(path, cache={}):
     return cache[path]
 
 
+INCLUDE = re.compile(r"(?<!\\)\{\{#include\s+([^}\s:]+)(?::([^}\s]*))?\s*\}\}")
+
+
+def includes(path, text):
+    """Problems with the book's `{{#include FILE[:ANCHOR or LINES]}}`: a missing file, or a named
+    anchor without its `ANCHOR: name` / `ANCHOR_END: name` pair (mdBook then includes nothing,
+    and says nothing)."""
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        for m in INCLUDE.finditer(line):
+            target, part = m.group(1), m.group(2) or ""
+            dest = (path.parent / target).resolve()
+            where = f"{path.relative_to(ROOT)}:{n}: {{{{#include {target}:{part}}}}}"
+            if not dest.exists():
+                out.append(f"{where}: {target} does not exist")
+                continue
+            if not part or re.fullmatch(r"\d*(:\d*)?", part):
+                continue  # the whole file, or a line range
+            body = dest.read_text(encoding="utf-8")
+            for marker in (f"ANCHOR: {part}", f"ANCHOR_END: {part}"):
+                if not re.search(re.escape(marker) + r"\b", body):
+                    out.append(f"{where}: {dest.relative_to(ROOT)} has no `{marker}`")
+    return out
+
+
 def main():
     problems = []
     checked = 0
+    for path in sorted(BOOK.rglob("*.md")):
+        found = includes(path, path.read_text(encoding="utf-8"))
+        checked += len(INCLUDE.findall(path.read_text(encoding="utf-8")))
+        problems.extend(found)
     for path in FILES:
         rel = path.relative_to(ROOT)
         in_book = BOOK in path.parents
@@ -99,7 +130,7 @@ def main():
                         problems.append(f"{where}: no heading of {dest.relative_to(ROOT)} makes #{anchor}")
     for p in problems:
         print(p)
-    print(f"links: {checked} relative links in {len(FILES)} files, {len(problems)} broken")
+    print(f"links: {checked} relative links and includes in {len(FILES)} files, {len(problems)} broken")
     return 1 if problems else 0
 
 

@@ -44,11 +44,13 @@ async fn a_standby_takes_over_when_the_active_walship_is_killed_and_loses_nothin
             .contains("standby: another consumer streams the slot")
     })
     .await;
+    // A healthy standby — it can look at the slot and the broker answers it — is ready (a
+    // rolling update or a drain waits for it), but not active.
     until("the standby's /readyz", || {
         std::net::TcpStream::connect(("127.0.0.1", port_b)).is_ok()
+            && get(port_b, "/readyz").0 == 200
     })
     .await;
-    // A healthy standby is ready (a rolling update or a drain waits for it), but not active.
     let (code, body) = get(port_b, "/readyz");
     assert_eq!(code, 200, "{body}");
     assert!(

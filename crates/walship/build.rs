@@ -25,24 +25,25 @@ fn main() {
     println!("cargo:rustc-env=WALSHIP_RUSTC_VERSION={version}");
 
     // Build again when HEAD moves: HEAD itself (a checkout), the branch it names (a commit),
-    // and packed-refs (where git may keep that branch).
+    // and packed-refs (where git may keep that branch). Only paths that exist: cargo runs a
+    // build script whose watched path is missing on every build, which would rebuild walship
+    // and every test binary each time.
     if let Some(git_dir) = git(&["rev-parse", "--git-dir"]).map(PathBuf::from) {
         let git_dir = absolute(&git_dir);
         let head = git_dir.join("HEAD");
-        println!("cargo:rerun-if-changed={}", head.display());
         let common = git(&["rev-parse", "--git-common-dir"])
             .map(|d| absolute(Path::new(&d)))
             .unwrap_or_else(|| git_dir.clone());
-        if let Some(branch) = std::fs::read_to_string(&head)
+        let branch = std::fs::read_to_string(&head)
             .ok()
-            .and_then(|h| h.strip_prefix("ref: ").map(|r| r.trim().to_owned()))
+            .and_then(|h| h.strip_prefix("ref: ").map(|r| common.join(r.trim())));
+        for path in [Some(head), branch, Some(common.join("packed-refs"))]
+            .into_iter()
+            .flatten()
+            .filter(|p| p.exists())
         {
-            println!("cargo:rerun-if-changed={}", common.join(branch).display());
+            println!("cargo:rerun-if-changed={}", path.display());
         }
-        println!(
-            "cargo:rerun-if-changed={}",
-            common.join("packed-refs").display()
-        );
     }
     println!("cargo:rerun-if-changed=build.rs");
 }

@@ -177,6 +177,11 @@ def problems(docs, variant):
     budget = pdb["spec"]
     if budget.get("maxUnavailable") != 1 and budget.get("minAvailable") != spec.get("replicas", 1) - 1:
         out.append(f"{variant}: the PodDisruptionBudget should let exactly one pod go at a time")
+    # With the default IfHealthyBudget, a drain during a database outage (every pod unready)
+    # could evict none of them and would hang until the database returned.
+    if budget.get("unhealthyPodEvictionPolicy") != "AlwaysAllow":
+        out.append(f"{variant}: the PodDisruptionBudget needs unhealthyPodEvictionPolicy: "
+                   "AlwaysAllow, or a drain hangs while every pod is unready")
 
     # Secrets come from Secrets.
     volumes = {v["name"]: v for v in pod.get("volumes", [])}
@@ -239,6 +244,8 @@ def broken_copies(docs):
     yield "a PodDisruptionBudget for other pods", "does not select the pods", copy_with(
         lambda k: k["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"].update(
             {"app.kubernetes.io/name": "other"}))
+    yield "unready pods kept from eviction", "unhealthyPodEvictionPolicy", copy_with(
+        lambda k: k["PodDisruptionBudget"]["spec"].pop("unhealthyPodEvictionPolicy"))
     yield "no resource requests", "resource requests need", copy_with(
         lambda k: walship(k).pop("resources"))
     yield "scraping the wrong port", "scrape annotations", copy_with(

@@ -573,6 +573,38 @@ pub(crate) async fn listed_partitions(
     .await
 }
 
+/// A client kept to ask the brokers for metadata now and then: do they answer? (A standby
+/// that cannot reach them could not take over.)
+pub struct BrokerProbe {
+    admin: Arc<AdminClient<DefaultClientContext>>,
+}
+
+impl BrokerProbe {
+    /// Made with walship's connection settings (security included); nothing is sent yet.
+    pub fn new(settings: &SinkSettings) -> Result<Self, KafkaError> {
+        let mut config = settings.connection_config();
+        config.set_log_level(RDKafkaLogLevel::Error);
+        Ok(BrokerProbe {
+            admin: Arc::new(settings.create(&config, DefaultClientContext)?),
+        })
+    }
+
+    /// True when a broker answers a metadata request within `timeout`. It asks about one
+    /// topic, whether or not it exists (the answer is what counts; nothing is created), so
+    /// the request stays small however many topics the cluster has.
+    pub async fn answers(&self, timeout: Duration) -> bool {
+        let admin = Arc::clone(&self.admin);
+        tokio::task::spawn_blocking(move || {
+            admin
+                .inner()
+                .fetch_metadata(Some("__walship_probe"), timeout)
+                .is_ok()
+        })
+        .await
+        .unwrap_or(false)
+    }
+}
+
 /// Every topic the brokers list (without errors), asked once off the async runtime: which
 /// topics may hold a source's events is decided by the caller.
 pub async fn list_topics(settings: &SinkSettings) -> Result<Vec<String>, KafkaError> {

@@ -133,6 +133,7 @@ pub async fn run(
     let mut watchers = watch_unowned(&pipelines, cluster.move_bound());
     let mut followers = tokio::task::JoinSet::new();
     let mut claims = Vec::with_capacity(pipelines.len());
+    let members: Vec<Arc<Telemetry>> = pipelines.iter().map(|(_, _, t)| Arc::clone(t)).collect();
     for (name, settings, telemetry) in pipelines {
         let (tx, rx) = watch::channel(Claim::Hold);
         claims.push(tx);
@@ -159,6 +160,9 @@ pub async fn run(
                 }
                 let now = assignment.borrow_and_update().clone();
                 log_change(&settings, &names, &last, &now);
+                for telemetry in &members {
+                    telemetry.in_group.store(now.reachable, Ordering::Relaxed);
+                }
                 for (i, tx) in claims.iter().enumerate() {
                     let claim = Claim::of(&now, i);
                     tx.send_if_modified(|c| std::mem::replace(c, claim) != claim);

@@ -44,6 +44,9 @@ const STANDBY_POLL: Duration = Duration::from_millis(200);
 /// How often a process that lost its claim on a pipeline while cut off from the broker looks
 /// for another process waiting for the slot.
 const CONTENDER_POLL: Duration = Duration::from_secs(1);
+/// How often a standby asks the broker whether it answers, and how long it waits.
+const BROKER_PROBE_EVERY: Duration = Duration::from_secs(10);
+const BROKER_PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Without `[cluster]`: how long nobody may stream a pipeline's slot before it is logged (the
 /// longest reconnect delay, 30 s, twice).
 pub(crate) const UNOWNED_LOG_AFTER: Duration = Duration::from_secs(60);
@@ -248,7 +251,7 @@ async fn supervise(
             Ok(()) => return Ok(()),
             Err(e) if !cancel.is_cancelled() && e.slot_holder().is_some() => {
                 let holder = e.slot_holder().unwrap_or_default();
-                if !standby(source, holder, telemetry, cancel).await {
+                if !standby(settings, holder, telemetry, cancel).await {
                     return Ok(());
                 }
                 attempt = 0;
@@ -363,11 +366,12 @@ impl<'a> Lazy<'a> {
 /// one walsender, so it is the lock). Polls the slot every [`STANDBY_POLL`] on one connection;
 /// true once it is released (or gone: the next session reports that), false when cancelled.
 async fn standby(
-    source: &SourceSettings,
+    settings: &Settings,
     holder: i32,
     telemetry: &Telemetry,
     cancel: &CancellationToken,
 ) -> bool {
+    let source = &settings.source;
     let since = Instant::now();
     let mut holder = holder;
     telemetry
@@ -382,10 +386,27 @@ async fn standby(
         "standby: another consumer streams the slot; this process takes over when it is released"
     );
     let mut catalog = Lazy::named(source, standby_marker(&source.slot));
+    // The broker is asked now and then too: a standby that could not publish is not ready.
+    let probe = walship_kafka::sink::BrokerProbe::new(&settings.sink).ok();
+    let broker = async {
+        let Some(probe) = &probe else {
+            return std::future::pending().await;
+        };
+        loop {
+            if probe.answers(BROKER_PROBE_TIMEOUT).await {
+                telemetry
+                    .standby_broker_ms
+                    .store(telemetry::unix_ms(), Ordering::Relaxed);
+            }
+            tokio::time::sleep(BROKER_PROBE_EVERY).await;
+        }
+    };
+    tokio::pin!(broker);
     let released = loop {
         tokio::select! {
             _ = cancel.cancelled() => break false,
             _ = tokio::time::sleep(STANDBY_POLL) => {}
+            () = &mut broker => {}
         }
         let Ok(c) = catalog.get().await else { continue };
         let state = catalog::slot_state(c, &source.slot).await;

@@ -110,6 +110,12 @@ pub struct Telemetry {
     /// Unix ms when a standby last looked at the slot successfully (or began waiting): a standby
     /// that cannot reach PostgreSQL could not take over, so it is not healthy.
     pub standby_polled_ms: AtomicI64,
+    /// Unix ms when the broker last answered this pipeline's probe while this process waits as
+    /// a standby (0: not yet): a standby whose broker is unreachable could not take over.
+    pub standby_broker_ms: AtomicI64,
+    /// With `[cluster]`: the process is a member of the group and reaches its coordinator.
+    /// Until it is (joining, cut off), a pipeline run `elsewhere` is not a healthy state.
+    pub in_group: AtomicBool,
     /// The slot's `wal_status` as this process last read it ([`SLOT_WAL_STATUSES`] index + 1;
     /// 0: not read yet): the watchdog, a standby's polls and `[cluster]`'s owner polls read it.
     pub slot_wal_status: std::sync::atomic::AtomicU8,
@@ -263,7 +269,8 @@ impl Telemetry {
     ///
     /// Healthy: active (streaming, and the broker answered within [`BROKER_SILENCE`] or nothing
     /// waits for it), standby (another consumer holds the slot, and this process could look at
-    /// it within [`STANDBY_SILENCE`]), or elsewhere (`[cluster]` runs it in another process).
+    /// it and reach the broker within [`STANDBY_SILENCE`]), or elsewhere (`[cluster]` runs it in
+    /// another process, and this one is a member of the group that reaches its coordinator).
     /// Not healthy: starting or reconnecting, stopped by a definite error, the broker silent
     /// while records wait, a standby that cannot reach PostgreSQL.
     pub fn health(&self) -> Health {
@@ -293,12 +300,26 @@ impl Telemetry {
             Role::Standby => {
                 let pid = self.standby_for_pid.load(Ordering::Relaxed);
                 let silent = silent_for(&self.standby_polled_ms);
+                let broker = self.standby_broker_ms.load(Ordering::Relaxed);
                 if silent > STANDBY_SILENCE.as_millis() as i64 {
                     Health::unhealthy(format!(
                         "not ready: standby, but it has not been able to look at the slot for \
                          {} s (PostgreSQL unreachable?), so it could not take over",
                         silent / 1000
                     ))
+                } else if broker == 0 || now_ms - broker > STANDBY_SILENCE.as_millis() as i64 {
+                    Health::unhealthy(if broker == 0 {
+                        "not ready: standby, but the broker has not answered it yet, so it could \
+                         not take over"
+                            .to_owned()
+                    } else {
+                        format!(
+                            "not ready: standby, but the broker has not answered it for {} s \
+                             (unreachable, or the Kafka settings are wrong), so it could not \
+                             take over",
+                            (now_ms - broker) / 1000
+                        )
+                    })
                 } else {
                     Health::healthy(format!(
                         "standby: the slot is streamed by another consumer (walsender PID \
@@ -306,8 +327,13 @@ impl Telemetry {
                     ))
                 }
             }
-            Role::Elsewhere => Health::healthy(
+            Role::Elsewhere if self.in_group.load(Ordering::Relaxed) => Health::healthy(
                 "elsewhere: another process of the cluster runs this pipeline".to_owned(),
+            ),
+            Role::Elsewhere => Health::unhealthy(
+                "not ready: not in the cluster's group (joining it, or cut off from the broker); \
+                 the group gives this process nothing meanwhile"
+                    .to_owned(),
             ),
             Role::Starting => Health::unhealthy(
                 "not ready: starting or reconnecting; not streaming and not a standby yet"
@@ -539,7 +565,7 @@ impl Collector for TelemetryCollector {
             all,
             Kind::Gauge,
             "walship_unowned_seconds",
-            "Seconds nobody has streamed the pipeline's slot, as this process saw it (0 while some process streams it; polled every postgres.watch_interval_ms while another process runs it). Alert on the maximum over processes.",
+            "Seconds nobody has streamed the pipeline's slot, as this process saw it (0 while some process streams it; polled every postgres.watch_interval_ms while another process runs it). Alert on the minimum over processes.",
             Telemetry::unowned_seconds,
         )?;
         let mut role = encoder.encode_descriptor(

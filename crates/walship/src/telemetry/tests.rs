@@ -216,7 +216,7 @@ fn exposition_parses_and_carries_every_value() {
             "walship_dead_lettered_total Outbox rows published to the dead-letter topic.",
             "walship_resume_skipped_total Events not sent again after a restart because an earlier run had delivered them.",
             "walship_streaming 1 while streaming from the slot.",
-            "walship_unowned_seconds Seconds nobody has streamed the pipeline's slot, as this process saw it (0 while some process streams it; polled every postgres.watch_interval_ms while another process runs it). Alert on the maximum over processes.",
+            "walship_unowned_seconds Seconds nobody has streamed the pipeline's slot, as this process saw it (0 while some process streams it; polled every postgres.watch_interval_ms while another process runs it). Alert on the minimum over processes.",
             "walship_role 1 for this process's role: active (streams the slot), standby (another consumer holds the slot; takes over when it is released), starting (neither yet), elsewhere (with [cluster]: another process runs the pipeline) or stopped (by a definite error).",
             "walship_slot_wal_status 1 for the slot's wal_status as this process last read it (reserved, extended, unreserved: removed at the next checkpoint unless the slot catches up, lost); all 0 before it was read.",
             "walship_slot_safe_wal_size_bytes The slot's safe_wal_size as this process last read it: bytes of WAL that can still be written before the slot is in danger of invalidation (no sample while unlimited by max_slot_wal_keep_size, or not read yet).",
@@ -361,6 +361,14 @@ fn a_process_waiting_for_the_slot_is_a_ready_standby_while_it_can_look_at_the_sl
     t.standby_for_pid.store(4242, Ordering::Relaxed);
     t.standby_polled_ms.store(now - 1_000, Ordering::Relaxed);
     assert_eq!(t.role(), Role::Standby);
+    // Not before the broker has answered it: it could not publish after taking over.
+    let health = t.health_at(now);
+    assert!(!health.healthy, "{health:?}");
+    assert!(
+        health.line.contains("broker has not answered it yet"),
+        "{health:?}"
+    );
+    t.standby_broker_ms.store(now - 2_000, Ordering::Relaxed);
     let health = t.health_at(now);
     assert!(health.healthy, "{health:?}");
     assert!(
@@ -371,6 +379,13 @@ fn a_process_waiting_for_the_slot_is_a_ready_standby_while_it_can_look_at_the_sl
     let health = t.health_at(silent);
     assert!(!health.healthy, "{health:?}");
     assert!(health.line.starts_with("not ready: standby"), "{health:?}");
+    // PostgreSQL answers, the broker has not for longer than the silence allowed.
+    t.standby_polled_ms.store(silent - 1_000, Ordering::Relaxed);
+    let health = t.health_at(silent);
+    assert!(
+        !health.healthy && health.line.contains("broker has not answered it for"),
+        "{health:?}"
+    );
     let text = scrape(&Arc::new(t));
     assert!(
         text.contains(&format!("{} 1", one("walship_role", ",role=\"standby\""))),
@@ -732,6 +747,10 @@ fn a_pipeline_run_elsewhere_is_healthy_here_but_not_active() {
     here.streaming.store(true, Ordering::Relaxed);
     let away = Arc::new(Telemetry::default());
     away.elsewhere.store(true, Ordering::Relaxed);
+    // Not before the process is in the group (joining, or cut off from the broker).
+    assert!(!away.is_ready(), "{:?}", away.health());
+    assert!(away.health().line.contains("not in the cluster's group"));
+    away.in_group.store(true, Ordering::Relaxed);
     let pipelines: Pipelines = Arc::new([
         ("orders".to_owned(), Arc::clone(&here)),
         ("billing".to_owned(), Arc::clone(&away)),
