@@ -141,11 +141,12 @@ tool_check "Kubernetes manifests" bash -c '[ -n "$1" ] || { echo "no kubernetes-
   PYTHONPATH="$1" python3 deploy/kubernetes/check_manifests.py' _ "$kubernetes_validate"
 # The version matrix: the end-to-end suites that depend on the server (relay, reliability with
 # the kill and crash tests, resume, check, the decoder's golden captures, partitions, the SQL kit,
-# logical-message outbox, TLS, and failover slots, which need 17 and say they are skipped on 15
-# and 16) again on each newer PostgreSQL, with its server binaries (scripts/postgres.sh fetches the
+# logical-message outbox, TLS, failover slots, which need 17 and say they are skipped on 15 and
+# 16, and least privilege: pg_logical_emit_message's signature changed in 17) again on each newer
+# PostgreSQL, with its server binaries (scripts/postgres.sh fetches the
 # pinned build once) and Debian 15's client tools. cli, metrics and faults do not depend on the
 # server's version and run on 15 only.
-matrix_suites=(relay:: reliability:: resume:: check:: pgoutput_golden:: partitions:: messages:: sql:: tls:: failover_slots::)
+matrix_suites=(relay:: reliability:: resume:: check:: pgoutput_golden:: partitions:: messages:: sql:: tls:: failover_slots:: privilege::)
 if [ -n "${WALSHIP_TEST_PG_URL:-}" ]; then
   echo "== PostgreSQL version matrix: skipped (WALSHIP_TEST_PG_URL points the tests at one server)"
 else

@@ -179,16 +179,23 @@ pub fn role_sql(schema: &str, role: &str, heartbeat: bool) -> String {
     };
     let mut sql = format!(
         "-- walship's role {r}, with only what walship needs (`walship init-sql --role`). Set its
--- password yourself, never in a file: \\password {r} in psql. On Amazon RDS and Aurora the
--- REPLICATION attribute cannot be granted: GRANT rds_replication TO {r}; instead.
+-- password yourself, never in a file: \\password {r} in psql. Replication rights come from the
+-- REPLICATION attribute, or on Amazon RDS and Aurora (where it cannot be granted) from
+-- membership in rds_replication.
 DO $walship$
 BEGIN
     IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = {lit}) THEN
-        CREATE ROLE {r} LOGIN REPLICATION;
+        CREATE ROLE {r} LOGIN;
+    END IF;
+    ALTER ROLE {r} LOGIN;
+    IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'rds_replication')
+       AND current_setting('rds.logical_replication', true) IS NOT NULL THEN
+        EXECUTE format('GRANT rds_replication TO %I', {lit});
+    ELSE
+        ALTER ROLE {r} REPLICATION;
     END IF;
 END
 $walship$;
-ALTER ROLE {r} LOGIN REPLICATION;
 DO $walship$
 BEGIN
     EXECUTE format('GRANT CONNECT ON DATABASE %I TO %I', current_database(), {lit});
@@ -346,7 +353,9 @@ mod tests {
         let role = &sql[sql.find("-- walship's role").unwrap()..];
         for part in [
             "IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'ws''x')",
-            "CREATE ROLE \"ws'x\" LOGIN REPLICATION;",
+            "CREATE ROLE \"ws'x\" LOGIN;",
+            "ALTER ROLE \"ws'x\" REPLICATION;",
+            "EXECUTE format('GRANT rds_replication TO %I', 'ws''x');",
             "GRANT USAGE ON SCHEMA \"kit\" TO \"ws'x\";",
             "GRANT SELECT ON \"kit\".outbox TO \"ws'x\";",
             "CREATE TABLE IF NOT EXISTS \"kit\".\"walship_slots\"",
