@@ -196,7 +196,8 @@ pub struct FailoverSettings {
     pub hot_standby_feedback: bool,
     /// Standby: the physical slot it streams through.
     pub primary_slot_name: String,
-    /// Standby: the WAL receiver's state (`streaming`), `None` when none runs.
+    /// Standby: the WAL receiver's state (`streaming`), `None` when none runs, `hidden` when
+    /// one runs but the role may not see its state (without `pg_read_all_stats`).
     pub wal_receiver: Option<String>,
 }
 
@@ -221,7 +222,8 @@ pub async fn settings(client: &Client) -> Result<FailoverSettings, PgError> {
                     current_setting('sync_replication_slots', true), \
                     current_setting('hot_standby_feedback'), \
                     current_setting('primary_slot_name'), \
-                    (SELECT status FROM pg_stat_wal_receiver LIMIT 1)",
+                    (SELECT coalesce(status, CASE WHEN pid IS NOT NULL THEN 'hidden' END) \
+                     FROM pg_stat_wal_receiver LIMIT 1)",
             &[],
         )
         .await
@@ -594,7 +596,17 @@ pub fn standby_findings(f: &StandbyFacts<'_>) -> Vec<Finding> {
             on_standby("synchronized_standby_slots = ''"),
         ));
     }
-    if s.wal_receiver.as_deref() != Some("streaming") {
+    if s.wal_receiver.as_deref() == Some("hidden") {
+        out.push(Finding::warn(
+            "postgres.standby.streaming",
+            format!(
+                "standby {server} runs a WAL receiver, but this role may not see whether it \
+                 streams"
+            ),
+            "GRANT pg_read_all_stats TO walship's role, or check pg_stat_wal_receiver there as a \
+             superuser",
+        ));
+    } else if s.wal_receiver.as_deref() != Some("streaming") {
         out.push(Finding::warn(
             "postgres.standby.streaming",
             format!(
@@ -1316,6 +1328,24 @@ mod tests {
         assert_eq!(f.len(), 1, "{f:?}");
         assert_eq!(f[0].level, Level::Pass);
         assert!(f[0].message.contains("128 bytes behind"), "{f:?}");
+
+        // A role without pg_read_all_stats sees the receiver's pid but not its state.
+        let hidden = FailoverSettings {
+            wal_receiver: Some("hidden".into()),
+            ..good.clone()
+        };
+        let f = standby_findings(&StandbyFacts {
+            settings: &hidden,
+            ..facts.clone()
+        });
+        assert!(
+            f.iter().any(|f| f.level == Level::Warn
+                && f.message.contains("may not see whether it streams")
+                && f.fix
+                    .as_deref()
+                    .is_some_and(|x| x.contains("pg_read_all_stats"))),
+            "{f:?}"
+        );
 
         let bad = FailoverSettings {
             synchronized_standby_slots: Some("sb1".into()),
