@@ -52,24 +52,25 @@ steps+=("$(printf '%5d s  %s' "$SECONDS" "setup (prerequisites)")")
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
-# The documentation: each check counts as one test in the closing line, and a failure fails the
-# run at the end like any other (see docs/src/contributing/docs.md).
-docs_passed=0
-docs_failed=0
-doc_check() { # label, then the command
+# A check that is not a cargo test (the documentation's, the operator-side tools'): each counts
+# as one test in the closing line, and a failure fails the run at the end like any other.
+checks_passed=0
+checks_failed=0
+check() { # label, then the command
   local label="$1"
   shift
   if "$@"; then
-    docs_passed=$((docs_passed + 1))
+    checks_passed=$((checks_passed + 1))
+    echo "$label: ok"
   else
-    docs_failed=$((docs_failed + 1))
+    checks_failed=$((checks_failed + 1))
     echo "$label: FAILED"
   fi
 }
 step "docs: markdownlint"
-doc_check "markdownlint" scripts/markdownlint.sh
+check "markdownlint" scripts/markdownlint.sh
 step "docs: links"
-doc_check "links" scripts/check_links.py
+check "links" scripts/check_links.py
 # mdBook reports a missing chapter as an error but a missing {{#include}} only in its log, with
 # exit code 0: any ERROR or WARN line fails the step.
 mdbook_build() {
@@ -79,7 +80,7 @@ mdbook_build() {
   ! grep -Eq '(^| )(ERROR|WARN) ' <<<"$out"
 }
 step "docs: mdbook build"
-doc_check "mdbook build" mdbook_build
+check "mdbook build" mdbook_build
 step "cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 log="$(mktemp)"
@@ -118,26 +119,13 @@ cargo_test "doc tests" --workspace --doc --locked
 step "cargo test (unit + end-to-end, PostgreSQL 15)"
 cargo_test "cargo test" --workspace --all-targets --locked --no-fail-fast
 
-# The operator's side with its own tools. Each check counts as one test in the closing line.
-tool_passed=0
-tool_failed=0
-tool_check() { # label, then the command
-  local label="$1"
-  shift
-  if "$@"; then
-    tool_passed=$((tool_passed + 1))
-    echo "$label: ok"
-  else
-    tool_failed=$((tool_failed + 1))
-    echo "$label: FAILED"
-  fi
-}
+# The operator's side with its own tools.
 step "alert rules (promtool check rules, promtool test rules)"
-tool_check "alert rules" bash -c '[ -n "$1" ] || { echo "no promtool (scripts/operator-tools.sh prometheus failed)"; exit 1; }
+check "alert rules" bash -c '[ -n "$1" ] || { echo "no promtool (scripts/operator-tools.sh prometheus failed)"; exit 1; }
   "$1/promtool" check rules deploy/prometheus/walship-alerts.yml &&
   (cd deploy/prometheus && "$1/promtool" test rules walship-alerts.test.yml)' _ "$prometheus_bin"
 step "Kubernetes manifests (kubernetes-validate --strict, static checks)"
-tool_check "Kubernetes manifests" bash -c '[ -n "$1" ] || { echo "no kubernetes-validate (scripts/operator-tools.sh kubernetes-validate failed)"; exit 1; }
+check "Kubernetes manifests" bash -c '[ -n "$1" ] || { echo "no kubernetes-validate (scripts/operator-tools.sh kubernetes-validate failed)"; exit 1; }
   PYTHONPATH="$1" python3 deploy/kubernetes/check_manifests.py' _ "$kubernetes_validate"
 # The version matrix: the end-to-end suites that depend on the server (relay, reliability with
 # the kill and crash tests, resume, check, the decoder's golden captures, partitions, the SQL kit,
@@ -170,7 +158,7 @@ step "docs: quick start"
 if ! command -v tansu >/dev/null; then
   echo "skipped: tansu is not installed (WALSHIP_TEST_KAFKA set); run scripts/setup.sh to install it"
 else
-  doc_check "quick start" scripts/quickstart.sh
+  check "quick start" scripts/quickstart.sh
 fi
 
 # The README's first command, in both broker modes, so it cannot break unnoticed. It uses the dev
@@ -207,8 +195,8 @@ printf '%s\n' "${steps[@]}"
 # One closing line over every test binary (cargo prints one "test result" line per binary), the
 # documentation checks, the tool checks and the demo runs (one test each), the matrix's versions
 # that could not be fetched and the cargo runs that failed without a failing test (one each).
-awk -v dp="$((demo_passed + docs_passed + tool_passed))" \
-  -v df="$((demo_failed + docs_failed + failed_runs + tool_failed))" \
+awk -v dp="$((demo_passed + checks_passed))" \
+  -v df="$((demo_failed + checks_failed + failed_runs))" \
   '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
    END { printf "tests: %d passed, %d failed\n", p + dp, f + df }' "$log"
-[ "$demo_failed" -eq 0 ] && [ "$docs_failed" -eq 0 ] && [ "$run_failed" -eq 0 ] && [ "$tool_failed" -eq 0 ]
+[ "$demo_failed" -eq 0 ] && [ "$checks_failed" -eq 0 ] && [ "$run_failed" -eq 0 ]

@@ -17,24 +17,9 @@ use crate::reliability::{deduped_seqs, write_events};
 
 const NAMES: [&str; 3] = ["alpha", "beta", "gamma"];
 
-/// The pipelines a process streams now, by its `walship_role` metric; empty while its
-/// endpoint is not up.
+/// The pipelines a process streams now.
 fn active(port: u16) -> HashSet<String> {
-    if std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        return HashSet::new();
-    }
-    let metrics = get(port, "/metrics").1;
-    NAMES
-        .iter()
-        .filter(|name| {
-            metrics.lines().any(|l| {
-                l.starts_with(&format!(
-                    "walship_role{{pipeline=\"{name}\",role=\"active\"}} 1"
-                ))
-            })
-        })
-        .map(|name| (*name).to_owned())
-        .collect()
+    crate::metrics::active(port, &NAMES)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

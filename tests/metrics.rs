@@ -288,3 +288,23 @@ pub(crate) async fn await_heartbeat(db: &TestDb) {
         .await
         .unwrap();
 }
+
+/// The pipelines among `names` a process streams now, by its `walship_role` metric; empty
+/// while its endpoint is not up.
+pub(crate) fn active(port: u16, names: &[&str]) -> std::collections::HashSet<String> {
+    if std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        return std::collections::HashSet::new();
+    }
+    let metrics = get(port, "/metrics").1;
+    names
+        .iter()
+        .filter(|name| {
+            metrics.lines().any(|l| {
+                l.starts_with(&format!(
+                    "walship_role{{pipeline=\"{name}\",role=\"active\"}} 1"
+                ))
+            })
+        })
+        .map(|name| (*name).to_owned())
+        .collect()
+}

@@ -13,29 +13,9 @@ use std::time::{Duration, Instant};
 use crate::harness::postgres::Cluster;
 use crate::harness::process::free_port;
 use crate::harness::{self, Binary, TIMEOUT, TestDb, broker, consume, topic, until};
-use crate::metrics::{get, value};
+use crate::metrics::{active, get, value};
 use crate::pipelines::pipeline;
 use crate::reliability::write_events;
-
-/// The pipelines among `names` a process streams now, by its `walship_role` metric; empty
-/// while its endpoint is not up.
-fn active(port: u16, names: &[&str]) -> HashSet<String> {
-    if std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        return HashSet::new();
-    }
-    let metrics = get(port, "/metrics").1;
-    names
-        .iter()
-        .filter(|name| {
-            metrics.lines().any(|l| {
-                l.starts_with(&format!(
-                    "walship_role{{pipeline=\"{name}\",role=\"active\"}} 1"
-                ))
-            })
-        })
-        .map(|name| (*name).to_owned())
-        .collect()
-}
 
 /// The PID of the walsender streaming `db`'s slot; `None` also while the slot does not exist.
 async fn holder(db: &TestDb) -> Option<i32> {
