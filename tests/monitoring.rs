@@ -133,7 +133,11 @@ fn metric_names(expr: &str) -> BTreeSet<String> {
     let mut i = 0;
     while i < bytes.len() {
         let word_start = i == 0 || !(bytes[i - 1].is_ascii_alphanumeric() || bytes[i - 1] == b'_');
-        if word_start && (expr[i..].starts_with("walship_") || expr[i..].starts_with("process_")) {
+        // Only at a character's start: comments may hold any text.
+        if word_start
+            && expr.is_char_boundary(i)
+            && (expr[i..].starts_with("walship_") || expr[i..].starts_with("process_"))
+        {
             let end = expr[i..]
                 .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
                 .map_or(expr.len(), |n| i + n);
