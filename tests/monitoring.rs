@@ -86,6 +86,22 @@ fn api(port: u16, path: &str) -> Value {
     serde_json::from_str(body).unwrap_or_else(|e| panic!("{path}: not JSON ({e}): {body}"))
 }
 
+/// True once the server answers `/-/ready` with 200: its port opens before its storage is
+/// loaded, and until then every API call is answered 503.
+fn ready(port: u16) -> bool {
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    if write!(s, "GET /-/ready HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").is_err() {
+        return false;
+    }
+    let mut out = Vec::new();
+    if s.read_to_end(&mut out).is_err() {
+        return false;
+    }
+    out.starts_with(b"HTTP/1.0 200") || out.starts_with(b"HTTP/1.1 200")
+}
+
 /// An instant query's result vector; panics if Prometheus refuses the query.
 fn query(port: u16, expr: &str) -> Vec<Value> {
     let answer = api(port, &format!("/api/v1/query?query={}", encode(expr)));
@@ -209,6 +225,7 @@ async fn prometheus_evaluates_the_alert_rules_and_every_dashboard_query_over_a_r
     let prom_log =
         || std::fs::read_to_string(dir.path().join("prometheus.log")).unwrap_or_default();
     tokio::task::block_in_place(|| wait_for_port(prom_port, "prometheus", TIMEOUT));
+    harness::until("prometheus ready", || ready(prom_port)).await;
 
     // Scraped twice (at least), and the rules loaded and evaluated without error.
     harness::until("two scrapes of walship", || {
