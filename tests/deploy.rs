@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use walship::pipelines::Deployment;
+use walship::config::deployment::Deployment;
 
 fn manifest(variant: &str) -> String {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -140,7 +140,7 @@ fn resolves(deployment: &Deployment) {
         let file = secrets.path().join(name);
         std::fs::write(&file, "not-the-real-one\n").unwrap();
         config.postgres.password_file = Some(file);
-        walship::settings::Settings::resolve(&config)
+        walship::config::settings::Settings::resolve(&config)
             .unwrap_or_else(|e| panic!("pipeline {:?}: {e}", p.name));
     }
 }

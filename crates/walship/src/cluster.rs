@@ -43,12 +43,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use walship_kafka::group::{self, Assignment, GroupSettings};
 
+use crate::config::deployment::ClusterConfig;
+use crate::config::settings::Settings;
 use crate::error::Error;
-use crate::pipelines::ClusterConfig;
-use crate::run::{
-    Member, contender, failure, note_stopped, run_pipeline, watch_owner, watch_unowned,
-};
-use crate::settings::Settings;
+use crate::pipeline::standby::{contender, watch_owner};
+use crate::pipeline::watch::watch_unowned;
+use crate::pipeline::{Member, failure, note_stopped, run_pipeline};
 use crate::telemetry::Telemetry;
 
 /// Session timeouts without a steady group membership (while the coordinator answers) after

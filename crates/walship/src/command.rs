@@ -9,7 +9,7 @@
 
 use std::process::ExitCode;
 
-use crate::pipelines::Deployment;
+use crate::config::deployment::Deployment;
 
 /// Loads a configuration with one pipeline or several; on failure prints why and returns exit
 /// code 2.

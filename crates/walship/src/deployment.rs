@@ -3,7 +3,7 @@
 //! Owns what a process with several pipelines does beyond running each: resolving every
 //! pipeline's settings before anything starts, the shared metrics endpoint, and deciding which
 //! pipelines this process runs — all of them, or under `[cluster]` those the group assigns it
-//! ([`crate::cluster`]). Each pipeline itself is [`crate::run::run_pipeline`]. This module only
+//! ([`crate::cluster`]). Each pipeline itself is [`crate::pipeline::run_pipeline`]. This module only
 //! connects things.
 //!
 //! Invariant: a file without `[[pipelines]]` runs exactly as [`crate::run::run`]; with several,
@@ -17,13 +17,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::config::ConfigError;
+use crate::config::deployment::Deployment;
+use crate::config::settings::Settings;
 use crate::error::Error;
-use crate::pipelines::Deployment;
-use crate::run::{
-    Member, UNOWNED_LOG_AFTER, cancel_on, failure, metrics_server, note_stopped, run, run_pipeline,
-    watch_unowned,
-};
-use crate::settings::Settings;
+use crate::pipeline::watch::{UNOWNED_LOG_AFTER, watch_unowned};
+use crate::pipeline::{Member, failure, note_stopped, run_pipeline};
+use crate::run::{cancel_on, metrics_server, run};
 use crate::telemetry::Telemetry;
 
 /// Runs every pipeline of `deployment` until `shutdown` completes. A file without

@@ -21,8 +21,8 @@ use walship_postgres::failover::{
 };
 
 use crate::config::Secret;
+use crate::config::settings::SourceSettings;
 use crate::error::Error;
-use crate::settings::SourceSettings;
 
 /// What walship remembers about the server it streamed from, across sessions of one process.
 #[derive(Debug, Default)]

@@ -3,12 +3,12 @@
 //!
 //! # Layout
 //!
-//! - [`config`] — the TOML configuration, environment overrides, validation, secrets.
-//! - [`run`](mod@run) — the supervisor: preflight, sessions, reconnect with backoff. Wiring only.
+//! - [`config`] — the TOML configuration, environment overrides, validation, secrets, the
+//!   `[[pipelines]]` deployment, and the settings each layer gets, resolved once.
+//! - [`run`](mod@run) — `walship run` for one configuration. Wiring only.
+//! - [`pipeline`] — one pipeline: preflight, sessions, reconnect with backoff, standby, watchdog.
 //! - [`deployment`] — every pipeline of a file in this process: all, or those `[cluster]` assigns.
-//! - [`pipelines`] — a file with several pipelines (`[[pipelines]]`) over shared defaults.
 //! - [`cluster`] — several processes share the pipelines through a Kafka consumer group.
-//! - [`settings`] — the configuration resolved once into typed per-layer settings.
 //! - [`session`] — one streaming session, generic over its WAL source and event sink: decode,
 //!   extract, route, produce, report status; [`session::seams`] holds the two traits.
 //! - [`progress`] — the progress tracker: which LSN is safe to confirm.
@@ -33,13 +33,12 @@ pub mod deployment;
 pub mod error;
 pub mod failover;
 pub mod init_sql;
-pub mod pipelines;
+pub mod pipeline;
 pub mod progress;
 pub mod resume;
 pub mod run;
 pub mod scheduling;
 pub mod session;
-pub mod settings;
 pub mod status;
 pub mod telemetry;
 

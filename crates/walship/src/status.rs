@@ -202,7 +202,7 @@ pub async fn read_status(config: &Config) -> Result<SlotStatus, Error> {
             }),
         None => None,
     };
-    let standbys = crate::run::standbys_waiting(&client, name)
+    let standbys = crate::pipeline::standby::standbys_waiting(&client, name)
         .await
         .map(|pids| u32::try_from(pids.len()).unwrap_or(u32::MAX))
         .unwrap_or(0);

@@ -17,7 +17,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-use walship::pipelines::Deployment;
+use walship::config::deployment::Deployment;
 
 const REFERENCE: &str = include_str!("../../../docs/src/configuration/reference.md");
 const README: &str = include_str!("../../../README.md");

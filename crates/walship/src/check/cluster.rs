@@ -9,7 +9,7 @@ use std::time::Duration;
 use walship_kafka::probe::{self, ClusterInfo};
 
 use super::report::Check;
-use crate::pipelines::ClusterConfig;
+use crate::config::deployment::ClusterConfig;
 
 const NAME: &str = "cluster.topics";
 
@@ -17,7 +17,7 @@ const NAME: &str = "cluster.topics";
 /// (every pipeline has the same brokers under `[cluster]`).
 pub(super) async fn cluster_checks(
     cluster: &ClusterConfig,
-    first: &crate::Config,
+    first: &crate::config::Config,
     pipelines: &[String],
 ) -> Vec<Check> {
     let settings = match first.sink_settings() {

@@ -1,5 +1,7 @@
 //! Unit tests of the configuration: parsing, environment overrides, validation, secrets.
 use super::*;
+use crate::scheduling::CpuScheduling;
+use walship_postgres::{ReadBatching, SslMode};
 
 const MINIMAL: &str = "[postgres]\nurl = \"postgres://walship@localhost/app\"\n[kafka]\nbrokers = \"localhost:9092\"\n";
 

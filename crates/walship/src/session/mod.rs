@@ -58,10 +58,10 @@ use walship_postgres::{Frame, PgError, Relations};
 
 pub use seams::{EventSink, KafkaSink, PgSource, ReadBackError, WalSource};
 
+use crate::config::settings::SessionSettings;
 use crate::error::Error;
 use crate::progress::{Progress, TxnOrigin, TxnToken};
 use crate::resume::Resume;
-use crate::settings::SessionSettings;
 use crate::telemetry::Telemetry;
 use std::sync::atomic::Ordering;
 

@@ -32,10 +32,10 @@ use walship_kafka::{
 use walship_postgres::{Frame, OutboxSpec, PgError, Relations, TableName};
 
 use super::{EventSink, Session, SessionStats, WalSource};
+use crate::config::settings::SessionSettings;
 use crate::error::Error;
 use crate::progress::Progress;
 use crate::resume::Resume;
-use crate::settings::SessionSettings;
 use crate::telemetry::Telemetry;
 
 const WAIT: Duration = Duration::from_secs(10);

@@ -1,0 +1,205 @@
+//! Validation: the rules a [`Config`] must keep beyond its types, checked before anything runs.
+//!
+//! Owns every cross-key rule (slot and publication names, intervals, topic limits, librdkafka
+//! properties that hold secrets or that walship manages) and the message that names the key and
+//! how to fix it.
+//!
+//! Invariant: a configuration that passes here resolves into settings
+//! ([`super::settings`]) without a rule of this module being checked again there.
+
+use walship_kafka::TopicRouter;
+
+use super::env::is_secret_property;
+use super::format::{BadRowPolicy, Config, ConfigError};
+
+impl Config {
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
+        let slot = &self.postgres.slot;
+        if slot.is_empty()
+            || slot.len() > 63
+            || !slot
+                .bytes()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'_')
+        {
+            return Err(ConfigError(format!(
+                "postgres.slot {slot:?} is not a valid replication slot name: use 1-63 lower-case letters, digits and '_'"
+            )));
+        }
+        if self.postgres.publication.is_empty() {
+            return Err(ConfigError("postgres.publication must not be empty".into()));
+        }
+        self.connect_config()?;
+        if self.postgres.status_interval_ms == 0 {
+            return Err(ConfigError(
+                "postgres.status_interval_ms must be at least 1".into(),
+            ));
+        }
+        self.read_batching()?;
+        self.cpu_scheduling()?;
+        let router = TopicRouter::new(&self.outbox.topic)
+            .map_err(|e| ConfigError(format!("outbox.topic: {e}")))?;
+        if router.uses_aggregate_type() && self.outbox.aggregate_type_column.is_empty() {
+            return Err(ConfigError(
+                "outbox.topic uses {aggregatetype} but outbox.aggregate_type_column is empty: name the column or use a fixed topic".into(),
+            ));
+        }
+        if self.run.resume_dedup && self.outbox.id_column.is_empty() {
+            // The position alone repeats on a diverged timeline or a cloned cluster with the
+            // same system identifier: skipping on it could drop a different event.
+            return Err(ConfigError(
+                "outbox.id_column is empty but run.resume_dedup is on: after a crash walship skips \
+                 an event only when a record with its position and its outbox id is in the topic, \
+                 and the position alone is not enough (it repeats on a diverged timeline or a \
+                 cloned cluster). Name the event id column in outbox.id_column, or set \
+                 run.resume_dedup = false to accept duplicates after a crash"
+                    .into(),
+            ));
+        }
+        self.validate_topic_limits(&router)?;
+        for (role, v) in [
+            ("aggregate_id_column", &self.outbox.aggregate_id_column),
+            ("payload_column", &self.outbox.payload_column),
+        ] {
+            if v.is_empty() {
+                return Err(ConfigError(format!("outbox.{role} must name a column")));
+            }
+        }
+        if let Some(c) = self
+            .outbox
+            .header_columns
+            .iter()
+            .find(|c| c.starts_with("walship."))
+        {
+            return Err(ConfigError(format!(
+                "outbox.header_columns: {c:?} would become a header in walship's own `walship.` \
+                 namespace (which names each record's source and position): rename the column \
+                 with a view, or leave it out"
+            )));
+        }
+        if let Some(p) = self
+            .outbox
+            .message_prefixes
+            .iter()
+            .find(|p| p.is_empty() || p.starts_with("walship."))
+        {
+            return Err(ConfigError(format!(
+                "outbox.message_prefixes: {p:?} cannot be an outbox prefix: prefixes must not be \
+                 empty, and `walship.` is walship's own namespace (its heartbeat messages use \
+                 walship.heartbeat); use a prefix of your own, e.g. \"outbox\""
+            )));
+        }
+        if self.kafka.brokers.trim().is_empty() {
+            return Err(ConfigError(
+                "kafka.brokers must list at least one host:port".into(),
+            ));
+        }
+        if self.outbox.on_bad_row == BadRowPolicy::DeadLetter
+            && !walship_kafka::route::is_legal_topic(self.outbox.dead_letter_topic.as_bytes())
+        {
+            return Err(ConfigError(format!(
+                "outbox.dead_letter_topic {:?} is not a legal Kafka topic name: use 1-249 characters of letters, digits, '.', '_' and '-'",
+                self.outbox.dead_letter_topic
+            )));
+        }
+        self.metrics.address()?;
+        if self.run.max_in_flight_events < 2 {
+            return Err(ConfigError(
+                "run.max_in_flight_events must be at least 2".into(),
+            ));
+        }
+        if self.run.max_pending_transactions < 2 {
+            return Err(ConfigError(
+                "run.max_pending_transactions must be at least 2".into(),
+            ));
+        }
+        if self.kafka.topic_partitions < 1 {
+            return Err(ConfigError(
+                "kafka.topic_partitions must be at least 1".into(),
+            ));
+        }
+        if self.kafka.topic_replication_factor < 1 && self.kafka.topic_replication_factor != -1 {
+            return Err(ConfigError(format!(
+                "kafka.topic_replication_factor = {} is not a replication factor: use 1 or more, \
+                 or -1 for the broker's default",
+                self.kafka.topic_replication_factor
+            )));
+        }
+        if self.postgres.watch_interval_ms < 100 {
+            return Err(ConfigError(format!(
+                "postgres.watch_interval_ms = {} is too short: use 100 or more (each check queries \
+                 the server)",
+                self.postgres.watch_interval_ms
+            )));
+        }
+        for key in self.kafka.librdkafka.keys() {
+            if is_secret_property(key) {
+                return Err(ConfigError(format!(
+                    "kafka.librdkafka.{key:?} holds a secret: do not put secrets in the config file; use \
+                     kafka.secret_env = {{ {key:?} = \"ENV_VAR_NAME\" }} or kafka.secret_files"
+                )));
+            }
+        }
+        let librdkafka = self.kafka.librdkafka.keys().map(|k| ("librdkafka", k));
+        let secret_env = self.kafka.secret_env.keys().map(|k| ("secret_env", k));
+        let secret_files = self.kafka.secret_files.keys().map(|k| ("secret_files", k));
+        for (table, key) in librdkafka.chain(secret_env).chain(secret_files) {
+            if MANAGED_PROPERTIES.contains(&key.as_str()) {
+                return Err(ConfigError(format!(
+                    "kafka.{table}.{key:?} is managed by walship (idempotent producer with acks=all, \
+                     brokers from kafka.brokers, topics created per kafka.create_topics): remove it"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// `outbox.allowed_aggregate_types` and `outbox.max_topics` against `outbox.topic`.
+    fn validate_topic_limits(&self, router: &TopicRouter) -> Result<(), ConfigError> {
+        let allowed = &self.outbox.allowed_aggregate_types;
+        if allowed.is_empty() {
+            return Ok(());
+        }
+        if !router.uses_aggregate_type() {
+            return Err(ConfigError(format!(
+                "outbox.allowed_aggregate_types is set but outbox.topic {:?} does not use \
+                 {{aggregatetype}}, so every row goes to that one topic: remove the list, or put \
+                 {{aggregatetype}} in outbox.topic",
+                self.outbox.topic
+            )));
+        }
+        let mut topics = std::collections::BTreeSet::new();
+        for value in allowed {
+            let topic = router.render_unchecked(value.as_bytes());
+            if !walship_kafka::route::is_legal_topic(topic.as_bytes()) {
+                return Err(ConfigError(format!(
+                    "outbox.allowed_aggregate_types: {value:?} would route to {topic:?}, which is \
+                     not a legal Kafka topic name (1-249 characters of letters, digits, '.', '_' \
+                     and '-'): remove it or fix outbox.topic"
+                )));
+            }
+            topics.insert(topic);
+        }
+        let max = self.outbox.max_topics;
+        if max != 0 && topics.len() as u64 > max {
+            return Err(ConfigError(format!(
+                "outbox.allowed_aggregate_types lists {} values but outbox.max_topics = {max} \
+                 would refuse rows of some of them: raise outbox.max_topics to at least {} (or 0 \
+                 for no bound), or shorten the list",
+                topics.len(),
+                topics.len()
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// librdkafka properties walship sets itself (with their aliases): overriding them would break
+/// G1/G2 or let the broker create topics behind `kafka.create_topics`.
+const MANAGED_PROPERTIES: &[&str] = &[
+    "enable.idempotence",
+    "acks",
+    "request.required.acks",
+    "bootstrap.servers",
+    "metadata.broker.list",
+    "allow.auto.create.topics",
+];
