@@ -46,6 +46,7 @@ use walship_kafka::group::{self, Assignment, GroupSettings};
 use crate::config::deployment::ClusterConfig;
 use crate::config::settings::Settings;
 use crate::error::Error;
+use crate::failover::Lineage;
 use crate::pipeline::standby::{contender, watch_owner};
 use crate::pipeline::watch::watch_unowned;
 use crate::pipeline::{Member, failure, note_stopped, run_pipeline};
@@ -227,6 +228,8 @@ async fn follow(
     telemetry: &Arc<Telemetry>,
     cancel: &CancellationToken,
 ) -> Result<(), Error> {
+    // What this process learns of the server's timelines outlives each turn it runs the pipeline.
+    let lineage = Arc::new(Lineage::default());
     loop {
         telemetry.elsewhere.store(true, Ordering::Relaxed);
         tokio::select! {
@@ -241,7 +244,7 @@ async fn follow(
         tracing::info!("assigned to this process: starting");
         let run_token = cancel.child_token();
         let abandon = CancellationToken::new();
-        let run = run_pipeline(settings, &run_token, &abandon, telemetry);
+        let run = run_pipeline(settings, &run_token, &abandon, telemetry, &lineage);
         tokio::pin!(run);
         let result = loop {
             let held = *claim.borrow() == Claim::Hold && !run_token.is_cancelled();

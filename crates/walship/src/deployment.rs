@@ -20,6 +20,7 @@ use crate::config::ConfigError;
 use crate::config::deployment::Deployment;
 use crate::config::settings::Settings;
 use crate::error::Error;
+use crate::failover::Lineage;
 use crate::pipeline::watch::{UNOWNED_LOG_AFTER, watch_unowned};
 use crate::pipeline::{Member, failure, note_stopped, run_pipeline};
 use crate::run::{cancel_on, metrics_server, run};
@@ -93,8 +94,15 @@ async fn run_all(pipelines: Vec<Member>, cancel: &CancellationToken) -> Vec<Stri
         let span = tracing::info_span!("pipeline", name = %name);
         tasks.spawn(
             async move {
-                let result =
-                    run_pipeline(&settings, &cancel, &CancellationToken::new(), &telemetry).await;
+                let lineage = Arc::new(Lineage::default());
+                let result = run_pipeline(
+                    &settings,
+                    &cancel,
+                    &CancellationToken::new(),
+                    &telemetry,
+                    &lineage,
+                )
+                .await;
                 note_stopped(&telemetry, &result);
                 (name, result)
             }

@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::settings::Settings;
 use crate::config::{Config, ConfigError};
 use crate::error::Error;
+use crate::failover::Lineage;
 use crate::pipeline::run_pipeline;
 use crate::pipeline::watch::{UNOWNED_LOG_AFTER, log_unowned};
 use crate::telemetry::{self, Telemetry};
@@ -67,7 +68,15 @@ pub async fn run_settings(settings: &Settings, cancel: &CancellationToken) -> Re
         ),
         None => None,
     };
-    let result = run_pipeline(settings, cancel, &CancellationToken::new(), &telemetry).await;
+    let lineage = Arc::new(Lineage::default());
+    let result = run_pipeline(
+        settings,
+        cancel,
+        &CancellationToken::new(),
+        &telemetry,
+        &lineage,
+    )
+    .await;
     unowned.abort();
     if let Some(server) = server {
         server.abort();

@@ -31,6 +31,7 @@ use walship_postgres::{Relations, ReplicationStream, catalog, management, quote_
 
 use crate::config::settings::{Settings, SourceSettings};
 use crate::error::Error;
+use crate::failover::Lineage;
 use crate::progress::Progress;
 use crate::resume::Resume;
 use crate::session::{EventSink, KafkaSink, PgSource, Session};
@@ -73,15 +74,26 @@ pub(crate) fn note_stopped(telemetry: &Telemetry, result: &Result<(), Error>) {
 }
 
 /// One pipeline: the catch-up log line, preflight, then sessions until cancelled or a definite
-/// error. `abandon` (with `cancel`) stops it without waiting for acknowledgements.
+/// error. `abandon` (with `cancel`) stops it without waiting for acknowledgements. `telemetry`
+/// and `lineage` outlive the call: a pipeline this process runs again (`[cluster]`) keeps its
+/// counters and what it knows of the server's timelines.
 pub(crate) async fn run_pipeline(
     settings: &Settings,
     cancel: &CancellationToken,
     abandon: &CancellationToken,
     telemetry: &Arc<Telemetry>,
+    lineage: &Arc<Lineage>,
 ) -> Result<(), Error> {
     let mut background = vec![tokio::spawn(log_catch_up(Arc::clone(telemetry)))];
-    let result = supervise(settings, cancel, abandon, telemetry, &mut background).await;
+    let result = supervise(
+        settings,
+        cancel,
+        abandon,
+        telemetry,
+        lineage,
+        &mut background,
+    )
+    .await;
     telemetry.saw_owner();
     for task in background {
         task.abort();
@@ -114,6 +126,7 @@ async fn supervise(
     cancel: &CancellationToken,
     abandon: &CancellationToken,
     telemetry: &Arc<Telemetry>,
+    lineage: &Arc<Lineage>,
     background: &mut Vec<tokio::task::JoinHandle<()>>,
 ) -> Result<(), Error> {
     let source = &settings.source;
@@ -157,7 +170,15 @@ async fn supervise(
     attempt = 0;
     loop {
         let started = Instant::now();
-        let result = session(settings, cancel, abandon, telemetry, watchdog.as_mut()).await;
+        let result = session(
+            settings,
+            cancel,
+            abandon,
+            telemetry,
+            lineage,
+            watchdog.as_mut(),
+        )
+        .await;
         if telemetry.streaming.swap(false, Ordering::Relaxed) {
             telemetry.saw_owner();
         }
@@ -252,6 +273,7 @@ async fn session(
     cancel: &CancellationToken,
     abandon: &CancellationToken,
     telemetry: &Arc<Telemetry>,
+    lineage: &Arc<Lineage>,
     watchdog: std::pin::Pin<&mut impl Future<Output = Error>>,
 ) -> Result<(), Error> {
     let source = &settings.source;
@@ -262,7 +284,7 @@ async fn session(
     let server = crate::failover::before_session(
         source,
         &client,
-        &telemetry.lineage,
+        lineage,
         pgoutput::Lsn(telemetry.safe_lsn.load(Ordering::Relaxed)),
     )
     .await?;
@@ -291,7 +313,7 @@ async fn session(
     let published = if !server.check_published {
         None
     } else if !settings.session.resume_dedup {
-        telemetry.lineage.checked();
+        lineage.checked();
         tracing::warn!(
             server = %server.server,
             "after a promotion walship reads its topics back to make sure Kafka holds nothing \
@@ -376,7 +398,7 @@ async fn session(
     .silence_limit(wal_sender_timeout)
     .on_server(server.history, &server.server, source.source_epoch);
     let session = match published {
-        Some(topics) => session.check_published(topics, start),
+        Some(topics) => session.check_published(topics, start, Arc::clone(lineage)),
         None => session,
     };
     // Readiness measures the broker's silence from here, not from an earlier session.

@@ -60,6 +60,7 @@ pub use seams::{EventSink, KafkaSink, PgSource, ReadBackError, WalSource};
 
 use crate::config::settings::SessionSettings;
 use crate::error::Error;
+use crate::failover::Lineage;
 use crate::progress::{Progress, TxnOrigin, TxnToken};
 use crate::resume::Resume;
 use crate::telemetry::Telemetry;
@@ -141,7 +142,7 @@ pub struct Session<W: WalSource, K: EventSink> {
     timeline_texts: Vec<(Lsn, Arc<str>)>,
     /// Topics to read back before the first record, and from which position; see
     /// [`Session::check_published`].
-    published_check: Option<(Vec<String>, Lsn)>,
+    published_check: Option<(Vec<String>, Lsn, Arc<Lineage>)>,
     /// `postgres.source_epoch`, for the way on that [`Error::Fork`] names.
     source_epoch: u32,
 }
@@ -218,8 +219,14 @@ impl<W: WalSource, K: EventSink> Session<W, K> {
     /// Before its first record, reads `topics` back (what this source wrote there at or after
     /// `since`) and stops with [`Error::Fork`] if any of it is outside the server's history:
     /// after a promotion, before anything new can take a published event's position.
-    pub fn check_published(mut self, topics: Vec<String>, since: Lsn) -> Self {
-        self.published_check = Some((topics, since));
+    /// Once the check has passed, `lineage` is told ([`Lineage::checked`]).
+    pub fn check_published(
+        mut self,
+        topics: Vec<String>,
+        since: Lsn,
+        lineage: Arc<Lineage>,
+    ) -> Self {
+        self.published_check = Some((topics, since, lineage));
         self
     }
 
@@ -326,7 +333,7 @@ impl<W: WalSource, K: EventSink> Session<W, K> {
     /// [`PUBLISHED_CHECK_BUDGET`] did not read is older. Such topics are named in a warning;
     /// they do not hold the pipeline back for ever.
     async fn read_published(&mut self, cancel: &CancellationToken) -> Result<(), Error> {
-        let Some((topics, since)) = self.published_check.take() else {
+        let Some((topics, since, lineage)) = self.published_check.take() else {
             return Ok(());
         };
         let until = std::time::Instant::now() + PUBLISHED_CHECK_BUDGET;
@@ -363,7 +370,7 @@ impl<W: WalSource, K: EventSink> Session<W, K> {
                 resume.store(topic, Ok(found), started.elapsed());
             }
         }
-        self.telemetry.lineage.checked();
+        lineage.checked();
         if !partly.is_empty() {
             tracing::warn!(
                 topics = partly.len(),

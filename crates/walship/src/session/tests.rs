@@ -1297,8 +1297,11 @@ async fn after_a_promotion_records_beyond_the_branch_stop_the_session_before_its
             );
         },
         |s| {
-            s.on_server(promoted(), "pg2:5432", 0)
-                .check_published(vec!["outbox.event.order".into()], START)
+            s.on_server(promoted(), "pg2:5432", 0).check_published(
+                vec!["outbox.event.order".into()],
+                START,
+                Arc::default(),
+            )
         },
     );
     h.txn(1, 0x400, &[("9", "order", Some("A"))]);
@@ -1352,8 +1355,11 @@ async fn after_a_promotion_records_within_the_history_let_the_session_go_on_nami
             );
         },
         |s| {
-            s.on_server(promoted(), "pg2:5432", 0)
-                .check_published(vec!["outbox.event.order".into()], START)
+            s.on_server(promoted(), "pg2:5432", 0).check_published(
+                vec!["outbox.event.order".into()],
+                START,
+                Arc::default(),
+            )
         },
     );
     let end = h.txn(
@@ -1428,8 +1434,11 @@ async fn records_of_earlier_versions_without_a_timeline_are_not_judged() {
                 .insert("outbox.event.order".into(), vec![(at(0x380, 0), "7")]);
         },
         |s| {
-            s.on_server(promoted(), "pg2:5432", 0)
-                .check_published(vec!["outbox.event.order".into()], START)
+            s.on_server(promoted(), "pg2:5432", 0).check_published(
+                vec!["outbox.event.order".into()],
+                START,
+                Arc::default(),
+            )
         },
     );
     let end = h.txn(1, 0x400, &[("8", "order", Some("A"))]);

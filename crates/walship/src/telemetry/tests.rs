@@ -5,7 +5,15 @@ use std::collections::BTreeMap;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::*;
+use super::encode::*;
+use super::http::*;
+use super::state::*;
+use hyper::StatusCode;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 /// Bound on every wait for something that should happen.
 const WAIT: Duration = Duration::from_secs(10);
