@@ -21,7 +21,7 @@
 //! Invariants: a pipeline runs in this process only while its claim is Run or Hold, and a new
 //! run starts only after the previous one here has ended. Between processes the replication
 //! slot stays the lock: a pipeline moved here while the old owner's walsender still holds its
-//! slot waits as a standby ([`crate::run`]) until the slot is released, and the old owner
+//! slot waits as a standby ([`crate::pipeline::standby`]) until the slot is released, and the old owner
 //! releases it only once its producer is gone ([`crate::session`]), so a move never puts two
 //! producers on one slot. A process cut off from the broker takes nothing new: falling back on
 //! the slots there would take pipelines it cannot publish from.
@@ -44,12 +44,10 @@ use tracing::Instrument;
 use walship_kafka::group::{self, Assignment, GroupSettings};
 
 use crate::config::deployment::ClusterConfig;
-use crate::config::settings::Settings;
 use crate::error::Error;
-use crate::failover::Lineage;
-use crate::pipeline::standby::{contender, watch_owner};
+use crate::pipeline::membership::{Claim, follow};
 use crate::pipeline::watch::watch_unowned;
-use crate::pipeline::{Member, failure, note_stopped, run_pipeline};
+use crate::pipeline::{Member, failure, note_stopped};
 use crate::telemetry::Telemetry;
 
 /// Session timeouts without a steady group membership (while the coordinator answers) after
@@ -63,31 +61,6 @@ const UNSETTLED_SESSIONS: u32 = 1;
 
 /// Pause before joining again after the broker did not answer.
 const JOIN_RETRY: Duration = Duration::from_secs(2);
-
-/// What this process may do with one pipeline, from the group's assignment.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Claim {
-    /// Run it: assigned here, or the group never settles (the slot decides).
-    Run,
-    /// Stop it gracefully: the group gave it to another process.
-    Release,
-    /// Cut off from the group's coordinator: start nothing, keep it if it runs here until the
-    /// broker answers again or another process waits for its slot.
-    Hold,
-}
-
-impl Claim {
-    /// The claim on pipeline `i` under `assignment`.
-    pub(crate) fn of(assignment: &Assignment, i: usize) -> Claim {
-        if !assignment.reachable {
-            Claim::Hold
-        } else if assignment.unsettled || assignment.items.contains(&i) {
-            Claim::Run
-        } else {
-            Claim::Release
-        }
-    }
-}
 
 /// Joins the group and runs the pipelines assigned to this process until `cancel`; returns
 /// the pipelines that stopped with a definite error (`name: error`).
@@ -216,90 +189,5 @@ fn log_change(settings: &GroupSettings, names: &[String], last: &Assignment, now
             unsettled = now.unsettled,
             "the cluster's assignment changed"
         );
-    }
-}
-
-/// Runs one pipeline while `claim` is Run (or Hold, once running), stopping it when it turns
-/// Release, until `cancel`. Ends with the pipeline's definite error, if it has one (the
-/// pipeline stays assigned here, stopped: another process would meet the same error).
-async fn follow(
-    mut claim: watch::Receiver<Claim>,
-    settings: &Settings,
-    telemetry: &Arc<Telemetry>,
-    cancel: &CancellationToken,
-) -> Result<(), Error> {
-    // What this process learns of the server's timelines outlives each turn it runs the pipeline.
-    let lineage = Arc::new(Lineage::default());
-    loop {
-        telemetry.elsewhere.store(true, Ordering::Relaxed);
-        tokio::select! {
-            _ = cancel.cancelled() => return Ok(()),
-            run = claim.wait_for(|c| *c == Claim::Run) => if run.is_err() {
-                return Ok(());
-            },
-            // Who streams the slot meanwhile, for `walship_unowned_seconds`.
-            () = watch_owner(&settings.source, telemetry) => {}
-        }
-        telemetry.elsewhere.store(false, Ordering::Relaxed);
-        tracing::info!("assigned to this process: starting");
-        let run_token = cancel.child_token();
-        let abandon = CancellationToken::new();
-        let run = run_pipeline(settings, &run_token, &abandon, telemetry, &lineage);
-        tokio::pin!(run);
-        let result = loop {
-            let held = *claim.borrow() == Claim::Hold && !run_token.is_cancelled();
-            tokio::select! {
-                result = &mut run => break result,
-                changed = claim.changed(), if !run_token.is_cancelled() => {
-                    if changed.is_err() {
-                        run_token.cancel();
-                        continue;
-                    }
-                    let now = *claim.borrow_and_update();
-                    if now == Claim::Release {
-                        tracing::info!("assigned to another process: stopping to release the slot");
-                        run_token.cancel();
-                    }
-                }
-                () = contender(&settings.source), if held => {
-                    tracing::warn!(
-                        "cut off from the group while another process waits for this \
-                         pipeline's slot: stopping now, without waiting for acknowledgements \
-                         (what was not acknowledged is read again by the slot's next owner)"
-                    );
-                    abandon.cancel();
-                    run_token.cancel();
-                }
-            }
-        };
-        result?;
-        if cancel.is_cancelled() {
-            return Ok(());
-        }
-        tracing::info!("stopped; the slot is free for the process the group chose");
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::collections::BTreeSet;
-
-    use super::*;
-
-    #[test]
-    fn the_claim_follows_reachability_then_settling_then_the_assignment() {
-        let a = |items: &[usize], unsettled, reachable| Assignment {
-            items: items.iter().copied().collect::<BTreeSet<_>>(),
-            unsettled,
-            reachable,
-        };
-        assert_eq!(Claim::of(&a(&[0], false, true), 0), Claim::Run);
-        assert_eq!(Claim::of(&a(&[0], false, true), 1), Claim::Release);
-        // A group that never settles while the broker answers: every pipeline, the slots decide.
-        assert_eq!(Claim::of(&a(&[], true, true), 1), Claim::Run);
-        // Cut off: nothing new, whatever was assigned before and however long it lasts.
-        assert_eq!(Claim::of(&a(&[0], false, false), 0), Claim::Hold);
-        assert_eq!(Claim::of(&a(&[], true, false), 1), Claim::Hold);
-        assert_eq!(Claim::of(&Assignment::default(), 0), Claim::Hold);
     }
 }

@@ -3,7 +3,7 @@
 //! Owns what a process with several pipelines does beyond running each: resolving every
 //! pipeline's settings before anything starts, the shared metrics endpoint, and deciding which
 //! pipelines this process runs — all of them, or under `[cluster]` those the group assigns it
-//! ([`crate::cluster`]). Each pipeline itself is [`crate::pipeline::run_pipeline`]. This module only
+//! ([`crate::cluster`]). Each pipeline itself is [`crate::pipeline`]. This module only
 //! connects things.
 //!
 //! Invariant: a file without `[[pipelines]]` runs exactly as [`crate::run::run`]; with several,
@@ -13,16 +13,11 @@
 use std::future::Future;
 use std::sync::Arc;
 
-use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
-
 use crate::config::ConfigError;
 use crate::config::deployment::Deployment;
 use crate::config::settings::Settings;
 use crate::error::Error;
-use crate::failover::Lineage;
-use crate::pipeline::watch::{UNOWNED_LOG_AFTER, watch_unowned};
-use crate::pipeline::{Member, failure, note_stopped, run_pipeline};
+use crate::pipeline::run_all;
 use crate::run::{cancel_on, metrics_server, run};
 use crate::telemetry::Telemetry;
 
@@ -82,37 +77,4 @@ pub async fn run_deployment(
     } else {
         Err(Error::Pipelines(failed.join("; ")))
     }
-}
-
-/// Runs every pipeline on a task of its own until each has ended; returns those that stopped
-/// with a definite error (`name: error`).
-async fn run_all(pipelines: Vec<Member>, cancel: &CancellationToken) -> Vec<String> {
-    let mut tasks = tokio::task::JoinSet::new();
-    let mut watchers = watch_unowned(&pipelines, UNOWNED_LOG_AFTER);
-    for (name, settings, telemetry) in pipelines {
-        let cancel = cancel.clone();
-        let span = tracing::info_span!("pipeline", name = %name);
-        tasks.spawn(
-            async move {
-                let lineage = Arc::new(Lineage::default());
-                let result = run_pipeline(
-                    &settings,
-                    &cancel,
-                    &CancellationToken::new(),
-                    &telemetry,
-                    &lineage,
-                )
-                .await;
-                note_stopped(&telemetry, &result);
-                (name, result)
-            }
-            .instrument(span),
-        );
-    }
-    let mut failed = Vec::new();
-    while let Some(joined) = tasks.join_next().await {
-        failed.extend(failure(joined));
-    }
-    watchers.abort_all();
-    failed
 }

@@ -16,6 +16,7 @@
 //! at start-up as later, only delays the pipeline: it is retried with backoff.
 
 pub(crate) mod lazy;
+pub(crate) mod membership;
 pub(crate) mod standby;
 pub(crate) mod watch;
 
@@ -27,6 +28,7 @@ use std::time::Duration;
 use rand::Rng;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 use walship_postgres::{Relations, ReplicationStream, catalog, management, quote_ident, setup};
 
 use crate::config::settings::{Settings, SourceSettings};
@@ -38,7 +40,7 @@ use crate::session::{EventSink, KafkaSink, PgSource, Session};
 use crate::telemetry::{self, Telemetry};
 
 use standby::standby;
-use watch::{heartbeat, log_catch_up, watch};
+use watch::{UNOWNED_LOG_AFTER, heartbeat, log_catch_up, watch, watch_unowned};
 
 /// Reconnect delays: exponential from `BACKOFF_MIN`, capped at `BACKOFF_MAX`, with full jitter.
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
@@ -99,6 +101,39 @@ pub(crate) async fn run_pipeline(
         task.abort();
     }
     result
+}
+
+/// Runs every pipeline on a task of its own until each has ended; returns those that stopped
+/// with a definite error (`name: error`).
+pub(crate) async fn run_all(pipelines: Vec<Member>, cancel: &CancellationToken) -> Vec<String> {
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut watchers = watch_unowned(&pipelines, UNOWNED_LOG_AFTER);
+    for (name, settings, telemetry) in pipelines {
+        let cancel = cancel.clone();
+        let span = tracing::info_span!("pipeline", name = %name);
+        tasks.spawn(
+            async move {
+                let lineage = Arc::new(Lineage::default());
+                let result = run_pipeline(
+                    &settings,
+                    &cancel,
+                    &CancellationToken::new(),
+                    &telemetry,
+                    &lineage,
+                )
+                .await;
+                note_stopped(&telemetry, &result);
+                (name, result)
+            }
+            .instrument(span),
+        );
+    }
+    let mut failed = Vec::new();
+    while let Some(joined) = tasks.join_next().await {
+        failed.extend(failure(joined));
+    }
+    watchers.abort_all();
+    failed
 }
 
 /// Waits out a reconnect delay after `error`; false when cancelled meanwhile.
