@@ -16,6 +16,7 @@ use walship_postgres::{catalog, management};
 
 use crate::command::{self, human_bytes};
 use crate::config::Config;
+use crate::config::settings::SourceSettings;
 use crate::error::Error;
 
 /// The slot and publication as PostgreSQL sees them now.
@@ -174,11 +175,9 @@ impl SlotStatus {
 
 /// Reads the slot's and the publication's status.
 pub async fn read_status(config: &Config) -> Result<SlotStatus, Error> {
-    let password = config.postgres_password()?;
-    let params = config.connect_params()?;
-    let client =
-        management::connect(&params, password.as_ref().map(|p| p.expose().as_bytes())).await?;
-    let name = &config.postgres.slot;
+    let source = SourceSettings::resolve(config)?;
+    let client = management::connect(&source.params, source.password_bytes()).await?;
+    let name = &source.slot;
     let state = catalog::slot_state(&client, name).await?;
     let extra = catalog::slot_extra(&client, name).await?;
     let current = catalog::current_wal_lsn(&client).await?;
@@ -206,19 +205,19 @@ pub async fn read_status(config: &Config) -> Result<SlotStatus, Error> {
         .await
         .map(|pids| u32::try_from(pids.len()).unwrap_or(u32::MAX))
         .unwrap_or(0);
-    let publication = catalog::publication_info(&client, &config.postgres.publication).await?;
-    let table = config.outbox_spec().table;
-    let family = catalog::outbox_family(&client, &table).await?;
+    let publication = catalog::publication_info(&client, &source.publication).await?;
+    let table = &source.outbox.table;
+    let family = catalog::outbox_family(&client, table).await?;
     let outbox_problem = catalog::publication_problem(
-        &config.postgres.publication,
-        &table,
+        &source.publication,
+        table,
         family.as_ref(),
         publication.as_ref(),
         None,
         false,
     );
     Ok(SlotStatus {
-        server: params.describe(),
+        server: source.params.describe(),
         slot: name.clone(),
         exists: state.is_some(),
         plugin: state.as_ref().and_then(|s| s.plugin.clone()),
@@ -246,7 +245,7 @@ pub async fn read_status(config: &Config) -> Result<SlotStatus, Error> {
             .map(|l| catalog::lag_bytes(current, l)),
         wal_status: state.as_ref().and_then(|s| s.wal_status.clone()),
         safe_wal_size: extra.and_then(|e| e.safe_wal_size),
-        publication: config.postgres.publication.clone(),
+        publication: source.publication.clone(),
         publication_exists: publication.is_some(),
         publication_tables: publication
             .map(|p| p.tables.iter().map(ToString::to_string).collect())

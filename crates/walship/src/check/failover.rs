@@ -14,6 +14,7 @@ use walship_postgres::{ConnectConfig, hosts, management};
 
 use super::report::{Check, Status};
 use crate::config::Config;
+use crate::config::settings::SourceParts;
 use crate::failover::pw;
 
 /// How long `check` waits for each other host of `postgres.url`.
@@ -21,14 +22,14 @@ const STANDBY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// `walship check`'s failover lines: the primary (on `client`), then every other host of
 /// `postgres.url`, each with what to set.
-pub(super) async fn checks(config: &Config, client: &Client) -> Vec<Check> {
+pub(super) async fn checks(config: &Config, source: &SourceParts, client: &Client) -> Vec<Check> {
     let mut out = Vec::new();
     let slot_name = config.postgres.slot.as_str();
     let want = config.postgres.failover_slot;
-    let Ok(connect) = config.connect_config() else {
+    let Ok(connect) = &source.connect else {
         return out;
     };
-    let endpoints = hosts::endpoints(&connect);
+    let endpoints = hosts::endpoints(connect);
     let primary = async {
         let info = failover::server_info(client).await?;
         let settings = failover::settings(client).await?;
@@ -87,12 +88,12 @@ pub(super) async fn checks(config: &Config, client: &Client) -> Vec<Check> {
         }));
         return out;
     }
-    let password = config.postgres_password().ok().flatten();
+    let password = source.password.as_ref().ok().and_then(Option::as_ref);
     let named = settings.standby_slots();
     let mut primaries = Vec::new();
     for endpoint in &endpoints {
         let mut one = ConnectConfig {
-            pg: hosts::only(&connect, endpoint),
+            pg: hosts::only(connect, endpoint),
             tls: connect.tls.clone(),
             session_target: hosts::SessionTarget::Any,
         };
@@ -105,7 +106,7 @@ pub(super) async fn checks(config: &Config, client: &Client) -> Vec<Check> {
         };
         let host = endpoint.to_string();
         let standby = async {
-            let c = management::connect(&params, pw(password.as_ref())).await?;
+            let c = management::connect(&params, pw(password)).await?;
             let _ = c.batch_execute("SET statement_timeout = '15s'").await;
             let info = failover::server_info(&c).await?;
             let settings = failover::settings(&c).await?;

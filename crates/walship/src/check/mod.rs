@@ -40,11 +40,15 @@ pub use slot::slot_checks;
 
 use crate::command;
 use crate::config::Config;
+use crate::config::settings::SourceParts;
 
 /// Runs every check against the configured PostgreSQL and Kafka.
 pub async fn run_checks(config: &Config) -> Report {
     let mut checks = Vec::new();
-    let facts = postgres::postgres_checks(config, &mut checks).await;
+    // Resolved once, by the resolvers `run` uses; each part on its own, so one that is wrong
+    // does not hide the others.
+    let source = SourceParts::resolve(config);
+    let facts = postgres::postgres_checks(config, &source, &mut checks).await;
     kafka::kafka_checks(config, &facts, &mut checks).await;
     Report::new(checks)
 }

@@ -25,6 +25,7 @@ use super::outbox::{column_checks, publication_checks, table_missing, table_wron
 use super::report::{Check, quoted_list};
 use super::slot;
 use crate::config::Config;
+use crate::config::settings::SourceParts;
 
 /// How long connecting to PostgreSQL may take when the URL sets no `connect_timeout`.
 const PG_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -47,8 +48,12 @@ pub(super) enum AggregateTypes {
 const PG_UNREACHABLE: &str = "no connection to PostgreSQL (see postgres.connect)";
 
 /// The PostgreSQL checks; returns what the topic checks need to know.
-pub(super) async fn postgres_checks(config: &Config, checks: &mut Vec<Check>) -> AggregateTypes {
-    let spec = config.outbox_spec();
+pub(super) async fn postgres_checks(
+    config: &Config,
+    source: &SourceParts,
+    checks: &mut Vec<Check>,
+) -> AggregateTypes {
+    let spec = &source.outbox;
     let uses_type = !spec.aggregate_type.is_empty();
     let unknown = |why: &str| {
         if uses_type {
@@ -57,7 +62,7 @@ pub(super) async fn postgres_checks(config: &Config, checks: &mut Vec<Check>) ->
             AggregateTypes::NotUsed
         }
     };
-    let Some((client, role)) = connect_check(config, checks).await else {
+    let Some((client, role)) = connect_check(source, checks).await else {
         for name in [
             "postgres.wal_level",
             "postgres.replication_slots",
@@ -125,7 +130,7 @@ pub(super) async fn postgres_checks(config: &Config, checks: &mut Vec<Check>) ->
             ));
             match catalog::table_columns(&client, info.oid).await {
                 Ok(cols) => {
-                    checks.extend(column_checks(&spec, &cols));
+                    checks.extend(column_checks(spec, &cols));
                     columns = Some(cols);
                 }
                 Err(e) => checks.push(query_failed("outbox.columns", &e)),
@@ -163,14 +168,15 @@ pub(super) async fn postgres_checks(config: &Config, checks: &mut Vec<Check>) ->
     let slot_exists = matches!(state, Ok(Some(_)));
     match state {
         Ok(state) => checks.extend(
-            slot::server_slot_checks(config, &client, state.as_ref(), &role.database).await,
+            slot::server_slot_checks(config, source, &client, state.as_ref(), &role.database).await,
         ),
         Err(e) => checks.push(query_failed("postgres.slot", &e)),
     }
-    checks.extend(super::failover::checks(config, &client).await);
+    checks.extend(super::failover::checks(config, source, &client).await);
     // What the protections need of the roles: the slot history, the heartbeat, who may emit.
-    checks
-        .extend(super::privilege::privilege_checks(config, &client, &role.name, slot_exists).await);
+    checks.extend(
+        super::privilege::privilege_checks(config, source, &client, &role.name, slot_exists).await,
+    );
 
     // Aggregate types for the topic check.
     if !uses_type {
@@ -215,10 +221,13 @@ pub(super) async fn postgres_checks(config: &Config, checks: &mut Vec<Check>) ->
 }
 
 /// Connects (bounded by a timeout) and reads the role; pushes `postgres.connect`.
-async fn connect_check(config: &Config, checks: &mut Vec<Check>) -> Option<(Client, RoleInfo)> {
+async fn connect_check(
+    source: &SourceParts,
+    checks: &mut Vec<Check>,
+) -> Option<(Client, RoleInfo)> {
     const NAME: &str = "postgres.connect";
-    let mut pg_config = match config.connect_config() {
-        Ok(c) => c,
+    let mut pg_config = match &source.connect {
+        Ok(c) => c.clone(),
         Err(e) => {
             checks.push(Check::fail(
                 NAME,
@@ -242,8 +251,8 @@ async fn connect_check(config: &Config, checks: &mut Vec<Check>) -> Option<(Clie
         .get_user()
         .unwrap_or("(default user)")
         .to_owned();
-    let password = match config.postgres_password() {
-        Ok(p) => p,
+    let password = match &source.password {
+        Ok(p) => p.as_ref(),
         Err(e) => {
             checks.push(Check::fail(
                 NAME,

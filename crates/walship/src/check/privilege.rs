@@ -14,6 +14,7 @@ use walship_postgres::catalog::{self, EmitAccess, Unprotected};
 
 use super::report::{Check, quoted_list};
 use crate::config::Config;
+use crate::config::settings::SourceParts;
 
 const HISTORY: &str = "postgres.slot_history_table";
 const HEARTBEAT: &str = "postgres.heartbeat_interval_ms";
@@ -23,12 +24,13 @@ const WRITERS: &str = "outbox.message_writers";
 /// is there already.
 pub(super) async fn privilege_checks(
     config: &Config,
+    source: &SourceParts,
     client: &Client,
     role: &str,
     slot_exists: bool,
 ) -> Vec<Check> {
     let mut checks = Vec::new();
-    let history = config.slot_history();
+    let history = &source.history;
     let facts = match (&history.table, config.postgres.create_slot) {
         (Some(table), true) => {
             let access = catalog::history_access(client, table).await;

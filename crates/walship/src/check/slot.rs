@@ -16,6 +16,7 @@ use walship_postgres::setup::CreatedSlot;
 use super::report::Check;
 use crate::command::human_bytes;
 use crate::config::Config;
+use crate::config::settings::SourceParts;
 
 /// Slot lag above which `check` warns.
 const LAG_WARN_BYTES: u64 = 1 << 30;
@@ -25,18 +26,14 @@ const LAG_WARN_BYTES: u64 = 1 << 30;
 /// current WAL position for the lag.
 pub(super) async fn server_slot_checks(
     config: &Config,
+    source: &SourceParts,
     client: &Client,
     state: Option<&SlotState>,
     database: &str,
 ) -> Vec<Check> {
     let slot = config.postgres.slot.as_str();
     if state.is_none()
-        && let Some(created) = config
-            .slot_history()
-            .created(client, slot)
-            .await
-            .ok()
-            .flatten()
+        && let Some(created) = source.history.created(client, slot).await.ok().flatten()
     {
         return vec![dropped_slot(slot, &created)];
     }

@@ -79,7 +79,60 @@ impl std::fmt::Debug for SourceSettings {
     }
 }
 
+/// The source layer with each part resolved on its own, so one that is wrong does not hide the
+/// others: what `walship check` reports on, and what [`SourceSettings::resolve`] is made of.
+#[derive(Debug)]
+pub struct SourceParts {
+    /// The connection parameters (`postgres.url` and the `ssl*` keys).
+    pub connect: Result<ConnectConfig, ConfigError>,
+    /// The password (`password_file`, `password_env`, the URL's, `PGPASSWORD`).
+    pub password: Result<Option<Secret>, ConfigError>,
+    /// `postgres.read_batching`.
+    pub read_batching: Result<ReadBatching, ConfigError>,
+    /// The outbox table and which columns mean what.
+    pub outbox: OutboxSpec,
+    /// Where walship records the slots it created.
+    pub history: SlotHistory,
+}
+
+impl SourceParts {
+    /// Resolves every part of `config`'s source layer.
+    pub fn resolve(config: &Config) -> SourceParts {
+        SourceParts {
+            connect: config.connect_config(),
+            password: config.postgres_password(),
+            read_batching: config.read_batching(),
+            outbox: config.outbox_spec(),
+            history: config.slot_history(),
+        }
+    }
+}
+
 impl SourceSettings {
+    /// Resolves the source layer alone (what `walship status` connects with).
+    pub fn resolve(config: &Config) -> Result<SourceSettings, ConfigError> {
+        let parts = SourceParts::resolve(config);
+        let pg = &config.postgres;
+        Ok(SourceSettings {
+            params: ConnectParams {
+                config: parts.connect?,
+                read_batching: parts.read_batching?,
+            },
+            password: parts.password?,
+            slot: pg.slot.clone(),
+            publication: pg.publication.clone(),
+            create_slot: pg.create_slot,
+            create_publication: pg.create_publication,
+            failover_slot: pg.failover_slot,
+            history: parts.history,
+            outbox: parts.outbox,
+            heartbeat: (pg.heartbeat_interval_ms > 0)
+                .then(|| Duration::from_millis(pg.heartbeat_interval_ms)),
+            watch_interval: Duration::from_millis(pg.watch_interval_ms),
+            source_epoch: pg.source_epoch,
+        })
+    }
+
     /// The `walship.source` header value for a server with `system_id`: `<system id>/<slot>`,
     /// with `/<epoch>` after it when `postgres.source_epoch` is set.
     pub fn source_id(&self, system_id: &str) -> String {
@@ -137,22 +190,7 @@ impl Settings {
     /// Resolves every derived setting of `config` (secrets included) once.
     pub fn resolve(config: &Config) -> Result<Settings, ConfigError> {
         let metrics_listen = config.metrics.address()?;
-        let pg = &config.postgres;
-        let source = SourceSettings {
-            params: config.connect_params()?,
-            password: config.postgres_password()?,
-            slot: pg.slot.clone(),
-            publication: pg.publication.clone(),
-            create_slot: pg.create_slot,
-            create_publication: pg.create_publication,
-            failover_slot: pg.failover_slot,
-            history: config.slot_history(),
-            outbox: config.outbox_spec(),
-            heartbeat: (pg.heartbeat_interval_ms > 0)
-                .then(|| Duration::from_millis(pg.heartbeat_interval_ms)),
-            watch_interval: Duration::from_millis(pg.watch_interval_ms),
-            source_epoch: pg.source_epoch,
-        };
+        let source = SourceSettings::resolve(config)?;
         let sink = config.sink_settings()?;
         let session = SessionSettings {
             status_interval: config.status_interval(),
