@@ -1,5 +1,9 @@
 //! Errors of a walship run, split by meaning: transient (reconnect and resume) or definite
 //! (stop, explain, exit non-zero).
+//!
+//! Owns the run's error type and its one classification ([`Error::is_transient`]), which every
+//! retry loop asks. Invariant: a definite error's message names what was wrong, where, and how to
+//! fix it; nothing is classified transient that a retry cannot cure.
 
 use pgoutput::Lsn;
 use walship_kafka::{DeliveryError, ErrorClass, RouteError, TopicError};
