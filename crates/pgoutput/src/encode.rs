@@ -9,6 +9,10 @@
 //! It is strict: a message that PostgreSQL could not have sent in the encoder's state (an `xid`
 //! outside a stream or missing inside one, Stream Stop outside a stream, a name with a NUL byte,
 //! abort information before v4) is an [`EncodeError`], never silently written differently.
+//!
+//! It owns everything that builds pgoutput bytes, [`TupleData::encode`] included: the decoding
+//! modules ([`tuple`](crate::tuple), [`message`](crate::message)) never refer to it, so
+//! imports go one way, from here to them.
 
 use std::fmt;
 
@@ -17,7 +21,7 @@ use bytes::Bytes;
 use crate::lsn::Lsn;
 use crate::message::*;
 use crate::time::PgTimestamp;
-use crate::tuple::TupleData;
+use crate::tuple::{Column, TupleData};
 
 /// Why a message cannot be encoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,6 +75,46 @@ impl fmt::Display for EncodeError {
 }
 
 impl std::error::Error for EncodeError {}
+
+impl TupleData {
+    /// Builds a TupleData from column values, byte for byte as pgoutput sends them (feature
+    /// `encode`; meant for tests and benchmarks — decoding never builds tuples this way).
+    ///
+    /// Fails when there are more than 65535 columns or a value is longer than `i32::MAX` bytes.
+    ///
+    /// ```
+    /// use pgoutput::{Column, TupleData};
+    /// let t = TupleData::encode(&[Column::Text(b"42"), Column::Null]).unwrap();
+    /// assert_eq!(t.len(), 2);
+    /// assert_eq!(t.iter().collect::<Vec<_>>(), [Column::Text(b"42"), Column::Null]);
+    /// assert_eq!(&t.raw()[..], b"t\0\0\0\x0242n");
+    /// ```
+    pub fn encode(columns: &[Column<'_>]) -> Result<TupleData, EncodeError> {
+        let len =
+            u16::try_from(columns.len()).map_err(|_| EncodeError::TooLong("tuple.ncolumns"))?;
+        let size = columns
+            .iter()
+            .map(|c| 1 + c.bytes().map_or(0, |b| 4 + b.len()))
+            .sum();
+        let mut raw = Vec::with_capacity(size);
+        for column in columns {
+            let (kind, value) = match *column {
+                Column::Null => (b'n', None),
+                Column::UnchangedToast => (b'u', None),
+                Column::Text(v) => (b't', Some(v)),
+                Column::Binary(v) => (b'b', Some(v)),
+            };
+            raw.push(kind);
+            if let Some(v) = value {
+                let n = i32::try_from(v.len())
+                    .map_err(|_| EncodeError::TooLong("tuple.column_length"))?;
+                raw.extend_from_slice(&n.to_be_bytes());
+                raw.extend_from_slice(v);
+            }
+        }
+        Ok(TupleData::from_encoded(Bytes::from(raw), len))
+    }
+}
 
 /// Encodes a sequence of messages of one replication stream, the inverse of
 /// [`Decoder`](crate::Decoder).
@@ -374,7 +418,7 @@ impl Writer<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Column, Decoder};
+    use crate::Decoder;
 
     fn insert(xid: Option<u32>) -> Message {
         Message::Insert(Insert {
