@@ -38,5 +38,5 @@ pub use error::{PgError, ServerError};
 pub use ident::{TableName, quote_ident};
 pub use message::{MessageError, MessageEvent};
 pub use outbox::{OutboxRow, OutboxSpec, Placement, Relations, RowError, RowTarget};
-pub use replication::{ConnectParams, Frame, ReplicationStream, SystemIdentity};
+pub use replication::{ConnectParams, Frame, ReplicationStream, StartOptions, SystemIdentity};
 pub use tls::{ConnectConfig, SslMode, TlsOptions};

@@ -17,7 +17,7 @@ use rand::Rng;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
-use walship_postgres::{Relations, ReplicationStream, catalog, management, quote_ident, setup};
+use walship_postgres::{Relations, ReplicationStream, StartOptions, catalog, management, setup};
 
 use std::sync::atomic::Ordering;
 
@@ -589,13 +589,7 @@ async fn heartbeat(source: SourceSettings, interval: Duration) {
                 continue;
             }
         };
-        if let Err(e) = c
-            .execute(
-                "SELECT pg_logical_emit_message(false, 'walship.heartbeat', '')",
-                &[],
-            )
-            .await
-        {
+        if let Err(e) = management::emit_heartbeat(c).await {
             tracing::warn!("heartbeat: {e}");
             catalog.lost();
         }
@@ -727,12 +721,7 @@ async fn session(
 
     let progress = Arc::new(Progress::with_telemetry(start, Arc::clone(telemetry)));
     let sink = KafkaSink::new(settings.sink.clone(), Arc::clone(&progress))?;
-    let publication = quote_ident(&source.publication);
-    let options = [
-        ("proto_version", "1"),
-        ("publication_names", publication.as_str()),
-        ("messages", "true"),
-    ];
+    let options = StartOptions::new(&source.publication);
     // The URL's application_name, as on the SQL connections (pg_stat_replication shows it).
     let application_name = source
         .params
@@ -746,7 +735,7 @@ async fn session(
         application_name,
         &source.slot,
         pgoutput::Lsn::ZERO,
-        &options,
+        &options.pairs(),
     )
     .await;
     let stream = match stream {

@@ -1,7 +1,8 @@
 //! Opening a replication connection: picking the host (several hosts, `target_session_attrs`),
 //! the socket and its read batching, TLS (negotiated by `crate::tls`), startup and
 //! authentication (cleartext, MD5, SCRAM-SHA-256 with channel binding over TLS), replication
-//! commands on a connection of their own, and `START_REPLICATION` with walship's options.
+//! commands on a connection of their own, and `START_REPLICATION` with walship's options
+//! ([`StartOptions`]).
 //!
 //! Invariant: a host is used only when it is what `target_session_attrs` asks for; streaming
 //! starts only after `IDENTIFY_SYSTEM` answered, and socket reads are batched only once the
@@ -20,6 +21,7 @@ use super::stream::{Io, ReplicationStream, SystemIdentity, TextRows, log_notice}
 use crate::batching::{self, Batcher, ReadBatching};
 use crate::error::{PgError, ServerError};
 use crate::hosts::{self, Endpoint, SessionTarget};
+use crate::ident::quote_ident;
 use crate::tls::{self, ConnectConfig, Negotiated, TlsSession};
 
 /// Where and as whom to connect; built from a libpq-style connection string.
@@ -146,6 +148,34 @@ impl ConnectParams {
                 "connect timed out",
             ))),
         }
+    }
+}
+
+/// The pgoutput options of walship's `START_REPLICATION`: protocol version 1 (the session's
+/// decoder reads version 1), the publication, and logical decoding messages (the heartbeat and
+/// table-free outbox events arrive as messages).
+#[derive(Debug, Clone)]
+pub struct StartOptions {
+    /// The publication's name quoted as an identifier: pgoutput parses `publication_names` as a
+    /// list of identifiers.
+    publication: String,
+}
+
+impl StartOptions {
+    /// walship's options for streaming publication `publication` (its plain name).
+    pub fn new(publication: &str) -> Self {
+        StartOptions {
+            publication: quote_ident(publication),
+        }
+    }
+
+    /// The options as name-value pairs, for [`ReplicationStream::start`].
+    pub fn pairs(&self) -> [(&'static str, &str); 3] {
+        [
+            ("proto_version", "1"),
+            ("publication_names", self.publication.as_str()),
+            ("messages", "true"),
+        ]
     }
 }
 

@@ -10,7 +10,7 @@
 //!
 //! - `stream` — [`ReplicationStream`] at the byte level: socket, read and write buffers.
 //! - `connect` — [`ConnectParams`], picking a host, TLS, startup and authentication,
-//!   replication commands, `START_REPLICATION`.
+//!   replication commands, `START_REPLICATION` with walship's [`StartOptions`].
 //! - `frames` — [`Frame`]s cut from the read buffer.
 //! - `status` — standby status updates and the clean end of a stream.
 //!
@@ -26,6 +26,6 @@ mod frames;
 mod status;
 mod stream;
 
-pub use connect::ConnectParams;
+pub use connect::{ConnectParams, StartOptions};
 pub use frames::Frame;
 pub use stream::{ReplicationStream, SystemIdentity, TextRows};

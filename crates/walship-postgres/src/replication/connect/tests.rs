@@ -23,3 +23,15 @@ fn parses_identify_system_rows() {
     assert!(parse_identify_row(truncated).is_err());
     assert!(parse_identify_row(b"").is_err());
 }
+
+#[test]
+fn start_options_ask_for_v1_messages_and_the_quoted_publication() {
+    assert_eq!(
+        StartOptions::new("out\"box").pairs(),
+        [
+            ("proto_version", "1"),
+            ("publication_names", "\"out\"\"box\""),
+            ("messages", "true"),
+        ]
+    );
+}
