@@ -28,6 +28,8 @@
 //!   it arrives: walship stops before confirming it.
 //! - A missing, lost or foreign-plugin slot is a definite error, never a reason to create one.
 
+// A module of its own in the public path: its `slot` and `settings` read what failover slots
+// need, and would be ambiguous among the catalog's other reads.
 pub mod failover;
 mod outbox;
 mod privilege;
