@@ -9,6 +9,10 @@
 //! It is strict: a message that PostgreSQL could not have sent in the encoder's state (an `xid`
 //! outside a stream or missing inside one, Stream Stop outside a stream, a name with a NUL byte,
 //! abort information before v4) is an [`EncodeError`], never silently written differently.
+//!
+//! It owns everything that builds pgoutput bytes, [`TupleData::encode`] included: the decoding
+//! modules ([`tuple`](crate::tuple), [`message`](crate::message)) never refer to it, so
+//! imports go one way, from here to them.
 
 use std::fmt;
 
@@ -17,7 +21,7 @@ use bytes::Bytes;
 use crate::lsn::Lsn;
 use crate::message::*;
 use crate::time::PgTimestamp;
-use crate::tuple::TupleData;
+use crate::tuple::{Column, TupleData};
 
 /// Why a message cannot be encoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,6 +75,46 @@ impl fmt::Display for EncodeError {
 }
 
 impl std::error::Error for EncodeError {}
+
+impl TupleData {
+    /// Builds a TupleData from column values, byte for byte as pgoutput sends them (feature
+    /// `encode`; meant for tests and benchmarks — decoding never builds tuples this way).
+    ///
+    /// Fails when there are more than 65535 columns or a value is longer than `i32::MAX` bytes.
+    ///
+    /// ```
+    /// use pgoutput::{Column, TupleData};
+    /// let t = TupleData::encode(&[Column::Text(b"42"), Column::Null]).unwrap();
+    /// assert_eq!(t.len(), 2);
+    /// assert_eq!(t.iter().collect::<Vec<_>>(), [Column::Text(b"42"), Column::Null]);
+    /// assert_eq!(&t.raw()[..], b"t\0\0\0\x0242n");
+    /// ```
+    pub fn encode(columns: &[Column<'_>]) -> Result<TupleData, EncodeError> {
+        let len =
+            u16::try_from(columns.len()).map_err(|_| EncodeError::TooLong("tuple.ncolumns"))?;
+        let size = columns
+            .iter()
+            .map(|c| 1 + c.bytes().map_or(0, |b| 4 + b.len()))
+            .sum();
+        let mut raw = Vec::with_capacity(size);
+        for column in columns {
+            let (kind, value) = match *column {
+                Column::Null => (b'n', None),
+                Column::UnchangedToast => (b'u', None),
+                Column::Text(v) => (b't', Some(v)),
+                Column::Binary(v) => (b'b', Some(v)),
+            };
+            raw.push(kind);
+            if let Some(v) = value {
+                let n = i32::try_from(v.len())
+                    .map_err(|_| EncodeError::TooLong("tuple.column_length"))?;
+                raw.extend_from_slice(&n.to_be_bytes());
+                raw.extend_from_slice(v);
+            }
+        }
+        Ok(TupleData::from_encoded(Bytes::from(raw), len))
+    }
+}
 
 /// Encodes a sequence of messages of one replication stream, the inverse of
 /// [`Decoder`](crate::Decoder).
@@ -372,81 +416,4 @@ impl Writer<'_> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::{Column, Decoder};
-
-    fn insert(xid: Option<u32>) -> Message {
-        Message::Insert(Insert {
-            xid,
-            relation_id: 7,
-            tuple: TupleData::encode(&[Column::Text(b"x")]).unwrap(),
-        })
-    }
-
-    #[test]
-    fn xid_must_match_stream_state() {
-        let mut e = Encoder::new(2);
-        assert_eq!(
-            e.encode(&insert(Some(1))),
-            Err(EncodeError::XidMismatch {
-                message_type: b'I',
-                in_stream: false
-            })
-        );
-        e.encode(&Message::StreamStart(StreamStart {
-            xid: 1,
-            first_segment: 1,
-        }))
-        .unwrap();
-        assert!(e.in_stream());
-        assert!(e.encode(&insert(None)).is_err());
-        assert!(e.encode(&insert(Some(1))).is_ok());
-    }
-
-    #[test]
-    fn stream_control_state_is_checked_and_unchanged_on_error() {
-        let mut e = Encoder::new(2);
-        let mut out = b"keep".to_vec();
-        assert_eq!(
-            e.encode_into(&Message::StreamStop, &mut out),
-            Err(EncodeError::UnexpectedMessage(b'E'))
-        );
-        assert_eq!(out, b"keep");
-        assert!(!e.in_stream());
-        let abort = Message::StreamAbort(StreamAbort {
-            xid: 1,
-            subxid: 1,
-            abort: Some((Lsn(1), PgTimestamp(2))),
-        });
-        assert_eq!(e.encode(&abort), Err(EncodeError::AbortInfoNeedsV4));
-        assert_eq!(Encoder::new(4).encode(&abort).map(|b| b.len()), Ok(25));
-    }
-
-    #[test]
-    fn rejects_nul_in_names() {
-        let origin = Message::Origin(Origin {
-            commit_lsn: Lsn(1),
-            name: "a\0b".into(),
-        });
-        assert_eq!(
-            Encoder::new(1).encode(&origin),
-            Err(EncodeError::NulInString("name"))
-        );
-    }
-
-    #[test]
-    fn begin_bytes_match_the_documented_layout() {
-        let begin = Message::Begin(Begin {
-            final_lsn: Lsn(0x0102_0304_0506_0708),
-            commit_time: PgTimestamp(-2),
-            xid: 0xAABB_CCDD,
-        });
-        let bytes = Encoder::new(1).encode(&begin).unwrap();
-        let mut want = vec![b'B', 1, 2, 3, 4, 5, 6, 7, 8];
-        want.extend_from_slice(&(-2i64).to_be_bytes());
-        want.extend_from_slice(&[0xAA, 0xBB, 0xCC, 0xDD]);
-        assert_eq!(&bytes[..], &want[..]);
-        assert_eq!(Decoder::new(1).decode(bytes).unwrap(), begin);
-    }
-}
+mod tests;

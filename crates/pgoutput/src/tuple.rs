@@ -118,49 +118,12 @@ impl TupleData {
     pub fn raw(&self) -> &Bytes {
         &self.raw
     }
-}
 
-#[cfg(any(test, feature = "encode"))]
-impl TupleData {
-    /// Builds a TupleData from column values, byte for byte as pgoutput sends them (feature
-    /// `encode`; meant for tests and benchmarks — decoding never builds tuples this way).
-    ///
-    /// Fails when there are more than 65535 columns or a value is longer than `i32::MAX` bytes.
-    ///
-    /// ```
-    /// use pgoutput::{Column, TupleData};
-    /// let t = TupleData::encode(&[Column::Text(b"42"), Column::Null]).unwrap();
-    /// assert_eq!(t.len(), 2);
-    /// assert_eq!(t.iter().collect::<Vec<_>>(), [Column::Text(b"42"), Column::Null]);
-    /// assert_eq!(&t.raw()[..], b"t\0\0\0\x0242n");
-    /// ```
-    pub fn encode(columns: &[Column<'_>]) -> Result<TupleData, crate::EncodeError> {
-        let len = u16::try_from(columns.len())
-            .map_err(|_| crate::EncodeError::TooLong("tuple.ncolumns"))?;
-        let size = columns
-            .iter()
-            .map(|c| 1 + c.bytes().map_or(0, |b| 4 + b.len()))
-            .sum();
-        let mut raw = Vec::with_capacity(size);
-        for column in columns {
-            let (kind, value) = match *column {
-                Column::Null => (b'n', None),
-                Column::UnchangedToast => (b'u', None),
-                Column::Text(v) => (b't', Some(v)),
-                Column::Binary(v) => (b'b', Some(v)),
-            };
-            raw.push(kind);
-            if let Some(v) = value {
-                let n = i32::try_from(v.len())
-                    .map_err(|_| crate::EncodeError::TooLong("tuple.column_length"))?;
-                raw.extend_from_slice(&n.to_be_bytes());
-                raw.extend_from_slice(v);
-            }
-        }
-        Ok(TupleData {
-            raw: Bytes::from(raw),
-            len,
-        })
+    /// A tuple of `len` columns whose bytes the encoder laid out as pgoutput does (see
+    /// `TupleData::encode` in `crate::encode`); decoding never builds tuples this way.
+    #[cfg(any(test, feature = "encode"))]
+    pub(crate) fn from_encoded(raw: Bytes, len: u16) -> TupleData {
+        TupleData { raw, len }
     }
 }
 

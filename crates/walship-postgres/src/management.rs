@@ -1,6 +1,6 @@
 //! The management (SQL) connection: the one way walship opens an ordinary connection to
-//! PostgreSQL, for start-up's setup, the watchdog, the heartbeat, the catalog lookups of a
-//! session, `walship check` and `walship status`.
+//! PostgreSQL, for start-up's setup, the watchdog, the heartbeat ([`emit_heartbeat`]), the
+//! catalog lookups of a session, `walship check` and `walship status`.
 //!
 //! Invariant: it connects with the replication connection's settings — the same URL and the
 //! same TLS options (`sslmode`, root and client certificates, an OpenSSL connector built the
@@ -9,7 +9,7 @@
 
 use tokio_postgres::{Client, NoTls};
 
-use crate::error::PgError;
+use crate::error::{PgError, sql_err};
 use crate::replication::ConnectParams;
 use crate::tls::SslMode;
 
@@ -56,6 +56,22 @@ pub async fn connect(params: &ConnectParams, password: Option<&[u8]>) -> Result<
         client
     };
     Ok(client)
+}
+
+/// Writes walship's heartbeat: a non-transactional logical decoding message (prefix
+/// `walship.heartbeat`, no content), so the walsender has WAL to send, and walship a position to
+/// confirm, even when this database is quiet. The stream receives it (see
+/// [`StartOptions`](crate::replication::StartOptions)); `walship.` is no outbox prefix, so it
+/// publishes nothing.
+pub async fn emit_heartbeat(client: &Client) -> Result<(), PgError> {
+    client
+        .execute(
+            "SELECT pg_logical_emit_message(false, 'walship.heartbeat', '')",
+            &[],
+        )
+        .await
+        .map_err(sql_err("emitting the heartbeat message"))?;
+    Ok(())
 }
 
 /// Runs a connection's I/O in the background until the client is dropped.

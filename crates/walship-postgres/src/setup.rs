@@ -1,12 +1,16 @@
 //! What start-up creates: the publication and the replication slot, and the slot history that
-//! tells a dropped slot from a first start.
+//! tells a dropped slot from a first start; with `postgres.failover_slot`, the slot as a
+//! PostgreSQL 17+ failover slot (created as one, or turned into one with
+//! `ALTER_REPLICATION_SLOT`).
 //!
 //! ```text
 //!  ensure_publication: outbox table exists? ─▶ publication exists, or create it (if configured)
 //!                      ─▶ catalog::outbox_scope (fails unless it sends the outbox's inserts)
 //!  ensure_slot: slot exists? ─no─▶ slot history says walship created it? ─yes─▶ refuse (dropped)
 //!                                  └─no─▶ create it (if configured) and record it in the history
+//!                                         (failover = true with postgres.failover_slot, 17+)
 //!               ─▶ catalog::validate_slot (pgoutput, not lost)
+//!  enable: an existing slot with failover = false ─▶ ALTER_REPLICATION_SLOT (FAILOVER true)
 //! ```
 //!
 //! Invariant: walship never creates a slot to replace one that existed and disappeared or was
@@ -18,15 +22,78 @@
 use tokio_postgres::Client;
 use tokio_postgres::types::PgLsn;
 
+use crate::catalog::failover::{MIN_MAJOR, ServerInfo};
 use crate::catalog::{
     self, OutboxScope, SlotState, Unprotected, history_access, history_table_ddl, lsn, slot_state,
     validate_slot,
 };
 use crate::error::{PgError, sql_err};
 use crate::ident::{TableName, quote_ident};
+use crate::replication::{ConnectParams, ReplicationStream};
 
 /// How often a slot creation that is still waiting for open transactions says so.
 const SLOT_CREATION_NOTICE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The SQL that creates walship's slot: with `failover`, the 5th argument (17+) makes it a
+/// failover slot.
+pub fn create_slot_sql(failover: bool) -> &'static str {
+    if failover {
+        "SELECT lsn FROM pg_create_logical_replication_slot($1, 'pgoutput', false, false, true)"
+    } else {
+        "SELECT lsn FROM pg_create_logical_replication_slot($1, 'pgoutput')"
+    }
+}
+
+/// The replication command that turns failover on for an existing slot (17+).
+pub fn alter_slot_command(slot: &str) -> String {
+    format!(
+        "ALTER_REPLICATION_SLOT {} (FAILOVER true)",
+        quote_ident(slot)
+    )
+}
+
+/// How to run [`alter_slot_command`] by hand.
+pub(crate) fn alter_slot_fix(slot: &str) -> String {
+    format!(
+        "psql \"dbname=<database> replication=database\" -c '{}' (on the primary, while no \
+         walship streams from the slot)",
+        alter_slot_command(slot)
+    )
+}
+
+/// `postgres.failover_slot = true` needs a 17+ primary: the error otherwise.
+pub fn require_support(info: &ServerInfo, target: &str) -> Result<(), PgError> {
+    if info.major >= MIN_MAJOR {
+        return Ok(());
+    }
+    Err(PgError::Setup(format!(
+        "postgres.failover_slot = true needs PostgreSQL {MIN_MAJOR} or later (failover slots), \
+         but {target} runs PostgreSQL {}: upgrade it, or set postgres.failover_slot = false (a \
+         promoted standby then has no slot, and walship stops there with an explanation)",
+        info.version
+    )))
+}
+
+/// Turns failover on for an existing slot (`ALTER_REPLICATION_SLOT … (FAILOVER true)` on a
+/// replication connection). The slot must not be in use: a slot still held by a walsender is a
+/// transient error (retried), any other refusal a definite one with the command to run.
+pub async fn enable(
+    params: &ConnectParams,
+    password: Option<&[u8]>,
+    slot: &str,
+) -> Result<(), PgError> {
+    match ReplicationStream::command(params, password, "walship", &alter_slot_command(slot)).await {
+        Ok(_) => Ok(()),
+        Err(e @ PgError::Server { .. }) if e.is_transient() => Err(e),
+        Err(PgError::Server { error, .. }) => Err(PgError::Setup(format!(
+            "replication slot {slot:?} has failover = false and postgres.failover_slot = true, \
+             but PostgreSQL refused to turn failover on ({error}); run {}, or set \
+             postgres.failover_slot = false",
+            alter_slot_fix(slot)
+        ))),
+        Err(e) => Err(e),
+    }
+}
 
 /// Where walship remembers the slots it created, so that a slot that disappeared later is
 /// recognised as dropped (and refused) instead of being created again as if for the first time.
@@ -104,7 +171,7 @@ pub async fn ensure_slot(
             }
             tracing::info!(slot, "creating logical replication slot (pgoutput)");
             let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&slot];
-            let create = client.query_one(crate::failover::create_slot_sql(failover), &params);
+            let create = client.query_one(create_slot_sql(failover), &params);
             tokio::pin!(create);
             let started = std::time::Instant::now();
             let created = loop {
@@ -315,3 +382,6 @@ pub async fn ensure_publication(
     }
     catalog::outbox_scope(client, publication, table).await
 }
+
+#[cfg(test)]
+mod tests;

@@ -11,6 +11,7 @@
 //!                        └─▶ validate_slot (start-up, watchdog); check and status read the same
 //!  server ───────▶ ServerSettings, ReplicationUsage, RoleInfo, wal_level rule      [server]
 //!  privileges ───▶ slot history access (G6), who may emit logical messages     [privilege]
+//!  failover ─────▶ ServerInfo, SlotSync, FailoverSettings (17+ failover slots)   [failover]
 //! ```
 //!
 //! Invariants:
@@ -27,6 +28,9 @@
 //!   it arrives: walship stops before confirming it.
 //! - A missing, lost or foreign-plugin slot is a definite error, never a reason to create one.
 
+// A module of its own in the public path: its `slot` and `settings` read what failover slots
+// need, and would be ambiguous among the catalog's other reads.
+pub mod failover;
 mod outbox;
 mod privilege;
 mod publication;

@@ -29,7 +29,7 @@ use rand::Rng;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
-use walship_postgres::{Relations, ReplicationStream, catalog, management, quote_ident, setup};
+use walship_postgres::{Relations, ReplicationStream, StartOptions, catalog, management, setup};
 
 use crate::config::settings::{Settings, SourceSettings};
 use crate::error::Error;
@@ -377,12 +377,7 @@ async fn session(
 
     let progress = Arc::new(Progress::with_telemetry(start, Arc::clone(telemetry)));
     let sink = KafkaSink::new(settings.sink.clone(), Arc::clone(&progress))?;
-    let publication = quote_ident(&source.publication);
-    let options = [
-        ("proto_version", "1"),
-        ("publication_names", publication.as_str()),
-        ("messages", "true"),
-    ];
+    let options = StartOptions::new(&source.publication);
     // The URL's application_name, as on the SQL connections (pg_stat_replication shows it).
     let application_name = source
         .params
@@ -396,7 +391,7 @@ async fn session(
         application_name,
         &source.slot,
         pgoutput::Lsn::ZERO,
-        &options,
+        &options.pairs(),
     )
     .await;
     let stream = match stream {

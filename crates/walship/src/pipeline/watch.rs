@@ -13,7 +13,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tracing::Instrument;
-use walship_postgres::catalog;
+use walship_postgres::{catalog, management};
 
 use crate::config::settings::SourceSettings;
 use crate::error::Error;
@@ -139,13 +139,7 @@ pub(super) async fn heartbeat(source: SourceSettings, interval: Duration) {
                 continue;
             }
         };
-        if let Err(e) = c
-            .execute(
-                "SELECT pg_logical_emit_message(false, 'walship.heartbeat', '')",
-                &[],
-            )
-            .await
-        {
+        if let Err(e) = management::emit_heartbeat(c).await {
             tracing::warn!("heartbeat: {e}");
             catalog.lost();
         }

@@ -1,62 +1,28 @@
-//! The streaming-replication connection: startup, authentication, `START_REPLICATION`, and the
-//! CopyBoth stream of `XLogData` and keepalive frames.
+//! Opening a replication connection: picking the host (several hosts, `target_session_attrs`),
+//! the socket and its read batching, TLS (negotiated by `crate::tls`), startup and
+//! authentication (cleartext, MD5, SCRAM-SHA-256 with channel binding over TLS), replication
+//! commands on a connection of their own, and `START_REPLICATION` with walship's options
+//! ([`StartOptions`]).
 //!
-//! ```text
-//!  socket ──read (batched: ≥32 KiB or 1–2 ms)──▶ rbuf ──try_next (in place, zero-copy)──▶ Frame
-//!  socket ◀──────────── standby status update (write/flush/apply = LSN we choose) ◀── caller
-//! ```
-//!
-//! Invariant: the server only ever hears the LSN the caller passes to [`ReplicationStream::
-//! send_status`]; nothing here acknowledges on its own. Frames are parsed straight out of the read
-//! buffer and handed to the caller on the same task, so there is no per-message hand-off between
-//! tasks and one `read` syscall serves hundreds of messages during catch-up.
-
-use bytes::{Buf, BufMut, Bytes, BytesMut};
-use pgoutput::{Lsn, PgTimestamp};
-use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
-use postgres_protocol::message::{backend, frontend};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
-use tokio_postgres::config::Host;
+//! Invariant: a host is used only when it is what `target_session_attrs` asks for; streaming
+//! starts only after `IDENTIFY_SYSTEM` answered, and socket reads are batched only once the
+//! stream is in CopyBoth (the startup exchange is a series of round trips).
 
 use std::os::fd::AsRawFd;
 
+use pgoutput::Lsn;
+use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+use postgres_protocol::message::{backend, frontend};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio_postgres::config::Host;
+
+use super::stream::{Io, ReplicationStream, SystemIdentity, TextRows, log_notice};
 use crate::batching::{self, Batcher, ReadBatching};
 use crate::error::{PgError, ServerError};
 use crate::hosts::{self, Endpoint, SessionTarget};
+use crate::ident::quote_ident;
 use crate::tls::{self, ConnectConfig, Negotiated, TlsSession};
-
-/// Anything the replication protocol can run over (TCP, Unix socket).
-trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
-
-const READ_CHUNK: usize = 256 * 1024;
-const MIN_READ_SPACE: usize = 64 * 1024;
-
-/// One frame of the replication stream.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Frame {
-    /// WAL data: one pgoutput message.
-    XLogData {
-        /// WAL position of the start of this data.
-        wal_start: Lsn,
-        /// The server's current end of WAL.
-        wal_end: Lsn,
-        /// Server clock when sent.
-        send_time: PgTimestamp,
-        /// The pgoutput message.
-        data: Bytes,
-    },
-    /// Primary keepalive: the server has sent everything up to `wal_end`.
-    Keepalive {
-        /// The last WAL position the server sent (everything before it has been delivered).
-        wal_end: Lsn,
-        /// Server clock when sent.
-        send_time: PgTimestamp,
-        /// The server wants a standby status update now (its `wal_sender_timeout` is near).
-        reply_requested: bool,
-    },
-}
 
 /// Where and as whom to connect; built from a libpq-style connection string.
 #[derive(Clone)]
@@ -185,32 +151,33 @@ impl ConnectParams {
     }
 }
 
-/// A replication connection in the CopyBoth state.
-pub struct ReplicationStream {
-    io: Box<dyn Io>,
-    target: String,
-    rbuf: BytesMut,
-    wbuf: BytesMut,
-    system: SystemIdentity,
-    /// Declared after `io`, whose socket it points at (see `Batcher::new`).
-    batcher: Option<Batcher>,
+/// The pgoutput options of walship's `START_REPLICATION`: protocol version 1 (the session's
+/// decoder reads version 1), the publication, and logical decoding messages (the heartbeat and
+/// table-free outbox events arrive as messages).
+#[derive(Debug, Clone)]
+pub struct StartOptions {
+    /// The publication's name quoted as an identifier: pgoutput parses `publication_names` as a
+    /// list of identifiers.
+    publication: String,
 }
 
-/// What `IDENTIFY_SYSTEM` reported when the stream started.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct SystemIdentity {
-    /// The cluster's unique system identifier (kept across physical failover).
-    pub system_id: String,
-    /// The server's timeline: 1 from `initdb`, one more at each promotion (or point-in-time
-    /// recovery), so a change tells a promoted standby from the server walship streamed from.
-    pub timeline: u32,
-    /// The server's WAL flush position: every transaction a stream can deliver that committed
-    /// before this session started ends before it.
-    pub xlogpos: Lsn,
-}
+impl StartOptions {
+    /// walship's options for streaming publication `publication` (its plain name).
+    pub fn new(publication: &str) -> Self {
+        StartOptions {
+            publication: quote_ident(publication),
+        }
+    }
 
-/// The rows of a replication command's answer, every field as text (`None`: NULL).
-pub type TextRows = Vec<Vec<Option<String>>>;
+    /// The options as name-value pairs, for [`ReplicationStream::start`].
+    pub fn pairs(&self) -> [(&'static str, &str); 3] {
+        [
+            ("proto_version", "1"),
+            ("publication_names", self.publication.as_str()),
+            ("messages", "true"),
+        ]
+    }
+}
 
 impl ReplicationStream {
     /// Connects with `replication=database` and authenticates, to the first host of the
@@ -227,14 +194,7 @@ impl ReplicationStream {
         for endpoint in &endpoints {
             let attempt = async {
                 let (io, tls, batcher) = params.open(endpoint).await?;
-                let mut s = ReplicationStream {
-                    io,
-                    target: endpoint.to_string(),
-                    rbuf: BytesMut::with_capacity(READ_CHUNK),
-                    wbuf: BytesMut::with_capacity(1024),
-                    system: SystemIdentity::default(),
-                    batcher: None,
-                };
+                let mut s = ReplicationStream::new(io, endpoint.to_string());
                 s.startup(params, password, application_name, tls).await?;
                 if wanted != SessionTarget::Any {
                     s.check_session_target(wanted).await?;
@@ -391,11 +351,6 @@ impl ReplicationStream {
                 }
             }
         }
-    }
-
-    /// What `IDENTIFY_SYSTEM` reported before streaming started.
-    pub fn system(&self) -> &SystemIdentity {
-        &self.system
     }
 
     /// Runs `IDENTIFY_SYSTEM`: the system identifier and the server's WAL flush position.
@@ -579,211 +534,6 @@ impl ReplicationStream {
             }
         }
     }
-
-    /// Reads one whole backend message (tag + length + body) as raw bytes.
-    async fn read_raw_message(&mut self) -> Result<BytesMut, PgError> {
-        loop {
-            if let Some(total) = self.complete_message_len()? {
-                return Ok(self.rbuf.split_to(total));
-            }
-            self.fill().await?;
-        }
-    }
-
-    /// Reads one message, returning its tag and body.
-    async fn read_message(&mut self) -> Result<(u8, Bytes), PgError> {
-        let mut raw = self.read_raw_message().await?.freeze();
-        let tag = raw[0];
-        raw.advance(5);
-        Ok((tag, raw))
-    }
-
-    /// If the read buffer holds a whole message, its total length.
-    fn complete_message_len(&mut self) -> Result<Option<usize>, PgError> {
-        if self.rbuf.len() < 5 {
-            return Ok(None);
-        }
-        let len = i32::from_be_bytes([self.rbuf[1], self.rbuf[2], self.rbuf[3], self.rbuf[4]]);
-        let len = usize::try_from(len)
-            .ok()
-            .filter(|&l| l >= 4)
-            .ok_or_else(|| PgError::Protocol(format!("invalid message length {len}")))?;
-        let total = len + 1;
-        if self.rbuf.len() < total {
-            self.rbuf.reserve(total - self.rbuf.len());
-            return Ok(None);
-        }
-        Ok(Some(total))
-    }
-
-    /// Returns the next frame if the read buffer holds one; never does I/O.
-    ///
-    /// Notices are logged and skipped. An `ErrorResponse` or the server ending the stream is an
-    /// error.
-    pub fn try_next(&mut self) -> Result<Option<Frame>, PgError> {
-        loop {
-            let Some(total) = self.complete_message_len()? else {
-                return Ok(None);
-            };
-            let tag = self.rbuf[0];
-            if tag != b'd' {
-                let body = self.rbuf.split_to(total).split_off(5);
-                match tag {
-                    b'N' => {
-                        log_notice(&body);
-                        continue;
-                    }
-                    b'E' => {
-                        return Err(PgError::Server {
-                            context: "replication stream".into(),
-                            error: ServerError::parse(&body),
-                        });
-                    }
-                    b'c' => {
-                        return Err(PgError::Protocol(
-                            "the server ended the replication stream (CopyDone)".into(),
-                        ));
-                    }
-                    other => {
-                        return Err(PgError::Protocol(format!(
-                            "unexpected message '{}' in replication stream",
-                            other.escape_ascii()
-                        )));
-                    }
-                }
-            }
-            let mut body = self.rbuf.split_to(total).freeze();
-            body.advance(5);
-            return parse_copy_data(body).map(Some);
-        }
-    }
-
-    /// Reads more bytes from the socket (at least one; large chunks when available).
-    ///
-    /// Cancel-safe: if the future is dropped, no bytes are lost.
-    pub async fn fill(&mut self) -> Result<(), PgError> {
-        if self.rbuf.capacity() - self.rbuf.len() < MIN_READ_SPACE {
-            self.rbuf.reserve(READ_CHUNK);
-        }
-        let n = batching::read(&mut self.io, &mut self.rbuf, self.batcher.as_mut())
-            .await
-            .map_err(|source| PgError::Io {
-                target: self.target.clone(),
-                source,
-            })?;
-        if n == 0 {
-            return Err(PgError::Io {
-                target: self.target.clone(),
-                source: std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof,
-                    "server closed the connection",
-                ),
-            });
-        }
-        Ok(())
-    }
-
-    /// Whether this stream batches its socket reads (see [`crate::batching`]).
-    pub fn reads_batched(&self) -> bool {
-        self.batcher.is_some()
-    }
-
-    /// Sends a standby status update reporting `lsn` as written, flushed and applied.
-    ///
-    /// PostgreSQL moves the slot's `confirmed_flush_lsn` to `lsn`; it must only ever be a
-    /// position before which everything has been durably delivered.
-    pub async fn send_status(&mut self, lsn: Lsn, reply_requested: bool) -> Result<(), PgError> {
-        self.wbuf.put_u8(b'd');
-        self.wbuf.put_i32(4 + 1 + 8 * 4 + 1);
-        self.wbuf.put_u8(b'r');
-        self.wbuf.put_u64(lsn.0);
-        self.wbuf.put_u64(lsn.0);
-        self.wbuf.put_u64(lsn.0);
-        self.wbuf.put_i64(PgTimestamp::now().0);
-        self.wbuf.put_u8(u8::from(reply_requested));
-        self.flush_wbuf().await
-    }
-
-    /// Ends the stream cleanly: CopyDone, wait for the server to finish, Terminate.
-    ///
-    /// Waiting for the server's answer guarantees it has processed every status update sent
-    /// before, so a restart right after sees the final confirmed position.
-    pub async fn finish(mut self) -> Result<(), PgError> {
-        frontend::copy_done(&mut self.wbuf);
-        self.flush_wbuf().await?;
-        loop {
-            if let Some(total) = self.complete_message_len()? {
-                let msg = self.rbuf.split_to(total);
-                match msg[0] {
-                    b'Z' => break,
-                    b'E' => {
-                        return Err(PgError::Server {
-                            context: "ending replication".into(),
-                            error: ServerError::parse(&msg[5..]),
-                        });
-                    }
-                    _ => continue, // remaining CopyData, CopyDone, CommandComplete
-                }
-            }
-            self.fill().await?;
-        }
-        frontend::terminate(&mut self.wbuf);
-        self.flush_wbuf().await?;
-        let _ = self.io.shutdown().await;
-        Ok(())
-    }
-
-    async fn flush_wbuf(&mut self) -> Result<(), PgError> {
-        let r = async {
-            self.io.write_all(&self.wbuf).await?;
-            self.io.flush().await
-        }
-        .await;
-        self.wbuf.clear();
-        r.map_err(|source| PgError::Io {
-            target: self.target.clone(),
-            source,
-        })
-    }
-}
-
-fn parse_copy_data(mut body: Bytes) -> Result<Frame, PgError> {
-    let short = || PgError::Protocol("truncated replication frame".into());
-    if body.is_empty() {
-        return Err(short());
-    }
-    match body.get_u8() {
-        b'w' => {
-            if body.len() < 24 {
-                return Err(short());
-            }
-            let wal_start = Lsn(body.get_u64());
-            let wal_end = Lsn(body.get_u64());
-            let send_time = PgTimestamp(body.get_i64());
-            Ok(Frame::XLogData {
-                wal_start,
-                wal_end,
-                send_time,
-                data: body,
-            })
-        }
-        b'k' => {
-            if body.len() < 17 {
-                return Err(short());
-            }
-            let wal_end = Lsn(body.get_u64());
-            let send_time = PgTimestamp(body.get_i64());
-            Ok(Frame::Keepalive {
-                wal_end,
-                send_time,
-                reply_requested: body.get_u8() != 0,
-            })
-        }
-        other => Err(PgError::Protocol(format!(
-            "unknown replication frame type '{}'",
-            other.escape_ascii()
-        ))),
-    }
 }
 
 /// The fields of a `DataRow` (`None`: NULL).
@@ -852,73 +602,5 @@ fn no_host_fits(
     }
 }
 
-fn log_notice(body: &[u8]) {
-    let notice = ServerError::parse(body);
-    tracing::info!(code = %notice.code, "PostgreSQL notice: {}", notice.message);
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_xlogdata_and_keepalive() {
-        let mut w = BytesMut::new();
-        w.put_u8(b'w');
-        w.put_u64(10);
-        w.put_u64(20);
-        w.put_i64(30);
-        w.put_slice(b"Bxyz");
-        let Frame::XLogData {
-            wal_start,
-            wal_end,
-            data,
-            ..
-        } = parse_copy_data(w.freeze()).unwrap()
-        else {
-            panic!("not xlogdata")
-        };
-        assert_eq!(
-            (wal_start, wal_end, &data[..]),
-            (Lsn(10), Lsn(20), &b"Bxyz"[..])
-        );
-
-        let mut k = BytesMut::new();
-        k.put_u8(b'k');
-        k.put_u64(99);
-        k.put_i64(1);
-        k.put_u8(1);
-        assert_eq!(
-            parse_copy_data(k.freeze()).unwrap(),
-            Frame::Keepalive {
-                wal_end: Lsn(99),
-                send_time: PgTimestamp(1),
-                reply_requested: true
-            }
-        );
-        assert!(parse_copy_data(Bytes::from_static(b"w\0\0")).is_err());
-        assert!(parse_copy_data(Bytes::from_static(b"")).is_err());
-    }
-
-    #[test]
-    fn parses_identify_system_rows() {
-        let mut row = BytesMut::new();
-        row.put_u16(4);
-        for field in [&b"7301234567890123456"[..], b"1", b"0/16B3F28"] {
-            row.put_i32(field.len() as i32);
-            row.put_slice(field);
-        }
-        row.put_i32(-1);
-        assert_eq!(
-            parse_identify_row(&row).unwrap(),
-            SystemIdentity {
-                system_id: "7301234567890123456".into(),
-                timeline: 1,
-                xlogpos: "0/16B3F28".parse().unwrap(),
-            }
-        );
-        let truncated = &row[..row.len() - 8];
-        assert!(parse_identify_row(truncated).is_err());
-        assert!(parse_identify_row(b"").is_err());
-    }
-}
+mod tests;
