@@ -4,6 +4,9 @@
 //! mark; the Kafka offset is stored only after that commit. Kill it at any moment and start it
 //! again: nothing is applied twice and nothing is missed.
 //!
+//! The book's chapter on the inbox (docs/src/inbox.md) includes the parts between the ANCHOR
+//! comments, so it cannot drift from the crate.
+//!
 //! ```sh
 //! cargo run -p walship-inbox --example inbox_consumer -- \
 //!     'postgres://postgres@127.0.0.1:5432/projection' 127.0.0.1:9092 orders-projection outbox.event.order
@@ -17,6 +20,7 @@ use rdkafka::message::Message;
 use tokio_postgres::Transaction;
 use walship_inbox::{Admission, Handler, Inbox};
 
+// ANCHOR: handler
 /// The consumer's own work: one row per event.
 struct Project;
 
@@ -47,6 +51,7 @@ impl Handler for Project {
         Ok(())
     }
 }
+// ANCHOR_END: handler
 
 const USAGE: &str = "usage: inbox_consumer POSTGRES_URL BOOTSTRAP GROUP TOPIC...";
 
@@ -61,6 +66,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         return Err(USAGE.into());
     }
 
+    // ANCHOR: setup
     let (mut client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
     tokio::spawn(conn);
     let inbox = Inbox::new();
@@ -99,4 +105,5 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             println!("{applied} applied, {skipped} copies skipped");
         }
     }
+    // ANCHOR_END: setup
 }

@@ -368,6 +368,20 @@ mod tests {
         );
     }
 
+    /// The book's DDL (docs/src/inbox.md) is the one `create_tables` runs, names unquoted.
+    #[test]
+    fn the_book_shows_the_ddl_the_crate_runs() {
+        let book = include_str!("../../../docs/src/inbox.md");
+        let ddl = Inbox::new()
+            .with_table(None, "walship_inbox")
+            .ddl()
+            .replace('"', "");
+        assert!(
+            book.contains(&format!("```sql\n{ddl}```")),
+            "docs/src/inbox.md's DDL differs from Inbox::ddl():\n{ddl}"
+        );
+    }
+
     #[test]
     fn configure_keeps_offsets_for_the_inbox_to_store() {
         let mut config = ClientConfig::new();
