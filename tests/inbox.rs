@@ -509,12 +509,15 @@ async fn await_applied(consumer_db: &Client, consumer: &mut ConsumerProcess, n: 
 
 /// Every event once, in commit order per key: walship killed and resumed, a frozen owner
 /// handing over to a standby (its late batches land after the new owner's records), the
-/// consumer killed -9 twice under load, and finally a new consumer group replaying the whole
+/// consumer killed -9 twice under load (more of each with `WALSHIP_LONG_TESTS=1`), and finally a new consumer group replaying the whole
 /// topic into the same database, which applies nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_event_is_applied_once_across_kills_and_a_frozen_owners_hand_over() {
     let _heavy = harness::heavy().await;
     let started = Instant::now();
+    // The long variant (WALSHIP_LONG_TESTS=1) crashes walship and the consumer five times each
+    // before the hand-over and the consumer five times after it.
+    let rounds = if harness::long_tests() { 5 } else { 1 };
     let db = TestDb::new().await;
     // The frozen owner's walsender ends its stream after 2 s without a status report.
     db.client
@@ -555,18 +558,20 @@ async fn every_event_is_applied_once_across_kills_and_a_frozen_owners_hand_over(
     let c = &consumer_db.client;
     await_applied(c, &mut consumer, 100).await;
 
-    // walship crashes and resumes.
-    a.kill();
-    a.restart();
-    db.await_streaming().await;
-    let n = applied_count(c).await;
-    await_applied(c, &mut consumer, n + 100).await;
+    for _ in 0..rounds {
+        // walship crashes and resumes.
+        a.kill();
+        a.restart();
+        db.await_streaming().await;
+        let n = applied_count(c).await;
+        await_applied(c, &mut consumer, n + 100).await;
 
-    // The consumer crashes under load (its last offsets uncommitted) and restarts.
-    consumer.kill();
-    consumer.restart();
-    let n = applied_count(c).await;
-    await_applied(c, &mut consumer, n + 100).await;
+        // The consumer crashes under load (its last offsets uncommitted) and restarts.
+        consumer.kill();
+        consumer.restart();
+        let n = applied_count(c).await;
+        await_applied(c, &mut consumer, n + 100).await;
+    }
 
     // A standby waits; the owner is frozen; the standby takes the slot; the old one thaws.
     let b = Binary::start(&config);
@@ -590,10 +595,12 @@ async fn every_event_is_applied_once_across_kills_and_a_frozen_owners_hand_over(
     .await;
 
     // The consumer crashes again, now reading the new owner's records and the old one's copies.
-    let n = applied_count(c).await;
-    await_applied(c, &mut consumer, n + 50).await;
-    consumer.kill();
-    consumer.restart();
+    for _ in 0..rounds {
+        let n = applied_count(c).await;
+        await_applied(c, &mut consumer, n + 50).await;
+        consumer.kill();
+        consumer.restart();
+    }
 
     writing.store(false, Ordering::Relaxed);
     let ids: HashSet<String> = writer.await.expect("writer").into_iter().collect();
@@ -664,11 +671,12 @@ async fn every_event_is_applied_once_across_kills_and_a_frozen_owners_hand_over(
     let skipped_live = live.1;
     let late = harness::late_copies(&records).len();
     eprintln!(
-        "inbox: {} events applied once each across a walship kill, a frozen owner's hand-over \
-         and two consumer kills; the topic held {} records ({late} late copies); {} copies \
+        "inbox: {} events applied once each across {rounds} walship kill(s), a frozen owner's \
+         hand-over and {} consumer kills; the topic held {} records ({late} late copies); {} copies \
          skipped by the last consumer run, {replayed} records by the replay; {marks} mark rows; \
          {} s",
         ids.len(),
+        2 * rounds,
         records.len(),
         skipped_live,
         started.elapsed().as_secs()
