@@ -81,7 +81,7 @@ async fn handler(tx: &tokio_postgres::Transaction<'_>, m: &OwnedMessage) {
 fn bench(c: &mut Criterion) {
     let m = record(1);
     c.bench_function("identify", |b| {
-        b.iter(|| black_box(identify(black_box(&m), "id").unwrap()));
+        b.iter(|| black_box(identify(black_box(&m), Some("id")).unwrap()));
     });
 
     let Ok(url) = std::env::var("WALSHIP_BENCH_PG_URL") else {

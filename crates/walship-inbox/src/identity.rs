@@ -31,8 +31,12 @@ pub enum Identity<'a> {
 }
 
 /// Reads a record's identity from its headers; `id_header` names the event id header looked
-/// at when the walship headers are absent (`id` for walship's and Debezium's records).
-pub fn identify<'m, M: Message>(message: &'m M, id_header: &str) -> Result<Identity<'m>, Error> {
+/// at when the walship headers are absent (`id` for walship's and Debezium's records), `None`:
+/// none is.
+pub fn identify<'m, M: Message>(
+    message: &'m M,
+    id_header: Option<&str>,
+) -> Result<Identity<'m>, Error> {
     let mut source = None;
     let mut position = None;
     let mut id = None;
@@ -43,7 +47,7 @@ pub fn identify<'m, M: Message>(message: &'m M, id_header: &str) -> Result<Ident
                 &mut source
             } else if h.key == POSITION_HEADER {
                 &mut position
-            } else if h.key == id_header {
+            } else if Some(h.key) == id_header {
                 &mut id
             } else {
                 continue;
@@ -162,7 +166,7 @@ mod tests {
             (POSITION_HEADER, Some(b"16/B374D848:3")),
             (POSITION_HEADER, Some(b"garbage, ignored: the first counts")),
         ]);
-        let identity = identify(&m, "id").unwrap();
+        let identity = identify(&m, Some("id")).unwrap();
         assert_eq!(
             identity,
             Identity::Walship {
@@ -180,22 +184,27 @@ mod tests {
     #[test]
     fn other_producers_records_are_identified_by_id_or_not_at_all() {
         assert_eq!(
-            identify(&message(&[("event-id", Some(b"e-9"))]), "event-id").unwrap(),
+            identify(&message(&[("event-id", Some(b"e-9"))]), Some("event-id")).unwrap(),
             Identity::Id("e-9")
         );
         assert_eq!(
-            identify(&message(&[("id", Some(b"e-9"))]), "event-id").unwrap(),
+            identify(&message(&[("id", Some(b"e-9"))]), Some("event-id")).unwrap(),
             Identity::Unidentified
         );
         let bare = OwnedMessage::new(None, None, "t".into(), Timestamp::NotAvailable, 0, 0, None);
-        assert_eq!(identify(&bare, "id").unwrap(), Identity::Unidentified);
+        assert_eq!(identify(&bare, None).unwrap(), Identity::Unidentified);
+        // Without an id header configured, no header is taken for one (not even a nameless one).
+        assert_eq!(
+            identify(&message(&[("", Some(b"e-9"))]), None).unwrap(),
+            Identity::Unidentified
+        );
     }
 
     #[test]
     fn a_malformed_position_is_an_error_naming_the_record_and_the_header() {
         for bad in [&b"16/B374D848"[..], b"", b"x/0:0", b"1/0:-1", b"\xff\xfe"] {
             let m = message(&[(SOURCE_HEADER, Some(b"s")), (POSITION_HEADER, Some(bad))]);
-            let err = identify(&m, "id").unwrap_err();
+            let err = identify(&m, Some("id")).unwrap_err();
             let text = err.to_string();
             assert!(matches!(err, Error::MalformedHeader { .. }), "{text}");
             assert!(
@@ -210,7 +219,7 @@ mod tests {
         }
         let null = message(&[(SOURCE_HEADER, Some(b"s")), (POSITION_HEADER, None)]);
         assert!(
-            identify(&null, "id")
+            identify(&null, Some("id"))
                 .unwrap_err()
                 .to_string()
                 .contains("(null)")
@@ -220,7 +229,7 @@ mod tests {
             (POSITION_HEADER, Some(b"0/1:0")),
         ]);
         assert!(matches!(
-            identify(&empty_source, "id"),
+            identify(&empty_source, Some("id")),
             Err(Error::MalformedHeader {
                 header: SOURCE_HEADER,
                 ..
@@ -232,7 +241,7 @@ mod tests {
     fn half_of_the_pair_is_an_error_never_a_foreign_record() {
         let err = identify(
             &message(&[(POSITION_HEADER, Some(b"0/1:0")), ("id", Some(b"e"))]),
-            "id",
+            Some("id"),
         )
         .unwrap_err();
         assert!(
@@ -245,7 +254,7 @@ mod tests {
             ),
             "{err}"
         );
-        let err = identify(&message(&[(SOURCE_HEADER, Some(b"s"))]), "id").unwrap_err();
+        let err = identify(&message(&[(SOURCE_HEADER, Some(b"s"))]), None).unwrap_err();
         assert!(err.to_string().contains(POSITION_HEADER), "{err}");
     }
 }

@@ -224,9 +224,9 @@ impl Inbox {
             }
         };
         let id_header = match &self.unmarked {
-            Unmarked::ById { header } => header.as_str(),
+            Unmarked::ById { header } => Some(header.as_str()),
             // No id header is looked for: every foreign record is handled alike.
-            Unmarked::Reject | Unmarked::PassThrough => "",
+            Unmarked::Reject | Unmarked::PassThrough => None,
         };
         let row = match identify(record, id_header)? {
             Identity::Walship {
