@@ -107,6 +107,19 @@ async fn the_mark_admits_each_position_once_per_partition_and_source() {
             "partition {partition} offset {offset} {source} {position}"
         );
     }
+    // The statements prepared on the connection decide alike.
+    let prepared = inbox.prepare(&client).await.expect("prepare");
+    for (offset, position, expected) in [
+        (0, "1/0:0", Apply),
+        (1, "1/0:0", Duplicate),
+        (2, "0/5:0", Duplicate),
+        (3, "2/0:0", Apply),
+    ] {
+        let m = walship_record(3, offset, s1, position);
+        let tx = client.transaction().await.expect("begin");
+        assert_eq!(prepared.admit(&tx, &m).await.expect("admit"), expected);
+        tx.commit().await.expect("commit");
+    }
     // A transaction that rolls back (the handler failed) leaves the mark where it was.
     let m = walship_record(0, 9, s1, "1/0:1");
     let tx = client.transaction().await.expect("begin");
@@ -294,6 +307,8 @@ fn consumer_process() {
         let mut client = connect(&url).await;
         let inbox = Inbox::new();
         inbox.create_tables(&client).await.expect("create tables");
+        // The statements prepared on this connection: the suite's other tests use one-shot ones.
+        let inbox = inbox.prepare(&client).await.expect("prepare");
         client
             .batch_execute(
                 "CREATE TABLE IF NOT EXISTS applied (

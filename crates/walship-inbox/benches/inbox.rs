@@ -8,22 +8,33 @@
 //! Without `WALSHIP_BENCH_PG_URL` only `identify` (reading the headers, no database) runs.
 //! Each database case is one event's whole transaction on one connection over loopback:
 //!
-//! - `bare`: BEGIN, the handler's INSERT, COMMIT — a consumer without the inbox;
-//! - `inbox_apply`: BEGIN, the mark's upsert (advancing it), the INSERT, COMMIT;
-//! - `inbox_duplicate`: BEGIN, the mark's upsert (a copy: no change), ROLLBACK.
+//! - `bare`: BEGIN, the handler's INSERT (tokio-postgres prepares it, then runs it), COMMIT —
+//!   a consumer without the inbox;
+//! - `inbox_apply`: the same with `Inbox::admit` first (its one-shot statement advancing the
+//!   mark: parsed and planned on every record);
+//! - `prepared_apply`: the same with `Prepared::admit` (`Inbox::prepare`: the statement prepared
+//!   once on the connection);
+//! - `inbox_duplicate`: BEGIN, `Inbox::admit` of a copy (no change), ROLLBACK.
 //!
-//! The difference between `inbox_apply` and `bare` is the inbox's cost per new event: one
-//! statement on a row the partition's previous event already brought into the cache.
+//! After criterion's runs, the first three run again interleaved event by event (3,000 each),
+//! so that the load of a shared machine weighs on each alike; their medians are the figures
+//! to quote. `identify` is reading the headers alone.
 //!
-//! Measured 2026-12-06 (bench profile, PostgreSQL 15 on the same 2-core VM with other builds
-//! running, `synchronous_commit = off` so commit flushes do not hide the difference; medians):
+//! Measured 2026-12-06 (bench profile, PostgreSQL 15 over loopback on the same 2-core VM with
+//! other engineers' builds running, `synchronous_commit = off` so commit flushes do not hide
+//! the difference):
 //!
-//! | case | per event |
-//! | --- | --- |
-//! | identify | see the closing note of the issue |
-//! | bare | |
-//! | inbox_apply | |
-//! | inbox_duplicate | |
+//! | case | interleaved median (p90) per event | criterion (median) |
+//! | --- | --- | --- |
+//! | identify | | 82 ns |
+//! | bare | 95.6 µs (100.5 µs) | 118 µs |
+//! | inbox_apply | 149.8 µs (165.0 µs): +54 µs | 201 µs |
+//! | prepared_apply | 122.2 µs (134.0 µs): +27 µs | 159 µs |
+//! | inbox_duplicate | | 95 µs |
+//!
+//! So the inbox costs one statement per record: about 27 µs with `Inbox::prepare`, 54 µs
+//! without, next to the ~96 µs of a one-insert transaction; with `synchronous_commit = on`
+//! each transaction's WAL flush comes on top of both alike.
 
 // Bench code: a panic is how a broken setup shows.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
@@ -143,6 +154,25 @@ fn bench(c: &mut Criterion) {
             BatchSize::SmallInput,
         );
     });
+    // The statements prepared once on the connection (`Inbox::prepare`).
+    let prepared = rt.block_on(inbox.prepare(&client)).unwrap();
+    group.bench_function("prepared_apply", |b| {
+        b.iter_batched(
+            || {
+                n += 1;
+                record(n)
+            },
+            |m| {
+                rt.block_on(async {
+                    let tx = client.transaction().await.unwrap();
+                    assert_eq!(prepared.admit(&tx, &m).await.unwrap(), Admission::Apply);
+                    handler(&tx, &m).await;
+                    tx.commit().await.unwrap();
+                });
+            },
+            BatchSize::SmallInput,
+        );
+    });
     let copy = record(1);
     group.bench_function("inbox_duplicate", |b| {
         b.iter(|| {
@@ -154,6 +184,39 @@ fn bench(c: &mut Criterion) {
         });
     });
     group.finish();
+
+    // The same three cases interleaved event by event, so that the load of a shared machine
+    // weighs on each alike (criterion runs them one after the other): medians per event.
+    let mut times: [Vec<Duration>; 3] = Default::default();
+    for _ in 0..3000 {
+        for (case, times) in times.iter_mut().enumerate() {
+            n += 1;
+            let m = record(n);
+            let started = std::time::Instant::now();
+            rt.block_on(async {
+                let tx = client.transaction().await.unwrap();
+                match case {
+                    0 => {}
+                    1 => assert_eq!(inbox.admit(&tx, &m).await.unwrap(), Admission::Apply),
+                    _ => assert_eq!(prepared.admit(&tx, &m).await.unwrap(), Admission::Apply),
+                }
+                handler(&tx, &m).await;
+                tx.commit().await.unwrap();
+            });
+            times.push(started.elapsed());
+        }
+    }
+    for (name, t) in ["bare", "inbox_apply", "prepared_apply"]
+        .iter()
+        .zip(&mut times)
+    {
+        t.sort();
+        eprintln!(
+            "interleaved {name}: median {:?}, p90 {:?}",
+            t[t.len() / 2],
+            t[t.len() * 9 / 10]
+        );
+    }
 }
 
 criterion_group!(benches, bench);

@@ -71,6 +71,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     tokio::spawn(conn);
     let inbox = Inbox::new();
     inbox.create_tables(&client).await?;
+    // The inbox's statements prepared once on this connection.
+    let inbox = inbox.prepare(&client).await?;
     client
         .batch_execute(
             "CREATE TABLE IF NOT EXISTS applied_events (
