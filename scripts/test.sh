@@ -115,7 +115,8 @@ cargo_test "doc tests" --workspace --doc --locked
 # version. So do the operator-side suites: monitoring:: (the dashboard's queries and the alert
 # rules read walship's metrics), codecs:: (librdkafka's and the broker's) and privilege:: (what
 # every version from 15 on does alike: no CREATE on public for PUBLIC, pg_logical_emit_message's
-# grants, which it reads per server).
+# grants, which it reads per server). So does inbox:: (the consumer-side library: its SQL is the
+# same on every version, and the walship behaviour it relies on is tested across versions above).
 step "cargo test (unit + end-to-end, PostgreSQL 15)"
 cargo_test "cargo test" --workspace --all-targets --locked --no-fail-fast
 

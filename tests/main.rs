@@ -17,6 +17,7 @@ mod failover_slots;
 mod faults;
 mod handover;
 mod harness;
+mod inbox;
 mod messages;
 mod metrics;
 mod monitoring;
