@@ -34,8 +34,8 @@ use walship_postgres::{Relations, ReplicationStream, StartOptions, catalog, mana
 use crate::config::settings::{Settings, SourceSettings};
 use crate::error::Error;
 use crate::failover::Lineage;
-use crate::progress::Progress;
-use crate::resume::Resume;
+use crate::session::progress::Progress;
+use crate::session::resume::Resume;
 use crate::session::{EventSink, KafkaSink, PgSource, Session};
 use crate::telemetry::{self, Telemetry};
 

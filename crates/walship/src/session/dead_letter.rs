@@ -22,10 +22,10 @@ use walship_kafka::{
     ID_HEADER, POSITION_HEADER, Position, PositionText, Record, SOURCE_HEADER, TIMELINE_HEADER,
 };
 
+use super::progress::TxnToken;
 use super::seams::{EventSink, WalSource};
 use super::{Session, Stop};
 use crate::error::Error;
-use crate::progress::TxnToken;
 
 /// Header of a dead letter whose value was cut to fit: the original value's size in bytes.
 pub const TRUNCATED_HEADER: &str = "walship.truncated";

@@ -6,7 +6,7 @@
 //!
 //! Invariant: every outbox row and every transactional message with a configured prefix takes
 //! the next index of its transaction's positions (one sequence, in WAL order) and ends as
-//! exactly one of: a record handed to the sink, a dead letter, a skip that [`crate::resume::Resume`] proved,
+//! exactly one of: a record handed to the sink, a dead letter, a skip that [`super::resume::Resume`] proved,
 //! or an error that stops the session before its transaction is confirmed.
 
 use std::sync::Arc;

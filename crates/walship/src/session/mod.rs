@@ -4,7 +4,9 @@
 //! reported — and the loop that drives it. The I/O sits behind the two seams of [`seams`]: a
 //! [`WalSource`] (frames in, standby status out; [`PgSource`] in production) and an
 //! [`EventSink`] (records out, acknowledgements reported to [`Progress`]; [`KafkaSink`] in
-//! production), so the whole session runs in unit tests against in-memory fakes.
+//! production), so the whole session runs in unit tests against in-memory fakes. What one
+//! session owns beside its loop lives here too: the [`progress`] tracker (which position is
+//! safe to confirm) and the [`resume`] memory (what an earlier run already delivered).
 //!
 //! ```text
 //!  WalSource::fill/try_next ─▶ Decoder ─▶ events: Relations::extract ─▶ TopicRouter ─▶ EventSink::send ─▶ broker
@@ -42,6 +44,8 @@
 
 mod dead_letter;
 mod events;
+pub mod progress;
+pub mod resume;
 pub mod seams;
 #[cfg(test)]
 mod tests;
@@ -61,9 +65,9 @@ pub use seams::{EventSink, KafkaSink, PgSource, ReadBackError, WalSource};
 use crate::config::settings::SessionSettings;
 use crate::error::Error;
 use crate::failover::Lineage;
-use crate::progress::{Progress, TxnOrigin, TxnToken};
-use crate::resume::Resume;
 use crate::telemetry::Telemetry;
+use progress::{Progress, TxnOrigin, TxnToken};
+use resume::Resume;
 use std::sync::atomic::Ordering;
 
 /// Least time between two standby status updates that report a new position.

@@ -18,7 +18,7 @@ use tokio_postgres::Client;
 use walship_kafka::{Delivered, Record, ResumeScanner, SendError, Sink, SinkSettings, TopicError};
 use walship_postgres::{Frame, PgError, ReplicationStream, TableName};
 
-use crate::progress::Progress;
+use super::progress::Progress;
 
 /// Longest one topic's read-back may take (the replication stream waits meanwhile).
 const SCAN_TIMEOUT: Duration = Duration::from_secs(20);

@@ -31,11 +31,11 @@ use walship_kafka::{
 };
 use walship_postgres::{Frame, OutboxSpec, PgError, Relations, TableName};
 
+use super::progress::Progress;
+use super::resume::Resume;
 use super::{EventSink, Session, SessionStats, WalSource};
 use crate::config::settings::SessionSettings;
 use crate::error::Error;
-use crate::progress::Progress;
-use crate::resume::Resume;
 use crate::telemetry::Telemetry;
 
 const WAIT: Duration = Duration::from_secs(10);
