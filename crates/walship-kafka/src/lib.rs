@@ -3,6 +3,7 @@
 //! # Layout
 //!
 //! - [`sink`] — producer configuration, sending, delivery reports, topic creation.
+//! - [`refusal`] — librdkafka's errors sorted by what to do: retry, dead-letter, or stop.
 //! - [`route`] — the topic template and topic-name validation.
 //! - [`headers`] — the record header format: source, position and id of each event.
 //! - [`group`] — membership in the consumer group that divides pipelines among processes.
@@ -12,6 +13,7 @@
 pub mod group;
 pub mod headers;
 pub mod probe;
+pub mod refusal;
 pub mod resume;
 pub mod route;
 pub mod sink;
@@ -19,8 +21,9 @@ pub mod sink;
 pub use headers::{
     ID_HEADER, POSITION_HEADER, Position, PositionText, SOURCE_HEADER, TIMELINE_HEADER,
 };
+pub use refusal::{ErrorClass, ReadBackError, Refusal};
 pub use resume::{Delivered, ResumeScanner, TimelineSpan};
 pub use route::{RouteError, TopicLimits, TopicRouter};
 pub use sink::{
-    DeliveryError, DeliveryListener, ErrorClass, Record, SendError, Sink, SinkSettings, TopicError,
+    DeliveryError, DeliveryListener, Record, SendError, Sink, SinkSettings, TopicError,
 };

@@ -23,6 +23,8 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, ProducerContext, ThreadedProducer};
 
+use crate::refusal::{ErrorClass, Refusal};
+
 /// Receives the outcome of every record accepted by [`Sink::send`].
 ///
 /// Called on librdkafka's polling thread: implementations must be quick and must not block.
@@ -30,17 +32,6 @@ pub trait DeliveryListener: Send + Sync + 'static {
     /// `token` is the value given to [`Sink::send`]; `result` is final (librdkafka has already
     /// retried what it could). On success it carries the record's key + value size in bytes.
     fn on_delivery(&self, token: usize, result: Result<usize, DeliveryError>);
-}
-
-/// What to do about a failed delivery.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorClass {
-    /// The broker or cluster state may recover: restart from the last confirmed position.
-    Transient,
-    /// This record can never be accepted (too large, invalid): a bad-row decision.
-    Record,
-    /// Configuration or permissions are wrong: stop and explain.
-    Fatal,
 }
 
 /// A record that the producer gave up on.
@@ -59,50 +50,20 @@ pub struct DeliveryError {
     pub position: Option<crate::headers::Position>,
     /// The record's `id` header (the outbox row id).
     pub id: Option<Vec<u8>>,
-    /// The librdkafka error.
-    pub error: KafkaError,
+    /// Why, classified.
+    pub error: Refusal,
 }
 
 impl DeliveryError {
     /// How the session should react.
     pub fn class(&self) -> ErrorClass {
-        classify(&self.error)
+        self.error.class
     }
 
     /// True when the record was purged because its producer is going away: no broker refused
     /// it, and the next session reads it again.
     pub fn is_purge(&self) -> bool {
-        matches!(
-            self.error.rdkafka_error_code(),
-            Some(RDKafkaErrorCode::PurgeQueue | RDKafkaErrorCode::PurgeInflight)
-        )
-    }
-}
-
-/// Sorts librdkafka errors by what to do next.
-pub fn classify(error: &KafkaError) -> ErrorClass {
-    use RDKafkaErrorCode as C;
-    match error.rdkafka_error_code() {
-        Some(
-            C::MessageSizeTooLarge
-            | C::InvalidMessage
-            | C::InvalidMessageSize
-            | C::InvalidRecord
-            | C::InvalidTimestamp,
-        ) => ErrorClass::Record,
-        Some(
-            C::TopicAuthorizationFailed
-            | C::ClusterAuthorizationFailed
-            | C::TransactionalIdAuthorizationFailed
-            | C::SaslAuthenticationFailed
-            | C::Authentication
-            | C::InvalidConfig
-            | C::InvalidArgument
-            | C::InvalidTopic
-            | C::UnsupportedVersion
-            | C::InvalidRequiredAcks,
-        ) => ErrorClass::Fatal,
-        _ => ErrorClass::Transient,
+        self.error.purged
     }
 }
 
@@ -132,8 +93,8 @@ pub enum SendError {
     Rejected {
         /// Topic.
         topic: String,
-        /// The error.
-        error: KafkaError,
+        /// Why, classified.
+        error: Refusal,
     },
 }
 
@@ -356,7 +317,7 @@ impl<L: DeliveryListener> ProducerContext for Context<L> {
                     payload_len: msg.payload_len(),
                     position,
                     id,
-                    error: error.clone(),
+                    error: Refusal::of(error),
                 })
             }
         };
@@ -487,7 +448,7 @@ impl<L: DeliveryListener> Sink<L> {
             }
             Err((error, _)) => Err(SendError::Rejected {
                 topic: record.topic.to_owned(),
-                error,
+                error: Refusal::of(&error),
             }),
         }
     }

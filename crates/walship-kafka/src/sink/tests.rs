@@ -17,27 +17,6 @@ pub(crate) fn settings(brokers: &str) -> SinkSettings {
 }
 
 #[test]
-fn classifies_errors() {
-    let e = |c| KafkaError::MessageProduction(c);
-    assert_eq!(
-        classify(&e(RDKafkaErrorCode::MessageSizeTooLarge)),
-        ErrorClass::Record
-    );
-    assert_eq!(
-        classify(&e(RDKafkaErrorCode::TopicAuthorizationFailed)),
-        ErrorClass::Fatal
-    );
-    assert_eq!(
-        classify(&e(RDKafkaErrorCode::UnknownTopicOrPartition)),
-        ErrorClass::Transient
-    );
-    assert_eq!(
-        classify(&e(RDKafkaErrorCode::MessageTimedOut)),
-        ErrorClass::Transient
-    );
-}
-
-#[test]
 fn debug_never_shows_secret_values() {
     let mut secret_properties = BTreeMap::new();
     secret_properties.insert("sasl.password".to_owned(), "hunter2".to_owned());

@@ -60,7 +60,7 @@ use walship_kafka::{Record, SendError, TopicRouter};
 use walship_postgres::failover::History;
 use walship_postgres::{Frame, PgError, Relations};
 
-pub use seams::{EventSink, KafkaSink, PgSource, ReadBackError, WalSource};
+pub use seams::{EventSink, KafkaSink, PgSource, WalSource};
 
 use crate::config::settings::SessionSettings;
 use crate::error::Error;
@@ -560,9 +560,8 @@ impl<W: WalSource, K: EventSink> Session<W, K> {
                     }
                     Err(SendError::QueueFull) => queue_full = true,
                     Err(SendError::Rejected { topic, error }) => {
-                        let class = walship_kafka::sink::classify(&error);
-                        self.telemetry.count_error(class);
-                        return Err(match class {
+                        self.telemetry.count_error(error.class);
+                        return Err(match error.class {
                             walship_kafka::ErrorClass::Transient => {
                                 Error::Delivery(walship_kafka::DeliveryError {
                                     topic,

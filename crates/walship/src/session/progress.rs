@@ -461,14 +461,14 @@ impl DeliveryListener for Progress {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+    use walship_kafka::{ErrorClass, Refusal};
 
     fn ack(p: &Progress, token: TxnToken) {
         p.on_delivery(token as usize, Ok(1));
     }
 
-    /// A delivery report failing with `code`.
-    fn failure(code: RDKafkaErrorCode) -> DeliveryError {
+    /// A delivery report failing with `error`.
+    fn failure(error: Refusal) -> DeliveryError {
         DeliveryError {
             position: None,
             id: None,
@@ -476,7 +476,7 @@ mod tests {
             partition: 0,
             key: None,
             payload_len: 0,
-            error: KafkaError::MessageProduction(code),
+            error,
         }
     }
 
@@ -557,14 +557,23 @@ mod tests {
         p.note_sent();
         p.on_delivery(
             a as usize,
-            Err(failure(RDKafkaErrorCode::MessageSizeTooLarge)),
+            Err(failure(Refusal::new(
+                ErrorClass::Record,
+                "message size too large",
+            ))),
         );
         assert_eq!(telemetry.errors_record.load(Ordering::Relaxed), 1);
         assert_eq!(telemetry.errors_transient.load(Ordering::Relaxed), 0);
         // Dropping a session's producer purges what it holds: not a refusal.
         let b = p.open(TxnOrigin::default());
         p.note_sent();
-        p.on_delivery(b as usize, Err(failure(RDKafkaErrorCode::PurgeInflight)));
+        p.on_delivery(
+            b as usize,
+            Err(failure(Refusal {
+                purged: true,
+                ..Refusal::new(ErrorClass::Transient, "purged in flight")
+            })),
+        );
         assert_eq!(telemetry.errors_transient.load(Ordering::Relaxed), 0);
     }
 
@@ -621,7 +630,10 @@ mod tests {
         p.seal(b, 1, Lsn(20));
         p.on_delivery(
             a as usize,
-            Err(failure(RDKafkaErrorCode::MessageSizeTooLarge)),
+            Err(failure(Refusal::new(
+                ErrorClass::Record,
+                "message size too large",
+            ))),
         );
         ack(&p, b);
         assert!(p.has_failed());

@@ -21,13 +21,11 @@ use pgoutput::{
     Begin, Commit, Encoder, Insert, LogicalMessage, Lsn, Message, PgTimestamp, Relation,
     RelationColumn,
 };
-use rdkafka::error::KafkaError;
-use rdkafka::types::RDKafkaErrorCode;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use walship_kafka::{
-    Delivered, DeliveryError, DeliveryListener, Position, Record, SendError, TopicError,
-    TopicRouter,
+    Delivered, DeliveryError, DeliveryListener, ErrorClass, Position, ReadBackError, Record,
+    Refusal, SendError, TopicError, TopicRouter,
 };
 use walship_postgres::{Frame, OutboxSpec, PgError, Relations, TableName};
 
@@ -158,7 +156,7 @@ struct SinkState {
     purged: usize,
     /// Sends to the dead-letter topic refused at once with this error (a producer that refuses
     /// what it cannot accept).
-    refuse_dead_letters: Option<RDKafkaErrorCode>,
+    refuse_dead_letters: Option<Refusal>,
     /// A send panics (a bug somewhere on the way).
     panic_on_send: bool,
 }
@@ -171,6 +169,11 @@ struct SinkShared {
     wal: Arc<WalShared>,
 }
 
+/// A refusal of a record the broker can never take: a bad row.
+fn too_large() -> Refusal {
+    Refusal::new(ErrorClass::Record, "message size too large")
+}
+
 /// A broker the test acknowledges for.
 struct FakeSink(Arc<SinkShared>);
 
@@ -180,7 +183,7 @@ impl EventSink for FakeSink {
             panic!("a bug on the way to the broker");
         }
         let mut state = self.0.state.lock().unwrap();
-        if let Some(code) = state.refuse_dead_letters
+        if let Some(refusal) = state.refuse_dead_letters.clone()
             && record.topic == "outbox.dead-letter"
         {
             state.refused += 1;
@@ -188,7 +191,7 @@ impl EventSink for FakeSink {
             self.0.changed.notify_waiters();
             return Err(SendError::Rejected {
                 topic: record.topic.to_owned(),
-                error: KafkaError::MessageProduction(code),
+                error: refusal,
             });
         }
         if state.queue_full {
@@ -243,7 +246,7 @@ impl EventSink for FakeSink {
         _source: &str,
         _since: Lsn,
         _limit: usize,
-    ) -> impl Future<Output = Result<Delivered, super::ReadBackError>> + Send + 'static {
+    ) -> impl Future<Output = Result<Delivered, ReadBackError>> + Send + 'static {
         let mut state = self.0.state.lock().unwrap();
         state.read_backs.push(topic.to_owned());
         let found: Delivered = state
@@ -544,7 +547,7 @@ impl Harness {
         self.progress.on_delivery(sent[index].token, Ok(1));
     }
 
-    fn fail(&mut self, sent: &[Sent], index: usize, code: RDKafkaErrorCode) {
+    fn fail(&mut self, sent: &[Sent], index: usize, error: Refusal) {
         assert!(self.acked.insert(index));
         let s = &sent[index];
         self.progress.on_delivery(
@@ -556,7 +559,7 @@ impl Harness {
                 payload_len: s.payload.as_ref().map_or(0, Vec::len),
                 position: Some(s.position()),
                 id: s.headers.get("id").cloned(),
-                error: KafkaError::MessageProduction(code),
+                error,
             }),
         );
     }
@@ -1076,7 +1079,7 @@ async fn an_oversized_bad_row_is_dead_lettered_cut_to_fit_with_its_size() {
 #[tokio::test]
 async fn a_dead_letter_the_producer_refuses_is_sent_once_without_its_value_then_stops() {
     let mut h = start_with(dead_lettering(), None, |s| {
-        s.refuse_dead_letters = Some(RDKafkaErrorCode::MessageSizeTooLarge);
+        s.refuse_dead_letters = Some(too_large());
     });
     let first = h.txn(1, 0x200, &[("1", "order", Some("A"))]);
     h.txn(2, 0x300, &[("2", "order", None)]);
@@ -1106,13 +1109,21 @@ async fn a_dead_letter_the_broker_refuses_twice_stops_without_confirming_its_row
     let sent = h.records(2).await;
     h.ack(&sent, 0);
     assert!(!sent[1].payload.as_ref().is_none_or(Vec::is_empty));
-    h.fail(&sent, 1, RDKafkaErrorCode::InvalidTimestamp);
+    h.fail(
+        &sent,
+        1,
+        Refusal::new(ErrorClass::Record, "invalid timestamp"),
+    );
     // Sent again in its place, without its value.
     let sent = h.records(3).await;
     assert_eq!(sent[2].topic, "outbox.dead-letter");
     assert_eq!(sent[2].payload.as_deref(), Some(&b""[..]));
     assert_eq!(sent[2].token, sent[1].token);
-    h.fail(&sent, 2, RDKafkaErrorCode::InvalidTimestamp);
+    h.fail(
+        &sent,
+        2,
+        Refusal::new(ErrorClass::Record, "invalid timestamp"),
+    );
     let error = h.end().await.unwrap_err();
     assert!(
         matches!(error, Error::DeadLetterRefused { xid: 2, .. }),
@@ -1139,7 +1150,7 @@ async fn a_record_the_broker_refuses_is_dead_lettered_and_its_transaction_waits_
     );
     let sent = h.records(2).await;
     h.ack(&sent, 0);
-    h.fail(&sent, 1, RDKafkaErrorCode::MessageSizeTooLarge);
+    h.fail(&sent, 1, too_large());
     let sent = h.records(3).await;
     let dead = &sent[2];
     assert_eq!(dead.topic, "outbox.dead-letter");
@@ -1159,7 +1170,11 @@ async fn a_failed_delivery_stops_the_session_without_confirming_its_transaction(
     let mut h = start(settings(), None);
     let end = h.txn(1, 0x200, &[("1", "order", Some("A"))]);
     let sent = h.records(1).await;
-    h.fail(&sent, 0, RDKafkaErrorCode::MessageTimedOut);
+    h.fail(
+        &sent,
+        0,
+        Refusal::new(ErrorClass::Transient, "message timed out"),
+    );
     let error = h.end().await.unwrap_err();
     assert!(matches!(error, Error::Delivery(_)), "{error}");
     assert!(
