@@ -147,13 +147,7 @@ fn produce_ack(c: &mut Criterion) {
                     for i in 0..EVENTS {
                         let key = format!("agg-{}", i % 5000);
                         let token = progress.open(walship::session::progress::TxnOrigin::default());
-                        let record = Record {
-                            topic: "bench",
-                            key: key.as_bytes(),
-                            payload: Some(&payload),
-                            headers: &[],
-                            timestamp_ms: None,
-                        };
+                        let record = Record::new("bench", key.as_bytes(), Some(&payload), None);
                         loop {
                             if progress.in_flight() < 2000 {
                                 match sink.send(&record, token as usize) {

@@ -23,6 +23,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, ProducerContext, ThreadedProducer};
 
+use crate::record::Record;
 use crate::refusal::{ErrorClass, Refusal};
 
 /// Receives the outcome of every record accepted by [`Sink::send`].
@@ -65,21 +66,6 @@ impl DeliveryError {
     pub fn is_purge(&self) -> bool {
         self.error.purged
     }
-}
-
-/// A record to send; everything borrowed (librdkafka copies what it keeps).
-#[derive(Debug, Clone, Copy)]
-pub struct Record<'a> {
-    /// Destination topic.
-    pub topic: &'a str,
-    /// Key (the aggregate id): decides the partition.
-    pub key: &'a [u8],
-    /// Value; `None` sends a tombstone.
-    pub payload: Option<&'a [u8]>,
-    /// Headers, in order.
-    pub headers: &'a [(&'a str, Option<&'a [u8]>)],
-    /// Record timestamp (ms since the Unix epoch); the commit time.
-    pub timestamp_ms: Option<i64>,
 }
 
 /// Why [`Sink::send`] did not accept a record.
@@ -427,9 +413,9 @@ impl<L: DeliveryListener> Sink<L> {
 
     /// Hands a record to the producer; its outcome reaches the listener with `token`.
     pub fn send(&self, record: &Record<'_>, token: usize) -> Result<(), SendError> {
-        let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
-        for (key, value) in record.headers {
-            headers = headers.insert(Header { key, value: *value });
+        let mut headers = OwnedHeaders::new_with_capacity(record.header_count());
+        for (key, value) in record.headers() {
+            headers = headers.insert(Header { key, value });
         }
         let mut rec: BaseRecord<'_, [u8], [u8], usize> =
             BaseRecord::with_opaque_to(record.topic, token)

@@ -180,13 +180,7 @@ fn dropping_a_sink_on_a_runtime_destroys_its_producer_off_the_runtime_thread() {
         // Nobody listens on port 9: the record stays queued until the drop purges it, and
         // its report is served by whoever destroys the producer.
         let sink = Sink::new(settings("127.0.0.1:9"), Arc::clone(&listener)).expect("sink");
-        let record = Record {
-            topic: "t",
-            key: b"k",
-            payload: Some(b"v"),
-            headers: &[],
-            timestamp_ms: None,
-        };
+        let record = Record::new("t", b"k", Some(b"v"), None);
         sink.send(&record, 1).expect("queued");
         let purged = listener.1.notified();
         drop(sink);

@@ -205,9 +205,8 @@ impl EventSink for FakeSink {
             key: record.key.to_vec(),
             payload: record.payload.map(<[u8]>::to_vec),
             headers: record
-                .headers
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), v.unwrap_or_default().to_vec()))
+                .headers()
+                .map(|(k, v)| (k.to_owned(), v.unwrap_or_default().to_vec()))
                 .collect(),
             token,
         });
