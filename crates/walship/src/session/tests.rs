@@ -31,7 +31,7 @@ use walship_postgres::{Frame, OutboxSpec, PgError, Relations, TableName};
 
 use super::progress::Progress;
 use super::resume::Resume;
-use super::{EventSink, Session, SessionStats, WalSource};
+use super::{EventSink, Session, SessionParts, SessionStats, WalSource};
 use crate::config::settings::SessionSettings;
 use crate::error::Error;
 use crate::telemetry::Telemetry;
@@ -344,20 +344,20 @@ fn start_configured(
         wal: Arc::clone(&wal),
     });
     let spec = OutboxSpec::debezium(TableName::parse("public.outbox"));
-    let session = Session::new(
-        FakeWal(Arc::clone(&wal)),
-        FakeSink(Arc::clone(&sink)),
-        Relations::new(spec),
-        TopicRouter::new("outbox.event.{aggregatetype}").unwrap(),
-        Arc::clone(&progress),
-        SessionSettings {
+    let session = Session::new(SessionParts {
+        source: FakeWal(Arc::clone(&wal)),
+        sink: FakeSink(Arc::clone(&sink)),
+        relations: Relations::new(spec),
+        router: TopicRouter::new("outbox.event.{aggregatetype}").unwrap(),
+        progress: Arc::clone(&progress),
+        settings: SessionSettings {
             message_prefixes: vec!["outbox".into()],
             ..settings
         },
         telemetry,
-        "7/walship",
+        source_id: "7/walship".into(),
         resume,
-    );
+    });
     let session = configure(session);
     let cancel = CancellationToken::new();
     let token = cancel.clone();
