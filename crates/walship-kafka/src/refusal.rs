@@ -9,7 +9,7 @@
 //! ```
 //!
 //! Invariant: an error is classified once, where librdkafka hands it over; what travels on
-//! ([`Refusal`] inside [`crate::SendError`] and [`crate::DeliveryError`], [`ReadBackError`])
+//! ([`Refusal`] inside [`crate::sink::SendError`] and [`crate::sink::DeliveryError`], [`ReadBackError`])
 //! carries the class and librdkafka's own text, never its code, so the session above this
 //! crate decides and reports without knowing librdkafka — and its tests build refusals of
 //! every class without a client library.

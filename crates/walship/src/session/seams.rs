@@ -21,6 +21,7 @@ use walship_kafka::{
 use walship_postgres::{Frame, PgError, ReplicationStream, TableName};
 
 use super::progress::Progress;
+use crate::error::Error;
 
 /// Longest one topic's read-back may take (the replication stream waits meanwhile).
 const SCAN_TIMEOUT: Duration = Duration::from_secs(20);
@@ -156,9 +157,9 @@ pub struct KafkaSink {
 impl KafkaSink {
     /// Creates the producer; acknowledgements go to `progress`. Its error never carries a
     /// secret value ([`SinkSettings::create`]).
-    pub fn new(settings: SinkSettings, progress: Arc<Progress>) -> Result<Self, crate::Error> {
-        let sink = Sink::new(settings.clone(), progress)
-            .map_err(|e| crate::Error::Producer(e.to_string()))?;
+    pub fn new(settings: SinkSettings, progress: Arc<Progress>) -> Result<Self, Error> {
+        let sink =
+            Sink::new(settings.clone(), progress).map_err(|e| Error::Producer(e.to_string()))?;
         Ok(KafkaSink {
             sink,
             settings,
