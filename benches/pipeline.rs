@@ -20,7 +20,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use pgoutput::{Decoder, Lsn, Message, Relation, RelationColumn};
 use rdkafka::mocking::MockCluster;
-use walship::progress::Progress;
+use walship::session::progress::Progress;
 use walship_kafka::{Record, SendError, Sink, SinkSettings, TopicRouter};
 use walship_postgres::{OutboxSpec, Relations, TableName};
 
@@ -146,14 +146,8 @@ fn produce_ack(c: &mut Criterion) {
                 runtime.block_on(async {
                     for i in 0..EVENTS {
                         let key = format!("agg-{}", i % 5000);
-                        let token = progress.open(walship::progress::TxnOrigin::default());
-                        let record = Record {
-                            topic: "bench",
-                            key: key.as_bytes(),
-                            payload: Some(&payload),
-                            headers: &[],
-                            timestamp_ms: None,
-                        };
+                        let token = progress.open(walship::session::progress::TxnOrigin::default());
+                        let record = Record::new("bench", key.as_bytes(), Some(&payload), None);
                         loop {
                             if progress.in_flight() < 2000 {
                                 match sink.send(&record, token as usize) {

@@ -8,7 +8,13 @@
 //!  id               = the outbox row's id
 //!  walship.timeline = the PostgreSQL timeline whose WAL held the event's commit (absent on
 //!                     records of versions before it was written: unknown)
+//!  type             = the outbox row's event type
+//!  dead letters add walship.error, walship.lsn, walship.xid, walship.table or walship.prefix,
+//!  and walship.truncated (the value's original size) when the value was cut
 //! ```
+//!
+//! [`crate::record`] puts them on records; here is only what they are called and how a
+//! position is written.
 //!
 //! Invariant: [`Position::parse`] reads back exactly what [`Position::encode`] writes, and
 //! positions order like the stream (by commit LSN, then by index), so a consumer or a restart
@@ -38,6 +44,21 @@ pub fn parse_timeline(value: Option<&[u8]>) -> Option<u32> {
 
 /// Header carrying the outbox row's id (Debezium's name), compared too before skipping.
 pub const ID_HEADER: &str = "id";
+/// Header carrying the outbox row's event type (Debezium's name).
+pub const TYPE_HEADER: &str = "type";
+
+/// Header of a dead letter: why its row or record cannot be an event.
+pub const ERROR_HEADER: &str = "walship.error";
+/// Header of a dead letter: the row's LSN (a refused record: its transaction's commit LSN).
+pub const LSN_HEADER: &str = "walship.lsn";
+/// Header of a dead letter: the row's transaction id.
+pub const XID_HEADER: &str = "walship.xid";
+/// Header of a dead letter for a row: the outbox table.
+pub const TABLE_HEADER: &str = "walship.table";
+/// Header of a dead letter for a logical message: the message's prefix.
+pub const PREFIX_HEADER: &str = "walship.prefix";
+/// Header of a dead letter whose value was cut to fit: the original value's size in bytes.
+pub const TRUNCATED_HEADER: &str = "walship.truncated";
 
 /// Where an event stands in a source's stream: ordered like the stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

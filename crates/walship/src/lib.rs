@@ -10,9 +10,9 @@
 //! - [`deployment`] — every pipeline of a file in this process: all, or those `[cluster]` assigns.
 //! - [`cluster`] — several processes share the pipelines through a Kafka consumer group.
 //! - [`session`] — one streaming session, generic over its WAL source and event sink: decode,
-//!   extract, route, produce, report status; [`session::seams`] holds the two traits.
-//! - [`progress`] — the progress tracker: which LSN is safe to confirm.
-//! - [`resume`] — after a crash, which events an earlier run already delivered.
+//!   extract, route, produce, report status; [`session::seams`] holds the two traits,
+//!   [`session::progress`] the tracker of which LSN is safe to confirm, and [`session::resume`]
+//!   what an earlier run already delivered after a crash.
 //! - [`check`] — `walship check`: every setup problem at once, each with its fix.
 //! - [`status`] — `walship status`: the slot's position, lag and WAL retention.
 //! - [`cli`] — the command line (`walship run`, …); `main.rs` only calls it.
@@ -34,8 +34,6 @@ pub mod error;
 pub mod failover;
 pub mod init_sql;
 pub mod pipeline;
-pub mod progress;
-pub mod resume;
 pub mod run;
 pub mod scheduling;
 pub mod session;

@@ -34,9 +34,9 @@ use walship_postgres::{Relations, ReplicationStream, StartOptions, catalog, mana
 use crate::config::settings::{Settings, SourceSettings};
 use crate::error::Error;
 use crate::failover::Lineage;
-use crate::progress::Progress;
-use crate::resume::Resume;
-use crate::session::{EventSink, KafkaSink, PgSource, Session};
+use crate::session::progress::Progress;
+use crate::session::resume::Resume;
+use crate::session::{EventSink, KafkaSink, PgSource, Session, SessionParts};
 use crate::telemetry::{self, Telemetry};
 
 use standby::standby;
@@ -408,22 +408,22 @@ async fn session(
     // earlier run that stopped before confirming them.
     let resume = (settings.session.resume_dedup && start < system.xlogpos)
         .then(|| Resume::new(start, system.xlogpos));
-    let session = Session::new(
-        PgSource::new(stream, Some(client)),
+    let session = Session::new(SessionParts {
+        source: PgSource::new(stream, Some(client)),
         sink,
-        Relations::with_scope(
+        relations: Relations::with_scope(
             source.outbox.clone(),
             scope,
             &source.publication,
             &source.slot,
         ),
-        settings.router.clone(),
-        Arc::clone(&progress),
-        settings.session.clone(),
-        Arc::clone(telemetry),
-        &source.source_id(&system.system_id),
+        router: settings.router.clone(),
+        progress: Arc::clone(&progress),
+        settings: settings.session.clone(),
+        telemetry: Arc::clone(telemetry),
+        source_id: source.source_id(&system.system_id),
         resume,
-    )
+    })
     .abandon_on(abandon.clone())
     .silence_limit(wal_sender_timeout)
     .on_server(server.history, &server.server, source.source_epoch);

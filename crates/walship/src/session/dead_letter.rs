@@ -1,39 +1,30 @@
 //! Dead letters: rows, messages and records that can never be events, parked with the reason.
 //!
-//! Owns building the dead-letter record (the original key and value, the reason, LSN, xid,
-//! origin, and the event's source, position and id headers) and sending it through the same
-//! sink and accounting as events.
+//! Owns deciding what a dead letter says (the original key and value, the reason, LSN, xid,
+//! origin, and the event's source, position and id; [`walship_kafka::record`] shapes the
+//! record) and sending it through the same sink and accounting as events.
 //!
 //! Invariant: a dead letter takes the place of the event it stands for in its transaction, so
 //! the transaction is confirmed only once the dead letter is acknowledged; and one that an
 //! earlier run already wrote (found by its position and id) is not written again. A dead
 //! letter always fits: its value is cut to what the producer accepts (`message.max.bytes`
-//! less the key, the headers and [`RECORD_OVERHEAD`]), marked with [`TRUNCATED_HEADER`]; one
-//! the producer or the broker refuses anyway is sent once more without a value, and one
-//! refused even then stops the session ([`Error::DeadLetterRefused`]) before its transaction
-//! is confirmed — never a loop, never a skip.
+//! less the key, the headers and [`walship_kafka::record::RECORD_OVERHEAD`]), marked with
+//! [`TRUNCATED_HEADER`]; one the producer or the broker refuses anyway is sent once more
+//! without a value, and one refused even then stops the session ([`Error::DeadLetterRefused`])
+//! before its transaction is confirmed — never a loop, never a skip.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use pgoutput::Lsn;
 use tokio_util::sync::CancellationToken;
-use walship_kafka::{
-    ID_HEADER, POSITION_HEADER, Position, PositionText, Record, SOURCE_HEADER, TIMELINE_HEADER,
-};
+use walship_kafka::headers::{Position, TRUNCATED_HEADER};
+use walship_kafka::record::{self, Record};
 
+use super::progress::TxnToken;
 use super::seams::{EventSink, WalSource};
 use super::{Session, Stop};
 use crate::error::Error;
-use crate::progress::TxnToken;
-
-/// Header of a dead letter whose value was cut to fit: the original value's size in bytes.
-pub const TRUNCATED_HEADER: &str = "walship.truncated";
-
-/// Room left in a record for what is not key, value or header text: the record's and its
-/// batch's framing (a record batch header is 61 bytes; lengths, offsets and attributes add a
-/// few per field).
-const RECORD_OVERHEAD: usize = 512;
 
 /// A row or record bound for the dead-letter topic, and where it came from.
 pub(super) struct DeadLetter<'a> {
@@ -91,69 +82,43 @@ impl<W: WalSource, K: EventSink> Session<W, K> {
                 Some(false) => {}
             }
         }
-        let lsn_text = dead.lsn.to_string();
-        let xid_text = dead.xid.to_string();
-        let (origin_header, origin) = match dead.prefix {
-            Some(prefix) => ("walship.prefix", prefix.to_owned()),
-            None => ("walship.table", self.relations.spec().table.to_string()),
+        let table;
+        let origin = match dead.prefix {
+            Some(prefix) => record::Origin::Prefix(prefix),
+            None => {
+                table = self.relations.spec().table.to_string();
+                record::Origin::Table(&table)
+            }
         };
-        let mut text = PositionText::default();
         let source = Arc::clone(&self.source_id);
-        let full = dead.value.len();
-        let full_text = full.to_string();
         let timeline = self.timeline_text(dead.lsn);
-        let mut headers: [(&str, Option<&[u8]>); 9] = [
-            ("walship.error", Some(dead.reason.as_bytes())),
-            ("walship.lsn", Some(lsn_text.as_bytes())),
-            ("walship.xid", Some(xid_text.as_bytes())),
-            (origin_header, Some(origin.as_bytes())),
-            (SOURCE_HEADER, Some(source.as_bytes())),
-            ("", None),
-            ("", None),
-            ("", None),
-            ("", None),
-        ];
-        headers[5] = (TIMELINE_HEADER, Some(timeline.as_bytes()));
-        let mut n = 6;
-        if let Some(position) = dead.position {
-            headers[n] = (POSITION_HEADER, Some(position.encode(&mut text)));
-            n += 1;
-        }
-        if let Some(id) = dead.id {
-            headers[n] = (ID_HEADER, Some(id));
-            n += 1;
-        }
-        let framing: usize = key.len()
-            + RECORD_OVERHEAD
-            + TRUNCATED_HEADER.len()
-            + full_text.len()
-            + headers[..n]
-                .iter()
-                .map(|(k, v)| k.len() + v.map_or(0, <[u8]>::len))
-                .sum::<usize>();
-        let room = self.settings.max_record_bytes.saturating_sub(framing);
-        let mut value = dead.value;
-        if value.len() > room {
-            value = &value[..room];
-            headers[n] = (TRUNCATED_HEADER, Some(full_text.as_bytes()));
-            n += 1;
+        let letter = record::DeadLetter {
+            key,
+            value: dead.value,
+            commit_ms: dead.commit_ms,
+            reason: dead.reason,
+            lsn: dead.lsn.0,
+            xid: dead.xid,
+            origin,
+        };
+        let stamp = record::Stamp {
+            source: &source,
+            position: dead.position,
+            timeline: &timeline,
+            id: dead.id,
+        };
+        let mut record = Record::dead_letter(&topic, letter, stamp);
+        if let Some(cut) = record.fit(self.settings.max_record_bytes) {
+            let (full, room) = (cut.full, cut.kept);
             tracing::warn!(lsn = %dead.lsn, xid = dead.xid, dead_letter_topic = %topic,
                 "the dead letter's value is cut from {full} to {room} bytes to fit message.max.bytes ({}); header {TRUNCATED_HEADER} keeps the original size",
                 self.settings.max_record_bytes);
         }
-        let record = Record {
-            topic: &topic,
-            key,
-            payload: Some(value),
-            headers: &headers[..n],
-            timestamp_ms: Some(dead.commit_ms),
-        };
         tracing::warn!(lsn = %dead.lsn, xid = dead.xid, dead_letter_topic = %topic,
             "dead-lettering outbox row: {}", dead.reason);
         self.telemetry.dead_lettered.fetch_add(1, Ordering::Relaxed);
         // The producer may refuse it at once (larger than it accepts, whatever the estimate):
         // then once more without a value, and never again.
-        let mut record = record;
         loop {
             match self
                 .send(&record, dead.lsn, dead.xid, dead.commit_ms, cancel, token)

@@ -6,7 +6,7 @@
 //!
 //! Invariant: every outbox row and every transactional message with a configured prefix takes
 //! the next index of its transaction's positions (one sequence, in WAL order) and ends as
-//! exactly one of: a record handed to the sink, a dead letter, a skip that [`crate::resume::Resume`] proved,
+//! exactly one of: a record handed to the sink, a dead letter, a skip that [`super::resume::Resume`] proved,
 //! or an error that stops the session before its transaction is confirmed.
 
 use std::sync::Arc;
@@ -14,9 +14,8 @@ use std::sync::atomic::Ordering;
 
 use pgoutput::{Begin, LogicalMessage, Lsn, Message, PgTimestamp};
 use tokio_util::sync::CancellationToken;
-use walship_kafka::{
-    ID_HEADER, POSITION_HEADER, Position, PositionText, Record, SOURCE_HEADER, TIMELINE_HEADER,
-};
+use walship_kafka::headers::Position;
+use walship_kafka::record::{self, Record};
 use walship_postgres::{MessageError, MessageEvent, OutboxRow, PgError, RowError};
 
 use super::dead_letter::DeadLetter;
@@ -330,42 +329,22 @@ impl<W: WalSource, K: EventSink> Session<W, K> {
             None | Some(true) => return Ok(()),
             Some(false) => {}
         }
-        // The usual headers live on the stack; only extra header columns need a Vec.
-        let mut text = PositionText::default();
         let source = Arc::clone(&self.source_id);
         let timeline = self.timeline_text(Lsn(position.commit_lsn));
-        let mut fixed: [(&str, Option<&[u8]>); 5] = [
-            (SOURCE_HEADER, Some(source.as_bytes())),
-            (POSITION_HEADER, Some(position.encode(&mut text))),
-            (TIMELINE_HEADER, Some(timeline.as_bytes())),
-            ("", None),
-            ("", None),
-        ];
-        let mut n = 3;
-        for (name, value) in [(ID_HEADER, row.id), ("type", row.event_type)] {
-            if value.is_some() {
-                fixed[n] = (name, value);
-                n += 1;
-            }
-        }
-        let extended: Vec<(&str, Option<&[u8]>)>;
-        let headers: &[(&str, Option<&[u8]>)] = if row.headers.is_empty() {
-            &fixed[..n]
-        } else {
-            extended = fixed[..n]
-                .iter()
-                .copied()
-                .chain(row.headers.iter().map(|(k, v)| (k.as_ref(), *v)))
-                .collect();
-            &extended
-        };
-        let record = Record {
-            topic: &topic,
+        let event = record::Event {
             key: row.aggregate_id,
             payload: row.payload.as_deref(),
-            headers,
-            timestamp_ms: Some(commit_ms),
+            commit_ms,
+            event_type: row.event_type,
+            columns: &row.headers,
         };
+        let stamp = record::Stamp {
+            source: &source,
+            position: Some(position),
+            timeline: &timeline,
+            id: row.id,
+        };
+        let record = Record::event(&topic, event, stamp);
         self.send(&record, lsn, xid, commit_ms, cancel, None).await
     }
 

@@ -4,7 +4,9 @@
 //! reported — and the loop that drives it. The I/O sits behind the two seams of [`seams`]: a
 //! [`WalSource`] (frames in, standby status out; [`PgSource`] in production) and an
 //! [`EventSink`] (records out, acknowledgements reported to [`Progress`]; [`KafkaSink`] in
-//! production), so the whole session runs in unit tests against in-memory fakes.
+//! production), so the whole session runs in unit tests against in-memory fakes. What one
+//! session owns beside its loop lives here too: the [`progress`] tracker (which position is
+//! safe to confirm) and the [`resume`] memory (what an earlier run already delivered).
 //!
 //! ```text
 //!  WalSource::fill/try_next ─▶ Decoder ─▶ events: Relations::extract ─▶ TopicRouter ─▶ EventSink::send ─▶ broker
@@ -30,21 +32,40 @@
 //! - After an unclean stop, an event is left out only when [`Resume`] read back a record of this
 //!   source with its position and outbox id from its topic; such an event is not counted in its
 //!   transaction, so the transaction completes on the acks of the events actually sent.
-//! - **The producer is silent before the slot is released.** On every way out — a stop, an
-//!   error, a lost stream — the sink is closed (its queue purged, the producer destroyed) while
-//!   the session still holds the stream, reporting status so the walsender keeps it; only then
-//!   is the stream ended or dropped. So the next owner of the slot starts after this session's
-//!   producer can send nothing more (bar bytes already in a socket, see [`EventSink::close`]).
+//! - **The producer is silent before the slot is released** (kept by `shutdown`): on every
+//!   way out the sink is closed while the session still holds the stream, so the next owner of
+//!   the slot starts after this session's producer can send nothing more (bar bytes already in
+//!   a socket, see [`EventSink::close`]).
 //! - **A session that was frozen produces nothing more.** Before each record it looks how long
 //!   it has not reported status; past three quarters of the server's `wal_sender_timeout` the
 //!   walsender may have ended the stream and another process may own the slot, so it stops
 //!   ([`Error::Silenced`]) instead of publishing what it had read before the freeze.
+//!
+//! # Layout
+//!
+//! This file holds the session's state, its constructor and the streaming loop (read, decode,
+//! report status, note a stop). The rest, each a part of the same `impl`:
+//!
+//! - `events` — each pgoutput message: open or seal a transaction, place a relation, extract,
+//!   route, skip what resume proved delivered, produce.
+//! - `send` — handing a record to the sink under backpressure; waiting for the broker.
+//! - `window` — the send window's rules (room in flight, the low-water mark), pure.
+//! - `dead_letter` — what a dead letter says, and sending it in its event's place.
+//! - `published` — the read-back after a promotion, judged against the server's history.
+//! - `shutdown` — the ways out: acknowledgements, closing the sink, ending the stream.
+//! - [`seams`], [`progress`], [`resume`] — public: the two traits, the tracker, the memory.
 
 mod dead_letter;
 mod events;
+pub mod progress;
+mod published;
+pub mod resume;
 pub mod seams;
+mod send;
+mod shutdown;
 #[cfg(test)]
 mod tests;
+mod window;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -52,26 +73,23 @@ use std::time::Duration;
 use pgoutput::{Begin, Decoder, Lsn};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use walship_kafka::{Record, SendError, TopicRouter};
+use walship_kafka::TopicRouter;
 use walship_postgres::failover::History;
 use walship_postgres::{Frame, PgError, Relations};
 
-pub use seams::{EventSink, KafkaSink, PgSource, ReadBackError, WalSource};
+pub use seams::{EventSink, KafkaSink, PgSource, WalSource};
 
 use crate::config::settings::SessionSettings;
 use crate::error::Error;
 use crate::failover::Lineage;
-use crate::progress::{Progress, TxnOrigin, TxnToken};
-use crate::resume::Resume;
 use crate::telemetry::Telemetry;
+use progress::{Progress, TxnToken};
+use resume::Resume;
 use std::sync::atomic::Ordering;
+use window::Window;
 
 /// Least time between two standby status updates that report a new position.
 const MIN_STATUS_GAP: Duration = Duration::from_millis(2);
-/// A broker round trip the stream waits for is logged once it takes this long.
-const BROKER_WAIT_NOTICE: Duration = Duration::from_secs(5);
-/// Longest the check after a promotion reads topics back ([`Session::check_published`]).
-const PUBLISHED_CHECK_BUDGET: Duration = Duration::from_secs(60);
 
 /// The transaction currently being decoded.
 struct OpenTxn {
@@ -82,8 +100,8 @@ struct OpenTxn {
     rows: u32,
 }
 
-/// Where the session is on its way to a stop. Set in one place ([`Session::note_stop`],
-/// [`Session::give_up`]) and read by every wait.
+/// Where the session is on its way to a stop. Set only by [`Session::note_stop`],
+/// [`Session::abandoning`] and [`Session::give_up`], and read by every wait.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Stop {
     /// No stop requested.
@@ -104,6 +122,28 @@ pub struct SessionStats {
     pub transactions: u64,
 }
 
+/// What [`Session::new`] wires together.
+pub struct SessionParts<W: WalSource, K: EventSink> {
+    /// A started replication stream (and its catalog).
+    pub source: W,
+    /// Where records go; it reports acknowledgements to `progress`.
+    pub sink: K,
+    /// The relation cache, knowing the outbox.
+    pub relations: Relations,
+    /// Each event's topic.
+    pub router: TopicRouter,
+    /// The tracker the sink reports to; its safe position is the session's start.
+    pub progress: Arc<Progress>,
+    /// The session's behaviour.
+    pub settings: SessionSettings,
+    /// Where the session's metrics go.
+    pub telemetry: Arc<Telemetry>,
+    /// The value of the `walship.source` header (`<system id>/<slot>`).
+    pub source_id: String,
+    /// Set when the session starts behind what an earlier run may have delivered.
+    pub resume: Option<Resume>,
+}
+
 /// A streaming session: see the module documentation.
 pub struct Session<W: WalSource, K: EventSink> {
     // The sink before the source: should a session be dropped without running its way out (its
@@ -114,6 +154,8 @@ pub struct Session<W: WalSource, K: EventSink> {
     relations: Relations,
     router: TopicRouter,
     progress: Arc<Progress>,
+    /// The send window's bounds, from `settings`.
+    window: Window,
     settings: SessionSettings,
     telemetry: Arc<Telemetry>,
     /// Value of the `walship.source` header: who wrote the record.
@@ -148,21 +190,19 @@ pub struct Session<W: WalSource, K: EventSink> {
 }
 
 impl<W: WalSource, K: EventSink> Session<W, K> {
-    /// Wires a started source to a sink. Contains no processing logic. `source_id` is the value
-    /// of the `walship.source` header (`<system id>/<slot>`); `resume` is set when the session
-    /// starts behind what an earlier run may have delivered.
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        source: W,
-        sink: K,
-        relations: Relations,
-        router: TopicRouter,
-        progress: Arc<Progress>,
-        settings: SessionSettings,
-        telemetry: Arc<Telemetry>,
-        source_id: &str,
-        resume: Option<Resume>,
-    ) -> Self {
+    /// Wires a started source to a sink. Contains no processing logic.
+    pub fn new(parts: SessionParts<W, K>) -> Self {
+        let SessionParts {
+            source,
+            sink,
+            relations,
+            router,
+            progress,
+            settings,
+            telemetry,
+            source_id,
+            resume,
+        } = parts;
         if settings.dead_letter_topic.is_some() {
             progress.enable_dead_letter();
         }
@@ -174,11 +214,8 @@ impl<W: WalSource, K: EventSink> Session<W, K> {
             router,
             last_reported: progress.safe_lsn(),
             progress,
-            settings: SessionSettings {
-                max_in_flight: settings.max_in_flight.max(2),
-                max_pending: settings.max_pending.max(2),
-                ..settings
-            },
+            window: Window::new(settings.max_in_flight, settings.max_pending),
+            settings,
             telemetry,
             source_id: Arc::from(source_id),
             resume,
@@ -292,15 +329,9 @@ impl<W: WalSource, K: EventSink> Session<W, K> {
             }
             self.check_failure()?;
             self.dead_letter_rejected(cancel).await?;
-            self.note_stop(cancel);
-            match self.stop {
-                Stop::Abandoned => return Ok(()),
-                Stop::Finishing { .. } if self.txn.is_none() => return Ok(()),
-                // Out of time for the rest of the open transaction: it stays unsealed.
-                Stop::Finishing { deadline } if Instant::now() >= deadline => {
-                    return Ok(());
-                }
-                _ => {}
+            // Out of time for the rest of the open transaction: it stays unsealed.
+            if self.abandoning(cancel) || (self.stop != Stop::Streaming && self.txn.is_none()) {
+                return Ok(());
             }
             if Instant::now() >= self.status_due() {
                 self.report(false).await?;
@@ -324,127 +355,9 @@ impl<W: WalSource, K: EventSink> Session<W, K> {
         }
     }
 
-    /// The check [`Session::check_published`] asks for, if any: each topic read back, its
-    /// findings judged against the history and kept for the resume lookup.
-    ///
-    /// Records a promotion can have left behind are the newest of this source in their
-    /// partitions (nothing of it was published after them), and a read-back reads each
-    /// partition from its end: what a scan cut short by its limits or by
-    /// [`PUBLISHED_CHECK_BUDGET`] did not read is older. Such topics are named in a warning;
-    /// they do not hold the pipeline back for ever.
-    async fn read_published(&mut self, cancel: &CancellationToken) -> Result<(), Error> {
-        let Some((topics, since, lineage)) = self.published_check.take() else {
-            return Ok(());
-        };
-        let until = std::time::Instant::now() + PUBLISHED_CHECK_BUDGET;
-        let mut partly = Vec::new();
-        for topic in &topics {
-            if std::time::Instant::now() >= until {
-                partly.push(topic.as_str());
-                continue;
-            }
-            let started = std::time::Instant::now();
-            // The resume lookup keeps what it may hold of this read; the check itself needs
-            // only the timelines, which are counted whatever the limit.
-            let for_resume = match self.resume.as_mut() {
-                Some(r) if r.since() == since && !r.knows(topic) => r.begin_scan(topic),
-                _ => None,
-            };
-            let scan = self
-                .sink
-                .read_back(topic, &self.source_id, since, for_resume.unwrap_or(1));
-            let what = format!("reading topic {topic:?} back to check the promotion");
-            let Some(found) = self.await_broker(&what, scan, cancel, true).await? else {
-                return Ok(());
-            };
-            let found = found.map_err(|e| Error::PublishedUnread {
-                what: format!("reading topic {topic:?} back"),
-                error: e.message,
-                denied: e.denied,
-            })?;
-            self.check_history(topic, &found)?;
-            if !found.complete {
-                partly.push(topic.as_str());
-            }
-            if let (Some(_), Some(resume)) = (for_resume, self.resume.as_mut()) {
-                resume.store(topic, Ok(found), started.elapsed());
-            }
-        }
-        lineage.checked();
-        if !partly.is_empty() {
-            tracing::warn!(
-                topics = partly.len(),
-                "after a promotion, {} of {} topics were read back only in part (the newest \
-                 records of each partition first, within {} s in all): {}{}; records this server \
-                 lacks would be the newest of this source, so these were looked for first, but \
-                 older records there were not judged",
-                partly.len(),
-                topics.len(),
-                PUBLISHED_CHECK_BUDGET.as_secs(),
-                partly
-                    .iter()
-                    .take(10)
-                    .copied()
-                    .collect::<Vec<_>>()
-                    .join(", "),
-                if partly.len() > 10 { ", …" } else { "" }
-            );
-        }
-        tracing::info!(
-            topics = topics.len(),
-            server = %self.server,
-            timeline = self.history.timeline,
-            "checked what Kafka holds of this source since {since}: all of it is in this \
-             server's history"
-        );
-        Ok(())
-    }
-
-    /// [`Error::Fork`] when `found` (records of this source read back from `topic`) holds a
-    /// record outside the server's history. Records without a timeline (written by an earlier
-    /// version) cannot be judged and pass.
-    fn check_history(&self, topic: &str, found: &walship_kafka::Delivered) -> Result<(), Error> {
-        let history = &self.history;
-        for (timeline, span) in found.timelines() {
-            if history.holds(timeline, Lsn(span.last.commit_lsn)) {
-                continue;
-            }
-            let ended = history
-                .switches
-                .iter()
-                .find(|s| s.timeline == timeline && timeline != history.timeline)
-                .map(|s| s.end);
-            return Err(Error::Fork {
-                walship_source: self.source_id.to_string(),
-                server: self.server.to_string(),
-                timeline: history.timeline,
-                branch: history.branch_point(),
-                topic: topic.to_owned(),
-                records: span.records,
-                first: span.first,
-                last: span.last,
-                record_timeline: timeline,
-                ended,
-                published_before: self.stats.events_sent,
-                next_epoch: self.source_epoch + 1,
-            });
-        }
-        Ok(())
-    }
-
-    /// The [`walship_kafka::TIMELINE_HEADER`] value for an event committed at `commit_lsn`:
-    /// the timeline whose WAL holds it — an ancestor's for what a promoted server reads again
-    /// from before it branched.
-    fn timeline_text(&self, commit_lsn: Lsn) -> Arc<str> {
-        self.timeline_texts
-            .iter()
-            .find(|(end, _)| commit_lsn < *end)
-            .map_or_else(|| Arc::clone(&self.timeline_text), |(_, t)| Arc::clone(t))
-    }
-
     /// Turns a stop request into [`Stop::Finishing`] with the shutdown timeout as deadline, or
     /// into [`Stop::Abandoned`] when the stop is to be immediate.
-    fn note_stop(&mut self, cancel: &CancellationToken) {
+    pub(super) fn note_stop(&mut self, cancel: &CancellationToken) {
         if self.stop != Stop::Abandoned && self.abandon.is_cancelled() {
             self.stop = Stop::Abandoned;
         } else if self.stop == Stop::Streaming && cancel.is_cancelled() {
@@ -454,10 +367,23 @@ impl<W: WalSource, K: EventSink> Session<W, K> {
         }
     }
 
+    /// Whether the session stops at once, leaving the open transaction unsealed (so the
+    /// confirmed position stays before it and it is read again on the next start): it was told
+    /// to ([`Session::abandon_on`]), or a requested stop ran out of time. Notes a stop request
+    /// first ([`Session::note_stop`]); a wait for the broker gives up through
+    /// [`Session::give_up`] instead, which says so in the log.
+    pub(super) fn abandoning(&mut self, cancel: &CancellationToken) -> bool {
+        self.note_stop(cancel);
+        if self.stop_deadline().is_some_and(|d| Instant::now() >= d) {
+            self.stop = Stop::Abandoned;
+        }
+        self.stop == Stop::Abandoned
+    }
+
     /// An error when the session has not reported status for longer than its silence limit: it
     /// was frozen (or starved of CPU), the walsender may have ended the stream meanwhile and
     /// another process may stream the slot now, so nothing more it read may be published.
-    fn check_silence(&self) -> Result<(), Error> {
+    pub(super) fn check_silence(&self) -> Result<(), Error> {
         if let Some(limit) = self.silence_limit {
             let silent = self.last_status_at.elapsed();
             if silent > limit {
@@ -468,7 +394,7 @@ impl<W: WalSource, K: EventSink> Session<W, K> {
     }
 
     /// The deadline of a requested stop, if one is under way.
-    fn stop_deadline(&self) -> Option<Instant> {
+    pub(super) fn stop_deadline(&self) -> Option<Instant> {
         match self.stop {
             Stop::Finishing { deadline } => Some(deadline),
             _ => None,
@@ -510,226 +436,8 @@ impl<W: WalSource, K: EventSink> Session<W, K> {
         }
     }
 
-    /// Hands a record to the producer, waiting for room (backpressure) when the in-flight window
-    /// or librdkafka's queue is full. With `token` unset the record is a new event of the open
-    /// transaction; with `token` set it replaces an already counted event of that transaction.
-    #[allow(clippy::too_many_arguments)]
-    async fn send(
-        &mut self,
-        record: &Record<'_>,
-        lsn: Lsn,
-        xid: u32,
-        commit_ms: i64,
-        cancel: &CancellationToken,
-        token: Option<TxnToken>,
-    ) -> Result<(), Error> {
-        let replaces = token.is_some();
-        let mut token = token.or_else(|| self.txn.as_ref().and_then(|t| t.token));
-        loop {
-            let mut queue_full = false;
-            // A new transaction adds an entry to the tracker: only below the pending bound.
-            let room = self.progress.in_flight() < self.settings.max_in_flight
-                && (token.is_some()
-                    || self.progress.pending_transactions() < self.settings.max_pending);
-            if room {
-                self.check_silence()?;
-                let t = match token {
-                    Some(t) => t,
-                    None => {
-                        let origin = TxnOrigin {
-                            xid,
-                            commit_lsn: self.txn.as_ref().map_or(lsn, |t| t.begin.final_lsn),
-                            commit_time_ms: commit_ms,
-                        };
-                        let t = self.progress.open(origin);
-                        if let Some(txn) = self.txn.as_mut() {
-                            txn.token = Some(t);
-                        }
-                        token = Some(t);
-                        t
-                    }
-                };
-                match self.sink.send(record, t as usize) {
-                    Ok(()) => {
-                        self.progress.note_sent();
-                        break;
-                    }
-                    Err(SendError::QueueFull) => queue_full = true,
-                    Err(SendError::Rejected { topic, error }) => {
-                        let class = walship_kafka::sink::classify(&error);
-                        self.telemetry.count_error(class);
-                        return Err(match class {
-                            walship_kafka::ErrorClass::Transient => {
-                                Error::Delivery(walship_kafka::DeliveryError {
-                                    topic,
-                                    partition: -1,
-                                    key: None,
-                                    payload_len: 0,
-                                    position: None,
-                                    id: None,
-                                    error,
-                                })
-                            }
-                            walship_kafka::ErrorClass::Record => Error::Record {
-                                lsn,
-                                xid,
-                                topic,
-                                error: error.to_string(),
-                            },
-                            walship_kafka::ErrorClass::Fatal => Error::Producer(format!(
-                                "record at LSN {lsn} for topic {topic:?}: {error}"
-                            )),
-                        });
-                    }
-                }
-            }
-            // Backpressure: stop reading until half the in-flight window is acknowledged, but
-            // keep the walsender informed so it does not time us out.
-            self.check_failure()?;
-            self.note_stop(cancel);
-            if self.stop == Stop::Abandoned {
-                // Told to stop at once: this event was not sent, its transaction stays unsealed.
-                return Ok(());
-            }
-            if self.stop_deadline().is_some_and(|d| Instant::now() >= d) {
-                // Out of time: this event was not sent. Its transaction is never sealed, so the
-                // confirmed position stays before it and the whole transaction is read again
-                // on the next start.
-                self.stop = Stop::Abandoned;
-                return Ok(());
-            }
-            if Instant::now() >= self.status_due() {
-                self.report(false).await?;
-            }
-            // A record the broker refused keeps its transaction pending until its dead letter
-            // is sent; waiting for pending room meanwhile would wait for ever.
-            if token.is_none() && self.progress.has_rejected() {
-                Box::pin(self.dead_letter_rejected(cancel)).await?;
-                continue;
-            }
-            // Waiting for the pending bound: wake once the oldest transactions complete.
-            let pending_low = token
-                .is_none()
-                .then(|| self.settings.max_pending.saturating_sub(1));
-            // librdkafka's own queue can fill below the in-flight window (a small
-            // `queue.buffering.max.messages`): then wait for the next acknowledgement.
-            let in_flight = self.progress.in_flight();
-            let low_water = if queue_full {
-                in_flight
-                    .saturating_sub(1)
-                    .min(self.settings.max_in_flight / 2)
-            } else {
-                self.settings.max_in_flight / 2
-            };
-            let (progress, abandon) = (Arc::clone(&self.progress), self.abandon.clone());
-            tokio::select! {
-                () = progress.wait_for_room(low_water, pending_low, Duration::from_millis(100)) => {}
-                () = abandon.cancelled() => continue,
-            }
-            if queue_full && in_flight == 0 {
-                // A full queue holding nothing of this session's: nothing will wake us, so
-                // look again shortly rather than spin.
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
-        }
-        if !replaces {
-            if let Some(txn) = self.txn.as_mut() {
-                txn.sent += 1;
-            }
-            self.stats.events_sent += 1;
-        }
-        Ok(())
-    }
-
-    /// Makes sure `topic` exists (creating it if configured to) before its first record. False
-    /// when a stop abandoned the session meanwhile (see [`Session::await_broker`]).
-    async fn ensure_topic(
-        &mut self,
-        topic: &str,
-        cancel: &CancellationToken,
-        abandonable: bool,
-    ) -> Result<bool, Error> {
-        let Some(check) = self.sink.check_topic(topic) else {
-            return Ok(true);
-        };
-        let what = format!("checking that topic {topic:?} exists");
-        let Some(checked) = self.await_broker(&what, check, cancel, abandonable).await? else {
-            return Ok(false);
-        };
-        checked?;
-        self.sink.topic_exists(topic);
-        Ok(true)
-    }
-
-    /// Waits for `work` (a broker round trip an event must wait for: a topic check, a resume
-    /// lookup) while sending standby status, so `wal_sender_timeout` never fires.
-    ///
-    /// A stop request does not wait for the broker: when `abandonable` and nothing of the open
-    /// transaction was sent yet, the session is abandoned at once; otherwise `work` gets until
-    /// the shutdown timeout to finish the transaction. `None` when abandoned (the transaction
-    /// stays unsealed, so the confirmed position stays before it and it is read again on the
-    /// next start).
-    async fn await_broker<T>(
-        &mut self,
-        what: &str,
-        work: impl Future<Output = T>,
-        cancel: &CancellationToken,
-        abandonable: bool,
-    ) -> Result<Option<T>, Error> {
-        let nothing_sent = abandonable && self.txn.as_ref().is_none_or(|t| t.sent == 0);
-        self.note_stop(cancel);
-        if nothing_sent && self.stop != Stop::Streaming {
-            return Ok(self.give_up());
-        }
-        tokio::pin!(work);
-        let notice = tokio::time::sleep(BROKER_WAIT_NOTICE);
-        tokio::pin!(notice);
-        let mut noticed = false;
-        loop {
-            self.note_stop(cancel);
-            if self.stop == Stop::Abandoned {
-                return Ok(self.give_up());
-            }
-            let deadline = self.stop_deadline();
-            let streaming = self.stop == Stop::Streaming;
-            let abandon = self.abandon.clone();
-            tokio::select! {
-                out = &mut work => return Ok(Some(out)),
-                () = &mut notice, if !noticed => {
-                    noticed = true;
-                    tracing::warn!(
-                        "waiting {} s for the broker ({what}); the replication stream waits too",
-                        BROKER_WAIT_NOTICE.as_secs()
-                    );
-                }
-                _ = cancel.cancelled(), if streaming => {
-                    if nothing_sent {
-                        return Ok(self.give_up());
-                    }
-                    self.note_stop(cancel);
-                }
-                () = abandon.cancelled() => return Ok(self.give_up()),
-                _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)),
-                    if deadline.is_some() => return Ok(self.give_up()),
-                _ = tokio::time::sleep(self.settings.status_interval) => self.report(false).await?,
-            }
-        }
-    }
-
-    /// Gives up the open transaction on the way to a stop; see [`Session::await_broker`].
-    fn give_up<T>(&mut self) -> Option<T> {
-        let lsn = self.txn.as_ref().map(|t| t.begin.final_lsn);
-        tracing::info!(
-            commit_lsn = ?lsn,
-            "stopping without waiting for the broker: the transaction being read stays \
-             unconfirmed and is read again on the next start"
-        );
-        self.stop = Stop::Abandoned;
-        None
-    }
-
     /// The stream is past everything an earlier run can have sent: forget its deliveries.
-    fn end_resume(&mut self) {
+    pub(super) fn end_resume(&mut self) {
         if let Some(resume) = self.resume.take()
             && resume.skipped() > 0
         {
@@ -741,7 +449,7 @@ impl<W: WalSource, K: EventSink> Session<W, K> {
         }
     }
 
-    fn check_failure(&self) -> Result<(), Error> {
+    pub(super) fn check_failure(&self) -> Result<(), Error> {
         if self.progress.has_failed()
             && let Some(f) = self.progress.take_failure()
         {
@@ -752,7 +460,7 @@ impl<W: WalSource, K: EventSink> Session<W, K> {
 
     /// When the next standby status is due: soon after the safe position moved (at most one
     /// every [`MIN_STATUS_GAP`]), else after the configured interval as a heartbeat.
-    fn status_due(&self) -> Instant {
+    pub(super) fn status_due(&self) -> Instant {
         if self.progress.safe_lsn() > self.last_reported {
             self.last_status_at + MIN_STATUS_GAP
         } else {
@@ -760,7 +468,7 @@ impl<W: WalSource, K: EventSink> Session<W, K> {
         }
     }
 
-    async fn report(&mut self, reply_requested: bool) -> Result<(), Error> {
+    pub(super) async fn report(&mut self, reply_requested: bool) -> Result<(), Error> {
         let safe = self.progress.safe_lsn();
         self.source.send_status(safe, reply_requested).await?;
         self.last_reported = safe;
@@ -770,143 +478,5 @@ impl<W: WalSource, K: EventSink> Session<W, K> {
             .in_flight
             .store(self.progress.in_flight(), Ordering::Relaxed);
         Ok(())
-    }
-
-    /// Stops reading, waits for acknowledgements while holding the stream, closes the sink,
-    /// then confirms the final safe position and ends the stream.
-    async fn shutdown(mut self) -> Result<SessionStats, Error> {
-        if let Err(e) = self.await_acks().await {
-            return self.close_after(e).await;
-        }
-        let left = self.progress.in_flight();
-        if left > 0 {
-            tracing::warn!(
-                in_flight = left,
-                "shutdown: {left} records not acknowledged within run.shutdown_timeout_ms; they are \
-                 purged, stay unconfirmed and will be sent again by the slot's next owner"
-            );
-        }
-        // Failures are read before the close: the purge reports every record it drops as failed.
-        if let Err(e) = self.check_failure() {
-            return self.close_after(e).await;
-        }
-        let (mut source, closed) = self.close_sink().await;
-        let Closed {
-            progress,
-            telemetry,
-            stats,
-        } = closed?;
-        let safe = progress.safe_lsn();
-        source.send_status(safe, false).await?;
-        telemetry.safe_lsn.store(safe.0, Ordering::Relaxed);
-        source.finish().await?;
-        tracing::info!(confirmed_lsn = %safe, events = stats.events_sent, "stopped; slot confirmed");
-        Ok(stats)
-    }
-
-    /// How often status is reported while the session holds the stream without reading it
-    /// (waiting for acknowledgements, closing the sink): the status interval, and at least
-    /// twice per silence limit, so the walsender never times the stream out meanwhile.
-    fn hold_interval(&self) -> Duration {
-        self.silence_limit
-            .map_or(self.settings.status_interval, |l| {
-                self.settings.status_interval.min(l / 2)
-            })
-    }
-
-    /// Waits until every record handed to the sink is acknowledged (or failed), up to the
-    /// shutdown timeout, reporting status meanwhile so the walsender keeps the stream (and the
-    /// slot) this session's: the next owner cannot start while these records are in flight. An
-    /// abandoned session does not wait.
-    async fn await_acks(&mut self) -> Result<(), Error> {
-        if self.abandon.is_cancelled() {
-            return Ok(());
-        }
-        let until = Instant::now() + self.settings.shutdown_timeout;
-        loop {
-            self.check_failure()?;
-            if self.progress.in_flight() == 0 || Instant::now() >= until {
-                return Ok(());
-            }
-            let due = self
-                .status_due()
-                .min(self.last_status_at + self.hold_interval());
-            if Instant::now() >= due {
-                self.report(false).await?;
-            }
-            let wake = self
-                .status_due()
-                .min(self.last_status_at + self.hold_interval())
-                .min(until);
-            let (progress, abandon) = (Arc::clone(&self.progress), self.abandon.clone());
-            tokio::select! {
-                () = progress.wait_for_room(0, None, Duration::from_secs(3600)) => {}
-                () = tokio::time::sleep_until(wake) => {}
-                () = abandon.cancelled() => return Ok(()),
-            }
-        }
-    }
-
-    /// The way out after `error`: closes the sink while still holding the stream (status keeps
-    /// flowing where the stream still works), then drops the stream, releasing the slot.
-    async fn close_after(self, error: Error) -> Result<SessionStats, Error> {
-        // A failed status report here only means the stream is gone already.
-        let (source, _) = self.close_sink().await;
-        drop(source);
-        Err(error)
-    }
-
-    /// Closes the sink (purge, destroy, await) while holding the stream and reporting status
-    /// ([`hold_stream_while`]); returns the stream, still open, and what the session leaves.
-    async fn close_sink(self) -> (W, Result<Closed, Error>) {
-        let interval = self.hold_interval();
-        let Session {
-            mut source,
-            sink,
-            progress,
-            telemetry,
-            stats,
-            ..
-        } = self;
-        let held = hold_stream_while(&mut source, &progress, interval, sink.close()).await;
-        let closed = held.map(|()| Closed {
-            progress,
-            telemetry,
-            stats,
-        });
-        (source, closed)
-    }
-}
-
-/// What a session leaves once its sink is closed.
-struct Closed {
-    progress: Arc<Progress>,
-    telemetry: Arc<Telemetry>,
-    stats: SessionStats,
-}
-
-/// Awaits `work` while reporting the safe position every `interval`, so the walsender keeps the
-/// stream (and the slot) this session's meanwhile. `work` is awaited to its end even when a
-/// report fails (the first failure is returned afterwards): what it waits for must be over
-/// before the stream can be let go.
-async fn hold_stream_while<W: WalSource, T>(
-    source: &mut W,
-    progress: &Progress,
-    interval: Duration,
-    work: impl Future<Output = T>,
-) -> Result<T, Error> {
-    tokio::pin!(work);
-    let mut failed = None;
-    loop {
-        tokio::select! {
-            out = &mut work => return failed.map_or(Ok(out), Err),
-            () = tokio::time::sleep(interval) => {
-                if failed.is_none()
-                    && let Err(e) = source.send_status(progress.safe_lsn(), false).await
-                {
-                    failed = Some(e.into());
-                }
-            }
-        }
     }
 }

@@ -15,10 +15,13 @@ use std::time::Duration;
 
 use pgoutput::Lsn;
 use tokio_postgres::Client;
-use walship_kafka::{Delivered, Record, ResumeScanner, SendError, Sink, SinkSettings, TopicError};
+use walship_kafka::{
+    Delivered, ReadBackError, Record, ResumeScanner, SendError, Sink, SinkSettings, TopicError,
+};
 use walship_postgres::{Frame, PgError, ReplicationStream, TableName};
 
-use crate::progress::Progress;
+use super::progress::Progress;
+use crate::error::Error;
 
 /// Longest one topic's read-back may take (the replication stream waits meanwhile).
 const SCAN_TIMEOUT: Duration = Duration::from_secs(20);
@@ -54,50 +57,13 @@ pub trait WalSource: Send {
     ) -> impl Future<Output = Result<Option<(TableName, bool)>, PgError>> + Send;
 }
 
-/// Why a topic could not be read back.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ReadBackError {
-    /// What the client or the broker said.
-    pub message: String,
-    /// The broker refused for lack of permission: reading again will not help.
-    pub denied: bool,
-}
-
-impl std::fmt::Display for ReadBackError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.message)
-    }
-}
-
-impl ReadBackError {
-    fn of(error: &rdkafka::error::KafkaError) -> Self {
-        use rdkafka::types::RDKafkaErrorCode as C;
-        ReadBackError {
-            message: error.to_string(),
-            denied: matches!(
-                error.rdkafka_error_code(),
-                Some(
-                    C::TopicAuthorizationFailed
-                        | C::GroupAuthorizationFailed
-                        | C::ClusterAuthorizationFailed
-                )
-            ),
-        }
-    }
-
-    fn other(message: String) -> Self {
-        ReadBackError {
-            message,
-            denied: false,
-        }
-    }
-}
-
 /// Where records go: hands them to the broker and reports acknowledgements to the session's
 /// [`Progress`] (out of band, in any order).
 pub trait EventSink: Send {
     /// Hands `record` over; its outcome is reported with `token`. `QueueFull` is backpressure:
-    /// try again after some acknowledgements.
+    /// try again after some acknowledgements. A refusal arrives classified
+    /// ([`walship_kafka::Refusal`]): the session decides on its class, never on a client
+    /// library's error codes.
     fn send(&mut self, record: &Record<'_>, token: usize) -> Result<(), SendError>;
 
     /// `None` when `topic` is known to exist; else the check (creating it if configured to),
@@ -191,9 +157,9 @@ pub struct KafkaSink {
 impl KafkaSink {
     /// Creates the producer; acknowledgements go to `progress`. Its error never carries a
     /// secret value ([`SinkSettings::create`]).
-    pub fn new(settings: SinkSettings, progress: Arc<Progress>) -> Result<Self, crate::Error> {
-        let sink = Sink::new(settings.clone(), progress)
-            .map_err(|e| crate::Error::Producer(e.to_string()))?;
+    pub fn new(settings: SinkSettings, progress: Arc<Progress>) -> Result<Self, Error> {
+        let sink =
+            Sink::new(settings.clone(), progress).map_err(|e| Error::Producer(e.to_string()))?;
         Ok(KafkaSink {
             sink,
             settings,

@@ -91,7 +91,8 @@ impl Resume {
     /// True if the event at `position` with outbox id `id` and Kafka key `key` is to be
     /// skipped: an earlier run already put it into `topic`, and every earlier event of the key
     /// this session met was found there too. False for a topic not read back yet: call
-    /// [`Resume::scan`] first. Events must be asked about in stream order.
+    /// [`Resume::begin_scan`] and [`Resume::store`] first. Events must be asked about in stream
+    /// order.
     pub fn delivered(
         &mut self,
         topic: &str,

@@ -1,0 +1,285 @@
+//! The record: what walship writes to Kafka for each event and each dead letter — topic, key,
+//! value, timestamp and headers — shaped in one place.
+//!
+//! ```text
+//!  event        key = aggregate id · value = payload (none: tombstone) · timestamp = commit time
+//!               walship.source · walship.position · walship.timeline · [id] · [type] · [header columns]
+//!  dead letter  key = the event's key (or empty) · value = the row, cut to fit · timestamp = commit time
+//!               walship.error · walship.lsn · walship.xid · walship.table | walship.prefix ·
+//!               walship.source · walship.timeline · [walship.position] · [id] · [walship.truncated]
+//! ```
+//!
+//! Invariant: every record walship produces is built by [`Record::event`] or
+//! [`Record::dead_letter`], so its headers carry the names of [`crate::headers`] in the order
+//! above; a dead letter cut by [`Record::fit`] fits in the producer's `message.max.bytes` and
+//! names its original size. The texts walship writes itself (position, LSN, xid, size) are held
+//! by the record; the row's bytes (key, value, header columns) stay borrowed from the buffer
+//! they were decoded from, and librdkafka copies them once, when the record is sent.
+
+use std::io::Write as _;
+use std::sync::Arc;
+
+use crate::headers::{
+    ERROR_HEADER, ID_HEADER, LSN_HEADER, POSITION_HEADER, PREFIX_HEADER, Position, PositionText,
+    SOURCE_HEADER, TABLE_HEADER, TIMELINE_HEADER, TRUNCATED_HEADER, TYPE_HEADER, XID_HEADER,
+};
+
+/// Room left in a record for what is not key, value or header text: the record's and its
+/// batch's framing (a record batch header is 61 bytes; lengths, offsets and attributes add a
+/// few per field).
+pub const RECORD_OVERHEAD: usize = 512;
+
+/// Headers a record holds without allocating: a dead letter's nine, or an event's five and a
+/// few header columns.
+const INLINE_HEADERS: usize = 10;
+
+/// A short text the record writes itself (a position, an LSN, a number): at most 32 bytes.
+#[derive(Debug, Clone, Copy, Default)]
+struct Text {
+    buf: PositionText,
+    len: u8,
+}
+
+impl Text {
+    fn of(args: std::fmt::Arguments<'_>) -> Self {
+        let mut text = Text::default();
+        let mut cursor = std::io::Cursor::new(&mut text.buf[..]);
+        // Every text written here is shorter than the buffer.
+        let _ = cursor.write_fmt(args);
+        text.len = u8::try_from(cursor.position()).unwrap_or(0);
+        text
+    }
+
+    fn position(position: Position) -> Self {
+        let mut text = Text::default();
+        let len = position.encode(&mut text.buf).len();
+        text.len = u8::try_from(len).unwrap_or(0);
+        text
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        &self.buf[..usize::from(self.len)]
+    }
+}
+
+/// A header's value: bytes the caller lends (or null), or a text the record holds.
+#[derive(Debug, Clone, Copy)]
+enum Value<'a> {
+    Lent(Option<&'a [u8]>),
+    Text(Text),
+}
+
+/// Who wrote an event and where it stands: what every record of it names, an event's own
+/// record and its dead letter alike.
+#[derive(Debug, Clone, Copy)]
+pub struct Stamp<'a> {
+    /// [`SOURCE_HEADER`]: `<system identifier>/<slot>`.
+    pub source: &'a str,
+    /// [`POSITION_HEADER`]; `None` for what is no event of any transaction.
+    pub position: Option<Position>,
+    /// [`TIMELINE_HEADER`]: the timeline whose WAL holds the commit.
+    pub timeline: &'a str,
+    /// [`ID_HEADER`]: the outbox row's id, when it has one.
+    pub id: Option<&'a [u8]>,
+}
+
+/// An outbox event's content: what its record carries besides the [`Stamp`].
+#[derive(Debug, Clone, Copy)]
+pub struct Event<'a> {
+    /// The aggregate id: decides the partition.
+    pub key: &'a [u8],
+    /// The payload as stored; `None` sends a tombstone.
+    pub payload: Option<&'a [u8]>,
+    /// Commit time, ms since the Unix epoch.
+    pub commit_ms: i64,
+    /// [`TYPE_HEADER`], when the row has one.
+    pub event_type: Option<&'a [u8]>,
+    /// Header columns, in the configured order: name and value (or NULL).
+    pub columns: &'a [(Arc<str>, Option<&'a [u8]>)],
+}
+
+/// Where a dead letter's row came from.
+#[derive(Debug, Clone, Copy)]
+pub enum Origin<'a> {
+    /// A row of this table ([`TABLE_HEADER`]).
+    Table(&'a str),
+    /// A logical message with this prefix ([`PREFIX_HEADER`]).
+    Prefix(&'a str),
+}
+
+/// A dead letter's content: the row or record it stands for and why it is one.
+#[derive(Debug, Clone, Copy)]
+pub struct DeadLetter<'a> {
+    /// The event's key, empty when it has none.
+    pub key: &'a [u8],
+    /// The row (its JSON or the message's content), or nothing.
+    pub value: &'a [u8],
+    /// Commit time, ms since the Unix epoch.
+    pub commit_ms: i64,
+    /// [`ERROR_HEADER`]: why it cannot be an event.
+    pub reason: &'a str,
+    /// [`LSN_HEADER`]: the row's LSN.
+    pub lsn: u64,
+    /// [`XID_HEADER`]: its transaction.
+    pub xid: u32,
+    /// Its table or its message prefix.
+    pub origin: Origin<'a>,
+}
+
+/// What [`Record::fit`] cut from a value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cut {
+    /// The value's size before, in bytes (what [`TRUNCATED_HEADER`] says).
+    pub full: usize,
+    /// The bytes kept.
+    pub kept: usize,
+}
+
+/// A record to send: see the module documentation. librdkafka copies what it keeps.
+#[derive(Debug, Clone)]
+pub struct Record<'a> {
+    /// Destination topic.
+    pub topic: &'a str,
+    /// Key: decides the partition.
+    pub key: &'a [u8],
+    /// Value; `None` sends a tombstone.
+    pub payload: Option<&'a [u8]>,
+    /// Record timestamp (ms since the Unix epoch); the commit time.
+    pub timestamp_ms: Option<i64>,
+    inline: [(&'a str, Value<'a>); INLINE_HEADERS],
+    len: usize,
+    /// Headers past the inline ones, in order.
+    more: Vec<(&'a str, Value<'a>)>,
+}
+
+impl<'a> Record<'a> {
+    /// A record without headers.
+    pub fn new(
+        topic: &'a str,
+        key: &'a [u8],
+        payload: Option<&'a [u8]>,
+        timestamp_ms: Option<i64>,
+    ) -> Self {
+        Record {
+            topic,
+            key,
+            payload,
+            timestamp_ms,
+            inline: [("", Value::Lent(None)); INLINE_HEADERS],
+            len: 0,
+            more: Vec::new(),
+        }
+    }
+
+    /// An outbox event's record.
+    pub fn event(topic: &'a str, event: Event<'a>, stamp: Stamp<'a>) -> Self {
+        let mut r = Record::new(topic, event.key, event.payload, Some(event.commit_ms));
+        r.header(SOURCE_HEADER, Some(stamp.source.as_bytes()));
+        if let Some(position) = stamp.position {
+            r.text(POSITION_HEADER, Text::position(position));
+        }
+        r.header(TIMELINE_HEADER, Some(stamp.timeline.as_bytes()));
+        r.header_if(ID_HEADER, stamp.id);
+        r.header_if(TYPE_HEADER, event.event_type);
+        for (name, value) in event.columns {
+            r.header(name, *value);
+        }
+        r
+    }
+
+    /// A dead letter's record, its value whole (see [`Record::fit`]).
+    pub fn dead_letter(topic: &'a str, dead: DeadLetter<'a>, stamp: Stamp<'a>) -> Self {
+        let mut r = Record::new(topic, dead.key, Some(dead.value), Some(dead.commit_ms));
+        r.header(ERROR_HEADER, Some(dead.reason.as_bytes()));
+        let lsn = dead.lsn;
+        r.text(
+            LSN_HEADER,
+            Text::of(format_args!("{:X}/{:X}", lsn >> 32, lsn & 0xFFFF_FFFF)),
+        );
+        r.text(XID_HEADER, Text::of(format_args!("{}", dead.xid)));
+        match dead.origin {
+            Origin::Table(table) => r.header(TABLE_HEADER, Some(table.as_bytes())),
+            Origin::Prefix(prefix) => r.header(PREFIX_HEADER, Some(prefix.as_bytes())),
+        }
+        r.header(SOURCE_HEADER, Some(stamp.source.as_bytes()));
+        r.header(TIMELINE_HEADER, Some(stamp.timeline.as_bytes()));
+        if let Some(position) = stamp.position {
+            r.text(POSITION_HEADER, Text::position(position));
+        }
+        r.header_if(ID_HEADER, stamp.id);
+        r
+    }
+
+    /// Cuts the value to what a producer accepting `max_bytes` (`message.max.bytes`) takes
+    /// besides the key, the headers and [`RECORD_OVERHEAD`], and says the original size in
+    /// [`TRUNCATED_HEADER`]. `None` when it fits whole (then nothing changes).
+    pub fn fit(&mut self, max_bytes: usize) -> Option<Cut> {
+        let value = self.payload.unwrap_or_default();
+        let full = Text::of(format_args!("{}", value.len()));
+        let framing: usize = self.key.len()
+            + RECORD_OVERHEAD
+            + TRUNCATED_HEADER.len()
+            + full.as_bytes().len()
+            + self
+                .headers()
+                .map(|(k, v)| k.len() + v.map_or(0, <[u8]>::len))
+                .sum::<usize>();
+        let room = max_bytes.saturating_sub(framing);
+        if value.len() <= room {
+            return None;
+        }
+        self.payload = Some(&value[..room]);
+        self.text(TRUNCATED_HEADER, full);
+        Some(Cut {
+            full: value.len(),
+            kept: room,
+        })
+    }
+
+    /// Adds a header; `None` is a null value.
+    pub fn header(&mut self, name: &'a str, value: Option<&'a [u8]>) {
+        self.push(name, Value::Lent(value));
+    }
+
+    /// Adds a header only when it has a value.
+    fn header_if(&mut self, name: &'a str, value: Option<&'a [u8]>) {
+        if value.is_some() {
+            self.header(name, value);
+        }
+    }
+
+    fn text(&mut self, name: &'a str, text: Text) {
+        self.push(name, Value::Text(text));
+    }
+
+    fn push(&mut self, name: &'a str, value: Value<'a>) {
+        if self.len < INLINE_HEADERS {
+            self.inline[self.len] = (name, value);
+            self.len += 1;
+        } else {
+            self.more.push((name, value));
+        }
+    }
+
+    /// The headers, in order: name and value (`None`: null).
+    pub fn headers(&self) -> impl Iterator<Item = (&str, Option<&[u8]>)> + '_ {
+        self.inline[..self.len]
+            .iter()
+            .chain(&self.more)
+            .map(|(name, value)| {
+                let value = match value {
+                    Value::Lent(v) => *v,
+                    Value::Text(t) => Some(t.as_bytes()),
+                };
+                (*name, value)
+            })
+    }
+
+    /// How many headers the record has.
+    pub fn header_count(&self) -> usize {
+        self.len + self.more.len()
+    }
+}
+
+#[cfg(test)]
+mod tests;
