@@ -576,3 +576,25 @@ fn metrics_listen_takes_an_address_with_or_without_its_port() {
     );
     assert_eq!(MetricsConfig { listen: None }.address().unwrap(), None);
 }
+
+#[test]
+fn producer_settings_that_would_reorder_a_key_are_refused() {
+    for (key, value) in [
+        ("message.timeout.ms", "30000"),
+        ("delivery.timeout.ms", "120000"),
+        ("partitioner", "random"),
+    ] {
+        let text = format!("{MINIMAL}[kafka.librdkafka]\n{key:?} = {value:?}\n");
+        let e = parse(&text, &[]).expect_err(key).to_string();
+        assert!(e.contains(key) && e.contains("order"), "{key}: {e}");
+    }
+    // Never timing out, and keyed partitioners, stay allowed.
+    for (key, value) in [
+        ("message.timeout.ms", "0"),
+        ("partitioner", "murmur2"),
+        ("partitioner", "consistent_random"),
+    ] {
+        let text = format!("{MINIMAL}[kafka.librdkafka]\n{key:?} = {value:?}\n");
+        parse(&text, &[]).unwrap_or_else(|e| panic!("{key} = {value}: {e}"));
+    }
+}

@@ -150,6 +150,39 @@ impl Config {
                 )));
             }
         }
+        self.validate_order_properties()
+    }
+
+    /// The producer properties that would let a key's records land out of commit order: a
+    /// record that times out (`message.timeout.ms`, alias `delivery.timeout.ms`, other than 0)
+    /// is read again from the slot after later records of its partition landed, and a
+    /// partitioner that ignores the key spreads one key over partitions. Either breaks per-key
+    /// order (G2) and the order within a partition that consumers' inboxes rely on.
+    fn validate_order_properties(&self) -> Result<(), ConfigError> {
+        for key in ["message.timeout.ms", "delivery.timeout.ms"] {
+            if let Some(v) = self.kafka.librdkafka.get(key)
+                && v.trim() != "0"
+            {
+                return Err(ConfigError(format!(
+                    "kafka.librdkafka.{key:?} = {v:?}: walship never lets a record time out (0), \
+                     because a record that timed out is sent again after later records of its \
+                     partition landed, so a consumer would see an aggregate's events out of \
+                     order. Remove it (during a broker outage records wait, bounded by \
+                     run.max_in_flight_events; alert on walship_last_ack_timestamp_seconds instead)"
+                )));
+            }
+        }
+        if let Some(v) = self.kafka.librdkafka.get("partitioner")
+            && v.trim() == "random"
+        {
+            return Err(ConfigError(
+                "kafka.librdkafka.\"partitioner\" = \"random\" ignores the key, so one \
+                 aggregate's events would spread over partitions and lose their order: remove \
+                 it (walship's default murmur2_random matches the Java client) or pick a keyed \
+                 partitioner (murmur2, consistent, fnv1a, …), the same in every process"
+                    .into(),
+            ));
+        }
         Ok(())
     }
 
