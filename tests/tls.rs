@@ -299,7 +299,9 @@ fn config(db: &TestDb, url: &str, postgres_extra: &str) -> Config {
 }
 
 fn params(config: &Config) -> ConnectParams {
-    config.connect_params().expect("connect params")
+    walship::config::SourceSettings::resolve(config)
+        .expect("connect params")
+        .params
 }
 
 /// Opens a replication connection on `slot`; the error when it fails.

@@ -10,7 +10,7 @@
 //! ```
 //!
 //! Invariant: every record walship produces is built by [`Record::event`] or
-//! [`Record::dead_letter`], so its headers carry the names of [`crate::headers`] in the order
+//! [`Record::dead_letter`] (only benches assemble one from [`Record::new`] directly), so its headers carry the names of [`crate::headers`] in the order
 //! above; a dead letter cut by [`Record::fit`] fits in the producer's `message.max.bytes` and
 //! names its original size. The texts walship writes itself (position, LSN, xid, size) are held
 //! by the record; the row's bytes (key, value, header columns) stay borrowed from the buffer

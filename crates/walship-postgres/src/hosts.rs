@@ -6,7 +6,7 @@
 //!      │
 //!      ├─▶ pg1:5432  refused / in recovery ──▶ next
 //!      └─▶ pg2:5432  read-write ─────────────▶ keep (SQL connections: tokio-postgres;
-//!                                                    the replication stream: replication.rs)
+//!                                                    the replication stream: replication/connect.rs)
 //! ```
 //!
 //! Invariant: with more than one host, walship only ever keeps a connection to a server that is

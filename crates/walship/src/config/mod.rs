@@ -19,7 +19,7 @@ pub mod deployment;
 pub mod env;
 pub mod format;
 pub mod settings;
-pub mod validate;
+mod validate;
 
 pub use deployment::{ClusterConfig, Deployment, Pipeline};
 pub use format::{

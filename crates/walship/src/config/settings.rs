@@ -1,8 +1,8 @@
 //! Settings resolved once: the configuration turned into typed settings per layer.
 //!
 //! Owns the step from [`Config`] (what the operator wrote) to what each layer consumes — the
-//! PostgreSQL source, the Kafka sink, the session — so the wiring in [`crate::run`] only hands
-//! values down and never calls back into the configuration.
+//! PostgreSQL source, the Kafka sink, the session — so the wiring in [`crate::run`] and [`crate::pipeline`]
+//! only hands values down and never calls back into the configuration.
 //!
 //! Invariant: everything that can be wrong about a configuration (a connection string, a
 //! secret that is not set, a topic template, a listen address) fails here, before any
@@ -87,7 +87,7 @@ pub struct SourceParts {
     pub connect: Result<ConnectConfig, ConfigError>,
     /// The password (`password_file`, `password_env`, the URL's, `PGPASSWORD`).
     pub password: Result<Option<Secret>, ConfigError>,
-    /// `postgres.read_batching`.
+    /// `postgres.read_batching` (how replication streams read; `check` opens none).
     pub read_batching: Result<ReadBatching, ConfigError>,
     /// The outbox table and which columns mean what.
     pub outbox: OutboxSpec,
@@ -228,15 +228,6 @@ impl Config {
             exempt_topic: (self.outbox.on_bad_row == BadRowPolicy::DeadLetter)
                 .then(|| self.outbox.dead_letter_topic.clone()),
         }))
-    }
-
-    /// Everything needed to connect to PostgreSQL: [`connect_config`](Self::connect_config)
-    /// plus how replication streams read (`postgres.read_batching`).
-    pub fn connect_params(&self) -> Result<ConnectParams, ConfigError> {
-        Ok(ConnectParams {
-            config: self.connect_config()?,
-            read_batching: self.read_batching()?,
-        })
     }
 
     /// The parsed PostgreSQL connection parameters (password applied separately): the URL,

@@ -247,7 +247,7 @@ fn a_url_with_several_hosts_needs_a_session_target() {
         ),
     ] {
         let c = parse(&with_url(url), &[]).unwrap();
-        let params = c.connect_params().unwrap();
+        let params = SourceSettings::resolve(&c).unwrap().params;
         assert_eq!(params.config.session_target, target, "{url}");
         assert_eq!(
             params.config.get_target_session_attrs(),
@@ -273,7 +273,10 @@ fn a_url_with_several_hosts_needs_a_session_target() {
         &[],
     )
     .unwrap();
-    assert_eq!(c.connect_params().unwrap().describe(), "pg:5432");
+    assert_eq!(
+        SourceSettings::resolve(&c).unwrap().params.describe(),
+        "pg:5432"
+    );
 }
 
 #[test]

@@ -67,8 +67,9 @@ impl<W: WalSource, K: EventSink> Session<W, K> {
 
     /// Waits until every record handed to the sink is acknowledged (or failed), up to the
     /// shutdown timeout, reporting status meanwhile so the walsender keeps the stream (and the
-    /// slot) this session's: the next owner cannot start while these records are in flight. An
-    /// abandoned session does not wait.
+    /// slot) this session's: the next owner cannot start while these records are in flight. A session
+    /// told to abandon ([`Session::abandon_on`]'s token) does not wait; one whose stop only ran
+    /// out of time still waits here, so a stop can take twice `run.shutdown_timeout_ms`.
     async fn await_acks(&mut self) -> Result<(), Error> {
         if self.abandon.is_cancelled() {
             return Ok(());

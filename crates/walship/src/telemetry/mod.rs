@@ -33,7 +33,7 @@
 //! HTTP parsing is hyper's, the exposition format prometheus-client's; this module only maps
 //! paths to answers and the atomics to metric families.
 
-pub mod encode;
+mod encode;
 pub mod http;
 pub mod process;
 pub mod state;
