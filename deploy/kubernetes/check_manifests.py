@@ -41,7 +41,7 @@ DEFAULT_METRICS_PORT = 10187
 # Beyond twice the shutdown timeout: destroying the producer, confirming the slot, the process
 # exiting.
 GRACE_MARGIN_S = 10
-# The highest resident set measured (tests/reliability.rs: a 100,000-row transaction).
+# The highest resident set measured (tests/reliability/outages.rs: a 100,000-row transaction).
 MEASURED_PEAK_MIB = 38.3
 
 
