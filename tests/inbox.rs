@@ -28,9 +28,11 @@ use walship_inbox::{Admission, Error, Handler, Inbox, POSITION_HEADER, SOURCE_HE
 
 use crate::failover::slot_holder;
 use crate::harness::postgres::connect;
+use crate::harness::process::free_port;
 use crate::harness::{
     self, Binary, Consumed, TIMEOUT, TestDb, broker, consume, process, topic, until, until_async,
 };
+use crate::metrics::{get, value};
 use crate::reliability::write_events;
 
 /// A record as walship writes it (or, without `source`, as another producer might).
@@ -154,6 +156,17 @@ async fn the_mark_admits_each_position_once_per_partition_and_source() {
         "{text}"
     );
     assert!(!err.is_transient());
+    // Forms a lenient parser reads but pg_lsn does not: refused before the database, naming
+    // the header.
+    for position in ["+1/0:2", "000000001/0:2"] {
+        let err = admit(&inbox, &mut client, &walship_record(0, 10, s1, position))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, Error::MalformedHeader { header, .. } if header == POSITION_HEADER),
+            "{err}"
+        );
+    }
 
     // Records of other producers.
     let foreign = |offset, id: &str| record(2, offset, &[("event-id", id)]);
@@ -340,7 +353,11 @@ fn consumer_process() {
                 Ok(m) => {
                     match inbox.process(&mut client, &consumer, &m, &mut Apply).await {
                         Ok(Admission::Apply) => applied += 1,
-                        Ok(Admission::Duplicate) => skipped += 1,
+                        Ok(Admission::Duplicate) => {
+                            skipped += 1;
+                            // Which record: the test tells redeliveries from late copies.
+                            println!("skip {} {}", m.partition(), m.offset());
+                        }
                         Err(e) => panic!("processing failed: {e}"),
                     }
                     next.insert(m.partition(), m.offset() + 1);
@@ -414,6 +431,17 @@ impl ConsumerProcess {
 
     fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Every record (partition, offset) any of its starts skipped as a copy.
+    fn skipped(&self) -> HashSet<(i32, i64)> {
+        self.log_text()
+            .lines()
+            .filter_map(|l| {
+                let (p, o) = l.strip_prefix("skip ")?.split_once(' ')?;
+                Some((p.parse().ok()?, o.parse().ok()?))
+            })
+            .collect()
     }
 
     /// Panics with its log if the process ended (it never ends by itself).
@@ -523,9 +551,11 @@ async fn await_applied(consumer_db: &Client, consumer: &mut ConsumerProcess, n: 
 }
 
 /// Every event once, in commit order per key: walship killed and resumed, a frozen owner
-/// handing over to a standby (its late batches land after the new owner's records), the
-/// consumer killed -9 twice under load (more of each with `WALSHIP_LONG_TESTS=1`), and finally a new consumer group replaying the whole
-/// topic into the same database, which applies nothing.
+/// handing over to a standby while a second writer runs at full speed (its late batches land
+/// after the new owner's records: the test asserts there are some, and that none was applied),
+/// the consumer killed -9 twice under load (it asserts that the restarts skipped records an
+/// earlier start had applied; more of each with `WALSHIP_LONG_TESTS=1`), and finally a new
+/// consumer group replaying the whole topic into the same database, which applies nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_event_is_applied_once_across_kills_and_a_frozen_owners_hand_over() {
     let _heavy = harness::heavy().await;
@@ -545,7 +575,11 @@ async fn every_event_is_applied_once_across_kills_and_a_frozen_owners_hand_over(
     let consumer_db = TestDb::new().await;
     let config = harness::config_toml(&db, &broker().bootstrap, "");
     let topic = topic(&db, "order");
-    let mut a = Binary::start(&config);
+    // The first owner serves metrics: its in-flight count says when its producer holds records.
+    let port = free_port();
+    let mut a = Binary::start(&format!(
+        "{config}\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n"
+    ));
     db.await_streaming().await;
 
     // A writer commits one event for each of 10 keys every 50 ms (in seq order per key) until
@@ -596,13 +630,39 @@ async fn every_event_is_applied_once_across_kills_and_a_frozen_owners_hand_over(
     .await;
     let walsender = slot_holder(&db).await.expect("the first streams");
     let standby_lines = a.log_text().matches(STANDBY).count();
+    // A second writer at full speed, on keys of its own, from before the freeze until the
+    // standby streams: the owner's producer holds unacknowledged batches when it stops, the
+    // standby publishes those events again and newer ones of the same keys, and the thawed
+    // producer's batches land after them — late copies.
+    let burst = Arc::new(AtomicBool::new(true));
+    let burst_writer = {
+        let (url, burst) = (db.url.clone(), Arc::clone(&burst));
+        tokio::spawn(async move {
+            let client = connect(&url).await;
+            let keys: Vec<String> = (0..10).map(|k| format!("burst{k}")).collect();
+            let (mut ids, mut seq) = (Vec::new(), 0);
+            while seq < 20 || burst.load(Ordering::Relaxed) {
+                ids.extend(write_events(&client, &keys, 10, seq, false).await);
+                seq += 10;
+            }
+            ids
+        })
+    };
+    until(
+        "the owner's producer to hold unacknowledged records",
+        || value(&get(port, "/metrics").1, "walship_in_flight_events") > 0.0,
+    )
+    .await;
     a.signal(libc::SIGSTOP);
-    let read_before = db.current_lsn().await;
     until_async("the standby to take the slot", || async {
         slot_holder(&db).await.is_some_and(|pid| pid != walsender)
     })
     .await;
-    db.await_confirmed(read_before, TIMEOUT).await;
+    burst.store(false, Ordering::Relaxed);
+    let burst_ids = burst_writer.await.expect("burst writer");
+    // The standby publishes the whole burst before the old owner thaws.
+    let burst_end = db.current_lsn().await;
+    db.await_confirmed(burst_end, TIMEOUT).await;
     a.signal(libc::SIGCONT);
     until("the thawed walship to wait as a standby", || {
         a.log_text().matches(STANDBY).count() > standby_lines
@@ -618,7 +678,8 @@ async fn every_event_is_applied_once_across_kills_and_a_frozen_owners_hand_over(
     }
 
     writing.store(false, Ordering::Relaxed);
-    let ids: HashSet<String> = writer.await.expect("writer").into_iter().collect();
+    let mut ids: HashSet<String> = writer.await.expect("writer").into_iter().collect();
+    ids.extend(burst_ids);
     db.await_caught_up().await;
     await_applied(c, &mut consumer, ids.len() as i64).await;
     // Everything in the topic is read, every copy too.
@@ -683,17 +744,53 @@ async fn every_event_is_applied_once_across_kills_and_a_frozen_owners_hand_over(
         .await
         .expect("marks")
         .get(0);
-    let skipped_live = live.1;
-    let late = harness::late_copies(&records).len();
+
+    // The frozen owner's late copies are in the topic, and none of them was the record applied.
+    let applied_at: HashSet<(i32, i64)> = c
+        .query("SELECT kafka_partition, kafka_offset FROM applied", &[])
+        .await
+        .expect("applied offsets")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let late = harness::late_copies(&records);
+    assert!(
+        !late.is_empty(),
+        "the frozen owner's thaw left no late copies among {} records",
+        records.len()
+    );
+    for copy in &late {
+        assert!(
+            copy.seen_before && copy.below_published,
+            "a late record that is not a recognisable copy: {copy:?}"
+        );
+        assert!(
+            !applied_at.contains(&(copy.record.partition, copy.record.offset)),
+            "a late copy was applied: {copy:?}"
+        );
+    }
+    // The consumer's kill -9 restarts got records again that an earlier start had applied (its
+    // offsets were not committed yet), and skipped them.
+    let skipped = consumer.skipped();
+    let redelivered = skipped.intersection(&applied_at).count();
+    assert!(
+        redelivered > 0,
+        "no redelivery skipped across {} consumer kills ({} skips in all)",
+        2 * rounds,
+        skipped.len()
+    );
     eprintln!(
         "inbox: {} events applied once each across {rounds} walship kill(s), a frozen owner's \
-         hand-over and {} consumer kills; the topic held {} records ({late} late copies); {} copies \
-         skipped by the last consumer run, {replayed} records by the replay; {marks} mark rows; \
-         {} s",
+         hand-over and {} consumer kills; the topic held {} records ({} late copies, none \
+         applied); the consumer skipped {} records, {redelivered} of them redeliveries of \
+         records it had applied before a kill ({} copies skipped by its last start); the replay \
+         skipped {replayed} records; {marks} mark rows; {} s",
         ids.len(),
         2 * rounds,
         records.len(),
-        skipped_live,
+        late.len(),
+        skipped.len(),
+        live.1,
         started.elapsed().as_secs()
     );
     for p in [b, a] {
