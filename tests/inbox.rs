@@ -28,9 +28,11 @@ use walship_inbox::{Admission, Error, Handler, Inbox, POSITION_HEADER, SOURCE_HE
 
 use crate::failover::slot_holder;
 use crate::harness::postgres::connect;
+use crate::harness::process::free_port;
 use crate::harness::{
     self, Binary, Consumed, TIMEOUT, TestDb, broker, consume, process, topic, until, until_async,
 };
+use crate::metrics::{get, value};
 use crate::reliability::write_events;
 
 /// A record as walship writes it (or, without `source`, as another producer might).
@@ -154,6 +156,17 @@ async fn the_mark_admits_each_position_once_per_partition_and_source() {
         "{text}"
     );
     assert!(!err.is_transient());
+    // Forms a lenient parser reads but pg_lsn does not: refused before the database, naming
+    // the header.
+    for position in ["+1/0:2", "000000001/0:2"] {
+        let err = admit(&inbox, &mut client, &walship_record(0, 10, s1, position))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, Error::MalformedHeader { header, .. } if header == POSITION_HEADER),
+            "{err}"
+        );
+    }
 
     // Records of other producers.
     let foreign = |offset, id: &str| record(2, offset, &[("event-id", id)]);
@@ -340,7 +353,11 @@ fn consumer_process() {
                 Ok(m) => {
                     match inbox.process(&mut client, &consumer, &m, &mut Apply).await {
                         Ok(Admission::Apply) => applied += 1,
-                        Ok(Admission::Duplicate) => skipped += 1,
+                        Ok(Admission::Duplicate) => {
+                            skipped += 1;
+                            // Which record: the test tells redeliveries from late copies.
+                            println!("skip {} {}", m.partition(), m.offset());
+                        }
                         Err(e) => panic!("processing failed: {e}"),
                     }
                     next.insert(m.partition(), m.offset() + 1);
@@ -416,6 +433,17 @@ impl ConsumerProcess {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Every record (partition, offset) any of its starts skipped as a copy.
+    fn skipped(&self) -> HashSet<(i32, i64)> {
+        self.log_text()
+            .lines()
+            .filter_map(|l| {
+                let (p, o) = l.strip_prefix("skip ")?.split_once(' ')?;
+                Some((p.parse().ok()?, o.parse().ok()?))
+            })
+            .collect()
+    }
+
     /// Panics with its log if the process ended (it never ends by itself).
     fn assert_running(&mut self) {
         if let Some(status) = self.child.try_wait().expect("try_wait") {
@@ -479,6 +507,44 @@ fn everything(topic: &str, ids: &HashSet<String>) -> (Vec<Consumed>, BTreeMap<i3
     (records, ends)
 }
 
+/// Sends again, to its partition and after newer events of its key, the oldest record of a key
+/// that has a newer one: a late copy, as a frozen owner's producer would send it.
+async fn copy_late(topic: &str, records: &[Consumed]) {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let mut sorted: Vec<&Consumed> = records.iter().collect();
+    sorted.sort_by_key(|r| (r.partition, r.offset));
+    let original = sorted
+        .iter()
+        .find(|r| {
+            sorted
+                .iter()
+                .any(|n| n.key == r.key && n.partition == r.partition && n.offset > r.offset)
+        })
+        .expect("a key with two events");
+    let mut headers = OwnedHeaders::new();
+    for (k, v) in &original.headers {
+        headers = headers.insert(Header {
+            key: k,
+            value: Some(v),
+        });
+    }
+    let mut record = FutureRecord::to(topic)
+        .partition(original.partition)
+        .key(&original.key)
+        .headers(headers);
+    if let Some(p) = &original.payload {
+        record = record.payload(p);
+    }
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &broker().bootstrap)
+        .create()
+        .expect("producer");
+    producer
+        .send(record, Duration::from_secs(30))
+        .await
+        .expect("write the late copy");
+}
+
 /// Waits until the consumer's latest start has read every partition to `ends`; returns its
 /// counts (applied, skipped) then.
 async fn await_read_to_end(
@@ -507,6 +573,23 @@ async fn applied_count(consumer_db: &Client) -> i64 {
         .map_or(0, |r| r.get(0))
 }
 
+/// Like [`await_applied`], but returns how many were applied when the time is up.
+async fn try_await_applied(
+    consumer_db: &Client,
+    consumer: &mut ConsumerProcess,
+    n: i64,
+) -> Result<(), i64> {
+    let deadline = Instant::now() + TIMEOUT;
+    while applied_count(consumer_db).await < n {
+        consumer.assert_running();
+        if Instant::now() >= deadline {
+            return Err(applied_count(consumer_db).await);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
 /// Waits until the consumer has applied at least `n` events (the process must stay up).
 async fn await_applied(consumer_db: &Client, consumer: &mut ConsumerProcess, n: i64) {
     let deadline = Instant::now() + TIMEOUT;
@@ -523,9 +606,11 @@ async fn await_applied(consumer_db: &Client, consumer: &mut ConsumerProcess, n: 
 }
 
 /// Every event once, in commit order per key: walship killed and resumed, a frozen owner
-/// handing over to a standby (its late batches land after the new owner's records), the
-/// consumer killed -9 twice under load (more of each with `WALSHIP_LONG_TESTS=1`), and finally a new consumer group replaying the whole
-/// topic into the same database, which applies nothing.
+/// handing over to a standby while a second writer runs at full speed (its late batches land
+/// after the new owner's records: the test asserts there are some, and that none was applied),
+/// the consumer killed -9 twice under load (it asserts that the restarts skipped records an
+/// earlier start had applied; more of each with `WALSHIP_LONG_TESTS=1`), and finally a new
+/// consumer group replaying the whole topic into the same database, which applies nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_event_is_applied_once_across_kills_and_a_frozen_owners_hand_over() {
     let _heavy = harness::heavy().await;
@@ -545,7 +630,11 @@ async fn every_event_is_applied_once_across_kills_and_a_frozen_owners_hand_over(
     let consumer_db = TestDb::new().await;
     let config = harness::config_toml(&db, &broker().bootstrap, "");
     let topic = topic(&db, "order");
-    let mut a = Binary::start(&config);
+    // The first owner serves metrics: its in-flight count says when its producer holds records.
+    let port = free_port();
+    let mut a = Binary::start(&format!(
+        "{config}\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n"
+    ));
     db.await_streaming().await;
 
     // A writer commits one event for each of 10 keys every 50 ms (in seq order per key) until
@@ -596,13 +685,23 @@ async fn every_event_is_applied_once_across_kills_and_a_frozen_owners_hand_over(
     .await;
     let walsender = slot_holder(&db).await.expect("the first streams");
     let standby_lines = a.log_text().matches(STANDBY).count();
+    // Frozen while its producer holds unacknowledged records: if they are still unsent then,
+    // the standby publishes those events again and newer ones of the same keys, and the thawed
+    // producer's batches land after them — late copies (whether they are unsent is a matter of
+    // timing, so the test also writes one late copy itself, below).
+    until(
+        "the owner's producer to hold unacknowledged records",
+        || value(&get(port, "/metrics").1, "walship_in_flight_events") > 0.0,
+    )
+    .await;
     a.signal(libc::SIGSTOP);
-    let read_before = db.current_lsn().await;
     until_async("the standby to take the slot", || async {
         slot_holder(&db).await.is_some_and(|pid| pid != walsender)
     })
     .await;
-    db.await_confirmed(read_before, TIMEOUT).await;
+    // The standby publishes what was written meanwhile before the old owner thaws.
+    let now = db.current_lsn().await;
+    db.await_confirmed(now, TIMEOUT).await;
     a.signal(libc::SIGCONT);
     until("the thawed walship to wait as a standby", || {
         a.log_text().matches(STANDBY).count() > standby_lines
@@ -620,7 +719,43 @@ async fn every_event_is_applied_once_across_kills_and_a_frozen_owners_hand_over(
     writing.store(false, Ordering::Relaxed);
     let ids: HashSet<String> = writer.await.expect("writer").into_iter().collect();
     db.await_caught_up().await;
-    await_applied(c, &mut consumer, ids.len() as i64).await;
+    if let Err(n) = try_await_applied(c, &mut consumer, ids.len() as i64).await {
+        // Where are the events the consumer did not apply?
+        let applied: HashSet<String> = c
+            .query("SELECT id FROM applied", &[])
+            .await
+            .expect("applied")
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let (records, _) = everything(&topic, &ids);
+        let missing: Vec<&String> = ids.iter().filter(|i| !applied.contains(*i)).collect();
+        for m in missing.iter().take(10) {
+            let found: Vec<String> = records
+                .iter()
+                .filter(|r| r.id() == **m)
+                .map(|r| {
+                    format!(
+                        "p{} o{} pos {:?}",
+                        r.partition,
+                        r.offset,
+                        r.header(POSITION_HEADER)
+                    )
+                })
+                .collect();
+            eprintln!("missing {m}: in the topic at {found:?}");
+        }
+        panic!(
+            "the consumer applied {n} of {} events; {} missing",
+            ids.len(),
+            missing.len()
+        );
+    }
+    // Whether the thawed producer still held batches at the freeze is a matter of timing, so
+    // the test also writes one late copy itself: an event already applied, sent again to its
+    // partition after newer events of its key, headers and all (what a frozen owner's batch is).
+    let (records, _) = everything(&topic, &ids);
+    copy_late(&topic, &records).await;
     // Everything in the topic is read, every copy too.
     let (records, ends) = everything(&topic, &ids);
     let live = await_read_to_end(&mut consumer, &ends).await;
@@ -683,17 +818,53 @@ async fn every_event_is_applied_once_across_kills_and_a_frozen_owners_hand_over(
         .await
         .expect("marks")
         .get(0);
-    let skipped_live = live.1;
-    let late = harness::late_copies(&records).len();
+
+    // The frozen owner's late copies are in the topic, and none of them was the record applied.
+    let applied_at: HashSet<(i32, i64)> = c
+        .query("SELECT kafka_partition, kafka_offset FROM applied", &[])
+        .await
+        .expect("applied offsets")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let late = harness::late_copies(&records);
+    assert!(
+        !late.is_empty(),
+        "no late copies among {} records (the test wrote one itself)",
+        records.len()
+    );
+    for copy in &late {
+        assert!(
+            copy.seen_before && copy.below_published,
+            "a late record that is not a recognisable copy: {copy:?}"
+        );
+        assert!(
+            !applied_at.contains(&(copy.record.partition, copy.record.offset)),
+            "a late copy was applied: {copy:?}"
+        );
+    }
+    // The consumer's kill -9 restarts got records again that an earlier start had applied (its
+    // offsets were not committed yet), and skipped them.
+    let skipped = consumer.skipped();
+    let redelivered = skipped.intersection(&applied_at).count();
+    assert!(
+        redelivered > 0,
+        "no redelivery skipped across {} consumer kills ({} skips in all)",
+        2 * rounds,
+        skipped.len()
+    );
     eprintln!(
         "inbox: {} events applied once each across {rounds} walship kill(s), a frozen owner's \
-         hand-over and {} consumer kills; the topic held {} records ({late} late copies); {} copies \
-         skipped by the last consumer run, {replayed} records by the replay; {marks} mark rows; \
-         {} s",
+         hand-over and {} consumer kills; the topic held {} records ({} late copies, none \
+         applied); the consumer skipped {} records, {redelivered} of them redeliveries of \
+         records it had applied before a kill ({} copies skipped by its last start); the replay \
+         skipped {replayed} records; {marks} mark rows; {} s",
         ids.len(),
         2 * rounds,
         records.len(),
-        skipped_live,
+        late.len(),
+        skipped.len(),
+        live.1,
         started.elapsed().as_secs()
     );
     for p in [b, a] {

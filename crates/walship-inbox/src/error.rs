@@ -3,7 +3,10 @@
 //! definite one (a record the inbox cannot read, a foreign record it was told to refuse) needs
 //! a person — the message says which record and what to change.
 
+use std::borrow::Cow;
+
 use rdkafka::Message;
+use rdkafka::types::RDKafkaErrorCode;
 
 /// The record an error is about: where it is in Kafka.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,9 +57,9 @@ pub enum Error {
     MalformedHeader {
         /// The record.
         record: RecordRef,
-        /// The header's name.
-        header: &'static str,
-        /// Its value, lossily as text.
+        /// The header's name: walship's, or the configured event id header.
+        header: Cow<'static, str>,
+        /// Its value, lossily as text, cut after [`QUOTED_MAX`] bytes (`…` marks the cut).
         value: String,
         /// What it should look like.
         expected: &'static str,
@@ -106,12 +109,15 @@ pub enum Error {
     #[error("creating the inbox tables: {0}")]
     Setup(#[source] tokio_postgres::Error),
     /// The record was applied and its transaction committed, but its offset could not be
-    /// stored for the next commit (typically: its partition was revoked by a rebalance). Safe
-    /// to go on: the record is redelivered to whoever owns the partition and skipped there.
+    /// stored for the next commit. Not transient: processing the record again cannot help (it
+    /// is a duplicate now, and storing fails alike). Either the partition is no longer this
+    /// consumer's (a rebalance revoked it: go on, its new owner gets the record again and
+    /// skips it), or the consumer stores offsets by itself (`enable.auto.offset.store` is not
+    /// `false`: fix its configuration with [`crate::configure`] — until then a crash can lose
+    /// records). The message says which.
     #[error(
-        "{record}: applied and committed, but storing its offset failed: {source}. Safe to go \
-         on: a redelivery is skipped by the mark. If it repeats, the consumer must be created \
-         with enable.auto.offset.store=false (walship_inbox::configure)"
+        "{record}: applied and committed, but storing its offset failed: {source}. {advice}",
+        advice = store_offset_advice(source)
     )]
     StoreOffset {
         /// The record.
@@ -122,12 +128,44 @@ pub enum Error {
     },
 }
 
+/// How many bytes of a header's value an error quotes.
+pub const QUOTED_MAX: usize = 64;
+
+/// A header's value as errors quote it: lossily as text, cut after [`QUOTED_MAX`] bytes.
+pub(crate) fn quoted(value: &[u8]) -> String {
+    if value.len() <= QUOTED_MAX {
+        return String::from_utf8_lossy(value).into_owned();
+    }
+    let mut text = String::from_utf8_lossy(&value[..QUOTED_MAX]).into_owned();
+    text.push('…');
+    text
+}
+
+fn store_offset_advice(e: &rdkafka::error::KafkaError) -> &'static str {
+    match e.rdkafka_error_code() {
+        Some(RDKafkaErrorCode::InvalidArgument) => {
+            "The consumer stores offsets by itself (enable.auto.offset.store is not false), so \
+             a crash can commit past records not yet applied: create it with \
+             walship_inbox::configure(&mut config). Do not process further records with it"
+        }
+        Some(RDKafkaErrorCode::State | RDKafkaErrorCode::UnknownPartition) => {
+            "The partition is not assigned to this consumer any more (a rebalance revoked it): \
+             go on with the next record; its new owner gets this one again and skips it"
+        }
+        _ => "Processing the record again does not help (it is a duplicate now)",
+    }
+}
+
 fn db_hint(e: &tokio_postgres::Error) -> &'static str {
     use tokio_postgres::error::SqlState;
     match e.code() {
         Some(c) if *c == SqlState::UNDEFINED_TABLE => {
             ". The inbox table does not exist: create it with Inbox::create_tables or the DDL \
              from Inbox::ddl (docs: The inbox)"
+        }
+        _ if e.is_closed() => {
+            ". The connection is closed: connect again (and Inbox::prepare again on the new \
+             connection, if prepared), then process the record again"
         }
         Some(c) if *c == SqlState::T_R_SERIALIZATION_FAILURE => {
             ". Another transaction applied this partition concurrently (a rebalance); process \
@@ -139,14 +177,20 @@ fn db_hint(e: &tokio_postgres::Error) -> &'static str {
 
 impl Error {
     /// True when processing the same record again may succeed (a lost connection, a
-    /// serialization failure, a deadlock, an offset store during a rebalance); false when a
-    /// person must change something first (the message says what).
+    /// serialization failure, a deadlock); false when it cannot: a person must change something
+    /// first (the message says what), or the record is done ([`Error::StoreOffset`]: applied
+    /// and committed, its offset not storable — retrying would repeat that forever).
+    ///
+    /// A lost connection is transient, but not on the same connection: when
+    /// [`Error::is_connection_closed`], connect again (and [`crate::Inbox::prepare`] again on
+    /// the new connection: prepared statements live in one session) before retrying.
     pub fn is_transient(&self) -> bool {
         use tokio_postgres::error::SqlState;
         match self {
             Error::MalformedHeader { .. }
             | Error::IncompleteHeaders { .. }
-            | Error::Unmarked { .. } => false,
+            | Error::Unmarked { .. }
+            | Error::StoreOffset { .. } => false,
             Error::Database { source, .. } | Error::Setup(source) => match source.code() {
                 None => true,
                 Some(c) => {
@@ -156,7 +200,15 @@ impl Error {
                         || *c == SqlState::CANNOT_CONNECT_NOW
                 }
             },
-            Error::StoreOffset { .. } => true,
+        }
+    }
+
+    /// True when the database connection is closed: retry on a new connection (and prepare
+    /// the inbox's statements again on it).
+    pub fn is_connection_closed(&self) -> bool {
+        match self {
+            Error::Database { source, .. } | Error::Setup(source) => source.is_closed(),
+            _ => false,
         }
     }
 
@@ -176,6 +228,7 @@ impl Error {
 /// Why [`crate::Inbox::process`] did not finish a record: the inbox's own reason, or the
 /// handler's.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ProcessError<E> {
     /// The inbox's reason (see [`Error`]).
     #[error(transparent)]
@@ -191,4 +244,43 @@ pub enum ProcessError<E> {
         #[source]
         source: E,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoted_values_are_cut_after_64_bytes() {
+        assert_eq!(quoted(b"16/B374D848"), "16/B374D848");
+        let long = quoted(&[b'x'; 1000]);
+        assert_eq!(long, format!("{}…", "x".repeat(QUOTED_MAX)));
+        // A cut inside a character leaves a replacement character, never a panic.
+        let cut = quoted("é".repeat(40).as_bytes());
+        assert!(cut.ends_with('…') && cut.len() < 3 * QUOTED_MAX, "{cut}");
+    }
+
+    #[test]
+    fn a_store_offset_error_is_never_retried_and_says_why() {
+        let record = RecordRef {
+            topic: "orders".into(),
+            partition: 1,
+            offset: 7,
+        };
+        let e = |code| Error::StoreOffset {
+            record: record.clone(),
+            source: rdkafka::error::KafkaError::StoreOffset(code),
+        };
+        let misconfigured = e(RDKafkaErrorCode::InvalidArgument);
+        assert!(!misconfigured.is_transient());
+        assert!(
+            misconfigured
+                .to_string()
+                .contains("walship_inbox::configure"),
+            "{misconfigured}"
+        );
+        let revoked = e(RDKafkaErrorCode::State);
+        assert!(!revoked.is_transient());
+        assert!(revoked.to_string().contains("revoked"), "{revoked}");
+    }
 }

@@ -6,10 +6,12 @@
 //! of the pair without the other, is an error naming the record, never a record treated as
 //! foreign (that would apply a duplicate silently).
 
+use std::borrow::Cow;
+
 use rdkafka::message::{Headers, Message};
 use walship_kafka::{POSITION_HEADER, Position, SOURCE_HEADER};
 
-use crate::error::{Error, RecordRef};
+use crate::error::{Error, RecordRef, quoted};
 
 /// What identifies a record for the inbox.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -20,8 +22,8 @@ pub enum Identity<'a> {
         source: &'a str,
         /// `walship.position`, parsed.
         position: Position,
-        /// `walship.position` as written: its part before `:` is the commit LSN in
-        /// PostgreSQL's `pg_lsn` text form, which is how the mark table stores it.
+        /// `walship.position` as written (its canonical form: `<hex>/<hex>:<decimal>`, 1–8 hex
+        /// digits each side of the `/`). The mark table is given the parsed `position`.
         text: &'a str,
     },
     /// No walship headers, but an event id header.
@@ -58,11 +60,11 @@ pub fn identify<'m, M: Message>(
         }
     }
     let record = || RecordRef::of(message);
-    let text = |header: &'static str, value: Option<&'m [u8]>| match value {
+    let text = |header: Cow<'static, str>, value: Option<&'m [u8]>| match value {
         Some(v) => std::str::from_utf8(v).map_err(|_| Error::MalformedHeader {
             record: record(),
             header,
-            value: String::from_utf8_lossy(v).into_owned(),
+            value: quoted(v),
             expected: "UTF-8 text",
         }),
         None => Err(Error::MalformedHeader {
@@ -74,24 +76,26 @@ pub fn identify<'m, M: Message>(
     };
     match (source, position) {
         (Some(source), Some(position)) => {
-            let source = text(SOURCE_HEADER, source)?;
+            let source = text(SOURCE_HEADER.into(), source)?;
             if source.is_empty() {
                 return Err(Error::MalformedHeader {
                     record: record(),
-                    header: SOURCE_HEADER,
+                    header: SOURCE_HEADER.into(),
                     value: String::new(),
                     expected: "a non-empty source name",
                 });
             }
-            let position_text = text(POSITION_HEADER, position)?;
-            let parsed = Position::parse(position_text.as_bytes()).ok_or_else(|| {
-                Error::MalformedHeader {
+            let position_text = text(POSITION_HEADER.into(), position)?;
+            let parsed = canonical(position_text)
+                .then(|| Position::parse(position_text.as_bytes()))
+                .flatten()
+                .ok_or_else(|| Error::MalformedHeader {
                     record: record(),
-                    header: POSITION_HEADER,
-                    value: position_text.to_owned(),
-                    expected: "<commit LSN hi>/<commit LSN lo>:<index>, e.g. 16/B374D848:0",
-                }
-            })?;
+                    header: POSITION_HEADER.into(),
+                    value: quoted(position_text.as_bytes()),
+                    expected: "<commit LSN hi>/<commit LSN lo>:<index> (1-8 hex digits each \
+                               side of the /, a decimal index), e.g. 16/B374D848:0",
+                })?;
             Ok(Identity::Walship {
                 source,
                 position: parsed,
@@ -108,32 +112,36 @@ pub fn identify<'m, M: Message>(
             present: POSITION_HEADER,
             missing: SOURCE_HEADER,
         }),
-        (None, None) => match id {
-            Some(value) => {
-                let id = text(ID_HEADER_LABEL, value)?;
+        (None, None) => match (id, id_header) {
+            (Some(value), Some(name)) => {
+                let id = text(Cow::Owned(name.to_owned()), value)?;
                 if id.is_empty() {
                     return Err(Error::MalformedHeader {
                         record: record(),
-                        header: ID_HEADER_LABEL,
+                        header: Cow::Owned(name.to_owned()),
                         value: String::new(),
                         expected: "a non-empty event id",
                     });
                 }
                 Ok(Identity::Id(id))
             }
-            None => Ok(Identity::Unidentified),
+            _ => Ok(Identity::Unidentified),
         },
     }
 }
 
-/// How errors name the configured event id header (its name is the caller's).
-const ID_HEADER_LABEL: &str = "event id";
-
-impl Identity<'_> {
-    /// The commit LSN in `pg_lsn` text form (`16/B374D848`): the position text before `:`.
-    pub(crate) fn lsn_text(text: &str) -> &str {
-        text.split_once(':').map_or(text, |(lsn, _)| lsn)
-    }
+/// True when `text` has the shape walship writes: `<hex>/<hex>:<decimal>`, 1–8 hex digits each
+/// side of the `/` (what `pg_lsn` reads), ASCII digits only — no sign, no space. A position
+/// outside this shape is refused, not read as some other number.
+fn canonical(text: &str) -> bool {
+    let Some((lsn, index)) = text.split_once(':') else {
+        return false;
+    };
+    let Some((hi, lo)) = lsn.split_once('/') else {
+        return false;
+    };
+    let hex = |s: &str| (1..=8).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_hexdigit());
+    hex(hi) && hex(lo) && !index.is_empty() && index.bytes().all(|b| b.is_ascii_digit())
 }
 
 #[cfg(test)]
@@ -178,7 +186,6 @@ mod tests {
                 text: "16/B374D848:3",
             }
         );
-        assert_eq!(Identity::lsn_text("16/B374D848:3"), "16/B374D848");
     }
 
     #[test]
@@ -202,7 +209,21 @@ mod tests {
 
     #[test]
     fn a_malformed_position_is_an_error_naming_the_record_and_the_header() {
-        for bad in [&b"16/B374D848"[..], b"", b"x/0:0", b"1/0:-1", b"\xff\xfe"] {
+        for bad in [
+            &b"16/B374D848"[..],
+            b"",
+            b"x/0:0",
+            b"1/0:-1",
+            b"\xff\xfe",
+            // Read by a lenient parser as 16/B374D848:0, but not what walship writes, and not
+            // what pg_lsn reads: refused here, naming the header, not failing in the database.
+            b"+16/B374D848:0",
+            b"000000016/B374D848:0",
+            b"16/0B374D848:0",
+            b"16/B374D848:+0",
+            b"16/:0",
+            b" 16/B374D848:0",
+        ] {
             let m = message(&[(SOURCE_HEADER, Some(b"s")), (POSITION_HEADER, Some(bad))]);
             let err = identify(&m, Some("id")).unwrap_err();
             let text = err.to_string();
@@ -230,11 +251,39 @@ mod tests {
         ]);
         assert!(matches!(
             identify(&empty_source, Some("id")),
-            Err(Error::MalformedHeader {
-                header: SOURCE_HEADER,
-                ..
-            })
+            Err(Error::MalformedHeader { header, .. }) if header == SOURCE_HEADER
         ));
+        // Lower-case hex is what pg_lsn reads too.
+        let lower = message(&[
+            (SOURCE_HEADER, Some(b"s")),
+            (POSITION_HEADER, Some(b"16/b374d848:0")),
+        ]);
+        assert!(identify(&lower, None).is_ok());
+        // A long value is quoted cut short.
+        let long = format!("1/0:{}", "9".repeat(500));
+        let m = message(&[
+            (SOURCE_HEADER, Some(b"s")),
+            (POSITION_HEADER, Some(long.as_bytes())),
+        ]);
+        let text = identify(&m, None).unwrap_err().to_string();
+        assert!(
+            text.contains(&format!("{}…", "9".repeat(60))) && !text.contains(&"9".repeat(61)),
+            "{text}"
+        );
+    }
+
+    /// An unreadable or empty event id names the configured header.
+    #[test]
+    fn a_malformed_id_names_the_configured_header() {
+        for value in [&b""[..], b"\xff"] {
+            let m = message(&[("event-id", Some(value))]);
+            let err = identify(&m, Some("event-id")).unwrap_err();
+            assert!(
+                matches!(&err, Error::MalformedHeader { header, .. } if header == "event-id"),
+                "{err}"
+            );
+            assert!(err.to_string().contains("header event-id"), "{err}");
+        }
     }
 
     #[test]

@@ -17,6 +17,13 @@
 //! offset is stored only after that commit. A crash between the commit and the offset commit
 //! redelivers records whose marks are already there: they are skipped.
 //!
+//! Precondition: within a partition, walship writes the first copies of events in position
+//! order, across keys. walship enforces its part (it refuses `message.timeout.ms` /
+//! `delivery.timeout.ms` other than 0 and `partitioner = "random"`); two parts it cannot:
+//! every process owning the pipeline must use the same partitioner, and no partitions may be
+//! added to a topic while copies of earlier events can still be written (a copy can then land
+//! in another partition and be applied twice). docs/src/inbox.md says more.
+//!
 //! # Layout
 //!
 //! - [`Inbox`] — the configuration, the tables' DDL, [`Inbox::admit`] (the decision, in the
@@ -71,7 +78,8 @@ use std::future::Future;
 use rdkafka::Message;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{Consumer, ConsumerContext};
-use tokio_postgres::types::{ToSql, Type};
+use rdkafka::{Offset, TopicPartitionList};
+use tokio_postgres::types::{PgLsn, ToSql, Type};
 use tokio_postgres::{Client, GenericClient, Statement, Transaction};
 
 mod error;
@@ -130,7 +138,8 @@ pub trait Handler: Send {
 /// commit (`enable.auto.offset.store=false`), and committed in the background
 /// (`enable.auto.commit=true`). With librdkafka's default (offsets stored when a record is
 /// returned), a crash after the auto-commit and before the database commit would lose the
-/// record.
+/// record; a consumer created without these settings gets [`Error::StoreOffset`] on its first
+/// record (after that record's commit), and must not go on.
 pub fn configure(config: &mut ClientConfig) -> &mut ClientConfig {
     config
         .set("enable.auto.offset.store", "false")
@@ -143,6 +152,7 @@ pub fn configure(config: &mut ClientConfig) -> &mut ClientConfig {
 pub struct Inbox {
     marks: String,
     ids: String,
+    ids_index: String,
     unmarked: Unmarked,
     advance_sql: String,
     remember_sql: String,
@@ -179,18 +189,20 @@ impl Inbox {
     fn with_tables(schema: Option<&str>, table: &str, unmarked: Unmarked) -> Inbox {
         let marks = table::qualified(schema, table);
         let ids = table::qualified(schema, &format!("{table}_ids"));
+        let ids_index = table::qualified(None, &format!("{table}_ids_received_at"));
         Inbox {
             advance_sql: table::advance(&marks),
             remember_sql: table::remember(&ids),
             marks,
             ids,
+            ids_index,
             unmarked,
         }
     }
 
     /// `CREATE TABLE IF NOT EXISTS` for the marks and ids tables, for migrations of one's own.
     pub fn ddl(&self) -> String {
-        table::ddl(&self.marks, &self.ids)
+        table::ddl(&self.marks, &self.ids, &self.ids_index)
     }
 
     /// Creates the tables if they do not exist ([`Inbox::ddl`]).
@@ -207,14 +219,15 @@ impl Inbox {
     /// for [`Unmarked::PassThrough`].
     ///
     /// Never begins, commits or rolls back: the caller commits the transaction and only then
-    /// stores the record's offset. `tx` must be a transaction (on a bare connection the mark
-    /// would commit by itself, before the effects) at READ COMMITTED (PostgreSQL's default):
-    /// a concurrent holder of the same record then waits on the mark's row and sees the
+    /// stores the record's offset. `tx` is a transaction, not any client: on a bare connection
+    /// (autocommit) the mark would commit by itself, before the effects. At READ COMMITTED
+    /// (PostgreSQL's default)
+    /// a concurrent holder of the same record waits on the mark's row and sees the
     /// first one's mark; at REPEATABLE READ or SERIALIZABLE it gets a serialization failure
     /// (transient: process the record again).
     pub async fn admit<M: Message>(
         &self,
-        tx: &impl GenericClient,
+        tx: &Transaction<'_>,
         record: &M,
     ) -> Result<Admission, Error> {
         self.admit_with(tx, record, None).await
@@ -223,7 +236,7 @@ impl Inbox {
     /// [`Inbox::admit`] with the statements prepared on `tx`'s connection, or one-shot ones.
     async fn admit_with<M: Message>(
         &self,
-        tx: &impl GenericClient,
+        tx: &Transaction<'_>,
         record: &M,
         prepared: Option<&Statements>,
     ) -> Result<Admission, Error> {
@@ -241,15 +254,15 @@ impl Inbox {
         };
         let row = match identify(record, id_header)? {
             Identity::Walship {
-                source,
-                position,
-                text,
+                source, position, ..
             } => {
+                // The parsed position, not the header's text: what the mark compares is what
+                // `identify` read.
                 let params: [&(dyn ToSql + Sync); 6] = [
                     &record.topic(),
                     &record.partition(),
                     &source,
-                    &Identity::lsn_text(text),
+                    &PgLsn::from(position.commit_lsn),
                     &i64::from(position.index),
                     &record.offset(),
                 ];
@@ -388,23 +401,42 @@ impl Inbox {
                 .await
                 .map_err(database("ending the transaction of a duplicate"))?,
         }
-        consumer
-            .store_offset(record.topic(), record.partition(), record.offset())
-            .map_err(|source| Error::StoreOffset {
-                record: RecordRef::of(record),
-                source,
-            })?;
+        store_offset(consumer, record)?;
         Ok(admission)
     }
 }
 
-/// The parameter types of the marks' statement: topic, partition, source, commit LSN (text,
-/// cast to `pg_lsn` by the statement), index, offset.
+/// Stores the offset after `record` for the consumer's next commit. `rd_kafka_offsets_store`
+/// (unlike `rd_kafka_offset_store`) refuses a consumer that stores offsets by itself, so one
+/// created without [`configure`] fails on its first record instead of committing past records
+/// not yet applied.
+fn store_offset<C, X, M>(consumer: &C, record: &M) -> Result<(), Error>
+where
+    C: Consumer<X>,
+    X: ConsumerContext,
+    M: Message,
+{
+    let error = |source| Error::StoreOffset {
+        record: RecordRef::of(record),
+        source,
+    };
+    let mut list = TopicPartitionList::with_capacity(1);
+    list.add_partition_offset(
+        record.topic(),
+        record.partition(),
+        Offset::Offset(record.offset() + 1),
+    )
+    .map_err(error)?;
+    consumer.store_offsets(&list).map_err(error)
+}
+
+/// The parameter types of the marks' statement: topic, partition, source, commit LSN (the
+/// parsed position's, bound as a `pg_lsn`), index, offset.
 const ADVANCE_TYPES: [Type; 6] = [
     Type::TEXT,
     Type::INT4,
     Type::TEXT,
-    Type::TEXT,
+    Type::PG_LSN,
     Type::INT8,
     Type::INT8,
 ];
@@ -439,7 +471,7 @@ impl Prepared {
     /// connection they were prepared on.
     pub async fn admit<M: Message>(
         &self,
-        tx: &impl GenericClient,
+        tx: &Transaction<'_>,
         record: &M,
     ) -> Result<Admission, Error> {
         self.inbox
@@ -481,6 +513,10 @@ mod tests {
         let ddl = inbox.ddl();
         assert!(ddl.contains("CREATE TABLE IF NOT EXISTS \"app\".\"orders_inbox\" ("));
         assert!(ddl.contains("CREATE TABLE IF NOT EXISTS \"app\".\"orders_inbox_ids\" ("));
+        assert!(ddl.contains(
+            "CREATE INDEX IF NOT EXISTS \"orders_inbox_ids_received_at\" \
+             ON \"app\".\"orders_inbox_ids\" (received_at);"
+        ));
         assert!(
             inbox
                 .advance_sql
@@ -513,6 +549,65 @@ mod tests {
         configure(&mut config);
         assert_eq!(config.get("enable.auto.offset.store"), Some("false"));
         assert_eq!(config.get("enable.auto.commit"), Some("true"));
+    }
+
+    /// A consumer on rdkafka's mock cluster (no broker needed), with `configure` or without.
+    fn mock_consumer(configured: bool) -> rdkafka::consumer::BaseConsumer {
+        let mut config = ClientConfig::new();
+        config
+            .set("test.mock.num.brokers", "1")
+            .set("group.id", "inbox-unit")
+            .set("log_level", "0");
+        if configured {
+            configure(&mut config);
+        }
+        config.create().expect("mock consumer")
+    }
+
+    fn a_record() -> rdkafka::message::OwnedMessage {
+        rdkafka::message::OwnedMessage::new(
+            None,
+            None,
+            "orders".into(),
+            rdkafka::message::Timestamp::NotAvailable,
+            0,
+            41,
+            None,
+        )
+    }
+
+    /// A consumer created without `configure` stores offsets by itself: the inbox's store
+    /// fails on the first record, loudly and for good, naming the fix.
+    #[test]
+    fn a_consumer_without_configure_fails_on_its_first_record() {
+        let err = store_offset(&mock_consumer(false), &a_record()).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            matches!(
+                &err,
+                Error::StoreOffset { source, .. }
+                    if source.rdkafka_error_code()
+                        == Some(rdkafka::types::RDKafkaErrorCode::InvalidArgument)
+            ),
+            "{text}"
+        );
+        assert!(text.contains("walship_inbox::configure"), "{text}");
+        assert!(
+            text.contains("topic orders partition 0 offset 41"),
+            "{text}"
+        );
+        assert!(!err.is_transient());
+    }
+
+    /// A configured consumer that does not hold the partition (a rebalance revoked it): an
+    /// error that ends a retry loop, saying to go on.
+    #[test]
+    fn a_store_for_a_partition_not_held_says_to_go_on() {
+        let err = store_offset(&mock_consumer(true), &a_record()).unwrap_err();
+        let text = err.to_string();
+        assert!(matches!(err, Error::StoreOffset { .. }), "{text}");
+        assert!(text.contains("revoked"), "{text}");
+        assert!(!err.is_transient());
     }
 
     /// `process`'s future is `Send` (it can run in a spawned task).

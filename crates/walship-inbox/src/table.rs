@@ -13,8 +13,10 @@
 /// The marks table's columns, in one place for the DDL and the statements.
 pub(crate) const MARK_COLUMNS: &str = "topic, kafka_partition, source";
 
-/// `CREATE TABLE IF NOT EXISTS` for both tables (idempotent).
-pub(crate) fn ddl(marks: &str, ids: &str) -> String {
+/// `CREATE TABLE IF NOT EXISTS` for both tables, and the ids' index on `received_at` (for
+/// deleting old ids) named `ids_index` (unqualified: an index lives in its table's schema).
+/// Idempotent.
+pub(crate) fn ddl(marks: &str, ids: &str, ids_index: &str) -> String {
     format!(
         "CREATE TABLE IF NOT EXISTS {marks} (
     topic           text        NOT NULL,
@@ -34,6 +36,7 @@ CREATE TABLE IF NOT EXISTS {ids} (
     received_at     timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (topic, id)
 );
+CREATE INDEX IF NOT EXISTS {ids_index} ON {ids} (received_at);
 "
     )
 }
@@ -93,6 +96,9 @@ mod tests {
         assert!(sql.contains(
             "WHERE (m.commit_lsn, m.event_index) < (excluded.commit_lsn, excluded.event_index)"
         ));
-        assert!(ddl("\"m\"", "\"i\"").contains("PRIMARY KEY (topic, kafka_partition, source)"));
+        assert!(
+            ddl("\"m\"", "\"i\"", "\"i_r\"")
+                .contains("PRIMARY KEY (topic, kafka_partition, source)")
+        );
     }
 }
