@@ -22,6 +22,21 @@ use crate::ident::TableName;
 /// Type OIDs walship treats specially.
 mod oid {
     pub const BYTEA: u32 = 17;
+    pub const JSON: u32 = 114;
+    pub const JSONB: u32 = 3802;
+}
+
+/// What the payload column holds: a record format may encode or label the value by it
+/// (CloudEvents' `data` and `datacontenttype`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum PayloadType {
+    /// JSON text: a json or jsonb column, or a logical message's payload.
+    Json,
+    /// Any other type, as its text.
+    #[default]
+    Text,
+    /// bytea, decoded.
+    Bytea,
 }
 
 /// The outbox table and which of its columns play which role (Debezium's names by default).
@@ -41,6 +56,10 @@ pub struct OutboxSpec {
     pub payload: String,
     /// Further columns copied into headers of the same name.
     pub header_columns: Vec<String>,
+    /// Column holding the writer's W3C `traceparent`; empty when off.
+    pub traceparent: String,
+    /// Column holding the writer's W3C `tracestate`; empty when off.
+    pub tracestate: String,
 }
 
 impl OutboxSpec {
@@ -54,6 +73,8 @@ impl OutboxSpec {
             event_type: "type".into(),
             payload: "payload".into(),
             header_columns: Vec::new(),
+            traceparent: String::new(),
+            tracestate: String::new(),
         }
     }
 }
@@ -66,7 +87,9 @@ struct Layout {
     aggregate_id: usize,
     event_type: Option<usize>,
     payload: usize,
-    payload_is_bytea: bool,
+    payload_type: PayloadType,
+    traceparent: Option<usize>,
+    tracestate: Option<usize>,
     headers: Vec<(Arc<str>, usize)>,
     ncolumns: usize,
 }
@@ -163,6 +186,12 @@ pub struct OutboxRow<'a> {
     pub event_type: Option<&'a [u8]>,
     /// Payload bytes as stored; `None` is a tombstone.
     pub payload: Option<Cow<'a, [u8]>>,
+    /// What the payload column holds.
+    pub payload_type: PayloadType,
+    /// The writer's W3C `traceparent`, unchecked (`outbox.traceparent_column`).
+    pub traceparent: Option<&'a [u8]>,
+    /// The writer's W3C `tracestate`, unchecked (`outbox.tracestate_column`).
+    pub tracestate: Option<&'a [u8]>,
     /// Extra header columns: (name, value or NULL).
     pub headers: Vec<(Arc<str>, Option<&'a [u8]>)>,
 }
@@ -375,6 +404,8 @@ impl Relations {
         let mut aggregate_id = None;
         let mut event_type = None;
         let mut payload = None;
+        let mut traceparent = None;
+        let mut tracestate = None;
         let mut headers = Vec::with_capacity(layout.headers.len());
         for (i, col) in tuple.iter().enumerate() {
             let v = col.bytes();
@@ -392,7 +423,7 @@ impl Relations {
             }
             if i == layout.payload {
                 payload = match col {
-                    Column::Text(b) if layout.payload_is_bytea => {
+                    Column::Text(b) if layout.payload_type == PayloadType::Bytea => {
                         Some(Cow::Owned(decode_bytea_hex(b).ok_or_else(|| {
                             RowError::BadBytea {
                                 table: self.spec.table.to_string(),
@@ -402,6 +433,12 @@ impl Relations {
                     }
                     _ => v.map(Cow::Borrowed),
                 };
+            }
+            if Some(i) == layout.traceparent {
+                traceparent = v;
+            }
+            if Some(i) == layout.tracestate {
+                tracestate = v;
             }
             for (name, idx) in &layout.headers {
                 if *idx == i {
@@ -438,6 +475,9 @@ impl Relations {
             aggregate_id,
             event_type,
             payload,
+            payload_type: layout.payload_type,
+            traceparent,
+            tracestate,
             headers,
         })
     }
@@ -522,8 +562,14 @@ fn layout(spec: &OutboxSpec, rel: &Relation) -> Result<Layout, RowError> {
         aggregate_type: find("aggregate_type_column", &spec.aggregate_type)?,
         aggregate_id: required("aggregate_id_column", &spec.aggregate_id)?,
         event_type: find("type_column", &spec.event_type)?,
-        payload_is_bytea: rel.columns[payload].type_oid == oid::BYTEA,
+        payload_type: match rel.columns[payload].type_oid {
+            oid::BYTEA => PayloadType::Bytea,
+            oid::JSON | oid::JSONB => PayloadType::Json,
+            _ => PayloadType::Text,
+        },
         payload,
+        traceparent: find("traceparent_column", &spec.traceparent)?,
+        tracestate: find("tracestate_column", &spec.tracestate)?,
         headers,
         ncolumns: rel.columns.len(),
     })

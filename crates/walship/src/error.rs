@@ -65,6 +65,20 @@ pub enum Error {
         /// What was wrong.
         error: RouteError,
     },
+    /// A row's record cannot take the configured format (a CloudEvents attribute would be empty).
+    #[error(
+        "outbox row at LSN {lsn} (transaction {xid}): {error}. Nothing from this row on has been \
+         confirmed; fix the row, or outbox.cloudevents_{}, or set outbox.on_bad_row = \"dead-letter\"",
+        error.attribute
+    )]
+    Shape {
+        /// WAL position of the row.
+        lsn: Lsn,
+        /// Transaction id.
+        xid: u32,
+        /// What was wrong.
+        error: walship_kafka::record::ShapeError,
+    },
     /// The producer can never accept a row's record (too large, invalid).
     #[error(
         "outbox row at LSN {lsn} (transaction {xid}) cannot be published to topic {topic:?}: {error}. \
@@ -225,7 +239,11 @@ impl Error {
     pub fn is_bad_row(&self) -> bool {
         matches!(
             self,
-            Error::Row { .. } | Error::Message { .. } | Error::Route { .. } | Error::Record { .. }
+            Error::Row { .. }
+                | Error::Message { .. }
+                | Error::Route { .. }
+                | Error::Shape { .. }
+                | Error::Record { .. }
         )
     }
 
@@ -240,6 +258,7 @@ impl Error {
             | Error::Row { .. }
             | Error::Message { .. }
             | Error::Route { .. }
+            | Error::Shape { .. }
             | Error::Record { .. }
             | Error::DeadLetterRefused { .. }
             | Error::Fork { .. }

@@ -209,12 +209,53 @@ pub struct OutboxConfig {
     /// prefix, content)`) that are outbox events, matched exactly; empty (the default) = none.
     #[serde(default)]
     pub message_prefixes: Vec<String>,
+    /// Column (or message field) holding the writer's W3C `traceparent`, copied to the header
+    /// of that name when well formed; `""` (the default) = off.
+    #[serde(default)]
+    pub traceparent_column: String,
+    /// Column (or message field) holding the writer's W3C `tracestate`, copied beside a
+    /// well-formed `traceparent`; `""` (the default) = off.
+    #[serde(default)]
+    pub tracestate_column: String,
+    /// Records as CloudEvents: `off` (the default), `binary` (`ce_*` headers, the payload as
+    /// the value) or `structured` (the event as `application/cloudevents+json`).
+    #[serde(default)]
+    pub cloudevents: CloudEventsMode,
+    /// CloudEvents `id`: a template over `{id}`, `{type}`, `{aggregatetype}`,
+    /// `{aggregateid}`, `{position}`, `{source}`.
+    #[serde(default = "default_ce_id")]
+    pub cloudevents_id: String,
+    /// CloudEvents `source` (a template).
+    #[serde(default = "default_ce_source")]
+    pub cloudevents_source: String,
+    /// CloudEvents `type` (a template).
+    #[serde(default = "default_ce_type")]
+    pub cloudevents_type: String,
+    /// CloudEvents `subject` (a template); `""` = none.
+    #[serde(default = "default_ce_subject")]
+    pub cloudevents_subject: String,
+    /// CloudEvents `datacontenttype`; `""` = by the payload column's type.
+    #[serde(default)]
+    pub cloudevents_data_content_type: String,
     /// Roles that write outbox messages. Only `walship check` reads it: with
     /// `message_prefixes` set it warns when any other login role (superusers and walship's own
     /// aside) may execute `pg_logical_emit_message`, since each could publish events or stop
     /// the pipeline.
     #[serde(default)]
     pub message_writers: Vec<String>,
+}
+
+/// `outbox.cloudevents`
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CloudEventsMode {
+    /// walship's own records.
+    #[default]
+    Off,
+    /// Binary content mode.
+    Binary,
+    /// Structured content mode (JSON event format).
+    Structured,
 }
 
 /// `outbox.on_bad_row`
@@ -245,6 +286,14 @@ impl Default for OutboxConfig {
             allowed_aggregate_types: Vec::new(),
             max_topics: default_max_topics(),
             message_prefixes: Vec::new(),
+            traceparent_column: String::new(),
+            tracestate_column: String::new(),
+            cloudevents: CloudEventsMode::Off,
+            cloudevents_id: default_ce_id(),
+            cloudevents_source: default_ce_source(),
+            cloudevents_type: default_ce_type(),
+            cloudevents_subject: default_ce_subject(),
+            cloudevents_data_content_type: String::new(),
             message_writers: Vec::new(),
         }
     }
@@ -371,6 +420,18 @@ fn default_dead_letter_topic() -> String {
 }
 fn default_max_topics() -> u64 {
     1000
+}
+fn default_ce_id() -> String {
+    "{id}".into()
+}
+fn default_ce_source() -> String {
+    "/outbox/{aggregatetype}".into()
+}
+fn default_ce_type() -> String {
+    "{type}".into()
+}
+fn default_ce_subject() -> String {
+    "{aggregateid}".into()
 }
 fn default_topic() -> String {
     "outbox.event.{aggregatetype}".into()

@@ -12,6 +12,8 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use walship_kafka::record::Format;
+use walship_kafka::record::cloudevents::{CloudEvents, Field, Mode, Template};
 use walship_kafka::{SinkSettings, TopicLimits, TopicRouter};
 use walship_postgres::setup::SlotHistory;
 use walship_postgres::{
@@ -19,7 +21,7 @@ use walship_postgres::{
 };
 
 use super::env::read_secret_file;
-use super::format::{BadRowPolicy, Config, ConfigError, Secret};
+use super::format::{BadRowPolicy, CloudEventsMode, Config, ConfigError, Secret};
 use crate::scheduling::CpuScheduling;
 
 /// Everything one run needs, per layer.
@@ -169,6 +171,8 @@ pub struct SessionSettings {
     /// The largest record the producer accepts (`message.max.bytes`): a dead letter's value is
     /// cut to fit it.
     pub max_record_bytes: usize,
+    /// How event records are shaped (`outbox.cloudevents` and its attributes).
+    pub format: Format,
 }
 
 impl Default for SessionSettings {
@@ -182,6 +186,7 @@ impl Default for SessionSettings {
             message_prefixes: Vec::new(),
             resume_dedup: true,
             max_record_bytes: 1_000_000,
+            format: Format::Plain,
         }
     }
 }
@@ -202,6 +207,7 @@ impl Settings {
             message_prefixes: config.outbox.message_prefixes.clone(),
             resume_dedup: config.run.resume_dedup,
             max_record_bytes: sink.max_record_bytes(),
+            format: config.record_format()?,
         };
         Ok(Settings {
             source,
@@ -315,12 +321,76 @@ impl Config {
         walship_postgres::setup::SlotHistory { table }
     }
 
+    /// How event records are shaped: `outbox.cloudevents` and its attribute templates, each
+    /// error naming its key.
+    pub fn record_format(&self) -> Result<Format, ConfigError> {
+        let o = &self.outbox;
+        let mode = match o.cloudevents {
+            CloudEventsMode::Off => return Ok(Format::Plain),
+            CloudEventsMode::Binary => Mode::Binary,
+            CloudEventsMode::Structured => Mode::Structured,
+        };
+        let template = |key: &str, text: &str, required: bool| {
+            let t = Template::parse(text)
+                .map_err(|e| ConfigError(format!("outbox.cloudevents_{key}: {e}")))?;
+            if required && t.is_empty() {
+                return Err(ConfigError(format!(
+                    "outbox.cloudevents_{key} is empty, but every CloudEvent has a {key}: name \
+                     the fields it is made of, e.g. the default {:?}",
+                    match key {
+                        "id" => "{id}",
+                        "source" => "/outbox/{aggregatetype}",
+                        _ => "{type}",
+                    }
+                )));
+            }
+            for (field, column_key, column) in [
+                (Field::Id, "id_column", &o.id_column),
+                (Field::Type, "type_column", &o.type_column),
+                (
+                    Field::AggregateType,
+                    "aggregate_type_column",
+                    &o.aggregate_type_column,
+                ),
+            ] {
+                if t.uses(field) && column.is_empty() {
+                    return Err(ConfigError(format!(
+                        "outbox.cloudevents_{key} = {text:?} uses a field whose column is off \
+                         (outbox.{column_key} = \"\"): name the column in outbox.{column_key}, \
+                         or change outbox.cloudevents_{key}"
+                    )));
+                }
+            }
+            Ok(t)
+        };
+        let content_type = &o.cloudevents_data_content_type;
+        if content_type.bytes().any(|c| c.is_ascii_control()) {
+            return Err(ConfigError(format!(
+                "outbox.cloudevents_data_content_type {content_type:?} holds control characters: \
+                 use a media type such as \"application/json\""
+            )));
+        }
+        Ok(Format::CloudEvents(CloudEvents {
+            mode,
+            id: template("id", &o.cloudevents_id, true)?,
+            source: template("source", &o.cloudevents_source, true)?,
+            event_type: template("type", &o.cloudevents_type, true)?,
+            subject: template("subject", &o.cloudevents_subject, false)?,
+            data_content_type: (!content_type.is_empty()).then(|| content_type.clone()),
+        }))
+    }
+
     /// The outbox definition for the PostgreSQL side.
     pub fn outbox_spec(&self) -> OutboxSpec {
-        let router_uses_type = self
-            .outbox
-            .topic
-            .contains(walship_kafka::route::AGGREGATE_TYPE);
+        let format_uses_type = match self.record_format() {
+            Ok(Format::CloudEvents(ce)) => ce.uses(Field::AggregateType),
+            _ => false,
+        };
+        let router_uses_type = format_uses_type
+            || self
+                .outbox
+                .topic
+                .contains(walship_kafka::route::AGGREGATE_TYPE);
         OutboxSpec {
             table: TableName::parse(&self.outbox.table),
             id: self.outbox.id_column.clone(),
@@ -333,6 +403,8 @@ impl Config {
             event_type: self.outbox.type_column.clone(),
             payload: self.outbox.payload_column.clone(),
             header_columns: self.outbox.header_columns.clone(),
+            traceparent: self.outbox.traceparent_column.clone(),
+            tracestate: self.outbox.tracestate_column.clone(),
         }
     }
 

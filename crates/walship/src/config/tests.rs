@@ -601,3 +601,70 @@ fn producer_settings_that_would_reorder_a_key_are_refused() {
         parse(&text, &[]).unwrap_or_else(|e| panic!("{key} = {value}: {e}"));
     }
 }
+
+#[test]
+fn records_are_plain_by_default_and_cloudevents_on_request() {
+    use walship_kafka::record::{Format, cloudevents::Mode};
+    let c = parse(MINIMAL, &[]).unwrap();
+    assert_eq!(c.record_format().unwrap(), Format::Plain);
+    assert_eq!(c.outbox_spec().traceparent, "");
+    let text = format!(
+        "{MINIMAL}[outbox]\ntopic = \"events\"\ncloudevents = \"structured\"\n\
+         cloudevents_type = \"com.acme.{{aggregatetype}}.{{type}}\"\n\
+         traceparent_column = \"traceparent\"\ntracestate_column = \"tracestate\"\n"
+    );
+    let c = parse(&text, &[]).unwrap();
+    let Format::CloudEvents(ce) = c.record_format().unwrap() else {
+        panic!("cloudevents");
+    };
+    assert_eq!(ce.mode, Mode::Structured);
+    assert_eq!(ce.event_type.as_str(), "com.acme.{aggregatetype}.{type}");
+    let spec = c.outbox_spec();
+    assert_eq!(
+        spec.aggregate_type, "aggregatetype",
+        "extracted for the CloudEvents source although the topic is fixed"
+    );
+    assert_eq!(
+        (spec.traceparent.as_str(), spec.tracestate.as_str()),
+        ("traceparent", "tracestate")
+    );
+    let c = parse(MINIMAL, &[("WALSHIP_OUTBOX__CLOUDEVENTS", "binary")]).unwrap();
+    assert!(
+        matches!(c.record_format().unwrap(), Format::CloudEvents(ce) if ce.mode == Mode::Binary)
+    );
+}
+
+#[test]
+fn inconsistent_record_formats_are_refused_with_the_fix() {
+    for (extra, needles) in [
+        ("cloudevents = \"json\"\n", &["`json`", "`structured`"][..]),
+        (
+            "cloudevents = \"binary\"\ncloudevents_source = \"{nope}\"\n",
+            &["outbox.cloudevents_source", "{nope}"],
+        ),
+        (
+            "cloudevents = \"binary\"\ncloudevents_id = \"\"\n",
+            &["outbox.cloudevents_id is empty"],
+        ),
+        (
+            "cloudevents = \"binary\"\ntype_column = \"\"\n",
+            &["outbox.cloudevents_type", "outbox.type_column"],
+        ),
+        (
+            "tracestate_column = \"tracestate\"\n",
+            &["outbox.traceparent_column is empty"],
+        ),
+        (
+            "traceparent_column = \"tp\"\nheader_columns = [\"tp\"]\n",
+            &["outbox.traceparent_column", "header_columns"],
+        ),
+        ("cloudevents_subjekt = \"\"\n", &["cloudevents_subjekt"]),
+    ] {
+        let e = parse(&format!("{MINIMAL}[outbox]\n{extra}"), &[])
+            .unwrap_err()
+            .to_string();
+        for n in needles {
+            assert!(e.contains(n), "{extra}: {e}");
+        }
+    }
+}

@@ -15,8 +15,8 @@ use std::sync::atomic::Ordering;
 use pgoutput::{Begin, LogicalMessage, Lsn, Message, PgTimestamp};
 use tokio_util::sync::CancellationToken;
 use walship_kafka::headers::Position;
-use walship_kafka::record::{self, Record};
-use walship_postgres::{MessageError, MessageEvent, OutboxRow, PgError, RowError};
+use walship_kafka::record::{self, PayloadKind, Record, TraceContext};
+use walship_postgres::{MessageError, MessageEvent, OutboxRow, PayloadType, PgError, RowError};
 
 use super::dead_letter::DeadLetter;
 use super::seams::{EventSink, WalSource};
@@ -331,12 +331,27 @@ impl<W: WalSource, K: EventSink> Session<W, K> {
         }
         let source = Arc::clone(&self.source_id);
         let timeline = self.timeline_text(Lsn(position.commit_lsn));
+        let (trace, problem) = TraceContext::check(row.traceparent, row.tracestate);
+        if let Some(problem) = problem {
+            // The writer's hint only: the event is published without it.
+            tracing::warn!(%lsn, xid, %position, "{problem}");
+            self.telemetry
+                .trace_context_dropped
+                .fetch_add(1, Ordering::Relaxed);
+        }
         let event = record::Event {
             key: row.aggregate_id,
             payload: row.payload.as_deref(),
             commit_ms,
             event_type: row.event_type,
             columns: &row.headers,
+            aggregate_type: row.aggregate_type,
+            payload_kind: match row.payload_type {
+                PayloadType::Json => PayloadKind::Json,
+                PayloadType::Text => PayloadKind::Text,
+                PayloadType::Bytea => PayloadKind::Binary,
+            },
+            trace,
         };
         let stamp = record::Stamp {
             source: &source,
@@ -344,8 +359,14 @@ impl<W: WalSource, K: EventSink> Session<W, K> {
             timeline: &timeline,
             id: row.id,
         };
-        let record = Record::event(&topic, event, stamp);
-        self.send(&record, lsn, xid, commit_ms, cancel, None).await
+        let format = Arc::clone(&self.format);
+        let mut scratch = std::mem::take(&mut self.scratch);
+        let record = Record::shaped(&topic, event, stamp, &format, &mut scratch)
+            .map_err(|error| Error::Shape { lsn, xid, error })?;
+        let sent = self.send(&record, lsn, xid, commit_ms, cancel, None).await;
+        drop(record);
+        self.scratch = scratch;
+        sent
     }
 
     /// After an unclean stop: whether an earlier run already put the event at `position` into

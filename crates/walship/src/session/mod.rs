@@ -160,6 +160,11 @@ pub struct Session<W: WalSource, K: EventSink> {
     telemetry: Arc<Telemetry>,
     /// Value of the `walship.source` header: who wrote the record.
     source_id: Arc<str>,
+    /// How event records are shaped (`settings.format`, shared so a record can borrow it
+    /// while the session sends).
+    format: Arc<walship_kafka::record::Format>,
+    /// The last CloudEvent's rendered attributes: reused to keep their allocations.
+    scratch: walship_kafka::record::Scratch,
     /// Set after a start that may follow an unclean stop, until the stream passes what an
     /// earlier run can have delivered.
     resume: Option<Resume>,
@@ -206,6 +211,7 @@ impl<W: WalSource, K: EventSink> Session<W, K> {
         if settings.dead_letter_topic.is_some() {
             progress.enable_dead_letter();
         }
+        let format = Arc::new(settings.format.clone());
         Session {
             source,
             sink,
@@ -218,6 +224,8 @@ impl<W: WalSource, K: EventSink> Session<W, K> {
             settings,
             telemetry,
             source_id: Arc::from(source_id),
+            format,
+            scratch: walship_kafka::record::Scratch::default(),
             resume,
             txn: None,
             last_status_at: Instant::now(),
