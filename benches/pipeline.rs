@@ -137,6 +137,8 @@ fn extract_route(c: &mut Criterion) {
                         aggregate_type: row.aggregate_type,
                         payload_kind: PayloadKind::Json,
                         trace,
+                        envelope: &[],
+                        partition: None,
                     };
                     let stamp = record::Stamp {
                         source: "7345/walship",

@@ -232,3 +232,142 @@ async fn structured_cloudevents_hold_the_event_as_json_and_a_tombstone_stays_one
     }
     relay.stop().await.expect("graceful stop");
 }
+
+/// Debezium's router options: additional placement (header with a name, envelope, partition),
+/// the event time column, an empty payload as a tombstone; for rows of each payload type and a
+/// logical message; a partition that is no number is a bad row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn router_options_place_fields_time_and_tombstones_as_configured() {
+    let db = TestDb::new().await;
+    db.client
+        .batch_execute(
+            "ALTER TABLE outbox ADD COLUMN tenant text, ADD COLUMN version text, \
+             ADD COLUMN shard text, ADD COLUMN occurred_at timestamptz",
+        )
+        .await
+        .expect("columns");
+    let dlq = format!("{}_dlq", db.slot());
+    let toml = harness::config_toml(&db, &broker().bootstrap, "").replace(
+        "[outbox]\n",
+        &format!(
+            "[outbox]\nmessage_prefixes = [\"outbox\"]\n\
+             additional_placement = [\"tenant:header:tenantId\", \"version:envelope:schemaVersion\", \"shard:partition\"]\n\
+             timestamp_column = \"occurred_at\"\ntombstone_on_empty_payload = true\n\
+             on_bad_row = \"dead-letter\"\ndead_letter_topic = \"{dlq}\"\n"
+        ),
+    );
+    let config = walship::Config::from_toml(&toml, std::iter::empty(), "test").expect("config");
+    let relay = Relay::start_streaming(config, &db).await;
+
+    let insert = async |payload: &str, shard: Option<&str>| {
+        let id = uuid::Uuid::new_v4().to_string();
+        db.client
+            .execute(
+                &format!(
+                    "INSERT INTO outbox (id, aggregatetype, aggregateid, type, payload, tenant, version, shard, occurred_at) \
+                     VALUES ($1::text::uuid, 'order', '42', '{TYPE}', {payload}, 'acme', '3', $2, \
+                     '2026-12-06 17:35:01.005+02')"
+                ),
+                &[&id, &shard],
+            )
+            .await
+            .expect("insert");
+        id
+    };
+    let jsonb = insert("'{\"total\": 10}'", Some("2")).await;
+    let tombstone = insert("NULL", Some("2")).await;
+    let bad = insert("'{}'", Some("two")).await;
+    let message = uuid::Uuid::new_v4().to_string();
+    let content = json!({
+        "id": message, "aggregatetype": "order", "aggregateid": "42", "type": TYPE,
+        "payload": {"total": 11}, "tenant": "m", "version": 4, "shard": 1,
+        "occurred_at": 1_796_571_301_005_i64,
+    });
+    db.client
+        .execute(
+            "SELECT pg_logical_emit_message(true, 'outbox', $1)",
+            &[&content.to_string()],
+        )
+        .await
+        .expect("emit");
+    db.client
+        .batch_execute("ALTER TABLE outbox ALTER COLUMN payload TYPE text USING payload::text")
+        .await
+        .expect("to text");
+    let empty = insert("''", Some("0")).await;
+    let text = insert("'total=10'", Some("0")).await;
+    db.client
+        .batch_execute(
+            "ALTER TABLE outbox ALTER COLUMN payload TYPE bytea USING convert_to(payload, 'UTF8')",
+        )
+        .await
+        .expect("to bytea");
+    let bytea = insert("'\\x00ff41'::bytea", Some("0")).await;
+    db.await_caught_up().await;
+
+    let records = consume(
+        &broker().bootstrap,
+        &[&topic(&db, "order")],
+        6,
+        TIMEOUT,
+        SETTLE,
+    );
+    assert_eq!(records.len(), 6, "{records:#?}");
+    let by_id = |id: &str| {
+        records
+            .iter()
+            .find(|r| r.header("id").as_deref() == Some(id))
+            .unwrap_or_else(|| panic!("record {id}"))
+    };
+    let envelope = |r: &Consumed| -> Value { r.json() };
+    for (id, partition, value) in [
+        (
+            &jsonb,
+            2,
+            Some(json!({"payload": {"total": 10}, "schemaVersion": "3"})),
+        ),
+        (&tombstone, 2, None),
+        (
+            &message,
+            1,
+            Some(json!({"payload": {"total": 11}, "schemaVersion": "4"})),
+        ),
+        (&empty, 0, None),
+        (
+            &text,
+            0,
+            Some(json!({"payload": "total=10", "schemaVersion": "3"})),
+        ),
+        (
+            &bytea,
+            0,
+            Some(json!({"payload": "AP9B", "schemaVersion": "3"})),
+        ),
+    ] {
+        let r = by_id(id);
+        assert_eq!(
+            r.partition, partition,
+            "the row's partition, not the key's hash"
+        );
+        assert_eq!(r.payload.as_ref().map(|_| envelope(r)), value, "{id}");
+        assert_eq!(
+            r.timestamp_ms,
+            Some(1_796_571_301_005),
+            "the event time, not the commit time"
+        );
+        let tenant = if id == &message { "m" } else { "acme" };
+        assert_eq!(r.header("tenantId").as_deref(), Some(tenant));
+        for placed in ["tenant", "version", "shard", "schemaVersion"] {
+            assert_eq!(r.header(placed), None, "{placed} is placed elsewhere");
+        }
+    }
+    let dead = consume(&broker().bootstrap, &[&dlq], 1, TIMEOUT, SETTLE);
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].header("id").as_deref(), Some(bad.as_str()));
+    let error = dead[0].header("walship.error").expect("reason");
+    assert!(
+        error.contains("\"shard\"") && error.contains("partition"),
+        "{error}"
+    );
+    relay.stop().await.expect("graceful stop");
+}

@@ -109,6 +109,18 @@ pub enum PayloadKind {
     Binary,
 }
 
+/// Where a further column of the row goes (`outbox.header_columns` and
+/// `outbox.additional_placement`, Debezium's `table.fields.additional.placement`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Placement {
+    /// A header of this name.
+    Header(Arc<str>),
+    /// A field of this name in an envelope object around the payload.
+    Envelope(Arc<str>),
+    /// The record's partition (a number): bypasses the key's hash.
+    Partition,
+}
+
 /// How an event's record is shaped.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub enum Format {
@@ -138,6 +150,12 @@ pub struct Event<'a> {
     pub payload_kind: PayloadKind,
     /// The writer's trace context, checked ([`TraceContext::check`]).
     pub trace: Option<TraceContext<'a>>,
+    /// Fields placed in an envelope around the payload (`outbox.additional_placement`'s
+    /// `envelope`): name and value (or NULL). Empty: the value is the payload itself.
+    pub envelope: &'a [(Arc<str>, Option<&'a [u8]>)],
+    /// The partition the writer chose (`outbox.additional_placement`'s `partition`); `None`:
+    /// the key's hash decides.
+    pub partition: Option<i32>,
 }
 
 /// Where a dead letter's row came from.
@@ -188,6 +206,8 @@ pub struct Record<'a> {
     pub payload: Option<&'a [u8]>,
     /// Record timestamp (ms since the Unix epoch); the commit time.
     pub timestamp_ms: Option<i64>,
+    /// The partition, when not the key's hash's.
+    pub partition: Option<i32>,
     inline: [(&'a str, Value<'a>); INLINE_HEADERS],
     len: usize,
     /// Headers past the inline ones, in order.
@@ -207,6 +227,7 @@ impl<'a> Record<'a> {
             key,
             payload,
             timestamp_ms,
+            partition: None,
             inline: [("", Value::Lent(None)); INLINE_HEADERS],
             len: 0,
             more: Vec::new(),
@@ -216,6 +237,7 @@ impl<'a> Record<'a> {
     /// An outbox event's record.
     pub fn event(topic: &'a str, event: Event<'a>, stamp: Stamp<'a>) -> Self {
         let mut r = Record::new(topic, event.key, event.payload, Some(event.commit_ms));
+        r.partition = event.partition;
         r.header(SOURCE_HEADER, Some(stamp.source.as_bytes()));
         if let Some(position) = stamp.position {
             r.text(POSITION_HEADER, Text::position(position));
@@ -238,11 +260,37 @@ impl<'a> Record<'a> {
     /// empty is refused.
     pub fn shaped(
         topic: &'a str,
-        event: Event<'a>,
+        mut event: Event<'a>,
         stamp: Stamp<'a>,
         format: &'a Format,
         scratch: &'a mut Scratch,
     ) -> Result<Self, ShapeError> {
+        let Scratch {
+            ce: attributes,
+            envelope,
+        } = scratch;
+        if let (false, Some(payload)) = (event.envelope.is_empty(), event.payload) {
+            envelope.clear();
+            envelope.extend_from_slice(b"{\"payload\":");
+            match event.payload_kind {
+                PayloadKind::Json => envelope.extend_from_slice(payload),
+                PayloadKind::Text => cloudevents::push_json_string(envelope, payload),
+                PayloadKind::Binary => cloudevents::push_base64(envelope, payload),
+            }
+            for (name, value) in event.envelope {
+                envelope.push(b',');
+                cloudevents::push_json_string(envelope, name.as_bytes());
+                envelope.push(b':');
+                match value {
+                    Some(v) => cloudevents::push_json_string(envelope, v),
+                    None => envelope.extend_from_slice(b"null"),
+                }
+            }
+            envelope.push(b'}');
+            let envelope: &'a [u8] = envelope;
+            event.payload = Some(envelope);
+            event.payload_kind = PayloadKind::Json;
+        }
         let ce = match format {
             Format::Plain => return Ok(Record::event(topic, event, stamp)),
             Format::CloudEvents(ce) => ce,
@@ -252,8 +300,8 @@ impl<'a> Record<'a> {
         cloudevents::rfc3339(event.commit_ms, &mut cursor);
         time.len = u8::try_from(cursor.position()).unwrap_or(0);
         let time_str = std::str::from_utf8(time.as_bytes()).unwrap_or_default();
-        ce.render(&event, &stamp, time_str, scratch)?;
-        let scratch: &'a Scratch = scratch;
+        ce.render(&event, &stamp, time_str, attributes)?;
+        let scratch: &'a cloudevents::Attributes = attributes;
         let mut r = Record::event(topic, event, stamp);
         if ce.mode == cloudevents::Mode::Structured && event.payload.is_some() {
             r.payload = Some(&scratch.value);

@@ -60,6 +60,10 @@ pub struct OutboxSpec {
     pub traceparent: String,
     /// Column holding the writer's W3C `tracestate`; empty when off.
     pub tracestate: String,
+    /// Column holding the event's time (the record timestamp instead of the commit time):
+    /// `timestamptz`/`timestamp` (UTC when without zone) or an integer of ms since the Unix
+    /// epoch; empty when off.
+    pub timestamp: String,
 }
 
 impl OutboxSpec {
@@ -75,6 +79,7 @@ impl OutboxSpec {
             header_columns: Vec::new(),
             traceparent: String::new(),
             tracestate: String::new(),
+            timestamp: String::new(),
         }
     }
 }
@@ -90,6 +95,7 @@ struct Layout {
     payload_type: PayloadType,
     traceparent: Option<usize>,
     tracestate: Option<usize>,
+    timestamp: Option<usize>,
     headers: Vec<(Arc<str>, usize)>,
     ncolumns: usize,
 }
@@ -138,6 +144,20 @@ pub enum RowError {
         table: String,
         /// Column.
         column: String,
+    },
+    /// The timestamp column's value is not a time walship reads.
+    #[error(
+        "column {column:?} of table {table} (outbox.timestamp_column) holds {value:?}, which is \
+         neither a timestamp (YYYY-MM-DD HH:MM:SS[.ffffff][+HH[:MM]]) nor an integer of \
+         milliseconds since the Unix epoch"
+    )]
+    BadTimestamp {
+        /// Table.
+        table: String,
+        /// Column.
+        column: String,
+        /// The value (lossy UTF-8, cut to 64 bytes).
+        value: String,
     },
     /// A row arrived for a relation never described.
     #[error("row for unknown relation OID {0}: the server sent no Relation message for it")]
@@ -192,6 +212,9 @@ pub struct OutboxRow<'a> {
     pub traceparent: Option<&'a [u8]>,
     /// The writer's W3C `tracestate`, unchecked (`outbox.tracestate_column`).
     pub tracestate: Option<&'a [u8]>,
+    /// The event's time, ms since the Unix epoch (`outbox.timestamp_column`); `None`: the
+    /// commit time.
+    pub timestamp_ms: Option<i64>,
     /// Extra header columns: (name, value or NULL).
     pub headers: Vec<(Arc<str>, Option<&'a [u8]>)>,
 }
@@ -406,6 +429,7 @@ impl Relations {
         let mut payload = None;
         let mut traceparent = None;
         let mut tracestate = None;
+        let mut timestamp = None;
         let mut headers = Vec::with_capacity(layout.headers.len());
         for (i, col) in tuple.iter().enumerate() {
             let v = col.bytes();
@@ -440,6 +464,9 @@ impl Relations {
             if Some(i) == layout.tracestate {
                 tracestate = v;
             }
+            if Some(i) == layout.timestamp {
+                timestamp = v;
+            }
             for (name, idx) in &layout.headers {
                 if *idx == i {
                     headers.push((Arc::clone(name), v));
@@ -469,6 +496,15 @@ impl Relations {
                 &self.spec.id,
             ));
         }
+        let timestamp_ms = timestamp
+            .map(|t| {
+                timestamp_millis(t).ok_or_else(|| RowError::BadTimestamp {
+                    table: self.spec.table.to_string(),
+                    column: self.spec.timestamp.clone(),
+                    value: String::from_utf8_lossy(&t[..t.len().min(64)]).into_owned(),
+                })
+            })
+            .transpose()?;
         Ok(OutboxRow {
             id,
             aggregate_type,
@@ -476,6 +512,7 @@ impl Relations {
             event_type,
             payload,
             payload_type: layout.payload_type,
+            timestamp_ms,
             traceparent,
             tracestate,
             headers,
@@ -570,9 +607,87 @@ fn layout(spec: &OutboxSpec, rel: &Relation) -> Result<Layout, RowError> {
         payload,
         traceparent: find("traceparent_column", &spec.traceparent)?,
         tracestate: find("tracestate_column", &spec.tracestate)?,
+        timestamp: find("timestamp_column", &spec.timestamp)?,
         headers,
         ncolumns: rel.columns.len(),
     })
+}
+
+/// Milliseconds since the Unix epoch of an event time: an integer (already ms), or PostgreSQL's
+/// ISO text of a `timestamptz` (`2026-12-06 15:35:01.005+00`, offsets `+HH`, `+HH:MM`,
+/// `+HH:MM:SS`) or a `timestamp` (no offset: UTC). Fractions beyond milliseconds are cut.
+pub fn timestamp_millis(text: &[u8]) -> Option<i64> {
+    let text = std::str::from_utf8(text).ok()?.trim();
+    if let Ok(ms) = text.parse::<i64>() {
+        return Some(ms);
+    }
+    let b = text.as_bytes();
+    let num = |r: std::ops::Range<usize>| -> Option<i64> {
+        let s = text.get(r)?;
+        (!s.is_empty() && s.bytes().all(|c| c.is_ascii_digit())).then(|| s.parse().ok())?
+    };
+    if b.len() < 19 || b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b' ' | b'T') {
+        return None;
+    }
+    if b[13] != b':' || b[16] != b':' {
+        return None;
+    }
+    let (year, month, day) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (hour, minute, second) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    if !(1..=12).contains(&month)
+        || !(1..=31).contains(&day)
+        || hour > 23
+        || minute > 59
+        || second > 60
+    {
+        return None;
+    }
+    let mut rest = &text[19..];
+    let mut millis = 0;
+    if let Some(frac) = rest.strip_prefix('.') {
+        let digits = frac.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 {
+            return None;
+        }
+        let ms: String = frac[..digits]
+            .chars()
+            .chain("000".chars())
+            .take(3)
+            .collect();
+        millis = ms.parse::<i64>().ok()?;
+        rest = &frac[digits..];
+    }
+    let offset_secs = match rest.as_bytes().first() {
+        None => 0,
+        Some(b'Z') if rest.len() == 1 => 0,
+        Some(sign @ (b'+' | b'-')) => {
+            let mut parts = rest[1..].split(':');
+            let mut secs = 0;
+            for unit in [3600, 60, 1] {
+                if let Some(p) = parts.next() {
+                    if p.len() != 2 || !p.bytes().all(|c| c.is_ascii_digit()) {
+                        return None;
+                    }
+                    secs += p.parse::<i64>().ok()? * unit;
+                }
+            }
+            if parts.next().is_some() {
+                return None;
+            }
+            if *sign == b'-' { -secs } else { secs }
+        }
+        _ => return None,
+    };
+    // Howard Hinnant's days_from_civil.
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = days * 86_400 + hour * 3600 + minute * 60 + second - offset_secs;
+    Some(secs * 1000 + millis)
 }
 
 /// Decodes bytea's text output (`\x` + hex) into bytes.

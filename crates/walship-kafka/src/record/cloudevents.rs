@@ -212,7 +212,7 @@ impl CloudEvents {
         event: &Event<'_>,
         stamp: &Stamp<'_>,
         time: &str,
-        scratch: &mut Scratch,
+        scratch: &mut Attributes,
     ) -> Result<(), ShapeError> {
         for (name, template, out) in [
             ("id", &self.id, &mut scratch.id),
@@ -235,7 +235,7 @@ impl CloudEvents {
         Ok(())
     }
 
-    fn structured(&self, kind: PayloadKind, payload: &[u8], time: &str, scratch: &mut Scratch) {
+    fn structured(&self, kind: PayloadKind, payload: &[u8], time: &str, scratch: &mut Attributes) {
         let out = &mut scratch.value;
         out.reserve(payload.len() + 256);
         out.extend_from_slice(b"{\"specversion\":\"1.0\",\"id\":");
@@ -265,11 +265,8 @@ impl CloudEvents {
             out.extend_from_slice(b",\"data\":");
             out.extend_from_slice(payload);
         } else if kind == PayloadKind::Binary {
-            out.extend_from_slice(b",\"data_base64\":\"");
-            let mut text = String::with_capacity(payload.len().div_ceil(3) * 4);
-            base64::engine::general_purpose::STANDARD.encode_string(payload, &mut text);
-            out.extend_from_slice(text.as_bytes());
-            out.push(b'"');
+            out.extend_from_slice(b",\"data_base64\":");
+            push_base64(out, payload);
         } else {
             out.extend_from_slice(b",\"data\":");
             push_json_string(out, payload);
@@ -287,6 +284,15 @@ impl Template {
     }
 }
 
+/// Appends `bytes` as a JSON string of their base64.
+pub(super) fn push_base64(out: &mut Vec<u8>, bytes: &[u8]) {
+    let mut text = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    base64::engine::general_purpose::STANDARD.encode_string(bytes, &mut text);
+    out.push(b'"');
+    out.extend_from_slice(text.as_bytes());
+    out.push(b'"');
+}
+
 /// `application/json`, `text/json` or any `+json` type (parameters aside).
 fn is_json_media_type(media_type: &str) -> bool {
     let essence = media_type
@@ -299,7 +305,7 @@ fn is_json_media_type(media_type: &str) -> bool {
 }
 
 /// Appends `bytes` (lossy UTF-8) as a JSON string.
-fn push_json_string(out: &mut Vec<u8>, bytes: &[u8]) {
+pub(super) fn push_json_string(out: &mut Vec<u8>, bytes: &[u8]) {
     out.push(b'"');
     for c in String::from_utf8_lossy(bytes).chars() {
         match c {
@@ -320,10 +326,18 @@ fn push_json_string(out: &mut Vec<u8>, bytes: &[u8]) {
     out.push(b'"');
 }
 
-/// What a CloudEvents record holds besides what it borrows from the row: the rendered
-/// attributes and a structured value. One per record; reuse it to keep its allocations.
+/// What a shaped record holds besides what it borrows from the row: a CloudEvent's rendered
+/// attributes and structured value, an envelope. One per record; reuse it to keep its
+/// allocations.
 #[derive(Debug, Default)]
 pub struct Scratch {
+    pub(super) ce: Attributes,
+    pub(super) envelope: Vec<u8>,
+}
+
+/// A CloudEvent's rendered attributes and, in structured mode, its value.
+#[derive(Debug, Default)]
+pub struct Attributes {
     pub(super) id: String,
     pub(super) source: String,
     pub(super) event_type: String,

@@ -42,6 +42,8 @@ fn an_event_names_its_writer_position_timeline_id_type_then_its_columns() {
         aggregate_type: Some(b"order"),
         payload_kind: PayloadKind::Json,
         trace: None,
+        envelope: &[],
+        partition: None,
     };
     let r = Record::event("outbox.event.order", event, STAMP);
     assert_eq!(
@@ -155,6 +157,8 @@ fn event<'a>(payload: Option<&'a [u8]>, kind: PayloadKind) -> Event<'a> {
         aggregate_type: Some(b"order"),
         payload_kind: kind,
         trace: None,
+        envelope: &[],
+        partition: None,
     }
 }
 
@@ -410,4 +414,53 @@ fn times_are_rfc3339_utc_with_milliseconds() {
         cloudevents::rfc3339(ms, &mut out);
         assert_eq!(String::from_utf8(out).unwrap(), text, "{ms}");
     }
+}
+
+#[test]
+fn an_envelope_holds_the_payload_and_the_placed_fields_and_a_partition_is_kept() {
+    let fields: Vec<(Arc<str>, Option<&[u8]>)> = vec![
+        (Arc::from("schemaVersion"), Some(&b"3"[..])),
+        (Arc::from("tenant"), None),
+    ];
+    for (payload, kind, expected) in [
+        (
+            &br#"{"total": 10}"#[..],
+            PayloadKind::Json,
+            serde_json::json!({"total": 10}),
+        ),
+        (
+            b"total=10",
+            PayloadKind::Text,
+            serde_json::json!("total=10"),
+        ),
+        (b"\x00\xffA", PayloadKind::Binary, serde_json::json!("AP9B")),
+    ] {
+        let e = Event {
+            envelope: &fields,
+            partition: Some(2),
+            ..event(Some(payload), kind)
+        };
+        let mut scratch = Scratch::default();
+        let r = Record::shaped("t", e, STAMP, &Format::Plain, &mut scratch).unwrap();
+        assert_eq!(r.partition, Some(2));
+        let value: serde_json::Value = serde_json::from_slice(r.payload.unwrap()).unwrap();
+        assert_eq!(
+            value,
+            serde_json::json!({"payload": expected, "schemaVersion": "3", "tenant": null})
+        );
+        // In structured mode the envelope is the data.
+        let format = cloudevents(cloudevents::Mode::Structured);
+        let mut scratch = Scratch::default();
+        let r = Record::shaped("t", e, STAMP, &format, &mut scratch).unwrap();
+        let value: serde_json::Value = serde_json::from_slice(r.payload.unwrap()).unwrap();
+        assert_eq!(value["data"]["payload"], expected);
+        assert_eq!(value["datacontenttype"], "application/json");
+    }
+    let tombstone = Event {
+        envelope: &fields,
+        ..event(None, PayloadKind::Json)
+    };
+    let mut scratch = Scratch::default();
+    let r = Record::shaped("t", tombstone, STAMP, &Format::Plain, &mut scratch).unwrap();
+    assert_eq!(r.payload, None, "a tombstone has no envelope");
 }

@@ -124,6 +124,28 @@ fn trace_context_columns_and_the_payload_type_are_extracted() {
 }
 
 #[test]
+fn event_times_are_read_from_integers_and_postgres_timestamps() {
+    for (text, ms) in [
+        ("1796571301005", Some(1_796_571_301_005)),
+        ("2026-12-06 15:35:01.005+00", Some(1_796_571_301_005)),
+        ("2026-12-06 15:35:01.005123+00", Some(1_796_571_301_005)),
+        ("2026-12-06 17:35:01.005+02", Some(1_796_571_301_005)),
+        ("2026-12-06 10:05:01.005-05:30", Some(1_796_571_301_005)),
+        ("2026-12-06 15:35:01.005", Some(1_796_571_301_005)),
+        ("2026-12-06T15:35:01Z", Some(1_796_571_301_000)),
+        ("1970-01-01 00:00:00+00", Some(0)),
+        ("2000-02-29 00:00:00+00", Some(951_782_400_000)),
+        ("infinity", None),
+        ("2026-13-06 15:35:01+00", None),
+        ("2026-12-06 15:35:01+0", None),
+        ("2026-12-06 15:35:01.+00", None),
+        ("06.12.2026 15:35", None),
+    ] {
+        assert_eq!(timestamp_millis(text.as_bytes()), ms, "{text}");
+    }
+}
+
+#[test]
 fn null_payload_is_a_tombstone_but_null_key_is_an_error() {
     let mut r = Relations::new(OutboxSpec::debezium(TableName::parse("outbox")));
     r.update(rel(COLS));

@@ -209,6 +209,19 @@ pub struct OutboxConfig {
     /// prefix, content)`) that are outbox events, matched exactly; empty (the default) = none.
     #[serde(default)]
     pub message_prefixes: Vec<String>,
+    /// Further columns and where they go, as Debezium's `table.fields.additional.placement`:
+    /// `"column:header[:name]"`, `"column:envelope[:name]"` or `"column:partition"`.
+    #[serde(default)]
+    pub additional_placement: Vec<String>,
+    /// Column (or message field) holding the event's time, the record timestamp instead of the
+    /// commit time: a `timestamptz` (or `timestamp`, read as UTC), or an integer of ms since the
+    /// Unix epoch; `""` (the default) = the commit time.
+    #[serde(default)]
+    pub timestamp_column: String,
+    /// An empty payload (zero bytes) is a tombstone too, as
+    /// Debezium's `route.tombstone.on.empty.payload`; a NULL payload always is.
+    #[serde(default)]
+    pub tombstone_on_empty_payload: bool,
     /// Column (or message field) holding the writer's W3C `traceparent`, copied to the header
     /// of that name when well formed; `""` (the default) = off.
     #[serde(default)]
@@ -286,6 +299,9 @@ impl Default for OutboxConfig {
             allowed_aggregate_types: Vec::new(),
             max_topics: default_max_topics(),
             message_prefixes: Vec::new(),
+            additional_placement: Vec::new(),
+            timestamp_column: String::new(),
+            tombstone_on_empty_payload: false,
             traceparent_column: String::new(),
             tracestate_column: String::new(),
             cloudevents: CloudEventsMode::Off,

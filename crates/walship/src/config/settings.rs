@@ -10,10 +10,11 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
-use walship_kafka::record::Format;
 use walship_kafka::record::cloudevents::{CloudEvents, Field, Mode, Template};
+use walship_kafka::record::{Format, Placement};
 use walship_kafka::{SinkSettings, TopicLimits, TopicRouter};
 use walship_postgres::setup::SlotHistory;
 use walship_postgres::{
@@ -173,6 +174,12 @@ pub struct SessionSettings {
     pub max_record_bytes: usize,
     /// How event records are shaped (`outbox.cloudevents` and its attributes).
     pub format: Format,
+    /// Where each extracted further column goes, in the order of the outbox spec's
+    /// `header_columns` (`outbox.header_columns`, then `outbox.additional_placement`); empty
+    /// when every one is a header of its column's name (the rows' headers are used as they are).
+    pub placements: Vec<Placement>,
+    /// `outbox.tombstone_on_empty_payload`.
+    pub tombstone_on_empty_payload: bool,
 }
 
 impl Default for SessionSettings {
@@ -187,6 +194,8 @@ impl Default for SessionSettings {
             resume_dedup: true,
             max_record_bytes: 1_000_000,
             format: Format::Plain,
+            placements: Vec::new(),
+            tombstone_on_empty_payload: false,
         }
     }
 }
@@ -208,6 +217,18 @@ impl Settings {
             resume_dedup: config.run.resume_dedup,
             max_record_bytes: sink.max_record_bytes(),
             format: config.record_format()?,
+            placements: {
+                let placed = config.placements()?;
+                let plain = placed
+                    .iter()
+                    .all(|(c, p)| matches!(p, Placement::Header(n) if **n == **c));
+                if plain {
+                    Vec::new()
+                } else {
+                    placed.into_iter().map(|(_, p)| p).collect()
+                }
+            },
+            tombstone_on_empty_payload: config.outbox.tombstone_on_empty_payload,
         };
         Ok(Settings {
             source,
@@ -380,6 +401,87 @@ impl Config {
         }))
     }
 
+    /// Every further column and where it goes: `outbox.header_columns` (headers of their own
+    /// name), then `outbox.additional_placement` (`column:placement[:name]`), each checked.
+    pub fn placements(&self) -> Result<Vec<(String, Placement)>, ConfigError> {
+        let o = &self.outbox;
+        let mut out: Vec<(String, Placement)> = o
+            .header_columns
+            .iter()
+            .map(|c| (c.clone(), Placement::Header(Arc::from(c.as_str()))))
+            .collect();
+        for entry in &o.additional_placement {
+            let bad = |why: &str| {
+                ConfigError(format!(
+                    "outbox.additional_placement: {entry:?} {why}; write \"column:header\", \
+                     \"column:header:name\", \"column:envelope\", \"column:envelope:name\" \
+                     or \"column:partition\""
+                ))
+            };
+            let mut parts = entry.split(':');
+            let column = parts.next().unwrap_or_default();
+            let placement = parts.next().ok_or_else(|| bad("names no placement"))?;
+            let alias = parts.next();
+            if parts.next().is_some() || column.is_empty() || alias == Some("") {
+                return Err(bad("is not column:placement[:name]"));
+            }
+            let name = Arc::from(alias.unwrap_or(column));
+            let placement = match placement {
+                "header" => Placement::Header(name),
+                "envelope" => Placement::Envelope(name),
+                "partition" if alias.is_none() => Placement::Partition,
+                "partition" => return Err(bad("names a partition placement, which has no name")),
+                _ => {
+                    return Err(bad(
+                        "has a placement other than header, envelope or partition",
+                    ));
+                }
+            };
+            out.push((column.to_owned(), placement));
+        }
+        let mut envelope = std::collections::BTreeSet::new();
+        let mut partitions = 0;
+        // header_columns keep the names they always had; only additional_placement is checked
+        // against walship's own headers.
+        for (i, (column, placement)) in out.iter().enumerate() {
+            match placement {
+                Placement::Header(_) if i < o.header_columns.len() => {}
+                Placement::Header(name) => {
+                    let own = name.starts_with("walship.")
+                        || name.starts_with("ce_")
+                        || ["id", "type", "traceparent", "tracestate", "content-type"]
+                            .contains(&&**name);
+                    if own {
+                        return Err(ConfigError(format!(
+                            "outbox.additional_placement: column {column:?} would \
+                             become header {name:?}, which walship writes itself (walship.*, id, \
+                             type, traceparent, tracestate, ce_*, content-type): give it another \
+                             name (\"{column}:header:<name>\")"
+                        )));
+                    }
+                }
+                Placement::Envelope(name) => {
+                    if &**name == "payload" || !envelope.insert(name.clone()) {
+                        return Err(ConfigError(format!(
+                            "outbox.additional_placement: envelope field {name:?} (column \
+                             {column:?}) is \"payload\" or named twice: the envelope is \
+                             {{\"payload\": …, \"<name>\": …}}, so give each field its own name"
+                        )));
+                    }
+                }
+                Placement::Partition => partitions += 1,
+            }
+        }
+        if partitions > 1 {
+            return Err(ConfigError(
+                "outbox.additional_placement names more than one partition column: a record has \
+                 one partition; keep one \"column:partition\""
+                    .into(),
+            ));
+        }
+        Ok(out)
+    }
+
     /// The outbox definition for the PostgreSQL side.
     pub fn outbox_spec(&self) -> OutboxSpec {
         let format_uses_type = match self.record_format() {
@@ -402,7 +504,11 @@ impl Config {
             aggregate_id: self.outbox.aggregate_id_column.clone(),
             event_type: self.outbox.type_column.clone(),
             payload: self.outbox.payload_column.clone(),
-            header_columns: self.outbox.header_columns.clone(),
+            header_columns: self
+                .placements()
+                .map(|p| p.into_iter().map(|(column, _)| column).collect())
+                .unwrap_or_else(|_| self.outbox.header_columns.clone()),
+            timestamp: self.outbox.timestamp_column.clone(),
             traceparent: self.outbox.traceparent_column.clone(),
             tracestate: self.outbox.tracestate_column.clone(),
         }

@@ -668,3 +668,74 @@ fn inconsistent_record_formats_are_refused_with_the_fix() {
         }
     }
 }
+
+#[test]
+fn router_options_default_to_debeziums_behaviour_as_walship_had_it() {
+    let c = parse(MINIMAL, &[]).unwrap();
+    assert!(c.placements().unwrap().is_empty());
+    assert!(!c.outbox.tombstone_on_empty_payload);
+    assert_eq!(c.outbox_spec().timestamp, "");
+    let text = format!(
+        "{MINIMAL}[outbox]\nheader_columns = [\"tenant\"]\ntimestamp_column = \"occurred_at\"\n\
+         additional_placement = [\"tenant:header:tenantId\", \"version:envelope:schemaVersion\", \
+         \"shard:partition\"]\ntombstone_on_empty_payload = true\n"
+    );
+    let c = parse(&text, &[]).unwrap();
+    use walship_kafka::record::Placement;
+    let placed = c.placements().unwrap();
+    assert_eq!(
+        placed,
+        vec![
+            ("tenant".into(), Placement::Header("tenant".into())),
+            ("tenant".into(), Placement::Header("tenantId".into())),
+            (
+                "version".into(),
+                Placement::Envelope("schemaVersion".into())
+            ),
+            ("shard".into(), Placement::Partition),
+        ]
+    );
+    let spec = c.outbox_spec();
+    assert_eq!(
+        spec.header_columns,
+        ["tenant", "tenant", "version", "shard"]
+    );
+    assert_eq!(spec.timestamp, "occurred_at");
+    let settings = Settings::resolve(&c).unwrap();
+    assert_eq!(settings.session.placements.len(), 4);
+    assert!(settings.session.tombstone_on_empty_payload);
+}
+
+#[test]
+fn placements_that_would_break_a_record_are_refused_with_the_fix() {
+    for (list, needles) in [
+        ("\"tenant\"", &["names no placement"][..]),
+        (
+            "\"tenant:footer\"",
+            &["other than header, envelope or partition"],
+        ),
+        ("\"shard:partition:p\"", &["has no name"]),
+        (
+            "\"a:partition\", \"b:partition\"",
+            &["more than one partition column"],
+        ),
+        ("\"v:envelope:payload\"", &["is \"payload\" or named twice"]),
+        ("\"a:envelope:x\", \"b:envelope:x\"", &["named twice"]),
+        (
+            "\"t:header:type\"",
+            &["walship writes itself", "t:header:<name>"],
+        ),
+        ("\"t:header:walship.x\"", &["walship writes itself"]),
+        ("\":header\"", &["column:placement[:name]"]),
+    ] {
+        let e = parse(
+            &format!("{MINIMAL}[outbox]\nadditional_placement = [{list}]\n"),
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        for n in needles {
+            assert!(e.contains(n), "{list}: {e}");
+        }
+    }
+}

@@ -78,6 +78,7 @@ impl Config {
         }
         self.validate_trace_columns()?;
         self.record_format()?;
+        self.placements()?;
         if let Some(p) = self
             .outbox
             .message_prefixes

@@ -15,7 +15,7 @@ use std::sync::atomic::Ordering;
 use pgoutput::{Begin, LogicalMessage, Lsn, Message, PgTimestamp};
 use tokio_util::sync::CancellationToken;
 use walship_kafka::headers::Position;
-use walship_kafka::record::{self, PayloadKind, Record, TraceContext};
+use walship_kafka::record::{self, PayloadKind, Placement, Record, TraceContext};
 use walship_postgres::{MessageError, MessageEvent, OutboxRow, PayloadType, PgError, RowError};
 
 use super::dead_letter::DeadLetter;
@@ -339,12 +339,27 @@ impl<W: WalSource, K: EventSink> Session<W, K> {
                 .trace_context_dropped
                 .fetch_add(1, Ordering::Relaxed);
         }
+        // Further columns: headers of their own name unless outbox.additional_placement says
+        // otherwise.
+        let placed;
+        let (columns, envelope, partition) = if self.placements_plain {
+            (&row.headers[..], &[][..], None)
+        } else {
+            placed = self.place(row, lsn, xid)?;
+            (&placed.0[..], &placed.1[..], placed.2)
+        };
+        let payload = row
+            .payload
+            .as_deref()
+            .filter(|p| !(self.settings.tombstone_on_empty_payload && p.is_empty()));
         let event = record::Event {
             key: row.aggregate_id,
-            payload: row.payload.as_deref(),
-            commit_ms,
+            payload,
+            commit_ms: row.timestamp_ms.unwrap_or(commit_ms),
             event_type: row.event_type,
-            columns: &row.headers,
+            columns,
+            envelope,
+            partition,
             aggregate_type: row.aggregate_type,
             payload_kind: match row.payload_type {
                 PayloadType::Json => PayloadKind::Json,
@@ -367,6 +382,49 @@ impl<W: WalSource, K: EventSink> Session<W, K> {
         drop(record);
         self.scratch = scratch;
         sent
+    }
+
+    /// Splits a row's further columns by `settings.placements`: headers (under their names),
+    /// envelope fields, and the partition (a bad row when it is not a number).
+    #[allow(clippy::type_complexity)]
+    fn place<'r>(
+        &self,
+        row: &OutboxRow<'r>,
+        lsn: Lsn,
+        xid: u32,
+    ) -> Result<
+        (
+            Vec<(Arc<str>, Option<&'r [u8]>)>,
+            Vec<(Arc<str>, Option<&'r [u8]>)>,
+            Option<i32>,
+        ),
+        Error,
+    > {
+        let mut headers = Vec::with_capacity(row.headers.len());
+        let mut envelope = Vec::new();
+        let mut partition = None;
+        for (placement, (column, value)) in self.settings.placements.iter().zip(&row.headers) {
+            match placement {
+                Placement::Header(name) => headers.push((Arc::clone(name), *value)),
+                Placement::Envelope(name) => envelope.push((Arc::clone(name), *value)),
+                Placement::Partition => {
+                    let number = value
+                        .and_then(|v| std::str::from_utf8(v).ok())
+                        .and_then(|v| v.trim().parse::<i32>().ok())
+                        .filter(|p| *p >= 0);
+                    partition = Some(number.ok_or_else(|| Error::Placement {
+                        lsn,
+                        xid,
+                        column: column.to_string(),
+                        value: value.map_or_else(
+                            || "NULL".to_owned(),
+                            |v| String::from_utf8_lossy(&v[..v.len().min(64)]).into_owned(),
+                        ),
+                    })?);
+                }
+            }
+        }
+        Ok((headers, envelope, partition))
     }
 
     /// After an unclean stop: whether an earlier run already put the event at `position` into

@@ -165,6 +165,9 @@ pub struct Session<W: WalSource, K: EventSink> {
     format: Arc<walship_kafka::record::Format>,
     /// The last CloudEvent's rendered attributes: reused to keep their allocations.
     scratch: walship_kafka::record::Scratch,
+    /// Every further column is a header of its own name (no `outbox.additional_placement`
+    /// beyond that): rows' headers are used as they are.
+    placements_plain: bool,
     /// Set after a start that may follow an unclean stop, until the stream passes what an
     /// earlier run can have delivered.
     resume: Option<Resume>,
@@ -212,6 +215,7 @@ impl<W: WalSource, K: EventSink> Session<W, K> {
             progress.enable_dead_letter();
         }
         let format = Arc::new(settings.format.clone());
+        let placements_plain = settings.placements.is_empty();
         Session {
             source,
             sink,
@@ -226,6 +230,7 @@ impl<W: WalSource, K: EventSink> Session<W, K> {
             source_id: Arc::from(source_id),
             format,
             scratch: walship_kafka::record::Scratch::default(),
+            placements_plain,
             resume,
             txn: None,
             last_status_at: Instant::now(),
