@@ -371,3 +371,61 @@ async fn router_options_place_fields_time_and_tombstones_as_configured() {
     );
     relay.stop().await.expect("graceful stop");
 }
+
+/// Debezium's `route.topic.regex`: groups of the aggregate type name the topic, for rows and
+/// messages; a value that does not match is a bad row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_regex_routes_rows_and_messages_by_its_groups() {
+    let db = TestDb::new().await;
+    let slot = db.slot().to_owned();
+    let dlq = format!("{slot}_dlq");
+    let toml = harness::config_toml(&db, &broker().bootstrap, "").replace(
+        &format!("topic = \"{slot}.{{aggregatetype}}\"\n"),
+        &format!(
+            "topic = \"{slot}.{{domain}}\"\ntopic_regex = \"(?<domain>[a-z]+)\\\\.[a-z]+\"\n\
+                 message_prefixes = [\"outbox\"]\non_bad_row = \"dead-letter\"\n\
+                 dead_letter_topic = \"{dlq}\"\n"
+        ),
+    );
+    assert!(toml.contains("topic_regex"), "{toml}");
+    let config = walship::Config::from_toml(&toml, std::iter::empty(), "test").expect("config");
+    let relay = Relay::start_streaming(config, &db).await;
+    for aggregate_type in ["shop.order", "Shop.order"] {
+        db.client
+            .execute(
+                "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) \
+                 VALUES ($1, '42', 'Placed', '{}')",
+                &[&aggregate_type],
+            )
+            .await
+            .expect("insert");
+    }
+    let content = json!({
+        "id": uuid::Uuid::new_v4().to_string(), "aggregatetype": "shop.invoice",
+        "aggregateid": "42", "type": "Issued", "payload": {},
+    });
+    db.client
+        .execute(
+            "SELECT pg_logical_emit_message(true, 'outbox', $1)",
+            &[&content.to_string()],
+        )
+        .await
+        .expect("emit");
+    db.await_caught_up().await;
+    let records = consume(
+        &broker().bootstrap,
+        &[&format!("{slot}.shop")],
+        2,
+        TIMEOUT,
+        SETTLE,
+    );
+    let types: Vec<String> = records.iter().filter_map(|r| r.header("type")).collect();
+    assert_eq!(types, ["Placed", "Issued"], "both to the domain's topic");
+    let dead = consume(&broker().bootstrap, &[&dlq], 1, TIMEOUT, SETTLE);
+    let error = dead[0].header("walship.error").expect("reason");
+    assert!(
+        error.contains("does not match outbox.topic_regex"),
+        "{error}"
+    );
+    relay.stop().await.expect("graceful stop");
+}

@@ -190,6 +190,11 @@ pub struct OutboxConfig {
     /// Topic template; `{aggregatetype}` is replaced by the row's aggregate type.
     #[serde(default = "default_topic")]
     pub topic: String,
+    /// A regular expression the aggregate type must match whole (Debezium's
+    /// `route.topic.regex`); `topic` may then name its groups, `{1}` or `{name}`. `""` (the
+    /// default): the whole value, no regular expression.
+    #[serde(default)]
+    pub topic_regex: String,
     /// What to do with a row that cannot become a record (NULL key, missing column, unroutable
     /// aggregate type, too large for the broker).
     #[serde(default)]
@@ -294,6 +299,7 @@ impl Default for OutboxConfig {
             payload_column: default_payload(),
             header_columns: Vec::new(),
             topic: default_topic(),
+            topic_regex: String::new(),
             on_bad_row: BadRowPolicy::Fail,
             dead_letter_topic: default_dead_letter_topic(),
             allowed_aggregate_types: Vec::new(),

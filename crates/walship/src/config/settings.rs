@@ -246,8 +246,22 @@ impl Config {
     /// The topic router for `outbox.topic` with the allow-list and the bound; the dead-letter
     /// topic is exempt from the bound when it is in use. One per run: its clones share the count.
     pub fn topic_router(&self) -> Result<TopicRouter, ConfigError> {
-        let router = TopicRouter::new(&self.outbox.topic)
+        let mut router = TopicRouter::new(&self.outbox.topic)
             .map_err(|e| ConfigError(format!("outbox.topic: {e}")))?;
+        let regex = &self.outbox.topic_regex;
+        if regex.is_empty() {
+            if let Some(name) = router.group_placeholders().first() {
+                return Err(ConfigError(format!(
+                    "outbox.topic {:?} names {{{name}}}, which only a group of outbox.topic_regex \
+                     can fill: set outbox.topic_regex, or use {{aggregatetype}}",
+                    self.outbox.topic
+                )));
+            }
+        } else {
+            router = router
+                .with_regex(regex)
+                .map_err(|e| ConfigError(format!("outbox.topic_regex: {e}")))?;
+        }
         let max_topics = usize::try_from(self.outbox.max_topics).unwrap_or(usize::MAX);
         Ok(router.with_limits(TopicLimits {
             allowed_aggregate_types: self.outbox.allowed_aggregate_types.clone(),
@@ -489,6 +503,7 @@ impl Config {
             _ => false,
         };
         let router_uses_type = format_uses_type
+            || !self.outbox.topic_regex.is_empty()
             || self
                 .outbox
                 .topic

@@ -739,3 +739,31 @@ fn placements_that_would_break_a_record_are_refused_with_the_fix() {
         }
     }
 }
+
+#[test]
+fn a_topic_regex_fills_the_topics_groups_and_is_checked() {
+    let text = format!(
+        "{MINIMAL}[outbox]\ntopic = \"events.{{domain}}\"\ntopic_regex = \"(?<domain>[a-z]+)\\\\..*\"\n"
+    );
+    let c = parse(&text, &[]).unwrap();
+    let mut router = c.topic_router().unwrap();
+    assert_eq!(&**router.route(Some(b"shop.order")).unwrap(), "events.shop");
+    assert!(router.route(Some(b"SHOP")).is_err());
+    assert_eq!(c.outbox_spec().aggregate_type, "aggregatetype");
+    for (extra, needle) in [
+        (
+            "topic = \"events.{domain}\"\n",
+            "only a group of outbox.topic_regex",
+        ),
+        ("topic_regex = \"(\"\n", "outbox.topic_regex"),
+        (
+            "topic = \"e.{x}\"\ntopic_regex = \"(?<y>a)\"\n",
+            "neither {aggregatetype} nor a group",
+        ),
+    ] {
+        let e = parse(&format!("{MINIMAL}[outbox]\n{extra}"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(needle), "{extra}: {e}");
+    }
+}

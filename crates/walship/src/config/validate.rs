@@ -36,8 +36,7 @@ impl Config {
         }
         self.read_batching()?;
         self.cpu_scheduling()?;
-        let router = TopicRouter::new(&self.outbox.topic)
-            .map_err(|e| ConfigError(format!("outbox.topic: {e}")))?;
+        let router = self.topic_router()?;
         if router.uses_aggregate_type() && self.outbox.aggregate_type_column.is_empty() {
             return Err(ConfigError(
                 "outbox.topic uses {aggregatetype} but outbox.aggregate_type_column is empty: name the column or use a fixed topic".into(),
