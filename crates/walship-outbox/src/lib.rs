@@ -58,6 +58,31 @@ pub struct OutboxEvent {
     pub trace: Option<TraceContext>,
 }
 
+#[cfg(feature = "opentelemetry")]
+impl OutboxEvent {
+    /// The same event carrying the trace context of OpenTelemetry's current span (feature
+    /// `opentelemetry`), as [`OutboxEvent::with_trace_context`] would with its W3C text; the
+    /// event unchanged when there is no valid current span.
+    #[must_use]
+    pub fn with_current_span(self) -> OutboxEvent {
+        use opentelemetry::trace::TraceContextExt as _;
+        let context = opentelemetry::Context::current();
+        let span = context.span();
+        let span = span.span_context();
+        if !span.is_valid() {
+            return self;
+        }
+        let traceparent = format!(
+            "00-{}-{}-{:02x}",
+            span.trace_id(),
+            span.span_id(),
+            span.trace_flags().to_u8()
+        );
+        let state = span.trace_state().header();
+        self.with_trace_context(traceparent, (!state.is_empty()).then_some(state))
+    }
+}
+
 /// An event's value.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Payload {
@@ -787,6 +812,36 @@ mod tests {
             outbox.statements(&[bytes]),
             Err(Error::BinaryPayload(_))
         ));
+    }
+
+    #[cfg(feature = "opentelemetry")]
+    #[test]
+    fn the_current_span_becomes_the_trace_context() {
+        use opentelemetry::trace::{
+            SpanContext, SpanId, TraceContextExt as _, TraceFlags, TraceId, TraceState,
+        };
+        assert_eq!(
+            event().with_current_span().trace,
+            None,
+            "no span, no context"
+        );
+        let span = SpanContext::new(
+            TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").unwrap(),
+            SpanId::from_hex("00f067aa0ba902b7").unwrap(),
+            TraceFlags::SAMPLED,
+            true,
+            TraceState::from_key_value([("rojo", "00f067aa0ba902b7")]).unwrap(),
+        );
+        let _guard = opentelemetry::Context::new()
+            .with_remote_span_context(span)
+            .attach();
+        assert_eq!(
+            event().with_current_span().trace,
+            Some(TraceContext {
+                traceparent: TRACEPARENT.into(),
+                tracestate: Some("rojo=00f067aa0ba902b7".into()),
+            })
+        );
     }
 
     #[test]
