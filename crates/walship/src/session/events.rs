@@ -23,6 +23,9 @@ use super::seams::{EventSink, WalSource};
 use super::{OpenTxn, Session, Stop};
 use crate::error::Error;
 
+/// Most one warning about malformed trace contexts per this interval.
+const TRACE_WARNING_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+
 impl<W: WalSource, K: EventSink> Session<W, K> {
     pub(super) async fn handle_message(
         &mut self,
@@ -333,11 +336,29 @@ impl<W: WalSource, K: EventSink> Session<W, K> {
         let timeline = self.timeline_text(Lsn(position.commit_lsn));
         let (trace, problem) = TraceContext::check(row.traceparent, row.tracestate);
         if let Some(problem) = problem {
-            // The writer's hint only: the event is published without it.
-            tracing::warn!(%lsn, xid, %position, "{problem}");
+            // The writer's hint only: the event is published without it. One warning per
+            // TRACE_WARNING_INTERVAL at most (a writer that gets it wrong gets it wrong on every
+            // event); the counter counts each.
             self.telemetry
                 .trace_context_dropped
                 .fetch_add(1, Ordering::Relaxed);
+            self.trace_dropped_unwarned += 1;
+            let now = std::time::Instant::now();
+            if self
+                .trace_warned
+                .is_none_or(|at| now.duration_since(at) >= TRACE_WARNING_INTERVAL)
+            {
+                let dropped = std::mem::take(&mut self.trace_dropped_unwarned);
+                tracing::warn!(
+                    %lsn,
+                    xid,
+                    %position,
+                    dropped,
+                    "{problem} (the event is published without it; `dropped` counts the malformed \
+                     values since the last such warning)"
+                );
+                self.trace_warned = Some(now);
+            }
         }
         // Further columns: headers of their own name unless outbox.additional_placement says
         // otherwise.

@@ -168,6 +168,10 @@ pub struct Session<W: WalSource, K: EventSink> {
     /// Every further column is a header of its own name (no `outbox.additional_placement`
     /// beyond that): rows' headers are used as they are.
     placements_plain: bool,
+    /// When the last warning about a malformed trace context was logged.
+    trace_warned: Option<std::time::Instant>,
+    /// Malformed trace contexts dropped since that warning.
+    trace_dropped_unwarned: u64,
     /// Set after a start that may follow an unclean stop, until the stream passes what an
     /// earlier run can have delivered.
     resume: Option<Resume>,
@@ -231,6 +235,8 @@ impl<W: WalSource, K: EventSink> Session<W, K> {
             format,
             scratch: walship_kafka::record::Scratch::default(),
             placements_plain,
+            trace_warned: None,
+            trace_dropped_unwarned: 0,
             resume,
             txn: None,
             last_status_at: Instant::now(),
