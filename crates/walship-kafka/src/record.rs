@@ -11,7 +11,9 @@
 //! ```
 //!
 //! An event's record is shaped by its [`Format`]: walship's own (above), or a CloudEvent in
-//! binary or structured mode ([`cloudevents`]). A tombstone stays a tombstone in every format.
+//! binary or structured mode ([`cloudevents`]); fields the row places in an envelope make the
+//! value `{"payload": …, "<name>": …}` first, and a partition it names replaces the key's hash.
+//! A tombstone stays a tombstone in every format.
 //!
 //! Invariant: every record walship produces is built by [`Record::event`] (through
 //! [`Record::shaped`]) or [`Record::dead_letter`] (only benches assemble one from
