@@ -27,13 +27,15 @@ enum Kind {
 /// tombstone, a logical message with a trace context, a text row with a malformed traceparent
 /// (dropped; walship goes on), a bytea row. The payload column changes type mid-stream, which
 /// walship follows from the Relation messages.
-async fn scenario(extra: &str) -> (Vec<(Kind, String, Consumed)>, Relay) {
+async fn scenario(extra: &str) -> (Vec<(Kind, String, Consumed)>, Relay, u16) {
     let db = TestDb::new().await;
     db.client
         .batch_execute("ALTER TABLE outbox ADD COLUMN traceparent text, ADD COLUMN tracestate text")
         .await
         .expect("trace columns");
-    let toml = harness::config_toml(&db, &broker().bootstrap, "").replace(
+    let port = harness::process::free_port();
+    let metrics = format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\n");
+    let toml = harness::config_toml(&db, &broker().bootstrap, &metrics).replace(
         "[outbox]\n",
         &format!(
             "[outbox]\nmessage_prefixes = [\"outbox\"]\ntraceparent_column = \"traceparent\"\n\
@@ -110,7 +112,7 @@ async fn scenario(extra: &str) -> (Vec<(Kind, String, Consumed)>, Relay) {
         .zip(records)
         .map(|((k, id), r)| (k, id, r))
         .collect();
-    (out, relay)
+    (out, relay, port)
 }
 
 /// The header names of a record, in the order walship wrote them.
@@ -160,7 +162,7 @@ fn content_type(kind: Kind) -> &'static str {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_keep_the_payload_as_stored_and_carry_a_well_formed_trace_context() {
-    let (records, relay) = scenario("").await;
+    let (records, relay, port) = scenario("").await;
     for (kind, id, r) in &records {
         common(*kind, id, r);
         assert_eq!(r.payload.as_deref(), payload(*kind), "{kind:?}");
@@ -172,6 +174,12 @@ async fn records_keep_the_payload_as_stored_and_carry_a_well_formed_trace_contex
             names(r)
         );
     }
+    let metrics = crate::metrics::get(port, "/metrics").1;
+    assert_eq!(
+        crate::metrics::value(&metrics, "walship_trace_context_dropped_total"),
+        1.0,
+        "the malformed traceparent is counted"
+    );
     relay
         .stop()
         .await
@@ -180,7 +188,7 @@ async fn records_keep_the_payload_as_stored_and_carry_a_well_formed_trace_contex
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn binary_cloudevents_put_the_attributes_in_headers_and_the_payload_in_the_value() {
-    let (records, relay) = scenario("cloudevents = \"binary\"\n").await;
+    let (records, relay, _) = scenario("cloudevents = \"binary\"\n").await;
     for (kind, id, r) in &records {
         common(*kind, id, r);
         assert_eq!(r.payload.as_deref(), payload(*kind), "{kind:?}");
@@ -202,7 +210,7 @@ async fn binary_cloudevents_put_the_attributes_in_headers_and_the_payload_in_the
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn structured_cloudevents_hold_the_event_as_json_and_a_tombstone_stays_one() {
-    let (records, relay) = scenario("cloudevents = \"structured\"\n").await;
+    let (records, relay, _) = scenario("cloudevents = \"structured\"\n").await;
     for (kind, id, r) in &records {
         common(*kind, id, r);
         if *kind == Kind::Tombstone {
