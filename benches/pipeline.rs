@@ -7,7 +7,8 @@
 //!   walship does per event before handing it to librdkafka. `extract_route/record_<format>`
 //!   goes on to build the whole record as the session does (`Record::shaped`, the trace
 //!   context check): `plain` (the default), `plain_traced` (with a `traceparent` column),
-//!   `cloudevents_binary` and `cloudevents_structured` — the cost of each format per event.
+//!   `plain_envelope` (a field placed in an envelope), `cloudevents_binary` and
+//!   `cloudevents_structured` — the cost of each format per event.
 //! - `produce_ack`: records handed to librdkafka's in-process mock cluster (`rdkafka::mocking`,
 //!   3 partitions, acks=all, idempotent) in single-event transactions, until the progress
 //!   tracker's safe LSN reaches the last one: producer queueing, the mock broker's acks, the
@@ -102,17 +103,21 @@ fn extract_route(c: &mut Criterion) {
         })
     });
     let traceparent = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
-    for (name, format, traced) in [
-        ("record_plain", Format::Plain, false),
-        ("record_plain_traced", Format::Plain, true),
+    let placed: Vec<(Arc<str>, Option<&[u8]>)> = vec![(Arc::from("schemaVersion"), Some(b"3"))];
+    for (name, format, traced, enveloped) in [
+        ("record_plain", Format::Plain, false, false),
+        ("record_plain_traced", Format::Plain, true, false),
+        ("record_plain_envelope", Format::Plain, false, true),
         (
             "record_cloudevents_binary",
             Format::CloudEvents(CloudEvents::new(Mode::Binary)),
+            false,
             false,
         ),
         (
             "record_cloudevents_structured",
             Format::CloudEvents(CloudEvents::new(Mode::Structured)),
+            false,
             false,
         ),
     ] {
@@ -137,7 +142,7 @@ fn extract_route(c: &mut Criterion) {
                         aggregate_type: row.aggregate_type,
                         payload_kind: PayloadKind::Json,
                         trace,
-                        envelope: &[],
+                        envelope: if enveloped { &placed } else { &[] },
                         partition: None,
                     };
                     let stamp = record::Stamp {

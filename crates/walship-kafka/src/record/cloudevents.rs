@@ -304,25 +304,34 @@ fn is_json_media_type(media_type: &str) -> bool {
     essence == "application/json" || essence == "text/json" || essence.ends_with("+json")
 }
 
-/// Appends `bytes` (lossy UTF-8) as a JSON string.
+/// Appends `bytes` (lossy UTF-8) as a JSON string: runs that need no escape are copied whole
+/// (bytes of multi-byte characters are all 0x80 or more, so scanning bytes is safe).
 pub(super) fn push_json_string(out: &mut Vec<u8>, bytes: &[u8]) {
+    let text = String::from_utf8_lossy(bytes);
+    let b = text.as_bytes();
+    out.reserve(b.len() + 2);
     out.push(b'"');
-    for c in String::from_utf8_lossy(bytes).chars() {
-        match c {
-            '"' => out.extend_from_slice(b"\\\""),
-            '\\' => out.extend_from_slice(b"\\\\"),
-            '\n' => out.extend_from_slice(b"\\n"),
-            '\r' => out.extend_from_slice(b"\\r"),
-            '\t' => out.extend_from_slice(b"\\t"),
-            c if (c as u32) < 0x20 => {
-                let _ = std::io::Write::write_fmt(out, format_args!("\\u{:04x}", c as u32));
+    let mut start = 0;
+    for (i, &c) in b.iter().enumerate() {
+        let escape: &[u8] = match c {
+            b'"' => b"\\\"",
+            b'\\' => b"\\\\",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            b'\t' => b"\\t",
+            0..=0x1f => {
+                out.extend_from_slice(&b[start..i]);
+                let _ = std::io::Write::write_fmt(out, format_args!("\\u{c:04x}"));
+                start = i + 1;
+                continue;
             }
-            c => {
-                let mut buf = [0; 4];
-                out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
-            }
-        }
+            _ => continue,
+        };
+        out.extend_from_slice(&b[start..i]);
+        out.extend_from_slice(escape);
+        start = i + 1;
     }
+    out.extend_from_slice(&b[start..]);
     out.push(b'"');
 }
 

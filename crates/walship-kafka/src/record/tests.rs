@@ -464,3 +464,26 @@ fn an_envelope_holds_the_payload_and_the_placed_fields_and_a_partition_is_kept()
     let r = Record::shaped("t", tombstone, STAMP, &Format::Plain, &mut scratch).unwrap();
     assert_eq!(r.payload, None, "a tombstone has no envelope");
 }
+
+#[test]
+fn json_strings_escape_what_json_needs_and_keep_the_rest() {
+    for text in [
+        "plain",
+        "say \"hi\"\\ now",
+        "tab\tnew\nline\r\u{1}\u{1f}",
+        "ünïcødé ✓ 𝄞",
+        "",
+    ] {
+        let mut out = Vec::new();
+        cloudevents::push_json_string(&mut out, text.as_bytes());
+        let back: String = serde_json::from_slice(&out).unwrap();
+        assert_eq!(back, text);
+    }
+    let mut out = Vec::new();
+    cloudevents::push_json_string(&mut out, b"a\xffb");
+    let back: String = serde_json::from_slice(&out).unwrap();
+    assert_eq!(
+        back, "a\u{fffd}b",
+        "invalid UTF-8 is replaced, never passed on"
+    );
+}
