@@ -4,7 +4,11 @@
 //!
 //! - `extract_route`: a pgoutput Insert of the default outbox table (5 columns, ~200-byte jsonb
 //!   payload) → decode → outbox extraction → topic routing → the record's headers: everything
-//!   walship does per event before handing it to librdkafka.
+//!   walship does per event before handing it to librdkafka. `extract_route/record_<format>`
+//!   goes on to build the whole record as the session does (`Record::shaped`, the trace
+//!   context check): `plain` (the default), `plain_traced` (with a `traceparent` column),
+//!   `plain_envelope` (a field placed in an envelope), `cloudevents_binary` and
+//!   `cloudevents_structured` — the cost of each format per event.
 //! - `produce_ack`: records handed to librdkafka's in-process mock cluster (`rdkafka::mocking`,
 //!   3 partitions, acks=all, idempotent) in single-event transactions, until the progress
 //!   tracker's safe LSN reaches the last one: producer queueing, the mock broker's acks, the
@@ -21,7 +25,9 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use pgoutput::{Decoder, Lsn, Message, Relation, RelationColumn};
 use rdkafka::mocking::MockCluster;
 use walship::session::progress::Progress;
-use walship_kafka::{Record, SendError, Sink, SinkSettings, TopicRouter};
+use walship_kafka::record::cloudevents::Mode;
+use walship_kafka::record::{self, CloudEvents, Format, PayloadKind, Scratch, TraceContext};
+use walship_kafka::{Position, Record, SendError, Sink, SinkSettings, TopicRouter};
 use walship_postgres::{OutboxSpec, Relations, TableName};
 
 fn outbox_relation() -> Relation {
@@ -96,6 +102,65 @@ fn extract_route(c: &mut Criterion) {
             }
         })
     });
+    let traceparent = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let placed: Vec<(Arc<str>, Option<&[u8]>)> = vec![(Arc::from("schemaVersion"), Some(b"3"))];
+    for (name, format, traced, enveloped) in [
+        ("record_plain", Format::Plain, false, false),
+        ("record_plain_traced", Format::Plain, true, false),
+        ("record_plain_envelope", Format::Plain, false, true),
+        (
+            "record_cloudevents_binary",
+            Format::CloudEvents(CloudEvents::new(Mode::Binary)),
+            false,
+            false,
+        ),
+        (
+            "record_cloudevents_structured",
+            Format::CloudEvents(CloudEvents::new(Mode::Structured)),
+            false,
+            false,
+        ),
+    ] {
+        let mut scratch = Scratch::default();
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                for (i, m) in messages.iter().enumerate() {
+                    let Ok(Message::Insert(insert)) = decoder.decode(m.clone()) else {
+                        unreachable!()
+                    };
+                    let row = relations
+                        .extract(insert.relation_id, &insert.tuple)
+                        .unwrap();
+                    let topic = router.route(row.aggregate_type).unwrap();
+                    let (trace, _) = TraceContext::check(traced.then_some(&traceparent[..]), None);
+                    let event = record::Event {
+                        key: row.aggregate_id,
+                        payload: row.payload.as_deref(),
+                        commit_ms: 1_796_571_301_005,
+                        event_type: row.event_type,
+                        columns: &row.headers,
+                        aggregate_type: row.aggregate_type,
+                        payload_kind: PayloadKind::Json,
+                        trace,
+                        envelope: if enveloped { &placed } else { &[] },
+                        partition: None,
+                    };
+                    let stamp = record::Stamp {
+                        source: "7345/walship",
+                        position: Some(Position {
+                            commit_lsn: 0x16_B374_D848,
+                            index: i as u32,
+                        }),
+                        timeline: "1",
+                        id: row.id,
+                    };
+                    let record =
+                        Record::shaped(topic, event, stamp, &format, &mut scratch).unwrap();
+                    black_box(record.headers().count());
+                }
+            })
+        });
+    }
     group.throughput(Throughput::Bytes(bytes as u64));
     group.bench_function("insert_to_record_bytes", |b| {
         b.iter(|| {

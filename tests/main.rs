@@ -26,6 +26,7 @@ mod partitions;
 mod pgoutput_golden;
 mod pipelines;
 mod privilege;
+mod records;
 mod relay;
 mod reliability;
 mod resume;

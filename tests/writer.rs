@@ -166,3 +166,92 @@ async fn library_events_arrive_on_commit_only_in_order_with_both_drivers_and_mod
     sqlx_conn.close().await.expect("sqlx close");
     relay.stop().await.expect("graceful stop");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_with_trace_context_headers_and_bytes_arrive_as_written() {
+    const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let mut db = TestDb::new().await;
+    db.client
+        .batch_execute(
+            "ALTER TABLE outbox ADD COLUMN traceparent text, ADD COLUMN tracestate text, \
+             ADD COLUMN tenant text",
+        )
+        .await
+        .expect("columns");
+    let config_toml = harness::config_toml(&db, &broker().bootstrap, "").replace(
+        "[outbox]\n",
+        "[outbox]\nmessage_prefixes = [\"outbox\"]\ntraceparent_column = \"traceparent\"\n\
+         tracestate_column = \"tracestate\"\nheader_columns = [\"tenant\"]\n",
+    );
+    let config =
+        walship::Config::from_toml(&config_toml, std::iter::empty(), "test").expect("config");
+    let relay = Relay::start_streaming(config, &db).await;
+
+    let e = |seq: u64| event("42", seq).with_v7_id();
+    let rows = [
+        e(0).with_trace_context(TRACEPARENT, Some("rojo=00f067aa0ba902b7".into()))
+            .with_header("tenant", Some("acme".into())),
+        e(1),
+    ];
+    let messages = [
+        e(2).with_trace_context(TRACEPARENT, None),
+        e(3).with_trace_context("garbage", None),
+    ];
+    let tx = db.client.transaction().await.expect("begin");
+    let mut ids = Outbox::new().add_all(&tx, &rows).await.expect("rows");
+    ids.extend(
+        Outbox::messages("outbox")
+            .add_all(&tx, &messages)
+            .await
+            .expect("messages"),
+    );
+    tx.commit().await.expect("commit");
+    db.client
+        .batch_execute(
+            "ALTER TABLE outbox ALTER COLUMN payload TYPE bytea USING convert_to(payload::text, 'UTF8')",
+        )
+        .await
+        .expect("to bytea");
+    let bytes = OutboxEvent::bytes("order", "42", "Updated", vec![0, 0xff, b'A'])
+        .with_trace_context(TRACEPARENT, None);
+    ids.push(
+        Outbox::new()
+            .with_payload_type(walship_outbox::PayloadType::Bytea)
+            .add(&db.client, &bytes)
+            .await
+            .expect("bytes"),
+    );
+    db.await_caught_up().await;
+
+    let mut records = consume(
+        &broker().bootstrap,
+        &[&topic(&db, "order")],
+        5,
+        TIMEOUT,
+        SETTLE,
+    );
+    assert_eq!(records.len(), 5);
+    records.sort_by_key(|r| r.offset);
+    let got: Vec<String> = records.iter().map(|r| r.id()).collect();
+    let want: Vec<String> = ids.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        got, want,
+        "in the order written, with the ids add_all returned"
+    );
+    assert!(ids.iter().take(4).all(|id| id.get_version_num() == 7));
+    let traces: Vec<Option<String>> = records.iter().map(|r| r.header("traceparent")).collect();
+    let tp = Some(TRACEPARENT.to_owned());
+    assert_eq!(
+        traces,
+        [tp.clone(), None, tp.clone(), None, tp],
+        "unchanged; the malformed one left off, and walship went on"
+    );
+    assert_eq!(
+        records[0].header("tracestate").as_deref(),
+        Some("rojo=00f067aa0ba902b7")
+    );
+    assert_eq!(records[0].header("tenant").as_deref(), Some("acme"));
+    assert_eq!(records[0].json()["seq"], 0);
+    assert_eq!(records[4].payload.as_deref(), Some(&[0, 0xff, b'A'][..]));
+    relay.stop().await.expect("graceful stop");
+}

@@ -11,6 +11,8 @@
 //!  type             = the outbox row's event type
 //!  dead letters add walship.error, walship.lsn, walship.xid, walship.table or walship.prefix,
 //!  and walship.truncated (the value's original size) when the value was cut
+//!  traceparent, tracestate = the writer's W3C trace context, when configured and well formed
+//!  ce_*, content-type     = CloudEvents attributes, when outbox.cloudevents is on
 //! ```
 //!
 //! [`crate::record`] puts them on records; here is only what they are called and how a
@@ -59,6 +61,24 @@ pub const TABLE_HEADER: &str = "walship.table";
 pub const PREFIX_HEADER: &str = "walship.prefix";
 /// Header of a dead letter whose value was cut to fit: the original value's size in bytes.
 pub const TRUNCATED_HEADER: &str = "walship.truncated";
+
+/// CloudEvents' binary content mode (Kafka protocol binding 3.2.3): every attribute but `data`
+/// is a header named `ce_` + the attribute. walship writes these; structured mode writes them
+/// on a tombstone only (which has no value to hold them).
+pub const CE_SPECVERSION_HEADER: &str = "ce_specversion";
+/// CloudEvents `id`.
+pub const CE_ID_HEADER: &str = "ce_id";
+/// CloudEvents `source`.
+pub const CE_SOURCE_HEADER: &str = "ce_source";
+/// CloudEvents `type`.
+pub const CE_TYPE_HEADER: &str = "ce_type";
+/// CloudEvents `time` (RFC 3339, UTC, milliseconds): the commit time.
+pub const CE_TIME_HEADER: &str = "ce_time";
+/// CloudEvents `subject`.
+pub const CE_SUBJECT_HEADER: &str = "ce_subject";
+/// The value's media type: CloudEvents `datacontenttype` in binary mode,
+/// `application/cloudevents+json; charset=UTF-8` in structured mode.
+pub const CONTENT_TYPE_HEADER: &str = "content-type";
 
 /// Where an event stands in a source's stream: ordered like the stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

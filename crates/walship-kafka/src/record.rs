@@ -4,13 +4,20 @@
 //! ```text
 //!  event        key = aggregate id · value = payload (none: tombstone) · timestamp = commit time
 //!               walship.source · walship.position · walship.timeline · [id] · [type] · [header columns]
+//!               · [traceparent · [tracestate]] · [CloudEvents' ce_* · content-type]
 //!  dead letter  key = the event's key (or empty) · value = the row, cut to fit · timestamp = commit time
 //!               walship.error · walship.lsn · walship.xid · walship.table | walship.prefix ·
 //!               walship.source · walship.timeline · [walship.position] · [id] · [walship.truncated]
 //! ```
 //!
-//! Invariant: every record walship produces is built by [`Record::event`] or
-//! [`Record::dead_letter`] (only benches assemble one from [`Record::new`] directly), so its headers carry the names of [`crate::headers`] in the order
+//! An event's record is shaped by its [`Format`]: walship's own (above), or a CloudEvent in
+//! binary or structured mode ([`cloudevents`]); fields the row places in an envelope make the
+//! value `{"payload": …, "<name>": …}` first, and a partition it names replaces the key's hash.
+//! A tombstone stays a tombstone in every format.
+//!
+//! Invariant: every record walship produces is built by [`Record::event`] (through
+//! [`Record::shaped`]) or [`Record::dead_letter`] (only benches assemble one from
+//! [`Record::new`] directly), so its headers carry the names of [`crate::headers`] in the order
 //! above; a dead letter cut by [`Record::fit`] fits in the producer's `message.max.bytes` and
 //! names its original size. The texts walship writes itself (position, LSN, xid, size) are held
 //! by the record; the row's bytes (key, value, header columns) stay borrowed from the buffer
@@ -20,18 +27,26 @@ use std::io::Write as _;
 use std::sync::Arc;
 
 use crate::headers::{
-    ERROR_HEADER, ID_HEADER, LSN_HEADER, POSITION_HEADER, PREFIX_HEADER, Position, PositionText,
-    SOURCE_HEADER, TABLE_HEADER, TIMELINE_HEADER, TRUNCATED_HEADER, TYPE_HEADER, XID_HEADER,
+    CE_ID_HEADER, CE_SOURCE_HEADER, CE_SPECVERSION_HEADER, CE_SUBJECT_HEADER, CE_TIME_HEADER,
+    CE_TYPE_HEADER, CONTENT_TYPE_HEADER, ERROR_HEADER, ID_HEADER, LSN_HEADER, POSITION_HEADER,
+    PREFIX_HEADER, Position, PositionText, SOURCE_HEADER, TABLE_HEADER, TIMELINE_HEADER,
+    TRUNCATED_HEADER, TYPE_HEADER, XID_HEADER,
 };
+
+pub mod cloudevents;
+pub mod trace;
+
+pub use cloudevents::{CloudEvents, Scratch, ShapeError};
+pub use trace::{TRACEPARENT_HEADER, TRACESTATE_HEADER, TraceContext, TraceProblem};
 
 /// Room left in a record for what is not key, value or header text: the record's and its
 /// batch's framing (a record batch header is 61 bytes; lengths, offsets and attributes add a
 /// few per field).
 pub const RECORD_OVERHEAD: usize = 512;
 
-/// Headers a record holds without allocating: a dead letter's nine, or an event's five and a
-/// few header columns.
-const INLINE_HEADERS: usize = 10;
+/// Headers a record holds without allocating: a dead letter's nine, an event's five and a few
+/// header columns, or a CloudEvent's twelve.
+const INLINE_HEADERS: usize = 14;
 
 /// A short text the record writes itself (a position, an LSN, a number): at most 32 bytes.
 #[derive(Debug, Clone, Copy, Default)]
@@ -83,6 +98,41 @@ pub struct Stamp<'a> {
     pub id: Option<&'a [u8]>,
 }
 
+/// What the payload column holds, as far as a record's format cares: CloudEvents encodes
+/// `data` and names `datacontenttype` by it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum PayloadKind {
+    /// JSON text (json, jsonb, a logical message's payload).
+    Json,
+    /// Text of any other type.
+    #[default]
+    Text,
+    /// Bytes (bytea).
+    Binary,
+}
+
+/// Where a further column of the row goes (`outbox.header_columns` and
+/// `outbox.additional_placement`, Debezium's `table.fields.additional.placement`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Placement {
+    /// A header of this name.
+    Header(Arc<str>),
+    /// A field of this name in an envelope object around the payload.
+    Envelope(Arc<str>),
+    /// The record's partition (a number): bypasses the key's hash.
+    Partition,
+}
+
+/// How an event's record is shaped.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Format {
+    /// walship's own: the payload as the value, the headers of the module documentation.
+    #[default]
+    Plain,
+    /// A CloudEvent (binary or structured), with walship's headers kept.
+    CloudEvents(CloudEvents),
+}
+
 /// An outbox event's content: what its record carries besides the [`Stamp`].
 #[derive(Debug, Clone, Copy)]
 pub struct Event<'a> {
@@ -96,6 +146,18 @@ pub struct Event<'a> {
     pub event_type: Option<&'a [u8]>,
     /// Header columns, in the configured order: name and value (or NULL).
     pub columns: &'a [(Arc<str>, Option<&'a [u8]>)],
+    /// The aggregate type, when extracted (CloudEvents' templates may name it).
+    pub aggregate_type: Option<&'a [u8]>,
+    /// What the payload is.
+    pub payload_kind: PayloadKind,
+    /// The writer's trace context, checked ([`TraceContext::check`]).
+    pub trace: Option<TraceContext<'a>>,
+    /// Fields placed in an envelope around the payload (`outbox.additional_placement`'s
+    /// `envelope`): name and value (or NULL). Empty: the value is the payload itself.
+    pub envelope: &'a [(Arc<str>, Option<&'a [u8]>)],
+    /// The partition the writer chose (`outbox.additional_placement`'s `partition`); `None`:
+    /// the key's hash decides.
+    pub partition: Option<i32>,
 }
 
 /// Where a dead letter's row came from.
@@ -146,6 +208,8 @@ pub struct Record<'a> {
     pub payload: Option<&'a [u8]>,
     /// Record timestamp (ms since the Unix epoch); the commit time.
     pub timestamp_ms: Option<i64>,
+    /// The partition, when not the key's hash's.
+    pub partition: Option<i32>,
     inline: [(&'a str, Value<'a>); INLINE_HEADERS],
     len: usize,
     /// Headers past the inline ones, in order.
@@ -165,6 +229,7 @@ impl<'a> Record<'a> {
             key,
             payload,
             timestamp_ms,
+            partition: None,
             inline: [("", Value::Lent(None)); INLINE_HEADERS],
             len: 0,
             more: Vec::new(),
@@ -174,6 +239,7 @@ impl<'a> Record<'a> {
     /// An outbox event's record.
     pub fn event(topic: &'a str, event: Event<'a>, stamp: Stamp<'a>) -> Self {
         let mut r = Record::new(topic, event.key, event.payload, Some(event.commit_ms));
+        r.partition = event.partition;
         r.header(SOURCE_HEADER, Some(stamp.source.as_bytes()));
         if let Some(position) = stamp.position {
             r.text(POSITION_HEADER, Text::position(position));
@@ -184,7 +250,85 @@ impl<'a> Record<'a> {
         for (name, value) in event.columns {
             r.header(name, *value);
         }
+        if let Some(trace) = event.trace {
+            r.header(TRACEPARENT_HEADER, Some(trace.traceparent));
+            r.header_if(TRACESTATE_HEADER, trace.tracestate);
+        }
         r
+    }
+
+    /// An outbox event's record in `format`: [`Record::event`]'s, or a CloudEvent with its
+    /// attributes rendered into `scratch`. A CloudEvent whose `id`, `source` or `type` would be
+    /// empty is refused.
+    pub fn shaped(
+        topic: &'a str,
+        mut event: Event<'a>,
+        stamp: Stamp<'a>,
+        format: &'a Format,
+        scratch: &'a mut Scratch,
+    ) -> Result<Self, ShapeError> {
+        let Scratch {
+            ce: attributes,
+            envelope,
+        } = scratch;
+        if let (false, Some(payload)) = (event.envelope.is_empty(), event.payload) {
+            envelope.clear();
+            envelope.extend_from_slice(b"{\"payload\":");
+            match event.payload_kind {
+                PayloadKind::Json => envelope.extend_from_slice(payload),
+                PayloadKind::Text => cloudevents::push_json_string(envelope, payload),
+                PayloadKind::Binary => cloudevents::push_base64(envelope, payload),
+            }
+            for (name, value) in event.envelope {
+                envelope.push(b',');
+                cloudevents::push_json_string(envelope, name.as_bytes());
+                envelope.push(b':');
+                match value {
+                    Some(v) => cloudevents::push_json_string(envelope, v),
+                    None => envelope.extend_from_slice(b"null"),
+                }
+            }
+            envelope.push(b'}');
+            let envelope: &'a [u8] = envelope;
+            event.payload = Some(envelope);
+            event.payload_kind = PayloadKind::Json;
+        }
+        let ce = match format {
+            Format::Plain => return Ok(Record::event(topic, event, stamp)),
+            Format::CloudEvents(ce) => ce,
+        };
+        let mut time = Text::default();
+        let mut cursor = std::io::Cursor::new(&mut time.buf[..]);
+        cloudevents::rfc3339(event.commit_ms, &mut cursor);
+        time.len = u8::try_from(cursor.position()).unwrap_or(0);
+        let time_str = std::str::from_utf8(time.as_bytes()).unwrap_or_default();
+        ce.render(&event, &stamp, time_str, attributes)?;
+        let scratch: &'a cloudevents::Attributes = attributes;
+        let mut r = Record::event(topic, event, stamp);
+        if ce.mode == cloudevents::Mode::Structured && event.payload.is_some() {
+            r.payload = Some(&scratch.value);
+            r.header(
+                CONTENT_TYPE_HEADER,
+                Some(cloudevents::STRUCTURED_CONTENT_TYPE.as_bytes()),
+            );
+            return Ok(r);
+        }
+        r.header(
+            CE_SPECVERSION_HEADER,
+            Some(cloudevents::SPEC_VERSION.as_bytes()),
+        );
+        r.header(CE_ID_HEADER, Some(scratch.id.as_bytes()));
+        r.header(CE_SOURCE_HEADER, Some(scratch.source.as_bytes()));
+        r.header(CE_TYPE_HEADER, Some(scratch.event_type.as_bytes()));
+        r.text(CE_TIME_HEADER, time);
+        if !scratch.subject.is_empty() {
+            r.header(CE_SUBJECT_HEADER, Some(scratch.subject.as_bytes()));
+        }
+        if event.payload.is_some() {
+            let content_type = ce.content_type(event.payload_kind);
+            r.header(CONTENT_TYPE_HEADER, Some(content_type.as_bytes()));
+        }
+        Ok(r)
     }
 
     /// A dead letter's record, its value whole (see [`Record::fit`]).

@@ -36,7 +36,10 @@ pub fn classify(error: &KafkaError) -> ErrorClass {
             | C::InvalidMessage
             | C::InvalidMessageSize
             | C::InvalidRecord
-            | C::InvalidTimestamp,
+            | C::InvalidTimestamp
+            // Only a partition a row names (outbox.additional_placement) can be unknown: the
+            // partitioner picks among the topic's own.
+            | C::UnknownPartition,
         ) => ErrorClass::Record,
         Some(
             C::TopicAuthorizationFailed

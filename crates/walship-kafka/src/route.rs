@@ -48,6 +48,14 @@ pub enum RouteError {
         /// The topic it would route to (shortened when long).
         topic: String,
     },
+    /// The aggregate type does not match `outbox.topic_regex`.
+    #[error("aggregate type {aggregate_type} does not match outbox.topic_regex {regex:?}")]
+    NoMatch {
+        /// The row's aggregate type, quoted (lossy UTF-8, shortened when long).
+        aggregate_type: String,
+        /// The regular expression.
+        regex: String,
+    },
     /// The topic would be one more distinct topic than `outbox.max_topics`.
     #[error(
         "aggregate type {aggregate_type} would route to topic {topic:?}, a new topic beyond \
@@ -70,6 +78,9 @@ impl RouteError {
         match self {
             RouteError::MissingAggregateType { .. } | RouteError::InvalidTopic { .. } => {
                 "fix the row's aggregate type or outbox.topic"
+            }
+            RouteError::NoMatch { .. } => {
+                "fix the row's aggregate type, or widen outbox.topic_regex"
             }
             RouteError::NotAllowed { .. } => {
                 "fix the row's aggregate type, or add the value to \
@@ -103,6 +114,9 @@ pub struct TopicLimits {
 pub struct TopicRouter {
     template: String,
     uses_aggregate_type: bool,
+    /// `outbox.topic_regex`, anchored: the aggregate type must match it whole, and the
+    /// template may name its groups (`{1}`, `{name}`).
+    regex: Option<Arc<regex::Regex>>,
     cache: HashMap<Vec<u8>, Arc<str>>,
     allowed: Option<Arc<HashSet<Vec<u8>>>>,
     max_topics: usize,
@@ -114,7 +128,7 @@ pub struct TopicRouter {
 /// True when `topic` has the shape `template` gives: equal to it, or — with placeholders —
 /// made of its literal parts around values (an empty aggregate type renders as nothing).
 fn matches_template(template: &str, topic: &str) -> bool {
-    let parts: Vec<&str> = template.split(AGGREGATE_TYPE).collect();
+    let parts: Vec<&str> = literals(template);
     let (Some(first), Some(last)) = (parts.first(), parts.last()) else {
         return false;
     };
@@ -139,6 +153,35 @@ fn matches_template(template: &str, topic: &str) -> bool {
     true
 }
 
+/// The literal parts of a template around its `{…}` placeholders.
+fn literals(template: &str) -> Vec<&str> {
+    let mut parts = Vec::new();
+    let mut rest = template;
+    while let Some(open) = rest.find('{') {
+        let Some(close) = rest[open..].find('}') else {
+            break;
+        };
+        parts.push(&rest[..open]);
+        rest = &rest[open + close + 1..];
+    }
+    parts.push(rest);
+    parts
+}
+
+/// The names inside a template's `{…}` placeholders.
+fn placeholders(template: &str) -> Vec<&str> {
+    let mut names = Vec::new();
+    let mut rest = template;
+    while let Some(open) = rest.find('{') {
+        let Some(close) = rest[open..].find('}') else {
+            break;
+        };
+        names.push(&rest[open + 1..open + close]);
+        rest = &rest[open + close + 1..];
+    }
+    names
+}
+
 /// Cached distinct aggregate types before the cache is reset (bounds memory on hostile input).
 const CACHE_LIMIT: usize = 10_000;
 
@@ -154,7 +197,8 @@ impl TopicRouter {
     /// Fails when the template without placeholders could never form a legal name.
     pub fn new(template: &str) -> Result<Self, RouteError> {
         let uses_aggregate_type = template.contains(AGGREGATE_TYPE);
-        let probe = template.replace(AGGREGATE_TYPE, "x");
+        // Every placeholder as a one-letter value (`{1}`, `{name}` are for a regex's groups).
+        let probe = literals(template).join("x");
         if !is_legal_topic(probe.as_bytes()) {
             return Err(RouteError::InvalidTopic {
                 topic: template.to_owned(),
@@ -164,12 +208,39 @@ impl TopicRouter {
         Ok(TopicRouter {
             template: template.to_owned(),
             uses_aggregate_type,
+            regex: None,
             cache: HashMap::new(),
             allowed: None,
             max_topics: 0,
             exempt_topic: None,
             counted: Arc::default(),
         })
+    }
+
+    /// This router with `outbox.topic_regex` (Debezium's `route.topic.regex`): an aggregate type
+    /// must match `pattern` whole, and the template may use its groups as `{1}` or `{name}`
+    /// besides `{aggregatetype}` (the whole value). The error says what is wrong.
+    pub fn with_regex(mut self, pattern: &str) -> Result<Self, String> {
+        let regex = regex::Regex::new(&format!("^(?:{pattern})$"))
+            .map_err(|e| format!("{pattern:?} is not a regular expression: {e}"))?;
+        for name in placeholders(&self.template) {
+            let known = name == "aggregatetype"
+                || name
+                    .parse::<usize>()
+                    .is_ok_and(|n| n < regex.captures_len())
+                || regex.capture_names().flatten().any(|n| n == name);
+            if !known {
+                return Err(format!(
+                    "the topic template {:?} names {{{name}}}, which is neither {{aggregatetype}} \
+                     nor a group of {pattern:?} ({{1}}, {{2}}, … or {{name}} of (?<name>…))",
+                    self.template
+                ));
+            }
+        }
+        self.uses_aggregate_type = true;
+        self.regex = Some(Arc::new(regex));
+        self.cache.clear();
+        Ok(self)
     }
 
     /// This router with `limits` (replacing any earlier ones, with a fresh count).
@@ -190,7 +261,16 @@ impl TopicRouter {
         self
     }
 
-    /// True when the template contains `{aggregatetype}`.
+    /// The template's placeholders other than `{aggregatetype}`: a regex's groups, which
+    /// need [`TopicRouter::with_regex`].
+    pub fn group_placeholders(&self) -> Vec<&str> {
+        placeholders(&self.template)
+            .into_iter()
+            .filter(|p| *p != "aggregatetype")
+            .collect()
+    }
+
+    /// True when the template contains `{aggregatetype}` (or a regex picks from it).
     pub fn uses_aggregate_type(&self) -> bool {
         self.uses_aggregate_type
     }
@@ -198,8 +278,30 @@ impl TopicRouter {
     /// The topic an aggregate type renders to, without checking legality or limits (for
     /// messages and `walship check`).
     pub fn render_unchecked(&self, aggregate_type: &[u8]) -> String {
-        self.template
-            .replace(AGGREGATE_TYPE, &String::from_utf8_lossy(aggregate_type))
+        let value = String::from_utf8_lossy(aggregate_type);
+        let Some(regex) = &self.regex else {
+            return self.template.replace(AGGREGATE_TYPE, &value);
+        };
+        let captures = regex.captures(&value);
+        let mut out = String::with_capacity(self.template.len() + value.len());
+        let mut rest = self.template.as_str();
+        while let Some(open) = rest.find('{') {
+            let Some(close) = rest[open..].find('}') else {
+                break;
+            };
+            out.push_str(&rest[..open]);
+            let name = &rest[open + 1..open + close];
+            let group = match (&captures, name.parse::<usize>()) {
+                _ if name == "aggregatetype" => Some(&*value),
+                (Some(c), Ok(n)) => c.get(n).map(|m| m.as_str()),
+                (Some(c), Err(_)) => c.name(name).map(|m| m.as_str()),
+                (None, _) => None,
+            };
+            out.push_str(group.unwrap_or_default());
+            rest = &rest[open + close + 1..];
+        }
+        out.push_str(rest);
+        out
     }
 
     /// The topic for a row with this aggregate type.
@@ -226,6 +328,14 @@ impl TopicRouter {
 
     /// Renders the topic for an aggregate type that is not cached and applies the limits.
     fn admit(&self, aggregate_type: &[u8]) -> Result<Arc<str>, RouteError> {
+        if let Some(regex) = &self.regex
+            && !regex.is_match(&String::from_utf8_lossy(aggregate_type))
+        {
+            return Err(RouteError::NoMatch {
+                aggregate_type: shown(aggregate_type),
+                regex: regex.as_str()[4..regex.as_str().len() - 2].to_owned(),
+            });
+        }
         if self.uses_aggregate_type
             && let Some(allowed) = &self.allowed
             && !allowed.contains(aggregate_type)
@@ -321,6 +431,39 @@ pub fn is_legal_topic(name: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_regex_picks_the_parts_of_the_aggregate_type_the_topic_names() {
+        let mut r = TopicRouter::new("events.{domain}.{2}")
+            .unwrap()
+            .with_regex(r"(?<domain>[a-z]+)\.([a-z]+)")
+            .unwrap();
+        assert!(r.uses_aggregate_type());
+        assert_eq!(
+            &**r.route(Some(b"shop.order")).unwrap(),
+            "events.shop.order"
+        );
+        let err = r.route(Some(b"Shop.order")).unwrap_err();
+        assert!(matches!(err, RouteError::NoMatch { .. }), "{err}");
+        assert!(err.to_string().contains("(?<domain>[a-z]+)"), "{err}");
+        assert!(r.could_route_to("events.billing.invoice"));
+        assert!(!r.could_route_to("other.billing"));
+        // Debezium's default: the whole value.
+        let mut r = TopicRouter::new("outbox.event.{aggregatetype}")
+            .unwrap()
+            .with_regex("(?<routedByValue>.*)")
+            .unwrap();
+        assert_eq!(&**r.route(Some(b"order")).unwrap(), "outbox.event.order");
+        for (template, pattern) in [("t.{3}", "(a)(b)"), ("t.{x}", "(?<y>a)"), ("t.{1}", "(")] {
+            assert!(
+                TopicRouter::new(template)
+                    .unwrap()
+                    .with_regex(pattern)
+                    .is_err(),
+                "{template} {pattern}"
+            );
+        }
+    }
 
     #[test]
     fn renders_and_caches() {

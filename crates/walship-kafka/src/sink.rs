@@ -427,6 +427,9 @@ impl<L: DeliveryListener> Sink<L> {
         if let Some(ts) = record.timestamp_ms {
             rec = rec.timestamp(ts);
         }
+        if let Some(partition) = record.partition {
+            rec = rec.partition(partition);
+        }
         match self.producer.get().send(rec) {
             Ok(()) => Ok(()),
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {

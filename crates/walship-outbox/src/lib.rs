@@ -39,7 +39,7 @@ use uuid::Uuid;
 #[derive(Debug, Clone, PartialEq)]
 pub struct OutboxEvent {
     /// The event id: the record's `id` header, for consumers' deduplication. [`OutboxEvent::new`]
-    /// generates a random (v4) one.
+    /// generates a random (v4) one; [`OutboxEvent::with_v7_id`] a time-ordered one.
     pub id: Uuid,
     /// Routes the topic (walship's `outbox.event.{aggregatetype}` template by default).
     pub aggregate_type: String,
@@ -47,9 +47,79 @@ pub struct OutboxEvent {
     pub aggregate_id: String,
     /// The record's `type` header.
     pub event_type: String,
-    /// The record value (its JSON text). `Value::Null` is a tombstone (a record without value)
-    /// in both modes: a SQL NULL in a row, `null` in a message.
-    pub payload: Value,
+    /// The record value. JSON `null` is a tombstone (a record without value) in both modes: a
+    /// SQL NULL in a row, `null` in a message.
+    pub payload: Payload,
+    /// Further columns (row) or fields (message) with their text, which walship copies to
+    /// headers of the same name when they are in its `outbox.header_columns`; `None` = NULL.
+    pub headers: Vec<(String, Option<String>)>,
+    /// The W3C trace context of the caller's span, for walship's `outbox.traceparent_column`
+    /// and `outbox.tracestate_column`: consumers continue the caller's trace.
+    pub trace: Option<TraceContext>,
+}
+
+#[cfg(feature = "opentelemetry")]
+impl OutboxEvent {
+    /// The same event carrying the trace context of OpenTelemetry's current span (feature
+    /// `opentelemetry`), as [`OutboxEvent::with_trace_context`] would with its W3C text; the
+    /// event unchanged when there is no valid current span.
+    #[must_use]
+    pub fn with_current_span(self) -> OutboxEvent {
+        use opentelemetry::trace::TraceContextExt as _;
+        let context = opentelemetry::Context::current();
+        let span = context.span();
+        let span = span.span_context();
+        if !span.is_valid() {
+            return self;
+        }
+        let traceparent = format!(
+            "00-{}-{}-{:02x}",
+            span.trace_id(),
+            span.span_id(),
+            span.trace_flags().to_u8()
+        );
+        let state = span.trace_state().header();
+        self.with_trace_context(traceparent, (!state.is_empty()).then_some(state))
+    }
+}
+
+/// An event's value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Payload {
+    /// JSON (`null`: a tombstone). Rows: its text cast to the payload column's type.
+    Json(Value),
+    /// Bytes, for a `bytea` payload column (rows only: a logical message's payload is JSON).
+    Bytes(Vec<u8>),
+}
+
+impl Payload {
+    /// True for JSON `null`: the event is a tombstone.
+    pub fn is_tombstone(&self) -> bool {
+        matches!(self, Payload::Json(Value::Null))
+    }
+}
+
+impl From<Value> for Payload {
+    fn from(value: Value) -> Payload {
+        Payload::Json(value)
+    }
+}
+
+impl PartialEq<Value> for Payload {
+    fn eq(&self, other: &Value) -> bool {
+        matches!(self, Payload::Json(v) if v == other)
+    }
+}
+
+/// A W3C trace context (<https://www.w3.org/TR/trace-context/>): the `traceparent` and
+/// `tracestate` of the span the event is written in. walship checks them before it copies them
+/// to headers, and leaves a malformed one off (with a warning) rather than fail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TraceContext {
+    /// `version-traceid-parentid-flags`, e.g. `00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01`.
+    pub traceparent: String,
+    /// Vendor-specific state, e.g. `rojo=00f067aa0ba902b7`.
+    pub tracestate: Option<String>,
 }
 
 impl OutboxEvent {
@@ -65,8 +135,23 @@ impl OutboxEvent {
             aggregate_type: aggregate_type.into(),
             aggregate_id: aggregate_id.into(),
             event_type: event_type.into(),
-            payload,
+            payload: Payload::Json(payload),
+            headers: Vec::new(),
+            trace: None,
         }
+    }
+
+    /// An event whose payload is bytes, for a `bytea` payload column
+    /// ([`PayloadType::Bytea`]); rows only.
+    pub fn bytes(
+        aggregate_type: impl Into<String>,
+        aggregate_id: impl Into<String>,
+        event_type: impl Into<String>,
+        payload: impl Into<Vec<u8>>,
+    ) -> OutboxEvent {
+        let mut event = OutboxEvent::new(aggregate_type, aggregate_id, event_type, Value::Null);
+        event.payload = Payload::Bytes(payload.into());
+        event
     }
 
     /// An event whose payload is `payload` serialised to JSON, with a fresh random id.
@@ -98,6 +183,38 @@ impl OutboxEvent {
     #[must_use]
     pub fn with_id(mut self, id: Uuid) -> OutboxEvent {
         self.id = id;
+        self
+    }
+
+    /// The same event with a fresh UUIDv7 id: time-ordered, so ids written close together sort
+    /// together (kinder to a B-tree primary key than random v4 ids).
+    #[must_use]
+    pub fn with_v7_id(mut self) -> OutboxEvent {
+        self.id = Uuid::now_v7();
+        self
+    }
+
+    /// The same event with one more column (row) or field (message): `name` must be a column
+    /// of the outbox table for a row, and in walship's `outbox.header_columns` to become a
+    /// header.
+    #[must_use]
+    pub fn with_header(mut self, name: impl Into<String>, value: Option<String>) -> OutboxEvent {
+        self.headers.push((name.into(), value));
+        self
+    }
+
+    /// The same event carrying the caller's trace context (written to [`Columns::traceparent`]
+    /// and [`Columns::tracestate`]).
+    #[must_use]
+    pub fn with_trace_context(
+        mut self,
+        traceparent: impl Into<String>,
+        tracestate: Option<String>,
+    ) -> OutboxEvent {
+        self.trace = Some(TraceContext {
+            traceparent: traceparent.into(),
+            tracestate,
+        });
         self
     }
 }
@@ -143,6 +260,11 @@ pub struct Columns {
     pub event_type: String,
     /// Payload (`payload`).
     pub payload: String,
+    /// The W3C `traceparent` (`traceparent`: walship's `outbox.traceparent_column`), written
+    /// only for an event with a trace context.
+    pub traceparent: String,
+    /// The W3C `tracestate` (`tracestate`), written only when the trace context has one.
+    pub tracestate: String,
 }
 
 impl Default for Columns {
@@ -153,6 +275,8 @@ impl Default for Columns {
             aggregate_id: "aggregateid".into(),
             event_type: "type".into(),
             payload: "payload".into(),
+            traceparent: "traceparent".into(),
+            tracestate: "tracestate".into(),
         }
     }
 }
@@ -236,75 +360,149 @@ impl Outbox {
     /// connection outside a transaction (`&Client`, `&mut PgConnection`), the statement commits
     /// by itself, like any statement there, so pass the transaction of the business change.
     pub async fn add<E: Executor>(&self, executor: E, event: &OutboxEvent) -> Result<Uuid, Error> {
-        let statement = self.statement(event)?;
-        let params: Vec<Option<&str>> = statement.params.iter().map(Option::as_deref).collect();
-        executor.run(&statement.sql, &params).await?;
+        let statement = self.statements(std::slice::from_ref(event))?;
+        executor.run(&statement).await?;
         Ok(event.id)
     }
 
-    /// The SQL and its text parameters for `event`.
-    fn statement(&self, event: &OutboxEvent) -> Result<Statement, Error> {
+    /// Adds `events` within the caller's transaction, in order, with one statement per
+    /// [`BATCH`] events (a multi-row `INSERT`, or one `SELECT` emitting every message), and
+    /// returns their ids. As [`Outbox::add`]: nothing is begun, committed or rolled back.
+    pub async fn add_all<E: Executor>(
+        &self,
+        executor: E,
+        events: &[OutboxEvent],
+    ) -> Result<Vec<Uuid>, Error> {
+        let mut statements = Vec::new();
+        for chunk in events.chunks(BATCH) {
+            statements.extend(self.statements(chunk)?);
+        }
+        executor.run(&statements).await?;
+        Ok(events.iter().map(|e| e.id).collect())
+    }
+
+    /// The statements writing `events` (at most [`BATCH`]): one.
+    fn statements(&self, events: &[OutboxEvent]) -> Result<Vec<Statement>, Error> {
         match &self.mode {
-            Mode::Row => Ok(self.row_statement(event)),
-            Mode::Message { prefix } => self.message_statement(prefix, event),
+            Mode::Row => Ok(vec![self.row_statement(events)?]),
+            Mode::Message { prefix } => Ok(vec![self.message_statement(prefix, events)?]),
         }
     }
 
-    fn row_statement(&self, event: &OutboxEvent) -> Statement {
+    /// An event's columns: name, value (text; `None` = NULL) and the SQL that takes the
+    /// parameter `$n` to the column's type (`{}` stands for `$n`).
+    fn row_fields<'e>(&'e self, event: &'e OutboxEvent) -> Result<Vec<Field<'e>>, Error> {
         let c = &self.columns;
-        let payload = (!event.payload.is_null()).then(|| event.payload.to_string());
         // Every parameter is text, cast on the server: the same SQL for both drivers, and no
         // dependence on the driver's type mapping.
-        let payload_cast = match self.payload_type {
-            PayloadType::Jsonb => "::text::jsonb",
-            PayloadType::Json => "::text::json",
-            PayloadType::Text | PayloadType::Bytea => "::text",
+        let json_sql = match self.payload_type {
+            PayloadType::Jsonb => "{}::text::jsonb",
+            PayloadType::Json => "{}::text::json",
+            PayloadType::Text => "{}::text",
+            PayloadType::Bytea => "convert_to({}::text, 'UTF8')",
         };
-        let fields: [(&str, Option<String>, &str); 5] = [
-            (&c.id, Some(event.id.to_string()), "::text::uuid"),
-            (
-                &c.aggregate_type,
-                Some(event.aggregate_type.clone()),
-                "::text",
-            ),
-            (&c.aggregate_id, Some(event.aggregate_id.clone()), "::text"),
-            (&c.event_type, Some(event.event_type.clone()), "::text"),
-            (&c.payload, payload, payload_cast),
-        ];
-        let mut names = Vec::new();
-        let mut values = Vec::new();
-        let mut params = Vec::new();
-        for (i, (name, value, cast)) in fields.into_iter().enumerate() {
-            if name.is_empty() {
-                continue;
+        let (payload, payload_sql) = match (&event.payload, self.payload_type) {
+            (Payload::Json(Value::Null), _) => (None, json_sql),
+            (Payload::Json(v), _) => (Some(v.to_string()), json_sql),
+            (Payload::Bytes(b), PayloadType::Bytea) => (Some(hex(b)), "decode({}::text, 'hex')"),
+            (Payload::Bytes(_), _) => {
+                return Err(Error::BinaryPayload(
+                    "the payload column is not bytea: set with_payload_type(PayloadType::Bytea)",
+                ));
             }
-            params.push(value);
-            let n = params.len();
-            names.push(quote_ident(name));
-            values.push(if i == 4 && self.payload_type == PayloadType::Bytea {
-                format!("convert_to(${n}::text, 'UTF8')")
-            } else {
-                format!("${n}{cast}")
-            });
+        };
+        let mut fields: Vec<Field<'e>> = vec![
+            (c.id.as_str(), Some(event.id.to_string()), "{}::text::uuid"),
+            (
+                c.aggregate_type.as_str(),
+                Some(event.aggregate_type.clone()),
+                "{}::text",
+            ),
+            (
+                c.aggregate_id.as_str(),
+                Some(event.aggregate_id.clone()),
+                "{}::text",
+            ),
+            (
+                c.event_type.as_str(),
+                Some(event.event_type.clone()),
+                "{}::text",
+            ),
+            (c.payload.as_str(), payload, payload_sql),
+        ];
+        if let Some(trace) = &event.trace {
+            fields.push((
+                c.traceparent.as_str(),
+                Some(trace.traceparent.clone()),
+                "{}::text",
+            ));
+            if trace.tracestate.is_some() {
+                fields.push((c.tracestate.as_str(), trace.tracestate.clone(), "{}::text"));
+            }
+        }
+        for (name, value) in &event.headers {
+            fields.push((name.as_str(), value.clone(), "{}::text"));
+        }
+        fields.retain(|(name, _, _)| !name.is_empty());
+        Ok(fields)
+    }
+
+    fn row_statement(&self, events: &[OutboxEvent]) -> Result<Statement, Error> {
+        // The columns of every event, in first-seen order; an event without one writes NULL.
+        let per_event = events
+            .iter()
+            .map(|e| self.row_fields(e))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut columns: Vec<(&str, &str)> = Vec::new();
+        for fields in &per_event {
+            for (name, _, sql) in fields {
+                if !columns.iter().any(|(n, _)| n == name) {
+                    columns.push((name, sql));
+                }
+            }
+        }
+        let mut params = Vec::new();
+        let mut rows = Vec::with_capacity(events.len());
+        for fields in per_event {
+            let mut values = Vec::with_capacity(columns.len());
+            for (name, sql) in &columns {
+                match fields.iter().find(|(n, _, _)| n == name) {
+                    Some((_, value, sql)) => {
+                        params.push(value.clone());
+                        values.push(sql.replace("{}", &format!("${}", params.len())));
+                    }
+                    None => values.push(sql.replace("{}", "NULL")),
+                }
+            }
+            rows.push(format!("({})", values.join(", ")));
         }
         let table = match &self.schema {
             Some(schema) => format!("{}.{}", quote_ident(schema), quote_ident(&self.table)),
             None => quote_ident(&self.table),
         };
-        Statement {
+        let names: Vec<String> = columns.iter().map(|(n, _)| quote_ident(n)).collect();
+        Ok(Statement {
             sql: format!(
-                "INSERT INTO {table} ({}) VALUES ({})",
+                "INSERT INTO {table} ({}) VALUES {}",
                 names.join(", "),
-                values.join(", ")
+                rows.join(", ")
             ),
             params,
-        }
+        })
     }
 
-    fn message_statement(&self, prefix: &str, event: &OutboxEvent) -> Result<Statement, Error> {
+    fn message_content(
+        &self,
+        event: &OutboxEvent,
+    ) -> Result<serde_json::Map<String, Value>, Error> {
         let c = &self.columns;
+        let Payload::Json(payload) = &event.payload else {
+            return Err(Error::BinaryPayload(
+                "a logical message's payload is JSON: write bytes as a row with a bytea payload",
+            ));
+        };
         let mut content = serde_json::Map::new();
-        let fields = [
+        let mut fields = vec![
             (&c.id, Value::String(event.id.to_string())),
             (
                 &c.aggregate_type,
@@ -312,25 +510,68 @@ impl Outbox {
             ),
             (&c.aggregate_id, Value::String(event.aggregate_id.clone())),
             (&c.event_type, Value::String(event.event_type.clone())),
-            (&c.payload, event.payload.clone()),
+            (&c.payload, payload.clone()),
         ];
+        if let Some(trace) = &event.trace {
+            fields.push((&c.traceparent, Value::String(trace.traceparent.clone())));
+            if let Some(state) = &trace.tracestate {
+                fields.push((&c.tracestate, Value::String(state.clone())));
+            }
+        }
+        for (name, value) in &event.headers {
+            fields.push((name, value.clone().map_or(Value::Null, Value::String)));
+        }
         for (name, value) in fields {
             if !name.is_empty() {
                 content.insert(name.clone(), value);
             }
         }
-        let content = serde_json::to_string(&content).map_err(Error::Payload)?;
+        Ok(content)
+    }
+
+    fn message_statement(&self, prefix: &str, events: &[OutboxEvent]) -> Result<Statement, Error> {
+        if let [event] = events {
+            let content =
+                serde_json::to_string(&self.message_content(event)?).map_err(Error::Payload)?;
+            return Ok(Statement {
+                // true: transactional, decoded at commit with the transaction's rows; walship
+                // refuses non-transactional messages with an outbox prefix.
+                sql: "SELECT pg_logical_emit_message(true, $1::text, $2::text)".into(),
+                params: vec![Some(prefix.to_owned()), Some(content)],
+            });
+        }
+        let contents = events
+            .iter()
+            .map(|e| self.message_content(e).map(Value::Object))
+            .collect::<Result<Vec<_>, _>>()?;
+        let contents = serde_json::to_string(&contents).map_err(Error::Payload)?;
         Ok(Statement {
-            // true: transactional, decoded at commit with the transaction's rows; walship
-            // refuses non-transactional messages with an outbox prefix.
-            sql: "SELECT pg_logical_emit_message(true, $1::text, $2::text)".into(),
-            params: vec![Some(prefix.to_owned()), Some(content)],
+            // json (not jsonb) keeps each content's text as written; PostgreSQL evaluates a
+            // volatile function of the select list after the sort, so in array order.
+            sql: "SELECT pg_logical_emit_message(true, $1::text, e.content::text) \
+                  FROM json_array_elements($2::text::json) WITH ORDINALITY AS e(content, n) \
+                  ORDER BY e.n"
+                .into(),
+            params: vec![Some(prefix.to_owned()), Some(contents)],
         })
     }
 }
 
+/// Most events [`Outbox::add_all`] writes with one statement (PostgreSQL binds at most 65535
+/// parameters; a row takes 5 to 10 or so).
+pub const BATCH: usize = 1000;
+
+/// A column: name, text value (`None` = NULL), SQL taking `{}` (the parameter) to its type.
+type Field<'e> = (&'e str, Option<String>, &'static str);
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// One statement with text parameters (`None` = SQL NULL).
-struct Statement {
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct Statement {
     sql: String,
     params: Vec<Option<String>>,
 }
@@ -348,6 +589,9 @@ pub enum Error {
     /// The payload could not be serialised to JSON.
     #[error("outbox event payload: {0}")]
     Payload(#[source] serde_json::Error),
+    /// A [`Payload::Bytes`] where it cannot be written.
+    #[error("outbox event with a binary payload: {0}")]
+    BinaryPayload(&'static str),
     /// tokio-postgres reported an error.
     #[cfg(feature = "tokio-postgres")]
     #[error("adding the outbox event: {0}")]
@@ -367,13 +611,15 @@ mod sealed {
 /// `tokio_postgres::GenericClient` (`Transaction`, `Client`), and (with `sqlx`) for
 /// `&mut sqlx::PgConnection` and `&mut sqlx::Transaction<'_, Postgres>`. Sealed.
 pub trait Executor: sealed::Sealed + Send {
-    /// Runs `sql` with text parameters (`None` = NULL).
+    /// Runs `statements`, in order.
     #[doc(hidden)]
-    fn run(
-        self,
-        sql: &str,
-        params: &[Option<&str>],
-    ) -> impl Future<Output = Result<(), Error>> + Send;
+    fn run(self, statements: &[Statement]) -> impl Future<Output = Result<(), Error>> + Send;
+}
+
+impl Statement {
+    fn params(&self) -> Vec<Option<&str>> {
+        self.params.iter().map(Option::as_deref).collect()
+    }
 }
 
 #[cfg(feature = "tokio-postgres")]
@@ -381,15 +627,18 @@ mod tokio_postgres_impl {
     use tokio_postgres::GenericClient;
     use tokio_postgres::types::ToSql;
 
-    use super::{Error, Executor, sealed};
+    use super::{Error, Executor, Statement, sealed};
 
     impl<C: GenericClient + Sync> sealed::Sealed for &C {}
 
     impl<C: GenericClient + Sync> Executor for &C {
-        async fn run(self, sql: &str, params: &[Option<&str>]) -> Result<(), Error> {
-            let params: Vec<&(dyn ToSql + Sync)> =
-                params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
-            self.execute(sql, &params).await?;
+        async fn run(self, statements: &[Statement]) -> Result<(), Error> {
+            for statement in statements {
+                let params = statement.params();
+                let params: Vec<&(dyn ToSql + Sync)> =
+                    params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
+                self.execute(&statement.sql, &params).await?;
+            }
             Ok(())
         }
     }
@@ -399,150 +648,35 @@ mod tokio_postgres_impl {
 mod sqlx_impl {
     use sqlx::{PgConnection, Postgres, Transaction};
 
-    use super::{Error, Executor, sealed};
+    use super::{Error, Executor, Statement, sealed};
 
-    async fn run(conn: &mut PgConnection, sql: &str, params: &[Option<&str>]) -> Result<(), Error> {
-        let mut query = sqlx::query(sql);
-        for p in params {
-            query = query.bind(*p);
+    async fn run(conn: &mut PgConnection, statements: &[Statement]) -> Result<(), Error> {
+        for statement in statements {
+            let mut query = sqlx::query(&statement.sql);
+            for p in statement.params() {
+                query = query.bind(p);
+            }
+            query.execute(&mut *conn).await?;
         }
-        query.execute(conn).await?;
         Ok(())
     }
 
     impl sealed::Sealed for &mut PgConnection {}
 
     impl Executor for &mut PgConnection {
-        async fn run(self, sql: &str, params: &[Option<&str>]) -> Result<(), Error> {
-            run(self, sql, params).await
+        async fn run(self, statements: &[Statement]) -> Result<(), Error> {
+            run(self, statements).await
         }
     }
 
     impl sealed::Sealed for &mut Transaction<'_, Postgres> {}
 
     impl Executor for &mut Transaction<'_, Postgres> {
-        async fn run(self, sql: &str, params: &[Option<&str>]) -> Result<(), Error> {
-            run(self, sql, params).await
+        async fn run(self, statements: &[Statement]) -> Result<(), Error> {
+            run(self, statements).await
         }
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn event() -> OutboxEvent {
-        OutboxEvent::new("order", "42", "OrderPaid", serde_json::json!({"a": "it's"}))
-    }
-
-    #[test]
-    fn row_statement_quotes_names_and_binds_values() {
-        let outbox = Outbox::new()
-            .with_table(Some("app\"x"), "out box")
-            .with_payload_type(PayloadType::Bytea);
-        let e = event();
-        let s = outbox.statement(&e).unwrap();
-        assert_eq!(
-            s.sql,
-            "INSERT INTO \"app\"\"x\".\"out box\" (\"id\", \"aggregatetype\", \"aggregateid\", \
-             \"type\", \"payload\") VALUES ($1::text::uuid, $2::text, $3::text, $4::text, \
-             convert_to($5::text, 'UTF8'))"
-        );
-        assert_eq!(
-            s.params,
-            vec![
-                Some(e.id.to_string()),
-                Some("order".into()),
-                Some("42".into()),
-                Some("OrderPaid".into()),
-                Some(r#"{"a":"it's"}"#.into()),
-            ]
-        );
-    }
-
-    #[test]
-    fn empty_id_and_type_columns_are_left_out_and_null_is_a_tombstone() {
-        let outbox = Outbox::new()
-            .with_table(None, "outbox")
-            .with_columns(Columns {
-                id: String::new(),
-                event_type: String::new(),
-                ..Columns::default()
-            });
-        let s = outbox
-            .statement(&OutboxEvent::tombstone("order", "42", "Deleted"))
-            .unwrap();
-        assert_eq!(
-            s.sql,
-            "INSERT INTO \"outbox\" (\"aggregatetype\", \"aggregateid\", \"payload\") \
-             VALUES ($1::text, $2::text, $3::text::jsonb)"
-        );
-        assert_eq!(s.params[2], None);
-    }
-
-    #[test]
-    fn message_content_uses_the_column_names() {
-        let outbox = Outbox::messages("events").with_columns(Columns {
-            aggregate_id: "key".into(),
-            ..Columns::default()
-        });
-        let e = event();
-        let s = outbox.statement(&e).unwrap();
-        assert_eq!(
-            s.sql,
-            "SELECT pg_logical_emit_message(true, $1::text, $2::text)"
-        );
-        assert_eq!(s.params[0].as_deref(), Some("events"));
-        let content: Value = serde_json::from_str(s.params[1].as_deref().unwrap()).unwrap();
-        assert_eq!(
-            content,
-            serde_json::json!({
-                "id": e.id.to_string(), "aggregatetype": "order", "key": "42",
-                "type": "OrderPaid", "payload": {"a": "it's"},
-            })
-        );
-    }
-
-    /// `add`'s future is `Send` with every executor, so it can run in spawned tasks.
-    #[allow(dead_code)]
-    fn add_futures_are_send() {
-        fn send<T: Send>(_: T) {}
-        #[cfg(feature = "tokio-postgres")]
-        {
-            fn tokio_postgres(o: &Outbox, e: &OutboxEvent, tx: &tokio_postgres::Transaction<'_>) {
-                send(o.add(tx, e));
-            }
-            fn generic(
-                o: &Outbox,
-                e: &OutboxEvent,
-                c: &(impl tokio_postgres::GenericClient + Sync),
-            ) {
-                send(o.add(c, e));
-            }
-        }
-        #[cfg(feature = "sqlx")]
-        {
-            fn sqlx(o: &Outbox, e: &OutboxEvent, tx: &mut sqlx::Transaction<'_, sqlx::Postgres>) {
-                send(o.add(tx, e));
-            }
-            fn conn(o: &Outbox, e: &OutboxEvent, c: &mut sqlx::PgConnection) {
-                send(o.add(c, e));
-            }
-        }
-    }
-
-    #[test]
-    fn serialized_payloads_and_ids() {
-        #[derive(Serialize)]
-        struct Paid {
-            id: u32,
-        }
-        let id = Uuid::new_v4();
-        let e = OutboxEvent::serialized("order", "42", "OrderPaid", &Paid { id: 42 })
-            .unwrap()
-            .with_id(id);
-        assert_eq!(e.payload, serde_json::json!({"id": 42}));
-        assert_eq!(e.id, id);
-        assert_ne!(event().id, event().id, "fresh ids");
-    }
-}
+mod tests;

@@ -52,6 +52,6 @@ pub use catalog::{OutboxFamily, OutboxScope, SlotState};
 pub use error::{PgError, ServerError};
 pub use ident::{TableName, quote_ident};
 pub use message::{MessageError, MessageEvent};
-pub use outbox::{OutboxRow, OutboxSpec, Placement, Relations, RowError, RowTarget};
+pub use outbox::{OutboxRow, OutboxSpec, PayloadType, Placement, Relations, RowError, RowTarget};
 pub use replication::{ConnectParams, Frame, ReplicationStream, StartOptions, SystemIdentity};
 pub use tls::{ConnectConfig, SslMode, TlsOptions};

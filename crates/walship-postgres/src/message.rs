@@ -17,6 +17,8 @@
 //! | `type` | header `type` | as `aggregateid`; optional |
 //! | `payload` | the value: its JSON text as written | any JSON value; `null` or missing = tombstone |
 //! | `header_columns` | headers of the same name | a string (its text), another value (its JSON text), `null` or missing (a header without value) |
+//! | `timestamp_column` | the record timestamp | an integer (ms since the Unix epoch) or a timestamp string; optional |
+//! | `traceparent_column`, `tracestate_column` | W3C trace context headers (checked when the record is built) | a string; anything else is no context |
 //!
 //! Other fields are ignored. A duplicated field counts with its last value, as in `jsonb`.
 //!
@@ -30,7 +32,7 @@ use std::sync::Arc;
 
 use serde_json::value::RawValue;
 
-use crate::outbox::{OutboxRow, OutboxSpec};
+use crate::outbox::{OutboxRow, OutboxSpec, PayloadType};
 
 /// Why a logical message with a configured prefix cannot become an event. Carries no position:
 /// the caller adds the LSN and the prefix.
@@ -57,6 +59,17 @@ pub enum MessageError {
         /// The configuration key naming it, and what it does.
         role: &'static str,
     },
+    /// The event time field is not a time.
+    #[error(
+        "field {field:?} (outbox.timestamp_column) is {value:?}, which is neither a timestamp \
+         (YYYY-MM-DD HH:MM:SS[.ffffff][+HH[:MM]]) nor an integer of milliseconds since the Unix epoch"
+    )]
+    BadTimestamp {
+        /// The field's name.
+        field: String,
+        /// Its value (cut to 64 characters).
+        value: String,
+    },
     /// A field has a JSON type it cannot have.
     #[error("field {field:?} is a JSON {found}, but must be a string or an integer")]
     WrongType {
@@ -76,6 +89,9 @@ pub struct MessageEvent {
     aggregate_id: String,
     event_type: Option<String>,
     payload: Option<String>,
+    traceparent: Option<String>,
+    tracestate: Option<String>,
+    timestamp_ms: Option<i64>,
     headers: Vec<(Arc<str>, Option<String>)>,
 }
 
@@ -124,6 +140,27 @@ impl MessageEvent {
             .get(spec.payload.as_str())
             .filter(|v| v.get() != "null")
             .map(|v| v.get().to_owned());
+        // A trace context is the writer's hint, never a reason to refuse the event: a value that
+        // is not a string is no context (the record builder drops malformed strings).
+        let trace = |field: &str| {
+            (!field.is_empty())
+                .then(|| fields.get(field))
+                .flatten()
+                .filter(|v| kind(v) == "string")
+                .and_then(|v| serde_json::from_str::<String>(v.get()).ok())
+        };
+        let traceparent = trace(&spec.traceparent);
+        let tracestate = trace(&spec.tracestate);
+        let timestamp_ms =
+            match text(&spec.timestamp)? {
+                None => None,
+                Some(t) => Some(crate::outbox::timestamp_millis(t.as_bytes()).ok_or_else(
+                    || MessageError::BadTimestamp {
+                        field: spec.timestamp.clone(),
+                        value: t.chars().take(64).collect(),
+                    },
+                )?),
+            };
         let headers = spec
             .header_columns
             .iter()
@@ -138,6 +175,9 @@ impl MessageEvent {
             aggregate_id,
             event_type,
             payload,
+            traceparent,
+            tracestate,
+            timestamp_ms,
             headers,
         })
     }
@@ -150,6 +190,10 @@ impl MessageEvent {
             aggregate_id: self.aggregate_id.as_bytes(),
             event_type: self.event_type.as_deref().map(str::as_bytes),
             payload: self.payload.as_deref().map(|p| Cow::Borrowed(p.as_bytes())),
+            payload_type: PayloadType::Json,
+            traceparent: self.traceparent.as_deref().map(str::as_bytes),
+            tracestate: self.tracestate.as_deref().map(str::as_bytes),
+            timestamp_ms: self.timestamp_ms,
             headers: self
                 .headers
                 .iter()

@@ -22,6 +22,21 @@ use crate::ident::TableName;
 /// Type OIDs walship treats specially.
 mod oid {
     pub const BYTEA: u32 = 17;
+    pub const JSON: u32 = 114;
+    pub const JSONB: u32 = 3802;
+}
+
+/// What the payload column holds: a record format may encode or label the value by it
+/// (CloudEvents' `data` and `datacontenttype`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum PayloadType {
+    /// JSON text: a json or jsonb column, or a logical message's payload.
+    Json,
+    /// Any other type, as its text.
+    #[default]
+    Text,
+    /// bytea, decoded.
+    Bytea,
 }
 
 /// The outbox table and which of its columns play which role (Debezium's names by default).
@@ -41,6 +56,14 @@ pub struct OutboxSpec {
     pub payload: String,
     /// Further columns copied into headers of the same name.
     pub header_columns: Vec<String>,
+    /// Column holding the writer's W3C `traceparent`; empty when off.
+    pub traceparent: String,
+    /// Column holding the writer's W3C `tracestate`; empty when off.
+    pub tracestate: String,
+    /// Column holding the event's time (the record timestamp instead of the commit time):
+    /// `timestamptz`/`timestamp` (UTC when without zone) or an integer of ms since the Unix
+    /// epoch; empty when off.
+    pub timestamp: String,
 }
 
 impl OutboxSpec {
@@ -54,6 +77,9 @@ impl OutboxSpec {
             event_type: "type".into(),
             payload: "payload".into(),
             header_columns: Vec::new(),
+            traceparent: String::new(),
+            tracestate: String::new(),
+            timestamp: String::new(),
         }
     }
 }
@@ -66,7 +92,10 @@ struct Layout {
     aggregate_id: usize,
     event_type: Option<usize>,
     payload: usize,
-    payload_is_bytea: bool,
+    payload_type: PayloadType,
+    traceparent: Option<usize>,
+    tracestate: Option<usize>,
+    timestamp: Option<usize>,
     headers: Vec<(Arc<str>, usize)>,
     ncolumns: usize,
 }
@@ -116,6 +145,20 @@ pub enum RowError {
         /// Column.
         column: String,
     },
+    /// The timestamp column's value is not a time walship reads.
+    #[error(
+        "column {column:?} of table {table} (outbox.timestamp_column) holds {value:?}, which is \
+         neither a timestamp (YYYY-MM-DD HH:MM:SS[.ffffff][+HH[:MM]]) nor an integer of \
+         milliseconds since the Unix epoch"
+    )]
+    BadTimestamp {
+        /// Table.
+        table: String,
+        /// Column.
+        column: String,
+        /// The value (lossy UTF-8, cut to 64 bytes).
+        value: String,
+    },
     /// A row arrived for a relation never described.
     #[error("row for unknown relation OID {0}: the server sent no Relation message for it")]
     UnknownRelation(u32),
@@ -163,6 +206,15 @@ pub struct OutboxRow<'a> {
     pub event_type: Option<&'a [u8]>,
     /// Payload bytes as stored; `None` is a tombstone.
     pub payload: Option<Cow<'a, [u8]>>,
+    /// What the payload column holds.
+    pub payload_type: PayloadType,
+    /// The writer's W3C `traceparent`, unchecked (`outbox.traceparent_column`).
+    pub traceparent: Option<&'a [u8]>,
+    /// The writer's W3C `tracestate`, unchecked (`outbox.tracestate_column`).
+    pub tracestate: Option<&'a [u8]>,
+    /// The event's time, ms since the Unix epoch (`outbox.timestamp_column`); `None`: the
+    /// commit time.
+    pub timestamp_ms: Option<i64>,
     /// Extra header columns: (name, value or NULL).
     pub headers: Vec<(Arc<str>, Option<&'a [u8]>)>,
 }
@@ -375,6 +427,9 @@ impl Relations {
         let mut aggregate_id = None;
         let mut event_type = None;
         let mut payload = None;
+        let mut traceparent = None;
+        let mut tracestate = None;
+        let mut timestamp = None;
         let mut headers = Vec::with_capacity(layout.headers.len());
         for (i, col) in tuple.iter().enumerate() {
             let v = col.bytes();
@@ -392,7 +447,7 @@ impl Relations {
             }
             if i == layout.payload {
                 payload = match col {
-                    Column::Text(b) if layout.payload_is_bytea => {
+                    Column::Text(b) if layout.payload_type == PayloadType::Bytea => {
                         Some(Cow::Owned(decode_bytea_hex(b).ok_or_else(|| {
                             RowError::BadBytea {
                                 table: self.spec.table.to_string(),
@@ -402,6 +457,15 @@ impl Relations {
                     }
                     _ => v.map(Cow::Borrowed),
                 };
+            }
+            if Some(i) == layout.traceparent {
+                traceparent = v;
+            }
+            if Some(i) == layout.tracestate {
+                tracestate = v;
+            }
+            if Some(i) == layout.timestamp {
+                timestamp = v;
             }
             for (name, idx) in &layout.headers {
                 if *idx == i {
@@ -432,12 +496,25 @@ impl Relations {
                 &self.spec.id,
             ));
         }
+        let timestamp_ms = timestamp
+            .map(|t| {
+                timestamp_millis(t).ok_or_else(|| RowError::BadTimestamp {
+                    table: self.spec.table.to_string(),
+                    column: self.spec.timestamp.clone(),
+                    value: String::from_utf8_lossy(&t[..t.len().min(64)]).into_owned(),
+                })
+            })
+            .transpose()?;
         Ok(OutboxRow {
             id,
             aggregate_type,
             aggregate_id,
             event_type,
             payload,
+            payload_type: layout.payload_type,
+            timestamp_ms,
+            traceparent,
+            tracestate,
             headers,
         })
     }
@@ -522,11 +599,95 @@ fn layout(spec: &OutboxSpec, rel: &Relation) -> Result<Layout, RowError> {
         aggregate_type: find("aggregate_type_column", &spec.aggregate_type)?,
         aggregate_id: required("aggregate_id_column", &spec.aggregate_id)?,
         event_type: find("type_column", &spec.event_type)?,
-        payload_is_bytea: rel.columns[payload].type_oid == oid::BYTEA,
+        payload_type: match rel.columns[payload].type_oid {
+            oid::BYTEA => PayloadType::Bytea,
+            oid::JSON | oid::JSONB => PayloadType::Json,
+            _ => PayloadType::Text,
+        },
         payload,
+        traceparent: find("traceparent_column", &spec.traceparent)?,
+        tracestate: find("tracestate_column", &spec.tracestate)?,
+        timestamp: find("timestamp_column", &spec.timestamp)?,
         headers,
         ncolumns: rel.columns.len(),
     })
+}
+
+/// Milliseconds since the Unix epoch of an event time: an integer (already ms), or PostgreSQL's
+/// ISO text of a `timestamptz` (`2026-12-06 15:35:01.005+00`, offsets `+HH`, `+HH:MM`,
+/// `+HH:MM:SS`) or a `timestamp` (no offset: UTC). Fractions beyond milliseconds are cut.
+pub fn timestamp_millis(text: &[u8]) -> Option<i64> {
+    let text = std::str::from_utf8(text).ok()?.trim();
+    if let Ok(ms) = text.parse::<i64>() {
+        return Some(ms);
+    }
+    let b = text.as_bytes();
+    let num = |r: std::ops::Range<usize>| -> Option<i64> {
+        let s = text.get(r)?;
+        (!s.is_empty() && s.bytes().all(|c| c.is_ascii_digit())).then(|| s.parse().ok())?
+    };
+    if b.len() < 19 || b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b' ' | b'T') {
+        return None;
+    }
+    if b[13] != b':' || b[16] != b':' {
+        return None;
+    }
+    let (year, month, day) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (hour, minute, second) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    if !(1..=12).contains(&month)
+        || !(1..=31).contains(&day)
+        || hour > 23
+        || minute > 59
+        || second > 60
+    {
+        return None;
+    }
+    let mut rest = &text[19..];
+    let mut millis = 0;
+    if let Some(frac) = rest.strip_prefix('.') {
+        let digits = frac.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 {
+            return None;
+        }
+        let ms: String = frac[..digits]
+            .chars()
+            .chain("000".chars())
+            .take(3)
+            .collect();
+        millis = ms.parse::<i64>().ok()?;
+        rest = &frac[digits..];
+    }
+    let offset_secs = match rest.as_bytes().first() {
+        None => 0,
+        Some(b'Z') if rest.len() == 1 => 0,
+        Some(sign @ (b'+' | b'-')) => {
+            let mut parts = rest[1..].split(':');
+            let mut secs = 0;
+            for unit in [3600, 60, 1] {
+                if let Some(p) = parts.next() {
+                    if p.len() != 2 || !p.bytes().all(|c| c.is_ascii_digit()) {
+                        return None;
+                    }
+                    secs += p.parse::<i64>().ok()? * unit;
+                }
+            }
+            if parts.next().is_some() {
+                return None;
+            }
+            if *sign == b'-' { -secs } else { secs }
+        }
+        _ => return None,
+    };
+    // Howard Hinnant's days_from_civil.
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = days * 86_400 + hour * 3600 + minute * 60 + second - offset_secs;
+    Some(secs * 1000 + millis)
 }
 
 /// Decodes bytea's text output (`\x` + hex) into bytes.

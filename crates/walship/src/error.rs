@@ -65,6 +65,36 @@ pub enum Error {
         /// What was wrong.
         error: RouteError,
     },
+    /// A row's record cannot take the configured format (a CloudEvents attribute would be empty).
+    #[error(
+        "outbox row at LSN {lsn} (transaction {xid}): {error}. Nothing from this row on has been \
+         confirmed; fix the row, or outbox.cloudevents_{}, or set outbox.on_bad_row = \"dead-letter\"",
+        error.attribute
+    )]
+    Shape {
+        /// WAL position of the row.
+        lsn: Lsn,
+        /// Transaction id.
+        xid: u32,
+        /// What was wrong.
+        error: walship_kafka::record::ShapeError,
+    },
+    /// A row's partition column does not hold a partition number.
+    #[error(
+        "outbox row at LSN {lsn} (transaction {xid}): column {column:?} (outbox.additional_placement \
+         \"{column}:partition\") holds {value:?}, not a partition number (0 or more). Nothing from \
+         this row on has been confirmed; fix the row, or set outbox.on_bad_row = \"dead-letter\""
+    )]
+    Placement {
+        /// WAL position of the row.
+        lsn: Lsn,
+        /// Transaction id.
+        xid: u32,
+        /// The partition column.
+        column: String,
+        /// Its value (lossy UTF-8, cut to 64 bytes), or NULL.
+        value: String,
+    },
     /// The producer can never accept a row's record (too large, invalid).
     #[error(
         "outbox row at LSN {lsn} (transaction {xid}) cannot be published to topic {topic:?}: {error}. \
@@ -225,7 +255,12 @@ impl Error {
     pub fn is_bad_row(&self) -> bool {
         matches!(
             self,
-            Error::Row { .. } | Error::Message { .. } | Error::Route { .. } | Error::Record { .. }
+            Error::Row { .. }
+                | Error::Message { .. }
+                | Error::Route { .. }
+                | Error::Shape { .. }
+                | Error::Placement { .. }
+                | Error::Record { .. }
         )
     }
 
@@ -240,6 +275,8 @@ impl Error {
             | Error::Row { .. }
             | Error::Message { .. }
             | Error::Route { .. }
+            | Error::Shape { .. }
+            | Error::Placement { .. }
             | Error::Record { .. }
             | Error::DeadLetterRefused { .. }
             | Error::Fork { .. }

@@ -12,6 +12,30 @@ fn parse(content: &str) -> Result<MessageEvent, MessageError> {
 }
 
 #[test]
+fn trace_context_fields_are_strings_or_nothing() {
+    let mut spec = spec();
+    spec.traceparent = "traceparent".into();
+    spec.tracestate = "tracestate".into();
+    let event = MessageEvent::parse(
+        &spec,
+        br#"{"id":"u1","aggregatetype":"order","aggregateid":"42","payload":1,
+            "traceparent":"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "tracestate":{"not":"a string"}}"#,
+    )
+    .unwrap();
+    let row = event.row();
+    assert_eq!(
+        row.traceparent,
+        Some(&b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"[..])
+    );
+    assert_eq!(
+        row.tracestate, None,
+        "not a string: no context, not an error"
+    );
+    assert_eq!(row.payload_type, PayloadType::Json);
+}
+
+#[test]
 fn the_row_contract_fields_become_the_row() {
     let event = parse(
         r#"{"id":"u1","aggregatetype":"order","aggregateid":"42","type":"OrderUpdated",

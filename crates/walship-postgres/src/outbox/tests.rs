@@ -75,6 +75,77 @@ fn extracts_debezium_columns_and_headers() {
 }
 
 #[test]
+fn trace_context_columns_and_the_payload_type_are_extracted() {
+    let mut spec = OutboxSpec::debezium(TableName::parse("outbox"));
+    spec.traceparent = "traceparent".into();
+    spec.tracestate = "tracestate".into();
+    let mut r = Relations::new(spec.clone());
+    let mut cols = COLS.to_vec();
+    cols.extend([("traceparent", 25), ("tracestate", 25)]);
+    r.update(rel(&cols));
+    let t = insert(&[
+        Some(b"u1"),
+        Some(b"order"),
+        Some(b"42"),
+        Some(b"created"),
+        Some(b"{}"),
+        None,
+        Some(b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+        None,
+    ]);
+    let row = r.extract(7, &t).unwrap();
+    assert_eq!(
+        row.traceparent,
+        Some(&b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"[..])
+    );
+    assert_eq!(row.tracestate, None);
+    assert_eq!(row.payload_type, PayloadType::Json, "jsonb");
+    for (oid, kind) in [(25, PayloadType::Text), (oid::BYTEA, PayloadType::Bytea)] {
+        cols[4].1 = oid;
+        r.update(rel(&cols));
+        let t = insert(&[
+            Some(b"u1"),
+            Some(b"order"),
+            Some(b"42"),
+            Some(b"created"),
+            Some(b"\\x00"),
+            None,
+            None,
+            None,
+        ]);
+        assert_eq!(r.extract(7, &t).unwrap().payload_type, kind);
+    }
+    // A configured trace column the table lacks is a missing column, like any other.
+    let mut r = Relations::new(spec);
+    r.update(rel(COLS));
+    let t = insert(&[Some(b"u1"), Some(b"order"), Some(b"42"), None, None, None]);
+    let err = r.extract(7, &t).unwrap_err().to_string();
+    assert!(err.contains("outbox.traceparent_column"), "{err}");
+}
+
+#[test]
+fn event_times_are_read_from_integers_and_postgres_timestamps() {
+    for (text, ms) in [
+        ("1796571301005", Some(1_796_571_301_005)),
+        ("2026-12-06 15:35:01.005+00", Some(1_796_571_301_005)),
+        ("2026-12-06 15:35:01.005123+00", Some(1_796_571_301_005)),
+        ("2026-12-06 17:35:01.005+02", Some(1_796_571_301_005)),
+        ("2026-12-06 10:05:01.005-05:30", Some(1_796_571_301_005)),
+        ("2026-12-06 15:35:01.005", Some(1_796_571_301_005)),
+        ("2026-12-06T15:35:01Z", Some(1_796_571_301_000)),
+        ("1970-01-01 00:00:00+00", Some(0)),
+        ("2000-02-29 00:00:00+00", Some(951_782_400_000)),
+        ("infinity", None),
+        ("2026-13-06 15:35:01+00", None),
+        ("2026-12-06 15:35:01+0", None),
+        ("2026-12-06 15:35:01.+00", None),
+        ("06.12.2026 15:35", None),
+    ] {
+        assert_eq!(timestamp_millis(text.as_bytes()), ms, "{text}");
+    }
+}
+
+#[test]
 fn null_payload_is_a_tombstone_but_null_key_is_an_error() {
     let mut r = Relations::new(OutboxSpec::debezium(TableName::parse("outbox")));
     r.update(rel(COLS));

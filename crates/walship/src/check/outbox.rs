@@ -53,6 +53,8 @@ enum ColumnKind {
     Text,
     /// Becomes the record value.
     Payload,
+    /// Becomes the record timestamp.
+    Time,
 }
 
 /// One check per configured column: exists, has a usable type, and (for the key and the topic)
@@ -90,9 +92,25 @@ pub(super) fn column_checks(spec: &OutboxSpec, columns: &[ColumnInfo]) -> Vec<Ch
             required: false,
         },
     ];
-    for h in &spec.header_columns {
+    for (key, column, kind) in [
+        ("traceparent_column", &spec.traceparent, ColumnKind::Text),
+        ("tracestate_column", &spec.tracestate, ColumnKind::Text),
+        ("timestamp_column", &spec.timestamp, ColumnKind::Time),
+    ] {
         roles.push(ColumnRole {
-            key: "header_columns".into(),
+            key: key.into(),
+            column,
+            kind,
+            required: false,
+        });
+    }
+    for h in &spec.header_columns {
+        // A column placed twice (a header and an envelope field, say) is checked once.
+        if roles.iter().any(|r| r.column == h) {
+            continue;
+        }
+        roles.push(ColumnRole {
+            key: "header_columns or outbox.additional_placement".into(),
             column: h,
             kind: ColumnKind::Text,
             required: false,
@@ -138,6 +156,19 @@ fn column_check(table: &TableName, role: &ColumnRole<'_>, columns: &[ColumnInfo]
                     col.declared_type
                 ));
                 fixes.push("use jsonb, json, text, varchar or bytea for the payload".to_owned());
+            }
+        }
+        ColumnKind::Time => {
+            if !matches!(
+                col.base_type.as_str(),
+                "timestamptz" | "timestamp" | "int8" | "int4"
+            ) {
+                notes.push(format!(
+                    "has type {}; walship reads a timestamptz, a timestamp (as UTC) or an integer \
+                     of milliseconds since the Unix epoch, and any other value stops it (a bad row)",
+                    col.declared_type
+                ));
+                fixes.push("use timestamptz".to_owned());
             }
         }
         ColumnKind::Text => {
@@ -382,6 +413,40 @@ mod tests {
             .unwrap();
         assert_eq!(p.status, Status::Fail);
         assert!(p.message.contains("outbox.payload_column"), "{p:?}");
+    }
+
+    #[test]
+    fn trace_time_and_placed_columns_are_checked_once_each() {
+        let c = config(
+            "[outbox]\ntraceparent_column = \"tp\"\ntimestamp_column = \"at\"\n\
+             additional_placement = [\"shard:partition\", \"shard:header:s\"]\n",
+        );
+        let spec = c.outbox_spec();
+        let cols = vec![
+            col("id", "uuid", true),
+            col("aggregatetype", "text", true),
+            col("aggregateid", "text", true),
+            col("type", "text", true),
+            col("payload", "jsonb", false),
+            col("at", "text", false),
+            col("shard", "int4", false),
+        ];
+        let checks = column_checks(&spec, &cols);
+        let by = |n: &str| {
+            checks
+                .iter()
+                .filter(|c| c.name == n)
+                .cloned()
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(by("outbox.column.tp")[0].status, Status::Fail, "missing");
+        assert_eq!(
+            by("outbox.column.at")[0].status,
+            Status::Warn,
+            "text is no time"
+        );
+        assert_eq!(by("outbox.column.shard").len(), 1);
+        assert_eq!(by("outbox.column.shard")[0].status, Status::Pass);
     }
 
     #[test]

@@ -190,6 +190,11 @@ pub struct OutboxConfig {
     /// Topic template; `{aggregatetype}` is replaced by the row's aggregate type.
     #[serde(default = "default_topic")]
     pub topic: String,
+    /// A regular expression the aggregate type must match whole (Debezium's
+    /// `route.topic.regex`); `topic` may then name its groups, `{1}` or `{name}`. `""` (the
+    /// default): the whole value, no regular expression.
+    #[serde(default)]
+    pub topic_regex: String,
     /// What to do with a row that cannot become a record (NULL key, missing column, unroutable
     /// aggregate type, too large for the broker).
     #[serde(default)]
@@ -209,12 +214,66 @@ pub struct OutboxConfig {
     /// prefix, content)`) that are outbox events, matched exactly; empty (the default) = none.
     #[serde(default)]
     pub message_prefixes: Vec<String>,
+    /// Further columns and where they go, as Debezium's `table.fields.additional.placement`:
+    /// `"column:header[:name]"`, `"column:envelope[:name]"` or `"column:partition"`.
+    #[serde(default)]
+    pub additional_placement: Vec<String>,
+    /// Column (or message field) holding the event's time, the record timestamp instead of the
+    /// commit time: a `timestamptz` (or `timestamp`, read as UTC), or an integer of ms since the
+    /// Unix epoch; `""` (the default) = the commit time.
+    #[serde(default)]
+    pub timestamp_column: String,
+    /// An empty payload (zero bytes) is a tombstone too, as
+    /// Debezium's `route.tombstone.on.empty.payload`; a NULL payload always is.
+    #[serde(default)]
+    pub tombstone_on_empty_payload: bool,
+    /// Column (or message field) holding the writer's W3C `traceparent`, copied to the header
+    /// of that name when well formed; `""` (the default) = off.
+    #[serde(default)]
+    pub traceparent_column: String,
+    /// Column (or message field) holding the writer's W3C `tracestate`, copied beside a
+    /// well-formed `traceparent`; `""` (the default) = off.
+    #[serde(default)]
+    pub tracestate_column: String,
+    /// Records as CloudEvents: `off` (the default), `binary` (`ce_*` headers, the payload as
+    /// the value) or `structured` (the event as `application/cloudevents+json`).
+    #[serde(default)]
+    pub cloudevents: CloudEventsMode,
+    /// CloudEvents `id`: a template over `{id}`, `{type}`, `{aggregatetype}`,
+    /// `{aggregateid}`, `{position}`, `{source}`.
+    #[serde(default = "default_ce_id")]
+    pub cloudevents_id: String,
+    /// CloudEvents `source` (a template).
+    #[serde(default = "default_ce_source")]
+    pub cloudevents_source: String,
+    /// CloudEvents `type` (a template).
+    #[serde(default = "default_ce_type")]
+    pub cloudevents_type: String,
+    /// CloudEvents `subject` (a template); `""` = none.
+    #[serde(default = "default_ce_subject")]
+    pub cloudevents_subject: String,
+    /// CloudEvents `datacontenttype`; `""` = by the payload column's type.
+    #[serde(default)]
+    pub cloudevents_data_content_type: String,
     /// Roles that write outbox messages. Only `walship check` reads it: with
     /// `message_prefixes` set it warns when any other login role (superusers and walship's own
     /// aside) may execute `pg_logical_emit_message`, since each could publish events or stop
     /// the pipeline.
     #[serde(default)]
     pub message_writers: Vec<String>,
+}
+
+/// `outbox.cloudevents`
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CloudEventsMode {
+    /// walship's own records.
+    #[default]
+    Off,
+    /// Binary content mode.
+    Binary,
+    /// Structured content mode (JSON event format).
+    Structured,
 }
 
 /// `outbox.on_bad_row`
@@ -240,11 +299,23 @@ impl Default for OutboxConfig {
             payload_column: default_payload(),
             header_columns: Vec::new(),
             topic: default_topic(),
+            topic_regex: String::new(),
             on_bad_row: BadRowPolicy::Fail,
             dead_letter_topic: default_dead_letter_topic(),
             allowed_aggregate_types: Vec::new(),
             max_topics: default_max_topics(),
             message_prefixes: Vec::new(),
+            additional_placement: Vec::new(),
+            timestamp_column: String::new(),
+            tombstone_on_empty_payload: false,
+            traceparent_column: String::new(),
+            tracestate_column: String::new(),
+            cloudevents: CloudEventsMode::Off,
+            cloudevents_id: default_ce_id(),
+            cloudevents_source: default_ce_source(),
+            cloudevents_type: default_ce_type(),
+            cloudevents_subject: default_ce_subject(),
+            cloudevents_data_content_type: String::new(),
             message_writers: Vec::new(),
         }
     }
@@ -371,6 +442,18 @@ fn default_dead_letter_topic() -> String {
 }
 fn default_max_topics() -> u64 {
     1000
+}
+fn default_ce_id() -> String {
+    "{id}".into()
+}
+fn default_ce_source() -> String {
+    "/outbox/{aggregatetype}".into()
+}
+fn default_ce_type() -> String {
+    "{type}".into()
+}
+fn default_ce_subject() -> String {
+    "{aggregateid}".into()
 }
 fn default_topic() -> String {
     "outbox.event.{aggregatetype}".into()

@@ -23,8 +23,9 @@ mod validate;
 
 pub use deployment::{ClusterConfig, Deployment, Pipeline};
 pub use format::{
-    BadRowPolicy, Config, ConfigError, DEFAULT_MAX_PENDING_TRANSACTIONS, DEFAULT_METRICS_PORT,
-    KafkaConfig, MetricsConfig, OutboxConfig, PostgresConfig, RunConfig, Secret,
+    BadRowPolicy, CloudEventsMode, Config, ConfigError, DEFAULT_MAX_PENDING_TRANSACTIONS,
+    DEFAULT_METRICS_PORT, KafkaConfig, MetricsConfig, OutboxConfig, PostgresConfig, RunConfig,
+    Secret,
 };
 pub use settings::{SessionSettings, Settings, SourceSettings};
 

@@ -10,8 +10,11 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
+use walship_kafka::record::cloudevents::{CloudEvents, Field, Mode, Template};
+use walship_kafka::record::{Format, Placement};
 use walship_kafka::{SinkSettings, TopicLimits, TopicRouter};
 use walship_postgres::setup::SlotHistory;
 use walship_postgres::{
@@ -19,7 +22,7 @@ use walship_postgres::{
 };
 
 use super::env::read_secret_file;
-use super::format::{BadRowPolicy, Config, ConfigError, Secret};
+use super::format::{BadRowPolicy, CloudEventsMode, Config, ConfigError, Secret};
 use crate::scheduling::CpuScheduling;
 
 /// Everything one run needs, per layer.
@@ -169,6 +172,14 @@ pub struct SessionSettings {
     /// The largest record the producer accepts (`message.max.bytes`): a dead letter's value is
     /// cut to fit it.
     pub max_record_bytes: usize,
+    /// How event records are shaped (`outbox.cloudevents` and its attributes).
+    pub format: Format,
+    /// Where each extracted further column goes, in the order of the outbox spec's
+    /// `header_columns` (`outbox.header_columns`, then `outbox.additional_placement`); empty
+    /// when every one is a header of its column's name (the rows' headers are used as they are).
+    pub placements: Vec<Placement>,
+    /// `outbox.tombstone_on_empty_payload`.
+    pub tombstone_on_empty_payload: bool,
 }
 
 impl Default for SessionSettings {
@@ -182,6 +193,9 @@ impl Default for SessionSettings {
             message_prefixes: Vec::new(),
             resume_dedup: true,
             max_record_bytes: 1_000_000,
+            format: Format::Plain,
+            placements: Vec::new(),
+            tombstone_on_empty_payload: false,
         }
     }
 }
@@ -202,6 +216,19 @@ impl Settings {
             message_prefixes: config.outbox.message_prefixes.clone(),
             resume_dedup: config.run.resume_dedup,
             max_record_bytes: sink.max_record_bytes(),
+            format: config.record_format()?,
+            placements: {
+                let placed = config.placements()?;
+                let plain = placed
+                    .iter()
+                    .all(|(c, p)| matches!(p, Placement::Header(n) if **n == **c));
+                if plain {
+                    Vec::new()
+                } else {
+                    placed.into_iter().map(|(_, p)| p).collect()
+                }
+            },
+            tombstone_on_empty_payload: config.outbox.tombstone_on_empty_payload,
         };
         Ok(Settings {
             source,
@@ -219,8 +246,22 @@ impl Config {
     /// The topic router for `outbox.topic` with the allow-list and the bound; the dead-letter
     /// topic is exempt from the bound when it is in use. One per run: its clones share the count.
     pub fn topic_router(&self) -> Result<TopicRouter, ConfigError> {
-        let router = TopicRouter::new(&self.outbox.topic)
+        let mut router = TopicRouter::new(&self.outbox.topic)
             .map_err(|e| ConfigError(format!("outbox.topic: {e}")))?;
+        let regex = &self.outbox.topic_regex;
+        if regex.is_empty() {
+            if let Some(name) = router.group_placeholders().first() {
+                return Err(ConfigError(format!(
+                    "outbox.topic {:?} names {{{name}}}, which only a group of outbox.topic_regex \
+                     can fill: set outbox.topic_regex, or use {{aggregatetype}}",
+                    self.outbox.topic
+                )));
+            }
+        } else {
+            router = router
+                .with_regex(regex)
+                .map_err(|e| ConfigError(format!("outbox.topic_regex: {e}")))?;
+        }
         let max_topics = usize::try_from(self.outbox.max_topics).unwrap_or(usize::MAX);
         Ok(router.with_limits(TopicLimits {
             allowed_aggregate_types: self.outbox.allowed_aggregate_types.clone(),
@@ -315,12 +356,158 @@ impl Config {
         walship_postgres::setup::SlotHistory { table }
     }
 
+    /// How event records are shaped: `outbox.cloudevents` and its attribute templates, each
+    /// error naming its key.
+    pub fn record_format(&self) -> Result<Format, ConfigError> {
+        let o = &self.outbox;
+        let mode = match o.cloudevents {
+            CloudEventsMode::Off => return Ok(Format::Plain),
+            CloudEventsMode::Binary => Mode::Binary,
+            CloudEventsMode::Structured => Mode::Structured,
+        };
+        let template = |key: &str, text: &str, required: bool| {
+            let t = Template::parse(text)
+                .map_err(|e| ConfigError(format!("outbox.cloudevents_{key}: {e}")))?;
+            if required && t.is_empty() {
+                return Err(ConfigError(format!(
+                    "outbox.cloudevents_{key} is empty, but every CloudEvent has a {key}: name \
+                     the fields it is made of, e.g. the default {:?}",
+                    match key {
+                        "id" => "{id}",
+                        "source" => "/outbox/{aggregatetype}",
+                        _ => "{type}",
+                    }
+                )));
+            }
+            for (field, column_key, column) in [
+                (Field::Id, "id_column", &o.id_column),
+                (Field::Type, "type_column", &o.type_column),
+                (
+                    Field::AggregateType,
+                    "aggregate_type_column",
+                    &o.aggregate_type_column,
+                ),
+            ] {
+                if t.uses(field) && column.is_empty() {
+                    return Err(ConfigError(format!(
+                        "outbox.cloudevents_{key} = {text:?} uses a field whose column is off \
+                         (outbox.{column_key} = \"\"): name the column in outbox.{column_key}, \
+                         or change outbox.cloudevents_{key}"
+                    )));
+                }
+            }
+            Ok(t)
+        };
+        let content_type = &o.cloudevents_data_content_type;
+        if content_type.bytes().any(|c| c.is_ascii_control()) {
+            return Err(ConfigError(format!(
+                "outbox.cloudevents_data_content_type {content_type:?} holds control characters: \
+                 use a media type such as \"application/json\""
+            )));
+        }
+        Ok(Format::CloudEvents(CloudEvents {
+            mode,
+            id: template("id", &o.cloudevents_id, true)?,
+            source: template("source", &o.cloudevents_source, true)?,
+            event_type: template("type", &o.cloudevents_type, true)?,
+            subject: template("subject", &o.cloudevents_subject, false)?,
+            data_content_type: (!content_type.is_empty()).then(|| content_type.clone()),
+        }))
+    }
+
+    /// Every further column and where it goes: `outbox.header_columns` (headers of their own
+    /// name), then `outbox.additional_placement` (`column:placement[:name]`), each checked.
+    pub fn placements(&self) -> Result<Vec<(String, Placement)>, ConfigError> {
+        let o = &self.outbox;
+        let mut out: Vec<(String, Placement)> = o
+            .header_columns
+            .iter()
+            .map(|c| (c.clone(), Placement::Header(Arc::from(c.as_str()))))
+            .collect();
+        for entry in &o.additional_placement {
+            let bad = |why: &str| {
+                ConfigError(format!(
+                    "outbox.additional_placement: {entry:?} {why}; write \"column:header\", \
+                     \"column:header:name\", \"column:envelope\", \"column:envelope:name\" \
+                     or \"column:partition\""
+                ))
+            };
+            let mut parts = entry.split(':');
+            let column = parts.next().unwrap_or_default();
+            let placement = parts.next().ok_or_else(|| bad("names no placement"))?;
+            let alias = parts.next();
+            if parts.next().is_some() || column.is_empty() || alias == Some("") {
+                return Err(bad("is not column:placement[:name]"));
+            }
+            let name = Arc::from(alias.unwrap_or(column));
+            let placement = match placement {
+                "header" => Placement::Header(name),
+                "envelope" => Placement::Envelope(name),
+                "partition" if alias.is_none() => Placement::Partition,
+                "partition" => return Err(bad("names a partition placement, which has no name")),
+                _ => {
+                    return Err(bad(
+                        "has a placement other than header, envelope or partition",
+                    ));
+                }
+            };
+            out.push((column.to_owned(), placement));
+        }
+        let mut envelope = std::collections::BTreeSet::new();
+        let mut partitions = 0;
+        // header_columns keep the names they always had; only additional_placement is checked
+        // against walship's own headers.
+        for (i, (column, placement)) in out.iter().enumerate() {
+            match placement {
+                Placement::Header(_) if i < o.header_columns.len() => {}
+                Placement::Header(name) => {
+                    let own = name.starts_with("walship.")
+                        || name.starts_with("ce_")
+                        || ["id", "type", "traceparent", "tracestate", "content-type"]
+                            .contains(&&**name);
+                    if own {
+                        return Err(ConfigError(format!(
+                            "outbox.additional_placement: column {column:?} would \
+                             become header {name:?}, which walship writes itself (walship.*, id, \
+                             type, traceparent, tracestate, ce_*, content-type): give it another \
+                             name (\"{column}:header:<name>\")"
+                        )));
+                    }
+                }
+                Placement::Envelope(name) => {
+                    if &**name == "payload" || !envelope.insert(name.clone()) {
+                        return Err(ConfigError(format!(
+                            "outbox.additional_placement: envelope field {name:?} (column \
+                             {column:?}) is \"payload\" or named twice: the envelope is \
+                             {{\"payload\": …, \"<name>\": …}}, so give each field its own name"
+                        )));
+                    }
+                }
+                Placement::Partition => partitions += 1,
+            }
+        }
+        if partitions > 1 {
+            return Err(ConfigError(
+                "outbox.additional_placement names more than one partition column: a record has \
+                 one partition; keep one \"column:partition\""
+                    .into(),
+            ));
+        }
+        Ok(out)
+    }
+
     /// The outbox definition for the PostgreSQL side.
     pub fn outbox_spec(&self) -> OutboxSpec {
-        let router_uses_type = self
-            .outbox
-            .topic
-            .contains(walship_kafka::route::AGGREGATE_TYPE);
+        let format_uses_type = match self.record_format() {
+            Ok(Format::CloudEvents(ce)) => ce.uses(Field::AggregateType),
+            _ => false,
+        };
+        let router_uses_type = format_uses_type
+            || !self.outbox.topic_regex.is_empty()
+            || self
+                .outbox
+                .topic
+                .contains(walship_kafka::route::AGGREGATE_TYPE);
         OutboxSpec {
             table: TableName::parse(&self.outbox.table),
             id: self.outbox.id_column.clone(),
@@ -332,7 +519,13 @@ impl Config {
             aggregate_id: self.outbox.aggregate_id_column.clone(),
             event_type: self.outbox.type_column.clone(),
             payload: self.outbox.payload_column.clone(),
-            header_columns: self.outbox.header_columns.clone(),
+            header_columns: self
+                .placements()
+                .map(|p| p.into_iter().map(|(column, _)| column).collect())
+                .unwrap_or_else(|_| self.outbox.header_columns.clone()),
+            timestamp: self.outbox.timestamp_column.clone(),
+            traceparent: self.outbox.traceparent_column.clone(),
+            tracestate: self.outbox.tracestate_column.clone(),
         }
     }
 

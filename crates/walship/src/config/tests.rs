@@ -601,3 +601,169 @@ fn producer_settings_that_would_reorder_a_key_are_refused() {
         parse(&text, &[]).unwrap_or_else(|e| panic!("{key} = {value}: {e}"));
     }
 }
+
+#[test]
+fn records_are_plain_by_default_and_cloudevents_on_request() {
+    use walship_kafka::record::{Format, cloudevents::Mode};
+    let c = parse(MINIMAL, &[]).unwrap();
+    assert_eq!(c.record_format().unwrap(), Format::Plain);
+    assert_eq!(c.outbox_spec().traceparent, "");
+    let text = format!(
+        "{MINIMAL}[outbox]\ntopic = \"events\"\ncloudevents = \"structured\"\n\
+         cloudevents_type = \"com.acme.{{aggregatetype}}.{{type}}\"\n\
+         traceparent_column = \"traceparent\"\ntracestate_column = \"tracestate\"\n"
+    );
+    let c = parse(&text, &[]).unwrap();
+    let Format::CloudEvents(ce) = c.record_format().unwrap() else {
+        panic!("cloudevents");
+    };
+    assert_eq!(ce.mode, Mode::Structured);
+    assert_eq!(ce.event_type.as_str(), "com.acme.{aggregatetype}.{type}");
+    let spec = c.outbox_spec();
+    assert_eq!(
+        spec.aggregate_type, "aggregatetype",
+        "extracted for the CloudEvents source although the topic is fixed"
+    );
+    assert_eq!(
+        (spec.traceparent.as_str(), spec.tracestate.as_str()),
+        ("traceparent", "tracestate")
+    );
+    let c = parse(MINIMAL, &[("WALSHIP_OUTBOX__CLOUDEVENTS", "binary")]).unwrap();
+    assert!(
+        matches!(c.record_format().unwrap(), Format::CloudEvents(ce) if ce.mode == Mode::Binary)
+    );
+}
+
+#[test]
+fn inconsistent_record_formats_are_refused_with_the_fix() {
+    for (extra, needles) in [
+        ("cloudevents = \"json\"\n", &["`json`", "`structured`"][..]),
+        (
+            "cloudevents = \"binary\"\ncloudevents_source = \"{nope}\"\n",
+            &["outbox.cloudevents_source", "{nope}"],
+        ),
+        (
+            "cloudevents = \"binary\"\ncloudevents_id = \"\"\n",
+            &["outbox.cloudevents_id is empty"],
+        ),
+        (
+            "cloudevents = \"binary\"\ntype_column = \"\"\n",
+            &["outbox.cloudevents_type", "outbox.type_column"],
+        ),
+        (
+            "tracestate_column = \"tracestate\"\n",
+            &["outbox.traceparent_column is empty"],
+        ),
+        (
+            "traceparent_column = \"tp\"\nheader_columns = [\"tp\"]\n",
+            &["outbox.traceparent_column", "header_columns"],
+        ),
+        ("cloudevents_subjekt = \"\"\n", &["cloudevents_subjekt"]),
+    ] {
+        let e = parse(&format!("{MINIMAL}[outbox]\n{extra}"), &[])
+            .unwrap_err()
+            .to_string();
+        for n in needles {
+            assert!(e.contains(n), "{extra}: {e}");
+        }
+    }
+}
+
+#[test]
+fn router_options_default_to_debeziums_behaviour_as_walship_had_it() {
+    let c = parse(MINIMAL, &[]).unwrap();
+    assert!(c.placements().unwrap().is_empty());
+    assert!(!c.outbox.tombstone_on_empty_payload);
+    assert_eq!(c.outbox_spec().timestamp, "");
+    let text = format!(
+        "{MINIMAL}[outbox]\nheader_columns = [\"tenant\"]\ntimestamp_column = \"occurred_at\"\n\
+         additional_placement = [\"tenant:header:tenantId\", \"version:envelope:schemaVersion\", \
+         \"shard:partition\"]\ntombstone_on_empty_payload = true\n"
+    );
+    let c = parse(&text, &[]).unwrap();
+    use walship_kafka::record::Placement;
+    let placed = c.placements().unwrap();
+    assert_eq!(
+        placed,
+        vec![
+            ("tenant".into(), Placement::Header("tenant".into())),
+            ("tenant".into(), Placement::Header("tenantId".into())),
+            (
+                "version".into(),
+                Placement::Envelope("schemaVersion".into())
+            ),
+            ("shard".into(), Placement::Partition),
+        ]
+    );
+    let spec = c.outbox_spec();
+    assert_eq!(
+        spec.header_columns,
+        ["tenant", "tenant", "version", "shard"]
+    );
+    assert_eq!(spec.timestamp, "occurred_at");
+    let settings = Settings::resolve(&c).unwrap();
+    assert_eq!(settings.session.placements.len(), 4);
+    assert!(settings.session.tombstone_on_empty_payload);
+}
+
+#[test]
+fn placements_that_would_break_a_record_are_refused_with_the_fix() {
+    for (list, needles) in [
+        ("\"tenant\"", &["names no placement"][..]),
+        (
+            "\"tenant:footer\"",
+            &["other than header, envelope or partition"],
+        ),
+        ("\"shard:partition:p\"", &["has no name"]),
+        (
+            "\"a:partition\", \"b:partition\"",
+            &["more than one partition column"],
+        ),
+        ("\"v:envelope:payload\"", &["is \"payload\" or named twice"]),
+        ("\"a:envelope:x\", \"b:envelope:x\"", &["named twice"]),
+        (
+            "\"t:header:type\"",
+            &["walship writes itself", "t:header:<name>"],
+        ),
+        ("\"t:header:walship.x\"", &["walship writes itself"]),
+        ("\":header\"", &["column:placement[:name]"]),
+    ] {
+        let e = parse(
+            &format!("{MINIMAL}[outbox]\nadditional_placement = [{list}]\n"),
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        for n in needles {
+            assert!(e.contains(n), "{list}: {e}");
+        }
+    }
+}
+
+#[test]
+fn a_topic_regex_fills_the_topics_groups_and_is_checked() {
+    let text = format!(
+        "{MINIMAL}[outbox]\ntopic = \"events.{{domain}}\"\ntopic_regex = \"(?<domain>[a-z]+)\\\\..*\"\n"
+    );
+    let c = parse(&text, &[]).unwrap();
+    let mut router = c.topic_router().unwrap();
+    assert_eq!(&**router.route(Some(b"shop.order")).unwrap(), "events.shop");
+    assert!(router.route(Some(b"SHOP")).is_err());
+    assert_eq!(c.outbox_spec().aggregate_type, "aggregatetype");
+    for (extra, needle) in [
+        (
+            "topic = \"events.{domain}\"\n",
+            "only a group of outbox.topic_regex",
+        ),
+        ("topic_regex = \"(\"\n", "outbox.topic_regex"),
+        (
+            "topic = \"e.{x}\"\ntopic_regex = \"(?<y>a)\"\n",
+            "neither {aggregatetype} nor a group",
+        ),
+    ] {
+        let e = parse(&format!("{MINIMAL}[outbox]\n{extra}"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(needle), "{extra}: {e}");
+    }
+}

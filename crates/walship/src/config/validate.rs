@@ -36,8 +36,7 @@ impl Config {
         }
         self.read_batching()?;
         self.cpu_scheduling()?;
-        let router = TopicRouter::new(&self.outbox.topic)
-            .map_err(|e| ConfigError(format!("outbox.topic: {e}")))?;
+        let router = self.topic_router()?;
         if router.uses_aggregate_type() && self.outbox.aggregate_type_column.is_empty() {
             return Err(ConfigError(
                 "outbox.topic uses {aggregatetype} but outbox.aggregate_type_column is empty: name the column or use a fixed topic".into(),
@@ -76,6 +75,9 @@ impl Config {
                  with a view, or leave it out"
             )));
         }
+        self.validate_trace_columns()?;
+        self.record_format()?;
+        self.placements()?;
         if let Some(p) = self
             .outbox
             .message_prefixes
@@ -182,6 +184,32 @@ impl Config {
                  partitioner (murmur2, consistent, fnv1a, …), the same in every process"
                     .into(),
             ));
+        }
+        Ok(())
+    }
+
+    /// `outbox.traceparent_column` and `outbox.tracestate_column`: a trace state only beside a
+    /// trace parent, and neither also a header column (its header would come twice).
+    fn validate_trace_columns(&self) -> Result<(), ConfigError> {
+        let o = &self.outbox;
+        if o.traceparent_column.is_empty() && !o.tracestate_column.is_empty() {
+            return Err(ConfigError(format!(
+                "outbox.tracestate_column = {:?} but outbox.traceparent_column is empty: a W3C \
+                 tracestate means nothing without its traceparent; name the traceparent column \
+                 too, or remove outbox.tracestate_column",
+                o.tracestate_column
+            )));
+        }
+        for (key, column) in [
+            ("traceparent_column", &o.traceparent_column),
+            ("tracestate_column", &o.tracestate_column),
+        ] {
+            if !column.is_empty() && o.header_columns.contains(column) {
+                return Err(ConfigError(format!(
+                    "outbox.{key} = {column:?} is also in outbox.header_columns, so its header \
+                     would come twice (and unchecked once): remove it from outbox.header_columns"
+                )));
+            }
         }
         Ok(())
     }

@@ -15,13 +15,16 @@ use std::sync::atomic::Ordering;
 use pgoutput::{Begin, LogicalMessage, Lsn, Message, PgTimestamp};
 use tokio_util::sync::CancellationToken;
 use walship_kafka::headers::Position;
-use walship_kafka::record::{self, Record};
-use walship_postgres::{MessageError, MessageEvent, OutboxRow, PgError, RowError};
+use walship_kafka::record::{self, PayloadKind, Placement, Record, TraceContext};
+use walship_postgres::{MessageError, MessageEvent, OutboxRow, PayloadType, PgError, RowError};
 
 use super::dead_letter::DeadLetter;
 use super::seams::{EventSink, WalSource};
 use super::{OpenTxn, Session, Stop};
 use crate::error::Error;
+
+/// Most one warning about malformed trace contexts per this interval.
+const TRACE_WARNING_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl<W: WalSource, K: EventSink> Session<W, K> {
     pub(super) async fn handle_message(
@@ -331,12 +334,60 @@ impl<W: WalSource, K: EventSink> Session<W, K> {
         }
         let source = Arc::clone(&self.source_id);
         let timeline = self.timeline_text(Lsn(position.commit_lsn));
+        let (trace, problem) = TraceContext::check(row.traceparent, row.tracestate);
+        if let Some(problem) = problem {
+            // The writer's hint only: the event is published without it. One warning per
+            // TRACE_WARNING_INTERVAL at most (a writer that gets it wrong gets it wrong on every
+            // event); the counter counts each.
+            self.telemetry
+                .trace_context_dropped
+                .fetch_add(1, Ordering::Relaxed);
+            self.trace_dropped_unwarned += 1;
+            let now = std::time::Instant::now();
+            if self
+                .trace_warned
+                .is_none_or(|at| now.duration_since(at) >= TRACE_WARNING_INTERVAL)
+            {
+                let dropped = std::mem::take(&mut self.trace_dropped_unwarned);
+                tracing::warn!(
+                    %lsn,
+                    xid,
+                    %position,
+                    dropped,
+                    "{problem} (the event is published without it; `dropped` counts the malformed \
+                     values since the last such warning)"
+                );
+                self.trace_warned = Some(now);
+            }
+        }
+        // Further columns: headers of their own name unless outbox.additional_placement says
+        // otherwise.
+        let placed;
+        let (columns, envelope, partition) = if self.placements_plain {
+            (&row.headers[..], &[][..], None)
+        } else {
+            placed = self.place(row, lsn, xid)?;
+            (&placed.0[..], &placed.1[..], placed.2)
+        };
+        let payload = row
+            .payload
+            .as_deref()
+            .filter(|p| !(self.settings.tombstone_on_empty_payload && p.is_empty()));
         let event = record::Event {
             key: row.aggregate_id,
-            payload: row.payload.as_deref(),
-            commit_ms,
+            payload,
+            commit_ms: row.timestamp_ms.unwrap_or(commit_ms),
             event_type: row.event_type,
-            columns: &row.headers,
+            columns,
+            envelope,
+            partition,
+            aggregate_type: row.aggregate_type,
+            payload_kind: match row.payload_type {
+                PayloadType::Json => PayloadKind::Json,
+                PayloadType::Text => PayloadKind::Text,
+                PayloadType::Bytea => PayloadKind::Binary,
+            },
+            trace,
         };
         let stamp = record::Stamp {
             source: &source,
@@ -344,8 +395,57 @@ impl<W: WalSource, K: EventSink> Session<W, K> {
             timeline: &timeline,
             id: row.id,
         };
-        let record = Record::event(&topic, event, stamp);
-        self.send(&record, lsn, xid, commit_ms, cancel, None).await
+        let format = Arc::clone(&self.format);
+        let mut scratch = std::mem::take(&mut self.scratch);
+        let record = Record::shaped(&topic, event, stamp, &format, &mut scratch)
+            .map_err(|error| Error::Shape { lsn, xid, error })?;
+        let sent = self.send(&record, lsn, xid, commit_ms, cancel, None).await;
+        drop(record);
+        self.scratch = scratch;
+        sent
+    }
+
+    /// Splits a row's further columns by `settings.placements`: headers (under their names),
+    /// envelope fields, and the partition (a bad row when it is not a number).
+    #[allow(clippy::type_complexity)]
+    fn place<'r>(
+        &self,
+        row: &OutboxRow<'r>,
+        lsn: Lsn,
+        xid: u32,
+    ) -> Result<
+        (
+            Vec<(Arc<str>, Option<&'r [u8]>)>,
+            Vec<(Arc<str>, Option<&'r [u8]>)>,
+            Option<i32>,
+        ),
+        Error,
+    > {
+        let mut headers = Vec::with_capacity(row.headers.len());
+        let mut envelope = Vec::new();
+        let mut partition = None;
+        for (placement, (column, value)) in self.settings.placements.iter().zip(&row.headers) {
+            match placement {
+                Placement::Header(name) => headers.push((Arc::clone(name), *value)),
+                Placement::Envelope(name) => envelope.push((Arc::clone(name), *value)),
+                Placement::Partition => {
+                    let number = value
+                        .and_then(|v| std::str::from_utf8(v).ok())
+                        .and_then(|v| v.trim().parse::<i32>().ok())
+                        .filter(|p| *p >= 0);
+                    partition = Some(number.ok_or_else(|| Error::Placement {
+                        lsn,
+                        xid,
+                        column: column.to_string(),
+                        value: value.map_or_else(
+                            || "NULL".to_owned(),
+                            |v| String::from_utf8_lossy(&v[..v.len().min(64)]).into_owned(),
+                        ),
+                    })?);
+                }
+            }
+        }
+        Ok((headers, envelope, partition))
     }
 
     /// After an unclean stop: whether an earlier run already put the event at `position` into

@@ -160,6 +160,18 @@ pub struct Session<W: WalSource, K: EventSink> {
     telemetry: Arc<Telemetry>,
     /// Value of the `walship.source` header: who wrote the record.
     source_id: Arc<str>,
+    /// How event records are shaped (`settings.format`, shared so a record can borrow it
+    /// while the session sends).
+    format: Arc<walship_kafka::record::Format>,
+    /// The last CloudEvent's rendered attributes: reused to keep their allocations.
+    scratch: walship_kafka::record::Scratch,
+    /// Every further column is a header of its own name (no `outbox.additional_placement`
+    /// beyond that): rows' headers are used as they are.
+    placements_plain: bool,
+    /// When the last warning about a malformed trace context was logged.
+    trace_warned: Option<std::time::Instant>,
+    /// Malformed trace contexts dropped since that warning.
+    trace_dropped_unwarned: u64,
     /// Set after a start that may follow an unclean stop, until the stream passes what an
     /// earlier run can have delivered.
     resume: Option<Resume>,
@@ -206,6 +218,8 @@ impl<W: WalSource, K: EventSink> Session<W, K> {
         if settings.dead_letter_topic.is_some() {
             progress.enable_dead_letter();
         }
+        let format = Arc::new(settings.format.clone());
+        let placements_plain = settings.placements.is_empty();
         Session {
             source,
             sink,
@@ -218,6 +232,11 @@ impl<W: WalSource, K: EventSink> Session<W, K> {
             settings,
             telemetry,
             source_id: Arc::from(source_id),
+            format,
+            scratch: walship_kafka::record::Scratch::default(),
+            placements_plain,
+            trace_warned: None,
+            trace_dropped_unwarned: 0,
             resume,
             txn: None,
             last_status_at: Instant::now(),

@@ -157,6 +157,14 @@ impl Collector for TelemetryCollector {
         family(
             e,
             all,
+            Kind::Counter,
+            "walship_trace_context_dropped",
+            "Malformed W3C traceparent or tracestate values left off published events.",
+            |t| get(&t.trace_context_dropped) as f64,
+        )?;
+        family(
+            e,
+            all,
             Kind::Gauge,
             "walship_streaming",
             "1 while streaming from the slot.",

@@ -55,6 +55,8 @@ pub struct Telemetry {
     pub dead_lettered: AtomicU64,
     /// Events not sent again after a restart because an earlier run had delivered them.
     pub resume_skipped: AtomicU64,
+    /// Malformed W3C trace context values dropped from events (the events were published).
+    pub trace_context_dropped: AtomicU64,
     /// True while a session streams.
     pub streaming: AtomicBool,
     /// PID of the walsender of another consumer holding the slot while this process waits to

@@ -110,6 +110,7 @@ fn exposition_parses_and_carries_every_value() {
     t.reconnects.store(4, Ordering::Relaxed);
     t.dead_lettered.store(5, Ordering::Relaxed);
     t.resume_skipped.store(6, Ordering::Relaxed);
+    t.trace_context_dropped.store(7, Ordering::Relaxed);
     t.streaming.store(true, Ordering::Relaxed);
     t.last_acked_commit_ms
         .store(1_796_565_204_250, Ordering::Relaxed);
@@ -138,6 +139,7 @@ fn exposition_parses_and_carries_every_value() {
         ("walship_reconnects_total", "counter", 4.0),
         ("walship_dead_lettered_total", "counter", 5.0),
         ("walship_resume_skipped_total", "counter", 6.0),
+        ("walship_trace_context_dropped_total", "counter", 7.0),
         ("walship_streaming", "gauge", 1.0),
     ] {
         assert_eq!(families[name].kind, kind, "{name}");
@@ -223,6 +225,7 @@ fn exposition_parses_and_carries_every_value() {
             "walship_reconnects_total Sessions restarted after a transient error.",
             "walship_dead_lettered_total Outbox rows published to the dead-letter topic.",
             "walship_resume_skipped_total Events not sent again after a restart because an earlier run had delivered them.",
+            "walship_trace_context_dropped_total Malformed W3C traceparent or tracestate values left off published events.",
             "walship_streaming 1 while streaming from the slot.",
             "walship_unowned_seconds Seconds nobody has streamed the pipeline's slot, as this process saw it (0 while some process streams it; polled every postgres.watch_interval_ms while another process runs it). Alert on the minimum over processes.",
             "walship_role 1 for this process's role: active (streams the slot), standby (another consumer holds the slot; takes over when it is released), starting (neither yet), elsewhere (with [cluster]: another process runs the pipeline) or stopped (by a definite error).",
