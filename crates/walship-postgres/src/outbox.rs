@@ -430,7 +430,13 @@ impl Relations {
         let mut traceparent = None;
         let mut tracestate = None;
         let mut timestamp = None;
-        let mut headers = Vec::with_capacity(layout.headers.len());
+        // In the order of the settings (`header_columns`, then `additional_placement`), which the
+        // session pairs one by one with their placements: never the table's column order.
+        let mut headers: Vec<(Arc<str>, Option<&[u8]>)> = layout
+            .headers
+            .iter()
+            .map(|(name, _)| (Arc::clone(name), None))
+            .collect();
         for (i, col) in tuple.iter().enumerate() {
             let v = col.bytes();
             if Some(i) == layout.id {
@@ -467,9 +473,9 @@ impl Relations {
             if Some(i) == layout.timestamp {
                 timestamp = v;
             }
-            for (name, idx) in &layout.headers {
+            for (k, (_, idx)) in layout.headers.iter().enumerate() {
                 if *idx == i {
-                    headers.push((Arc::clone(name), v));
+                    headers[k].1 = v;
                 }
             }
         }
@@ -498,11 +504,15 @@ impl Relations {
         }
         let timestamp_ms = timestamp
             .map(|t| {
-                timestamp_millis(t).ok_or_else(|| RowError::BadTimestamp {
-                    table: self.spec.table.to_string(),
-                    column: self.spec.timestamp.clone(),
-                    value: String::from_utf8_lossy(&t[..t.len().min(64)]).into_owned(),
-                })
+                // A Kafka timestamp (and CloudEvents' RFC 3339 `time`) needs 1970 to 9999: ms
+                // stored as µs, or a date before 1970, is a bad row, never an absurd time.
+                timestamp_millis(t)
+                    .filter(|ms| (0..=MAX_TIMESTAMP_MS).contains(ms))
+                    .ok_or_else(|| RowError::BadTimestamp {
+                        table: self.spec.table.to_string(),
+                        column: self.spec.timestamp.clone(),
+                        value: String::from_utf8_lossy(&t[..t.len().min(64)]).into_owned(),
+                    })
             })
             .transpose()?;
         Ok(OutboxRow {
@@ -612,6 +622,9 @@ fn layout(spec: &OutboxSpec, rel: &Relation) -> Result<Layout, RowError> {
         ncolumns: rel.columns.len(),
     })
 }
+
+/// The latest event time a record may carry: 9999-12-31T23:59:59.999Z, in ms since the epoch.
+pub const MAX_TIMESTAMP_MS: i64 = 253_402_300_799_999;
 
 /// Milliseconds since the Unix epoch of an event time: an integer (already ms), or PostgreSQL's
 /// ISO text of a `timestamptz` (`2026-12-06 15:35:01.005+00`, offsets `+HH`, `+HH:MM`,

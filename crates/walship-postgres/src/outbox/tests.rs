@@ -332,3 +332,63 @@ fn relations_with_the_outbox_columns_are_placed_by_the_catalog_or_refused() {
         "{err}"
     );
 }
+
+#[test]
+fn header_columns_come_in_the_settings_order_whatever_the_tables() {
+    // The session pairs these one by one with their placements (header, envelope, partition):
+    // the table's column order must not decide which value goes where.
+    let mut spec = OutboxSpec::debezium(TableName::parse("outbox"));
+    spec.header_columns = vec!["shard".into(), "tenant".into(), "shard".into()];
+    let mut r = Relations::new(spec);
+    let mut cols = COLS.to_vec();
+    cols.push(("shard", 25));
+    r.update(rel(&cols));
+    let t = insert(&[
+        Some(b"u1"),
+        Some(b"order"),
+        Some(b"42"),
+        Some(b"created"),
+        Some(b"{}"),
+        Some(b"acme"),
+        Some(b"3"),
+    ]);
+    let row = r.extract(7, &t).unwrap();
+    assert_eq!(
+        row.headers,
+        vec![
+            (Arc::from("shard"), Some(&b"3"[..])),
+            (Arc::from("tenant"), Some(&b"acme"[..])),
+            (Arc::from("shard"), Some(&b"3"[..])),
+        ]
+    );
+}
+
+#[test]
+fn an_event_time_outside_1970_to_9999_is_a_bad_row() {
+    let mut spec = OutboxSpec::debezium(TableName::parse("outbox"));
+    spec.timestamp = "tenant".into();
+    let mut r = Relations::new(spec);
+    r.update(rel(COLS));
+    let row = |t: &[u8]| {
+        let values = [
+            Some(&b"u1"[..]),
+            Some(b"order"),
+            Some(b"42"),
+            Some(b"created"),
+            Some(b"{}"),
+            Some(t),
+        ];
+        r.extract(7, &insert(&values)).map(|row| row.timestamp_ms)
+    };
+    assert_eq!(row(b"1765035301005").unwrap(), Some(1_765_035_301_005));
+    // Microseconds stored by mistake: year 57,900.
+    assert!(matches!(
+        row(b"1765035301005000"),
+        Err(RowError::BadTimestamp { .. })
+    ));
+    assert!(matches!(row(b"-1"), Err(RowError::BadTimestamp { .. })));
+    assert!(matches!(
+        row(b"1969-12-31 23:59:59+00"),
+        Err(RowError::BadTimestamp { .. })
+    ));
+}

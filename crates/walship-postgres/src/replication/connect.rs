@@ -405,6 +405,10 @@ impl ReplicationStream {
             ("replication", "database"),
             ("application_name", app),
             ("client_encoding", "UTF8"),
+            // pgoutput writes dates and times as text in the walsender's DateStyle: ISO, as
+            // PostgreSQL's own logical replication asks, whatever the server's default (an
+            // `outbox.timestamp_column` is parsed from it).
+            ("DateStyle", "ISO"),
         ];
         frontend::startup_message(startup.iter().copied(), &mut self.wbuf)
             .map_err(|e| PgError::Protocol(e.to_string()))?;
