@@ -701,11 +701,11 @@ async fn check_says_what_failover_needs_and_passes_once_it_is_set() {
         .expect("read the slot")
         .get(0);
     assert!(failover, "walship turned failover on for the existing slot");
-    assert!(
-        walship.log_text().contains("turned failover on"),
-        "{}",
-        walship.log_text()
-    );
+    // The log line follows the change; the log reaches its file a moment later.
+    until("walship to log that it turned failover on", || {
+        walship.log_text().contains("turned failover on")
+    })
+    .await;
     pair.await_synced(&db).await;
     let (code, checks) = check(&config).await;
     let failing: Vec<_> = checks
