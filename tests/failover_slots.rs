@@ -15,7 +15,7 @@ use tokio_postgres::Client;
 
 use crate::harness::postgres::{connect, pg_bin_major};
 use crate::harness::standby::{Pair, set_standby_slots};
-use crate::harness::{self, Binary, TIMEOUT, TestDb, broker, consume, topic};
+use crate::harness::{self, Binary, TIMEOUT, TestDb, broker, consume, topic, until};
 
 /// True (after saying so) when the server binaries are older than 17.
 fn skipped(test: &str) -> bool {
