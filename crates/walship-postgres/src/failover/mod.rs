@@ -26,6 +26,8 @@
 
 pub mod continuity;
 pub mod findings;
+#[cfg(test)]
+mod fixtures;
 
 pub use continuity::{
     Continuity, History, SessionFacts, Streamed, TimelineSwitch, parse_history, timeline_history,

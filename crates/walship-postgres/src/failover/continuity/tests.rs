@@ -1,20 +1,5 @@
 use super::*;
-
-fn lsn(s: &str) -> Lsn {
-    s.parse().unwrap()
-}
-
-fn synced(confirmed: &str) -> SlotSync {
-    SlotSync {
-        name: "w".into(),
-        slot_type: "logical".into(),
-        failover: Some(true),
-        synced: Some(true),
-        confirmed_flush_lsn: Some(lsn(confirmed)),
-        wal_status: Some("reserved".into()),
-        ..SlotSync::default()
-    }
-}
+use crate::failover::fixtures::{lsn, synced};
 
 fn promoted<'a>(slot: Option<&'a SlotSync>, history: &'a [TimelineSwitch]) -> SessionFacts<'a> {
     SessionFacts {
