@@ -194,6 +194,7 @@ fn produce_ack(c: &mut Criterion) {
         topic_replication_factor: 1,
         librdkafka: Default::default(),
         secret_properties: Default::default(),
+        share_producer: true,
     };
     let payload = vec![b'x'; 180];
     const EVENTS: u64 = 20_000;
@@ -206,7 +207,7 @@ fn produce_ack(c: &mut Criterion) {
             let mut total = Duration::ZERO;
             for _ in 0..iters {
                 let progress = Arc::new(Progress::new(Lsn(0)));
-                let sink = Sink::new(settings.clone(), Arc::clone(&progress)).unwrap();
+                let sink = Sink::new(settings.clone(), progress.clone()).unwrap();
                 let start = Instant::now();
                 runtime.block_on(async {
                     for i in 0..EVENTS {

@@ -113,7 +113,9 @@ class Servers:
                         "-E", "UTF8", "--locale=C"], check=True, stdout=subprocess.DEVNULL, **as_postgres())
         opts = " ".join(f"-c {s}" for s in [
             "listen_addresses=127.0.0.1", "wal_level=logical", "max_wal_size=8GB", "checkpoint_timeout=30min",
-            "shared_buffers=512MB", f"max_replication_slots={MAX_SLOTS}", f"max_wal_senders={MAX_SLOTS}"
+            "shared_buffers=512MB", f"max_replication_slots={MAX_SLOTS}", f"max_wal_senders={MAX_SLOTS}",
+            # Each pipeline holds a replication and a catalog connection, and briefly more.
+            f"max_connections={max(100, 3 * MAX_SLOTS + 20)}",
         ])
         subprocess.run([f"{PG_BIN}/pg_ctl", "start", "-w", "-D", self.data, "-l", os.path.join(WORK, "postgres.log"),
                         "-o", f"-p {self.pg_port} -k {WORK} {opts}"], check=True, stdout=subprocess.DEVNULL,

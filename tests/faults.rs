@@ -230,3 +230,120 @@ async fn a_dead_letter_the_broker_refuses_stops_walship_without_confirming_its_r
         "confirmed {confirmed}, the row's transaction ends by {commit}"
     );
 }
+
+/// Sixteen pipelines in one process share one producer; one of them routes to a partition
+/// that loses its leader. The other fifteen deliver and confirm everything meanwhile, the
+/// stalled one keeps no more than its window in flight and confirms nothing past its first
+/// unacknowledged event, and once the leader is back every pipeline has every event, in order
+/// per aggregate (every copy looked at).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixteen_pipelines_share_a_producer_and_a_stalled_partition_holds_up_only_its_own() {
+    const PIPELINES: usize = 16;
+    const WINDOW: u64 = 10;
+    const TXNS: u64 = 60;
+    const KEYS: u64 = 12;
+    let _heavy = harness::heavy().await;
+    let mut dbs = Vec::new();
+    for _ in 0..PIPELINES {
+        dbs.push(TestDb::new().await);
+    }
+    let cluster = MockCluster::new(1).expect("mock cluster");
+    let bootstrap = cluster.bootstrap_servers();
+    let topics: Vec<String> = dbs.iter().map(|db| harness::topic(db, "order")).collect();
+    for topic in &topics {
+        cluster.create_topic(topic, 3, 1).expect("topic");
+    }
+    let port = harness::process::free_port();
+    let entries: String = dbs
+        .iter()
+        .enumerate()
+        .map(|(i, db)| crate::pipelines::pipeline(&format!("p{i}"), db))
+        .collect();
+    let text = format!(
+        "[kafka]\nbrokers = \"{bootstrap}\"\ncreate_topics = false\n\n\
+         [run]\nmax_in_flight_events = {WINDOW}\n\n\
+         [metrics]\nlisten = \"127.0.0.1:{port}\"\n\n{entries}"
+    );
+    let deployment =
+        walship::config::deployment::Deployment::from_toml(&text, std::iter::empty(), "test")
+            .expect("deployment");
+    harness::init_logging();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(walship::deployment::run_deployment(deployment, async {
+        let _ = stopped.await;
+    }));
+    for db in &dbs {
+        db.await_streaming().await;
+    }
+
+    // p0's partition 1 loses its leader: its records wait there (message.timeout.ms = 0).
+    cluster
+        .partition_leader(&topics[0], 1, None)
+        .expect("leaderless partition");
+    let mut ends = Vec::new();
+    for db in &dbs {
+        let mut client = harness::postgres::connect(&db.url).await;
+        for i in 0..TXNS {
+            let key = format!("agg-{}", i % KEYS);
+            insert_txn(&mut client, &[Row::new("order", &key, i / KEYS)]).await;
+        }
+        ends.push(db.current_lsn().await);
+    }
+    // The fifteen others deliver and confirm everything through the shared producer.
+    for (db, end) in dbs.iter().zip(&ends).skip(1) {
+        db.await_confirmed(*end, TIMEOUT).await;
+    }
+    // p0 stalls at its window, with nothing confirmed past its stalled events.
+    let in_flight = |port| {
+        metrics::value(
+            &metrics::get(port, "/metrics").1,
+            "walship_in_flight_events{pipeline=\"p0\"}",
+        )
+    };
+    harness::until("p0's window full", || in_flight(port) >= WINDOW as f64).await;
+    let mut most = 0.0_f64;
+    for _ in 0..20 {
+        most = most.max(in_flight(port));
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(
+        most <= WINDOW as f64,
+        "{most} records in flight, window {WINDOW}"
+    );
+    assert!(
+        dbs[0].confirmed_lsn().await < ends[0],
+        "nothing past p0's stalled events is confirmed"
+    );
+
+    // The leader returns: p0 catches up; every pipeline has every event, in order.
+    cluster
+        .partition_leader(&topics[0], 1, Some(1))
+        .expect("leader back");
+    dbs[0].await_confirmed(ends[0], TIMEOUT).await;
+    let all: Vec<&str> = topics.iter().map(String::as_str).collect();
+    let records = consume(
+        &bootstrap,
+        &all,
+        PIPELINES * TXNS as usize,
+        TIMEOUT,
+        Duration::from_secs(1),
+    );
+    let mut counts: HashMap<String, u64> = HashMap::new();
+    for ((topic, key), recs) in by_key(&records) {
+        let s = seqs(&recs);
+        *counts.entry(topic.clone()).or_default() += s.len() as u64;
+        assert!(
+            s.windows(2).all(|w| w[0] < w[1]),
+            "{topic}: order of {key}: {s:?}"
+        );
+    }
+    for topic in &topics {
+        assert_eq!(counts.get(topic), Some(&TXNS), "{topic}");
+    }
+    stop.send(()).expect("walship runs");
+    tokio::time::timeout(TIMEOUT, run)
+        .await
+        .expect("walship stops in time")
+        .expect("walship task")
+        .expect("clean stop");
+}

@@ -460,6 +460,7 @@ async fn the_read_back_finds_every_record_also_when_fetches_start_past_the_offse
         topic_replication_factor: 1,
         librdkafka: BTreeMap::new(),
         secret_properties: BTreeMap::new(),
+        share_producer: true,
     };
     let found = tokio::task::spawn_blocking(move || {
         let scanner = walship_kafka::ResumeScanner::new(&settings, source, Duration::from_secs(60))

@@ -3,6 +3,7 @@
 //! # Layout
 //!
 //! - [`sink`] — producer configuration, sending, delivery reports, topic creation.
+//! - [`producer`] — the producers behind the sinks: shared by pipelines, driven by their reports.
 //! - [`refusal`] — librdkafka's errors sorted by what to do: retry, dead-letter, or stop.
 //! - [`route`] — the topic template and topic-name validation.
 //! - [`headers`] — the record header format: source, position and id of each event.
@@ -14,6 +15,7 @@
 pub mod group;
 pub mod headers;
 pub mod probe;
+pub mod producer;
 pub mod record;
 pub mod refusal;
 pub mod resume;
@@ -23,6 +25,7 @@ pub mod sink;
 pub use headers::{
     ID_HEADER, POSITION_HEADER, Position, PositionText, SOURCE_HEADER, TIMELINE_HEADER,
 };
+pub use producer::Producers;
 pub use record::Record;
 pub use refusal::{ErrorClass, ReadBackError, Refusal};
 pub use resume::{Delivered, ResumeScanner, TimelineSpan};

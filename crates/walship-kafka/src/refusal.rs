@@ -72,6 +72,16 @@ pub struct Refusal {
 }
 
 impl Refusal {
+    /// A record purged before any broker saw it: transient, and read again by the next
+    /// session.
+    pub fn purged(detail: impl Into<String>) -> Self {
+        Refusal {
+            class: ErrorClass::Transient,
+            purged: true,
+            detail: detail.into(),
+        }
+    }
+
     /// A refusal of `class` saying `detail` (for a sink other than librdkafka's, or a fake).
     pub fn new(class: ErrorClass, detail: impl Into<String>) -> Self {
         Refusal {

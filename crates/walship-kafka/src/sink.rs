@@ -1,9 +1,10 @@
-//! The producer: configuration, sending records, and reporting deliveries.
+//! The producer's configuration, a pipeline's sink (sending records, reporting deliveries),
+//! and topic management.
 //!
 //! ```text
-//!  send(record, token) ──▶ librdkafka queue (bounded) ──▶ broker (acks=all, idempotent)
-//!                                                            │
-//!  DeliveryListener::on_delivery(token, result) ◀── poll thread ◀┘
+//!  send(record, token) ──▶ its lane in a producer (bounded) ──▶ broker (acks=all, idempotent)
+//!                                                                 │
+//!  DeliveryListener::on_delivery(token, result) ◀── poll thread ◀─┘
 //! ```
 //!
 //! Invariant: every record accepted by [`Sink::send`] produces exactly one `on_delivery` call
@@ -21,8 +22,9 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{BaseRecord, DeliveryResult, ProducerContext, ThreadedProducer};
+use rdkafka::producer::BaseRecord;
 
+use crate::producer::{Lane, LaneRefusal, Producers};
 use crate::record::Record;
 use crate::refusal::{ErrorClass, Refusal};
 
@@ -101,6 +103,9 @@ pub struct SinkSettings {
     pub librdkafka: BTreeMap<String, String>,
     /// librdkafka properties whose values are secrets (never logged).
     pub secret_properties: BTreeMap<String, String>,
+    /// Share one producer with the process's other pipelines of the same producer settings
+    /// (`kafka.share_producer`).
+    pub share_producer: bool,
 }
 
 impl std::fmt::Debug for SinkSettings {
@@ -115,6 +120,7 @@ impl std::fmt::Debug for SinkSettings {
             .field("topic_replication_factor", &self.topic_replication_factor)
             .field("librdkafka", &self.librdkafka)
             .field("secret_properties", &secrets)
+            .field("share_producer", &self.share_producer)
             .finish()
     }
 }
@@ -242,84 +248,40 @@ impl SinkSettings {
     }
 }
 
-/// Routes librdkafka callbacks to tracing and the listener.
-pub struct Context<L> {
-    listener: Arc<L>,
-}
-
-impl<L: DeliveryListener> ClientContext for Context<L> {
-    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
-        match level {
-            RDKafkaLogLevel::Emerg
-            | RDKafkaLogLevel::Alert
-            | RDKafkaLogLevel::Critical
-            | RDKafkaLogLevel::Error => {
-                tracing::error!(target: "librdkafka", "{fac}: {message}")
-            }
-            RDKafkaLogLevel::Warning => tracing::warn!(target: "librdkafka", "{fac}: {message}"),
-            RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
-                tracing::info!(target: "librdkafka", "{fac}: {message}")
-            }
-            RDKafkaLogLevel::Debug => tracing::debug!(target: "librdkafka", "{fac}: {message}"),
-        }
-    }
-
-    fn error(&self, error: KafkaError, reason: &str) {
-        // librdkafka reports most of these through `log` as well; only a fatal error (the
-        // idempotent producer cannot continue) is news here.
-        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::Fatal) {
-            tracing::error!(target: "librdkafka", "fatal Kafka client error: {error}: {reason}");
-        } else {
-            tracing::debug!(target: "librdkafka", "Kafka client error: {error}: {reason}");
-        }
-    }
-}
-
-impl<L: DeliveryListener> ProducerContext for Context<L> {
-    type DeliveryOpaque = usize;
-
-    fn delivery(&self, result: &DeliveryResult<'_>, token: usize) {
-        use rdkafka::Message;
-        let outcome = match result {
-            Ok(msg) => Ok(msg.key_len() + msg.payload_len()),
-            Err((error, msg)) => {
-                use rdkafka::message::Headers;
-                let (mut position, mut id) = (None, None);
-                for h in msg.headers().iter().flat_map(|h| h.iter()) {
-                    match h.key {
-                        crate::headers::POSITION_HEADER if position.is_none() => {
-                            position = h.value.and_then(crate::headers::Position::parse);
-                        }
-                        crate::headers::ID_HEADER if id.is_none() => {
-                            id = h.value.map(<[u8]>::to_vec)
-                        }
-                        _ => {}
-                    }
+impl DeliveryError {
+    /// The failure librdkafka reported for `msg`, with what the record's headers say of it.
+    pub(crate) fn of(error: &KafkaError, msg: &impl rdkafka::Message) -> Self {
+        use rdkafka::message::Headers;
+        let (mut position, mut id) = (None, None);
+        for h in msg.headers().iter().flat_map(|h| h.iter()) {
+            match h.key {
+                crate::headers::POSITION_HEADER if position.is_none() => {
+                    position = h.value.and_then(crate::headers::Position::parse);
                 }
-                Err(DeliveryError {
-                    topic: msg.topic().to_owned(),
-                    partition: msg.partition(),
-                    key: msg.key().map(<[u8]>::to_vec),
-                    payload_len: msg.payload_len(),
-                    position,
-                    id,
-                    error: Refusal::of(error),
-                })
+                crate::headers::ID_HEADER if id.is_none() => id = h.value.map(<[u8]>::to_vec),
+                _ => {}
             }
-        };
-        self.listener.on_delivery(token, outcome);
+        }
+        DeliveryError {
+            topic: msg.topic().to_owned(),
+            partition: msg.partition(),
+            key: msg.key().map(<[u8]>::to_vec),
+            payload_len: msg.payload().map_or(0, <[u8]>::len),
+            position,
+            id,
+            error: Refusal::of(error),
+        }
     }
 }
 
-/// The producer plus topic management.
+/// One pipeline's way to the broker: its lane in a producer ([`crate::producer`]), plus topic
+/// management.
 ///
 /// Dropping it never blocks an async runtime thread: destroying a producer joins its poll
 /// thread, purges its queue and waits up to 500 ms for the purge reports, so on a runtime that
 /// happens on the blocking pool.
-pub struct Sink<L: DeliveryListener> {
-    producer: OffRuntime<ThreadedProducer<Context<L>>>,
-    /// Fires once the producer is destroyed (see [`Sink::destroyed`]).
-    gone: Option<tokio::sync::oneshot::Receiver<()>>,
+pub struct Sink {
+    lane: Lane,
     settings: SinkSettings,
     known_topics: HashSet<String>,
 }
@@ -385,30 +347,44 @@ impl TopicError {
     }
 }
 
-impl<L: DeliveryListener> Sink<L> {
-    /// Creates the producer (connecting happens in the background).
-    pub fn new(settings: SinkSettings, listener: Arc<L>) -> Result<Self, KafkaError> {
-        let producer = settings.create(&settings.client_config(), Context { listener })?;
-        let (producer, gone) = OffRuntime::new(producer);
+impl Sink {
+    /// A sink with a producer of its own (connecting happens in the background).
+    pub fn new(
+        settings: SinkSettings,
+        listener: Arc<dyn DeliveryListener>,
+    ) -> Result<Self, KafkaError> {
+        let own = SinkSettings {
+            share_producer: false,
+            ..settings
+        };
+        Sink::in_pool(&Producers::default(), own, listener)
+    }
+
+    /// A sink in the producer `producers` has for these settings (made now if needed), or in
+    /// one of its own when `settings.share_producer` is false.
+    pub fn in_pool(
+        producers: &Producers,
+        settings: SinkSettings,
+        listener: Arc<dyn DeliveryListener>,
+    ) -> Result<Self, KafkaError> {
+        let lane = producers.lane(&settings, listener)?;
         Ok(Sink {
-            producer,
-            gone: Some(gone),
+            lane,
             settings,
             known_topics: HashSet::new(),
         })
     }
 
-    /// Resolves once this sink's producer has been destroyed (its queue purged, its threads
-    /// gone), after the sink is dropped. A next producer must not start sending before: the
-    /// old one's queued records could otherwise reach the broker after the new one's.
-    pub fn destroyed(&mut self) -> impl Future<Output = ()> + Send + 'static + use<L> {
-        let gone = self.gone.take();
-        async move {
-            if let Some(gone) = gone {
-                // An error means the sender was dropped with the producer: gone as well.
-                let _ = gone.await;
-            }
-        }
+    /// Closes the sink once none of its records can still be sent: at once when all are
+    /// answered; otherwise its producer is purged and retired first ([`crate::producer`]).
+    /// The next producer of this pipeline cannot be overtaken by anything this one held.
+    pub fn close(self) -> impl Future<Output = ()> + Send + 'static {
+        self.lane.close()
+    }
+
+    /// Records handed over and not yet reported.
+    pub fn in_flight(&self) -> usize {
+        self.lane.in_flight()
     }
 
     /// Hands a record to the producer; its outcome reaches the listener with `token`.
@@ -418,7 +394,7 @@ impl<L: DeliveryListener> Sink<L> {
             headers = headers.insert(Header { key, value });
         }
         let mut rec: BaseRecord<'_, [u8], [u8], usize> =
-            BaseRecord::with_opaque_to(record.topic, token)
+            BaseRecord::with_opaque_to(record.topic, 0)
                 .key(record.key)
                 .headers(headers);
         if let Some(p) = record.payload {
@@ -430,12 +406,19 @@ impl<L: DeliveryListener> Sink<L> {
         if let Some(partition) = record.partition {
             rec = rec.partition(partition);
         }
-        match self.producer.get().send(rec) {
+        let size = record.key.len() + record.payload.map_or(0, <[u8]>::len);
+        match self.lane.send(rec, token, size) {
             Ok(()) => Ok(()),
-            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                Err(SendError::QueueFull)
-            }
-            Err((error, _)) => Err(SendError::Rejected {
+            Err(LaneRefusal::Full) => Err(SendError::QueueFull),
+            Err(LaneRefusal::Retired) => Err(SendError::Rejected {
+                topic: record.topic.to_owned(),
+                error: Refusal::purged(
+                    "the producer this pipeline shares was purged because another pipeline \
+                     stopped with records in flight; this session starts again from its \
+                     confirmed position",
+                ),
+            }),
+            Err(LaneRefusal::Refused(error)) => Err(SendError::Rejected {
                 topic: record.topic.to_owned(),
                 error: Refusal::of(&error),
             }),
@@ -464,13 +447,13 @@ impl<L: DeliveryListener> Sink<L> {
 
 /// A value whose drop may block: dropped on the blocking pool when a tokio runtime is current.
 /// `gone` fires once the value is dropped, wherever that happened.
-struct OffRuntime<T: Send + 'static> {
+pub(crate) struct OffRuntime<T: Send + 'static> {
     value: Option<T>,
     gone: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl<T: Send + 'static> OffRuntime<T> {
-    fn new(value: T) -> (Self, tokio::sync::oneshot::Receiver<()>) {
+    pub(crate) fn new(value: T) -> (Self, tokio::sync::oneshot::Receiver<()>) {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let this = OffRuntime {
             value: Some(value),
@@ -479,7 +462,7 @@ impl<T: Send + 'static> OffRuntime<T> {
         (this, rx)
     }
 
-    fn get(&self) -> &T {
+    pub(crate) fn get(&self) -> &T {
         // Only `drop` takes the value out.
         self.value
             .as_ref()

@@ -41,10 +41,13 @@ pub async fn run_deployment(
     crate::telemetry::process_start_ms();
     // Every pipeline's configuration is resolved (secrets included) before anything starts.
     let mut pipelines = Vec::new();
+    // One pool: pipelines with the same producer settings share a producer.
+    let producers = walship_kafka::Producers::new();
     for p in &deployment.pipelines {
         let name = p.name.clone().unwrap_or_default();
-        let settings = Settings::resolve(&p.config)
+        let mut settings = Settings::resolve(&p.config)
             .map_err(|e| ConfigError(format!("pipeline {name:?}: {}", e.0)))?;
+        settings.producers = Arc::clone(&producers);
         pipelines.push((name, settings, Arc::new(Telemetry::default())));
     }
     let (cancel, watcher) = cancel_on(shutdown);

@@ -13,6 +13,7 @@ pub(crate) fn settings(brokers: &str) -> SinkSettings {
         topic_replication_factor: 1,
         librdkafka: BTreeMap::new(),
         secret_properties: BTreeMap::new(),
+        share_producer: true,
     }
 }
 
@@ -179,7 +180,7 @@ fn dropping_a_sink_on_a_runtime_destroys_its_producer_off_the_runtime_thread() {
     runtime.block_on(async {
         // Nobody listens on port 9: the record stays queued until the drop purges it, and
         // its report is served by whoever destroys the producer.
-        let sink = Sink::new(settings("127.0.0.1:9"), Arc::clone(&listener)).expect("sink");
+        let sink = Sink::new(settings("127.0.0.1:9"), listener.clone()).expect("sink");
         let record = Record::new("t", b"k", Some(b"v"), None);
         sink.send(&record, 1).expect("queued");
         let purged = listener.1.notified();

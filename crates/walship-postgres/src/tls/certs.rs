@@ -130,8 +130,51 @@ impl TlsOptions {
         }
     }
 
-    /// Builds the OpenSSL connector for these options (reads the certificate files).
+    /// The OpenSSL connector for these options. Built once and reused while the files it
+    /// was built from are unchanged (a rotated client certificate or CA file is read again):
+    /// building one loads the system trust store, tens of milliseconds of CPU on the runtime
+    /// thread for every connection otherwise.
     pub fn connector(&self) -> Result<native_tls::TlsConnector, PgError> {
+        type Built = (
+            TlsOptions,
+            Vec<Option<std::time::SystemTime>>,
+            native_tls::TlsConnector,
+        );
+        static BUILT: std::sync::Mutex<Vec<Built>> = std::sync::Mutex::new(Vec::new());
+        let stamps = self.file_stamps();
+        {
+            let built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some((_, _, c)) = built.iter().find(|(o, s, _)| o == self && *s == stamps) {
+                return Ok(c.clone());
+            }
+        }
+        let connector = self.build_connector()?;
+        let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+        built.retain(|(o, _, _)| o != self);
+        built.push((self.clone(), stamps, connector.clone()));
+        Ok(connector)
+    }
+
+    /// When each file a connector reads was last modified (`None`: absent), in a fixed order.
+    fn file_stamps(&self) -> Vec<Option<std::time::SystemTime>> {
+        let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+        let root = match &self.root_cert {
+            Some(RootCert::File(p)) => Some(p.clone()),
+            Some(RootCert::System) => None,
+            None => default_root_cert(),
+        };
+        [
+            root.as_deref(),
+            self.client_cert.as_deref(),
+            self.client_key.as_deref(),
+        ]
+        .into_iter()
+        .map(|p| p.and_then(modified))
+        .collect()
+    }
+
+    /// Builds the OpenSSL connector for these options (reads the certificate files).
+    fn build_connector(&self) -> Result<native_tls::TlsConnector, PgError> {
         let mut b = native_tls::TlsConnector::builder();
         // PostgreSQL's own minimum (ssl_min_protocol_version) since version 14.
         b.min_protocol_version(Some(native_tls::Protocol::Tlsv12));

@@ -349,6 +349,10 @@ pub struct KafkaConfig {
     /// librdkafka properties whose values come from files.
     #[serde(default)]
     pub secret_files: BTreeMap<String, PathBuf>,
+    /// Pipelines of one process with the same producer settings share one producer (its
+    /// threads, connections and batches); `false` gives each its own.
+    #[serde(default = "yes")]
+    pub share_producer: bool,
 }
 
 /// `[run]`

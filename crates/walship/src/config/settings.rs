@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use walship_kafka::record::cloudevents::{CloudEvents, Field, Mode, Template};
 use walship_kafka::record::{Format, Placement};
-use walship_kafka::{SinkSettings, TopicLimits, TopicRouter};
+use walship_kafka::{Producers, SinkSettings, TopicLimits, TopicRouter};
 use walship_postgres::setup::SlotHistory;
 use walship_postgres::{
     ConnectConfig, ConnectParams, OutboxSpec, ReadBatching, SslMode, TableName,
@@ -39,6 +39,9 @@ pub struct Settings {
     pub router: TopicRouter,
     /// `/metrics`, `/healthz` and `/readyz` address (`metrics.listen`).
     pub metrics_listen: Option<SocketAddr>,
+    /// The process's producers: pipelines with the same producer settings share one
+    /// (`kafka.share_producer`). A deployment gives every pipeline the same pool.
+    pub producers: Arc<Producers>,
 }
 
 /// The PostgreSQL side: connection, slot, publication, outbox table.
@@ -236,6 +239,7 @@ impl Settings {
             session,
             router: config.topic_router()?,
             metrics_listen,
+            producers: Producers::new(),
         })
     }
 }
@@ -558,6 +562,7 @@ impl Config {
             topic_replication_factor: self.kafka.topic_replication_factor,
             librdkafka: self.kafka.librdkafka.clone(),
             secret_properties,
+            share_producer: self.kafka.share_producer,
         })
     }
 

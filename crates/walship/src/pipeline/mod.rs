@@ -376,7 +376,11 @@ async fn session(
     };
 
     let progress = Arc::new(Progress::with_telemetry(start, Arc::clone(telemetry)));
-    let sink = KafkaSink::new(settings.sink.clone(), Arc::clone(&progress))?;
+    let sink = KafkaSink::new(
+        &settings.producers,
+        settings.sink.clone(),
+        Arc::clone(&progress),
+    )?;
     let options = StartOptions::new(&source.publication);
     // The URL's application_name, as on the SQL connections (pg_stat_replication shows it).
     let application_name = source

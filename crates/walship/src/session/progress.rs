@@ -365,6 +365,19 @@ impl Progress {
         self.wake_at_pending.store(u64::MAX, Ordering::Release);
     }
 
+    /// Resolves once every record sent is answered (a failure does not end the wait), or
+    /// after `timeout`.
+    pub async fn wait_for_answers(&self, timeout: std::time::Duration) {
+        let notified = self.room.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        self.wake_at_in_flight.store(0, Ordering::Release);
+        if self.in_flight() > 0 {
+            let _ = tokio::time::timeout(timeout, notified).await;
+        }
+        self.wake_at_in_flight.store(u64::MAX, Ordering::Release);
+    }
+
     /// Resolves once the safe position is beyond `reported` (or a delivery failed).
     pub async fn wait_for_advance(&self, reported: Lsn) {
         let notified = self.advanced.notified();

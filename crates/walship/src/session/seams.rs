@@ -16,7 +16,8 @@ use std::time::Duration;
 use pgoutput::Lsn;
 use tokio_postgres::Client;
 use walship_kafka::{
-    Delivered, ReadBackError, Record, ResumeScanner, SendError, Sink, SinkSettings, TopicError,
+    Delivered, Producers, ReadBackError, Record, ResumeScanner, SendError, Sink, SinkSettings,
+    TopicError,
 };
 use walship_postgres::{Frame, PgError, ReplicationStream, TableName};
 
@@ -149,21 +150,25 @@ impl WalSource for PgSource {
 /// [`EventSink`] over Kafka: the session's producer, and a consumer (created on first use,
 /// kept for the next topic) that reads topics back after an unclean stop.
 pub struct KafkaSink {
-    sink: Sink<Progress>,
+    sink: Sink,
     settings: SinkSettings,
-    scanner: Arc<Mutex<Option<ResumeScanner>>>,
+    scanner: Scanner,
 }
 
 impl KafkaSink {
-    /// Creates the producer; acknowledgements go to `progress`. Its error never carries a
-    /// secret value ([`SinkSettings::create`]).
-    pub fn new(settings: SinkSettings, progress: Arc<Progress>) -> Result<Self, Error> {
-        let sink =
-            Sink::new(settings.clone(), progress).map_err(|e| Error::Producer(e.to_string()))?;
+    /// Joins the producer `producers` has for these settings (or makes one); acknowledgements
+    /// go to `progress`. Its error never carries a secret value ([`SinkSettings::create`]).
+    pub fn new(
+        producers: &Producers,
+        settings: SinkSettings,
+        progress: Arc<Progress>,
+    ) -> Result<Self, Error> {
+        let sink = Sink::in_pool(producers, settings.clone(), progress)
+            .map_err(|e| Error::Producer(e.to_string()))?;
         Ok(KafkaSink {
             sink,
             settings,
-            scanner: Arc::default(),
+            scanner: Scanner::default(),
         })
     }
 }
@@ -191,7 +196,7 @@ impl EventSink for KafkaSink {
         since: Lsn,
         limit: usize,
     ) -> impl Future<Output = Result<Delivered, ReadBackError>> + Send + 'static {
-        let (settings, scanner) = (self.settings.clone(), Arc::clone(&self.scanner));
+        let (settings, scanner) = (self.settings.clone(), Arc::clone(&self.scanner.0));
         let (topic, source) = (topic.to_owned(), source.to_owned());
         // The consumer blocks: off the async runtime.
         let scan = tokio::task::spawn_blocking(move || {
@@ -216,17 +221,20 @@ impl EventSink for KafkaSink {
         }
     }
 
-    fn close(mut self) -> impl Future<Output = ()> + Send {
-        let gone = self.sink.destroyed();
-        drop(self);
-        gone
+    fn close(self) -> impl Future<Output = ()> + Send {
+        // The scanner is closed off the runtime as it goes ([`Scanner`]).
+        self.sink.close()
     }
 }
 
-impl Drop for KafkaSink {
+/// The resume scanner, made on first use. Closing a consumer waits for its threads: when
+/// this goes, the scanner is dropped off the async runtime.
+#[derive(Default)]
+struct Scanner(Arc<Mutex<Option<ResumeScanner>>>);
+
+impl Drop for Scanner {
     fn drop(&mut self) {
-        // Closing a consumer waits for its threads: not on the async runtime.
-        let scanner = self.scanner.lock().ok().and_then(|mut s| s.take());
+        let scanner = self.0.lock().ok().and_then(|mut s| s.take());
         if let Some(scanner) = scanner
             && let Ok(handle) = tokio::runtime::Handle::try_current()
         {

@@ -99,9 +99,46 @@ impl<W: WalSource, K: EventSink> Session<W, K> {
         }
     }
 
+    /// Waits, up to the shutdown timeout, for the records in flight to be answered (what was
+    /// handed to the producer is on its way; a failure does not stop the others) — not for the
+    /// stream: status is reported meanwhile while the stream still takes it. A stop that must
+    /// be immediate, or the timeout, ends the wait.
+    async fn let_acks_arrive(&mut self) {
+        let until = Instant::now() + self.settings.shutdown_timeout;
+        let mut stream_works = true;
+        while self.progress.in_flight() > 0 {
+            let due = self.last_status_at + self.hold_interval();
+            if stream_works && Instant::now() >= due {
+                stream_works = self.report(false).await.is_ok();
+            }
+            let now = Instant::now();
+            if now >= until {
+                return;
+            }
+            let wake = if stream_works {
+                (self.last_status_at + self.hold_interval()).min(until)
+            } else {
+                until
+            };
+            let (progress, abandon) = (Arc::clone(&self.progress), self.abandon.clone());
+            tokio::select! {
+                () = progress.wait_for_answers(Duration::from_secs(3600)) => {}
+                () = tokio::time::sleep_until(wake) => {}
+                () = abandon.cancelled() => return,
+            }
+        }
+    }
+
     /// The way out after `error`: closes the sink while still holding the stream (status keeps
     /// flowing where the stream still works), then drops the stream, releasing the slot.
-    pub(super) async fn close_after(self, error: Error) -> Result<SessionStats, Error> {
+    pub(super) async fn close_after(mut self, error: Error) -> Result<SessionStats, Error> {
+        // Records the broker is about to acknowledge are let through first: closing a sink with
+        // records in flight purges the producer it shares, and the other pipelines on it would
+        // start again for nothing. Not after a freeze (another process may stream the slot
+        // already: what this one queued must not go out) nor when told to let go at once.
+        if !matches!(error, Error::Silenced { .. }) && !self.abandon.is_cancelled() {
+            self.let_acks_arrive().await;
+        }
         // A failed status report here only means the stream is gone already.
         let (source, _) = self.close_sink().await;
         drop(source);
