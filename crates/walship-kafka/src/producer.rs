@@ -24,8 +24,9 @@
 //!   `queue.buffering.max.messages` / `.kbytes`, per lane): a stalled lane cannot fill the
 //!   queue for the others. The shared producer's own librdkafka bounds are lifted to the
 //!   maximum.
-//! - Nothing wakes while nothing happens: the poll thread sleeps on a socket librdkafka writes
-//!   to when its queue of reports turns non-empty, instead of polling on a timer.
+//! - Nothing wakes for nothing: the poll thread sleeps on a socket librdkafka writes to when
+//!   its queue of reports turns non-empty, instead of polling on a timer (a safety net looks
+//!   every 10 s).
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -147,8 +148,13 @@ impl Budget {
                 .and_then(|v| v.parse::<usize>().ok())
                 .unwrap_or(default)
         };
+        // librdkafka: 0 messages means no limit.
+        let messages = match get("queue.buffering.max.messages", 100_000) {
+            0 => usize::MAX,
+            n => n,
+        };
         Budget {
-            messages: get("queue.buffering.max.messages", 100_000),
+            messages,
             bytes: get("queue.buffering.max.kbytes", 65_536).saturating_mul(1024),
         }
     }
@@ -189,6 +195,11 @@ impl Lanes {
         if let Some(slot) = slots.get_mut(id) {
             *slot = None;
         }
+    }
+
+    fn count(&self) -> usize {
+        let slots = self.slots.read().unwrap_or_else(|e| e.into_inner());
+        slots.iter().filter(|s| s.is_some()).count()
     }
 
     fn get(&self, id: usize) -> Option<Arc<LaneState>> {
@@ -308,6 +319,14 @@ impl Shared {
         listener: Arc<dyn DeliveryListener>,
         budget: Budget,
     ) -> Result<Lane, KafkaError> {
+        // Held while the lane is added: a producer retired meanwhile gets no new lane (its
+        // freed numbers could otherwise meet a report of the lane that had them before).
+        let open = self.open.read().unwrap_or_else(|e| e.into_inner());
+        if !*open {
+            return Err(KafkaError::ClientCreation(
+                "the producer was retired".into(),
+            ));
+        }
         let state = Arc::new(LaneState {
             listener,
             in_flight: AtomicUsize::new(0),
@@ -319,6 +338,7 @@ impl Shared {
                 "a producer serves at most {MAX_LANES} sinks"
             )));
         };
+        drop(open);
         Ok(Lane {
             shared: Some(self),
             state,
@@ -329,6 +349,15 @@ impl Shared {
 
     fn producer(&self) -> &BaseProducer<Context> {
         &self.inner.get().producer
+    }
+
+    /// Frees lane `id`'s number, unless the producer is retired: no new lane joins a retired
+    /// producer, and its late reports (purges) still reach the lane's listener.
+    fn release(&self, id: usize) {
+        let open = self.open.read().unwrap_or_else(|e| e.into_inner());
+        if *open {
+            self.lanes.remove(id);
+        }
     }
 
     /// Neither retired nor failed for good: fit for another lane.
@@ -343,7 +372,7 @@ impl Shared {
         let mut open = self.open.write().unwrap_or_else(|e| e.into_inner());
         if *open {
             *open = false;
-            if self.pooled {
+            if self.pooled && self.lanes.count() > 1 {
                 tracing::warn!(
                     "a pipeline stopped with records not yet acknowledged in the producer it \
                      shares: the producer is purged and replaced; the other pipelines on it \
@@ -351,8 +380,10 @@ impl Shared {
                      kafka.share_producer = false to keep each pipeline's producer its own)"
                 );
             }
+            // Without waiting for the broker threads: this may run on the runtime's thread, and
+            // a closing lane awaits its reports anyway.
             self.producer()
-                .purge(PurgeConfig::default().queue().inflight());
+                .purge(PurgeConfig::default().queue().inflight().non_blocking());
         }
     }
 }
@@ -429,6 +460,12 @@ impl Lane {
         }
     }
 
+    /// Whether other sinks use this lane's producer now.
+    pub(crate) fn shared_with_others(&self) -> bool {
+        let shared = self.shared();
+        shared.pooled && shared.lanes.count() > 1
+    }
+
     /// Records handed over and not yet reported.
     pub(crate) fn in_flight(&self) -> usize {
         self.state.in_flight.load(Ordering::Acquire)
@@ -465,7 +502,7 @@ impl Lane {
                     );
                 }
             }
-            shared.lanes.remove(id);
+            shared.release(id);
             // The last user destroys the producer and waits until it is gone.
             if let Some(last) = Arc::into_inner(shared) {
                 let gone = last.gone.lock().ok().and_then(|mut g| g.take());
@@ -484,7 +521,7 @@ impl Drop for Lane {
             if self.state.in_flight.load(Ordering::Acquire) > 0 {
                 shared.retire();
             }
-            shared.lanes.remove(self.id);
+            shared.release(self.id);
         }
     }
 }

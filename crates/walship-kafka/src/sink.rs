@@ -382,6 +382,12 @@ impl Sink {
         self.lane.close()
     }
 
+    /// Whether other sinks use this sink's producer now: closing this one with records in
+    /// flight would purge theirs too.
+    pub fn shares_producer(&self) -> bool {
+        self.lane.shared_with_others()
+    }
+
     /// Records handed over and not yet reported.
     pub fn in_flight(&self) -> usize {
         self.lane.in_flight()

@@ -192,3 +192,27 @@ async fn a_lane_dropped_with_records_in_flight_purges_its_producer() {
     drop(a);
     assert_eq!(heard_b.until(1).await, vec![(2, false, true)]);
 }
+
+#[tokio::test]
+async fn no_message_bound_means_none_for_a_lane_too() {
+    let mut settings = settings("127.0.0.1:9");
+    settings
+        .librdkafka
+        .insert("queue.buffering.max.messages".into(), "0".into());
+    let producers = Producers::default();
+    let (a, _) = sink(&producers, &settings);
+    for token in 0..10 {
+        a.send(&record("a"), token).expect("no bound");
+    }
+}
+
+#[tokio::test]
+async fn a_lane_dropped_with_records_in_flight_still_hears_their_purge() {
+    let settings = settings("127.0.0.1:9");
+    let producers = Producers::default();
+    let (a, heard_a) = sink(&producers, &settings);
+    let (_b, _) = sink(&producers, &settings);
+    a.send(&record("a"), 1).expect("a sends");
+    drop(a);
+    assert_eq!(heard_a.until(1).await, vec![(1, false, true)]);
+}

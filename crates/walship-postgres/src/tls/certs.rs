@@ -135,11 +135,7 @@ impl TlsOptions {
     /// building one loads the system trust store, tens of milliseconds of CPU on the runtime
     /// thread for every connection otherwise.
     pub fn connector(&self) -> Result<native_tls::TlsConnector, PgError> {
-        type Built = (
-            TlsOptions,
-            Vec<Option<std::time::SystemTime>>,
-            native_tls::TlsConnector,
-        );
+        type Built = (TlsOptions, Vec<Option<FileStamp>>, native_tls::TlsConnector);
         static BUILT: std::sync::Mutex<Vec<Built>> = std::sync::Mutex::new(Vec::new());
         let stamps = self.file_stamps();
         {
@@ -155,9 +151,19 @@ impl TlsOptions {
         Ok(connector)
     }
 
-    /// When each file a connector reads was last modified (`None`: absent), in a fixed order.
-    fn file_stamps(&self) -> Vec<Option<std::time::SystemTime>> {
-        let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    /// Each file a connector reads, as it is now (`None`: absent), in a fixed order.
+    fn file_stamps(&self) -> Vec<Option<FileStamp>> {
+        let modified = |p: &Path| {
+            use std::os::unix::fs::MetadataExt;
+            let m = std::fs::metadata(p).ok()?;
+            Some((
+                m.modified().ok(),
+                m.len(),
+                m.ino(),
+                m.ctime(),
+                m.ctime_nsec(),
+            ))
+        };
         let root = match &self.root_cert {
             Some(RootCert::File(p)) => Some(p.clone()),
             Some(RootCert::System) => None,
@@ -244,6 +250,10 @@ impl TlsOptions {
         })
     }
 }
+
+/// What tells one version of a file from another: modified, size, inode and change time (a
+/// copy that keeps the modification time still gets a new change time).
+type FileStamp = (Option<std::time::SystemTime>, u64, u64, i64, i64);
 
 /// libpq's default CA file, when it exists.
 fn default_root_cert() -> Option<PathBuf> {

@@ -603,6 +603,28 @@ fn producer_settings_that_would_reorder_a_key_are_refused() {
 }
 
 #[test]
+fn queue_bounds_librdkafka_would_refuse_are_refused() {
+    for (key, value) in [
+        ("queue.buffering.max.messages", "-1"),
+        ("queue.buffering.max.messages", "1e6"),
+        ("queue.buffering.max.messages", "2147483648"),
+        ("queue.buffering.max.kbytes", "0"),
+    ] {
+        let text = format!("{MINIMAL}[kafka.librdkafka]\n{key:?} = {value:?}\n");
+        let e = parse(&text, &[]).expect_err(value).to_string();
+        assert!(e.contains(key) && e.contains(value), "{key} = {value}: {e}");
+    }
+    for (key, value) in [
+        ("queue.buffering.max.messages", "0"),
+        ("queue.buffering.max.messages", "500"),
+        ("queue.buffering.max.kbytes", "2147483647"),
+    ] {
+        let text = format!("{MINIMAL}[kafka.librdkafka]\n{key:?} = {value:?}\n");
+        parse(&text, &[]).unwrap_or_else(|e| panic!("{key} = {value}: {e}"));
+    }
+}
+
+#[test]
 fn records_are_plain_by_default_and_cloudevents_on_request() {
     use walship_kafka::record::{Format, cloudevents::Mode};
     let c = parse(MINIMAL, &[]).unwrap();

@@ -174,6 +174,23 @@ impl Config {
                 )));
             }
         }
+        // With a shared producer these bound each pipeline's share of the queue, checked by
+        // walship rather than librdkafka: refuse what librdkafka would have refused.
+        for (key, least) in [
+            ("queue.buffering.max.messages", 0_u64),
+            ("queue.buffering.max.kbytes", 1),
+        ] {
+            if let Some(v) = self.kafka.librdkafka.get(key)
+                && !v
+                    .trim()
+                    .parse::<u64>()
+                    .is_ok_and(|n| (least..=2_147_483_647).contains(&n))
+            {
+                return Err(ConfigError(format!(
+                    "kafka.librdkafka.{key:?} = {v:?}: not a whole number from {least} to                      2147483647; it bounds each pipeline's records queued in the producer"
+                )));
+            }
+        }
         if let Some(v) = self.kafka.librdkafka.get("partitioner")
             && v.trim() == "random"
         {

@@ -88,8 +88,15 @@ pub trait EventSink: Send {
         limit: usize,
     ) -> impl Future<Output = Result<Delivered, ReadBackError>> + Send + 'static;
 
+    /// Whether other pipelines' sinks use this sink's producer: closing it with records in
+    /// flight would purge theirs too ([`EventSink::close`]).
+    fn shares_producer(&self) -> bool {
+        false
+    }
+
     /// Drops every record not yet acknowledged and destroys the producer; resolves once it is
-    /// gone, so nothing it holds can be sent after. Bytes it had already written to a socket
+    /// gone, so nothing it holds can be sent after. A producer other sinks share is not
+    /// destroyed: when this sink has records in flight, it is purged (theirs too) and retired. Bytes it had already written to a socket
     /// can still reach the broker (without broker-side fencing nothing can recall them): a
     /// consumer recognises such a copy by a `walship.position` at or below one it has seen.
     fn close(self) -> impl Future<Output = ()> + Send
@@ -219,6 +226,10 @@ impl EventSink for KafkaSink {
                 )))
             })
         }
+    }
+
+    fn shares_producer(&self) -> bool {
+        self.sink.shares_producer()
     }
 
     fn close(self) -> impl Future<Output = ()> + Send {

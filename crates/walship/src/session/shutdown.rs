@@ -26,8 +26,9 @@ impl<W: WalSource, K: EventSink> Session<W, K> {
     /// Stops reading, waits for acknowledgements while holding the stream, closes the sink,
     /// then confirms the final safe position and ends the stream.
     pub(super) async fn shutdown(mut self) -> Result<SessionStats, Error> {
+        // Acknowledgements were awaited here already: an error closes at once.
         if let Err(e) = self.await_acks().await {
-            return self.close_after(e).await;
+            return self.close_now(e).await;
         }
         let left = self.progress.in_flight();
         if left > 0 {
@@ -39,7 +40,7 @@ impl<W: WalSource, K: EventSink> Session<W, K> {
         }
         // Failures are read before the close: the purge reports every record it drops as failed.
         if let Err(e) = self.check_failure() {
-            return self.close_after(e).await;
+            return self.close_now(e).await;
         }
         let (mut source, closed) = self.close_sink().await;
         let Closed {
@@ -100,26 +101,25 @@ impl<W: WalSource, K: EventSink> Session<W, K> {
     }
 
     /// Waits, up to the shutdown timeout, for the records in flight to be answered (what was
-    /// handed to the producer is on its way; a failure does not stop the others) — not for the
-    /// stream: status is reported meanwhile while the stream still takes it. A stop that must
-    /// be immediate, or the timeout, ends the wait.
+    /// handed to the producer is on its way; a failure does not stop the others), reporting
+    /// status so the walsender keeps the stream: the first report that fails ends the wait (the
+    /// slot may be free), as do a stop that must be immediate and the timeout.
     async fn let_acks_arrive(&mut self) {
         let until = Instant::now() + self.settings.shutdown_timeout;
-        let mut stream_works = true;
+        if self.report(false).await.is_err() {
+            return;
+        }
         while self.progress.in_flight() > 0 {
-            let due = self.last_status_at + self.hold_interval();
-            if stream_works && Instant::now() >= due {
-                stream_works = self.report(false).await.is_ok();
-            }
             let now = Instant::now();
             if now >= until {
                 return;
             }
-            let wake = if stream_works {
-                (self.last_status_at + self.hold_interval()).min(until)
-            } else {
-                until
-            };
+            if now >= self.last_status_at + self.hold_interval()
+                && self.report(false).await.is_err()
+            {
+                return;
+            }
+            let wake = (self.last_status_at + self.hold_interval()).min(until);
             let (progress, abandon) = (Arc::clone(&self.progress), self.abandon.clone());
             tokio::select! {
                 () = progress.wait_for_answers(Duration::from_secs(3600)) => {}
@@ -132,13 +132,24 @@ impl<W: WalSource, K: EventSink> Session<W, K> {
     /// The way out after `error`: closes the sink while still holding the stream (status keeps
     /// flowing where the stream still works), then drops the stream, releasing the slot.
     pub(super) async fn close_after(mut self, error: Error) -> Result<SessionStats, Error> {
-        // Records the broker is about to acknowledge are let through first: closing a sink with
-        // records in flight purges the producer it shares, and the other pipelines on it would
-        // start again for nothing. Not after a freeze (another process may stream the slot
-        // already: what this one queued must not go out) nor when told to let go at once.
-        if !matches!(error, Error::Silenced { .. }) && !self.abandon.is_cancelled() {
+        // With a producer other pipelines share, records the broker is about to acknowledge
+        // are let through first: closing the sink with records in flight purges the producer
+        // for all, and the others would start again for nothing. Only while this session
+        // provably holds the stream (so no other process can own the slot yet): not after a
+        // stream or server error, not after a freeze, not when told to let go at once.
+        if self.sink.shares_producer()
+            && self.progress.in_flight() > 0
+            && !matches!(error, Error::Silenced { .. } | Error::Postgres(_))
+            && !self.abandon.is_cancelled()
+            && self.check_silence().is_ok()
+        {
             self.let_acks_arrive().await;
         }
+        self.close_now(error).await
+    }
+
+    /// Closes the sink and drops the stream, without waiting for anything in flight.
+    async fn close_now(self, error: Error) -> Result<SessionStats, Error> {
         // A failed status report here only means the stream is gone already.
         let (source, _) = self.close_sink().await;
         drop(source);
