@@ -167,6 +167,8 @@ struct SinkState {
     refuse_dead_letters: Option<Refusal>,
     /// A send panics (a bug somewhere on the way).
     panic_on_send: bool,
+    /// Other pipelines' sinks share this sink's producer.
+    shares: bool,
 }
 
 struct SinkShared {
@@ -273,6 +275,10 @@ impl EventSink for FakeSink {
             .map(|(p, id, timeline)| (p, Some(Box::from(id.as_bytes())), timeline))
             .collect();
         async move { Ok(found) }
+    }
+
+    fn shares_producer(&self) -> bool {
+        self.0.state.lock().unwrap().shares
     }
 
     /// Like a producer being destroyed: waits for the close gate if one is set, counts what

@@ -256,3 +256,65 @@ async fn a_stop_during_a_topic_check_does_not_wait_for_the_broker() {
     assert!(h.last_status() < first);
     drop(gate);
 }
+
+/// With a producer other pipelines share, a session that ends on an error while it holds the
+/// stream lets its records' acknowledgements arrive first (reporting status): closing with
+/// them in flight would purge the others' records too.
+#[tokio::test(start_paused = true)]
+async fn an_error_with_a_shared_producer_lets_the_acknowledgements_arrive_before_the_close() {
+    let mut h = start_with(
+        SessionSettings {
+            shutdown_timeout: Duration::from_secs(3600),
+            ..settings()
+        },
+        None,
+        |s| s.shares = true,
+    );
+    h.txn(1, 0x200, &[("1", "order", Some("A"))]);
+    let sent = h.records(1).await;
+    // A bad row under `fail` ends the session while the first record is in flight.
+    h.txn(2, 0x300, &[("2", "order", None)]);
+    let before = h.statuses();
+    h.until_status("status while the acknowledgement is awaited", |s| {
+        s.statuses.len() >= before + 3
+    })
+    .await;
+    assert!(
+        h.wal.ends.lock().unwrap().is_empty(),
+        "closed with a record in flight"
+    );
+    h.ack(&sent, 0);
+    let error = h.end().await.unwrap_err();
+    assert!(matches!(error, Error::Row { xid: 2, .. }), "{error}");
+    assert_eq!(h.sink.state.lock().unwrap().purged, 0, "nothing purged");
+    assert_eq!(h.ends(), ["sink closed", "stream released"]);
+}
+
+/// ...but not after a freeze: the slot may be another process's already, and what this one
+/// queued must not go out.
+#[tokio::test(start_paused = true)]
+async fn a_frozen_session_with_a_shared_producer_closes_at_once() {
+    let timeout = Duration::from_millis(400) * 4 / 3;
+    let mut h = start_configured(
+        SessionSettings {
+            shutdown_timeout: Duration::from_secs(3600),
+            ..settings()
+        },
+        None,
+        |s| s.shares = true,
+        |s| s.silence_limit(Some(timeout)),
+    );
+    h.txn(1, 0x200, &[("1", "order", Some("A"))]);
+    h.records(1).await;
+    h.txn(2, 0x300, &[("2", "order", Some("B"))]);
+    tokio::time::advance(Duration::from_millis(700)).await;
+    let thawed = tokio::time::Instant::now();
+    let error = h.end().await.unwrap_err();
+    assert!(matches!(error, Error::Silenced { .. }), "{error}");
+    assert!(
+        thawed.elapsed() < Duration::from_secs(60),
+        "waited {:?} for acknowledgements after a freeze",
+        thawed.elapsed()
+    );
+    assert_eq!(h.sink.state.lock().unwrap().purged, 1, "purged at once");
+}
