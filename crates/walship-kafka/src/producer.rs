@@ -115,11 +115,21 @@ impl Producers {
     }
 }
 
-/// The pool key: the producer's whole configuration, secrets included (kept in memory only).
+/// The pool key: the producer's whole configuration, secrets included (kept in memory only),
+/// but for the queue bounds: in a shared producer they are each lane's budget.
 fn key_of(settings: &SinkSettings) -> String {
     let config = settings.client_config();
     let map = config.config_map();
-    let mut pairs: Vec<_> = map.iter().collect();
+    let mut pairs: Vec<_> = map
+        .iter()
+        .filter(|(k, _)| {
+            let k: &str = k;
+            !matches!(
+                k,
+                "queue.buffering.max.messages" | "queue.buffering.max.kbytes"
+            )
+        })
+        .collect();
     pairs.sort();
     let mut key = String::new();
     for (k, v) in pairs {

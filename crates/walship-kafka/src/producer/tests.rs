@@ -114,6 +114,13 @@ async fn other_producer_settings_or_sharing_turned_off_get_a_producer_of_their_o
     };
     let (c, heard_c) = sink(&producers, &alone);
     assert_eq!(producers.shared_count(), 2, "not in the pool");
+    // Queue bounds are each pipeline's budget, not a reason for a producer of its own.
+    let mut bounded = settings.clone();
+    bounded
+        .librdkafka
+        .insert("queue.buffering.max.messages".into(), "500".into());
+    let _d = sink(&producers, &bounded);
+    assert_eq!(producers.shared_count(), 2, "shares the first one");
     c.send(&record("a"), 1).expect("sends");
     heard_c.until(1).await;
 }
