@@ -9,11 +9,8 @@
 //!
 //! * the receive buffer is set to [`WINDOW`] before connecting, so the window fills between
 //!   reads and the walsender's sends queue in its socket and leave in large segments;
-//! * `SO_RCVLOWAT` is raised to [`MARK`] after a read that brought at least [`BUSY`] bytes (a
-//!   backlog, or a stream faster than its reader), so the kernel wakes the reader only when that
-//!   much is queued (or the window is nearly full). A read that brought less leaves it down: a
-//!   trickle (a quiet pipeline, one of many) would gain nothing from waiting and pay two
-//!   `setsockopt`s and a timer wake-up per read;
+//! * `SO_RCVLOWAT` is raised to [`MARK`] after each read, so the kernel wakes the reader only
+//!   when that much is queued (or the window is nearly full);
 //! * a timer lowers it back to one byte [`PACE`] after the last read (tokio's timer rounds up
 //!   to the next millisecond tick: 1–2 ms), and Linux then signals the bytes already queued.
 //!
@@ -61,8 +58,6 @@ impl std::str::FromStr for ReadBatching {
 
 /// Bytes queued before the kernel wakes the reader.
 pub const MARK: i32 = 32 * 1024;
-/// Bytes a read must bring for the next one to wait for [`MARK`].
-pub const BUSY: usize = 4 * 1024;
 /// Longest wait for [`MARK`] after a read.
 pub const PACE: Duration = Duration::from_millis(1);
 /// Receive buffer (the kernel doubles it for bookkeeping; the window stays near this size).
@@ -139,13 +134,8 @@ impl Batcher {
         Ok(())
     }
 
-    /// A read returned `n` bytes: at least [`BUSY`], raise the mark (if down) and start the
-    /// next deadline; fewer (a trickle), leave the mark down (a raised mark returned less only
-    /// after its deadline had lowered it).
-    pub(crate) fn after_read(&mut self, n: usize) -> std::io::Result<()> {
-        if n < BUSY {
-            return Ok(());
-        }
+    /// A read returned data: raise the mark (if down) and start the next deadline.
+    pub(crate) fn after_read(&mut self) -> std::io::Result<()> {
         if self.deadline.is_none() {
             set_int_option(self.fd, libc::SO_RCVLOWAT, MARK)?;
         }
@@ -184,7 +174,7 @@ pub(crate) async fn read<R: AsyncRead + Unpin + ?Sized>(
         None => io.read_buf(buf).await?,
     };
     if n > 0 {
-        batcher.after_read(n)?;
+        batcher.after_read()?;
     }
     Ok(n)
 }

@@ -56,9 +56,8 @@ fn auto_batches_loopback_peers_only() {
     assert_eq!(wanted(ReadBatching::On, remote).is_ok(), supported);
 }
 
-/// After a busy read the mark really holds bytes back (the read waits for the pace), and the
-/// deadline really releases them: without `expire` lowering the mark this read would never end.
-/// A read that brought little leaves the mark down, so a trickle is read as it comes.
+/// The mark really holds bytes back (the read waits for the pace), and the deadline
+/// really releases them: without `expire` lowering the mark this read would never end.
 #[tokio::test]
 async fn bytes_below_the_mark_wait_for_the_pace_and_no_longer() {
     let (mut client, mut server) = pair().await;
@@ -70,22 +69,12 @@ async fn bytes_below_the_mark_wait_for_the_pace_and_no_longer() {
     );
     let mut batcher = Batcher::new(fd);
     let mut buf = BytesMut::with_capacity(64 * 1024);
+    server.write_all(&[0; 10]).await.expect("write");
+    read(&mut client, &mut buf, Some(&mut batcher))
+        .await
+        .expect("first read");
+    assert_eq!(get_int_option(fd, libc::SO_RCVLOWAT).expect("lowat"), MARK);
     for round in 1..=5u8 {
-        // A busy read raises the mark...
-        buf.clear();
-        server.write_all(&[round; 2 * BUSY]).await.expect("write");
-        let mut got = 0;
-        while got < 2 * BUSY {
-            got += read_within(
-                &mut client,
-                &mut buf,
-                &mut batcher,
-                "a busy write was never read",
-            )
-            .await;
-        }
-        assert_eq!(get_int_option(fd, libc::SO_RCVLOWAT).expect("lowat"), MARK);
-        // ...which holds a small write back until the pace...
         buf.clear();
         let started = Instant::now();
         server.write_all(&[round; 100]).await.expect("write");
@@ -102,33 +91,7 @@ async fn bytes_below_the_mark_wait_for_the_pace_and_no_longer() {
             "round {round}: read after {:?}, before the pace: the mark did not hold",
             started.elapsed()
         );
-        // ...and a read that brought little leaves it down.
-        assert_eq!(get_int_option(fd, libc::SO_RCVLOWAT).expect("lowat"), 1);
-    }
-}
-
-/// A trickle never raises the mark: every small write is read as it comes, without a timer.
-#[tokio::test]
-async fn a_trickle_is_read_as_it_comes() {
-    let (mut client, mut server) = pair().await;
-    let fd = client.as_raw_fd();
-    let mut batcher = Batcher::new(fd);
-    let mut buf = BytesMut::with_capacity(64 * 1024);
-    for round in 1..=5u8 {
-        server.write_all(&[round; 100]).await.expect("write");
-        read_within(
-            &mut client,
-            &mut buf,
-            &mut batcher,
-            "a small write was never read",
-        )
-        .await;
-        assert_eq!(
-            batcher.deadline(),
-            None,
-            "round {round}: a deadline for a trickle"
-        );
-        assert_eq!(get_int_option(fd, libc::SO_RCVLOWAT).expect("lowat"), 1);
+        assert_eq!(get_int_option(fd, libc::SO_RCVLOWAT).expect("lowat"), MARK);
     }
 }
 
