@@ -25,6 +25,17 @@ fn pending(port: u16) -> f64 {
     )
 }
 
+/// The highest of `samples` readings of a gauge, 25 ms apart: what a bound must hold over a
+/// while, not at one instant.
+async fn highest(samples: usize, read: impl Fn() -> f64) -> f64 {
+    let mut most = 0.0_f64;
+    for _ in 0..samples {
+        most = most.max(read());
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    most
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_partition_bounds_what_is_tracked_and_everything_arrives_in_order_after() {
     let db = TestDb::new().await;
@@ -69,11 +80,7 @@ async fn a_stalled_partition_bounds_what_is_tracked_and_everything_arrives_in_or
     }
     // ...and it stays there: walship stops reading instead of tracking every acknowledged
     // transaction behind the stalled one (without the bound: ~1,000 entries).
-    let mut most = 0.0_f64;
-    for _ in 0..40 {
-        most = most.max(pending(port));
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    let most = highest(40, || pending(port)).await;
     assert!(
         most <= BOUND as f64,
         "{most} transactions tracked, bound {BOUND}"
@@ -301,11 +308,7 @@ async fn sixteen_pipelines_share_a_producer_and_a_stalled_partition_holds_up_onl
         )
     };
     harness::until("p0's window full", || in_flight(port) >= WINDOW as f64).await;
-    let mut most = 0.0_f64;
-    for _ in 0..20 {
-        most = most.max(in_flight(port));
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    let most = highest(20, || in_flight(port)).await;
     assert!(
         most <= WINDOW as f64,
         "{most} records in flight, window {WINDOW}"

@@ -37,7 +37,7 @@ use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 
 use rdkafka::ClientContext;
-use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseProducer, DeliveryResult, Producer, ProducerContext, PurgeConfig};
 
@@ -87,12 +87,14 @@ impl Producers {
         settings: &SinkSettings,
         listener: Arc<dyn DeliveryListener>,
     ) -> Result<Lane, KafkaError> {
-        let budget = Budget::of(settings);
+        // Built once: the budget, the pool key and the producer all read it.
+        let config = settings.client_config();
+        let budget = Budget::of(&config);
         if !settings.share_producer {
-            let shared = Shared::new(settings, false)?;
+            let shared = Shared::new(settings, config, false)?;
             return shared.lane(listener, budget);
         }
-        let key = key_of(settings);
+        let key = key_of(&config);
         let mut pool = self.shared.lock().unwrap_or_else(|e| e.into_inner());
         pool.retain(|_, weak| weak.strong_count() > 0);
         if let Some(shared) = pool.get(&key).and_then(Weak::upgrade)
@@ -103,7 +105,7 @@ impl Producers {
                 return Ok(lane);
             }
         }
-        let shared = Shared::new(settings, true)?;
+        let shared = Shared::new(settings, config, true)?;
         pool.insert(key, Arc::downgrade(&shared));
         shared.lane(listener, budget)
     }
@@ -117,8 +119,7 @@ impl Producers {
 
 /// The pool key: the producer's whole configuration, secrets included (kept in memory only),
 /// but for the queue bounds: in a shared producer they are each lane's budget.
-fn key_of(settings: &SinkSettings) -> String {
-    let config = settings.client_config();
+fn key_of(config: &ClientConfig) -> String {
     let map = config.config_map();
     let mut pairs: Vec<_> = map
         .iter()
@@ -150,8 +151,7 @@ struct Budget {
 
 impl Budget {
     /// The configured queue bounds (walship's defaults unless set), each lane's own.
-    fn of(settings: &SinkSettings) -> Budget {
-        let config = settings.client_config();
+    fn of(config: &ClientConfig) -> Budget {
         let get = |key: &str, default: usize| {
             config
                 .get(key)
@@ -296,8 +296,12 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    fn new(settings: &SinkSettings, pooled: bool) -> Result<Arc<Shared>, KafkaError> {
-        let mut config = settings.client_config();
+    /// A producer with `config` (built from `settings`, which mask its errors).
+    fn new(
+        settings: &SinkSettings,
+        mut config: ClientConfig,
+        pooled: bool,
+    ) -> Result<Arc<Shared>, KafkaError> {
         if pooled {
             // Each lane keeps its own budget ([`Budget`]); the producer's bound is their sum.
             config

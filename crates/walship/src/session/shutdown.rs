@@ -76,8 +76,33 @@ impl<W: WalSource, K: EventSink> Session<W, K> {
             return Ok(());
         }
         let until = Instant::now() + self.settings.shutdown_timeout;
+        self.hold_for_answers(until, true).await
+    }
+
+    /// Waits, up to the shutdown timeout, for the records in flight to be answered (what was
+    /// handed to the producer is on its way; a failure does not stop the others), reporting
+    /// status so the walsender keeps the stream: the first report that fails ends the wait (the
+    /// slot may be free), as do a stop that must be immediate and the timeout.
+    async fn let_acks_arrive(&mut self) {
+        let until = Instant::now() + self.settings.shutdown_timeout;
+        if self.report(false).await.is_ok() {
+            let _ = self.hold_for_answers(until, false).await;
+        }
+    }
+
+    /// Holds the stream until nothing handed to the sink is unanswered, or until `until`, or
+    /// until told to abandon, reporting status when due and at least every
+    /// [`Session::hold_interval`]. A failed report ends the wait with its error; so does a
+    /// failed delivery when `stop_on_failure` (else the other records are still let through).
+    async fn hold_for_answers(
+        &mut self,
+        until: Instant,
+        stop_on_failure: bool,
+    ) -> Result<(), Error> {
         loop {
-            self.check_failure()?;
+            if stop_on_failure {
+                self.check_failure()?;
+            }
             if self.progress.in_flight() == 0 || Instant::now() >= until {
                 return Ok(());
             }
@@ -93,38 +118,10 @@ impl<W: WalSource, K: EventSink> Session<W, K> {
                 .min(until);
             let (progress, abandon) = (Arc::clone(&self.progress), self.abandon.clone());
             tokio::select! {
-                () = progress.wait_for_room(0, None, Duration::from_secs(3600)) => {}
-                () = tokio::time::sleep_until(wake) => {}
-                () = abandon.cancelled() => return Ok(()),
-            }
-        }
-    }
-
-    /// Waits, up to the shutdown timeout, for the records in flight to be answered (what was
-    /// handed to the producer is on its way; a failure does not stop the others), reporting
-    /// status so the walsender keeps the stream: the first report that fails ends the wait (the
-    /// slot may be free), as do a stop that must be immediate and the timeout.
-    async fn let_acks_arrive(&mut self) {
-        let until = Instant::now() + self.settings.shutdown_timeout;
-        if self.report(false).await.is_err() {
-            return;
-        }
-        while self.progress.in_flight() > 0 {
-            let now = Instant::now();
-            if now >= until {
-                return;
-            }
-            if now >= self.last_status_at + self.hold_interval()
-                && self.report(false).await.is_err()
-            {
-                return;
-            }
-            let wake = (self.last_status_at + self.hold_interval()).min(until);
-            let (progress, abandon) = (Arc::clone(&self.progress), self.abandon.clone());
-            tokio::select! {
+                // Woken by a failed delivery too (`Progress` notifies on failures).
                 () = progress.wait_for_answers(Duration::from_secs(3600)) => {}
                 () = tokio::time::sleep_until(wake) => {}
-                () = abandon.cancelled() => return,
+                () = abandon.cancelled() => return Ok(()),
             }
         }
     }
